@@ -1,0 +1,83 @@
+# actfleet: `make demo` runs the whole system on this machine; `make test` runs the test suite.
+# Each target creates .venv (and node_modules where cdktf is needed) on first use.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+ACTFLEET := $(VENV)/bin/actfleet
+CONFIG ?= fleet.toml
+PYTEST_ARGS ?=
+# Terraform reads no user CLI config and never phones home from our commands.
+export CHECKPOINT_DISABLE := 1
+
+.PHONY: help prereqs-python prereqs-cloud demo test test-fast synth plan deploy destroy reconcile status \
+        export-hcl bench clean
+
+help:
+	@echo "make demo        run actfleet locally: tiny model, bundled dataset, 3 workers, chaos on"
+	@echo "make test        run the test suite (creates .venv and node_modules first)"
+	@echo "make synth|plan|deploy|destroy   the cloud stacks, for CONFIG=$(CONFIG)"
+	@echo "make reconcile   one reconcile pass (run it on a timer; README 'Operations')"
+	@echo "make export-hcl  write the stacks as plain HCL (the exit path off cdktf)"
+	@echo "make bench       run the benchmarks in bench/"
+
+prereqs-python:
+	@command -v $(PYTHON) >/dev/null || { echo "make: python3 not found: install Python >= 3.11" >&2; exit 3; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "make: $$($(PYTHON) --version) is too old: actfleet needs Python >= 3.11 (set PYTHON=...)" >&2; exit 3; }
+
+prereqs-cloud:
+	@command -v node >/dev/null || { echo "make: node not found: install Node.js >= 20 (cdktf-cli needs it)" >&2; exit 3; }
+	@node -e 'process.exit(+process.versions.node.split(".")[0] < 20)' || \
+	  { echo "make: node $$(node --version) is too old: cdktf-cli 0.21.0 needs Node.js >= 20" >&2; exit 3; }
+	@command -v npm >/dev/null || { echo "make: npm not found: install npm (comes with Node.js)" >&2; exit 3; }
+	@command -v terraform >/dev/null || { echo "make: terraform not found: install Terraform >= 1.5" >&2; exit 3; }
+	@terraform version -json 2>/dev/null | $(PYTHON) -c 'import json,sys; v=json.load(sys.stdin)["terraform_version"].split("."); sys.exit((int(v[0]),int(v[1]))<(1,5))' || \
+	  { echo "make: terraform $$(terraform version | head -1) is too old: actfleet needs Terraform >= 1.5" >&2; exit 3; }
+
+# The base install (extractor, work queue, local demo).
+$(VENV)/.base: pyproject.toml | prereqs-python
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+# Everything the tests need: the cloud pins and the test tools.
+$(VENV)/.full: pyproject.toml $(VENV)/.base
+	$(PY) -m pip install -q -e '.[cloud,test]'
+	touch $@
+
+node_modules/.installed: package.json package-lock.json | prereqs-cloud
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+demo: $(VENV)/.base
+	$(ACTFLEET) local --workers 3 --chaos 0.05 --out demo-out
+
+test: $(VENV)/.full node_modules/.installed
+	PATH="$(CURDIR)/node_modules/.bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(VENV)/.full node_modules/.installed
+	PATH="$(CURDIR)/node_modules/.bin:$$PATH" $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+synth plan deploy destroy: $(VENV)/.full node_modules/.installed
+	PATH="$(CURDIR)/node_modules/.bin:$$PATH" $(ACTFLEET) $@ --config $(CONFIG)
+
+reconcile: $(VENV)/.full node_modules/.installed
+	PATH="$(CURDIR)/node_modules/.bin:$$PATH" $(ACTFLEET) reconcile --config $(CONFIG)
+
+status: $(VENV)/.base
+	$(ACTFLEET) status --config $(CONFIG)
+
+export-hcl: $(VENV)/.full node_modules/.installed
+	PATH="$(CURDIR)/node_modules/.bin:$$PATH" ACTFLEET_CONFIG=$(CONFIG) npx --no-install cdktf synth --hcl --output cdktf.out.hcl
+
+bench: $(VENV)/.full node_modules/.installed
+	PATH="$(CURDIR)/node_modules/.bin:$$PATH" $(PY) bench/synth.py
+	$(PY) bench/extract_vs_hf.py
+	$(PY) bench/pipeline.py
+	$(PY) bench/reconcile.py
+
+clean:
+	rm -rf cdktf.out cdktf.out.hcl .actfleet demo-out .pytest_cache

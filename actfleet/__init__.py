@@ -1,0 +1,1 @@
+"""actfleet: transformer activations at scale on spot Cloud TPUs (see README.md)."""

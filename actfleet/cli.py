@@ -1,0 +1,99 @@
+"""The `actfleet` console script: one Click group whose commands live next to what they drive.
+
+Commands are imported lazily (only the one being run), so `actfleet status` never pays for importing
+JAX, torch or the cdktf provider bindings. Each entry below is "module:attribute".
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from actfleet.errors import ActfleetError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    # infra/: the fleet's infrastructure and its controller
+    "synth": ("infra.stack_commands:synth", "Synthesize the base and fleet stacks to Terraform JSON (cached)."),
+    "plan": ("infra.stack_commands:plan", "Show what `deploy` would change (terraform plan)."),
+    "deploy": ("infra.stack_commands:deploy", "Create or update the stacks (terraform apply)."),
+    "destroy": ("infra.stack_commands:destroy", "Tear the stacks down (terraform destroy)."),
+    "tpu": ("infra.tpu_commands:tpu", "Low-level TPU API calls (used by the fleet stack's provisioners)."),
+    "reconcile": ("infra.reconcile_command:reconcile", "Bring the fleet back to its desired state."),
+    "status": ("infra.status_command:status", "Show every worker's state and the job's progress."),
+    # worker/: the extractor and the work queue
+    "extract": ("worker.extract_command:extract", "Extract activations from a local dataset to shards."),
+    "prepare": ("worker.queue_commands:prepare", "Split a dataset into work units in the store."),
+    "work": ("worker.queue_commands:work", "Claim units, extract, commit, until the job is done."),
+    "verify": ("worker.queue_commands:verify", "Prove a job's output is complete and exactly-once."),
+    # the embedded default: the whole system on one machine
+    "local": ("worker.local_command:local", "Run the whole system on this machine (the demo)."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        target, _ = COMMANDS[name]
+        module_name, attr = target.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name and (e.name == module_name or module_name.startswith(e.name + ".")):
+                raise click.ClickException(f"command {name!r} is not available in this build ({module_name} missing)")
+            raise
+        return getattr(module, attr)
+
+    def format_commands(self, ctx, formatter):
+        # Short help without importing every module.
+        rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="actfleet")
+def cli():
+    """actfleet: transformer activations at scale on spot Cloud TPUs.
+
+    \b
+    Exit codes: 0 success, 1 failure, 2 bad input (config, usage, files),
+    3 missing prerequisite (terraform, node, a Python extra).
+    """
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="actfleet", standalone_mode=False)
+    except ActfleetError as e:
+        click.echo(f"actfleet: {e}", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("actfleet: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    sys.exit(0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared options for command modules
+# ----------------------------------------------------------------------------------------------------
+
+
+def config_option(f):
+    """`--config PATH` (falls back to $ACTFLEET_CONFIG, then ./fleet.toml)."""
+    return click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+                        help="fleet.toml to use (default: $ACTFLEET_CONFIG, then ./fleet.toml).")(f)
+
+
+def json_option(f):
+    return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")(f)

@@ -1,0 +1,503 @@
+"""fleet.toml -> frozen, typed configuration: the one source of desired state (DESIGN section 2).
+
+Every key is declared once in SCHEMA below with its type, default and what is allowed. Loading checks
+every value and fails with one line naming the file, the key, the value and what is allowed, e.g.
+
+    fleet.toml: fleet.mode = "spot": must be one of "queued", "vm"
+
+Nothing else in actfleet reads the TOML; everything else takes a `Config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from actfleet.errors import ConfigError
+
+CONFIG_ENV = "ACTFLEET_CONFIG"
+TPU_ENDPOINT_ENV = "ACTFLEET_TPU_ENDPOINT"
+DEFAULT_CONFIG_NAME = "fleet.toml"
+
+SITE_KINDS = ("embed", "resid_post", "attn_out", "mlp_out")
+SITE_NAME_RE = re.compile(r"^(hook_embed|blocks\.(\d+)\.hook_(resid_post|attn_out|mlp_out))$")
+WORKER_NAME_RE = re.compile(r"^tpu-(?P<region>[a-z]+-[a-z]+[0-9]+)-(?P<letter>[a-z])-(?P<index>[0-9]+)$")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Typed configuration objects (frozen: pass them around freely, change them with dataclasses.replace)
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, order=True)
+class Worker:
+    """One desired TPU worker. `name` is also its queued-resource id and node id."""
+
+    name: str
+    zone: str
+    index: int
+
+    @staticmethod
+    def make(region: str, zone: str, index: int) -> "Worker":
+        return Worker(name=f"tpu-{region}-{zone_letter(zone)}-{index}", zone=zone, index=index)
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    id: str
+    project: str
+    region: str
+    workers: tuple[Worker, ...]
+    accelerator_type: str
+    runtime_version: str
+    mode: str
+    spot: bool
+    network: str
+    subnetwork: str
+    service_account: str
+    tpu_endpoint: str
+
+    @property
+    def zones(self) -> tuple[str, ...]:
+        return tuple(sorted({w.zone for w in self.workers}))
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """Labels every fleet resource carries; reconcile treats labelled-but-undesired ones as orphans."""
+        return {"actfleet-fleet": self.id, "managed-by": "actfleet"}
+
+    @property
+    def service_account_email(self) -> str:
+        return f"{self.service_account}@{self.project}.iam.gserviceaccount.com"
+
+    def endpoint(self) -> str:
+        """The TPU API endpoint: ACTFLEET_TPU_ENDPOINT wins over config; empty means Google's."""
+        return os.environ.get(TPU_ENDPOINT_ENV, "") or self.tpu_endpoint
+
+
+@dataclass(frozen=True)
+class RepoConfig:
+    url: str
+    commit: str
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    bucket: str
+    location: str
+    soft_delete_days: int
+    force_destroy: bool
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    backend: str  # "local" | "gcs"
+    bucket: str
+    prefix: str
+    path: str
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    name: str
+    store: str
+    model: str
+    revision: str
+    input: str
+    format: str
+    text_field: str
+    messages_field: str
+    arc_augmentations: int
+    arc_seed: int
+    sites: tuple[str, ...]  # fully expanded TransformerLens names, e.g. "blocks.6.hook_resid_post"
+    positions: str
+    max_seq: int  # 0 = the model's context length
+    long_inputs: str
+    batch_tokens: int
+    compute_dtype: str
+    store_dtype: str
+    shard_mb: int
+    unit_rows: int
+    lease_seconds: int
+
+
+@dataclass(frozen=True)
+class ReconcileConfig:
+    provision_timeout_minutes: int
+    on_provision_timeout: str  # "replace" | "report"
+    watch_job: bool
+    scale_to_zero_when_done: bool
+    lock: str
+
+
+@dataclass(frozen=True)
+class Config:
+    fleet: FleetConfig
+    repo: RepoConfig
+    storage: StorageConfig
+    state: StateConfig
+    job: JobConfig
+    reconcile: ReconcileConfig
+    source: str = field(default="<memory>", compare=False)
+
+    def replace(self, section: str, **changes: Any) -> "Config":
+        """A copy with some keys of one section changed (used by CLI overrides such as --store)."""
+        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Schema: one line per key. A checker takes (value) and returns the normalised value or raises _Bad.
+# ----------------------------------------------------------------------------------------------------
+
+
+class _Bad(Exception):
+    """Raised by a checker with the 'what is allowed' half of the message."""
+
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Key:
+    check: Callable[[Any], Any]
+    default: Any = REQUIRED
+
+
+def _string(pattern: str | None = None, allowed: str = "", empty_ok: bool = False):
+    rx = re.compile(pattern) if pattern else None
+
+    def check(v):
+        if not isinstance(v, str):
+            raise _Bad("must be a string" + (f" ({allowed})" if allowed else ""))
+        if v == "" and empty_ok:
+            return v
+        if rx and not rx.fullmatch(v):
+            raise _Bad(f"must be {allowed}")
+        return v
+
+    return check
+
+
+def _choice(*choices: str):
+    def check(v):
+        if v not in choices:
+            raise _Bad("must be one of " + ", ".join(f'"{c}"' for c in choices))
+        return v
+
+    return check
+
+
+def _int(lo: int | None = None, hi: int | None = None):
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise _Bad("must be an integer" + _range(lo, hi))
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise _Bad("must be an integer" + _range(lo, hi))
+        return v
+
+    return check
+
+
+def _range(lo, hi) -> str:
+    if lo is not None and hi is not None:
+        return f" from {lo} to {hi}"
+    if lo is not None:
+        return f" >= {lo}"
+    if hi is not None:
+        return f" <= {hi}"
+    return ""
+
+
+def _bool(v):
+    if not isinstance(v, bool):
+        raise _Bad("must be true or false")
+    return v
+
+
+def _zones(v):
+    if not isinstance(v, dict) or not v:
+        raise _Bad('must be a table of zone = worker count, e.g. { "us-central1-a" = 4 }')
+    out = {}
+    for zone, count in v.items():
+        if not re.fullmatch(r"[a-z]+-[a-z]+[0-9]+-[a-z]", zone):
+            raise _Bad(f'has zone "{zone}": zone names look like "us-central1-a"')
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= 10000:
+            raise _Bad(f'has {zone} = {count!r}: worker counts must be integers from 0 to 10000')
+        out[zone] = count
+    return out
+
+
+def _worker_names(v):
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise _Bad('must be a list of worker names like "tpu-us-central1-a-0"')
+    for name in v:
+        if not WORKER_NAME_RE.fullmatch(name):
+            raise _Bad(f'has "{name}": worker names must look like "tpu-us-central1-a-0"')
+    if len(set(v)) != len(v):
+        raise _Bad("must not repeat a worker name")
+    return v
+
+
+def _sites(v):
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not v or not all(isinstance(x, str) for x in v):
+        raise _Bad("must be a non-empty list of site kinds (" + ", ".join(SITE_KINDS) + ") or names "
+                   'like "blocks.6.hook_resid_post"')
+    for s in v:
+        if s not in SITE_KINDS and not SITE_NAME_RE.fullmatch(s):
+            raise _Bad(f'has "{s}": sites are kinds (' + ", ".join(SITE_KINDS) +
+                       ') or names like "blocks.6.hook_resid_post", "hook_embed"')
+    return v
+
+
+def _layers(v):
+    if v == "all":
+        return v
+    if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v):
+        raise _Bad('must be a list of layer indices >= 0 (e.g. [6, 12]) or "all"')
+    return sorted(set(v))
+
+
+def _store_url(v):
+    if not isinstance(v, str) or not v:
+        raise _Bad('must be a path, "file://..." or "gs://bucket/prefix"')
+    if "://" in v and not (v.startswith("file://") or v.startswith("gs://")):
+        raise _Bad('must be a path, "file://..." or "gs://bucket/prefix"')
+    return v
+
+
+LABEL = r"[a-z][a-z0-9-]{0,29}"
+SCHEMA: dict[str, dict[str, Key]] = {
+    "fleet": {
+        "id": Key(_string(LABEL, "a lowercase label: a letter then up to 29 of a-z, 0-9, -")),
+        "project": Key(_string(r"[a-z][a-z0-9-]{4,28}[a-z0-9]", "a GCP project id (6-30 of a-z, 0-9, -)")),
+        "region": Key(_string(r"[a-z]+-[a-z]+[0-9]+", 'a region like "us-central1"')),
+        "zones": Key(_zones, None),
+        "workers": Key(_worker_names, None),
+        "accelerator_type": Key(_string(r"v[0-9]+[a-z]*-[0-9]+", 'an accelerator type like "v5litepod-8"'),
+                                "v5litepod-8"),
+        "runtime_version": Key(_string(r"[a-z0-9][a-z0-9.-]*", 'a TPU runtime like "v2-alpha-tpuv5-lite"'),
+                               "v2-alpha-tpuv5-lite"),
+        "mode": Key(_choice("queued", "vm"), "queued"),
+        "spot": Key(_bool, True),
+        "network": Key(_string(r"[a-zA-Z0-9/_.-]+", "a VPC network name or path"), "default"),
+        "subnetwork": Key(_string(r"[a-zA-Z0-9/_.-]+", "a subnetwork name or path", empty_ok=True), ""),
+        "service_account": Key(_string(r"[a-z][a-z0-9-]{4,28}[a-z0-9]", "a service account id (6-30 of a-z, 0-9, -)",
+                                       empty_ok=True), ""),
+        "tpu_endpoint": Key(_string(r"https?://[^\s]+", 'an http(s) URL like "http://127.0.0.1:8470"',
+                                    empty_ok=True), ""),
+    },
+    "repo": {
+        "url": Key(_string(r"(https://|file://|/)[^\s]+", "an https:// or file:// URL, or an absolute path")),
+        "commit": Key(_string(r"[0-9a-f]{40}", "a full 40-hex commit sha (never a branch or tag: VMs must run a "
+                                                "pinned commit)")),
+    },
+    "storage": {
+        "bucket": Key(_string(r"[a-z0-9][a-z0-9_.-]{1,61}[a-z0-9]", "a GCS bucket name (3-63 of a-z, 0-9, -, _, .)")),
+        "location": Key(_string(r"[A-Za-z0-9-]+", 'a GCS location like "US-CENTRAL1"', empty_ok=True), ""),
+        "soft_delete_days": Key(_int(0, 90), 0),
+        "force_destroy": Key(_bool, False),
+    },
+    "state": {
+        "backend": Key(_choice("local", "gcs"), "local"),
+        "bucket": Key(_string(r"[a-z0-9][a-z0-9_.-]{1,61}[a-z0-9]", "a GCS bucket name", empty_ok=True), ""),
+        "prefix": Key(_string(r"[A-Za-z0-9_./-]+", "an object prefix", empty_ok=True), ""),
+        "path": Key(_string(r"[^\s]+", "a directory path"), ".actfleet/state"),
+    },
+    "job": {
+        "name": Key(_string(r"[a-z0-9][a-z0-9._-]{0,62}", "a job name (a-z, 0-9, ., _, -; up to 63)"), "default"),
+        "store": Key(_store_url, ""),
+        "model": Key(_string(r"\S+", "a local path, gs://bucket/prefix or hub id")),
+        "revision": Key(_string(r"[A-Za-z0-9._/-]+", "a hub revision"), "main"),
+        "input": Key(_string(r"\S+", "a dataset file path or gs:// URL")),
+        "format": Key(_choice("text", "chat", "arc"), "text"),
+        "text_field": Key(_string(r"\S+", "a field name"), "text"),
+        "messages_field": Key(_string(r"\S+", "a field name"), "messages"),
+        "arc_augmentations": Key(_int(0, 64), 0),
+        "arc_seed": Key(_int(0), 0),
+        "sites": Key(_sites, ["resid_post"]),
+        "layers": Key(_layers, []),
+        "positions": Key(_choice("all", "non-special", "last"), "non-special"),
+        "max_seq": Key(_int(0, 1 << 20), 0),
+        "long_inputs": Key(_choice("skip", "truncate"), "skip"),
+        "batch_tokens": Key(_int(16, 1 << 24), 16384),
+        "compute_dtype": Key(_choice("bfloat16", "float32"), "bfloat16"),
+        "store_dtype": Key(_choice("bfloat16", "float32"), "bfloat16"),
+        "shard_mb": Key(_int(1, 8192), 512),
+        "unit_rows": Key(_int(1), 1000),
+        "lease_seconds": Key(_int(10, 86400), 300),
+    },
+    "reconcile": {
+        "provision_timeout_minutes": Key(_int(1, 100000), 120),
+        "on_provision_timeout": Key(_choice("report", "replace"), "report"),
+        "watch_job": Key(_bool, False),
+        "scale_to_zero_when_done": Key(_bool, False),
+        "lock": Key(_string(r"\S+", "a path or gs:// URL", empty_ok=True), ""),
+    },
+}
+REQUIRED_SECTIONS = ("fleet", "repo", "storage", "job")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------
+
+
+def resolve_path(path: str | os.PathLike | None) -> Path:
+    """--config wins, then ACTFLEET_CONFIG, then ./fleet.toml."""
+    if path:
+        return Path(path)
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env)
+    return Path(DEFAULT_CONFIG_NAME)
+
+
+def load(path: str | os.PathLike | None = None) -> Config:
+    p = resolve_path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found (pass --config, set {CONFIG_ENV}, or copy "
+                          f"fleet.example.toml to fleet.toml)")
+    try:
+        raw = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not valid TOML: the file is not UTF-8 text") from None
+    return parse(raw, source=str(p))
+
+
+def parse(raw: dict[str, Any], source: str = "<memory>") -> Config:
+    """Validate a parsed TOML document and build the frozen Config."""
+
+    def bad(key: str, value: Any, allowed: str) -> ConfigError:
+        return ConfigError(f"{source}: {key} = {_show(value)}: {allowed}")
+
+    for section in raw:
+        if section not in SCHEMA:
+            raise ConfigError(f"{source}: unknown section [{section}]{_suggest(section, SCHEMA)} "
+                              f"(sections: {', '.join(SCHEMA)})")
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"{source}: {section} must be a table [{section}]")
+    for section in REQUIRED_SECTIONS:
+        if section not in raw:
+            raise ConfigError(f"{source}: missing section [{section}]")
+
+    values: dict[str, dict[str, Any]] = {}
+    for section, keys in SCHEMA.items():
+        given = raw.get(section, {})
+        for k in given:
+            if k not in keys:
+                raise ConfigError(f"{source}: unknown key {section}.{k}{_suggest(k, keys)} "
+                                  f"(allowed: {', '.join(keys)})")
+        out = {}
+        for k, spec in keys.items():
+            if k in given:
+                try:
+                    out[k] = spec.check(given[k])
+                except _Bad as e:
+                    raise bad(f"{section}.{k}", given[k], str(e)) from None
+            elif spec.default is REQUIRED:
+                raise ConfigError(f"{source}: missing required key {section}.{k}")
+            else:
+                out[k] = spec.default
+        values[section] = out
+
+    f, st, j, s, rc = values["fleet"], values["state"], values["job"], values["storage"], values["reconcile"]
+
+    # Cross-key rules.
+    if (f["zones"] is None) == (f["workers"] is None):
+        raise ConfigError(f"{source}: fleet: set exactly one of fleet.zones (workers per zone) or fleet.workers "
+                          f"(an explicit list of names)")
+    workers: list[Worker] = []
+    if f["zones"] is not None:
+        for zone, count in sorted(f["zones"].items()):
+            if not zone.startswith(f["region"] + "-"):
+                raise bad(f"fleet.zones", {zone: count}, f'zone "{zone}" is not in region "{f["region"]}"')
+            workers += [Worker.make(f["region"], zone, i) for i in range(count)]
+    else:
+        for name in f["workers"]:
+            m = WORKER_NAME_RE.fullmatch(name)
+            if m["region"] != f["region"]:
+                raise bad("fleet.workers", name, f'worker "{name}" is not in region "{f["region"]}"')
+            workers.append(Worker(name=name, zone=f"{m['region']}-{m['letter']}", index=int(m["index"])))
+    if st["backend"] == "gcs" and not st["bucket"]:
+        raise ConfigError(f'{source}: state.bucket = "": required when state.backend = "gcs"')
+    if s["soft_delete_days"] not in (0,) and s["soft_delete_days"] < 7:
+        raise bad("storage.soft_delete_days", s["soft_delete_days"],
+                  "must be 0 (soft delete off) or from 7 to 90 days (GCS's allowed retention)")
+    sites = expand_sites(j["sites"], j["layers"], source)
+
+    fleet = FleetConfig(
+        id=f["id"], project=f["project"], region=f["region"], workers=tuple(workers),
+        accelerator_type=f["accelerator_type"], runtime_version=f["runtime_version"], mode=f["mode"],
+        spot=f["spot"], network=f["network"], subnetwork=f["subnetwork"],
+        service_account=f["service_account"] or f"actfleet-{f['id']}"[:30].rstrip("-"),
+        tpu_endpoint=f["tpu_endpoint"],
+    )
+    return Config(
+        fleet=fleet,
+        repo=RepoConfig(**values["repo"]),
+        storage=StorageConfig(bucket=s["bucket"], location=s["location"] or f["region"].upper(),
+                              soft_delete_days=s["soft_delete_days"], force_destroy=s["force_destroy"]),
+        state=StateConfig(backend=st["backend"], bucket=st["bucket"], prefix=st["prefix"] or f"actfleet/{f['id']}",
+                          path=st["path"]),
+        job=JobConfig(**{**{k: v for k, v in j.items() if k != "layers"},
+                         "store": j["store"] or f"gs://{s['bucket']}", "sites": sites}),
+        reconcile=ReconcileConfig(**rc),
+        source=source,
+    )
+
+
+def expand_sites(sites: list[str] | tuple[str, ...], layers: list[int] | str, source: str = "<args>") -> tuple[str, ...]:
+    """Site kinds x layers -> sorted TransformerLens names. `layers="all"` is kept as the marker
+    "blocks.*.hook_KIND" and resolved against the model's depth by the extractor."""
+    out: list[str] = []
+    for s in sites:
+        if s == "embed":
+            out.append("hook_embed")
+        elif s in SITE_KINDS:
+            if layers == "all":
+                out.append(f"blocks.*.hook_{s}")
+            elif not layers:
+                raise ConfigError(f'{source}: job.layers = []: site kind "{s}" needs layers, e.g. layers = [6, 12] '
+                                  f'or "all"')
+            else:
+                out += [f"blocks.{layer}.hook_{s}" for layer in layers]
+        else:
+            out.append(s)
+    return tuple(sorted(set(out), key=site_sort_key))
+
+
+def site_sort_key(name: str) -> tuple[int, str]:
+    """hook_embed first, then by layer, then by name: the order sites appear in a shard's metadata."""
+    m = re.fullmatch(r"blocks\.(\d+|\*)\.hook_(\w+)", name)
+    if not m:
+        return (-1, name)
+    return (1 << 30 if m[1] == "*" else int(m[1]), m[2])
+
+
+def zone_letter(zone: str) -> str:
+    return zone.rsplit("-", 1)[1]
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f'"{k}" = {_show(v)}' for k, v in value.items()) + " }"
+    return repr(value)
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f' (did you mean "{close[0]}"?)' if close else ""

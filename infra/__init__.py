@@ -1,0 +1,1 @@
+"""infra/: the cdktf stacks, the TPU API client, reconcile and status (DESIGN sections 3-4)."""
