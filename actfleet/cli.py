@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "work": ("worker.queue_commands:work", "Claim units, extract, commit, until the job is done."),
     "verify": ("worker.queue_commands:verify", "Prove a job's output is complete and exactly-once."),
     # the embedded default: the whole system on one machine
-    "local": ("worker.local_command:local", "Run the whole system on this machine (the demo)."),
+    "local": ("actfleet.local:local", "Run the whole system on this machine (the demo)."),
 }
 
 
