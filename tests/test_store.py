@@ -1,0 +1,117 @@
+"""The Store contract, run identically against LocalStore (a temp dir) and GcsStore (the enforcing fake GCS
+server in tests/fakes/gcs_server.py, through the real google-cloud-storage client)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from actfleet.errors import InputError
+from tests.fakes.gcs_server import FakeGcs, fake_gcs  # noqa: F401  (fixture)
+from worker.store import GcsStore, LocalStore, NotFound, PreconditionFailed, open_store
+
+
+@pytest.fixture(params=["local", "gcs"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return open_store(str(tmp_path / "bucket"))
+    fake = request.getfixturevalue("fake_gcs")
+    return open_store("gs://test-bucket/some/prefix")
+
+
+def test_create_is_create_if_absent(store):
+    gen = store.create("job/leases/000001", b"first")
+    assert gen > 0
+    with pytest.raises(PreconditionFailed):
+        store.create("job/leases/000001", b"second")
+    assert store.read("job/leases/000001") == (b"first", gen)
+
+
+def test_replace_needs_the_current_generation(store):
+    gen = store.create("k", b"v1")
+    gen2 = store.replace("k", b"v2", gen)
+    assert gen2 != gen
+    with pytest.raises(PreconditionFailed):
+        store.replace("k", b"v3", gen)  # stale generation
+    assert store.read("k") == (b"v2", gen2)
+    with pytest.raises(PreconditionFailed):
+        store.replace("absent", b"x", gen2)
+
+
+def test_delete_with_and_without_generation(store):
+    gen = store.create("a", b"1")
+    with pytest.raises(PreconditionFailed):
+        store.delete("a", gen + 1)
+    store.delete("a", gen)
+    assert store.generation("a") is None
+    with pytest.raises(NotFound):
+        store.delete("a")
+    with pytest.raises(NotFound):
+        store.read("a")
+    store.put("b", b"2")
+    store.delete("b")
+    assert store.generation("b") is None
+
+
+def test_generation_changes_on_every_write(store):
+    gens = [store.put("s", b"x") for _ in range(5)]
+    assert len(set(gens)) == 5
+    assert store.generation("s") == gens[-1]
+    # a deleted and re-created key never gets an old generation back
+    store.delete("s")
+    assert store.create("s", b"x") not in gens
+
+
+def test_put_from_bytes_and_file_and_list(store, tmp_path):
+    src = tmp_path / "shard.bin"
+    payload = os.urandom(9 * 1024 * 1024 + 7)  # above the client's multipart limit: resumable upload on GCS
+    src.write_bytes(payload)
+    store.put("job/shards/000000-0000.safetensors", src)
+    store.put("job/shards/000001-0000.safetensors", b"small")
+    store.put("job/done/000000", b"{}")
+    store.put("jobb/x", b"other job")
+    assert store.read("job/shards/000000-0000.safetensors")[0] == payload
+    assert store.size("job/shards/000000-0000.safetensors") == len(payload)
+    assert list(store.list("job/shards/")) == ["job/shards/000000-0000.safetensors",
+                                               "job/shards/000001-0000.safetensors"]
+    assert list(store.list("job/")) == ["job/done/000000", "job/shards/000000-0000.safetensors",
+                                        "job/shards/000001-0000.safetensors"]
+    assert list(store.list("nothing/")) == []
+
+
+def test_local_path_only_on_the_filesystem(store):
+    store.put("x/y", b"abc")
+    p = store.local_path("x/y")
+    if isinstance(store, LocalStore):
+        assert p.read_bytes() == b"abc"
+        assert store.local_path("x/absent") is None
+    else:
+        assert p is None
+
+
+def test_local_store_leaves_no_temporary_files_in_listings(tmp_path):
+    store = LocalStore(tmp_path)
+    store.create("j/leases/1", b"a")
+    gen = store.generation("j/leases/1")
+    store.replace("j/leases/1", b"b", gen)
+    assert list(store.list("")) == ["j/leases/1"]
+    assert sorted(p.name for p in (tmp_path / "j" / "leases").iterdir()) == ["1"]
+
+
+def test_gcs_transient_errors_are_retried(fake_gcs):
+    store = open_store("gs://b/p")
+    fake_gcs.fail_next(3, 503)
+    gen = store.create("k", b"v")  # three 503s, then success
+    fake_gcs.fail_next(2, 429)
+    assert store.read("k") == (b"v", gen)
+
+
+def test_open_store_urls(tmp_path):
+    assert isinstance(open_store(str(tmp_path)), LocalStore)
+    assert open_store(f"file://{tmp_path}").url == str(tmp_path)
+    for bad in ("s3://bucket/x", "gs://", "file://host/x", ""):
+        with pytest.raises(InputError):
+            open_store(bad)
+    with pytest.raises(InputError):
+        LocalStore(tmp_path).read("../escape")

@@ -1,0 +1,399 @@
+"""Object stores: one small interface, two implementations with the same atomicity contract (DESIGN section 6).
+
+    store = open_store("out/")            # or "file:///abs/path", or "gs://bucket/prefix"
+    data, gen = store.read("job/job.json")
+    gen = store.create("job/leases/000003", b"...")          # only if absent, else PreconditionFailed
+    gen = store.replace("job/leases/000003", b"...", gen)    # only if still at `gen`, else PreconditionFailed
+    store.delete("job/leases/000003", gen)                   # only if still at `gen`
+    store.put("job/shards/000003-0000.safetensors", path)    # unconditional, atomic (readers never see half)
+
+Every object has a *generation*: a positive integer that changes on every write, as on GCS. The
+conditional operations are the building blocks of leases and locks, the way Terraform's GCS backend builds
+its state lock: create-if-absent to take, generation-matched replace to renew, generation-matched delete
+to release.
+
+- GcsStore maps them onto `if_generation_match` preconditions (0 = "must not exist").
+- LocalStore gives a filesystem the same contract: every write goes to a hidden temporary file that is
+  renamed into place (atomic on POSIX), and the generation is the file's nanosecond mtime, set explicitly
+  and strictly increasing per key. The check-then-rename of the conditional operations runs under an
+  `flock` on a per-key lock file, so it is atomic between processes on one machine (not over NFS).
+  Reads need no lock: a file is never changed in place, so the descriptor read and its fstat describe
+  the same generation.
+
+Errors: `NotFound` (read/delete of an absent key) and `PreconditionFailed` (a condition did not hold). Both
+are ActfleetErrors. Transient GCS errors (429, 5xx, timeouts) are retried with jittered exponential backoff
+by google-cloud-storage's retry policy, which we pass explicitly to every call (our writes are idempotent:
+conditional, or of deterministic content).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import secrets
+import shutil
+import time
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlparse
+
+from actfleet.errors import ActfleetError, InputError
+
+
+class NotFound(ActfleetError):
+    """The key does not exist."""
+
+
+class PreconditionFailed(ActfleetError):
+    """create: the key exists; replace/delete: the key is at another generation (or absent)."""
+
+
+def open_store(url: str) -> "Store":
+    """A path, "file:///abs/path" or "gs://bucket/prefix" -> the Store rooted there."""
+    if url.startswith("gs://"):
+        rest = url[len("gs://"):]
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise InputError(f'store "{url}": a GCS store URL looks like "gs://bucket/prefix"')
+        return GcsStore(bucket, prefix.strip("/"))
+    if url.startswith("file://"):
+        parsed = urlparse(url)
+        if parsed.netloc not in ("", "localhost"):
+            raise InputError(f'store "{url}": a file URL needs an absolute path, e.g. "file:///data/acts"')
+        return LocalStore(parsed.path)
+    if "://" in url:
+        raise InputError(f'store "{url}": must be a path, "file:///abs/path" or "gs://bucket/prefix"')
+    if not url:
+        raise InputError("store: empty store URL")
+    return LocalStore(url)
+
+
+def join(*parts: str) -> str:
+    """Join key parts with "/" (keys always use "/", whatever the OS)."""
+    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+
+
+class Store:
+    """The interface. Keys are "/"-separated relative names, e.g. "myjob/done/000003"."""
+
+    url: str
+
+    def read(self, key: str) -> tuple[bytes, int]:
+        """(data, generation); NotFound if absent."""
+        raise NotImplementedError
+
+    def generation(self, key: str) -> int | None:
+        """The current generation, or None if absent."""
+        raise NotImplementedError
+
+    def create(self, key: str, data: bytes) -> int:
+        """Write only if absent; returns the new generation; PreconditionFailed if it exists."""
+        raise NotImplementedError
+
+    def replace(self, key: str, data: bytes, generation: int) -> int:
+        """Write only if the key is at `generation`; PreconditionFailed otherwise (also when absent)."""
+        raise NotImplementedError
+
+    def delete(self, key: str, generation: int | None = None) -> None:
+        """Delete (only if at `generation`, when given). NotFound if absent; PreconditionFailed on mismatch."""
+        raise NotImplementedError
+
+    def put(self, key: str, data: "bytes | os.PathLike | str") -> int:
+        """Unconditional atomic write of bytes or of a local file's contents; returns the generation."""
+        raise NotImplementedError
+
+    def list(self, prefix: str) -> Iterator[str]:
+        """Keys that start with `prefix` (use a trailing "/" for a folder), sorted."""
+        raise NotImplementedError
+
+    def local_path(self, key: str) -> Path | None:
+        """A local file holding the key's bytes (for mmap), or None (absent, or not a local store)."""
+        return None
+
+    def size(self, key: str) -> int | None:
+        """The object's size in bytes, or None if absent."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+
+def _check_key(key: str) -> str:
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in key.split("/")):
+        raise InputError(f'store key "{key}": must be a relative "/"-separated name without "." or ".." parts')
+    if any(p.startswith(".") for p in key.split("/")):
+        # Hidden names are the local store's own (temporary files, locks).
+        raise InputError(f'store key "{key}": parts must not start with "."')
+    return key
+
+
+# ----------------------------------------------------------------------------------------------------
+# Local filesystem
+# ----------------------------------------------------------------------------------------------------
+
+LOCK_DIR = ".locks"
+_GEN_STEP_NS = 1000  # generations advance by >= 1 µs so filesystems with µs timestamps still see a change
+
+
+class LocalStore(Store):
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).absolute()
+        self.url = str(self.root)
+
+    # -- helpers --------------------------------------------------------------------------------------
+
+    def _path(self, key: str) -> Path:
+        return self.root / _check_key(key)
+
+    @contextlib.contextmanager
+    def _locked(self, key: str):
+        """Hold the per-key lock: the check and the rename of a conditional write happen as one step."""
+        lock_dir = self.root / LOCK_DIR
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        name = hashlib.sha256(key.encode()).hexdigest()[:32]
+        fd = os.open(lock_dir / name, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock (also when the process is killed)
+
+    @staticmethod
+    def _gen_of(path: Path) -> int | None:
+        try:
+            return os.stat(path).st_mtime_ns
+        except FileNotFoundError:
+            return None
+
+    def _write_tmp(self, path: Path, data: "bytes | os.PathLike | str", floor_gen: int | None) -> tuple[Path, int]:
+        """Write a hidden temporary file next to `path` with a generation above `floor_gen`."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            else:
+                shutil.copyfile(data, tmp)
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+            gen = max(time.time_ns(), (floor_gen or 0) + _GEN_STEP_NS)
+            os.utime(tmp, ns=(gen, gen))
+            actual = os.stat(tmp).st_mtime_ns
+            if floor_gen is not None and actual <= floor_gen:  # a filesystem with coarse timestamps
+                gen = floor_gen + 1_000_000_000
+                os.utime(tmp, ns=(gen, gen))
+                actual = os.stat(tmp).st_mtime_ns
+            return tmp, actual
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    # -- the interface --------------------------------------------------------------------------------
+
+    def read(self, key: str) -> tuple[bytes, int]:
+        try:
+            with open(self._path(key), "rb") as f:
+                gen = os.fstat(f.fileno()).st_mtime_ns
+                return f.read(), gen
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NotFound(f"{self.url}/{key}: not found") from None
+
+    def generation(self, key: str) -> int | None:
+        p = self._path(key)
+        return self._gen_of(p) if p.is_file() else None
+
+    def size(self, key: str) -> int | None:
+        try:
+            st = os.stat(self._path(key))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return st.st_size
+
+    def create(self, key: str, data: bytes) -> int:
+        path = self._path(key)
+        with self._locked(key):
+            if path.exists():
+                raise PreconditionFailed(f"{self.url}/{key}: already exists")
+            tmp, gen = self._write_tmp(path, data, None)
+            # link() fails if the name exists: create-if-absent even against a writer that skips the lock.
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise PreconditionFailed(f"{self.url}/{key}: already exists") from None
+            finally:
+                tmp.unlink(missing_ok=True)
+            return gen
+
+    def replace(self, key: str, data: bytes, generation: int) -> int:
+        path = self._path(key)
+        with self._locked(key):
+            current = self._gen_of(path)
+            if current != generation:
+                raise PreconditionFailed(f"{self.url}/{key}: at generation {current}, expected {generation}")
+            tmp, gen = self._write_tmp(path, data, current)
+            os.replace(tmp, path)
+            return gen
+
+    def delete(self, key: str, generation: int | None = None) -> None:
+        path = self._path(key)
+        with self._locked(key):
+            current = self._gen_of(path)
+            if current is None:
+                raise NotFound(f"{self.url}/{key}: not found")
+            if generation is not None and current != generation:
+                raise PreconditionFailed(f"{self.url}/{key}: at generation {current}, expected {generation}")
+            path.unlink()
+
+    def put(self, key: str, data: "bytes | os.PathLike | str") -> int:
+        path = self._path(key)
+        with self._locked(key):
+            tmp, gen = self._write_tmp(path, data, self._gen_of(path))
+            os.replace(tmp, path)
+            return gen
+
+    def list(self, prefix: str) -> Iterator[str]:
+        # Walk only the directory the prefix names (or is inside), never the whole store.
+        head, _, _ = prefix.rpartition("/")
+        start = self.root / head if head else self.root
+        if not start.is_dir():
+            return iter(())
+        keys = []
+        for dirpath, dirnames, filenames in os.walk(start):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            rel = os.path.relpath(dirpath, self.root)
+            rel = "" if rel == "." else rel.replace(os.sep, "/")
+            for name in filenames:
+                if name.startswith("."):
+                    continue
+                key = f"{rel}/{name}" if rel else name
+                if key.startswith(prefix):
+                    keys.append(key)
+        return iter(sorted(keys))
+
+    def local_path(self, key: str) -> Path | None:
+        p = self._path(key)
+        return p if p.is_file() else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Google Cloud Storage
+# ----------------------------------------------------------------------------------------------------
+
+
+def _gcs_retry():
+    """Jittered exponential backoff on 429/5xx/connection errors (google-api-core's policy)."""
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    return DEFAULT_RETRY.with_deadline(120.0)
+
+
+class GcsStore(Store):
+    """`gs://bucket/prefix`. Credentials: application default credentials (the VM's attached service
+    account); with STORAGE_EMULATOR_HOST set (tests), an anonymous client for that endpoint."""
+
+    def __init__(self, bucket: str, prefix: str = "", client=None):
+        from google.cloud import storage
+
+        self.bucket_name = bucket
+        self.prefix = prefix.strip("/")
+        self.url = f"gs://{bucket}" + (f"/{self.prefix}" if self.prefix else "")
+        self.client = client or storage.Client()
+        self.bucket = self.client.bucket(bucket)
+
+    def _name(self, key: str) -> str:
+        return join(self.prefix, _check_key(key))
+
+    def _blob(self, key: str):
+        return self.bucket.blob(self._name(key))
+
+    def read(self, key: str) -> tuple[bytes, int]:
+        from google.api_core import exceptions as gexc
+
+        blob = self._blob(key)
+        try:
+            data = blob.download_as_bytes(retry=_gcs_retry())
+        except gexc.NotFound:
+            raise NotFound(f"{self.url}/{key}: not found") from None
+        if blob.generation is None:  # a server that does not send x-goog-generation
+            meta = self.bucket.get_blob(self._name(key), retry=_gcs_retry())
+            if meta is None:
+                raise NotFound(f"{self.url}/{key}: not found")
+            return self.read_at(key, meta.generation), int(meta.generation)
+        return data, int(blob.generation)
+
+    def read_at(self, key: str, generation: int) -> bytes:
+        from google.api_core import exceptions as gexc
+
+        try:
+            return self._blob(key).download_as_bytes(if_generation_match=generation, retry=_gcs_retry())
+        except (gexc.NotFound, gexc.PreconditionFailed):
+            raise PreconditionFailed(f"{self.url}/{key}: changed while reading") from None
+
+    def generation(self, key: str) -> int | None:
+        blob = self.bucket.get_blob(self._name(key), retry=_gcs_retry())
+        return None if blob is None else int(blob.generation)
+
+    def size(self, key: str) -> int | None:
+        blob = self.bucket.get_blob(self._name(key), retry=_gcs_retry())
+        return None if blob is None else int(blob.size)
+
+    def _conditional_upload(self, key: str, data: bytes, if_generation_match: int) -> int:
+        from google.api_core import exceptions as gexc
+
+        blob = self._blob(key)
+        try:
+            blob.upload_from_string(data, content_type="application/octet-stream",
+                                    if_generation_match=if_generation_match, retry=_gcs_retry())
+            return int(blob.generation)
+        except gexc.PreconditionFailed:
+            # A retried request whose first attempt did land answers 412 though the write is ours. Our
+            # records carry a unique nonce, so identical bytes at the key mean the write succeeded.
+            try:
+                current, gen = self.read(key)
+            except NotFound:
+                current, gen = None, None
+            if current == data and gen is not None:
+                return gen
+            what = "already exists" if if_generation_match == 0 else f"not at generation {if_generation_match}"
+            raise PreconditionFailed(f"{self.url}/{key}: {what}") from None
+
+    def create(self, key: str, data: bytes) -> int:
+        return self._conditional_upload(key, data, 0)
+
+    def replace(self, key: str, data: bytes, generation: int) -> int:
+        if not generation:
+            raise PreconditionFailed(f"{self.url}/{key}: replace needs the generation it replaces")
+        return self._conditional_upload(key, data, generation)
+
+    def delete(self, key: str, generation: int | None = None) -> None:
+        from google.api_core import exceptions as gexc
+
+        try:
+            self._blob(key).delete(if_generation_match=generation, retry=_gcs_retry())
+        except gexc.NotFound:
+            raise NotFound(f"{self.url}/{key}: not found") from None
+        except gexc.PreconditionFailed:
+            raise PreconditionFailed(f"{self.url}/{key}: not at generation {generation}") from None
+
+    def put(self, key: str, data: "bytes | os.PathLike | str") -> int:
+        blob = self._blob(key)
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            blob.upload_from_string(bytes(data), content_type="application/octet-stream", retry=_gcs_retry())
+        else:
+            blob.upload_from_filename(os.fspath(data), content_type="application/octet-stream",
+                                      retry=_gcs_retry())
+        return int(blob.generation)
+
+    def list(self, prefix: str) -> Iterator[str]:
+        full = join(self.prefix, prefix) if prefix else self.prefix
+        if prefix.endswith("/") or (not prefix and self.prefix):
+            full += "/"
+        cut = len(self.prefix) + 1 if self.prefix else 0
+        names = [b.name[cut:] for b in self.client.list_blobs(self.bucket_name, prefix=full or None,
+                                                               retry=_gcs_retry())]
+        return iter(sorted(names))
