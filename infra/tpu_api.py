@@ -1,0 +1,430 @@
+"""The Cloud TPU v2 API as actfleet uses it: observe queued resources and nodes, create and delete them.
+
+Built on `google.cloud.tpu_v2` over REST (imported lazily: `actfleet status` must start quickly). What leaves
+this module is plain frozen dataclasses with state names as strings, never proto objects.
+
+- Every HTTP call is retried with jittered exponential backoff on 429, 5xx, timeouts and dropped
+  connections; 400/403/404 (and a 5xx that outlasts the retries) end in a one-line `ActfleetError`
+  naming the resource, e.g.
+  "TPU API: queued resource projects/p/locations/us-central1-a/queuedResources/tpu-us-central1-a-0:
+  403 permission denied: ...".
+- Lists page through `nextPageToken`, each page retried on its own.
+- `observe(zones)` lists every zone in parallel; one zone's failure is reported for that zone only.
+- create/delete are idempotent, so Terraform provisioners and reconcile can rerun them freely.
+- `calls` counts HTTP requests made (retries and operation polls included), for benchmarks.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
+
+from actfleet.errors import ActfleetError, InputError, PrerequisiteError
+
+if TYPE_CHECKING:
+    from actfleet.config import FleetConfig
+
+T = TypeVar("T")
+
+DEFAULT_RETRIES = 6  # attempts after the first: with 0.5 s initial, 16 s cap, about a minute in all
+DEFAULT_TIMEOUT = 30.0  # seconds per HTTP request
+DEFAULT_OPERATION_TIMEOUT = 900.0  # seconds to wait for a long-running operation
+
+
+# ----------------------------------------------------------------------------------------------------
+# Observations (what callers see)
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QueuedResource:
+    """A queued resource. `name` is its short id (for actfleet, the worker name); `path` the full name.
+    Labels are the node spec's node labels: v2 queued resources carry none of their own."""
+
+    name: str
+    zone: str
+    state: str  # "ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE", "SUSPENDED", "FAILED", ...
+    state_initiator: str  # "USER" | "SERVICE" | "STATE_INITIATOR_UNSPECIFIED"
+    labels: dict[str, str]
+    node_ids: tuple[str, ...]
+    create_time: float | None  # seconds since the epoch
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class Node:
+    """A TPU VM (node). `queued_resource` is the short id of the queued resource that made it, if any."""
+
+    name: str
+    zone: str
+    state: str  # "CREATING", "READY", "PREEMPTED", "TERMINATED", "DELETING", ...
+    labels: dict[str, str]
+    create_time: float | None
+    health: str = ""  # "HEALTHY", "UNHEALTHY_MAINTENANCE", ... ("" when unreported)
+    queued_resource: str = ""
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class ZoneView:
+    queued_resources: tuple[QueuedResource, ...]
+    nodes: tuple[Node, ...]
+
+
+@dataclass(frozen=True)
+class ZoneError:
+    message: str
+
+
+# ----------------------------------------------------------------------------------------------------
+# The client
+# ----------------------------------------------------------------------------------------------------
+
+
+class TpuApi:
+    """One project's TPU API. Thread-safe: each thread gets its own underlying client."""
+
+    def __init__(self, project: str, endpoint: str = "", *, retries: int = DEFAULT_RETRIES,
+                 timeout: float = DEFAULT_TIMEOUT, initial_backoff: float = 0.5, max_backoff: float = 16.0,
+                 operation_timeout: float = DEFAULT_OPERATION_TIMEOUT, page_size: int = 0):
+        self.project = project
+        self.endpoint = endpoint.rstrip("/")
+        self.retries = retries
+        self.timeout = timeout
+        self.initial_backoff = initial_backoff
+        self.max_backoff = max_backoff
+        self.operation_timeout = operation_timeout
+        self.page_size = page_size  # 0 = the server's default
+        self._local = threading.local()
+        self._count_lock = threading.Lock()
+        self._calls = 0
+
+    @classmethod
+    def from_config(cls, fleet: "FleetConfig", **kwargs: Any) -> "TpuApi":
+        """The fleet's project, at `fleet.endpoint()` (ACTFLEET_TPU_ENDPOINT over fleet.tpu_endpoint)."""
+        return cls(fleet.project, fleet.endpoint(), **kwargs)
+
+    @property
+    def calls(self) -> int:
+        """HTTP requests made so far, each retry and operation poll included."""
+        return self._calls
+
+    def parent(self, zone: str) -> str:
+        return f"projects/{self.project}/locations/{zone}"
+
+    def qr_path(self, zone: str, qr_id: str) -> str:
+        return f"{self.parent(zone)}/queuedResources/{qr_id}"
+
+    def node_path(self, zone: str, node_id: str) -> str:
+        return f"{self.parent(zone)}/nodes/{node_id}"
+
+    # -------------------------------------------------------------- observe
+
+    def list_queued_resources(self, zone: str) -> tuple[QueuedResource, ...]:
+        client = self._client()
+        pages = self._pages(f"list queued resources in {self.parent(zone)}", client.list_queued_resources, zone)
+        return tuple(_queued_resource(qr, zone) for page in pages for qr in page.queued_resources)
+
+    def list_nodes(self, zone: str) -> tuple[Node, ...]:
+        client = self._client()
+        pages = self._pages(f"list nodes in {self.parent(zone)}", client.list_nodes, zone)
+        return tuple(_node(n, zone) for page in pages for n in page.nodes)
+
+    def observe(self, zones: Iterable[str]) -> dict[str, ZoneView | ZoneError]:
+        """List queued resources and nodes in every zone at once. A zone whose calls fail after retries
+        maps to a ZoneError; the other zones are unaffected."""
+        zones = list(dict.fromkeys(zones))
+        if not zones:
+            return {}
+        with ThreadPoolExecutor(max_workers=min(32, 2 * len(zones)), thread_name_prefix="tpu-observe") as pool:
+            qrs = {z: pool.submit(self.list_queued_resources, z) for z in zones}
+            nodes = {z: pool.submit(self.list_nodes, z) for z in zones}
+            out: dict[str, ZoneView | ZoneError] = {}
+            for z in zones:
+                try:
+                    out[z] = ZoneView(qrs[z].result(), nodes[z].result())
+                except ActfleetError as e:
+                    out[z] = ZoneError(str(e))
+            return out
+
+    def get_queued_resource(self, zone: str, qr_id: str) -> QueuedResource | None:
+        """The queued resource, or None when it does not exist."""
+        raw = self._get_raw_queued_resource(zone, qr_id)
+        return None if raw is None else _queued_resource(raw, zone)
+
+    def get_node(self, zone: str, node_id: str) -> Node | None:
+        """The node, or None when it does not exist."""
+        path = self.node_path(zone, node_id)
+        client = self._client()
+        raw = self._call(f"node {path}", lambda: client.get_node(name=path, retry=None, timeout=self.timeout),
+                         missing_ok=True)
+        return None if raw is None else _node(raw, zone)
+
+    # -------------------------------------------------------------- act
+
+    def create_queued_resource(self, zone: str, qr_id: str, request: dict, *, wait: bool = True) -> bool:
+        """Create the queued resource from its REST JSON body. Returns True if created, False if it
+        already existed with the same request (a no-op). If it exists with a different request, raises
+        an ActfleetError saying where they differ: replacing it is the caller's decision."""
+        from google.cloud.tpu_v2.types import cloud_tpu
+
+        path = self.qr_path(zone, qr_id)
+        message = _parse_request(request, path)
+        existing = self._get_raw_queued_resource(zone, qr_id)
+        if existing is not None:
+            self._check_same(path, request, existing)
+            return False
+        client = self._client()
+        try:
+            op = self._call(f"queued resource {path}", lambda: client.create_queued_resource(
+                request=cloud_tpu.CreateQueuedResourceRequest(
+                    parent=self.parent(zone), queued_resource_id=qr_id, queued_resource=message),
+                retry=None, timeout=self.timeout), conflict_ok=True)
+        except _AlreadyExists:
+            # Someone (or our own retried request) created it between our get and create.
+            existing = self._get_raw_queued_resource(zone, qr_id)
+            if existing is None:
+                raise ActfleetError(f"TPU API: queued resource {path}: 409 already exists, yet is not there")
+            self._check_same(path, request, existing)
+            return False
+        if wait:
+            self._wait(op.operation, f"queued resource {path}")
+        return True
+
+    def delete_queued_resource(self, zone: str, qr_id: str, force: bool = True, *, wait: bool = True) -> bool:
+        """Delete the queued resource (with `force`, its node too) and wait until it is gone.
+        Returns False when it was already gone (a no-op)."""
+        path = self.qr_path(zone, qr_id)
+        client = self._client()
+        op = self._call(f"queued resource {path}", lambda: client.delete_queued_resource(
+            request={"name": path, "force": force}, retry=None, timeout=self.timeout), missing_ok=True)
+        if op is None:
+            return False
+        if wait:
+            self._wait(op.operation, f"queued resource {path}")
+        return True
+
+    def delete_node(self, zone: str, node_id: str, *, wait: bool = True) -> bool:
+        """Delete a node and wait until it is gone. Returns False when it was already gone."""
+        path = self.node_path(zone, node_id)
+        client = self._client()
+        op = self._call(f"node {path}", lambda: client.delete_node(name=path, retry=None, timeout=self.timeout),
+                        missing_ok=True)
+        if op is None:
+            return False
+        if wait:
+            self._wait(op.operation, f"node {path}")
+        return True
+
+    # -------------------------------------------------------------- internals
+
+    def _client(self):
+        """This thread's TpuClient (requests sessions are not shared across threads)."""
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = self._make_client()
+        return client
+
+    def _make_client(self):
+        from google.cloud import tpu_v2
+
+        if self.endpoint.startswith("http://"):
+            # A loopback fake or emulator: no credentials to send.
+            from google.auth.credentials import AnonymousCredentials
+
+            return tpu_v2.TpuClient(transport="rest", client_options={"api_endpoint": self.endpoint},
+                                    credentials=AnonymousCredentials())
+        options = {"api_endpoint": self.endpoint} if self.endpoint else None
+        try:
+            # Application default credentials (gcloud auth application-default login, or the VM's account).
+            return tpu_v2.TpuClient(transport="rest", client_options=options)
+        except Exception as e:
+            from google.auth.exceptions import DefaultCredentialsError
+
+            if isinstance(e, DefaultCredentialsError):
+                raise PrerequisiteError("TPU API: no Google Cloud credentials found: run `gcloud auth "
+                                        "application-default login` (actfleet never uses key files)") from None
+            raise
+
+    def _get_raw_queued_resource(self, zone: str, qr_id: str):
+        path = self.qr_path(zone, qr_id)
+        client = self._client()
+        return self._call(f"queued resource {path}",
+                          lambda: client.get_queued_resource(name=path, retry=None, timeout=self.timeout),
+                          missing_ok=True)
+
+    def _pages(self, what: str, method: Callable, zone: str):
+        token = ""
+        while True:
+            request = {"parent": self.parent(zone), "page_token": token, "page_size": self.page_size}
+            # The generated pager would fetch later pages itself, outside our retries: take one page at
+            # a time instead (attribute access on the pager reads that page's response).
+            page = self._call(what, lambda: method(request=request, retry=None, timeout=self.timeout))
+            yield page
+            token = page.next_page_token
+            if not token:
+                return
+
+    def _call(self, what: str, fn: Callable[[], T], *, missing_ok: bool = False, conflict_ok: bool = False) -> T:
+        """Run one API request with retries. `what` names the resource for error messages."""
+        from google.api_core import exceptions as gexc
+        from google.api_core.retry import exponential_sleep_generator
+        import requests
+
+        delays = exponential_sleep_generator(self.initial_backoff, self.max_backoff, 2.0)  # jittered
+        for attempt in range(self.retries + 1):
+            with self._count_lock:
+                self._calls += 1
+            try:
+                return fn()
+            except gexc.NotFound as e:
+                if missing_ok:
+                    return None  # type: ignore[return-value]
+                raise ActfleetError(_api_error_line(what, e)) from None
+            except gexc.Conflict as e:
+                if conflict_ok:
+                    raise _AlreadyExists() from None
+                raise ActfleetError(_api_error_line(what, e)) from None
+            except (gexc.TooManyRequests, gexc.InternalServerError, gexc.BadGateway, gexc.ServiceUnavailable,
+                    gexc.GatewayTimeout, gexc.DeadlineExceeded) as e:
+                last = _api_error_line(what, e)
+            except gexc.GoogleAPICallError as e:
+                raise ActfleetError(_api_error_line(what, e)) from None
+            except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
+                last = f"TPU API: {what}: cannot reach {self.endpoint or 'tpu.googleapis.com'}: {_one_line(e)}"
+            if attempt < self.retries:
+                time.sleep(next(delays))
+        raise ActfleetError(f"{last} (gave up after {self.retries + 1} attempts)")
+
+    def _wait(self, operation, what: str) -> None:
+        """Poll a long-running operation until it is done; raise its error, if it ended in one."""
+        from google.api_core.retry import exponential_sleep_generator
+
+        client = self._client()
+        delays = exponential_sleep_generator(0.1, 5.0, 1.5)
+        deadline = time.monotonic() + self.operation_timeout
+        while not operation.done:
+            if time.monotonic() > deadline:
+                raise ActfleetError(f"TPU API: {what}: operation {operation.name} still running after "
+                                    f"{self.operation_timeout:.0f} s")
+            time.sleep(next(delays))
+            name = operation.name
+            operation = self._call(f"operation {name}", lambda: client.get_operation(
+                request={"name": name}, retry=None, timeout=self.timeout))
+        if operation.HasField("error"):
+            err = operation.error
+            raise ActfleetError(f"TPU API: {what}: operation {operation.name} failed: {err.code} "
+                                f"{_one_line(err.message)}")
+
+    def _check_same(self, path: str, request: dict, existing) -> None:
+        from google.cloud.tpu_v2.types import cloud_tpu
+        from google.protobuf import json_format
+
+        # Compare in one normal form: what the request asks for must be what exists. Fields the service
+        # fills in (name, createTime, state, defaults) are not in the request, so they are not compared.
+        wanted = json_format.MessageToDict(cloud_tpu.QueuedResource.pb(_parse_request(request, path)))
+        have = json_format.MessageToDict(cloud_tpu.QueuedResource.pb(existing))
+        where = _first_difference(wanted, have)
+        if where is not None:
+            raise ActfleetError(f"TPU API: queued resource {path} already exists with a different request "
+                                f"(differs at {where}): delete it first, or let reconcile replace it")
+
+
+class _AlreadyExists(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------
+# Conversions
+# ----------------------------------------------------------------------------------------------------
+
+
+def _parse_request(request: dict, path: str):
+    """REST JSON body -> QueuedResource message; a malformed body is bad input (exit 2)."""
+    from google.cloud.tpu_v2.types import cloud_tpu
+
+    if not isinstance(request, dict):
+        raise InputError(f"queued resource {path}: the request must be a JSON object, not {type(request).__name__}")
+    try:
+        return cloud_tpu.QueuedResource.from_json(json.dumps(request), ignore_unknown_fields=False)
+    except Exception as e:  # json_format.ParseError: unknown field, wrong type, bad enum
+        raise InputError(f"queued resource {path}: the request is not a valid TPU v2 QueuedResource: "
+                         f"{_one_line(e)}") from None
+
+
+def _queued_resource(qr, zone: str) -> QueuedResource:
+    specs = list(qr.tpu.node_spec)
+    return QueuedResource(
+        name=qr.name.rsplit("/", 1)[-1],
+        zone=zone,
+        state=_enum_name(qr.state.state),
+        state_initiator=_enum_name(qr.state.state_initiator),
+        labels=dict(specs[0].node.labels) if specs else {},
+        node_ids=tuple(s.node_id for s in specs if s.node_id),
+        create_time=_seconds(qr.create_time),
+        path=qr.name,
+    )
+
+
+def _node(n, zone: str) -> Node:
+    return Node(
+        name=n.name.rsplit("/", 1)[-1],
+        zone=zone,
+        state=_enum_name(n.state),
+        labels=dict(n.labels),
+        create_time=_seconds(n.create_time),
+        health="" if int(n.health) == 0 else _enum_name(n.health),
+        queued_resource=n.queued_resource.rsplit("/", 1)[-1] if n.queued_resource else "",
+        path=n.name,
+    )
+
+
+def _enum_name(value) -> str:
+    # An enum number newer than the installed library arrives as a plain int: keep it visible.
+    return getattr(value, "name", None) or str(int(value))
+
+
+def _seconds(ts) -> float | None:
+    return None if ts is None else ts.timestamp()
+
+
+def _api_error_line(what: str, e) -> str:
+    """'TPU API: <what>: 403 permission denied: <the service's message>' on one line."""
+    status, message = "", e.message
+    response = getattr(e, "response", None)
+    try:
+        err = response.json()["error"]
+        status, message = err.get("status", ""), err.get("message", message)
+    except Exception:
+        pass
+    status = (status or (e.reason or "") or type(e).__name__).replace("_", " ").lower()
+    return f"TPU API: {what}: {e.code} {status}: {_one_line(message)}"
+
+
+def _first_difference(wanted: Any, have: Any, where: str = "") -> str | None:
+    """The path of the first value `wanted` sets that `have` lacks or holds differently (None if none)."""
+    if isinstance(wanted, dict):
+        if not isinstance(have, dict):
+            return where or "."
+        for k, v in wanted.items():
+            d = _first_difference(v, have.get(k, None), f"{where}.{k}" if where else k)
+            if d is not None:
+                return d
+        return None
+    if isinstance(wanted, list):
+        if not isinstance(have, list) or len(have) != len(wanted):
+            return where
+        for i, (w, h) in enumerate(zip(wanted, have)):
+            d = _first_difference(w, h, f"{where}[{i}]")
+            if d is not None:
+                return d
+        return None
+    return None if wanted == have else where
+
+
+def _one_line(e: Any) -> str:
+    return " ".join(str(e).split())

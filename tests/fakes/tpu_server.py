@@ -1,0 +1,729 @@
+"""A fake Cloud TPU v2 API on loopback, speaking the REST JSON that `google.cloud.tpu_v2` sends.
+
+It models what actfleet depends on, and nothing else:
+
+- queued resources: ACCEPTED -> PROVISIONING -> ACTIVE after configurable delays (0 = instant), creating
+  their node (CREATING while provisioning, READY when ACTIVE) from the node spec, with its labels,
+  metadata, service account and spot scheduling; a zone in stockout holds new QRs in
+  WAITING_FOR_RESOURCES until the stockout ends;
+- preemption: node PREEMPTED and its queued resource SUSPENDED (initiator SERVICE);
+- delete (QR with `force`, or node) as long-running operations, optionally taking `delete_delay` seconds;
+- list pagination (pageSize/pageToken, the server's own page size when none is asked), 404/409/400 the way
+  the real API answers them, enums as integers when the client asks `$alt=json;enum-encoding=int`;
+- fault injection per zone / method / path regex: an HTTP status for the next N calls (or forever), or a
+  delay before answering;
+- a call log (method, path, zone, resource id, status, time).
+
+Bodies are parsed and written with the client library's own protobuf types, so a field the real API does
+not know is a 400 here too.
+
+Use it in-process:
+
+    with FakeTpuServer.start(port=0, provision_delay=0.5) as fake:
+        api = TpuApi("my-project", fake.url)
+        fake.preempt("us-central1-a", "tpu-us-central1-a-0")
+        fake.calls(method="GET")
+
+from another process (terraform provisioners, a person) through the control endpoints under `/_fake/`
+(docs/tpu-api.md lists them), or by hand:
+
+    python -m tests.fakes.tpu_server --port 8470 --provision-delay 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import re
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Iterator
+from urllib.parse import parse_qs, urlsplit
+
+from google.cloud.tpu_v2.types import cloud_tpu
+from google.longrunning import operations_pb2
+from google.protobuf import empty_pb2, json_format, timestamp_pb2
+
+QRState = cloud_tpu.QueuedResourceState.State
+Initiator = cloud_tpu.QueuedResourceState.StateInitiator
+NodeState = cloud_tpu.Node.State
+
+# /v2/projects/{project}/locations/{zone}/{collection}[/{id}][:verb]
+PATH_RE = re.compile(
+    r"^/v2/projects/(?P<project>[^/]+)/locations/(?P<zone>[^/]+)"
+    r"(?:/(?P<collection>queuedResources|nodes|operations)(?:/(?P<id>[^/:]+))?)?$"
+)
+
+HTTP_STATUS_NAMES = {
+    400: "INVALID_ARGUMENT", 403: "PERMISSION_DENIED", 404: "NOT_FOUND", 409: "ALREADY_EXISTS",
+    429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 501: "NOT_IMPLEMENTED", 503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+FAULT_MESSAGES = {
+    403: "The caller does not have permission (injected by the fake)",
+    429: "Quota exceeded for quota metric 'Read requests' (injected by the fake)",
+    500: "Internal error encountered (injected by the fake)",
+    503: "The service is currently unavailable (injected by the fake)",
+}
+
+
+class ApiError(Exception):
+    """An error answer in Google's JSON error format."""
+
+    def __init__(self, code: int, message: str, status: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.status = status or HTTP_STATUS_NAMES.get(code, "UNKNOWN")
+        self.message = message
+
+    def body(self) -> dict:
+        return {"error": {"code": self.code, "message": self.message, "status": self.status}}
+
+
+@dataclass
+class Fault:
+    """Answer `status` (or wait `delay` seconds, then answer normally) to matching calls."""
+
+    status: int | None = 503
+    count: int | None = 1  # None = forever
+    zone: str | None = None
+    method: str | None = None
+    path: str | None = None  # a regex searched in the request path
+    delay: float = 0.0
+
+    def matches(self, method: str, path: str, zone: str | None) -> bool:
+        return ((self.zone is None or self.zone == zone)
+                and (self.method is None or self.method.upper() == method)
+                and (self.path is None or re.search(self.path, path) is not None))
+
+
+@dataclass(frozen=True)
+class Call:
+    method: str
+    path: str
+    zone: str | None
+    resource: str | None  # the queued resource / node / operation id, when the path names one
+    status: int
+    time: float  # time.time() when the answer was sent
+
+
+@dataclass
+class _QR:
+    message: cloud_tpu.QueuedResource
+    state_since: float
+    project: str
+    zone: str
+
+    @property
+    def id(self) -> str:
+        return self.message.name.rsplit("/", 1)[1]
+
+    @property
+    def state(self):
+        return self.message.state.state
+
+    def set_state(self, state, now: float, initiator=Initiator.SERVICE) -> None:
+        self.message.state = cloud_tpu.QueuedResourceState(state=state, state_initiator=initiator)
+        self.state_since = now
+
+
+@dataclass
+class _Op:
+    name: str
+    done_at: float  # monotonic time at which the operation completes
+    response: Any  # a protobuf message (the QR, or Empty)
+    target: str
+    verb: str
+    on_done: Any = None  # callable run once when the operation completes (the actual delete)
+    finished: bool = False
+
+
+@dataclass
+class FakeSettings:
+    accept_delay: float = 0.0  # ACCEPTED -> PROVISIONING (or WAITING_FOR_RESOURCES in a stockout)
+    provision_delay: float = 0.0  # PROVISIONING -> ACTIVE
+    delete_delay: float = 0.0  # how long a delete's operation runs before the resource is gone
+    page_size: int = 50  # the server's page size when the client asks none (or more)
+    zones: tuple[str, ...] | None = None  # known zones; None = any zone exists
+
+
+class FakeTpuState:
+    """The fake's model, independent of HTTP: every public method takes the lock and advances time first."""
+
+    def __init__(self, settings: FakeSettings | None = None):
+        self.settings = settings or FakeSettings()
+        self.lock = threading.RLock()
+        self.qrs: dict[str, _QR] = {}  # full name -> QR
+        self.nodes: dict[str, cloud_tpu.Node] = {}  # full name -> node
+        self.ops: dict[str, _Op] = {}
+        self.stockout: set[str] = set()
+        self.faults: list[Fault] = []
+        self.log: list[Call] = []
+        self._op_ids = itertools.count(1)
+        self._node_ids = itertools.count(1000)
+
+    # -------------------------------------------------------------- the lifecycle clock
+
+    def advance(self) -> None:
+        """Move every queued resource and operation along by the time that has passed."""
+        now = time.monotonic()
+        s = self.settings
+        for qr in list(self.qrs.values()):
+            # A loop, because with zero delays a QR passes several states in one step.
+            while True:
+                st, age = qr.state, now - qr.state_since
+                if st == QRState.ACCEPTED and age >= s.accept_delay:
+                    if qr.zone in self.stockout:
+                        qr.set_state(QRState.WAITING_FOR_RESOURCES, now)
+                    else:
+                        qr.set_state(QRState.PROVISIONING, now)
+                        self._make_node(qr, NodeState.CREATING)
+                elif st == QRState.WAITING_FOR_RESOURCES and qr.zone not in self.stockout:
+                    qr.set_state(QRState.PROVISIONING, now)
+                    self._make_node(qr, NodeState.CREATING)
+                elif st == QRState.PROVISIONING and age >= s.provision_delay:
+                    qr.set_state(QRState.ACTIVE, now)
+                    for node in self._nodes_of(qr):
+                        node.state = NodeState.READY
+                        node.health = cloud_tpu.Node.Health.HEALTHY
+                else:
+                    break
+        for op in self.ops.values():
+            if not op.finished and now >= op.done_at:
+                op.finished = True
+                if op.on_done:
+                    op.on_done()
+
+    def _make_node(self, qr: _QR, state) -> None:
+        for spec in qr.message.tpu.node_spec:
+            name = f"{spec.parent}/nodes/{spec.node_id}"
+            node = cloud_tpu.Node.deserialize(cloud_tpu.Node.serialize(spec.node))  # a copy
+            node.name = name
+            node.state = state
+            node.queued_resource = qr.message.name
+            node.create_time = _now_ts()
+            node.id = next(self._node_ids)
+            node.api_version = cloud_tpu.Node.ApiVersion.V2
+            if cloud_tpu.QueuedResource.pb(qr.message).HasField("spot"):
+                node.scheduling_config = cloud_tpu.SchedulingConfig(spot=True)
+            self.nodes[name] = node
+
+    def _nodes_of(self, qr: _QR) -> list[cloud_tpu.Node]:
+        return [n for n in self.nodes.values() if n.queued_resource == qr.message.name]
+
+    # -------------------------------------------------------------- API operations
+
+    def list(self, project: str, zone: str, collection: str, page_size: int, page_token: str,
+             int_enums: bool = False) -> dict:
+        self._check_zone(project, zone)
+        parent = f"projects/{project}/locations/{zone}"
+        if collection == "queuedResources":
+            items = [q.message for n, q in sorted(self.qrs.items()) if n.startswith(parent + "/")]
+            kind = cloud_tpu.QueuedResource
+        else:
+            items = [n for name, n in sorted(self.nodes.items()) if name.startswith(parent + "/")]
+            kind = cloud_tpu.Node
+        size = min(page_size, self.settings.page_size) if page_size > 0 else self.settings.page_size
+        try:
+            start = int(page_token or "0")
+        except ValueError:
+            raise ApiError(400, f"Invalid page token {page_token!r}")
+        page = items[start:start + size]
+        out = {collection: [_to_dict(kind, m, int_enums) for m in page]}
+        if start + size < len(items):
+            out["nextPageToken"] = str(start + size)
+        return out
+
+    def get(self, project: str, zone: str, collection: str, rid: str) -> tuple[type, Any]:
+        self._check_zone(project, zone)
+        name = f"projects/{project}/locations/{zone}/{collection}/{rid}"
+        if collection == "queuedResources" and name in self.qrs:
+            return cloud_tpu.QueuedResource, self.qrs[name].message
+        if collection == "nodes" and name in self.nodes:
+            return cloud_tpu.Node, self.nodes[name]
+        raise ApiError(404, f"Resource '{name}' was not found")
+
+    def create_qr(self, project: str, zone: str, qr_id: str, body: dict) -> _Op:
+        self._check_zone(project, zone)
+        if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", qr_id or ""):
+            raise ApiError(400, f"Invalid queued resource id {qr_id!r}")
+        name = f"projects/{project}/locations/{zone}/queuedResources/{qr_id}"
+        if name in self.qrs:
+            raise ApiError(409, f"Resource '{name}' already exists")
+        try:
+            message = cloud_tpu.QueuedResource.from_json(json.dumps(body), ignore_unknown_fields=False)
+        except Exception as e:  # json_format.ParseError and friends: the real API answers 400
+            raise ApiError(400, f"Invalid JSON payload received. {_one_line(e)}")
+        specs = list(message.tpu.node_spec)
+        if not specs:
+            raise ApiError(400, "QueuedResource.tpu.node_spec must have at least one entry")
+        for spec in specs:
+            if spec.parent != f"projects/{project}/locations/{zone}":
+                raise ApiError(400, f"node_spec.parent {spec.parent!r} must be projects/{project}/locations/{zone}")
+            if not spec.node_id:
+                raise ApiError(400, "node_spec.node_id is required (multi-node specs are not modelled)")
+            if not spec.node.accelerator_type or not spec.node.runtime_version:
+                raise ApiError(400, "node_spec.node.accelerator_type and runtime_version are required")
+            if f"{spec.parent}/nodes/{spec.node_id}" in self.nodes:
+                raise ApiError(409, f"Node '{spec.parent}/nodes/{spec.node_id}' already exists")
+        message.name = name
+        message.create_time = _now_ts()
+        qr = _QR(message=message, state_since=0, project=project, zone=zone)
+        qr.set_state(QRState.ACCEPTED, time.monotonic(), Initiator.USER)
+        self.qrs[name] = qr
+        self.advance()
+        return self._op(project, zone, cloud_tpu.QueuedResource.pb(qr.message), name, "create", 0.0)
+
+    def delete_qr(self, project: str, zone: str, qr_id: str, force: bool) -> _Op:
+        self._check_zone(project, zone)
+        name = f"projects/{project}/locations/{zone}/queuedResources/{qr_id}"
+        qr = self.qrs.get(name)
+        if qr is None:
+            raise ApiError(404, f"Resource '{name}' was not found")
+        if self._nodes_of(qr) and not force:
+            raise ApiError(400, f"Queued resource '{name}' has nodes; delete them first or pass force=true",
+                           "FAILED_PRECONDITION")
+        qr.set_state(QRState.DELETING, time.monotonic(), Initiator.USER)
+
+        def finish():
+            for node in self._nodes_of(qr):
+                self.nodes.pop(node.name, None)
+            self.qrs.pop(name, None)
+
+        return self._op(project, zone, empty_pb2.Empty(), name, "delete", self.settings.delete_delay, finish)
+
+    def delete_node(self, project: str, zone: str, node_id: str) -> _Op:
+        self._check_zone(project, zone)
+        name = f"projects/{project}/locations/{zone}/nodes/{node_id}"
+        node = self.nodes.get(name)
+        if node is None:
+            raise ApiError(404, f"Resource '{name}' was not found")
+        node.state = NodeState.DELETING
+
+        def finish():
+            self.nodes.pop(name, None)
+            qr = self.qrs.get(node.queued_resource)
+            # Deleting a queued resource's node leaves the QR SUSPENDED, holding its quota until deleted.
+            if qr is not None and qr.state not in (QRState.DELETING, QRState.SUSPENDED):
+                qr.set_state(QRState.SUSPENDED, time.monotonic(), Initiator.USER)
+
+        return self._op(project, zone, empty_pb2.Empty(), name, "delete", self.settings.delete_delay, finish)
+
+    def get_operation(self, project: str, zone: str, op_id: str) -> dict:
+        name = f"projects/{project}/locations/{zone}/operations/{op_id}"
+        if name not in self.ops:
+            raise ApiError(404, f"Operation '{name}' was not found")
+        return self._op_dict(self.ops[name])
+
+    def _op(self, project, zone, response, target, verb, delay, on_done=None) -> _Op:
+        name = f"projects/{project}/locations/{zone}/operations/operation-{next(self._op_ids)}"
+        op = _Op(name=name, done_at=time.monotonic() + delay, response=response, target=target, verb=verb,
+                 on_done=on_done)
+        self.ops[name] = op
+        self.advance()
+        return op
+
+    def _op_dict(self, op: _Op) -> operations_pb2.Operation:
+        msg = operations_pb2.Operation(name=op.name, done=op.finished)
+        meta = cloud_tpu.OperationMetadata(target=op.target, verb=op.verb, api_version="v2")
+        msg.metadata.Pack(cloud_tpu.OperationMetadata.pb(meta))
+        if op.finished:
+            msg.response.Pack(op.response)
+        return msg
+
+    def _check_zone(self, project: str, zone: str) -> None:
+        if self.settings.zones is not None and zone not in self.settings.zones:
+            raise ApiError(404, f"Location 'projects/{project}/locations/{zone}' was not found")
+
+    # -------------------------------------------------------------- test controls (no call log entry)
+
+    def preempt(self, zone: str, qr_or_node_id: str) -> None:
+        """A spot preemption: the node goes PREEMPTED and its queued resource SUSPENDED."""
+        nodes = [n for n in self.nodes.values() if _zone_of(n.name) == zone
+                 and (n.name.endswith("/" + qr_or_node_id) or n.queued_resource.endswith("/" + qr_or_node_id))]
+        if not nodes:
+            raise KeyError(f"no node {qr_or_node_id!r} in zone {zone}")
+        now = time.monotonic()
+        for node in nodes:
+            node.state = NodeState.PREEMPTED
+            node.health = cloud_tpu.Node.Health.HEALTH_UNSPECIFIED
+            if node.queued_resource in self.qrs:
+                self.qrs[node.queued_resource].set_state(QRState.SUSPENDED, now, Initiator.SERVICE)
+
+    def create_qr_direct(self, zone: str, qr_id: str, *, project: str = "fake-project",
+                         labels: dict | None = None, state: str = "ACTIVE",
+                         accelerator_type: str = "v5litepod-8", runtime_version: str = "v2-alpha-tpuv5-lite") -> None:
+        """Plant a queued resource (and its node, unless the state precedes provisioning) behind
+        everybody's back: an orphan, or a resource made outside Terraform."""
+        parent = f"projects/{project}/locations/{zone}"
+        node = cloud_tpu.Node(accelerator_type=accelerator_type, runtime_version=runtime_version,
+                              labels=labels or {})
+        message = cloud_tpu.QueuedResource(
+            name=f"{parent}/queuedResources/{qr_id}", create_time=_now_ts(),
+            tpu=cloud_tpu.QueuedResource.Tpu(node_spec=[
+                cloud_tpu.QueuedResource.Tpu.NodeSpec(parent=parent, node_id=qr_id, node=node)]),
+            spot=cloud_tpu.QueuedResource.Spot(),
+        )
+        qr = _QR(message=message, state_since=0, project=project, zone=zone)
+        target = QRState[state]
+        qr.set_state(target, time.monotonic(), Initiator.USER)
+        self.qrs[message.name] = qr
+        node_state = {QRState.ACTIVE: NodeState.READY, QRState.PROVISIONING: NodeState.CREATING,
+                      QRState.SUSPENDED: NodeState.PREEMPTED}.get(target)
+        if node_state is not None:
+            self._make_node(qr, node_state)
+            if node_state == NodeState.READY:
+                for n in self._nodes_of(qr):
+                    n.health = cloud_tpu.Node.Health.HEALTHY
+
+    def delete_direct(self, zone: str, qr_or_node_id: str, project: str | None = None) -> bool:
+        """Make a queued resource and its node (or a lone node) vanish, as if deleted elsewhere."""
+        found = False
+        for name, qr in list(self.qrs.items()):
+            if qr.zone == zone and qr.id == qr_or_node_id and (project is None or qr.project == project):
+                for node in self._nodes_of(qr):
+                    self.nodes.pop(node.name, None)
+                del self.qrs[name]
+                found = True
+        for name in list(self.nodes):
+            if _zone_of(name) == zone and name.endswith("/nodes/" + qr_or_node_id) and \
+                    (project is None or name.startswith(f"projects/{project}/")):
+                del self.nodes[name]
+                found = True
+        return found
+
+    def snapshot(self, int_enums: bool = False) -> dict:
+        return {
+            "queuedResources": [_to_dict(cloud_tpu.QueuedResource, q.message, int_enums) for q in self.qrs.values()],
+            "nodes": [_to_dict(cloud_tpu.Node, n, int_enums) for n in self.nodes.values()],
+            "stockout": sorted(self.stockout),
+            "faults": [asdict(f) for f in self.faults],
+            "settings": {**asdict(self.settings), "zones": list(self.settings.zones or []) or None},
+        }
+
+    def take_fault(self, method: str, path: str, zone: str | None) -> Fault | None:
+        for fault in self.faults:
+            if fault.matches(method, path, zone) and (fault.count is None or fault.count > 0):
+                if fault.count is not None:
+                    fault.count -= 1
+                return fault
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# HTTP
+# ----------------------------------------------------------------------------------------------------
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the real client expects
+    disable_nagle_algorithm = True  # headers and body go out separately: no 40 ms delayed-ACK stall
+    server: "_Server"
+
+    def log_message(self, format, *args):  # quiet: the call log is the record
+        pass
+
+    def do_GET(self):
+        self._handle("GET")
+
+    def do_POST(self):
+        self._handle("POST")
+
+    def do_DELETE(self):
+        self._handle("DELETE")
+
+    def do_PATCH(self):
+        self._handle("PATCH")
+
+    def _handle(self, method: str) -> None:
+        url = urlsplit(self.path)
+        query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        fake: FakeTpuServer = self.server.fake
+        if url.path.startswith("/_fake/"):
+            status, body = fake._control(method, url.path, query, raw)
+            self._send(status, body)
+            return
+        m = PATH_RE.match(url.path)
+        zone = m["zone"] if m else None
+        rid = m["id"] if m else None
+        int_enums = "enum-encoding=int" in query.get("$alt", "")
+        fault = None
+        with fake.state.lock:
+            fault = fake.state.take_fault(method, url.path, zone)
+        if fault is not None and fault.delay:
+            time.sleep(fault.delay)
+        if fault is not None and fault.status:
+            err = ApiError(fault.status, FAULT_MESSAGES.get(fault.status, "Injected fault"))
+            status, body = err.code, err.body()
+        else:
+            try:
+                with fake.state.lock:
+                    fake.state.advance()
+                    status, body = 200, self._route(fake.state, method, m, query, raw, int_enums)
+            except ApiError as e:
+                status, body = e.code, e.body()
+        with fake.state.lock:
+            fake.state.log.append(Call(method, url.path, zone, rid, status, time.time()))
+        self._send(status, body)
+
+    def _route(self, state: FakeTpuState, method, m, query, raw, int_enums) -> dict:
+        if m is None:
+            raise ApiError(404, f"The requested URL {self.path.split('?')[0]} was not found on this server")
+        project, zone, coll, rid = m["project"], m["zone"], m["collection"], m["id"]
+        if coll in ("queuedResources", "nodes") and rid is None and method == "GET":
+            return state.list(project, zone, coll, int(query.get("pageSize") or 0), query.get("pageToken", ""),
+                              int_enums)
+        if coll in ("queuedResources", "nodes") and rid and method == "GET":
+            kind, msg = state.get(project, zone, coll, rid)
+            return _to_dict(kind, msg, int_enums)
+        if coll == "queuedResources" and rid is None and method == "POST":
+            try:
+                body = json.loads(raw or b"{}")
+            except ValueError as e:
+                raise ApiError(400, f"Invalid JSON payload received. {e}")
+            op = state.create_qr(project, zone, query.get("queuedResourceId", ""), body)
+            return _msg_dict(state._op_dict(op), int_enums)
+        if coll == "queuedResources" and rid and method == "DELETE":
+            op = state.delete_qr(project, zone, rid, query.get("force", "").lower() == "true")
+            return _msg_dict(state._op_dict(op), int_enums)
+        if coll == "nodes" and rid and method == "DELETE":
+            return _msg_dict(state._op_dict(state.delete_node(project, zone, rid)), int_enums)
+        if coll == "operations" and rid and method == "GET":
+            return _msg_dict(state.get_operation(project, zone, rid), int_enums)
+        raise ApiError(404, f"{method} {self.path.split('?')[0]} is not modelled by the fake TPU API")
+
+    def _send(self, status: int, body: Any) -> None:
+        data = json.dumps(body, indent=1).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=UTF-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False  # keep-alive handler threads must not hold up shutdown
+    fake: "FakeTpuServer"
+
+
+class FakeTpuServer:
+    """The fake TPU API, served from a thread. Start it with `FakeTpuServer.start(...)`."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, **settings: Any):
+        if "zones" in settings and settings["zones"] is not None:
+            settings["zones"] = tuple(settings["zones"])
+        self.state = FakeTpuState(FakeSettings(**settings))
+        self._httpd = _Server((host, port), _Handler)
+        self._httpd.fake = self
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def start(cls, host: str = "127.0.0.1", port: int = 0, **settings: Any) -> "FakeTpuServer":
+        """Bind (port 0 = ephemeral), serve from a daemon thread; use as a context manager to stop it."""
+        fake = cls(host, port, **settings)
+        fake._thread = threading.Thread(target=fake._httpd.serve_forever, name="fake-tpu-api", daemon=True)
+        fake._thread.start()
+        return fake
+
+    def __enter__(self) -> "FakeTpuServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    @property
+    def url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    # -------------------------------------------------------------- in-process controls
+
+    def preempt(self, zone: str, qr_or_node_id: str) -> None:
+        with self.state.lock:
+            self.state.advance()
+            self.state.preempt(zone, qr_or_node_id)
+
+    def set_stockout(self, zone: str, on: bool = True) -> None:
+        with self.state.lock:
+            self.state.advance()
+            (self.state.stockout.add if on else self.state.stockout.discard)(zone)
+
+    def fail(self, zone: str | None = None, status: int | None = 503, count: int | None = 1, *,
+             method: str | None = None, path: str | None = None, delay: float = 0.0) -> Fault:
+        """Answer the next `count` matching calls (None = forever) with `status`, or delay them."""
+        fault = Fault(status=status, count=count, zone=zone, method=method, path=path, delay=delay)
+        with self.state.lock:
+            self.state.faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        with self.state.lock:
+            self.state.faults.clear()
+
+    def configure(self, **settings: Any) -> None:
+        """Change delays, page size or known zones on a running fake."""
+        with self.state.lock:
+            self.state.advance()
+            for k, v in settings.items():
+                if not hasattr(self.state.settings, k):
+                    raise KeyError(f"unknown fake setting {k!r}")
+                setattr(self.state.settings, k, tuple(v) if k == "zones" and v is not None else v)
+
+    def create_qr_direct(self, zone: str, qr_id: str, **kw: Any) -> None:
+        with self.state.lock:
+            self.state.advance()
+            self.state.create_qr_direct(zone, qr_id, **kw)
+
+    def delete_direct(self, zone: str, qr_or_node_id: str, project: str | None = None) -> bool:
+        with self.state.lock:
+            return self.state.delete_direct(zone, qr_or_node_id, project)
+
+    def calls(self, method: str | None = None, zone: str | None = None, path: str | None = None,
+              status: int | None = None) -> list[Call]:
+        """The API calls answered so far (control endpoints excluded), oldest first, filtered."""
+        with self.state.lock:
+            log = list(self.state.log)
+        return [c for c in log if (method is None or c.method == method.upper())
+                and (zone is None or c.zone == zone)
+                and (path is None or re.search(path, c.path))
+                and (status is None or c.status == status)]
+
+    def clear_calls(self) -> None:
+        with self.state.lock:
+            self.state.log.clear()
+
+    def queued_resource_state(self, zone: str, qr_id: str, project: str | None = None) -> str | None:
+        """The state name of a queued resource as the fake holds it now (None if absent)."""
+        with self.state.lock:
+            self.state.advance()
+            for qr in self.state.qrs.values():
+                if qr.zone == zone and qr.id == qr_id and (project is None or qr.project == project):
+                    return qr.state.name
+        return None
+
+    def snapshot(self) -> dict:
+        with self.state.lock:
+            self.state.advance()
+            return self.state.snapshot()
+
+    # -------------------------------------------------------------- the same controls over HTTP
+
+    def _control(self, method: str, path: str, query: dict, raw: bytes) -> tuple[int, Any]:
+        try:
+            args = json.loads(raw) if raw else {}
+            if not isinstance(args, dict):
+                raise ValueError("the body must be a JSON object")
+            name = path[len("/_fake/"):]
+            if name == "calls" and method == "GET":
+                return 200, {"calls": [asdict(c) for c in self.calls(**{k: query[k] for k in query
+                                                                         if k in ("method", "zone", "path")})]}
+            if name == "calls" and method == "DELETE":
+                self.clear_calls()
+                return 200, {}
+            if name == "state" and method == "GET":
+                return 200, self.snapshot()
+            if method != "POST":
+                return 405, {"error": f"{method} /_fake/{name}: use POST"}
+            if name == "preempt":
+                self.preempt(args["zone"], args["id"])
+            elif name == "stockout":
+                self.set_stockout(args["zone"], bool(args.get("on", True)))
+            elif name == "fail":
+                self.fail(**{k: args[k] for k in ("zone", "status", "count", "method", "path", "delay") if k in args})
+            elif name == "clear-faults":
+                self.clear_faults()
+            elif name == "create-qr":
+                self.create_qr_direct(args.pop("zone"), args.pop("id"), **args)
+            elif name == "delete":
+                if not self.delete_direct(args["zone"], args["id"], args.get("project")):
+                    return 404, {"error": f"nothing named {args['id']!r} in {args['zone']}"}
+            elif name == "config":
+                self.configure(**args)
+            else:
+                return 404, {"error": f"unknown control endpoint /_fake/{name}"}
+            return 200, {"ok": True}
+        except (KeyError, TypeError, ValueError) as e:
+            return 400, {"error": f"/_fake control: bad request: {_one_line(e)}"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Encoding helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+def _to_dict(kind, message, int_enums: bool = False) -> dict:
+    return json_format.MessageToDict(kind.pb(message), use_integers_for_enums=int_enums)
+
+
+def _msg_dict(message, int_enums: bool) -> dict:
+    return json_format.MessageToDict(message, use_integers_for_enums=int_enums)
+
+
+def _now_ts() -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.GetCurrentTime()
+    return ts
+
+
+def _zone_of(name: str) -> str:
+    return name.split("/")[3]
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+# ----------------------------------------------------------------------------------------------------
+# pytest fixture and command line
+# ----------------------------------------------------------------------------------------------------
+
+try:
+    import pytest
+except ImportError:  # the command line does not need pytest
+    pytest = None
+
+if pytest is not None:
+    @pytest.fixture
+    def fake_tpu(monkeypatch) -> Iterator[FakeTpuServer]:
+        """A fresh fake TPU API on an ephemeral port; ACTFLEET_TPU_ENDPOINT points at it for the test."""
+        with FakeTpuServer.start(port=0) as fake:
+            monkeypatch.setenv("ACTFLEET_TPU_ENDPOINT", fake.url)
+            yield fake
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m tests.fakes.tpu_server", description=__doc__.split("\n")[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8470, help="0 = pick a free port (the URL is printed)")
+    p.add_argument("--accept-delay", type=float, default=0.0, help="seconds a QR stays ACCEPTED")
+    p.add_argument("--provision-delay", type=float, default=0.0, help="seconds a QR stays PROVISIONING")
+    p.add_argument("--delete-delay", type=float, default=0.0, help="seconds a delete operation runs")
+    p.add_argument("--page-size", type=int, default=50, help="the server's largest page")
+    p.add_argument("--zones", default="", help="comma-separated known zones (default: any zone exists)")
+    a = p.parse_args(argv)
+    fake = FakeTpuServer.start(a.host, a.port, accept_delay=a.accept_delay, provision_delay=a.provision_delay,
+                               delete_delay=a.delete_delay, page_size=a.page_size,
+                               zones=tuple(z for z in a.zones.split(",") if z) or None)
+    print(fake.url, flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        fake.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
