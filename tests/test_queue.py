@@ -1,0 +1,103 @@
+"""prepare, claim/commit and progress through the public functions of worker/queue.py, on a real
+filesystem store (the GCS store runs the same contract in test_store.py and test_leases.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from actfleet.errors import InputError
+from worker import queue as q
+from worker.store import open_store
+
+OPTS = {"model": "tiny", "sites": ["blocks.0.hook_resid_post"], "positions": "all"}
+
+
+@pytest.fixture
+def store(tmp_path):
+    return open_store(str(tmp_path / "bucket"))
+
+
+def prep(store, job="j", rows=10, unit_rows=3, fingerprint="ab" * 32, options=OPTS):
+    return q.prepare(store, job, input="data.jsonl", fingerprint=fingerprint, rows=rows, unit_rows=unit_rows,
+                     options=options)
+
+
+def test_prepare_writes_contiguous_units_and_is_idempotent(store):
+    spec, created = prep(store)
+    assert created and spec.units == 4
+    assert [spec.unit_range(u) for u in range(4)] == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert list(store.list("j/units/")) == [f"j/units/{u:06d}.json" for u in range(4)]
+    again, created = prep(store)
+    assert not created and again == spec
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"fingerprint": "cd" * 32}, "different dataset"),
+    ({"rows": 11}, "rows=10, now 11"),
+    ({"unit_rows": 5}, "unit_rows=3, now 5"),
+    ({"options": {**OPTS, "positions": "last"}}, "positions='all', now 'last'"),
+])
+def test_prepare_refuses_a_changed_job(store, change, message):
+    prep(store)
+    with pytest.raises(InputError, match=message):
+        prep(store, **change)
+
+
+def test_check_input_refuses_a_changed_dataset(store):
+    spec, _ = prep(store)
+    q.check_input(spec, "ab" * 32)
+    with pytest.raises(InputError, match="changed since prepare"):
+        q.check_input(spec, "cd" * 32)
+
+
+def record(lease, spec, tokens=5):
+    start, stop = spec.unit_range(lease.unit)
+    return q.DoneRecord(unit=lease.unit, start=start, stop=stop, worker=lease.worker, attempt=lease.attempt,
+                        rows_stored=stop - start, tokens=tokens, skipped={}, shards=[
+                            q.ShardInfo(f"shards/{lease.unit:06d}-0000.safetensors", 100, "0" * 64, tokens)],
+                        committed_at=0.0, seconds=1.0)
+
+
+def test_claim_commit_until_done_and_progress(store):
+    spec, _ = prep(store)
+    assert not q.job_complete(store, "j")
+    seen = []
+    while True:
+        nxt = q.next_unit(store, spec, "w1", 60)
+        if nxt.all_done:
+            break
+        assert nxt.lease is not None
+        seen.append(nxt.lease.unit)
+        assert q.commit(store, nxt.lease, record(nxt.lease, spec), 60)
+    assert sorted(seen) == [0, 1, 2, 3]
+    assert list(store.list("j/leases/")) == []  # released after commit
+    p = q.job_progress(store, "j")
+    assert p.complete and p.units_done == 4 and p.rows_done == 10 and p.tokens == 20 and p.shards == 4
+    assert p.workers["w1"].units_done == 4
+    assert q.job_complete(store, "j")
+
+
+def test_a_second_commit_of_a_unit_is_refused(store):
+    spec, _ = prep(store)
+    lease = q.claim(store, "j", 0, "w1", 60, now=1000.0)
+    other = q.take_over(store, lease, "w2", 60, now=2000.0)  # w1's lease expired; w2 took over
+    assert other is not None and other.attempt == 2
+    with pytest.raises(q.LeaseLost):
+        q.commit(store, lease, record(lease, spec), 60)  # never commit on a lost lease
+    assert q.commit(store, other, record(other, spec), 60)
+    third = q.claim(store, "j", 0, "w3", 60)
+    assert q.commit(store, third, record(third, spec), 60) is False  # done record exists: not twice
+    assert q.read_done(store, "j", 0).worker == "w2"
+
+
+def test_progress_before_prepare_and_with_live_leases(store):
+    assert not q.job_progress(store, "nope").prepared
+    assert not q.job_complete(store, "nope")
+    spec, _ = prep(store)
+    q.claim(store, "j", 1, "w1", 60, now=1000.0)
+    q.claim(store, "j", 2, "w2", 60, now=1000.0)
+    q.write_worker_record(store, "j", q.WorkerProgress("w1", current_unit=1, state="working"))
+    p = q.job_progress(store, "j", now=1030.0)
+    assert p.units_leased == 2 and p.units_done == 0
+    assert p.workers["w1"].current_unit == 1 and p.workers["w1"].state == "working"
+    assert q.job_progress(store, "j", now=1100.0).units_leased == 0  # expired

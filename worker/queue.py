@@ -1,0 +1,538 @@
+"""The work queue: a job's layout in the store, prepare, leases, commit and progress (DESIGN section 6).
+
+Layout under `{store}/{job}/` (docs/jobs.md):
+
+    job.json                          what the job is: input fingerprint and row count, extraction options,
+                                      unit size and count. Written last by prepare: its presence means every
+                                      unit record exists.
+    units/000042.json                 unit 42: rows [start, stop) of the input
+    leases/000042                     who is working on unit 42 until when (create-if-absent, renewed by
+                                      generation-matched replace, taken over when expired)
+    done/000042                       unit 42 is done: its shards with sizes, sha256 and token counts, and
+                                      the rows it skipped with their reasons. Created only if absent, after
+                                      every shard is uploaded: a unit is done iff this record exists.
+    shards/000042-0003.safetensors    part 3 of unit 42. Names are deterministic, so a retry overwrites
+                                      and never duplicates; shards no done record lists are garbage.
+    workers/{worker}.json             each worker's own heartbeat and counters (one writer each), for status
+
+Every record is small JSON; `job_progress` reads only those, never shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+from actfleet.errors import ActfleetError, InputError
+from worker.store import NotFound, PreconditionFailed, Store, join
+
+FORMAT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Keys
+# ----------------------------------------------------------------------------------------------------
+
+
+def job_key(job: str) -> str:
+    return join(job, "job.json")
+
+
+def unit_key(job: str, unit: int) -> str:
+    return join(job, "units", f"{unit:06d}.json")
+
+
+def lease_key(job: str, unit: int) -> str:
+    return join(job, "leases", f"{unit:06d}")
+
+
+def done_key(job: str, unit: int) -> str:
+    return join(job, "done", f"{unit:06d}")
+
+
+def shard_key(job: str, unit: int, part: int) -> str:
+    return join(job, "shards", f"{unit:06d}-{part:04d}.safetensors")
+
+
+def worker_key(job: str, worker: str) -> str:
+    return join(job, "workers", f"{worker}.json")
+
+
+def _unit_of(key: str) -> int | None:
+    """The unit number in ".../leases/000042", ".../done/000042" or ".../units/000042.json"."""
+    name = key.rsplit("/", 1)[-1].split(".", 1)[0]
+    return int(name) if name.isdigit() else None
+
+
+def shard_unit_part(key: str) -> tuple[int, int] | None:
+    name = key.rsplit("/", 1)[-1]
+    if not name.endswith(".safetensors"):
+        return None
+    stem = name[: -len(".safetensors")]
+    unit, _, part = stem.partition("-")
+    return (int(unit), int(part)) if unit.isdigit() and part.isdigit() else None
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _dump(obj: Any) -> bytes:
+    return json.dumps(obj, indent=1, sort_keys=True).encode()
+
+
+def _load(data: bytes, what: str) -> dict:
+    try:
+        obj = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ActfleetError(f"{what}: not valid JSON (corrupt record)") from None
+    if not isinstance(obj, dict):
+        raise ActfleetError(f"{what}: not a JSON object (corrupt record)")
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------------
+# The job and its units
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """job.json: everything a worker needs to process any unit, and the fingerprint that pins the input."""
+
+    job: str
+    input: str  # the dataset path or URL workers read
+    fingerprint: str  # sha256 of the input's bytes
+    rows: int  # input rows (after expansion, e.g. ARC augmentations): sample ids 0..rows-1
+    unit_rows: int
+    units: int
+    options: dict  # model, revision, reading and extraction options (JSON values only)
+    format_version: int = FORMAT_VERSION
+
+    def unit_range(self, unit: int) -> tuple[int, int]:
+        start = unit * self.unit_rows
+        return start, min(start + self.unit_rows, self.rows)
+
+    def to_json(self) -> bytes:
+        return _dump(asdict(self))
+
+    @staticmethod
+    def from_json(data: bytes, what: str = "job.json") -> "JobSpec":
+        d = _load(data, what)
+        try:
+            return JobSpec(**d)
+        except TypeError as e:
+            raise ActfleetError(f"{what}: unexpected fields ({e})") from None
+
+
+def read_job(store: Store, job: str) -> JobSpec:
+    try:
+        data, _ = store.read(job_key(job))
+    except NotFound:
+        raise InputError(f"job {job!r} is not prepared in {store.url} (run `actfleet prepare` first)") from None
+    return JobSpec.from_json(data, f"{store.url}/{job_key(job)}")
+
+
+def prepare(store: Store, job: str, *, input: str, fingerprint: str, rows: int, unit_rows: int,
+            options: dict) -> tuple[JobSpec, bool]:
+    """Create the job's units and job.json; (spec, created). Idempotent for the same input and options:
+    preparing again (or concurrently) changes nothing. A different input or options is refused, never mixed."""
+    if rows < 0 or unit_rows < 1:
+        raise InputError(f"prepare: rows={rows}, unit_rows={unit_rows}: need rows >= 0 and unit_rows >= 1")
+    spec = JobSpec(job=job, input=input, fingerprint=fingerprint, rows=rows, unit_rows=unit_rows,
+                   units=-(-rows // unit_rows), options=json.loads(json.dumps(options)))
+    existing = _existing_job(store, job)
+    if existing is not None:
+        _refuse_if_different(store, existing, spec)
+        return existing, False
+    # Units first, job.json last: a crash in between leaves no job.json, and the rerun completes it.
+    for unit in range(spec.units):
+        start, stop = spec.unit_range(unit)
+        try:
+            store.create(unit_key(job, unit), _dump({"unit": unit, "start": start, "stop": stop}))
+        except PreconditionFailed:
+            pass  # an earlier or concurrent prepare of the same job wrote it (job.json decides below)
+    try:
+        store.create(job_key(job), spec.to_json())
+    except PreconditionFailed:
+        existing = _existing_job(store, job)
+        _refuse_if_different(store, existing, spec)
+        return existing, False
+    return spec, True
+
+
+def _existing_job(store: Store, job: str) -> JobSpec | None:
+    try:
+        data, _ = store.read(job_key(job))
+    except NotFound:
+        return None
+    return JobSpec.from_json(data, f"{store.url}/{job_key(job)}")
+
+
+def _refuse_if_different(store: Store, existing: JobSpec, wanted: JobSpec) -> None:
+    where = f"job {existing.job!r} in {store.url}"
+    if existing.fingerprint != wanted.fingerprint:
+        raise InputError(f"{where} was prepared from a different dataset (sha256 {existing.fingerprint[:12]}..., "
+                         f"now {wanted.fingerprint[:12]}...): refusing to mix; use a new --job name")
+    for name in ("rows", "unit_rows"):
+        if getattr(existing, name) != getattr(wanted, name):
+            raise InputError(f"{where} was prepared with {name}={getattr(existing, name)}, now "
+                             f"{getattr(wanted, name)}: refusing to mix; use a new --job name")
+    changed = sorted(k for k in set(existing.options) | set(wanted.options)
+                     if existing.options.get(k) != wanted.options.get(k))
+    if changed:
+        k = changed[0]
+        raise InputError(f"{where} was prepared with {k}={existing.options.get(k)!r}, now "
+                         f"{wanted.options.get(k)!r}: refusing to mix; use a new --job name")
+
+
+def check_input(spec: JobSpec, fingerprint: str) -> None:
+    """A worker refuses to process a job whose input changed since prepare."""
+    if fingerprint != spec.fingerprint:
+        raise InputError(f"job {spec.job!r}: input {spec.input} changed since prepare (sha256 "
+                         f"{spec.fingerprint[:12]}..., now {fingerprint[:12]}...): refusing to mix")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Leases: create-if-absent to claim, generation-matched replace to renew or take over, matched delete to release
+# ----------------------------------------------------------------------------------------------------
+
+
+class LeaseLost(ActfleetError):
+    """The lease changed under us (expired and taken over, or deleted): stop the unit, commit nothing."""
+
+
+@dataclass
+class Lease:
+    job: str
+    unit: int
+    worker: str
+    attempt: int
+    expires: float  # unix time
+    nonce: str
+    generation: int = 0
+
+    def record(self) -> bytes:
+        d = asdict(self)
+        d.pop("generation")
+        d["format_version"] = FORMAT_VERSION
+        return _dump(d)
+
+    @staticmethod
+    def parse(data: bytes, generation: int, what: str) -> "Lease":
+        d = _load(data, what)
+        return Lease(job=d.get("job", ""), unit=int(d.get("unit", -1)), worker=str(d.get("worker", "?")),
+                     attempt=int(d.get("attempt", 1)), expires=float(d.get("expires", 0)),
+                     nonce=str(d.get("nonce", "")), generation=generation)
+
+
+def claim(store: Store, job: str, unit: int, worker: str, lease_seconds: float, now: float | None = None
+          ) -> Lease | None:
+    """Take a free unit: create its lease only if absent. None if someone holds it."""
+    now = time.time() if now is None else now
+    lease = Lease(job, unit, worker, 1, now + lease_seconds, secrets.token_hex(8))
+    try:
+        lease.generation = store.create(lease_key(job, unit), lease.record())
+    except PreconditionFailed:
+        return None
+    return lease
+
+
+def read_lease(store: Store, job: str, unit: int) -> Lease | None:
+    try:
+        data, gen = store.read(lease_key(job, unit))
+    except NotFound:
+        return None
+    try:
+        return Lease.parse(data, gen, f"{store.url}/{lease_key(job, unit)}")
+    except (ActfleetError, ValueError):
+        # A torn or foreign lease record: treat it as expired so the unit is not stuck forever.
+        return Lease(job, unit, "?", 1, 0.0, "", gen)
+
+
+def take_over(store: Store, stale: Lease, worker: str, lease_seconds: float, now: float | None = None
+              ) -> Lease | None:
+    """Replace an expired lease, matching the stale record's generation: of several workers racing for
+    it, exactly one wins. None if it is not expired or someone else got there first."""
+    now = time.time() if now is None else now
+    if stale.expires > now:
+        return None
+    lease = Lease(stale.job, stale.unit, worker, stale.attempt + 1, now + lease_seconds, secrets.token_hex(8))
+    try:
+        lease.generation = store.replace(lease_key(stale.job, stale.unit), lease.record(), stale.generation)
+    except PreconditionFailed:
+        return None
+    return lease
+
+
+def renew(store: Store, lease: Lease, lease_seconds: float, now: float | None = None) -> Lease:
+    """Heartbeat: extend the lease if it is still ours (generation match); LeaseLost otherwise."""
+    now = time.time() if now is None else now
+    new = Lease(lease.job, lease.unit, lease.worker, lease.attempt, now + lease_seconds, lease.nonce)
+    try:
+        new.generation = store.replace(lease_key(lease.job, lease.unit), new.record(), lease.generation)
+    except PreconditionFailed:
+        raise LeaseLost(f"unit {lease.unit}: lease lost (expired and taken over, or removed)") from None
+    return new
+
+
+def release(store: Store, lease: Lease) -> None:
+    """Give the unit back (abandon, or after commit). Only our own generation is deleted."""
+    try:
+        store.delete(lease_key(lease.job, lease.unit), lease.generation)
+    except (NotFound, PreconditionFailed):
+        pass  # already taken over or gone: nothing of ours to release
+
+
+# ----------------------------------------------------------------------------------------------------
+# Choosing the next unit
+# ----------------------------------------------------------------------------------------------------
+
+
+def done_units(store: Store, job: str) -> set[int]:
+    return {u for k in store.list(join(job, "done") + "/") if (u := _unit_of(k)) is not None}
+
+
+def leased_units(store: Store, job: str) -> set[int]:
+    return {u for k in store.list(join(job, "leases") + "/") if (u := _unit_of(k)) is not None}
+
+
+@dataclass
+class NextUnit:
+    lease: Lease | None  # the unit we now hold, or None
+    all_done: bool  # every unit has a done record
+    wait_seconds: float  # when lease is None and not all_done: when the earliest lease expires
+
+
+def next_unit(store: Store, spec: JobSpec, worker: str, lease_seconds: float, *, offset: int = 0,
+              now: float | None = None) -> NextUnit:
+    """Claim a free unit, else take over an expired lease, else say how long to wait.
+
+    Workers scan from different offsets (a hash of their id) so that many claimers starting together
+    mostly try different units instead of all racing for unit 0."""
+    job = spec.job
+    done = done_units(store, job)
+    if len(done) >= spec.units:
+        return NextUnit(None, True, 0.0)
+    leased = leased_units(store, job)
+    order = [(offset + i) % spec.units for i in range(spec.units)] if spec.units else []
+    for unit in order:
+        if unit in done or unit in leased:
+            continue
+        lease = claim(store, job, unit, worker, lease_seconds, now)
+        if lease is not None:
+            if store.generation(done_key(job, unit)) is not None:  # committed between our listing and claim
+                release(store, lease)
+                continue
+            return NextUnit(lease, False, 0.0)
+    wait = lease_seconds
+    now_ = time.time() if now is None else now
+    for unit in order:
+        if unit in done or unit not in leased:
+            continue
+        stale = read_lease(store, job, unit)
+        if stale is None:  # released since we listed: claim it
+            lease = claim(store, job, unit, worker, lease_seconds, now)
+        elif stale.expires <= now_:
+            lease = take_over(store, stale, worker, lease_seconds, now)
+        else:
+            wait = min(wait, stale.expires - now_)
+            continue
+        if lease is not None:
+            if store.generation(done_key(job, unit)) is not None:
+                release(store, lease)  # a done unit's leftover lease (its committer died before releasing)
+                continue
+            return NextUnit(lease, False, 0.0)
+    return NextUnit(None, len(done_units(store, job)) >= spec.units, max(0.05, wait))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Commit
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardInfo:
+    name: str  # key relative to the job, e.g. "shards/000042-0000.safetensors"
+    bytes: int
+    sha256: str
+    tokens: int
+
+
+@dataclass
+class DoneRecord:
+    unit: int
+    start: int
+    stop: int
+    worker: str
+    attempt: int
+    rows_stored: int  # rows with at least one stored token
+    tokens: int  # stored tokens (rows in the shards)
+    skipped: dict[str, list[int]]  # reason -> sample ids of rows that stored nothing
+    shards: list[ShardInfo]
+    committed_at: float
+    seconds: float  # wall time of the attempt
+    computed_tokens: int = 0
+    padded_tokens: int = 0
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> bytes:
+        return _dump(asdict(self))
+
+    @staticmethod
+    def from_json(data: bytes, what: str) -> "DoneRecord":
+        d = _load(data, what)
+        try:
+            d["shards"] = [ShardInfo(**s) for s in d.get("shards", [])]
+            return DoneRecord(**d)
+        except TypeError as e:
+            raise ActfleetError(f"{what}: unexpected fields ({e})") from None
+
+
+def commit(store: Store, lease: Lease, record: DoneRecord, lease_seconds: float) -> bool:
+    """Mark the unit done, after every shard it lists is uploaded. True if this call committed it; False
+    if another attempt already had (its shards and ours have the same names and, by the determinism
+    contract, the same bytes). LeaseLost if our lease is gone: then nothing is committed by us."""
+    lease = renew(store, lease, lease_seconds)  # never commit on a lost lease
+    try:
+        store.create(done_key(lease.job, lease.unit), record.to_json())
+        committed = True
+    except PreconditionFailed:
+        committed = False
+    release(store, lease)
+    return committed
+
+
+def read_done(store: Store, job: str, unit: int) -> DoneRecord | None:
+    try:
+        data, _ = store.read(done_key(job, unit))
+    except NotFound:
+        return None
+    return DoneRecord.from_json(data, f"{store.url}/{done_key(job, unit)}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Worker records and progress (read by `actfleet status` and reconcile)
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerProgress:
+    worker: str
+    units_done: int = 0
+    tokens: int = 0
+    shards: int = 0
+    bytes: int = 0
+    last_heartbeat: float | None = None  # unix time of the worker's last record write
+    current_unit: int | None = None
+    state: str = "unknown"  # starting | working | idle | waiting | draining | finished | failed
+
+
+@dataclass
+class JobProgress:
+    job: str
+    prepared: bool
+    units_total: int = 0
+    units_done: int = 0
+    units_leased: int = 0  # units not done with a live (unexpired) lease
+    rows: int = 0  # input rows
+    rows_done: int = 0  # rows of done units (stored or skipped)
+    rows_skipped: int = 0
+    tokens: int = 0
+    shards: int = 0
+    bytes: int = 0
+    workers: dict[str, WorkerProgress] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return self.prepared and self.units_done >= self.units_total
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["complete"] = self.complete
+        return d
+
+
+def write_worker_record(store: Store, job: str, wp: WorkerProgress) -> None:
+    """Each worker writes only its own record (no read-modify-write races): an unconditional put."""
+    wp.last_heartbeat = time.time()
+    store.put(worker_key(job, wp.worker), _dump(asdict(wp)))
+
+
+def read_worker_records(store: Store, job: str) -> dict[str, WorkerProgress]:
+    out = {}
+    for key in store.list(join(job, "workers") + "/"):
+        try:
+            d = _load(store.read(key)[0], key)
+            out[d["worker"]] = WorkerProgress(**{k: d[k] for k in WorkerProgress.__dataclass_fields__ if k in d})
+        except (NotFound, ActfleetError, KeyError, TypeError):
+            continue  # removed or torn since listing: status is best effort
+    return out
+
+
+def _read_many(store: Store, keys: Iterable[str], parse) -> list:
+    def one(key):
+        try:
+            return parse(store.read(key)[0], key)
+        except NotFound:
+            return None
+
+    keys = list(keys)
+    if len(keys) <= 4:
+        results = [one(k) for k in keys]
+    else:
+        with ThreadPoolExecutor(max_workers=16) as pool:  # GCS reads are latency-bound
+            results = list(pool.map(one, keys))
+    return [r for r in results if r is not None]
+
+
+def job_progress(store: Store, job: str, now: float | None = None) -> JobProgress:
+    """Totals and per-worker progress from the small records (job.json, done/*, leases/*, workers/*)."""
+    now = time.time() if now is None else now
+    try:
+        spec = JobSpec.from_json(store.read(job_key(job))[0])
+    except NotFound:
+        return JobProgress(job=job, prepared=False)
+    p = JobProgress(job=job, prepared=True, units_total=spec.units, rows=spec.rows)
+    done = _read_many(store, store.list(join(job, "done") + "/"), DoneRecord.from_json)
+    done_set = set()
+    workers = read_worker_records(store, job)
+    per_worker: dict[str, WorkerProgress] = {}
+    for r in done:
+        done_set.add(r.unit)
+        p.units_done += 1
+        p.rows_done += r.stop - r.start
+        p.rows_skipped += sum(len(v) for v in r.skipped.values())
+        p.tokens += r.tokens
+        p.shards += len(r.shards)
+        p.bytes += sum(s.bytes for s in r.shards)
+        w = per_worker.setdefault(r.worker, WorkerProgress(r.worker))
+        w.units_done += 1
+        w.tokens += r.tokens
+        w.shards += len(r.shards)
+        w.bytes += sum(s.bytes for s in r.shards)
+    leases = _read_many(store, (k for k in store.list(join(job, "leases") + "/")
+                                if _unit_of(k) not in done_set),
+                        lambda data, key: Lease.parse(data, 0, key))
+    p.units_leased = sum(1 for lease in leases if lease.expires > now)
+    # Counters come from done records (authoritative); liveness from each worker's own record.
+    for name, rec in workers.items():
+        w = per_worker.setdefault(name, WorkerProgress(name))
+        w.last_heartbeat, w.current_unit, w.state = rec.last_heartbeat, rec.current_unit, rec.state
+    p.workers = dict(sorted(per_worker.items()))
+    return p
+
+
+def job_complete(store: Store, job: str) -> bool:
+    """True when the job is prepared and every unit has a done record (lists keys only)."""
+    try:
+        spec = JobSpec.from_json(store.read(job_key(job))[0])
+    except NotFound:
+        return False
+    return len(done_units(store, job)) >= spec.units
