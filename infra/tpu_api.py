@@ -350,10 +350,26 @@ def _parse_request(request: dict, path: str):
     if not isinstance(request, dict):
         raise InputError(f"queued resource {path}: the request must be a JSON object, not {type(request).__name__}")
     try:
-        return cloud_tpu.QueuedResource.from_json(json.dumps(request), ignore_unknown_fields=False)
+        message = cloud_tpu.QueuedResource.from_json(json.dumps(request), ignore_unknown_fields=False)
     except Exception as e:  # json_format.ParseError: unknown field, wrong type, bad enum
         raise InputError(f"queued resource {path}: the request is not a valid TPU v2 QueuedResource: "
                          f"{_one_line(e)}") from None
+    # Catch here what the service would refuse later with a less obvious message.
+    parent = path.rsplit("/queuedResources/", 1)[0]
+    specs = list(message.tpu.node_spec)
+    if not specs:
+        raise InputError(f"queued resource {path}: the request has no tpu.nodeSpec entries")
+    for i, spec in enumerate(specs):
+        if spec.parent != parent:
+            raise InputError(f'queued resource {path}: tpu.nodeSpec[{i}].parent = "{spec.parent}": must be '
+                             f'"{parent}" (the same project and zone)')
+        if not spec.node_id and not spec.multislice_params.node_id_prefix:
+            raise InputError(f"queued resource {path}: tpu.nodeSpec[{i}] needs a nodeId")
+        if not spec.node.accelerator_type and not spec.node.accelerator_config.topology:
+            raise InputError(f"queued resource {path}: tpu.nodeSpec[{i}].node needs an acceleratorType")
+        if not spec.node.runtime_version:
+            raise InputError(f"queued resource {path}: tpu.nodeSpec[{i}].node needs a runtimeVersion")
+    return message
 
 
 def _queued_resource(qr, zone: str) -> QueuedResource:
@@ -405,15 +421,22 @@ def _api_error_line(what: str, e) -> str:
     return f"TPU API: {what}: {e.code} {status}: {_one_line(message)}"
 
 
-def _first_difference(wanted: Any, have: Any, where: str = "") -> str | None:
-    """The path of the first value `wanted` sets that `have` lacks or holds differently (None if none)."""
+def _first_difference(wanted: Any, have: Any, where: str = "", exact: bool = False) -> str | None:
+    """The path of the first value `wanted` sets that `have` lacks or holds differently (None if none).
+
+    Fields the service fills in are absent from `wanted` and so ignored, except inside the maps a request
+    states in full (labels, metadata): there a key `have` holds and `wanted` dropped is a difference too."""
     if isinstance(wanted, dict):
         if not isinstance(have, dict):
             return where or "."
         for k, v in wanted.items():
-            d = _first_difference(v, have.get(k, None), f"{where}.{k}" if where else k)
+            d = _first_difference(v, have.get(k, None), f"{where}.{k}" if where else k, k in _EXACT_MAPS)
             if d is not None:
                 return d
+        if exact:
+            extra = sorted(set(have) - set(wanted))
+            if extra:
+                return f"{where}.{extra[0]}"
         return None
     if isinstance(wanted, list):
         if not isinstance(have, list) or len(have) != len(wanted):
@@ -424,6 +447,9 @@ def _first_difference(wanted: Any, have: Any, where: str = "") -> str | None:
                 return d
         return None
     return None if wanted == have else where
+
+
+_EXACT_MAPS = frozenset({"labels", "metadata"})
 
 
 def _one_line(e: Any) -> str:
