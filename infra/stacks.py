@@ -1,0 +1,225 @@
+"""The cdktf app: two stacks, `base` (data: bucket, service account, IAM) and `fleet` (the TPU workers).
+
+They are separate so that reconcile, which applies only `fleet`, can never touch the data (DESIGN section 3).
+
+    app = build_app(config, outdir)   # both stacks under outdir/stacks/{base,fleet}/cdk.tf.json
+    app.synth()
+
+Importing this module loads the jsii runtime and the provider bindings (15-25 s): everything that can
+avoid it goes through infra/synth_cache.py instead, which only imports this on a cache miss.
+
+Fleet modes (docs/infrastructure.md):
+- "queued": `terraform_data.workers` with for_each over {worker name: TPU API request}; create- and
+  destroy-time local-exec provisioners run `actfleet tpu create-qr / delete-qr`. No provider needed.
+- "vm": `google_tpu_v2_vm.workers` (google-beta) with for_each over the same names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+# jsii prints a banner about the Node.js version on every start; the pinned toolchain is deliberate.
+os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "18,20")
+os.environ.setdefault("JSII_SILENCE_WARNING_DEPRECATED_NODE_VERSION", "1")
+os.environ.setdefault("JSII_SILENCE_WARNING_UNTESTED_NODE_VERSION", "1")
+
+from cdktf import (App, DataResource, GcsBackend, LocalBackend, LocalExecProvisioner,  # noqa: E402
+                   TerraformIterator, TerraformLocal, TerraformOutput, TerraformStack, Token)
+from constructs import Construct  # noqa: E402
+
+from actfleet.config import Config, Worker
+from infra.qr_request import SCOPES, queued_resource_request, worker_labels
+from infra.startup_script import config_object_name, startup_script, worker_metadata, worker_unit
+
+STACKS = ("base", "fleet")
+WORKERS_ID = "workers"  # logical id of the worker resource: terraform_data.workers["tpu-us-central1-a-3"]
+
+# The roles the worker's service account gets. objectAdmin is bound on the bucket only; these two are the
+# only project-level grants (a VM cannot write its own logs and metrics otherwise).
+BUCKET_ROLE = "roles/storage.objectAdmin"
+PROJECT_ROLES = ("roles/logging.logWriter", "roles/monitoring.metricWriter")
+
+
+def tf_literal(text: str) -> str:
+    """Escape Terraform template syntax so `text` reaches the resource verbatim (bash uses ${...} too)."""
+    return text.replace("${", "$${").replace("%{", "%%{")
+
+
+def tf_literal_tree(value):
+    if isinstance(value, str):
+        return tf_literal(value)
+    if isinstance(value, dict):
+        return {k: tf_literal_tree(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [tf_literal_tree(v) for v in value]
+    return value
+
+
+def configure_backend(stack: TerraformStack, config: Config, name: str, state_dir: Path) -> None:
+    """Local state under `state.path` by default (tests run offline); GCS with its object lock when asked."""
+    if config.state.backend == "gcs":
+        GcsBackend(stack, bucket=config.state.bucket, prefix=f"{config.state.prefix}/{name}")
+    else:
+        LocalBackend(stack, path=str(state_dir / f"{name}.tfstate"))
+
+
+class BaseStack(TerraformStack):
+    """The activations bucket, the worker service account and its narrowly scoped IAM. No keys."""
+
+    def __init__(self, scope: Construct, config: Config, state_dir: Path, config_text: str | None):
+        super().__init__(scope, "base")
+        from cdktf_cdktf_provider_google.project_iam_member import ProjectIamMember
+        from cdktf_cdktf_provider_google.provider import GoogleProvider
+        from cdktf_cdktf_provider_google.service_account import ServiceAccount
+        from cdktf_cdktf_provider_google.storage_bucket import (StorageBucket, StorageBucketSoftDeletePolicy,
+                                                                StorageBucketVersioning)
+        from cdktf_cdktf_provider_google.storage_bucket_iam_member import StorageBucketIamMember
+        from cdktf_cdktf_provider_google.storage_bucket_object import StorageBucketObject
+
+        fleet, storage = config.fleet, config.storage
+        configure_backend(self, config, "base", state_dir)
+        # Operators authenticate with application default credentials; no credentials in the stack.
+        GoogleProvider(self, "google", project=fleet.project, region=fleet.region)
+
+        bucket = StorageBucket(
+            self, "activations",
+            name=storage.bucket,
+            location=storage.location,
+            uniform_bucket_level_access=True,
+            public_access_prevention="enforced",
+            # Activations are reproducible and large: no versions, and soft delete only as configured.
+            versioning=StorageBucketVersioning(enabled=False),
+            soft_delete_policy=StorageBucketSoftDeletePolicy(
+                retention_duration_seconds=storage.soft_delete_days * 86400),
+            force_destroy=storage.force_destroy,
+            labels=fleet.labels,
+        )
+        account = ServiceAccount(
+            self, "worker",
+            account_id=fleet.service_account,
+            display_name=f"actfleet workers of fleet {fleet.id}",
+            description="Attached to actfleet TPU VMs; no keys are ever created for it.",
+        )
+        member = f"serviceAccount:{account.email}"
+        StorageBucketIamMember(self, "worker-objects", bucket=bucket.name, role=BUCKET_ROLE, member=member)
+        for role in PROJECT_ROLES:
+            ProjectIamMember(self, f"worker-{role.split('/')[1].replace('.', '-').lower()}",
+                             project=fleet.project, role=role, member=member)
+        if config_text is not None:
+            # Workers read the fleet config from here at boot (metadata `actfleet-config` points at it).
+            StorageBucketObject(self, "fleet-config", bucket=bucket.name, name=config_object_name(config),
+                                content=tf_literal(config_text), content_type="application/toml")
+        TerraformOutput(self, "bucket", value=bucket.name)
+        TerraformOutput(self, "service_account_email", value=account.email)
+
+
+class FleetStack(TerraformStack):
+    """One TPU worker per desired name, one resource block with for_each over a map (DESIGN section 3)."""
+
+    def __init__(self, scope: Construct, config: Config, state_dir: Path, actfleet_command: str):
+        super().__init__(scope, "fleet")
+        configure_backend(self, config, "fleet", state_dir)
+        # One copy of the bootstrap files for the whole fleet; each worker's metadata refers to it, so the
+        # synthesized JSON grows by a few hundred bytes per worker, not by the script's size.
+        TerraformLocal(self, "startup_script", tf_literal(startup_script()))
+        TerraformLocal(self, "worker_unit", tf_literal(worker_unit()))
+        refs = {"script": "${local.startup_script}", "unit": "${local.worker_unit}"}
+        if config.fleet.mode == "queued":
+            self._queued(config, refs, actfleet_command)
+        else:
+            self._vm(config, refs)
+
+    def _queued(self, config: Config, refs: dict[str, str], actfleet: str) -> None:
+        fleet = config.fleet
+        workers = {
+            w.name: {
+                # project/zone/id/endpoint live in `input` because destroy provisioners may only use self.
+                "project": fleet.project,
+                "zone": w.zone,
+                "id": w.name,
+                "endpoint": fleet.endpoint(),
+                "request": _escaped_request(config, w, refs),
+            }
+            for w in fleet.workers
+        }
+        workers_map = TerraformLocal(self, "worker_requests", workers)
+        each = TerraformIterator.from_map(workers_map.as_any_map)
+        # The request travels as JSON in an environment variable: no shell quoting of user values.
+        env = {"ACTFLEET_TPU_ENDPOINT": "${self.input.endpoint}",
+               "ACTFLEET_QR_REQUEST": "${jsonencode(self.input.request)}"}
+        where = "--project ${self.input.project} --zone ${self.input.zone} --id ${self.input.id}"
+        resource = DataResource(
+            self, WORKERS_ID,
+            for_each=each,
+            input=Token.as_any_map(each.value),
+            # A changed request cannot be applied to a live queued resource: replace the worker.
+            triggers_replace={"request_sha256": "${sha256(jsonencode(each.value.request))}"},
+            provisioners=[
+                LocalExecProvisioner(type="local-exec", environment=env,
+                                     command=f'{actfleet} tpu create-qr {where} --request-json "$ACTFLEET_QR_REQUEST"'),
+                LocalExecProvisioner(type="local-exec", when="destroy", environment=env,
+                                     command=f"{actfleet} tpu delete-qr {where}"),
+            ],
+        )
+        resource.override_logical_id(WORKERS_ID)
+
+    def _vm(self, config: Config, refs: dict[str, str]) -> None:
+        from cdktf_cdktf_provider_google_beta.google_tpu_v2_vm import (GoogleTpuV2Vm, GoogleTpuV2VmNetworkConfig,
+                                                                       GoogleTpuV2VmSchedulingConfig,
+                                                                       GoogleTpuV2VmServiceAccount)
+        from cdktf_cdktf_provider_google_beta.provider import GoogleBetaProvider
+
+        fleet = config.fleet
+        GoogleBetaProvider(self, "google-beta", project=fleet.project, region=fleet.region)
+        workers = {
+            w.name: {
+                "zone": w.zone,
+                "metadata": tf_literal_tree(worker_metadata(config, w, script="", unit="")) | {
+                    "startup-script": refs["script"], "actfleet-unit": refs["unit"]},
+                "labels": worker_labels(config, w),
+            }
+            for w in fleet.workers
+        }
+        workers_map = TerraformLocal(self, "worker_specs", workers)
+        each = TerraformIterator.from_map(workers_map.as_any_map)
+        vm = GoogleTpuV2Vm(
+            self, WORKERS_ID,
+            for_each=each,
+            name=each.key,
+            zone=each.get_string("zone"),
+            accelerator_type=fleet.accelerator_type,
+            runtime_version=fleet.runtime_version,
+            scheduling_config=GoogleTpuV2VmSchedulingConfig(spot=fleet.spot),
+            service_account=GoogleTpuV2VmServiceAccount(email=fleet.service_account_email, scope=list(SCOPES)),
+            network_config=GoogleTpuV2VmNetworkConfig(network=fleet.network, subnetwork=fleet.subnetwork or None,
+                                                      enable_external_ips=True),
+            metadata=each.get_map("metadata"),
+            labels=each.get_map("labels"),
+            description=f"actfleet worker of fleet {fleet.id}",
+        )
+        vm.override_logical_id(WORKERS_ID)
+
+
+def _escaped_request(config: Config, worker: Worker, refs: dict[str, str]) -> dict:
+    request = tf_literal_tree(queued_resource_request(config, worker, script="", unit=""))
+    metadata = request["tpu"]["nodeSpec"][0]["node"]["metadata"]
+    metadata["startup-script"], metadata["actfleet-unit"] = refs["script"], refs["unit"]
+    return request
+
+
+def build_app(config: Config, outdir: str | Path | None = None, *, state_dir: Path | None = None,
+              config_text: str | None = None, actfleet: str | None = None) -> App:
+    """Both stacks in one app. `outdir=None` lets the cdktf CLI choose (cdktf.json / main.py)."""
+    from infra import synth_cache
+
+    state_dir = Path(state_dir) if state_dir is not None else synth_cache.state_dir(config)
+    app = App(outdir=str(outdir)) if outdir is not None else App()
+    BaseStack(app, config, state_dir, config_text)
+    FleetStack(app, config, state_dir, actfleet or synth_cache.actfleet_command())
+    return app
+
+
+def stack_json(outdir: Path, name: str) -> dict:
+    return json.loads((Path(outdir) / "stacks" / name / "cdk.tf.json").read_text())

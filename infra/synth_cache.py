@@ -1,0 +1,160 @@
+"""Synthesized stacks, cached by what determines them, so that only a real change pays for cdktf.
+
+Importing the jsii runtime and the provider bindings costs 15-25 s. The synthesized Terraform JSON is a
+pure function of: the parsed config (plus the config file's text, which the base stack uploads), the TPU
+endpoint in effect, where state lives, which `actfleet` the provisioners run, the files in bootstrap/, and
+the infra code that builds the stacks. Their hash is the cache key:
+
+    .actfleet/synth/<key>/stacks/base/cdk.tf.json
+    .actfleet/synth/<key>/stacks/fleet/cdk.tf.json
+
+A hit touches nothing but the file system: this module never imports cdktf itself (a test checks that).
+Entries are written to a temporary directory and renamed into place, so readers never see half a synth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import metadata as pkg_metadata
+from pathlib import Path
+
+from actfleet.config import Config
+
+SYNTH_DIR_ENV = "ACTFLEET_SYNTH_DIR"
+DEFAULT_SYNTH_DIR = ".actfleet/synth"
+KEEP_ENTRIES = 8  # older cache entries are pruned after a new synth (their .terraform dirs are not small)
+
+_ROOT = Path(__file__).resolve().parent.parent
+# Everything whose content changes the synthesized JSON.
+SYNTH_SOURCES = (
+    _ROOT / "infra" / "stacks.py",
+    _ROOT / "infra" / "qr_request.py",
+    _ROOT / "infra" / "startup_script.py",
+    _ROOT / "infra" / "synth_cache.py",
+    _ROOT / "bootstrap" / "startup.sh",
+    _ROOT / "bootstrap" / "actfleet-worker.service",
+)
+PINNED_PACKAGES = ("cdktf", "cdktf-cdktf-provider-google", "cdktf-cdktf-provider-google-beta")
+
+
+@dataclass(frozen=True)
+class Synth:
+    key: str
+    dir: Path  # contains stacks/{base,fleet}/cdk.tf.json
+    cached: bool  # True when this call found it in the cache (no cdktf imported)
+    seconds: float
+
+    def stack_dir(self, name: str) -> Path:
+        return self.dir / "stacks" / name
+
+
+def synth_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    return Path(cache_dir or os.environ.get(SYNTH_DIR_ENV) or DEFAULT_SYNTH_DIR).resolve()
+
+
+def cache_key(config: Config) -> str:
+    h = hashlib.sha256()
+    parts = {
+        "config": _jsonable(dataclasses.asdict(dataclasses.replace(config, source=""))),
+        "config_text": config_text(config),
+        "endpoint": config.fleet.endpoint(),
+        "state_dir": str(state_dir(config)),
+        "actfleet": actfleet_command(),
+        "packages": {name: _version(name) for name in PINNED_PACKAGES},
+    }
+    h.update(json.dumps(parts, sort_keys=True).encode())
+    for path in SYNTH_SOURCES:
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:20]
+
+
+def synth(config: Config, *, cache_dir: str | os.PathLike | None = None, force: bool = False) -> Synth:
+    """The synthesized stacks for `config`: from the cache, or built now (importing cdktf) and cached."""
+    start = time.perf_counter()
+    root = synth_root(cache_dir)
+    key = cache_key(config)
+    final = root / key
+    if not force and (final / "stacks" / "fleet" / "cdk.tf.json").is_file():
+        os.utime(final)  # most recently used: kept by prune()
+        return Synth(key, final, True, time.perf_counter() - start)
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+    try:
+        _synth_into(config, tmp)
+        (tmp / "actfleet-synth.json").write_text(json.dumps({
+            "key": key, "config": config.source, "mode": config.fleet.mode,
+            "workers": len(config.fleet.workers), "synthesized_at": time.time()}, indent=1))
+        if force and final.exists():
+            shutil.rmtree(final)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished the same synth first: theirs is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    prune(root, keep=KEEP_ENTRIES, protect=final)
+    return Synth(key, final, False, time.perf_counter() - start)
+
+
+def _synth_into(config: Config, outdir: Path) -> None:
+    from infra.stacks import build_app  # the expensive import (jsii + provider bindings)
+
+    app = build_app(config, outdir, state_dir=state_dir(config), config_text=config_text(config),
+                    actfleet=actfleet_command())
+    app.synth()
+
+
+def state_dir(config: Config) -> Path:
+    """Local Terraform state lives outside the cache (entries come and go with the config)."""
+    return Path(config.state.path).resolve()
+
+
+def config_text(config: Config) -> str | None:
+    """The config file's own text (the base stack uploads it for the workers), or None for in-memory configs."""
+    path = Path(config.source)
+    return path.read_text() if config.source and path.is_file() else None
+
+
+def actfleet_command() -> str:
+    """How the fleet's provisioners run actfleet: the console script of the environment doing the synth.
+
+    Recorded in the provisioner command, not in a worker's `input`, so moving the checkout never replaces
+    a worker (provisioners are not part of the state)."""
+    script = Path(sys.executable).parent / "actfleet"
+    if script.exists():
+        return shlex.quote(str(script))
+    return f"{shlex.quote(sys.executable)} -c 'from actfleet.cli import main; main()'"
+
+
+def prune(root: Path, *, keep: int, protect: Path) -> None:
+    entries = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                     key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in entries[keep:]:
+        if old != protect:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _version(name: str) -> str:
+    try:
+        return pkg_metadata.version(name)
+    except pkg_metadata.PackageNotFoundError:
+        return "absent"
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
