@@ -92,13 +92,13 @@ class Fault:
     count: int | None = 1  # None = forever
     zone: str | None = None
     method: str | None = None
-    path: str | None = None  # a regex searched in the request path
+    path: str | None = None  # a regex searched in "path?query" of the request
     delay: float = 0.0
 
-    def matches(self, method: str, path: str, zone: str | None) -> bool:
+    def matches(self, method: str, target: str, zone: str | None) -> bool:
         return ((self.zone is None or self.zone == zone)
                 and (self.method is None or self.method.upper() == method)
-                and (self.path is None or re.search(self.path, path) is not None))
+                and (self.path is None or re.search(self.path, target) is not None))
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,7 @@ class Call:
     resource: str | None  # the queued resource / node / operation id, when the path names one
     status: int
     time: float  # time.time() when the answer was sent
+    query: str = ""  # the raw query string, e.g. "%24alt=json%3Benum-encoding%3Dint&pageToken=3"
 
 
 @dataclass
@@ -163,6 +164,8 @@ class FakeTpuState:
         self.stockout: set[str] = set()
         self.faults: list[Fault] = []
         self.log: list[Call] = []
+        self.in_flight = 0  # API requests being answered right now
+        self.max_in_flight = 0  # the most answered at once: proves a client's calls overlap
         self._op_ids = itertools.count(1)
         self._node_ids = itertools.count(1000)
 
@@ -403,15 +406,23 @@ class FakeTpuState:
             "stockout": sorted(self.stockout),
             "faults": [asdict(f) for f in self.faults],
             "settings": {**asdict(self.settings), "zones": list(self.settings.zones or []) or None},
+            "maxInFlight": self.max_in_flight,
         }
 
-    def take_fault(self, method: str, path: str, zone: str | None) -> Fault | None:
+    def take_faults(self, method: str, target: str, zone: str | None) -> tuple[float, int | None]:
+        """(seconds to wait, status to answer or None) for a request: every matching delay adds up, the
+        first matching status wins; each matching fault uses up one of its count."""
+        delay, status = 0.0, None
         for fault in self.faults:
-            if fault.matches(method, path, zone) and (fault.count is None or fault.count > 0):
-                if fault.count is not None:
-                    fault.count -= 1
-                return fault
-        return None
+            if not fault.matches(method, target, zone) or fault.count == 0:
+                continue
+            if fault.status is not None and status is not None:
+                continue  # a later status fault keeps its count for the next request
+            if fault.count is not None:
+                fault.count -= 1
+            delay += fault.delay
+            status = status or fault.status
+        return delay, status
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -453,23 +464,28 @@ class _Handler(BaseHTTPRequestHandler):
         zone = m["zone"] if m else None
         rid = m["id"] if m else None
         int_enums = "enum-encoding=int" in query.get("$alt", "")
-        fault = None
         with fake.state.lock:
-            fault = fake.state.take_fault(method, url.path, zone)
-        if fault is not None and fault.delay:
-            time.sleep(fault.delay)
-        if fault is not None and fault.status:
-            err = ApiError(fault.status, FAULT_MESSAGES.get(fault.status, "Injected fault"))
-            status, body = err.code, err.body()
-        else:
-            try:
-                with fake.state.lock:
-                    fake.state.advance()
-                    status, body = 200, self._route(fake.state, method, m, query, raw, int_enums)
-            except ApiError as e:
-                status, body = e.code, e.body()
+            fake.state.in_flight += 1
+            fake.state.max_in_flight = max(fake.state.max_in_flight, fake.state.in_flight)
+            delay, fault_status = fake.state.take_faults(method, f"{url.path}?{url.query}", zone)
+        try:
+            if delay:
+                time.sleep(delay)
+            if fault_status:
+                err = ApiError(fault_status, FAULT_MESSAGES.get(fault_status, "Injected fault"))
+                status, body = err.code, err.body()
+            else:
+                try:
+                    with fake.state.lock:
+                        fake.state.advance()
+                        status, body = 200, self._route(fake.state, method, m, query, raw, int_enums)
+                except ApiError as e:
+                    status, body = e.code, e.body()
+        finally:
+            with fake.state.lock:
+                fake.state.in_flight -= 1
         with fake.state.lock:
-            fake.state.log.append(Call(method, url.path, zone, rid, status, time.time()))
+            fake.state.log.append(Call(method, url.path, zone, rid, status, time.time(), url.query))
         self._send(status, body)
 
     def _route(self, state: FakeTpuState, method, m, query, raw, int_enums) -> dict:
@@ -528,7 +544,8 @@ class FakeTpuServer:
     def start(cls, host: str = "127.0.0.1", port: int = 0, **settings: Any) -> "FakeTpuServer":
         """Bind (port 0 = ephemeral), serve from a daemon thread; use as a context manager to stop it."""
         fake = cls(host, port, **settings)
-        fake._thread = threading.Thread(target=fake._httpd.serve_forever, name="fake-tpu-api", daemon=True)
+        fake._thread = threading.Thread(target=fake._httpd.serve_forever, args=(0.05,),
+                                        name="fake-tpu-api", daemon=True)  # quick to stop
         fake._thread.start()
         return fake
 
@@ -602,6 +619,12 @@ class FakeTpuServer:
     def clear_calls(self) -> None:
         with self.state.lock:
             self.state.log.clear()
+            self.state.max_in_flight = 0
+
+    @property
+    def max_in_flight(self) -> int:
+        """The most API requests the fake has answered at the same time (since start or clear_calls)."""
+        return self.state.max_in_flight
 
     def queued_resource_state(self, zone: str, qr_id: str, project: str | None = None) -> str | None:
         """The state name of a queued resource as the fake holds it now (None if absent)."""
