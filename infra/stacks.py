@@ -16,6 +16,7 @@ Fleet modes (docs/infrastructure.md):
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from pathlib import Path
@@ -45,6 +46,14 @@ PROJECT_ROLES = ("roles/logging.logWriter", "roles/monitoring.metricWriter")
 def tf_literal(text: str) -> str:
     """Escape Terraform template syntax so `text` reaches the resource verbatim (bash uses ${...} too)."""
     return text.replace("${", "$${").replace("%{", "%%{")
+
+
+def tf_text(text: str) -> str:
+    """A multi-line text (script, unit, config file) as a Terraform expression that yields it verbatim.
+
+    base64 keeps the synthesized JSON free of template syntax and of raw newlines, which the cdktf HCL
+    export (`cdktf synth --hcl`, the exit path off cdktf) cannot quote; plan still shows the decoded text."""
+    return '${base64decode("' + base64.b64encode(text.encode()).decode() + '")}'
 
 
 def tf_literal_tree(value):
@@ -110,7 +119,7 @@ class BaseStack(TerraformStack):
         if config_text is not None:
             # Workers read the fleet config from here at boot (metadata `actfleet-config` points at it).
             StorageBucketObject(self, "fleet-config", bucket=bucket.name, name=config_object_name(config),
-                                content=tf_literal(config_text), content_type="application/toml")
+                                content=tf_text(config_text), content_type="application/toml")
         TerraformOutput(self, "bucket", value=bucket.name)
         TerraformOutput(self, "service_account_email", value=account.email)
 
@@ -123,8 +132,8 @@ class FleetStack(TerraformStack):
         configure_backend(self, config, "fleet", state_dir)
         # One copy of the bootstrap files for the whole fleet; each worker's metadata refers to it, so the
         # synthesized JSON grows by a few hundred bytes per worker, not by the script's size.
-        TerraformLocal(self, "startup_script", tf_literal(startup_script()))
-        TerraformLocal(self, "worker_unit", tf_literal(worker_unit()))
+        TerraformLocal(self, "startup_script", tf_text(startup_script()))
+        TerraformLocal(self, "worker_unit", tf_text(worker_unit()))
         refs = {"script": "${local.startup_script}", "unit": "${local.worker_unit}"}
         if config.fleet.mode == "queued":
             self._queued(config, refs, actfleet_command)
@@ -146,9 +155,10 @@ class FleetStack(TerraformStack):
         }
         workers_map = TerraformLocal(self, "worker_requests", workers)
         each = TerraformIterator.from_map(workers_map.as_any_map)
-        # The request travels as JSON in an environment variable: no shell quoting of user values.
-        env = {"ACTFLEET_TPU_ENDPOINT": "${self.input.endpoint}",
-               "ACTFLEET_QR_REQUEST": "${jsonencode(self.input.request)}"}
+        # The request travels as JSON in an environment variable that `create-qr` reads (ACTFLEET_TPU_REQUEST
+        # is its --request-json): no shell quoting of user values, and no quotes for the HCL export to mangle.
+        endpoint = {"ACTFLEET_TPU_ENDPOINT": "${self.input.endpoint}"}
+        request = {**endpoint, "ACTFLEET_TPU_REQUEST": "${jsonencode(self.input.request)}"}
         where = "--project ${self.input.project} --zone ${self.input.zone} --id ${self.input.id}"
         resource = DataResource(
             self, WORKERS_ID,
@@ -157,9 +167,9 @@ class FleetStack(TerraformStack):
             # A changed request cannot be applied to a live queued resource: replace the worker.
             triggers_replace={"request_sha256": "${sha256(jsonencode(each.value.request))}"},
             provisioners=[
-                LocalExecProvisioner(type="local-exec", environment=env,
-                                     command=f'{actfleet} tpu create-qr {where} --request-json "$ACTFLEET_QR_REQUEST"'),
-                LocalExecProvisioner(type="local-exec", when="destroy", environment=env,
+                LocalExecProvisioner(type="local-exec", environment=request,
+                                     command=f"{actfleet} tpu create-qr {where}"),
+                LocalExecProvisioner(type="local-exec", when="destroy", environment=endpoint,
                                      command=f"{actfleet} tpu delete-qr {where}"),
             ],
         )
