@@ -1,0 +1,147 @@
+"""A small, deterministic stand-in for the JAX extractor, for testing the work queue in isolation.
+
+It implements worker.work_loop.UnitExtractor over a JSONL file: a row's "tokens" are its UTF-8 bytes, its
+"activations" a fixed numpy function of (token, position, layer), so every run over the same rows yields the
+same bits. Malformed lines are skipped with a reason and empty texts store nothing, like the real reader and
+engine. Shards are real safetensors (token_ids, sample_ids, positions, one [n, D] tensor per site).
+The real engine is exercised by the chaos and command tests; this one keeps the loop's tests fast and lets
+them inject slowness or failures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save
+
+D = 8
+SITES = ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post")
+
+
+@dataclass
+class Batch:
+    token_ids: np.ndarray
+    sample_ids: np.ndarray
+    positions: np.ndarray
+    acts: dict
+    computed_tokens: int = 0
+    padded_tokens: int = 0
+
+
+def write_dataset(path: Path, n: int, *, bad_every: int = 0, empty_every: int = 0) -> Path:
+    lines = []
+    for i in range(n):
+        if bad_every and i % bad_every == bad_every - 1:
+            lines.append('{"text": "unterminated')
+        elif empty_every and i % empty_every == empty_every - 1:
+            lines.append(json.dumps({"text": ""}))
+        else:
+            lines.append(json.dumps({"text": f"row {i}: " + "abcdefgh"[: 1 + i % 8] * (1 + i % 3)}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def count_rows(path: Path) -> int:
+    return sum(1 for _ in open(path, "rb"))
+
+
+def fingerprint(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@dataclass
+class StandinWriter:
+    shard_tokens: int
+    parts: list = field(default_factory=list)
+
+    def add(self, batch: Batch) -> list[bytes]:
+        self.parts.append(batch)
+        if sum(len(b.sample_ids) for b in self.parts) >= self.shard_tokens:
+            return [self._flush()]
+        return []
+
+    def finish(self) -> list[bytes]:
+        return [self._flush()] if self.parts else []
+
+    def _flush(self) -> bytes:
+        cat = {k: np.concatenate([getattr(b, k) for b in self.parts]) for k in ("token_ids", "sample_ids", "positions")}
+        for site in SITES:
+            cat[site] = np.concatenate([b.acts[site] for b in self.parts])
+        self.parts = []
+        return save(cat, metadata={"format_version": "1", "model": "standin"})
+
+
+@dataclass
+class StandinExtractor:
+    path: Path
+    shard_tokens: int = 64
+    batch_rows: int = 4
+    delay: float = 0.0  # seconds per batch, to give signals and kills something to interrupt
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.path)
+
+    def rows(self, start: int, stop: int):
+        with open(self.path, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if i >= stop:
+                    break
+                if i < start:
+                    continue
+                try:
+                    yield i, json.loads(line)["text"], None
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    yield i, None, "malformed JSON"
+
+    def run(self, rows):
+        rows = [r for r in rows if r[1] is not None]
+        for k in range(0, len(rows), self.batch_rows):
+            if self.delay:
+                time.sleep(self.delay)
+            chunk = rows[k:k + self.batch_rows]
+            tok, sid, pos = [], [], []
+            for sample_id, text, _ in chunk:
+                data = text.encode()
+                tok += list(data)
+                sid += [sample_id] * len(data)
+                pos += list(range(len(data)))
+            tok_a = np.array(tok, dtype=np.int32)
+            pos_a = np.array(pos, dtype=np.int32)
+            acts = {site: np.sin(np.outer(tok_a + 0.5 * pos_a, np.arange(1, D + 1)) * (li + 1)).astype(np.float32)
+                    for li, site in enumerate(SITES)}
+            yield Batch(tok_a, np.array(sid, dtype=np.int64), pos_a, acts, computed_tokens=len(tok), padded_tokens=0)
+
+    def shard_writer(self, unit: int) -> StandinWriter:
+        return StandinWriter(self.shard_tokens)
+
+
+def main(argv=None) -> int:
+    """`python -m tests.fakes.standin_extractor STORE JOB WORKER DATA [DELAY] [LEASE_S]`: one worker process
+    running the real work loop (with SIGTERM drain) over the stand-in extractor."""
+    import sys
+
+    from worker import queue as q
+    from worker.store import open_store
+    from worker.work_loop import Worker, install_sigterm
+
+    args = (argv if argv is not None else sys.argv[1:])
+    store_url, job, worker_id, data = args[:4]
+    delay = float(args[4]) if len(args) > 4 else 0.0
+    lease_s = float(args[5]) if len(args) > 5 else 5.0
+    store = open_store(store_url)
+    w = Worker(store, q.read_job(store, job), StandinExtractor(Path(data), delay=delay), worker_id,
+               lease_seconds=lease_s, drain_seconds=float(args[6]) if len(args) > 6 else 25.0,
+               on_event=lambda kind, info: print(kind, json.dumps(info), flush=True))
+    install_sigterm(w)
+    r = w.run()
+    print("result", json.dumps(r.__dict__), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,107 @@
+"""verify proves a job's output: run the real work loop (over the stand-in extractor, tests/fakes/
+standin_extractor.py) into a filesystem store, then damage the output in each way verify must catch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.fakes import standin_extractor as sx
+from worker import queue as q
+from worker.store import open_store
+from worker.verify import verify
+from worker.work_loop import Worker
+
+
+def run_job(tmp_path: Path, rows=40, unit_rows=7, store=None, **dataset):
+    data = sx.write_dataset(tmp_path / "data.jsonl", rows, **dataset)
+    store = store or open_store(str(tmp_path / "bucket"))
+    spec, _ = q.prepare(store, "job", input=str(data), fingerprint=sx.fingerprint(data), rows=sx.count_rows(data),
+                        unit_rows=unit_rows, options={"model": "standin"})
+    result = Worker(store, spec, sx.StandinExtractor(data), "w0", lease_seconds=30).run()
+    return store, spec, result
+
+
+def test_a_clean_job_verifies_and_accounts_for_every_row(tmp_path):
+    store, spec, result = run_job(tmp_path, bad_every=9, empty_every=11)
+    assert result.job_complete and result.units_committed == spec.units == 6
+    rep = verify(store, "job")
+    assert rep.ok, rep.problems
+    assert rep.units_done == 6 and rep.rows == 40
+    assert rep.rows_skipped == {"malformed JSON": 4, "no tokens stored": 3}
+    assert rep.rows_stored + sum(rep.rows_skipped.values()) == 40
+    assert rep.tokens == sum(q.read_done(store, "job", u).tokens for u in range(6)) > 0
+    assert rep.shards == len(list(store.list("job/shards/")))
+
+
+def first_shard(store, unit=2) -> str:
+    rec = q.read_done(store, "job", unit)
+    return "job/" + rec.shards[0].name
+
+
+def test_a_corrupted_shard_is_caught(tmp_path):
+    store, _, _ = run_job(tmp_path)
+    key = first_shard(store)
+    path = store.local_path(key)
+    blob = bytearray(path.read_bytes())
+    blob[-3] ^= 0x40  # one flipped bit in the activations
+    path.write_bytes(bytes(blob))
+    rep = verify(store, "job")
+    assert not rep.ok
+    assert [(p.kind, p.key) for p in rep.problems] == [("corrupt-shard", key)]
+
+
+def test_a_missing_shard_is_caught(tmp_path):
+    store, _, _ = run_job(tmp_path)
+    key = first_shard(store, 4)
+    store.delete(key)
+    rep = verify(store, "job")
+    assert [(p.kind, p.unit) for p in rep.problems] == [("missing-shard", 4)]
+
+
+def test_a_missing_done_record_and_unaccounted_rows_are_caught(tmp_path):
+    store, _, _ = run_job(tmp_path, unit_rows=20)
+    store.delete(q.done_key("job", 0))
+    # A done record that forgot one of its shards: those rows are neither stored nor skipped.
+    rec = q.read_done(store, "job", 1)
+    assert len(rec.shards) > 1
+    dropped = rec.shards.pop(0)
+    store.delete(q.done_key("job", 1))
+    store.create(q.done_key("job", 1), rec.to_json())
+    rep = verify(store, "job")
+    found = {(p.kind, p.unit) for p in rep.problems}
+    assert ("not-done", 0) in found
+    assert ("rows", 1) in found
+    assert any(p.kind == "garbage" and p.key == "job/" + dropped.name for p in rep.problems)
+    assert any("neither stored nor skipped" in p.message for p in rep.problems)
+
+
+def test_garbage_is_reported_and_clean_removes_only_garbage(tmp_path):
+    store, _, _ = run_job(tmp_path)
+    real = first_shard(store, 0)
+    store.put(q.shard_key("job", 0, 99), store.read(real)[0])  # a dead attempt's extra part
+    store.put(q.shard_key("job", 5, 7), b"half-written")
+    rep = verify(store, "job")
+    assert sorted(p.key for p in rep.problems) == sorted([q.shard_key("job", 0, 99), q.shard_key("job", 5, 7)])
+    assert {p.kind for p in rep.problems} == {"garbage"}
+    listed_before = sorted(store.list("job/"))
+    cleaned = verify(store, "job", clean=True)
+    assert cleaned.ok and sorted(cleaned.cleaned) == sorted([q.shard_key("job", 0, 99), q.shard_key("job", 5, 7)])
+    assert sorted(store.list("job/")) == [k for k in listed_before if k not in cleaned.cleaned]
+    assert verify(store, "job").ok
+
+
+def test_clean_keeps_the_shards_of_a_unit_in_progress(tmp_path):
+    data = sx.write_dataset(tmp_path / "data.jsonl", 10)
+    store = open_store(str(tmp_path / "bucket"))
+    q.prepare(store, "job", input=str(data), fingerprint=sx.fingerprint(data), rows=10, unit_rows=5, options={})
+    q.claim(store, "job", 0, "busy-worker", 300)
+    store.put(q.shard_key("job", 0, 0), b"being written")
+    store.put(q.shard_key("job", 1, 0), b"dead attempt")
+    rep = verify(store, "job", clean=True)
+    assert rep.cleaned == [q.shard_key("job", 1, 0)]
+    assert rep.in_progress == [0]
+    assert store.generation(q.shard_key("job", 0, 0)) is not None
+    assert {p.kind for p in rep.problems} == {"not-done"}

@@ -1,0 +1,234 @@
+"""`actfleet verify`: prove a job's output, or list exactly what is wrong with it.
+
+Checks, from the job's records and the shards themselves:
+1. every unit 0..N-1 has its unit record and exactly one done record, covering exactly its row range;
+2. every shard a done record lists exists with the listed size and sha256, belongs to that unit, and no
+   shard is listed twice;
+3. every input row is accounted for exactly once: the sample ids stored in a unit's shards plus the ids it
+   lists as skipped (with a reason) are exactly the unit's rows, disjoint; no (sample, position) is stored
+   twice; the token counts in the done record match the shards;
+4. garbage: shards that no done record lists (left by attempts that died before committing) and leases
+   left on done units. `--clean` deletes them (never a shard of a unit someone holds a live lease on).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from actfleet.errors import ActfleetError
+from worker import queue as q
+from worker.store import NotFound, PreconditionFailed, Store, join
+
+_DTYPES = {"I64": np.int64, "I32": np.int32, "U32": np.uint32, "I16": np.int16, "U8": np.uint8}
+
+
+@dataclass
+class Problem:
+    kind: str  # missing-unit | not-done | bad-record | missing-shard | corrupt-shard | rows | garbage
+    message: str
+    unit: int | None = None
+    key: str | None = None
+
+
+@dataclass
+class VerifyReport:
+    job: str
+    store: str
+    units_total: int = 0
+    units_done: int = 0
+    rows: int = 0
+    rows_stored: int = 0
+    rows_skipped: dict[str, int] = field(default_factory=dict)
+    tokens: int = 0
+    shards: int = 0
+    bytes: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    garbage: list[str] = field(default_factory=list)
+    cleaned: list[str] = field(default_factory=list)
+    in_progress: list[int] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ok"] = self.ok
+        return d
+
+
+def shard_index(blob: bytes, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(sample_ids, positions) of a safetensors shard, read straight from its header and data: no other
+    tensor is decoded and nothing is executed."""
+    try:
+        (n,) = struct.unpack("<Q", blob[:8])
+        header = json.loads(blob[8:8 + n])
+        base = 8 + n
+
+        def tensor(name: str) -> np.ndarray:
+            info = header[name]
+            lo, hi = info["data_offsets"]
+            return np.frombuffer(blob[base + lo:base + hi], dtype=_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+        return tensor("sample_ids"), tensor("positions")
+    except (struct.error, json.JSONDecodeError, UnicodeDecodeError, KeyError, ValueError, TypeError) as e:
+        raise ActfleetError(f"{what}: not a readable safetensors shard ({type(e).__name__}: {e})") from None
+
+
+def verify(store: Store, job: str, *, clean: bool = False, now: float | None = None,
+           parallel: int = 8) -> VerifyReport:
+    now = time.time() if now is None else now
+    spec = q.read_job(store, job)
+    rep = VerifyReport(job=job, store=store.url, units_total=spec.units, rows=spec.rows)
+
+    def problem(kind: str, message: str, unit: int | None = None, key: str | None = None) -> None:
+        rep.problems.append(Problem(kind, message, unit, key))
+
+    # 1. unit records and done records
+    unit_keys = set(store.list(join(job, "units") + "/"))
+    for unit in range(spec.units):
+        if q.unit_key(job, unit) not in unit_keys:
+            problem("missing-unit", f"unit {unit}: unit record {q.unit_key(job, unit)} is missing", unit)
+    done_keys = list(store.list(join(job, "done") + "/"))
+    records: dict[int, q.DoneRecord] = {}
+    for key in done_keys:
+        unit = q._unit_of(key)
+        if unit is None or not 0 <= unit < spec.units:
+            problem("bad-record", f"{key}: done record for a unit the job does not have", key=key)
+            continue
+        try:
+            records[unit] = q.DoneRecord.from_json(store.read(key)[0], key)
+        except (ActfleetError, NotFound) as e:
+            problem("bad-record", f"{key}: {e}", unit, key)
+    live = {}
+    for key in store.list(join(job, "leases") + "/"):
+        unit = q._unit_of(key)
+        lease = q.read_lease(store, job, unit) if unit is not None else None
+        if lease is not None:
+            live[unit] = lease
+    for unit in range(spec.units):
+        if unit not in records:
+            problem("not-done", f"unit {unit} (rows {spec.unit_range(unit)[0]}-{spec.unit_range(unit)[1] - 1}) "
+                                f"has no done record", unit)
+            if unit in live and live[unit].expires > now:
+                rep.in_progress.append(unit)
+
+    # 2 + 3. shards, checksums, row accounting (shards are read in parallel: the store may be remote)
+    listed: dict[str, int] = {}
+    for unit, rec in sorted(records.items()):
+        start, stop = spec.unit_range(unit)
+        if (rec.start, rec.stop) != (start, stop):
+            problem("bad-record", f"unit {unit}: done record covers rows {rec.start}-{rec.stop - 1}, the unit is "
+                                  f"{start}-{stop - 1}", unit)
+        for s in rec.shards:
+            if q.shard_unit_part(s.name) is None or q.shard_unit_part(s.name)[0] != unit:
+                problem("bad-record", f"unit {unit}: lists shard {s.name} of another unit", unit)
+            if s.name in listed:
+                problem("bad-record", f"shard {s.name} is listed by units {listed[s.name]} and {unit}", unit)
+            listed[s.name] = unit
+
+    def check_unit(unit: int) -> tuple[list[Problem], int, set[int]]:
+        rec = records[unit]
+        out: list[Problem] = []
+        stored: set[int] = set()
+        tokens = 0
+        pairs: list[np.ndarray] = []
+        for s in rec.shards:
+            key = join(job, s.name)
+            try:
+                blob, _ = store.read(key)
+            except NotFound:
+                out.append(Problem("missing-shard", f"unit {unit}: shard {key} is missing", unit, key))
+                continue
+            digest = hashlib.sha256(blob).hexdigest()
+            if len(blob) != s.bytes or digest != s.sha256:
+                out.append(Problem("corrupt-shard", f"unit {unit}: shard {key} has {len(blob)} bytes sha256 "
+                                                    f"{digest[:12]}..., the done record says {s.bytes} bytes "
+                                                    f"{s.sha256[:12]}...", unit, key))
+                continue
+            try:
+                ids, positions = shard_index(blob, key)
+            except ActfleetError as e:
+                out.append(Problem("corrupt-shard", str(e), unit, key))
+                continue
+            tokens += len(ids)
+            stored.update(np.unique(ids).tolist())
+            pairs.append(ids.astype(np.int64) * (1 << 32) + positions.astype(np.int64))
+        if out:
+            return out, tokens, stored
+        start, stop = rec.start, rec.stop
+        if tokens != rec.tokens:
+            out.append(Problem("rows", f"unit {unit}: shards hold {tokens} tokens, the done record says "
+                                       f"{rec.tokens}", unit))
+        if pairs:
+            allp = np.concatenate(pairs)
+            if len(np.unique(allp)) != len(allp):
+                out.append(Problem("rows", f"unit {unit}: some (sample, position) is stored more than once", unit))
+        outside = sorted(i for i in stored if not start <= i < stop)
+        if outside:
+            out.append(Problem("rows", f"unit {unit}: shards hold sample ids outside rows {start}-{stop - 1}, "
+                                       f"e.g. {outside[:3]}", unit))
+        skipped = [i for ids in rec.skipped.values() for i in ids]
+        both = stored & set(skipped)
+        if both:
+            out.append(Problem("rows", f"unit {unit}: rows both stored and skipped, e.g. {sorted(both)[:3]}", unit))
+        if len(set(skipped)) != len(skipped):
+            out.append(Problem("rows", f"unit {unit}: a row is counted as skipped twice", unit))
+        missing = sorted(set(range(start, stop)) - stored - set(skipped))
+        if missing:
+            out.append(Problem("rows", f"unit {unit}: {len(missing)} rows neither stored nor skipped, e.g. "
+                                       f"{missing[:5]}", unit))
+        return out, tokens, stored
+
+    units = sorted(records)
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        for unit, (found, tokens, stored) in zip(units, pool.map(check_unit, units)):
+            rep.problems += found
+            rec = records[unit]
+            rep.tokens += tokens
+            rep.rows_stored += len(stored)
+            rep.shards += len(rec.shards)
+            rep.bytes += sum(s.bytes for s in rec.shards)
+            for reason, ids in rec.skipped.items():
+                rep.rows_skipped[reason] = rep.rows_skipped.get(reason, 0) + len(ids)
+    rep.units_done = len(records)
+
+    # 4. garbage: unlisted shards of units nobody is working on, leases left on done units
+    for key in store.list(join(job, "shards") + "/"):
+        name = key[len(job) + 1:]
+        if name in listed:
+            continue
+        up = q.shard_unit_part(key)
+        unit = up[0] if up else None
+        if unit is not None and unit not in records and unit in live and live[unit].expires > now:
+            continue  # an attempt in progress: not garbage yet
+        rep.garbage.append(key)
+    stale_leases = [q.lease_key(job, u) for u in live if u in records]
+    if clean:
+        for key in rep.garbage:
+            try:
+                store.delete(key)
+                rep.cleaned.append(key)
+            except NotFound:
+                pass
+        for unit in [u for u in live if u in records]:
+            try:
+                store.delete(q.lease_key(job, unit), live[unit].generation)
+                rep.cleaned.append(q.lease_key(job, unit))
+            except (NotFound, PreconditionFailed):
+                pass
+        rep.garbage = []
+    else:
+        for key in rep.garbage:
+            problem("garbage", f"{key}: no done record lists it (left by an attempt that died); "
+                               f"`verify --clean` removes it", key=key)
+        rep.garbage += stale_leases  # harmless, reported for --clean only
+    rep.problems.sort(key=lambda p: (p.unit if p.unit is not None else -1, p.kind, p.key or ""))
+    return rep

@@ -1,0 +1,384 @@
+"""`actfleet work`: claim a unit, extract it, upload its shards, commit; repeat until the job is done.
+
+One unit at a time flows through three stages joined by queues of fixed depth, so memory stays bounded
+whatever the dataset size and a slow store slows the device loop down instead of piling up bytes:
+
+    device loop (engine.run over the unit's rows) --batches--> serializer (ShardWriter) --shards--> uploader
+
+A heartbeat thread renews the unit's lease (generation-matched) and writes this worker's record. If the
+lease is lost, the unit stops and nothing is committed. If an upload still fails after retries with
+jittered backoff, the unit is abandoned (lease released) and never marked done. The done record is created
+only after every shard is uploaded.
+
+SIGTERM (a spot TPU's ~30 s notice): stop claiming; keep going on the current unit only while it can still
+commit before `drain_seconds` have passed, else abandon it (release the lease so another worker takes it
+at once), then exit 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue as queue_mod
+import random
+import signal
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Protocol
+
+from actfleet.errors import InputError
+from worker import queue as q
+from worker.store import Store
+
+log = logging.getLogger("actfleet.work")
+
+Row = tuple[int, "str | None", "str | None"]  # (sample_id, text, skip_reason)
+
+
+class UnitExtractor(Protocol):
+    """What the loop needs from the extractor, built once per worker from the job's options."""
+
+    def fingerprint(self) -> str:
+        """sha256 of the input as it is now (compared with the job's)."""
+
+    def rows(self, start: int, stop: int) -> Iterator[Row]:
+        """The unit's input rows, sample ids start..stop-1."""
+
+    def run(self, rows: list[Row]) -> Iterator[Any]:
+        """Batches of stored tokens (numpy token_ids, sample_ids, positions, acts) for these rows."""
+
+    def shard_writer(self, unit: int) -> "ShardSink":
+        """A fresh serializer for one unit."""
+
+
+class ShardSink(Protocol):
+    def add(self, batch: Any) -> list[bytes]:
+        """Take a batch; return the shards (safetensors bytes) that are now complete."""
+
+    def finish(self) -> list[bytes]:
+        """The remaining shards."""
+
+
+@dataclass
+class WorkResult:
+    units_committed: int = 0
+    units_abandoned: int = 0
+    tokens: int = 0
+    stopped_by_signal: bool = False
+    job_complete: bool = False
+
+
+class Stop(Exception):
+    """The unit stops early: lease lost, drain deadline, or an upload that failed for good."""
+
+
+def upload_with_retry(store: Store, key: str, data: bytes, *, attempts: int = 6, base: float = 0.5,
+                      cap: float = 20.0, should_stop: Callable[[], bool] = lambda: False) -> int:
+    """store.put with jittered exponential backoff ("full jitter"); raises the last error after `attempts`."""
+    for i in range(attempts):
+        try:
+            return store.put(key, data)
+        except InputError:
+            raise  # a bad key: retrying cannot help
+        except Exception as e:  # network, 5xx after the client's own retries, disk full...
+            err = e
+        if i == attempts - 1 or should_stop():
+            raise err
+        delay = random.uniform(0, min(cap, base * 2 ** i))
+        log.warning("upload of %s failed (%s); retrying in %.1fs", key, err, delay)
+        time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+class _LeaseKeeper(threading.Thread):
+    """Renews the lease every lease_seconds/3 and writes the worker record; flags a lost lease."""
+
+    def __init__(self, store: Store, lease: q.Lease, lease_seconds: float, record: q.WorkerProgress, job: str):
+        super().__init__(name=f"lease-{lease.unit}", daemon=True)
+        self.store, self.lease, self.lease_seconds, self.record, self.job = store, lease, lease_seconds, record, job
+        self.lock = threading.Lock()
+        self.lost = threading.Event()
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.lease_seconds / 3):
+            with self.lock:
+                try:
+                    self.lease = q.renew(self.store, self.lease, self.lease_seconds)
+                except q.LeaseLost:
+                    self.lost.set()
+                    return
+                except Exception as e:  # transient: the next tick tries again; expiry is lease_seconds away
+                    log.warning("lease renewal for unit %d failed: %s", self.lease.unit, e)
+            try:
+                q.write_worker_record(self.store, self.job, self.record)
+            except Exception as e:
+                log.warning("worker record write failed: %s", e)
+
+    def current(self) -> q.Lease:
+        with self.lock:
+            return self.lease
+
+    def stop(self) -> q.Lease:
+        self.stopped.set()
+        self.join()
+        return self.lease
+
+
+@dataclass
+class Worker:
+    store: Store
+    spec: q.JobSpec
+    extractor: UnitExtractor
+    worker_id: str
+    lease_seconds: float = 300.0
+    queue_depth: int = 2
+    drain_seconds: float = 25.0
+    upload_attempts: int = 6
+    on_event: Callable[[str, dict], None] = lambda kind, info: None
+    _stop_at: float | None = field(default=None, init=False)  # monotonic deadline once SIGTERM arrived
+    record: q.WorkerProgress = field(init=False)
+
+    def __post_init__(self):
+        self.record = q.WorkerProgress(self.worker_id, state="starting")
+        self.offset = zlib.crc32(self.worker_id.encode()) % max(1, self.spec.units)
+        self.draining = threading.Event()
+
+    # -- signals --------------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """SIGTERM: stop claiming; the current unit gets until drain_seconds from now."""
+        if not self.draining.is_set():
+            self._stop_at = time.monotonic() + self.drain_seconds
+            self.draining.set()
+            log.info("stop requested: draining (%.0fs)", self.drain_seconds)
+
+    def _past_deadline(self) -> bool:
+        return self._stop_at is not None and time.monotonic() >= self._stop_at
+
+    # -- the loop -------------------------------------------------------------------------------------
+
+    def run(self) -> WorkResult:
+        result = WorkResult()
+        q.check_input(self.spec, self.extractor.fingerprint())
+        self._write_record("idle")
+        while not self.draining.is_set():
+            nxt = q.next_unit(self.store, self.spec, self.worker_id, self.lease_seconds, offset=self.offset)
+            if nxt.all_done:
+                result.job_complete = True
+                break
+            if nxt.lease is None:  # everything left is leased by others: wait to take over expired leases
+                self._write_record("waiting")
+                self.draining.wait(min(nxt.wait_seconds + random.uniform(0, 0.5), self.lease_seconds))
+                continue
+            committed, tokens = self._process(nxt.lease)
+            if committed:
+                result.units_committed += 1
+                result.tokens += tokens
+            else:
+                result.units_abandoned += 1
+        result.stopped_by_signal = self.draining.is_set()
+        self._write_record("stopped" if result.stopped_by_signal else "finished")
+        return result
+
+    def _write_record(self, state: str, unit: int | None = None) -> None:
+        self.record.state, self.record.current_unit = state, unit
+        try:
+            q.write_worker_record(self.store, self.spec.job, self.record)
+        except Exception as e:
+            log.warning("worker record write failed: %s", e)
+
+    def _process(self, lease: q.Lease) -> tuple[bool, int]:
+        """One unit: (committed, tokens). Never raises for a lost lease or a failed upload: abandons."""
+        job, unit = self.spec.job, lease.unit
+        start, stop = self.spec.unit_range(unit)
+        t0 = time.monotonic()
+        self._write_record("working", unit)
+        keeper = _LeaseKeeper(self.store, lease, self.lease_seconds, self.record, job)
+        keeper.start()
+        self.on_event("claimed", {"unit": unit, "attempt": lease.attempt})
+        try:
+            stats = self._extract_and_upload(unit, start, stop, keeper)
+            if keeper.lost.is_set():
+                raise Stop("lease lost")
+            if self._past_deadline():
+                raise Stop("drain deadline")
+            record = q.DoneRecord(unit=unit, start=start, stop=stop, worker=self.worker_id, attempt=lease.attempt,
+                                  rows_stored=len(stats.stored_ids), tokens=stats.tokens,
+                                  skipped=stats.skipped(start, stop), shards=stats.shards,
+                                  committed_at=time.time(), seconds=round(time.monotonic() - t0, 3),
+                                  computed_tokens=stats.computed, padded_tokens=stats.padded)
+            self.on_event("committing", {"unit": unit})
+            lease = keeper.stop()
+            committed = q.commit(self.store, lease, record, self.lease_seconds)
+            if committed:
+                self.record.units_done += 1
+                self.record.tokens += stats.tokens
+                self.record.shards += len(stats.shards)
+                self.record.bytes += sum(s.bytes for s in stats.shards)
+            self.on_event("committed" if committed else "already-done", {"unit": unit, "tokens": stats.tokens})
+            self._write_record("idle")
+            return True, stats.tokens if committed else 0
+        except (Stop, q.LeaseLost) as e:
+            lease = keeper.stop()
+            if not keeper.lost.is_set() and not isinstance(e, q.LeaseLost):
+                q.release(self.store, lease)  # abandon cleanly: the next worker need not wait for expiry
+            log.warning("unit %d abandoned: %s", unit, e)
+            self.on_event("abandoned", {"unit": unit, "reason": str(e)})
+            self._write_record("idle")
+            return False, 0
+        except BaseException:
+            keeper.stop()
+            raise
+
+    def _extract_and_upload(self, unit: int, start: int, stop: int, keeper: _LeaseKeeper) -> "_UnitStats":
+        """The three-stage pipeline for one unit. Raises Stop when the unit must be abandoned."""
+        stats = _UnitStats()
+        batches: queue_mod.Queue = queue_mod.Queue(maxsize=self.queue_depth)
+        shards: queue_mod.Queue = queue_mod.Queue(maxsize=self.queue_depth)
+        failure: list[BaseException] = []
+        abort = threading.Event()
+        done_token = object()
+
+        def should_stop() -> bool:
+            return abort.is_set() or keeper.lost.is_set() or self._past_deadline()
+
+        def put(qu: queue_mod.Queue, item) -> bool:
+            """Blocking put that gives up when the unit is stopping (backpressure without deadlock)."""
+            while True:
+                try:
+                    qu.put(item, timeout=0.1)
+                    return True
+                except queue_mod.Full:
+                    if should_stop():
+                        return False
+
+        def get(qu: queue_mod.Queue):
+            while True:
+                try:
+                    return qu.get(timeout=0.1)
+                except queue_mod.Empty:
+                    if should_stop():
+                        return done_token
+
+        def serializer():
+            try:
+                writer = self.extractor.shard_writer(unit)
+                part = 0
+                while (batch := get(batches)) is not done_token:
+                    stats.count(batch)
+                    for blob in writer.add(batch):
+                        if not put(shards, (part, blob)):
+                            return
+                        part += 1
+                if should_stop():
+                    return
+                for blob in writer.finish():
+                    if not put(shards, (part, blob)):
+                        return
+                    part += 1
+            except BaseException as e:
+                failure.append(e)
+                abort.set()
+            finally:
+                put(shards, done_token)
+
+        def uploader():
+            try:
+                while (item := get(shards)) is not done_token:
+                    part, blob = item
+                    key = q.shard_key(self.spec.job, unit, part)
+                    if should_stop():
+                        return
+                    self.on_event("uploading", {"unit": unit, "part": part})
+                    upload_with_retry(self.store, key, blob, attempts=self.upload_attempts, should_stop=should_stop)
+                    stats.shards.append(q.ShardInfo(name=key[len(self.spec.job) + 1:], bytes=len(blob),
+                                                    sha256=hashlib.sha256(blob).hexdigest(),
+                                                    tokens=_shard_tokens(blob)))
+            except BaseException as e:
+                failure.append(e)
+                abort.set()
+
+        threads = [threading.Thread(target=serializer, name="serializer", daemon=True),
+                   threading.Thread(target=uploader, name="uploader", daemon=True)]
+        for t in threads:
+            t.start()
+        rows = list(self.extractor.rows(start, stop))
+        stats.rows = rows
+        self.on_event("computing", {"unit": unit, "rows": len(rows)})
+        try:
+            for batch in self.extractor.run(rows):
+                if should_stop() or not put(batches, batch):
+                    break
+        except BaseException as e:
+            failure.append(e)
+            abort.set()
+        finally:
+            put(batches, done_token)
+            for t in threads:
+                t.join()
+        if failure and not isinstance(failure[0], Exception):
+            raise failure[0]
+        if failure:
+            raise Stop(f"{type(failure[0]).__name__}: {failure[0]}")
+        if keeper.lost.is_set():
+            raise Stop("lease lost")
+        if self._past_deadline():
+            raise Stop("drain deadline")
+        if abort.is_set():
+            raise Stop("aborted")
+        return stats
+
+
+@dataclass
+class _UnitStats:
+    rows: list[Row] = field(default_factory=list)
+    stored_ids: set[int] = field(default_factory=set)
+    engine_skips: dict[int, str] = field(default_factory=dict)
+    tokens: int = 0
+    computed: int = 0
+    padded: int = 0
+    shards: list[q.ShardInfo] = field(default_factory=list)
+
+    def count(self, batch: Any) -> None:
+        ids = batch.sample_ids
+        self.tokens += int(len(ids))
+        self.stored_ids.update(int(i) for i in set(ids.tolist()))
+        self.computed += int(getattr(batch, "computed_tokens", 0) or 0)
+        self.padded += int(getattr(batch, "padded_tokens", 0) or 0)
+        for sid, reason in (getattr(batch, "skipped", None) or {}).items():
+            self.engine_skips[int(sid)] = str(reason)
+
+    def skipped(self, start: int, stop: int) -> dict[str, list[int]]:
+        """reason -> sample ids, for every row of the unit that stored no token."""
+        out: dict[str, list[int]] = {}
+        reasons = {sid: reason for sid, _, reason in self.rows if reason}
+        for sid in range(start, stop):
+            if sid in self.stored_ids:
+                continue
+            reason = reasons.get(sid) or self.engine_skips.get(sid) or "no tokens stored"
+            out.setdefault(reason, []).append(sid)
+        return out
+
+
+def _shard_tokens(blob: bytes) -> int:
+    """Rows in a safetensors shard, from its header (the sample_ids tensor's length)."""
+    import json
+    import struct
+
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + n])
+    info = header.get("sample_ids") or header.get("token_ids")
+    return int(info["shape"][0]) if info else 0
+
+
+def install_sigterm(worker: Worker) -> None:
+    """SIGTERM / SIGINT -> drain (a second signal does not kill: the drain deadline already bounds it)."""
+
+    def handler(signum, frame):
+        worker.request_stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
