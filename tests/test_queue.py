@@ -101,3 +101,113 @@ def test_progress_before_prepare_and_with_live_leases(store):
     assert p.units_leased == 2 and p.units_done == 0
     assert p.workers["w1"].current_unit == 1 and p.workers["w1"].state == "working"
     assert q.job_progress(store, "j", now=1100.0).units_leased == 0  # expired
+
+
+# ----------------------------------------------------------------------------------------------------
+# The work loop (worker/work_loop.py) over the stand-in extractor: failure paths and bounded memory
+# ----------------------------------------------------------------------------------------------------
+
+import threading  # noqa: E402
+
+from tests.fakes import standin_extractor as sx  # noqa: E402
+from worker.verify import verify  # noqa: E402
+from worker.work_loop import Worker  # noqa: E402
+
+
+def standin_job(tmp_path, store, rows=30, unit_rows=10):
+    data = sx.write_dataset(tmp_path / "data.jsonl", rows)
+    spec, _ = q.prepare(store, "job", input=str(data), fingerprint=sx.fingerprint(data), rows=rows,
+                        unit_rows=unit_rows, options={})
+    return spec, data
+
+
+class FlakyStore:
+    """Wraps a store; puts of shard keys fail while `failing` is set (an outage during upload)."""
+
+    def __init__(self, inner):
+        self.inner, self.failing, self.attempts = inner, True, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def put(self, key, data):
+        if "/shards/" in key and self.failing:
+            self.attempts += 1
+            raise ConnectionError("injected: upload failed")
+        return self.inner.put(key, data)
+
+
+def test_a_failed_upload_never_marks_a_unit_done(tmp_path, store):
+    spec, data = standin_job(tmp_path, store)
+    flaky = FlakyStore(store)
+    w = Worker(flaky, spec, sx.StandinExtractor(data), "w1", lease_seconds=30, upload_attempts=2)
+    lease = q.claim(store, "job", 0, "w1", 30)
+    committed, _ = w._process(lease)
+    assert not committed and flaky.attempts == 2
+    assert store.generation(q.done_key("job", 0)) is None  # not done
+    assert store.generation(q.lease_key("job", 0)) is None  # lease released: another worker can take it now
+    flaky.failing = False
+    result = Worker(flaky, spec, sx.StandinExtractor(data), "w2", lease_seconds=30).run()
+    assert result.job_complete and verify(store, "job").ok
+
+
+def test_a_lost_lease_stops_the_unit_and_commits_nothing(tmp_path, store):
+    spec, data = standin_job(tmp_path, store)
+    stolen = threading.Event()
+
+    def on_event(kind, info):
+        if kind == "uploading" and not stolen.is_set():  # another worker takes the lease mid-unit
+            stale = q.read_lease(store, "job", info["unit"])
+            stale.expires = 0
+            assert q.take_over(store, stale, "thief", 30) is not None
+            stolen.set()
+
+    w = Worker(store, spec, sx.StandinExtractor(data), "w1", lease_seconds=30, on_event=on_event)
+    lease = q.claim(store, "job", 0, "w1", 30)
+    committed, _ = w._process(lease)
+    assert stolen.is_set() and not committed
+    assert store.generation(q.done_key("job", 0)) is None
+    assert q.read_lease(store, "job", 0).worker == "thief"  # not released by the loser
+
+
+def test_queues_apply_backpressure_to_the_device_loop(tmp_path, store):
+    """With uploads stalled, the device loop gets at most depth(batches) + depth(shards) + in-flight
+    batches ahead; it does not buffer the unit in memory."""
+    spec, data = standin_job(tmp_path, store, rows=60, unit_rows=60)
+    gate = threading.Event()
+    produced = []
+
+    class StalledStore(FlakyStore):
+        def put(self, key, data):
+            if "/shards/" in key:
+                gate.wait()
+            return self.inner.put(key, data)
+
+    class CountingExtractor(sx.StandinExtractor):
+        def run(self, rows):
+            for b in super().run(rows):
+                produced.append(len(b.sample_ids))
+                yield b
+
+    ex = CountingExtractor(data, shard_tokens=1, batch_rows=1)  # one shard per batch
+    w = Worker(StalledStore(store), spec, ex, "w1", lease_seconds=30, queue_depth=2)
+    t = threading.Thread(target=w.run)
+    t.start()
+    seen, still = -1, 0
+    while still < 3:  # wait until the pipeline has filled up and stopped moving for a while
+        t.join(0.3)
+        still = still + 1 if len(produced) == seen and seen > 0 else 0
+        seen = len(produced)
+    # 1 blocked in upload + 2 queued shards + 1 in the serializer + 2 queued batches + 1 being put
+    assert 3 <= len(produced) <= 7
+    gate.set()
+    t.join()
+    assert len(produced) == 60 and verify(store, "job").ok
+
+
+def test_work_refuses_a_changed_dataset(tmp_path, store):
+    spec, data = standin_job(tmp_path, store)
+    data.write_text(data.read_text().replace("row 3", "row X"))
+    with pytest.raises(InputError, match="changed since prepare"):
+        Worker(store, spec, sx.StandinExtractor(data), "w1").run()
+    assert list(store.list("job/leases/")) == []
