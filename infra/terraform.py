@@ -158,6 +158,10 @@ class Terraform:
         """The current state as `terraform show -json` (values of every resource, e.g. a worker's input)."""
         return json.loads(self.run("show", "-json", stream=False))
 
+    def show_text(self, plan_file: str | os.PathLike) -> str:
+        """A saved plan as people read it."""
+        return self.run("show", "-no-color", str(plan_file), stream=False)
+
     def outputs(self) -> dict:
         return {k: v.get("value") for k, v in json.loads(self.run("output", "-json", stream=False)).items()}
 

@@ -1,0 +1,165 @@
+"""`actfleet synth | plan | deploy | destroy` as a user runs them: the console script in a subprocess, the
+real terraform binary, the fleet stack's provisioners talking to the fake TPU API on loopback.
+
+Every test shares one synth cache, so cdktf is imported once for the module (the first `synth`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.fakes.tpu_server import FakeTpuServer
+
+ACTFLEET = str(Path(sys.executable).parent / "actfleet")
+ZONES = ("us-central1-a", "us-central1-b")
+
+
+def write_config(path: Path, *, mode: str = "queued", state: Path) -> Path:
+    path.write_text(textwrap.dedent(f"""\
+        [fleet]
+        id = "cli"
+        project = "fake-project"
+        region = "us-central1"
+        zones = {{ "us-central1-a" = 2, "us-central1-b" = 2 }}
+        mode = "{mode}"
+        [repo]
+        url = "https://github.com/example/actfleet.git"
+        commit = "89abcdef0123456789abcdef0123456789abcdef"
+        [storage]
+        bucket = "fake-project-cli"
+        [state]
+        path = "{state}"
+        [job]
+        model = "Qwen/Qwen2.5-0.5B"
+        input = "gs://fake-project-cli/data.jsonl"
+        layers = [3]
+        """))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    """run(*args) -> CompletedProcess of `actfleet *args` against a module-wide fake TPU API and config."""
+    tmp = tmp_path_factory.mktemp("stack-cli")
+    with FakeTpuServer.start(port=0) as fake:
+        env = {**os.environ, "ACTFLEET_TPU_ENDPOINT": fake.url, "ACTFLEET_SYNTH_DIR": str(tmp / "synth")}
+        config = write_config(tmp / "fleet.toml", state=tmp / "state")
+
+        def run(*args: str, env_extra: dict | None = None, config_path: Path | None = config,
+                timeout: float = 600) -> subprocess.CompletedProcess:
+            argv = [ACTFLEET, *args] + (["--config", str(config_path)] if config_path else [])
+            return subprocess.run(argv, env={**env, **(env_extra or {})}, capture_output=True, text=True,
+                                  stdin=subprocess.DEVNULL, timeout=timeout, cwd=tmp)
+
+        run.fake, run.tmp, run.config = fake, tmp, config
+        yield run
+
+
+def creates(fake) -> list[str]:
+    return [c.query.split("queuedResourceId=")[1].split("&")[0]
+            for c in fake.calls(method="POST", path=r"/queuedResources$", status=200)]
+
+
+def deletes(fake) -> list[str]:
+    return [c.resource for c in fake.calls(method="DELETE", path=r"/queuedResources/", status=200)]
+
+
+@pytest.mark.slow
+def test_synth_then_cached_synth(cli):
+    first = cli("synth", "--json")
+    assert first.returncode == 0, first.stderr
+    out = json.loads(first.stdout)
+    assert out["workers"] == 4 and out["mode"] == "queued"
+    fleet = json.loads(Path(out["stacks"]["fleet"], "cdk.tf.json").read_text())
+    assert set(fleet["resource"]["terraform_data"]["workers"]) >= {"for_each", "input", "provisioner"}
+
+    again = json.loads(cli("synth", "--json").stdout)
+    assert again["cached"] is True and again["key"] == out["key"] and again["stacks"] == out["stacks"]
+
+    human = cli("synth", "--stack", "fleet")
+    assert human.returncode == 0 and "from the cache" in human.stdout and "base" not in human.stdout
+
+
+@pytest.mark.slow
+def test_plan_deploy_plan_destroy_the_fleet(cli):
+    fake = cli.fake
+    planned = cli("plan", "--stack", "fleet", "--json")
+    assert planned.returncode == 0, planned.stderr
+    assert json.loads(planned.stdout)["stacks"]["fleet"] == {
+        "changes": True, "add": 4, "change": 0, "destroy": 0, "replace": []}
+
+    human_plan = cli("plan", "--stack", "fleet")
+    assert 'terraform_data.workers["tpu-us-central1-b-1"] will be created' in human_plan.stdout
+    assert creates(fake) == []  # planning calls no mutating API
+
+    deployed = cli("deploy", "--stack", "fleet", "--yes")
+    assert deployed.returncode == 0, deployed.stderr
+    assert sorted(creates(fake)) == ["tpu-us-central1-a-0", "tpu-us-central1-a-1",
+                                     "tpu-us-central1-b-0", "tpu-us-central1-b-1"]
+    assert "fleet stack: deploy done (4 added, 0 changed, 0 destroyed)" in deployed.stdout
+
+    again = cli("deploy", "--stack", "fleet", "--yes", "--json")
+    assert json.loads(again.stdout)["stacks"]["fleet"]["applied"] is False
+    assert len(creates(fake)) == 4
+
+    destroyed = cli("destroy", "--yes", "--json")  # default stack: the fleet only
+    assert destroyed.returncode == 0, destroyed.stderr
+    assert json.loads(destroyed.stdout)["stacks"] == {"fleet": {
+        "changes": True, "add": 0, "change": 0, "destroy": 4, "replace": [], "applied": True}}
+    assert sorted(deletes(fake)) == sorted(creates(fake))
+    fake.clear_calls()
+
+
+@pytest.mark.slow
+def test_api_error_fails_deploy_with_one_line_and_exit_1(cli):
+    fake = cli.fake
+    fake.fail(zone="us-central1-a", status=403, count=None, method="POST")
+    try:
+        result = cli("deploy", "--stack", "fleet", "--yes")
+    finally:
+        fake.clear_faults()
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("actfleet: terraform apply failed in fleet stack: Error: local-exec provisioner error")
+    assert "403" in last and "tpu-us-central1-a-" in last
+    # The other zone's workers exist; a repeat deploy finishes the job once the API allows it.
+    assert cli("deploy", "--stack", "fleet", "--yes").returncode == 0
+    assert {c.zone for c in fake.calls(method="POST", status=200)} == set(ZONES)
+    assert cli("destroy", "--stack", "fleet", "--yes").returncode == 0
+
+
+@pytest.mark.slow
+def test_deploy_without_yes_and_without_a_terminal_applies_nothing(cli):
+    cli.fake.clear_calls()
+    result = cli("deploy", "--stack", "fleet")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "actfleet: deploy of the fleet stack needs a confirmation: run it in a terminal or pass --yes")
+    assert creates(cli.fake) == []
+
+
+def test_bad_config_is_one_line_exit_2(cli, tmp_path):
+    bad = tmp_path / "fleet.toml"
+    bad.write_text(cli.config.read_text().replace('mode = "queued"', 'mode = "spot"'))
+    for command in ("synth", "plan", "deploy", "destroy"):
+        result = cli(command, config_path=bad)
+        assert result.returncode == 2, (command, result.stderr)
+        assert result.stderr.strip() == f'actfleet: {bad}: fleet.mode = "spot": must be one of "queued", "vm"'
+
+
+def test_unknown_stack_is_a_usage_error(cli):
+    result = cli("plan", "--stack", "data")
+    assert result.returncode == 2 and "'data' is not one of 'base', 'fleet'" in result.stderr
+
+
+def test_missing_terraform_is_exit_3(cli):
+    result = cli("plan", "--stack", "fleet", env_extra={"PATH": "/nonexistent", "ACTFLEET_TERRAFORM": "terraform"})
+    assert result.returncode == 3
+    assert result.stderr.strip().startswith("actfleet: terraform not found on PATH: install Terraform >= 1.5")
