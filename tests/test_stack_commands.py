@@ -7,6 +7,7 @@ Every test shares one synth cache, so cdktf is imported once for the module (the
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -163,3 +164,37 @@ def test_missing_terraform_is_exit_3(cli):
     result = cli("plan", "--stack", "fleet", env_extra={"PATH": "/nonexistent", "ACTFLEET_TERRAFORM": "terraform"})
     assert result.returncode == 3
     assert result.stderr.strip().startswith("actfleet: terraform not found on PATH: install Terraform >= 1.5")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The pull-request plan workflow
+# ----------------------------------------------------------------------------------------------------
+
+WORKFLOW = Path(__file__).resolve().parent.parent / ".github" / "workflows" / "plan.yml"
+
+
+def test_plan_workflow_is_a_valid_github_workflow():
+    checker = Path(sys.executable).parent / "check-jsonschema"
+    result = subprocess.run([str(checker), "--builtin-schema", "vendor.github-workflows", str(WORKFLOW)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_plan_workflow_plans_both_stacks_with_federated_identity_and_pinned_actions():
+    import yaml
+
+    workflow = yaml.safe_load(WORKFLOW.read_text())
+    triggers = workflow[True] if True in workflow else workflow["on"]  # YAML 1.1 reads `on:` as true
+    assert set(triggers) == {"pull_request"}
+    assert workflow["permissions"] == {"contents": "read", "id-token": "write"}
+    steps = workflow["jobs"]["plan"]["steps"]
+    uses = [s["uses"] for s in steps if "uses" in s]
+    for ref in uses:  # every action pinned to a full commit, never a moving tag
+        assert re.fullmatch(r"[\w.-]+/[\w.-]+@[0-9a-f]{40}", ref), ref
+    auth = next(s for s in steps if s.get("uses", "").startswith("google-github-actions/auth@"))
+    assert set(auth["with"]) == {"workload_identity_provider", "service_account"}
+    text = WORKFLOW.read_text()
+    assert "credentials_json" not in text and "GOOGLE_CREDENTIALS" not in text  # never a key
+    script = "\n".join(s.get("run", "") for s in steps)
+    assert "make synth" in script and "for stack in base fleet" in script and "plan --stack" in script
+    assert "$GITHUB_STEP_SUMMARY" in script
