@@ -103,10 +103,13 @@ def plan(config_path, stack_name, as_json):
     for name in [stack_name] if stack_name else ["base", "fleet"]:
         tf = _stack(cfg, name, stream=False)
         result = tf.plan()
-        summaries[name] = result.as_dict()
-        if not as_json:
-            click.echo(f"== {name} stack ==")
-            click.echo(tf.show_text(result.plan_file) if result.changes else "No changes.")
+        try:
+            summaries[name] = result.as_dict()
+            if not as_json:
+                click.echo(f"== {name} stack ==")
+                click.echo(tf.show_text(result.plan_file) if result.changes else "No changes.")
+        finally:
+            tf.discard(result)
     if as_json:
         _emit_json({"stacks": summaries})
 
@@ -148,6 +151,13 @@ def _plan_confirm_apply(cfg, name: str, *, destroy: bool, yes: bool, as_json: bo
     verb = "destroy" if destroy else "deploy"
     tf = _stack(cfg, name, stream=False)
     planned = tf.plan(destroy=destroy)
+    try:
+        return _confirm_apply(tf, name, planned, verb, yes=yes, as_json=as_json)
+    finally:
+        tf.discard(planned)
+
+
+def _confirm_apply(tf, name: str, planned, verb: str, *, yes: bool, as_json: bool) -> dict:
     summary = planned.as_dict()
     if not planned.changes:
         if not as_json:

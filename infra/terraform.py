@@ -36,6 +36,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,13 +110,18 @@ class Terraform:
             marker.write_text("initialized by actfleet\n")
 
     def plan(self, *, replace: Iterable[str] = (), targets: Iterable[str] = (), destroy: bool = False,
-             out: str | None = "actfleet.tfplan") -> Plan:
-        """Plan, save it in the stack dir and summarise it (counts from `terraform show -json`)."""
+             save: bool = True) -> Plan:
+        """Plan, save it (a file of its own in the stack dir, so concurrent plans never swap files) and
+        summarise it from `terraform show -json`. Remove the file with `discard(plan)` when done."""
         args = ["plan", "-input=false", "-no-color", f"-lock-timeout={self.lock_timeout}"]
         args += [f"-replace={a}" for a in replace] + [f"-target={t}" for t in targets]
         if destroy:
             args.append("-destroy")
-        plan_path = self.dir / out if out else None
+        plan_path = None
+        if save:
+            fd, name = tempfile.mkstemp(prefix="actfleet-", suffix=".tfplan", dir=self.dir)
+            os.close(fd)
+            plan_path = Path(name)
         if plan_path:
             args.append(f"-out={plan_path}")
         text = self.run(*args)
@@ -123,6 +129,11 @@ class Terraform:
             return _summary_from_text(text)
         shown = json.loads(self.run("show", "-json", str(plan_path), stream=False))
         return _summary_from_json(shown, text, plan_path)
+
+    @staticmethod
+    def discard(plan: Plan) -> None:
+        if plan.plan_file is not None:
+            plan.plan_file.unlink(missing_ok=True)
 
     def apply(self, *, replace: Iterable[str] = (), targets: Iterable[str] = (),
               plan_file: str | os.PathLike | None = None, auto_approve: bool = True) -> str:

@@ -116,6 +116,9 @@ def test_plan_deploy_plan_destroy_the_fleet(cli):
         "changes": True, "add": 0, "change": 0, "destroy": 4, "replace": [], "applied": True}}
     assert sorted(deletes(fake)) == sorted(creates(fake))
     fake.clear_calls()
+    # Each plan was saved to a file of its own and removed once applied or shown.
+    stack_dir = Path(json.loads(cli("synth", "--json").stdout)["stacks"]["fleet"])
+    assert list(stack_dir.glob("*.tfplan")) == []
 
 
 @pytest.mark.slow
