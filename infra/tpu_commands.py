@@ -157,7 +157,10 @@ def _print_table(views, fleet_id: str) -> None:
                           _age(n.create_time, now))
         if not view.queued_resources and not view.nodes:
             table.add_row(zone, "-", "(none)", "", "", "", "")
-    Console(soft_wrap=True).print(table)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=1000)  # piped: never truncate names to an assumed 80 columns
+    console.print(table)
 
 
 def _fleet(labels: dict, fleet_id: str) -> str:

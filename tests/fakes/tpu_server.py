@@ -153,18 +153,22 @@ class FakeSettings:
 
 
 class FakeTpuState:
-    """The fake's model, independent of HTTP: every public method takes the lock and advances time first."""
+    """The fake's model, independent of HTTP. Callers hold `lock` and call `advance()` before looking."""
 
     def __init__(self, settings: FakeSettings | None = None):
         self.settings = settings or FakeSettings()
         self.lock = threading.RLock()
+        self.in_flight = 0  # API requests being answered right now
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget everything but the settings (the caller holds the lock, or nobody else has the state)."""
         self.qrs: dict[str, _QR] = {}  # full name -> QR
         self.nodes: dict[str, cloud_tpu.Node] = {}  # full name -> node
         self.ops: dict[str, _Op] = {}
         self.stockout: set[str] = set()
         self.faults: list[Fault] = []
         self.log: list[Call] = []
-        self.in_flight = 0  # API requests being answered right now
         self.max_in_flight = 0  # the most answered at once: proves a client's calls overlap
         self._op_ids = itertools.count(1)
         self._node_ids = itertools.count(1000)
@@ -616,6 +620,11 @@ class FakeTpuServer:
                 and (path is None or re.search(path, c.path))
                 and (status is None or c.status == status)]
 
+    def reset(self) -> None:
+        """Forget every resource, operation, fault, stockout and call; keep the settings."""
+        with self.state.lock:
+            self.state.clear()
+
     def clear_calls(self) -> None:
         with self.state.lock:
             self.state.log.clear()
@@ -666,6 +675,8 @@ class FakeTpuServer:
                 self.fail(**{k: args[k] for k in ("zone", "status", "count", "method", "path", "delay") if k in args})
             elif name == "clear-faults":
                 self.clear_faults()
+            elif name == "reset":
+                self.reset()
             elif name == "create-qr":
                 self.create_qr_direct(args.pop("zone"), args.pop("id"), **args)
             elif name == "delete":
