@@ -1,0 +1,73 @@
+"""observe: what the cloud holds for a fleet, as decide() reads it (DESIGN section 4, step 1).
+
+    view = observe_fleet(TpuApi.from_config(cfg.fleet), zones)
+    view.observed       name -> Observed (queued resource and node merged by name)
+    view.unreachable    zone -> error line, for zones whose API calls failed after retries
+
+The TPU client lists every zone in parallel with retries and pagination; this module only merges its
+answer. It imports no cdktf and no Terraform: `actfleet status` and a converged reconcile pass stop here.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable, Mapping
+
+from infra.decide import Observed
+
+if TYPE_CHECKING:
+    from infra.tpu_api import Node, QueuedResource, TpuApi, ZoneError, ZoneView
+
+
+@dataclass(frozen=True)
+class FleetView:
+    observed: dict[str, Observed]
+    unreachable: dict[str, str]  # zone -> the error that made it unreachable
+    queued_resources: dict[str, "QueuedResource"] = field(default_factory=dict)
+    nodes: dict[str, "Node"] = field(default_factory=dict)
+    api_calls: int = 0  # HTTP requests this observation made (retries and pages included)
+    seconds: float = 0.0
+
+
+def observe_fleet(api: "TpuApi", zones: Iterable[str]) -> FleetView:
+    zones = sorted(set(zones))
+    calls_before, started = api.calls, time.perf_counter()
+    answer = api.observe(zones)
+    observed, unreachable, qrs, nodes = merge(answer)
+    return FleetView(observed, unreachable, qrs, nodes, api.calls - calls_before, time.perf_counter() - started)
+
+
+def merge(answer: Mapping[str, "ZoneView | ZoneError"]):
+    """Per-zone lists -> (observed by name, unreachable zones, queued resources by name, nodes by name).
+
+    A queued resource and the node it made share the worker's name; a node whose queued resource is gone
+    (or that was made without one, in vm mode) is observed on its own. Labels come from the queued
+    resource's node spec, or from the node when there is no queued resource. `since` is the creation
+    time: the provisioning limit counts from when the resource was asked for.
+    """
+    observed: dict[str, Observed] = {}
+    unreachable: dict[str, str] = {}
+    qrs: dict[str, QueuedResource] = {}
+    nodes: dict[str, Node] = {}
+    for zone, view in sorted(answer.items()):
+        if not hasattr(view, "queued_resources"):
+            unreachable[zone] = getattr(view, "message", str(view))
+            continue
+        zone_nodes = {n.name: n for n in view.nodes}
+        node_of_qr = {n.queued_resource: n for n in view.nodes if n.queued_resource}
+        for qr in view.queued_resources:
+            node = node_of_qr.get(qr.name) or next((zone_nodes[i] for i in qr.node_ids if i in zone_nodes), None)
+            if node is not None:
+                zone_nodes.pop(node.name, None)
+                nodes[qr.name] = node
+            qrs[qr.name] = qr
+            observed[qr.name] = Observed(name=qr.name, zone=zone, qr_state=qr.state,
+                                         node_state=node.state if node else None,
+                                         labels=dict(qr.labels or (node.labels if node else {})),
+                                         since=qr.create_time)
+        for node in zone_nodes.values():  # nodes without a queued resource
+            nodes[node.name] = node
+            observed[node.name] = Observed(name=node.name, zone=zone, qr_state=None, node_state=node.state,
+                                           labels=dict(node.labels), since=node.create_time)
+    return observed, unreachable, qrs, nodes
