@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-DEFAULT_RETRIES = 6  # attempts after the first: with 0.5 s initial, 16 s cap, about a minute in all
+DEFAULT_RETRIES = 6  # attempts after the first; full-jitter sleeps under 0.5, 1, 2, 4, 8, 16 s (<= 31.5 s)
 DEFAULT_TIMEOUT = 30.0  # seconds per HTTP request
 DEFAULT_OPERATION_TIMEOUT = 900.0  # seconds to wait for a long-running operation
 
