@@ -88,6 +88,8 @@ def print_human(report: PassReport, verbose: bool = False) -> None:
     from rich.table import Table
 
     out, err = Console(), Console(stderr=True)
+    if not out.is_terminal:  # logs and cron mail: wide enough that no column is cut
+        out = Console(width=240)
     stamp = report.to_dict()["started_at"]
     if report.outcome == LOCKED:
         out.print(f"{stamp} reconcile: another pass is running; nothing done. Lock held by "

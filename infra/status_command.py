@@ -1,0 +1,300 @@
+"""`actfleet status`: every worker's state and the job's progress in one table.
+
+    worker  zone  queued resource  node  health  units  tokens  shards  last heartbeat
+
+`health` is what reconcile would make of the worker right now (decide(): healthy, pending, replace,
+create, wait, report, delete-orphan). Totals and throughput go underneath. Works with what exists: the
+fleet alone (no job prepared yet, or no store reachable), the job alone (TPU API unreachable), or both.
+`--watch SECONDS` redraws in place (rich Live); `--json` prints one document (schema
+"actfleet.status/v1", docs/operations.md).
+
+It reads only: the TPU API's lists and the job's small JSON records. It never imports cdktf, Terraform,
+JAX or torch, so it starts in about a second.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import click
+
+from actfleet.cli import config_option, json_option
+from actfleet.config import Config, load
+from actfleet.errors import ActfleetError
+
+SCHEMA_ID = "actfleet.status/v1"
+
+
+@dataclass
+class Snapshot:
+    """What `status` shows, gathered once."""
+
+    fleet: str
+    taken_at: float
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    unreachable: dict[str, str] = field(default_factory=dict)
+    fleet_error: str | None = None
+    job: dict[str, Any] | None = None  # totals from worker.queue.job_progress, or None
+    job_error: str | None = None
+    throughput: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": SCHEMA_ID, "fleet": self.fleet, "taken_at": _iso(self.taken_at),
+                "workers": self.rows, "unreachable": self.unreachable, "fleet_error": self.fleet_error,
+                "job": self.job, "job_error": self.job_error, "throughput": self.throughput}
+
+
+def take_snapshot(cfg: Config, *, api=None, store=None, job_name: str | None = None, with_job: bool = True,
+                  now: float | None = None) -> Snapshot:
+    """Observe the fleet and read the job's progress (each optional, each failing on its own)."""
+    from infra.decide import Policy, decide
+
+    now = time.time() if now is None else now
+    snap = Snapshot(fleet=cfg.fleet.id, taken_at=now)
+    rows: dict[str, dict[str, Any]] = {}
+
+    def row(name: str, zone: str) -> dict[str, Any]:
+        return rows.setdefault(name, {"worker": name, "zone": zone, "qr_state": None, "node_state": None,
+                                      "node_health": None, "health": None, "reason": None, "desired": False,
+                                      "units_done": None, "tokens": None, "shards": None, "last_heartbeat": None,
+                                      "current_unit": None, "work_state": None})
+
+    for w in cfg.fleet.workers:
+        row(w.name, w.zone)["desired"] = True
+
+    def observe():
+        from infra.observe import observe_fleet
+        from infra.tpu_api import TpuApi
+
+        return observe_fleet(api or TpuApi.from_config(cfg.fleet), cfg.fleet.zones)
+
+    def progress():
+        from worker.queue import job_progress
+        from worker.store import open_store
+
+        return job_progress(store or open_store(cfg.job.store), job_name or cfg.job.name, now=now)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:  # the two sources answer at once
+        fleet_f = pool.submit(observe)
+        job_f = pool.submit(progress) if with_job else None
+        try:
+            view = fleet_f.result()
+        except Exception as e:  # no credentials, API down: show the job anyway
+            view, snap.fleet_error = None, _one_line(e)
+        progress_result = None
+        if job_f is not None:
+            try:
+                progress_result = job_f.result()
+            except Exception as e:
+                snap.job_error = _one_line(e)
+
+    if view is not None:
+        snap.unreachable = dict(view.unreachable)
+        actions = decide(cfg.fleet.workers, view.observed, now, Policy.from_config(cfg),
+                         unreachable_zones=frozenset(view.unreachable))
+        for a in actions:
+            r = row(a.worker, a.zone)
+            r["health"], r["reason"] = a.kind, a.reason
+        for name, o in view.observed.items():
+            if name in rows:
+                r = rows[name]
+                r["qr_state"], r["node_state"] = o.qr_state, o.node_state
+                node = view.nodes.get(name)
+                r["node_health"] = (node.health or None) if node else None
+
+    if progress_result is not None:
+        p = progress_result
+        snap.job = {k: v for k, v in p.to_dict().items() if k != "workers"}
+        for name, wp in p.workers.items():
+            r = rows.get(name) or row(name, "")
+            r.update(units_done=wp.units_done, tokens=wp.tokens, shards=wp.shards,
+                     last_heartbeat=wp.last_heartbeat, current_unit=wp.current_unit, work_state=wp.state)
+        if p.prepared and p.units_done:
+            snap.throughput = _job_throughput(store or _open(cfg), job_name or cfg.job.name, p.tokens)
+
+    snap.rows = sorted(rows.values(), key=lambda r: (r["zone"] or "~", r["worker"]))
+    return snap
+
+
+def _open(cfg: Config):
+    from worker.store import open_store
+
+    return open_store(cfg.job.store)
+
+
+def _job_throughput(store, job: str, tokens: int) -> dict[str, Any]:
+    """Tokens per second over the job so far: from the first unit's start to the last commit (done records
+    carry committed_at and the attempt's seconds)."""
+    from worker.queue import DoneRecord
+    from worker.store import join
+
+    keys = list(store.list(join(job, "done") + "/"))
+
+    def read(key):
+        try:
+            return DoneRecord.from_json(store.read(key)[0], key)
+        except ActfleetError:
+            return None
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        records = [r for r in pool.map(read, keys) if r is not None]
+    if not records:
+        return {}
+    first = min(r.committed_at - r.seconds for r in records)
+    last = max(r.committed_at for r in records)
+    span = max(last - first, 1e-9)
+    return {"tokens_per_s": tokens / span, "since": _iso(first), "last_commit": _iso(last), "seconds": span}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------------------------------
+
+
+@click.command("status")
+@config_option
+@json_option
+@click.option("--watch", "watch_s", type=click.FloatRange(min=0.5), default=None, metavar="SECONDS",
+              help="Refresh in place every SECONDS until interrupted.")
+@click.option("--store", default=None, metavar="URL", help="Read the job from this store (default: job.store).")
+@click.option("--job", "job_name", default=None, help="Job name (default: job.name).")
+@click.option("--no-job", is_flag=True, help="Show the fleet only; do not read the work queue.")
+def status(config_path, as_json, watch_s, store, job_name, no_job):
+    """Show every worker's state and the job's progress.
+
+    \b
+    One row per worker: zone, queued-resource and node state, health (what
+    reconcile would do), units done, tokens, shards, last heartbeat; totals
+    and throughput underneath. Exit code 0, or 1 when the fleet and the job
+    could both not be read.
+    """
+    cfg = load(config_path)
+    if store:
+        cfg = cfg.replace("job", store=store)
+    with_job = not no_job
+    if watch_s is None:
+        snap = take_snapshot(cfg, job_name=job_name, with_job=with_job)
+        if as_json:
+            click.echo(json.dumps(snap.to_dict(), indent=2))
+        else:
+            _console().print(render(snap))
+        sys.exit(1 if snap.fleet_error and (snap.job_error or not with_job) else 0)
+
+    from rich.live import Live
+
+    previous: Snapshot | None = None
+    try:
+        if as_json:  # JSON Lines, one snapshot per refresh
+            while True:
+                snap = take_snapshot(cfg, job_name=job_name, with_job=with_job)
+                _recent(snap, previous)
+                click.echo(json.dumps(snap.to_dict()))
+                previous = snap
+                time.sleep(watch_s)
+        with Live(console=_console(), auto_refresh=False, screen=False) as live:
+            while True:
+                snap = take_snapshot(cfg, job_name=job_name, with_job=with_job)
+                _recent(snap, previous)
+                live.update(render(snap), refresh=True)
+                previous = snap
+                time.sleep(watch_s)
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+def _console():
+    """A terminal's own width; when piped (logs, cron mail) wide enough that no column is cut."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=240)
+
+
+def _recent(snap: Snapshot, previous: Snapshot | None) -> None:
+    """With --watch: tokens/s between the last two refreshes, next to the job-long average."""
+    if previous is None or not snap.job or not previous.job:
+        return
+    dt = snap.taken_at - previous.taken_at
+    if dt > 0:
+        snap.throughput["recent_tokens_per_s"] = (snap.job["tokens"] - previous.job["tokens"]) / dt
+
+
+def render(snap: Snapshot):
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    styles = {"healthy": "green", "pending": "cyan", "wait": "yellow", "report": "bold yellow",
+              "create": "red", "replace": "bold red", "delete-orphan": "magenta"}
+    table = Table(title=f"fleet {snap.fleet} at {_iso(snap.taken_at)}", title_justify="left", box=None,
+                  header_style="bold", pad_edge=False)
+    for col, just in (("worker", "left"), ("zone", "left"), ("queued resource", "left"), ("node", "left"),
+                      ("health", "left"), ("units", "right"), ("tokens", "right"), ("shards", "right"),
+                      ("last heartbeat", "right")):
+        table.add_column(col, justify=just, no_wrap=True)
+    for r in snap.rows:
+        health = r["health"] or ("-" if r["desired"] else "not a fleet worker")
+        table.add_row(r["worker"], r["zone"] or "-", r["qr_state"] or "-", r["node_state"] or "-",
+                      Text(health, style=styles.get(health, "")), _n(r["units_done"]), _n(r["tokens"]),
+                      _n(r["shards"]), _ago(r["last_heartbeat"], snap.taken_at))
+    lines = []
+    healthy = sum(1 for r in snap.rows if r["health"] == "healthy")
+    desired = sum(1 for r in snap.rows if r["desired"])
+    lines.append(f"workers: {healthy}/{desired} healthy")
+    if snap.unreachable:
+        lines.append("unreachable zones: " + "; ".join(f"{z}: {m}" for z, m in snap.unreachable.items()))
+    if snap.fleet_error:
+        lines.append(f"fleet: could not be observed: {snap.fleet_error}")
+    if snap.job is not None:
+        j = snap.job
+        if not j["prepared"]:
+            lines.append(f"job {j['job']}: not prepared (run `actfleet prepare`)")
+        else:
+            pct = 100.0 * j["units_done"] / j["units_total"] if j["units_total"] else 100.0
+            lines.append(f"job {j['job']}: {j['units_done']}/{j['units_total']} units ({pct:.1f}%), "
+                         f"{j['units_leased']} in progress, {_n(j['tokens'])} tokens, {_n(j['shards'])} shards, "
+                         f"{_bytes(j['bytes'])}" + (" - complete" if j["complete"] else ""))
+    elif snap.job_error:
+        lines.append(f"job: could not be read: {snap.job_error}")
+    t = snap.throughput
+    if t:
+        line = f"throughput: {_n(round(t['tokens_per_s']))} tokens/s since {t['since']}"
+        if "recent_tokens_per_s" in t:
+            line += f" ({_n(round(t['recent_tokens_per_s']))} tokens/s since the last refresh)"
+        lines.append(line)
+    return Group(table, Text(""), *(Text(x) for x in lines))
+
+
+def _n(v) -> str:
+    return "-" if v is None else f"{v:,}"
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _ago(t: float | None, now: float) -> str:
+    if t is None:
+        return "-"
+    s = max(0.0, now - t)
+    return f"{s:.0f} s ago" if s < 120 else f"{s / 60:.0f} min ago" if s < 7200 else f"{s / 3600:.1f} h ago"
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:400]
+
+
+__all__ = ["status", "take_snapshot", "render", "Snapshot", "SCHEMA_ID", "asdict"]
