@@ -59,7 +59,7 @@ def cli(tmp_path_factory):
             return subprocess.run(argv, env={**env, **(env_extra or {})}, capture_output=True, text=True,
                                   stdin=subprocess.DEVNULL, timeout=timeout, cwd=tmp)
 
-        run.fake, run.tmp, run.config = fake, tmp, config
+        run.fake, run.tmp, run.config, run.env = fake, tmp, config, env
         yield run
 
 
@@ -146,6 +146,28 @@ def test_deploy_without_yes_and_without_a_terminal_applies_nothing(cli):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         "actfleet: deploy of the fleet stack needs a confirmation: run it in a terminal or pass --yes")
+    assert creates(cli.fake) == []
+
+
+@pytest.mark.slow
+def test_deploy_asks_on_a_terminal_and_no_applies_nothing(cli):
+    import pty
+
+    cli.fake.clear_calls()
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([ACTFLEET, "deploy", "--stack", "fleet", "--config", str(cli.config)], env=cli.env,
+                            cwd=cli.tmp, stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    os.close(slave)
+    try:
+        os.write(master, b"n\n")  # typed ahead: the terminal holds it until the prompt reads
+        out, err = proc.communicate(timeout=600)
+    finally:
+        os.close(master)
+    assert proc.returncode == 1
+    assert "deploy the fleet stack: 4 to add, 0 to change, 0 to destroy? [y/N]" in err
+    # (the answer's newline echoes on the terminal, not on stderr: the message follows the prompt)
+    assert err.rstrip().endswith("? [y/N]: actfleet: deploy of the fleet stack declined: nothing applied")
+    assert 'terraform_data.workers["tpu-us-central1-a-0"] will be created' in out  # the plan it asked about
     assert creates(cli.fake) == []
 
 
