@@ -92,3 +92,105 @@ def test_sigterm_stops_claiming_and_ends_the_current_unit_cleanly(tmp_path, drai
     w2 = standin_worker(store.url, "job", "w2", data, 0.0, 30, 25)
     assert w2.p.wait(timeout=120) == 0
     assert verify(store, "job").ok
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chaos: seeded SIGKILLs at every phase of the protocol
+# ----------------------------------------------------------------------------------------------------
+
+import random  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+from safetensors.numpy import load as load_safetensors  # noqa: E402
+
+PHASES = ("claimed", "computing", "uploading", "committing")
+
+
+def run_chaos(start_worker, *, workers: int, kills: int, seed: int) -> dict:
+    """Keep `workers` processes running; SIGKILL one at each phase in turn (seeded choice of victim and of
+    a short delay after the event) until `kills` kills are done, replacing each killed worker; then let
+    them finish. Returns counts per phase killed."""
+    rng = random.Random(seed)
+    live: dict[str, Proc] = {}
+    seen: dict[str, int] = {}
+    started = 0
+
+    def spawn():
+        nonlocal started
+        name = f"chaos-{started}"
+        started += 1
+        live[name] = start_worker(name)
+        seen[name] = 0
+
+    for _ in range(workers):
+        spawn()
+    killed = {p: 0 for p in PHASES}
+    deadline = time.monotonic() + 600  # a safety net against a hung test, not an assertion
+    k = 0
+    while k < kills and time.monotonic() < deadline:
+        phase = PHASES[k % len(PHASES)]
+        # the first worker (in a seeded order) that reaches this phase from now on dies in it
+        victim = None
+        while victim is None and time.monotonic() < deadline:
+            for name in sorted(live, key=lambda _: rng.random()):
+                proc = live[name]
+                with proc.cond:
+                    new = proc.lines[seen[name]:]
+                    seen[name] = len(proc.lines)
+                if any(line.startswith(phase + " ") for line in new):
+                    victim = name
+                    break
+                if "<eof>" in new:  # finished on its own (job nearly done): replace it to keep going
+                    del live[name]
+                    spawn()
+                    break
+            else:
+                time.sleep(0.005)
+        if victim is None:
+            break
+        time.sleep(rng.uniform(0, 0.03))
+        live[victim].p.kill()
+        live[victim].p.wait()
+        del live[victim]
+        killed[phase] += 1
+        k += 1
+        spawn()
+    for name, proc in live.items():
+        assert proc.p.wait(timeout=600) == 0, "\n".join(proc.lines[-30:])
+    return killed
+
+
+def unit_tensors(store, job: str, unit: int) -> dict[str, np.ndarray]:
+    rec = q.read_done(store, job, unit)
+    parts = [load_safetensors(store.read(f"{job}/{s.name}")[0]) for s in rec.shards]
+    return {k: np.concatenate([p[k] for p in parts]) for k in (parts[0] if parts else {})}
+
+
+def assert_bitwise_equal(store_a, store_b, job: str, units: int) -> None:
+    for unit in range(units):
+        a, b = unit_tensors(store_a, job, unit), unit_tensors(store_b, job, unit)
+        assert sorted(a) == sorted(b)
+        for name in a:
+            assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, (unit, name)
+            assert a[name].tobytes() == b[name].tobytes(), f"unit {unit} {name} differs"
+        assert q.read_done(store_a, job, unit).skipped == q.read_done(store_b, job, unit).skipped
+
+
+@pytest.mark.slow
+def test_chaos_over_the_standin_extractor(tmp_path):
+    """The protocol under 20 SIGKILLs, fast (no model): the real engine's version is below."""
+    data = sx.write_dataset(tmp_path / "data.jsonl", 120, bad_every=13, empty_every=17)
+    stores = {}
+    for name in ("reference", "chaos"):
+        stores[name] = open_store(str(tmp_path / name))
+        q.prepare(stores[name], "job", input=str(data), fingerprint=sx.fingerprint(data), rows=120, unit_rows=4,
+                  options={})
+    ref = standin_worker(stores["reference"].url, "job", "ref", data, 0.0, 30, 25)
+    assert ref.p.wait(timeout=300) == 0
+    killed = run_chaos(lambda name: standin_worker(stores["chaos"].url, "job", name, data, 0.01, 1.0, 25),
+                       workers=4, kills=20, seed=7)
+    assert sum(killed.values()) == 20 and all(killed.values()), killed
+    rep = verify(stores["chaos"], "job")
+    assert rep.ok, rep.problems
+    assert_bitwise_equal(stores["chaos"], stores["reference"], "job", 30)
