@@ -190,3 +190,31 @@ def test_error_summary_reads_terraform_diagnostics():
 def test_terraform_refuses_a_directory_without_a_stack(tmp_path):
     with pytest.raises(Exception, match="no cdk.tf.json"):
         Terraform(tmp_path)
+
+
+def test_a_second_concurrent_apply_fails_fast_on_the_state_lock(env, tmp_path):
+    """Terraform's state lock is the floor under reconcile's own lock: while one apply runs, another on
+    the same state fails at once with Terraform's lock error (lock_timeout 0s), changing nothing."""
+    import threading
+    import time
+
+    cfg, fake, _ = env
+    one = config_mod.load(write_config(tmp_path, workers_per_zone=1))
+    first, second = fleet_stack(one), fleet_stack(one)
+    lock_info = tmp_path / "state" / ".fleet.tfstate.lock.info"
+    fake.fail(status=None, delay=3.0, count=1, method="POST")  # one slow create keeps the first apply busy
+    outcome = {}
+    runner = threading.Thread(target=lambda: outcome.setdefault("out", first.apply()))
+    runner.start()
+    try:
+        while not lock_info.exists() and runner.is_alive():
+            time.sleep(0.05)
+        assert lock_info.exists(), "the first apply never took the state lock"
+        with pytest.raises(TerraformError, match="Error acquiring the state lock"):
+            second.apply()
+    finally:
+        runner.join()
+        fake.clear_faults()
+    assert "out" in outcome  # the first apply finished normally
+    assert len(first.state_list()) == 3
+    first.destroy()
