@@ -8,6 +8,7 @@ import pytest
 from actfleet.errors import InputError
 from worker import queue as q
 from worker.store import open_store
+from tests.fakes.gcs_server import fake_gcs  # noqa: F401  (fixture)
 
 OPTS = {"model": "tiny", "sites": ["blocks.0.hook_resid_post"], "positions": "all"}
 
@@ -211,3 +212,21 @@ def test_work_refuses_a_changed_dataset(tmp_path, store):
     with pytest.raises(InputError, match="changed since prepare"):
         Worker(store, spec, sx.StandinExtractor(data), "w1").run()
     assert list(store.list("job/leases/")) == []
+
+
+@pytest.mark.slow
+def test_the_loop_on_the_gcs_store_survives_transient_errors(tmp_path, fake_gcs):
+    """Against the enforcing fake GCS: 503s and 429s in the middle of a job are retried with backoff."""
+    gcs = open_store("gs://acts/run1")
+    spec, data = standin_job(tmp_path, gcs, rows=24, unit_rows=8)
+    faults = {"n": 0}
+
+    def on_event(kind, info):
+        if kind in ("computing", "uploading", "committing") and faults["n"] < 6:
+            fake_gcs.fail_next(1, 503 if faults["n"] % 2 else 429)
+            faults["n"] += 1
+
+    result = Worker(gcs, spec, sx.StandinExtractor(data), "w1", lease_seconds=30, on_event=on_event).run()
+    assert result.job_complete and result.units_committed == 3 and faults["n"] == 6
+    assert verify(gcs, "job").ok
+    assert q.job_progress(gcs, "job").complete
