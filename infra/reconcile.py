@@ -105,6 +105,51 @@ class PassReport:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
 
 
+# The --json report, as a JSON Schema (docs/operations.md explains each field). Stable: fields are only
+# ever added; a breaking change gets a new SCHEMA_ID.
+_ACTION = {"type": "object", "required": ["worker", "zone", "kind", "reason"],
+           "properties": {"worker": {"type": "string"}, "zone": {"type": "string"},
+                          "kind": {"enum": ["healthy", "pending", "wait", "report", "create", "replace", "remove",
+                                            "delete-orphan"]},
+                          "reason": {"type": "string"}}}
+REPORT_JSON_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": SCHEMA_ID,
+    "type": "object",
+    "required": ["schema", "fleet", "config", "dry_run", "started_at", "seconds", "outcome", "exit_code", "lock",
+                 "locked_by", "observe", "managed", "job", "counts", "actions", "terraform", "api_deletes",
+                 "errors"],
+    "properties": {
+        "schema": {"const": SCHEMA_ID},
+        "fleet": {"type": "string"},
+        "config": {"type": "string"},
+        "dry_run": {"type": "boolean"},
+        "started_at": {"type": "string"},
+        "seconds": {"type": "number"},
+        "outcome": {"enum": [CONVERGED, REPAIRED, PLANNED, LOCKED, FAILED]},
+        "exit_code": {"enum": [0, 1]},
+        "lock": {"type": ["object", "null"]},
+        "locked_by": {"type": ["object", "null"],
+                      "required": ["holder", "host", "pid", "since", "expires", "command", "describe"]},
+        "observe": {"type": "object", "required": ["zones", "unreachable", "api_calls", "seconds"],
+                    "properties": {"zones": {"type": "array", "items": {"type": "string"}},
+                                   "unreachable": {"type": "object", "additionalProperties": {"type": "string"}},
+                                   "api_calls": {"type": "integer"}, "seconds": {"type": "number"}}},
+        "managed": {"type": "array", "items": {"type": "string"}},
+        "job": {"type": "object", "required": ["watched", "complete", "error"]},
+        "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
+        "actions": {"type": "array", "items": _ACTION},
+        "terraform": {"type": "object", "required": ["ran", "command", "replace", "targets", "seconds", "error"],
+                      "properties": {"ran": {"type": "boolean"}, "command": {"enum": [None, "apply", "destroy"]},
+                                     "replace": {"type": "array", "items": {"type": "string"}},
+                                     "targets": {"type": "array", "items": {"type": "string"}},
+                                     "seconds": {"type": "number"}, "error": {"type": ["string", "null"]}}},
+        "api_deletes": {"type": "object", "required": ["deleted", "failed"]},
+        "errors": {"type": "array", "items": {"type": "string"}},
+    },
+}
+
+
 def reconcile_pass(cfg: Config, *, dry_run: bool = False, wait_for_lock: bool = False,
                    lock: ReconcileLock | None = None, api=None, clock: Callable[[], float] = time.time,
                    apply: Callable[..., None] | None = None) -> PassReport:
@@ -316,4 +361,4 @@ def attention(report: PassReport) -> list[Action]:
 
 
 __all__ = ["PassReport", "reconcile_pass", "managed_workers", "resource_address", "fleet_state_location",
-           "attention", "CONVERGED", "REPAIRED", "PLANNED", "LOCKED", "FAILED", "REMOVE", "SCHEMA_ID"]
+           "attention", "REPORT_JSON_SCHEMA", "CONVERGED", "REPAIRED", "PLANNED", "LOCKED", "FAILED", "REMOVE", "SCHEMA_ID"]

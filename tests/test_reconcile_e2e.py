@@ -19,10 +19,11 @@ import textwrap
 from pathlib import Path
 from urllib.parse import parse_qs
 
+import jsonschema
 import pytest
 
 from actfleet.config import load
-from infra.reconcile import managed_workers, reconcile_pass
+from infra.reconcile import REPORT_JSON_SCHEMA, managed_workers, reconcile_pass
 from infra.tpu_api import TpuApi
 from tests.fakes.tpu_server import FakeTpuServer
 
@@ -54,7 +55,10 @@ class Fleet:
         self.env.pop("ACTFLEET_CONFIG", None)
         self.write_config({A: 4, B: 4})
 
-    def write_config(self, zones: dict[str, int], **reconcile) -> None:
+    def write_config(self, zones: dict[str, int]) -> None:
+        # The job is watched from the start (not prepared: never complete) so the scale-to-zero test at the
+        # end needs no new synth.
+        reconcile = {"watch_job": True, "scale_to_zero_when_done": True}
         zones_toml = ", ".join(f'"{z}" = {n}' for z, n in zones.items())
         rec = "\n".join(f"{k} = {json.dumps(v)}" for k, v in reconcile.items())
         self.config.write_text(textwrap.dedent(f"""\
@@ -91,6 +95,7 @@ class Fleet:
             report = json.loads(proc.stdout)
         except ValueError:
             raise AssertionError(f"no JSON report (rc {proc.returncode}): {proc.stdout}\n{proc.stderr}")
+        jsonschema.validate(report, REPORT_JSON_SCHEMA)
         if check:
             assert proc.returncode == report["exit_code"], proc.stderr
         return proc.returncode, report
@@ -140,6 +145,7 @@ def test_eight_workers_over_two_zones_come_up_in_one_apply(fleet):
     assert fleet.applies() == ["apply"]
     assert fleet.mutations("create") == EIGHT
     assert fleet.states() == {n: "ACTIVE" for n in EIGHT}
+    assert report["job"] == {"watched": True, "complete": False, "error": None}  # not prepared yet
     assert managed_workers(load(fleet.config)) == frozenset(EIGHT)
 
 
@@ -314,3 +320,44 @@ def test_worker_added_to_the_config_is_created_and_one_removed_is_destroyed(flee
     assert fleet.mutations("delete") == [worker(B, 3)]
     assert worker(B, 3) not in fleet.states() and fleet.states()[worker(A, 4)] == "ACTIVE"
     assert worker(B, 3) not in managed_workers(load(fleet.config))
+
+
+def test_watch_runs_a_pass_every_interval_as_json_lines(fleet):
+    fleet.fresh()
+    proc = subprocess.Popen([ACTFLEET, "reconcile", "--config", str(fleet.config), "--json", "--watch", "1"],
+                            cwd=fleet.tmp, env=fleet.env, stdout=subprocess.PIPE, text=True)
+    try:
+        passes = [json.loads(proc.stdout.readline()) for _ in range(2)]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    assert [p["outcome"] for p in passes] == ["converged", "converged"]
+    assert passes[0]["started_at"] <= passes[1]["started_at"]
+    assert fleet.terraform_runs() == []
+
+
+def test_complete_job_scales_the_fleet_to_zero(fleet):
+    from worker.queue import DoneRecord, claim, commit, prepare
+    from worker.store import open_store
+
+    fleet.fresh()
+    store = open_store(str(fleet.tmp / "store"))
+    prepare(store, "default", input="data.jsonl", fingerprint="f" * 64, rows=2, unit_rows=1, options={})
+    for unit in range(2):
+        lease = claim(store, "default", unit, worker(A, 0), 60)
+        commit(store, lease, DoneRecord(unit=unit, start=unit, stop=unit + 1, worker=worker(A, 0), attempt=1,
+                                        rows_stored=1, tokens=5, skipped={}, shards=[], committed_at=1.0,
+                                        seconds=1.0), 60)
+    rc, report = fleet.reconcile()
+    assert (rc, report["outcome"]) == (0, "repaired"), report["errors"]
+    assert report["job"] == {"watched": True, "complete": True, "error": None}
+    assert {a["kind"] for a in report["actions"]} == {"remove"}
+    assert report["terraform"]["command"] == "destroy" and fleet.applies() == ["destroy"]
+    assert sorted(fleet.mutations("delete")) == sorted([worker(A, i) for i in range(5)] +
+                                                       [worker(B, i) for i in range(3)])
+    assert fleet.states() == {}
+    assert managed_workers(load(fleet.config)) == frozenset()
+    fleet.fresh()
+    rc, report = fleet.reconcile()  # and it stays at zero: nothing desired, nothing to do
+    assert (rc, report["outcome"], report["actions"]) == (0, "converged", [])
+    assert fleet.terraform_runs() == []
