@@ -90,7 +90,8 @@ class TpuApi:
 
     def __init__(self, project: str, endpoint: str = "", *, retries: int = DEFAULT_RETRIES,
                  timeout: float = DEFAULT_TIMEOUT, initial_backoff: float = 0.5, max_backoff: float = 16.0,
-                 operation_timeout: float = DEFAULT_OPERATION_TIMEOUT, page_size: int = 0):
+                 operation_timeout: float = DEFAULT_OPERATION_TIMEOUT, page_size: int = 0,
+                 on_wait: Callable[[str, float], None] | None = None):
         self.project = project
         self.endpoint = endpoint.rstrip("/")
         self.retries = retries
@@ -99,6 +100,7 @@ class TpuApi:
         self.max_backoff = max_backoff
         self.operation_timeout = operation_timeout
         self.page_size = page_size  # 0 = the server's default
+        self.on_wait = on_wait  # called (what, seconds so far) after each poll of a running operation
         self._local = threading.local()
         self._count_lock = threading.Lock()
         self._calls = 0
@@ -310,8 +312,11 @@ class TpuApi:
 
         client = self._client()
         delays = exponential_sleep_generator(0.1, 5.0, 1.5)
-        deadline = time.monotonic() + self.operation_timeout
+        started = time.monotonic()
+        deadline = started + self.operation_timeout
         while not operation.done:
+            if self.on_wait is not None:
+                self.on_wait(what, time.monotonic() - started)
             if time.monotonic() > deadline:
                 raise ActfleetError(f"TPU API: {what}: operation {operation.name} still running after "
                                     f"{self.operation_timeout:.0f} s")

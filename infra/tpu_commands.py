@@ -86,7 +86,7 @@ def create_qr(project, zone, qr_id, endpoint, request_file, request_json):
 
     from infra.tpu_api import TpuApi
 
-    api = TpuApi(project, endpoint)
+    api = TpuApi(project, endpoint, on_wait=_progress())
     path = api.qr_path(zone, qr_id)
     if api.create_queued_resource(zone, qr_id, request):
         click.echo(f"created queued resource {path}")
@@ -103,12 +103,28 @@ def delete_qr(project, zone, qr_id, endpoint, force):
     _check_target(project, zone, qr_id)
     from infra.tpu_api import TpuApi
 
-    api = TpuApi(project, endpoint)
+    api = TpuApi(project, endpoint, on_wait=_progress())
     path = api.qr_path(zone, qr_id)
     if api.delete_queued_resource(zone, qr_id, force=force):
         click.echo(f"deleted queued resource {path}" + (" and its node" if force else ""))
     else:
         click.echo(f"queued resource {path} does not exist: nothing to do")
+
+
+PROGRESS_EVERY = 15.0  # seconds between "still waiting" lines while an operation runs
+
+
+def _progress():
+    """A line on stderr every PROGRESS_EVERY seconds of waiting: Terraform streams it, so a deploy
+    waiting on a slow delete shows it is alive (a bar would garble Terraform's output)."""
+    shown = [0.0]
+
+    def report(what: str, seconds: float) -> None:
+        if seconds - shown[0] >= PROGRESS_EVERY:
+            shown[0] = seconds
+            click.echo(f"actfleet: waiting for the TPU API to finish with {what} ({seconds:.0f} s)", err=True)
+
+    return report
 
 
 @tpu.command("list")

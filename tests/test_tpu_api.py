@@ -139,6 +139,16 @@ def test_observe_calls_zones_in_parallel_and_isolates_a_failing_zone(fake_tpu, a
     assert fake_tpu.max_in_flight >= 3  # the zones (and each zone's two lists) were called concurrently
 
 
+def test_a_state_newer_than_the_library_shows_as_its_number(fake_tpu, api):
+    from google.cloud.tpu_v2.types import cloud_tpu
+
+    fake_tpu.create_qr_direct(ZONE_A, "tpu-us-central1-a-0", project=PROJECT)
+    with fake_tpu.state.lock:
+        [qr] = fake_tpu.state.qrs.values()
+        cloud_tpu.QueuedResource.pb(qr.message).state.state = 42  # what a future API version might send
+    assert api.get_queued_resource(ZONE_A, "tpu-us-central1-a-0").state == "42"
+
+
 def test_get_returns_none_when_absent(fake_tpu, api):
     assert api.get_queued_resource(ZONE_A, "tpu-us-central1-a-9") is None
     assert api.get_node(ZONE_A, "tpu-us-central1-a-9") is None
@@ -290,8 +300,13 @@ def test_a_malformed_request_is_bad_input_and_sends_nothing(fake_tpu, api, mutat
 def test_delete_is_idempotent_and_waits_for_the_operation(fake_tpu, api):
     fake_tpu.configure(delete_delay=0.3)
     api.create_queued_resource(ZONE_A, "tpu-us-central1-a-0", qr_request(ZONE_A, "tpu-us-central1-a-0"))
+    waits = []
+    api.on_wait = lambda what, seconds: waits.append((what, seconds))
 
     assert api.delete_queued_resource(ZONE_A, "tpu-us-central1-a-0") is True
+    assert waits and {w for w, _ in waits} == {
+        f"queued resource projects/{PROJECT}/locations/{ZONE_A}/queuedResources/tpu-us-central1-a-0"}
+    assert [s for _, s in waits] == sorted(s for _, s in waits)
     # Returned only once the operation was done: the resource and its node are gone now.
     assert fake_tpu.queued_resource_state(ZONE_A, "tpu-us-central1-a-0") is None
     assert api.list_nodes(ZONE_A) == ()
