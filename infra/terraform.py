@@ -52,7 +52,12 @@ SUMMARY_LIMIT = 800  # characters of error summary kept on the one line
 
 
 class TerraformError(ActfleetError):
-    """terraform exited non-zero; the message is its error summary on one line (exit code 1)."""
+    """terraform exited non-zero; the message is its error summary on one line (exit code 1), `output`
+    everything it printed."""
+
+    def __init__(self, message: str, output: str = ""):
+        super().__init__(message)
+        self.output = output
 
 
 def worker_address(name: str, mode: str = "queued") -> str:
@@ -122,12 +127,16 @@ class Terraform:
             fd, name = tempfile.mkstemp(prefix="actfleet-", suffix=".tfplan", dir=self.dir)
             os.close(fd)
             plan_path = Path(name)
-        if plan_path:
             args.append(f"-out={plan_path}")
-        text = self.run(*args)
-        if plan_path is None:
-            return _summary_from_text(text)
-        shown = json.loads(self.run("show", "-json", str(plan_path), stream=False))
+        try:
+            text = self.run(*args)
+            if plan_path is None:
+                return _summary_from_text(text)
+            shown = json.loads(self.run("show", "-json", str(plan_path), stream=False))
+        except BaseException:
+            if plan_path:
+                plan_path.unlink(missing_ok=True)
+            raise
         return _summary_from_json(shown, text, plan_path)
 
     @staticmethod
@@ -160,7 +169,7 @@ class Terraform:
         try:
             out = self.run("state", "list", stream=False)
         except TerraformError as e:
-            if "No state file was found" in str(e):
+            if "No state file was found" in e.output:
                 return []
             raise
         return [line for line in out.splitlines() if line.strip()]
@@ -197,7 +206,8 @@ class Terraform:
         stdout, stderr = "".join(out), "".join(err)
         if rc != 0:
             raise TerraformError(f"terraform {args[0]} failed in {self.name} stack: "
-                                 f"{error_summary(stderr if 'Error: ' in stderr else stderr + stdout)}")
+                                 f"{error_summary(stderr if 'Error: ' in stderr else stderr + stdout)}",
+                                 output=stderr + stdout)
         return stdout
 
 
@@ -261,6 +271,7 @@ def error_summary(output: str) -> str:
     with ' | '. Without any (a crash, a usage error): the last non-empty lines."""
     # With -no-color a diagnostic is "Error: <summary>" at column 0, then indented "with"/"on"/source lines,
     # then the detail paragraph; coloured output wraps the same in a box (╷ │ ╵), which is stripped here.
+    output = re.sub(r"\x1b\[[0-9;]*m", "", output)  # a few subcommands colour even under TF_IN_AUTOMATION
     lines = [re.sub(r"^[╷╵]", "", re.sub(r"^│ ?", "", raw.rstrip())) for raw in output.splitlines()]
     diagnostics: list[list[str]] = []
     for line in lines:

@@ -86,6 +86,7 @@ def test_fleet_lifecycle_against_fake_tpu_api(env):
     # init works offline: the stack needs no provider plugin.
     tf = fleet_stack(cfg)
     assert not (tf.dir / ".terraform" / "providers").exists()
+    assert tf.state_list() == []  # no state file yet: nothing, not an error
 
     # The plan creates one resource per worker, each addressable on its own.
     plan = tf.plan()
