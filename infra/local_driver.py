@@ -78,6 +78,7 @@ class ProcessFleet:
     events: list[Event] = field(default_factory=list)
     restarts: int = 0
     failures: int = 0  # exits the driver did not cause (non-zero code, or a signal it did not send)
+    last_failure: "Slot | None" = None  # the most recent such exit (its code and log say why)
 
     # -- observe -------------------------------------------------------------------------------------
 
@@ -105,6 +106,7 @@ class ProcessFleet:
             how = f"exited with code {code}"
         if not (s.chaos_killed or code == 0):
             self.failures += 1
+            self.last_failure = s
         self.events.append(Event(self.clock(), s.worker.name, "exit", how))
 
     # -- decide + act --------------------------------------------------------------------------------

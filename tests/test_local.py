@@ -175,3 +175,114 @@ def test_chaos_zero_never_kills_and_a_bad_rate_is_refused():
     assert all(Chaos(0.0).victims(["a", "b"], 10.0) == [] for _ in range(100))
     with pytest.raises(ValueError, match="chaos rate 1.5"):
         Chaos(1.5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# actfleet local, end to end (real engine on the tiny random model, real processes, real SIGKILLs)
+# ----------------------------------------------------------------------------------------------------
+
+
+def actfleet(*args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("ACTFLEET_CONFIG", None)
+    return subprocess.Popen([sys.executable, "-c", "from actfleet.cli import main; main()", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def small_dataset(tmp_path: Path, rows: int) -> Path:
+    """The first `rows` rows of the bundled dataset, so the test stays about a minute on 2 cores."""
+    from actfleet.local import BUNDLED_DATASET
+
+    path = tmp_path / "tales.jsonl"
+    path.write_text("".join(BUNDLED_DATASET.read_text().splitlines(keepends=True)[:rows]))
+    return path
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains `text` (our own temporary paths: nobody else's)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                state = next((ln for ln in (d / "status").read_text().splitlines() if ln.startswith("State:")), "")
+            except OSError:
+                continue
+            if text in cmd and "zombie" not in state:
+                pids.append(int(d.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_local_with_chaos_verifies_and_its_summary_matches_the_shards_on_disk(tmp_path):
+    from worker.reader import read_shard
+
+    data = small_dataset(tmp_path, 400)
+    out = tmp_path / "out"
+    p = actfleet("local", "--workers", "3", "--chaos", "0.1", "--seed", "3", "--input", str(data), "--unit-rows",
+                 "20", "--lease-seconds", "6", "--out", str(out), "--json")
+    stdout, stderr = p.communicate(timeout=600)
+    assert p.returncode == 0, stderr[-3000:]
+    s = json.loads(stdout)
+    assert s["verified"] and s["problems"] == []
+    assert s["random_weights"] and "RANDOM WEIGHTS" in s["model_label"]
+    assert s["units"] == s["units_total"] == 20
+    assert s["rows"] == 400 == s["rows_stored"] + sum(s["rows_skipped"].values())
+    assert s["chaos_kills"] >= 1 and s["restarts"] >= 1, stderr[-3000:]  # recovery was exercised
+
+    # The summary's numbers are the shards on disk, read back with the reader.
+    files = sorted(Path(s["shards_dir"]).glob("*.safetensors"))
+    assert len(files) == s["shards"] > 0
+    assert sum(f.stat().st_size for f in files) == s["bytes"]
+    tokens, samples, seen = 0, set(), set()
+    for f in files:
+        shard = read_shard(f)
+        ids, pos = shard["sample_ids"], shard["positions"]
+        tokens += len(ids)
+        samples |= set(ids.tolist())
+        seen |= set(zip(ids.tolist(), pos.tolist()))
+        for name, acts in shard.items():
+            if name.startswith("blocks."):
+                assert acts.shape[0] == len(ids)
+    assert tokens == s["tokens"] == len(seen) > 0  # no (sample, position) stored twice despite the kills
+    assert len(samples) == s["rows_stored"] and samples <= set(range(400))
+    assert not processes_mentioning(str(out))  # every worker was stopped
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_worker_and_running_again_resumes_the_job(tmp_path):
+    data = small_dataset(tmp_path, 300)
+    out = tmp_path / "out"
+    args = ("local", "--workers", "2", "--input", str(data), "--unit-rows", "10", "--out", str(out), "--json")
+    p = actfleet(*args)
+    done_dir = out / "store" / "local" / "done"
+    deadline = time.monotonic() + 300
+    while not (done_dir.is_dir() and len(list(done_dir.iterdir())) >= 3):
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()[1][-3000:]
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130, stderr[-3000:]
+    assert "run the same command again to resume" in stderr.lower()
+    assert stdout == ""
+    assert not processes_mentioning(str(out))
+    done_before = {f.name: f.read_bytes() for f in done_dir.iterdir()}
+    assert 3 <= len(done_before) < 30
+
+    p = actfleet(*args)
+    stdout, stderr = p.communicate(timeout=600)
+    assert p.returncode == 0, stderr[-3000:]
+    assert f"resuming, " in stderr
+    s = json.loads(stdout)
+    assert s["verified"] and s["units"] == 30 and s["rows"] == 300
+    # the units done before the interruption were kept, not redone
+    assert all((done_dir / name).read_bytes() == record for name, record in done_before.items())
+    assert s["tokens_this_run"] < s["tokens"]
+
+
+def test_bad_input_is_one_line_naming_the_culprit(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("")
+    p = actfleet("local", "--input", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o"))
+    _, stderr = p.communicate(timeout=60)
+    assert p.returncode == 2 and "missing.jsonl" in stderr and len(stderr.strip().splitlines()) == 1
