@@ -327,19 +327,15 @@ def managed_workers(cfg: Config) -> frozenset[str]:
 def terraform_apply(cfg: Config, *, replace: list[str], targets: list[str], destroy: bool,
                     stream: bool = False) -> None:
     """The act step's one terraform run on the fleet stack (synthesized through the cache, initialised
-    once; infra/terraform.py). Raises ActfleetError with Terraform's error summary on failure."""
-    import inspect
-
+    once; infra/terraform.py). Raises ActfleetError with Terraform's error summary on failure. Waits up
+    to a minute for Terraform's state lock (an `actfleet deploy` may be finishing)."""
     from infra.terraform import fleet_stack
 
-    tf = fleet_stack(cfg, stream=stream)
+    tf = fleet_stack(cfg, stream=stream, lock_timeout="60s")
     if destroy:
         tf.destroy()
-        return
-    kwargs: dict[str, Any] = {"replace": replace}
-    if targets and "targets" in inspect.signature(tf.apply).parameters:
-        kwargs["targets"] = targets  # the runner supports -target: touch only what this pass decided
-    tf.apply(**kwargs)
+    else:
+        tf.apply(replace=replace, targets=targets)
 
 
 def _zone_of(name: str) -> str:

@@ -237,6 +237,8 @@ def test_one_zone_answering_503_does_not_stop_the_other_zones_repair(fleet):
     assert list(report.unreachable) == [A] and "503" in report.unreachable[A]
     kinds = {a.worker: a.kind for a in report.actions}
     assert kinds[worker(B, 1)] == "replace"
+    # The apply is limited to what this pass decided, so nothing in the unseen zone is touched.
+    assert report.terraform["targets"] == [f'terraform_data.workers["{worker(B, 1)}"]']
     assert {kinds[worker(A, i)] for i in range(4)} == {"wait"}
     assert fleet.mutations("delete") == fleet.mutations("create") == [worker(B, 1)]
     assert fleet.states()[worker(B, 1)] == "ACTIVE" and fleet.states()[worker(A, 0)] == "SUSPENDED"
