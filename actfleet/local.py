@@ -50,9 +50,9 @@ RANDOM_LABEL = "RANDOM WEIGHTS (tiny demo model: the activations mean nothing)"
 @click.option("--chaos", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
               help="Kill each worker with this probability per second (SIGKILL, like a spot preemption).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the chaos and the tiny model.")
-@click.option("--model", "model", type=click.Path(exists=True, file_okay=False),
+@click.option("--model", "model", type=click.Path(file_okay=False),
               help="A Hugging Face model directory (default: a tiny random Qwen2 made under OUT).")
-@click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False),
+@click.option("--input", "input_path", type=click.Path(dir_okay=False),
               help="Dataset: JSONL with a \"text\" field (default: the bundled worker/data/tiny_tales.jsonl).")
 @click.option("--out", "out", type=click.Path(file_okay=False), default="actfleet-local", show_default=True,
               help="Where the model, the store (with the shards) and the worker logs go.")
@@ -71,12 +71,14 @@ def local(workers, chaos, seed, model, input_path, out, job, layers, sites, unit
     from worker import queue as q
     from worker.store import open_store
 
+    dataset = Path(input_path).resolve() if input_path else BUNDLED_DATASET
+    if not dataset.is_file():
+        raise InputError(f"--input {input_path or dataset}: no such file")
+    if model and not Path(model).is_dir():
+        raise InputError(f"--model {model}: no such directory")
     out_dir = Path(out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     store_dir, log_dir = out_dir / "store", out_dir / "logs"
-    dataset = Path(input_path).resolve() if input_path else BUNDLED_DATASET
-    if not dataset.is_file():
-        raise InputError(f"{dataset}: dataset not found")
     say = _Say(as_json)
 
     # 1. the model
@@ -265,16 +267,18 @@ def _failure_line(s) -> str:
 
 
 class _sigterm_as_interrupt:
-    """SIGTERM to `actfleet local` itself stops it like Ctrl-C does."""
+    """SIGTERM and SIGINT stop `actfleet local` like Ctrl-C does (SIGINT too, because a shell starts
+    background jobs with SIGINT ignored, and `kill -INT` should still stop it cleanly)."""
 
     def __enter__(self):
         def handler(signum, frame):
             raise KeyboardInterrupt
 
-        self.old = signal.signal(signal.SIGTERM, handler)
+        self.old = signal.signal(signal.SIGTERM, handler), signal.signal(signal.SIGINT, handler)
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self.old)
+        signal.signal(signal.SIGTERM, self.old[0])
+        signal.signal(signal.SIGINT, self.old[1])
 
 
 class _ignoring_sigint:
@@ -414,7 +418,8 @@ def _print_summary(s: dict, report) -> None:
         f"  rows      {s['rows']:,} = {s['rows_stored']:,} stored + {skipped:,} skipped" + (f" ({why})" if why else ""),
         f"  tokens    {s['tokens']:,} in {s['shards']:,} shards, {_human_bytes(s['bytes'])} ({s['bytes']:,} bytes)",
         f"  speed     {s['tokens_per_second']:,.0f} tokens/s ({s['tokens_this_run']:,} tokens in {s['seconds']:.0f} s, "
-        f"{s['workers']} workers)",
+        f"{s['workers']} workers)" if s["tokens_this_run"] else
+        "  speed     - (nothing left to do: the job was already complete)",
         f"  restarts  {s['restarts']} ({s['chaos_kills']} chaos kills, {s['crashes']} crashes)",
         f"  shards    {s['shards_dir']}",
         f"  load them python -c \"{s['load_snippet']}\"",
