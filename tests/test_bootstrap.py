@@ -11,6 +11,8 @@ import os
 import stat
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -90,13 +92,15 @@ esac
         root = tmp_path / "root"
         commits = (first, second)
 
-        def run(self, **metadata_changes):
+        metadata_dir = metadata
+
+        def run(self, env_changes=None, **metadata_changes):
             for key, value in metadata_changes.items():
                 (metadata / key).write_text(value)
             env = {**os.environ, "ACTFLEET_ROOT": str(self.root), "ACTFLEET_METADATA_DIR": str(metadata),
                    "ACTFLEET_PIP": str(pip), "ACTFLEET_SYSTEMCTL": str(systemctl),
                    "ACTFLEET_PYTHON": sys.executable, "ACTFLEET_VENV_ARGS": "--without-pip",
-                   "GIT_CONFIG_NOSYSTEM": "1"}
+                   "GIT_CONFIG_NOSYSTEM": "1", **(env_changes or {})}
             return subprocess.run(["bash", str(STARTUP)], env=env, capture_output=True, text=True, timeout=120)
 
         def calls(self) -> list[str]:
@@ -173,6 +177,41 @@ def test_a_moving_or_ambiguous_ref_is_refused(vm, ref):
     assert result.returncode == 2
     assert f"actfleet-commit = '{ref}'" in result.stderr and "refusing a moving ref" in result.stderr
     assert not (vm.root / "opt").exists() and vm.calls() == []
+
+
+def test_reads_the_metadata_server_with_its_header(vm):
+    """The VM path: attributes over HTTP from a metadata server that insists on Metadata-Flavor: Google."""
+    served = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            key = self.path.rsplit("/", 1)[-1]
+            path = vm.metadata_dir / key
+            if self.headers.get("Metadata-Flavor") != "Google":
+                status, body = 403, b"missing Metadata-Flavor header"
+            elif not path.is_file():
+                status, body = 404, b"not found"
+            else:
+                status, body = 200, path.read_bytes()
+            served.append((key, status))
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/computeMetadata/v1/instance/attributes"
+        result = vm.run({"ACTFLEET_METADATA_DIR": "", "ACTFLEET_METADATA_URL": url})
+    finally:
+        server.shutdown()
+    assert result.returncode == 0, result.stderr
+    assert ("actfleet-commit", 200) in served and ("actfleet-worker", 200) in served
+    assert "ACTFLEET_WORKER=tpu-us-central1-a-0" in (vm.root / "etc/actfleet/worker.env").read_text()
 
 
 def test_missing_metadata_is_named(vm, tmp_path):
