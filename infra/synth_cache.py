@@ -10,6 +10,7 @@ the infra code that builds the stacks. Their hash is the cache key:
 
 A hit touches nothing but the file system: this module never imports cdktf itself (a test checks that).
 Entries are written to a temporary directory and renamed into place, so readers never see half a synth.
+Old entries are pruned (see KEEP_ENTRIES).
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ from actfleet.config import Config
 
 SYNTH_DIR_ENV = "ACTFLEET_SYNTH_DIR"
 DEFAULT_SYNTH_DIR = ".actfleet/synth"
-KEEP_ENTRIES = 8  # older cache entries are pruned after a new synth (their .terraform dirs are not small)
+# After a new synth, entries beyond the 8 most recently used AND unused for a day are removed (their
+# .terraform dirs are not small); the age guard keeps an entry a long-running reconcile still applies from.
+KEEP_ENTRIES = 8
+PRUNE_AFTER_SECONDS = 86400
 
 _ROOT = Path(__file__).resolve().parent.parent
 # Everything whose content changes the synthesized JSON.
@@ -137,11 +141,12 @@ def actfleet_command() -> str:
     return f"{shlex.quote(sys.executable)} -c 'from actfleet.cli import main; main()'"
 
 
-def prune(root: Path, *, keep: int, protect: Path) -> None:
+def prune(root: Path, *, keep: int, protect: Path, min_age: float = PRUNE_AFTER_SECONDS) -> None:
     entries = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
                      key=lambda p: p.stat().st_mtime, reverse=True)
+    now = time.time()
     for old in entries[keep:]:
-        if old != protect:
+        if old != protect and now - old.stat().st_mtime > min_age:
             shutil.rmtree(old, ignore_errors=True)
 
 

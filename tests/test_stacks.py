@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -368,3 +369,17 @@ def test_cdktf_cli_synth_hcl_export_is_valid_terraform(tmp_path):
                  ["terraform", "validate", "-no-color"]):
         check = subprocess.run(argv, cwd=fleet_tf.parent, env=env, capture_output=True, text=True)
         assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_prune_keeps_recent_and_young_entries(tmp_path):
+    root = tmp_path / "cache"
+    now = time.time()
+    for i in range(5):
+        entry = root / f"entry{i}"
+        entry.mkdir(parents=True)
+        age = 10 * 86400 if i < 3 else 60  # entry0-2 unused for ten days, entry3-4 used a minute ago
+        os.utime(entry, (now - age - i, now - age - i))
+    (root / ".plugins").mkdir()
+    synth_cache.prune(root, keep=1, protect=root / "entry0")
+    # Beyond the newest one: old ones go (except the protected one), young ones and dot-dirs stay.
+    assert sorted(p.name for p in root.iterdir()) == [".plugins", "entry0", "entry3", "entry4"]
