@@ -1,0 +1,91 @@
+"""Memory-efficient causal attention over packed sequences (flash-attention's online softmax, in plain JAX).
+
+Rows are packed: one row of length T holds several sequences back to back, told apart by `segment_ids`
+(padding has its own segment). A token attends to earlier tokens of its own segment only. The row is cut
+into blocks of `block` tokens; for each query block we walk only the key blocks that can matter -- from the
+block holding the start of the earliest sequence in the query block up to the diagonal -- keeping a running
+max and sum per query (online softmax). Nothing bigger than block x block scores is ever live, so a single
+32,768-token sequence needs memory linear in its length, and packed short sequences cost what they would
+cost alone.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30  # finite, so fully masked key blocks never make NaNs (exp(NEG_INF - m) == 0)
+
+
+def _pick_block(t: int, block: int) -> int:
+    block = min(block, t)
+    while t % block:
+        block //= 2
+    return max(block, 1)
+
+
+def attention(q, k, v, segment_ids, positions, *, block: int = 512):
+    """Causal, segment-masked attention.
+
+    q: [B, T, H, hd]; k, v: [B, T, KVH, hd] (H a multiple of KVH: grouped-query attention);
+    segment_ids, positions: int32 [B, T], positions counting from 0 at each segment's start.
+    Returns [B, T, H, hd] in q's dtype. Scores and softmax are float32.
+    """
+    b, t, h, hd = q.shape
+    kvh = k.shape[2]
+    g = h // kvh
+    blk = _pick_block(t, block)
+    nb = t // blk
+    scale = hd ** -0.5
+
+    qb = q.reshape(b, nb, blk, kvh, g, hd)
+    kb = k.reshape(b, nb, blk, kvh, hd)
+    vb = v.reshape(b, nb, blk, kvh, hd)
+    segb = segment_ids.reshape(b, nb, blk)
+    # The earliest key any query of block i can see: the start of the sequence its first token belongs to.
+    seq_start = jnp.arange(t, dtype=jnp.int32)[None, :] - positions
+    first_kv_block = (seq_start.reshape(b, nb, blk)[:, :, 0] // blk).clip(0, nb - 1)
+
+    def one_row(qr, kr, vr, segr, first):
+        def one_query_block(i):
+            qi = qr[i].astype(jnp.float32) * scale  # [blk, kvh, g, hd]
+            qseg = segr[i]
+            qpos = i * blk + jnp.arange(blk)
+
+            def step(j, carry):
+                m, l, acc = carry
+                kj, vj = kr[j].astype(jnp.float32), vr[j].astype(jnp.float32)
+                s = jnp.einsum("qkgd,skd->kgqs", qi, kj)  # [kvh, g, blk_q, blk_k]
+                kpos = j * blk + jnp.arange(blk)
+                mask = (kpos[None, :] <= qpos[:, None]) & (segr[j][None, :] == qseg[:, None])
+                s = jnp.where(mask, s, NEG_INF)
+                m_new = jnp.maximum(m, s.max(-1))
+                p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+                corr = jnp.exp(m - m_new)
+                l = l * corr + p.sum(-1)
+                acc = acc * corr[..., None] + jnp.einsum("kgqs,skd->kgqd", p, vj)
+                return m_new, l, acc
+
+            init = (jnp.full((kvh, g, blk), NEG_INF, jnp.float32), jnp.zeros((kvh, g, blk), jnp.float32),
+                    jnp.zeros((kvh, g, blk, hd), jnp.float32))
+            _, l, acc = jax.lax.fori_loop(first[i], i + 1, step, init)
+            out = acc / l[..., None]  # the diagonal is always unmasked, so l > 0
+            return out.transpose(2, 0, 1, 3)  # [blk, kvh, g, hd]
+
+        return jax.lax.map(one_query_block, jnp.arange(nb))  # [nb, blk, kvh, g, hd]
+
+    out = jax.vmap(one_row)(qb, kb, vb, segb, first_kv_block)
+    return out.reshape(b, t, h, hd).astype(q.dtype)
+
+
+def reference_attention(q, k, v, segment_ids, positions):
+    """The plain T x T version, for tests only."""
+    b, t, h, hd = q.shape
+    g = h // k.shape[2]
+    k = jnp.repeat(k, g, axis=2).astype(jnp.float32)
+    v = jnp.repeat(v, g, axis=2).astype(jnp.float32)
+    s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k) * hd ** -0.5
+    idx = jnp.arange(t)
+    mask = (idx[None, :] <= idx[:, None])[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    s = jnp.where(mask[:, None], s, NEG_INF)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v).astype(q.dtype)

@@ -1,0 +1,245 @@
+"""The extraction engine: rendered text rows in, Batches of stored-token activations out.
+
+    engine = Engine("path/to/model", ExtractOptions(sites=("blocks.6.hook_resid_post",)))
+    for batch in engine.run([(0, "some text", None), (1, None, "bad json"), ...]):
+        batch.token_ids, batch.sample_ids, batch.positions, batch.acts["blocks.6.hook_resid_post"]
+
+One `run` call: tokenize every row, apply the long-input policy, plan the packing (worker.batching, a pure
+function of the row list), then stream the batches through one jitted forward pass per shape. The next
+batch is dispatched before the previous one's results are copied to the host, so transfer and whatever the
+caller does with a Batch (shard writing, upload) overlap with compute. Weights are replicated and the batch
+dimension is sharded over a 1-axis mesh of all local devices.
+
+Determinism: the stored bits for a sample depend only on the rows given to one `run` call (the packing plan
+is a pure function of them); the same rows give the same bits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from worker import batching, convert, model_files
+from worker.models import family_for
+from worker.shards import STORE_DTYPES
+
+POSITIONS = ("all", "non-special", "last")
+LONG_INPUTS = ("skip", "truncate")
+
+Row = tuple[int, "str | None", "str | None"]
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    sites: tuple[str, ...] = ("blocks.*.hook_resid_post",)  # TransformerLens names; "blocks.*.x" = all layers
+    positions: str = "non-special"  # all | non-special | last
+    max_seq: int = 0  # 0: the model's context length
+    long_inputs: str = "skip"  # skip | truncate
+    batch_tokens: int = 16384
+    compute_dtype: str = "bfloat16"  # float32 | bfloat16
+    store_dtype: str = "bfloat16"  # float32 | bfloat16
+    attn_block: int = 512
+
+    def __post_init__(self):
+        for name, value, allowed in (("positions", self.positions, POSITIONS),
+                                     ("long_inputs", self.long_inputs, LONG_INPUTS),
+                                     ("compute_dtype", self.compute_dtype, tuple(STORE_DTYPES)),
+                                     ("store_dtype", self.store_dtype, tuple(STORE_DTYPES))):
+            if value not in allowed:
+                raise ValueError(f"{name} {value!r}: use one of {', '.join(allowed)}")
+        if self.batch_tokens < 1 or self.max_seq < 0:
+            raise ValueError("batch_tokens must be >= 1 and max_seq >= 0")
+
+
+@dataclass
+class Batch:
+    """Stored tokens of some samples, sorted by (sample_id, position), plus counters."""
+
+    token_ids: np.ndarray  # int32 [n]
+    sample_ids: np.ndarray  # int64 [n]
+    positions: np.ndarray  # int32 [n]
+    acts: dict[str, np.ndarray]  # site -> [n, d] in the store dtype
+    rows: int = 0  # input rows accounted for by this batch (stored here, or skipped)
+    computed_tokens: int = 0  # batch shape's tokens, padding included
+    padded_tokens: int = 0
+    truncated: int = 0
+    skipped: dict[int, str] = field(default_factory=dict)  # sample_id -> reason
+
+    @property
+    def stored_tokens(self) -> int:
+        return len(self.sample_ids)
+
+    @property
+    def skipped_by_reason(self) -> Counter:
+        return Counter(self.skipped.values())
+
+
+def enable_compilation_cache() -> str:
+    """Turn on JAX's persistent compilation cache so a restarted worker does not recompile."""
+    import jax
+
+    path = os.environ.get("ACTFLEET_JAX_CACHE") or str(Path.home() / ".cache" / "actfleet" / "jax")
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
+class Engine:
+    """Loads the model and tokenizer once; `run` extracts any number of row lists with them."""
+
+    def __init__(self, model_ref: str, options: ExtractOptions = ExtractOptions(), *, revision: str = "main"):
+        import jax
+        import jax.numpy as jnp
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+        from transformers import AutoTokenizer
+
+        enable_compilation_cache()
+        self.options = options
+        self.model_ref, self.revision = model_ref, revision
+        self.model_dir = model_files.resolve(model_ref, revision=revision)
+        hf_config = json.loads((self.model_dir / "config.json").read_text())
+        self.family = family_for(hf_config["model_type"])
+        self.config = self.family.Config.from_hf(hf_config)
+        self.random_weights = bool(hf_config.get("actfleet_random_weights", False))
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.sites = self.family.site_names(options.sites, self.config.layers)
+        if not self.sites:
+            raise ValueError("no capture sites")
+        self.max_seq = options.max_seq or self.config.max_pos
+        special = set(self.tokenizer.all_special_ids)
+        if self.tokenizer.bos_token_id is not None:
+            special.add(self.tokenizer.bos_token_id)
+        self.special_ids = np.array(sorted(special), dtype=np.int32)
+
+        self.devices = jax.devices()
+        self.mesh = Mesh(np.array(self.devices), ("data",))
+        self._batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
+        compute = jnp.bfloat16 if options.compute_dtype == "bfloat16" else jnp.float32
+        host = convert.load_weights(self.model_dir, self.config, n_layers=self.family.layers_needed(self.sites))
+        self.weights = jax.device_put(jax.tree.map(lambda a: jnp.asarray(a, compute), host),
+                                      NamedSharding(self.mesh, PartitionSpec()))
+        store = jnp.bfloat16 if options.store_dtype == "bfloat16" else jnp.float32
+
+        def step(weights, token_ids, segment_ids, positions):
+            acts = self.family.forward(self.config, weights, token_ids, segment_ids, positions,
+                                       sites=self.sites, attn_block=options.attn_block)
+            return {k: v.astype(store) for k, v in acts.items()}
+
+        self._step = jax.jit(step)
+
+    # ------------------------------------------------------------------------------------------------
+
+    def tokenize(self, texts: list[str]) -> list[np.ndarray]:
+        if not texts:
+            return []
+        enc = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        return [np.asarray(ids, dtype=np.int32) for ids in enc]
+
+    def _store_mask(self, ids: np.ndarray) -> np.ndarray:
+        if self.options.positions == "all":
+            return np.ones(len(ids), bool)
+        if self.options.positions == "last":
+            mask = np.zeros(len(ids), bool)
+            mask[-1] = True
+            return mask
+        return ~np.isin(ids, self.special_ids)
+
+    def run(self, rows: Iterable[Row]) -> Iterator[Batch]:
+        """Extract the rows; yields Batches (every input row is stored in one batch or listed as skipped)."""
+        rows = list(rows)
+        skipped: dict[int, str] = {}
+        truncated = 0
+        todo = [(sid, text) for sid, text, reason in rows if not reason]
+        for sid, text, reason in rows:
+            if reason:
+                skipped[sid] = reason
+        seqs: list[tuple[int, np.ndarray, np.ndarray]] = []  # (sample_id, token ids, store mask)
+        for (sid, _), ids in zip(todo, self.tokenize([t if isinstance(t, str) else "" for _, t in todo])):
+            if len(ids) == 0:
+                skipped[sid] = "empty text"
+                continue
+            if len(ids) > self.max_seq:
+                if self.options.long_inputs == "skip":
+                    skipped[sid] = f"longer than max_seq ({self.max_seq} tokens)"
+                    continue
+                ids, truncated = ids[: self.max_seq], truncated + 1
+            mask = self._store_mask(ids)
+            if not mask.any():
+                skipped[sid] = "no tokens to store (all special)"
+                continue
+            seqs.append((sid, ids, mask))
+
+        planned = batching.plan([len(s[1]) for s in seqs], batch_tokens=self.options.batch_tokens,
+                                n_devices=len(self.devices))
+        first = True
+        pending = None
+        for pb in planned:
+            launched = self._launch(pb, seqs)
+            if pending is not None:
+                yield self._collect(*pending)
+            pending = (launched, pb, seqs, skipped if first else {}, truncated if first else 0)
+            first = False
+        if pending is not None:
+            yield self._collect(*pending)
+        elif skipped or rows:
+            yield self._empty_batch(skipped, truncated)
+
+    def _launch(self, pb: batching.PlannedBatch, seqs):
+        """Build the host arrays for one planned batch and dispatch it (returns device futures)."""
+        import jax
+
+        r, p = pb.shape
+        token_ids = np.zeros((r, p), np.int32)
+        segment_ids = np.zeros((r, p), np.int32)  # 0 = padding; a padding token attends only to padding
+        positions = np.tile(np.arange(p, dtype=np.int32), (r, 1))
+        for row, members in enumerate(pb.rows):
+            at = 0
+            for seg, i in enumerate(members, start=1):
+                ids = seqs[i][1]
+                token_ids[row, at: at + len(ids)] = ids
+                segment_ids[row, at: at + len(ids)] = seg
+                positions[row, at: at + len(ids)] = np.arange(len(ids))
+                at += len(ids)
+            positions[row, at:] = np.arange(p - at)  # padding counts from its own start
+        put = partial(jax.device_put, device=self._batch_sharding)
+        return self._step(self.weights, put(token_ids), put(segment_ids), put(positions))
+
+    def _collect(self, out, pb: batching.PlannedBatch, seqs, skipped, truncated) -> Batch:
+        r, p = pb.shape
+        flat, sids, toks, poss = [], [], [], []
+        real = 0
+        for row, members in enumerate(pb.rows):
+            at = row * p
+            for i in members:
+                sid, ids, mask = seqs[i]
+                idx = np.nonzero(mask)[0]
+                flat.append(at + idx)
+                sids.append(np.full(len(idx), sid, np.int64))
+                toks.append(ids[idx])
+                poss.append(idx.astype(np.int32))
+                at += len(ids)
+                real += len(ids)
+        sample_ids = np.concatenate(sids)
+        positions = np.concatenate(poss)
+        order = np.lexsort((positions, sample_ids))
+        take = np.concatenate(flat)[order]
+        acts = {site: np.asarray(v).reshape(r * p, -1)[take] for site, v in out.items()}
+        members = sum(len(m) for m in pb.rows)
+        return Batch(token_ids=np.concatenate(toks)[order], sample_ids=sample_ids[order], positions=positions[order],
+                     acts=acts, rows=members + len(skipped), computed_tokens=r * p, padded_tokens=r * p - real,
+                     truncated=truncated, skipped=dict(skipped))
+
+    def _empty_batch(self, skipped, truncated) -> Batch:
+        d = self.config.hidden
+        dtype = STORE_DTYPES[self.options.store_dtype]
+        return Batch(token_ids=np.zeros(0, np.int32), sample_ids=np.zeros(0, np.int64), positions=np.zeros(0, np.int32),
+                     acts={s: np.zeros((0, d), dtype) for s in self.sites}, rows=len(skipped), truncated=truncated,
+                     skipped=dict(skipped))

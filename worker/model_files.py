@@ -1,0 +1,105 @@
+"""Find a model's files: a local directory, a `gs://bucket/prefix` (downloaded once to a cache), or the hub.
+
+Whatever the source, the result is a local directory with config.json, the tokenizer and safetensors
+weights, checked up front so a missing or corrupt model fails at start with one line naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from actfleet.errors import InputError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ACTFLEET_MODEL_CACHE") or Path.home() / ".cache" / "actfleet" / "models")
+
+
+def resolve(model_ref: str, *, revision: str = "main") -> Path:
+    """A checked local model directory for `model_ref` (path, file:// URL, gs:// prefix or hub id)."""
+    if model_ref.startswith("gs://"):
+        path = _download_gcs(model_ref)
+    elif model_ref.startswith("file://"):
+        path = Path(model_ref[len("file://"):])
+    elif Path(model_ref).exists() or model_ref.startswith((".", "/")) or model_ref.count("/") != 1:
+        path = Path(model_ref)
+    else:
+        path = _download_hub(model_ref, revision)
+    check(path, model_ref)
+    return path
+
+
+def check(path: Path, ref: str | None = None) -> None:
+    """Raise InputError naming the first thing a usable model directory lacks."""
+    ref = ref or str(path)
+    if not path.is_dir():
+        raise InputError(f"model {ref}: no such directory")
+    config = path / "config.json"
+    if not config.is_file():
+        raise InputError(f"model {ref}: config.json is missing")
+    try:
+        conf = json.loads(config.read_text())
+        model_type = conf["model_type"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"model {ref}: config.json is corrupt ({type(e).__name__}: {e})") from None
+    from worker.models import FAMILIES
+
+    if model_type not in FAMILIES:
+        raise InputError(f"model {ref}: model_type {model_type!r} is not supported ({', '.join(sorted(FAMILIES))})")
+    if not (path / "tokenizer.json").is_file() and not (path / "vocab.json").is_file():
+        raise InputError(f"model {ref}: tokenizer.json is missing")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError) as e:
+            raise InputError(f"model {ref}: model.safetensors.index.json is corrupt ({e})") from None
+        for f in sorted(files):
+            if not (path / f).is_file():
+                raise InputError(f"model {ref}: weight file {f} (listed in the index) is missing")
+    elif not (path / "model.safetensors").is_file():
+        raise InputError(f"model {ref}: model.safetensors is missing (only safetensors weights are loaded)")
+
+
+def _download_gcs(url: str) -> Path:
+    from google.cloud import storage
+
+    bucket_name, _, prefix = url[len("gs://"):].partition("/")
+    prefix = prefix.strip("/")
+    dest = cache_root() / "gcs" / bucket_name / prefix
+    done = dest / ".complete"
+    if done.is_file():
+        return dest
+    try:
+        client = storage.Client()
+        blobs = [b for b in client.list_blobs(bucket_name, prefix=prefix + "/" if prefix else "")
+                 if not b.name.endswith("/")]
+        if not blobs:
+            raise InputError(f"model {url}: no objects under that prefix")
+        for blob in blobs:
+            target = dest / blob.name[len(prefix):].lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.part")
+            blob.download_to_filename(str(tmp))
+            tmp.replace(target)
+    except InputError:
+        raise
+    except Exception as e:  # google.api_core errors, auth errors: one line
+        raise InputError(f"model {url}: cannot download ({type(e).__name__}: {e})") from None
+    done.write_text("")
+    return dest
+
+
+def _download_hub(repo_id: str, revision: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision,
+                                      allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
+    except Exception as e:
+        raise InputError(f"model {repo_id}: not a local directory and not downloadable from the hub "
+                         f"({type(e).__name__})") from None

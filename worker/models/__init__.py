@@ -1,0 +1,20 @@
+"""Model families, one file each: a config dataclass, weights as a plain pytree, forward as pure functions.
+
+`family_for(model_type)` maps a Hugging Face `config.json` model_type to its module.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from worker.models import qwen2
+
+# Llama/Mistral/Qwen3 are Qwen2 with different switches (no QKV bias, per-head q/k norm), see qwen2.Config.
+FAMILIES: dict[str, ModuleType] = {"qwen2": qwen2, "llama": qwen2, "mistral": qwen2, "qwen3": qwen2}
+
+
+def family_for(model_type: str) -> ModuleType:
+    try:
+        return FAMILIES[model_type]
+    except KeyError:
+        raise KeyError(f"model_type {model_type!r} is not supported (supported: {', '.join(sorted(FAMILIES))})") from None

@@ -1,0 +1,213 @@
+"""The activation shard format (DESIGN section 5): safetensors, one row per stored token.
+
+A shard holds `sample_ids` int64 [N], `token_ids` int32 [N], `positions` int32 [N] and one [N, d] tensor per
+capture site (bfloat16 or float32), plus string metadata: format and version, model, revision, job, unit,
+part, sites, dtype, and whether the weights were random. No pickle, no compression.
+
+safetensors' own numpy binding cannot write bfloat16, so the format (8-byte little-endian header length,
+JSON header, one contiguous byte buffer) is written and read here directly: it is a few lines, and writing it
+ourselves also makes shard bytes a pure function of their contents (fixed tensor order, sorted JSON keys).
+Shards written here load with `safetensors.safe_open(..., framework="pt")` and in any safetensors reader.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import ml_dtypes
+import numpy as np
+
+FORMAT = "actfleet-activations"
+FORMAT_VERSION = "1"
+INDEX_TENSORS = ("sample_ids", "token_ids", "positions")
+
+_DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+_CODES = {v: k for k, v in _DTYPES.items()}
+STORE_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
+
+
+class ShardFormatError(ValueError):
+    """Bytes that are not a safetensors file we can read."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# The safetensors container
+# ----------------------------------------------------------------------------------------------------
+
+
+def safetensors_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
+    """Serialize tensors (in the given order) and string metadata to safetensors bytes."""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset, parts = 0, []
+    for name, arr in tensors.items():
+        arr = np.ascontiguousarray(arr)
+        if arr.dtype not in _CODES:
+            raise TypeError(f"tensor {name!r}: dtype {arr.dtype} cannot be stored in safetensors here")
+        data = arr.tobytes()
+        header[name] = {"dtype": _CODES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+        parts.append(data)
+    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    head += b" " * (-(8 + len(head)) % 8)  # the byte buffer starts 8-aligned, so int64/float views are aligned
+    return struct.pack("<Q", len(head)) + head + b"".join(parts)
+
+
+def parse_header(buf) -> tuple[dict, dict[str, str], int]:
+    """(tensor entries, metadata, data start) from the start of safetensors bytes."""
+    if len(buf) < 8:
+        raise ShardFormatError("too short for a safetensors header")
+    (n,) = struct.unpack("<Q", bytes(buf[:8]))
+    if n > len(buf) - 8 or n > 100_000_000:
+        raise ShardFormatError(f"header length {n} does not fit in {len(buf)} bytes")
+    try:
+        header = json.loads(bytes(buf[8: 8 + n]))
+    except ValueError as e:
+        raise ShardFormatError(f"header is not JSON ({e})") from None
+    metadata = header.pop("__metadata__", None) or {}
+    return header, metadata, 8 + n
+
+
+def read_tensors(buf, names=None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Zero-copy numpy views of (some of) the tensors in safetensors bytes / a memoryview / an mmap."""
+    header, metadata, start = parse_header(buf)
+    out = {}
+    for name, entry in header.items():
+        if names is not None and name not in names:
+            continue
+        try:
+            dtype = _DTYPES[entry["dtype"]]
+            begin, end = entry["data_offsets"]
+            shape = tuple(entry["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise ShardFormatError(f"tensor {name!r}: unsupported or malformed entry {entry!r}") from None
+        if end - begin != dtype.itemsize * int(np.prod(shape, dtype=np.int64)) or start + end > len(buf):
+            raise ShardFormatError(f"tensor {name!r}: data offsets do not match its shape or the file size")
+        out[name] = np.frombuffer(buf, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                                  offset=start + begin).reshape(shape)
+    return out, metadata
+
+
+def open_file(path: str | Path, names=None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Memory-map a safetensors file and return views of its tensors (alive as long as the arrays are)."""
+    with open(path, "rb") as f:
+        size = Path(path).stat().st_size
+        if size == 0:
+            raise ShardFormatError(f"{path}: empty file")
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    return read_tensors(mm, names)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shards of stored tokens
+# ----------------------------------------------------------------------------------------------------
+
+
+def shard_name(unit: int, part: int) -> str:
+    """Deterministic in (unit, part): a retried unit overwrites its shards, never duplicates them."""
+    return f"{unit:06d}-{part:04d}.safetensors"
+
+
+def shard_bytes(*, sample_ids, token_ids, positions, acts: dict[str, np.ndarray], sites, store_dtype: str,
+                model: str, revision: str, job: str, unit: int, part: int, random_weights: bool) -> bytes:
+    """One shard's bytes: the index tensors, then one tensor per site in `sites` order, cast to store_dtype."""
+    dtype = STORE_DTYPES[store_dtype]
+    tensors = {"sample_ids": np.asarray(sample_ids, np.int64), "token_ids": np.asarray(token_ids, np.int32),
+               "positions": np.asarray(positions, np.int32)}
+    for site in sites:
+        tensors[site] = np.asarray(acts[site]).astype(dtype, copy=False)
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model, "revision": revision,
+                "job": job, "unit": str(unit), "part": str(part), "sites": json.dumps(list(sites)),
+                "dtype": store_dtype, "random_weights": "true" if random_weights else "false",
+                "tokens": str(len(tensors["sample_ids"]))}
+    return safetensors_bytes(tensors, metadata)
+
+
+def write_shard(path: str | Path, **kwargs) -> Path:
+    """shard_bytes(...) written atomically to `path` (a temp file renamed into place)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(shard_bytes(**kwargs))
+    tmp.replace(path)
+    return path
+
+
+@dataclass
+class _Pending:
+    sample_ids: list
+    token_ids: list
+    positions: list
+    acts: dict
+    rows: int = 0
+
+
+class ShardWriter:
+    """Accumulates engine Batches and cuts them into shards of about `shard_mb` MiB.
+
+    Shards hold a fixed number of token rows (shard_mb / bytes per row), so their contents depend only on
+    the batches given, in order. Each finished shard goes to `on_shard(name, bytes)`; without a callback
+    the shards are kept in `self.shards` as (name, bytes).
+    """
+
+    def __init__(self, *, shard_mb: float, model: str, revision: str, job: str, unit: int, sites,
+                 store_dtype: str = "bfloat16", random_weights: bool = False,
+                 on_shard: Callable[[str, bytes], None] | None = None):
+        if store_dtype not in STORE_DTYPES:
+            raise ValueError(f"store dtype {store_dtype!r}: use one of {', '.join(STORE_DTYPES)}")
+        self.shard_bytes_target = max(1, int(shard_mb * 2**20))
+        self.meta = dict(model=model, revision=revision, job=job, unit=unit, random_weights=random_weights)
+        self.sites, self.store_dtype = tuple(sites), store_dtype
+        self.on_shard = on_shard
+        self.shards: list[tuple[str, bytes]] = []
+        self.part = 0
+        self.rows_per_shard: int | None = None
+        self._pending = _Pending([], [], [], {s: [] for s in self.sites})
+
+    def add(self, batch) -> None:
+        n = len(batch.sample_ids)
+        if n == 0:
+            return
+        if self.rows_per_shard is None:
+            row = 16 + sum(batch.acts[s].shape[1] * STORE_DTYPES[self.store_dtype].itemsize for s in self.sites)
+            self.rows_per_shard = max(1, self.shard_bytes_target // row)
+        p = self._pending
+        p.sample_ids.append(batch.sample_ids)
+        p.token_ids.append(batch.token_ids)
+        p.positions.append(batch.positions)
+        for s in self.sites:
+            p.acts[s].append(batch.acts[s])
+        p.rows += n
+        while p.rows >= self.rows_per_shard:
+            self._emit(self.rows_per_shard)
+
+    def close(self) -> list[tuple[str, bytes]]:
+        if self._pending.rows:
+            self._emit(self._pending.rows)
+        return self.shards
+
+    def _emit(self, rows: int) -> None:
+        p = self._pending
+        cat = {k: np.concatenate(getattr(p, k)) for k in INDEX_TENSORS}
+        acts = {s: np.concatenate(p.acts[s]) for s in self.sites}
+        blob = shard_bytes(sample_ids=cat["sample_ids"][:rows], token_ids=cat["token_ids"][:rows],
+                           positions=cat["positions"][:rows], acts={s: a[:rows] for s, a in acts.items()},
+                           sites=self.sites, store_dtype=self.store_dtype, part=self.part, **self.meta)
+        rest = p.rows - rows
+        self._pending = _Pending([cat["sample_ids"][rows:]], [cat["token_ids"][rows:]], [cat["positions"][rows:]],
+                                 {s: [a[rows:]] for s, a in acts.items()}, rest)
+        name = shard_name(self.meta["unit"], self.part)
+        self.part += 1
+        if self.on_shard is not None:
+            self.on_shard(name, blob)
+        else:
+            self.shards.append((name, blob))
