@@ -35,8 +35,7 @@ from typing import Any, Callable
 
 from actfleet.config import WORKER_NAME_RE, Config
 from actfleet.errors import ActfleetError
-from infra.decide import (APPLY_KINDS, CREATE, DELETE_ORPHAN, REMOVE, REPLACE, REPORT, Action, Policy, decide,
-                          needs_apply)
+from infra.decide import APPLY_KINDS, CREATE, DELETE_ORPHAN, REPLACE, Action, Policy, decide, needs_apply
 from infra.lock import LockHeld, ReconcileLock
 from infra.observe import FleetView, observe_fleet
 
@@ -351,10 +350,5 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())[:500]
 
 
-def attention(report: PassReport) -> list[Action]:
-    """Actions a person should look at (provisioning past its limit with policy "report", and such)."""
-    return [a for a in report.actions if a.kind == REPORT]
-
-
-__all__ = ["PassReport", "reconcile_pass", "managed_workers", "resource_address", "fleet_state_location",
-           "attention", "REPORT_JSON_SCHEMA", "CONVERGED", "REPAIRED", "PLANNED", "LOCKED", "FAILED", "REMOVE", "SCHEMA_ID"]
+__all__ = ["PassReport", "reconcile_pass", "terraform_apply", "managed_workers", "resource_address", "fleet_state_location",
+           "REPORT_JSON_SCHEMA", "CONVERGED", "REPAIRED", "PLANNED", "LOCKED", "FAILED", "SCHEMA_ID"]

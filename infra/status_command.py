@@ -18,7 +18,7 @@ import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import click
@@ -297,4 +297,4 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())[:400]
 
 
-__all__ = ["status", "take_snapshot", "render", "Snapshot", "SCHEMA_ID", "asdict"]
+__all__ = ["status", "take_snapshot", "render", "Snapshot", "SCHEMA_ID"]
