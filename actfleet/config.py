@@ -371,7 +371,15 @@ def load(path: str | os.PathLike | None = None) -> Config:
         raise ConfigError(f"{p}: not valid TOML: {e}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{p}: not valid TOML: the file is not UTF-8 text") from None
-    return parse(raw, source=str(p))
+    cfg = parse(raw, source=str(p))
+    # Relative local paths in the file mean "next to this file", so every command finds the same
+    # Terraform state and lock whatever directory it is run from.
+    if not Path(cfg.state.path).is_absolute():
+        cfg = cfg.replace("state", path=str((p.parent / cfg.state.path).resolve()))
+    lock = cfg.reconcile.lock
+    if lock and "://" not in lock and not Path(lock).is_absolute():
+        cfg = cfg.replace("reconcile", lock=str((p.parent / lock).resolve()))
+    return cfg
 
 
 def parse(raw: dict[str, Any], source: str = "<memory>") -> Config:

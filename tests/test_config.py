@@ -171,3 +171,16 @@ def test_cli_reports_bad_config_on_stderr_with_exit_2(tmp_path):
     assert r.stdout == ""
     lines = r.stderr.strip().splitlines()
     assert lines == [f'actfleet: {p}: fleet.mode = "spot": must be one of "queued", "vm"']
+
+
+def test_relative_state_path_means_next_to_the_config_file(tmp_path, monkeypatch):
+    """Two commands run from different directories must share one Terraform state and lock."""
+    sub = tmp_path / "conf"
+    sub.mkdir()
+    (sub / "fleet.toml").write_text(GOOD + '\n[state]\npath = "tfstate"\n\n[reconcile]\nlock = "locks/r.lock"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    c = config.load(Path("..") / "conf" / "fleet.toml")
+    assert c.state.path == str(sub / "tfstate")
+    assert c.reconcile.lock == str(sub / "locks" / "r.lock")
