@@ -198,8 +198,7 @@ def _worker_env(out_dir: Path) -> dict:
     env = dict(os.environ)
     env.pop("ACTFLEET_CONFIG", None)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(out_dir / "jax-cache"))
-    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    env.setdefault("ACTFLEET_JAX_CACHE", str(out_dir / "jax-cache"))  # read by worker.engine
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # N workers may share one accelerator
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     return env
@@ -401,8 +400,8 @@ def _summary(report, run: _Run, fleet, monkey, store_dir: Path, job: str, model_
 
 
 def _snippet(shards_dir: Path) -> str:
-    return (f"from worker.reader import iter_shards; batch = next(iter_shards({str(shards_dir)!r})); "
-            f"print({{k: v.shape for k, v in batch.items()}})")
+    return (f"from worker.reader import load; acts = load({str(shards_dir)!r}); "
+            f"print({{k: (v.shape, str(v.dtype)) for k, v in acts.items()}})")
 
 
 def _print_summary(s: dict, report) -> None:

@@ -215,7 +215,7 @@ def processes_mentioning(text: str) -> list[int]:
 
 @pytest.mark.slow
 def test_local_with_chaos_verifies_and_its_summary_matches_the_shards_on_disk(tmp_path):
-    from worker.reader import read_shard
+    from worker.reader import load, shard_metadata
 
     data = small_dataset(tmp_path, 400)
     out = tmp_path / "out"
@@ -232,20 +232,18 @@ def test_local_with_chaos_verifies_and_its_summary_matches_the_shards_on_disk(tm
 
     # The summary's numbers are the shards on disk, read back with the reader.
     files = sorted(Path(s["shards_dir"]).glob("*.safetensors"))
-    assert len(files) == s["shards"] > 0
+    assert len(files) == s["shards"] == len(shard_metadata(s["shards_dir"])) > 0
     assert sum(f.stat().st_size for f in files) == s["bytes"]
-    tokens, samples, seen = 0, set(), set()
-    for f in files:
-        shard = read_shard(f)
-        ids, pos = shard["sample_ids"], shard["positions"]
-        tokens += len(ids)
-        samples |= set(ids.tolist())
-        seen |= set(zip(ids.tolist(), pos.tolist()))
-        for name, acts in shard.items():
-            if name.startswith("blocks."):
-                assert acts.shape[0] == len(ids)
-    assert tokens == s["tokens"] == len(seen) > 0  # no (sample, position) stored twice despite the kills
-    assert len(samples) == s["rows_stored"] and samples <= set(range(400))
+    acts = load(s["shards_dir"])
+    ids, pos = acts["sample_ids"].tolist(), acts["positions"].tolist()
+    assert len(ids) == s["tokens"] == len(set(zip(ids, pos))) > 0  # no (sample, position) twice despite kills
+    assert len(set(ids)) == s["rows_stored"] and set(ids) <= set(range(400))
+    sites = [k for k in acts if k.startswith("blocks.")]
+    assert sites and all(acts[k].shape[0] == len(ids) for k in sites)
+    # ... and the one-line snippet the summary prints works as shown
+    snippet = subprocess.run([sys.executable, "-c", s["load_snippet"]], cwd=REPO, capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert snippet.returncode == 0 and "sample_ids" in snippet.stdout, snippet.stderr
     assert not processes_mentioning(str(out))  # every worker was stopped
 
 
@@ -280,9 +278,9 @@ def test_ctrl_c_stops_every_worker_and_running_again_resumes_the_job(tmp_path):
     assert s["tokens_this_run"] < s["tokens"]
 
 
-def test_bad_input_is_one_line_naming_the_culprit(tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text("")
-    p = actfleet("local", "--input", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o"))
+@pytest.mark.parametrize("flag, value", [("--input", "missing.jsonl"), ("--model", "no-such-model")])
+def test_a_missing_input_or_model_is_one_line_naming_it(tmp_path, flag, value):
+    p = actfleet("local", flag, str(tmp_path / value), "--out", str(tmp_path / "o"))
     _, stderr = p.communicate(timeout=60)
-    assert p.returncode == 2 and "missing.jsonl" in stderr and len(stderr.strip().splitlines()) == 1
+    assert p.returncode == 2, stderr
+    assert stderr.startswith(f"actfleet: {flag} ") and value in stderr and len(stderr.strip().splitlines()) == 1
