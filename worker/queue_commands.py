@@ -172,7 +172,7 @@ def count_input_rows(path: str, options: dict) -> int:
 @click.option("--batch-tokens", type=int)
 @click.option("--compute-dtype", type=click.Choice(["bfloat16", "float32"]))
 @click.option("--store-dtype", type=click.Choice(["bfloat16", "float32"]))
-@click.option("--shard-mb", type=int)
+@click.option("--shard-mb", type=click.FloatRange(min=0.001), help="Approximate shard size in MiB.")
 @click.option("--unit-rows", type=click.IntRange(min=1), help="Rows per work unit.")
 @json_option
 def prepare(config_path, store_url, job, model, revision, input_path, fmt, text_field, messages_field, layers,
