@@ -1,0 +1,119 @@
+"""Benchmark: useful tokens/s from prepared units to committed shards, against forward-only tokens/s.
+
+Both sides use the same engine, model, data and units, measured side by side in one run:
+
+- forward-only: `engine.run(rows)` once per unit, consuming the batches (numpy arrays on the host) and
+  storing nothing;
+- pipeline: `actfleet work`'s loop in-process (claim, extract, serialize with ShardWriter, upload to a
+  local-filesystem store with fsync, create done records) over a freshly prepared job.
+
+"Useful tokens" are stored tokens (no padding, no skipped rows). Printed for one layer and for all layers;
+ratio = pipeline / forward-only (the issue's aim: 0.9 or better). Warm-up runs first on both paths so
+neither pays for compilation.
+
+    python bench/pipeline.py [--rows 256] [--unit-rows 64] [--layers 4 --hidden 256] [--repeat 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from worker import queue as q  # noqa: E402
+from worker.queue_commands import EngineExtractor, count_input_rows, input_fingerprint  # noqa: E402
+from worker.store import open_store  # noqa: E402
+from worker.work_loop import Worker  # noqa: E402
+
+WORDS = ("the model reads tokens and writes activations to shards in a bucket while spot machines come and go "
+         "every row is stored exactly once").split()
+
+
+def write_texts(path: Path, rows: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(rows):
+            n = max(4, int(rng.lognormvariate(4.0, 0.6)))  # median ~55 words
+            f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(n))}) + "\n")
+
+
+def options(model: str, sites: list[str]) -> dict:
+    return {"model": model, "revision": "main", "format": "text", "text_field": "text",
+            "messages_field": "messages", "arc_augmentations": 0, "arc_seed": 0, "sites": sites,
+            "positions": "non-special", "max_seq": 0, "long_inputs": "skip", "batch_tokens": 4096,
+            "compute_dtype": "float32", "store_dtype": "bfloat16", "shard_mb": 8}
+
+
+def forward_only(ex: EngineExtractor, spec: q.JobSpec) -> tuple[int, float]:
+    tokens, t0 = 0, time.perf_counter()
+    for unit in range(spec.units):
+        rows = list(ex.rows(*spec.unit_range(unit)))
+        for batch in ex.run(rows):
+            tokens += len(batch.sample_ids)
+    return tokens, time.perf_counter() - t0
+
+
+def pipeline(ex: EngineExtractor, spec_template: q.JobSpec, root: Path, tag: str) -> tuple[int, float]:
+    store = open_store(str(root / tag))
+    spec, _ = q.prepare(store, spec_template.job, input=spec_template.input, fingerprint=spec_template.fingerprint,
+                        rows=spec_template.rows, unit_rows=spec_template.unit_rows, options=spec_template.options)
+    t0 = time.perf_counter()
+    result = Worker(store, spec, ex, "bench", lease_seconds=600).run()
+    secs = time.perf_counter() - t0
+    assert result.job_complete
+    return result.tokens, secs
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--unit-rows", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--model", help="a model directory (default: a tiny random Qwen2 made on the spot)")
+    args = ap.parse_args(argv)
+
+    from worker.tiny_model import make_tiny_model
+
+    with tempfile.TemporaryDirectory(prefix="actfleet-bench-") as tmp:
+        root = Path(tmp)
+        model = args.model or str(make_tiny_model(root / "model", layers=args.layers, hidden=args.hidden,
+                                                  heads=max(2, args.hidden // 64), kv_heads=max(1, args.hidden // 128),
+                                                  intermediate=args.hidden * 4))
+        data = root / "data.jsonl"
+        write_texts(data, args.rows)
+        fp = input_fingerprint(str(data))
+        print(f"model {model} ({'random weights' if not args.model else 'given'}), {args.rows} rows, "
+              f"units of {args.unit_rows}, repeat {args.repeat}, best of each side")
+        print(f"{'sites':<12} {'forward tok/s':>14} {'pipeline tok/s':>15} {'ratio':>7} {'tokens':>9}")
+        for label, sites in (("one layer", [f"blocks.{args.layers - 1}.hook_resid_post"]),
+                             ("all layers", ["blocks.*.hook_resid_post"])):
+            opts = options(model, sites)
+            rows = count_input_rows(str(data), opts)
+            spec = q.JobSpec(job=f"bench-{label.replace(' ', '-')}", input=str(data), fingerprint=fp, rows=rows,
+                             unit_rows=args.unit_rows, units=-(-rows // args.unit_rows), options=opts)
+            ex = EngineExtractor(spec)
+            forward_only(ex, spec)  # warm-up: compile every shape both sides use
+            fwd, pipe = [], []
+            for r in range(args.repeat):  # alternate, so drift hits both sides alike
+                tok_f, s_f = forward_only(ex, spec)
+                tok_p, s_p = pipeline(ex, spec, root, f"{label}-{r}")
+                assert tok_f == tok_p, (tok_f, tok_p)
+                fwd.append(tok_f / s_f)
+                pipe.append(tok_p / s_p)
+            f, p = max(fwd), max(pipe)
+            print(f"{label:<12} {f:>14,.0f} {p:>15,.0f} {p / f:>7.2f} {tok_f:>9,}"
+                  f"   (runs: fwd {', '.join(f'{x:,.0f}' for x in fwd)}; pipe {', '.join(f'{x:,.0f}' for x in pipe)})")
+
+
+if __name__ == "__main__":
+    main()
