@@ -120,6 +120,8 @@ def test_verify_exit_codes_and_one_line_errors(tmp_path):
     Worker(store, spec, sx.StandinExtractor(data), "w").run()
     ok = actfleet("verify", "--store", str(tmp_path / "bucket"), "--job", "job")
     assert ok.returncode == 0 and "verified: OK" in ok.stdout
+    late = actfleet("work", "--store", str(tmp_path / "bucket"), "--job", "job")  # a worker started after the end
+    assert late.returncode == 0 and "already complete" in late.stdout
     store.delete("job/" + q.read_done(store, "job", 1).shards[0].name)
     bad = actfleet("verify", "--store", str(tmp_path / "bucket"), "--job", "job")
     assert bad.returncode == 1 and "missing-shard" in bad.stderr

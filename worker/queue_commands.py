@@ -256,6 +256,13 @@ def work(config_path, store_url, job, worker_id, lease_seconds, drain_seconds, q
     worker_id = worker_id or q.default_worker_id()
     lease = lease_seconds or t.defaults.get("lease_seconds") or DEFAULTS["lease_seconds"]
     start = time.monotonic()
+    if q.job_complete(t.store, t.job):  # nothing to do: do not pay for loading the model
+        if as_json:
+            click.echo(json.dumps({"worker": worker_id, "job": t.job, "units_committed": 0, "units_abandoned": 0,
+                                   "tokens": 0, "stopped_by_signal": False, "job_complete": True, "seconds": 0.0}))
+        else:
+            click.echo(f"worker {worker_id}: job {t.job} is already complete")
+        return
 
     def on_event(kind: str, info: dict) -> None:
         # One line per event on stderr: the journal (and Cloud Logging) on a TPU VM, the chaos test here.
