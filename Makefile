@@ -29,7 +29,7 @@ prereqs-python:
 
 prereqs-cloud:
 	@command -v node >/dev/null || { echo "make: node not found: install Node.js >= 20 (cdktf-cli needs it)" >&2; exit 3; }
-	@node -e 'process.exit(+process.versions.node.split(".")[0] < 20)' || \
+	@node -e 'process.exit(Number(process.versions.node.split(".")[0]) < 20 ? 1 : 0)' || \
 	  { echo "make: node $$(node --version) is too old: cdktf-cli 0.21.0 needs Node.js >= 20" >&2; exit 3; }
 	@command -v npm >/dev/null || { echo "make: npm not found: install npm (comes with Node.js)" >&2; exit 3; }
 	@command -v terraform >/dev/null || { echo "make: terraform not found: install Terraform >= 1.5" >&2; exit 3; }
