@@ -8,7 +8,8 @@
              local filesystem store, OUT/store; idempotent, so running again resumes the same job;
 3. fleet     N `actfleet work` processes, kept at N by infra.decide.decide() through the local process
              driver (infra/local_driver.py): a dead process is a preempted node and is replaced; --chaos
-             RATE SIGKILLs each worker with probability RATE per second (seeded by --seed);
+             RATE SIGKILLs each busy worker (one that has committed a unit since it started and is working on
+             another) with probability RATE per second, seeded by --seed;
 4. status    a live table while it runs (workers, units, tokens, tokens/s, restarts);
 5. verify    worker.verify over the finished job, then a summary: units, rows, tokens, shards, bytes,
              tokens/s, restarts, where the shards are and one line of Python to load them.
@@ -48,7 +49,8 @@ RANDOM_LABEL = "RANDOM WEIGHTS (tiny demo model: the activations mean nothing)"
 @click.option("--workers", type=click.IntRange(1, 64), default=3, show_default=True,
               help="Worker processes to keep running.")
 @click.option("--chaos", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
-              help="Kill each worker with this probability per second (SIGKILL, like a spot preemption).")
+              help="Kill each busy worker with this probability per second (SIGKILL, like a spot preemption "
+                   "without notice). A worker is busy once it has committed a unit and is working on another.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the chaos and the tiny model.")
 @click.option("--model", "model", type=click.Path(file_okay=False),
               help="A Hugging Face model directory (default: a tiny random Qwen2 made under OUT).")
@@ -61,7 +63,7 @@ RANDOM_LABEL = "RANDOM WEIGHTS (tiny demo model: the activations mean nothing)"
               help='Layers to capture: "all" or comma-separated indices like "0,1".')
 @click.option("--sites", default="resid_post", show_default=True,
               help="Site kinds (resid_post, attn_out, mlp_out, embed), comma-separated.")
-@click.option("--unit-rows", type=click.IntRange(min=1), default=50, show_default=True, help="Rows per work unit.")
+@click.option("--unit-rows", type=click.IntRange(min=1), default=25, show_default=True, help="Rows per work unit.")
 @click.option("--lease-seconds", type=click.IntRange(min=3), default=15, show_default=True,
               help="Unit lease length: how long a killed worker's unit waits before another takes it over.")
 @json_option
@@ -219,9 +221,10 @@ def _supervise(fleet, monkey, store, job, run: _Run, view) -> None:
     last_tick = time.monotonic()
     last_status = 0.0
     crashes_seen, units_at_last_crash = 0, -1
+    baseline: dict = {}
     while True:
         now = time.monotonic()
-        for name in monkey.victims(fleet.running(), now - last_tick):
+        for name in monkey.victims(_killable(fleet, run.progress, baseline), now - last_tick):
             fleet.kill(name)
         last_tick = now
         fleet.reconcile(job_complete=lambda: q.job_complete(store, job))
@@ -243,6 +246,26 @@ def _supervise(fleet, monkey, store, job, run: _Run, view) -> None:
         if not fleet.slots and q.job_complete(store, job):
             return
         time.sleep(TICK_S)
+
+
+def _killable(fleet, progress, baseline: dict) -> list[str]:
+    """The workers chaos may kill: those working on a unit whose current process has already committed one.
+
+    Killing a process that is still importing JAX and compiling shows nothing, and on a slow machine it
+    could stop the job from ever progressing; killing one in the middle of a later unit shows what matters
+    (its lease expires, another worker takes the unit over, the dead attempt's shards are overwritten).
+    `baseline` remembers each process's units_done when it was first seen."""
+    if progress is None:
+        return []
+    out = []
+    for name in fleet.running():
+        wp, slot = progress.workers.get(name), fleet.slots[name]
+        done = wp.units_done if wp else 0
+        first = baseline.setdefault((name, slot.incarnation), done)
+        fresh = wp is not None and wp.last_heartbeat is not None and wp.last_heartbeat >= slot.since
+        if fresh and wp.state == "working" and done > first:
+            out.append(name)
+    return out
 
 
 def _give_up_on_bad_input(fleet) -> None:

@@ -108,6 +108,9 @@ class ProcessFleet:
             self.failures += 1
             self.last_failure = s
         self.events.append(Event(self.clock(), s.worker.name, "exit", how))
+        if s.log_path is not None:
+            _log_line(s.log_path, f"--- {s.worker.name} #{s.incarnation} (pid {s.proc.pid}) {how}"
+                                  + (" by chaos" if s.chaos_killed else ""))
 
     # -- decide + act --------------------------------------------------------------------------------
 
@@ -132,6 +135,8 @@ class ProcessFleet:
                 if s is not None:
                     self._terminate(s)
                     self.events.append(Event(self.clock(), a.worker, "stop", a.reason))
+                    if s.log_path is not None:
+                        _log_line(s.log_path, f"--- {a.worker} #{s.incarnation} stopped: {a.reason}")
             else:
                 continue
             done.append(a)
@@ -145,6 +150,7 @@ class ProcessFleet:
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             log_path = self.log_dir / f"{worker.name}.log"
+            _log_line(log_path, f"--- {worker.name} #{incarnation} starting" + (f" ({why})" if why else ""))
         proc = self.spawn(worker, incarnation, log_path)
         self.slots[worker.name] = Slot(worker, proc, self.clock(), incarnation, log_path)
         kind = "start" if incarnation == 1 else "restart"
@@ -181,6 +187,8 @@ class ProcessFleet:
                 s.proc.wait()
         for s in slots:
             self.events.append(Event(self.clock(), s.worker.name, "stop", "fleet stopped"))
+            if s.log_path is not None:
+                _log_line(s.log_path, f"--- {s.worker.name} #{s.incarnation} stopped: the fleet was stopped")
         self.slots.clear()
 
     def _terminate(self, s: Slot) -> None:
@@ -215,6 +223,12 @@ class Chaos:
             return []
         p = 1.0 - (1.0 - self.rate) ** dt
         return [name for name in sorted(running) if self.rng.random() < p]
+
+
+def _log_line(path: Path, text: str) -> None:
+    """The driver's own lines in a worker's log, so the log tells each incarnation's story."""
+    with open(path, "a") as f:
+        f.write(f"\n{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
 
 
 def popen_logged(argv: list[str], log_path: Path | None, env: dict | None = None, cwd: str | Path | None = None

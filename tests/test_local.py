@@ -219,7 +219,7 @@ def test_local_with_chaos_verifies_and_its_summary_matches_the_shards_on_disk(tm
 
     data = small_dataset(tmp_path, 400)
     out = tmp_path / "out"
-    p = actfleet("local", "--workers", "3", "--chaos", "0.1", "--seed", "3", "--input", str(data), "--unit-rows",
+    p = actfleet("local", "--workers", "3", "--chaos", "0.3", "--seed", "3", "--input", str(data), "--unit-rows",
                  "20", "--lease-seconds", "6", "--out", str(out), "--json")
     stdout, stderr = p.communicate(timeout=600)
     assert p.returncode == 0, stderr[-3000:]
