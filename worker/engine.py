@@ -26,6 +26,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from actfleet.errors import InputError
 from worker import batching, convert, model_files
 from worker.models import family_for
 from worker.shards import STORE_DTYPES
@@ -107,12 +108,21 @@ class Engine:
         self.model_dir = model_files.resolve(model_ref, revision=revision)
         hf_config = json.loads((self.model_dir / "config.json").read_text())
         self.family = family_for(hf_config["model_type"])
-        self.config = self.family.Config.from_hf(hf_config)
+        try:
+            self.config = self.family.Config.from_hf(hf_config)
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"model {model_ref}: config.json lacks or garbles {e}") from None
         self.random_weights = bool(hf_config.get("actfleet_random_weights", False))
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.sites = self.family.site_names(options.sites, self.config.layers)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        except Exception as e:  # tokenizers/transformers raise many types for a corrupt tokenizer
+            raise InputError(f"model {model_ref}: the tokenizer does not load ({type(e).__name__}: {e})") from None
+        try:
+            self.sites = self.family.site_names(options.sites, self.config.layers)
+        except ValueError as e:
+            raise InputError(f"model {model_ref}: {e}") from None
         if not self.sites:
-            raise ValueError("no capture sites")
+            raise InputError("no capture sites given")
         self.max_seq = options.max_seq or self.config.max_pos
         special = set(self.tokenizer.all_special_ids)
         if self.tokenizer.bos_token_id is not None:
@@ -123,7 +133,10 @@ class Engine:
         self.mesh = Mesh(np.array(self.devices), ("data",))
         self._batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
         compute = jnp.bfloat16 if options.compute_dtype == "bfloat16" else jnp.float32
-        host = convert.load_weights(self.model_dir, self.config, n_layers=self.family.layers_needed(self.sites))
+        try:
+            host = convert.load_weights(self.model_dir, self.config, n_layers=self.family.layers_needed(self.sites))
+        except convert.CheckpointError as e:
+            raise InputError(f"model {model_ref}: {e}") from None
         self.weights = jax.device_put(jax.tree.map(lambda a: jnp.asarray(a, compute), host),
                                       NamedSharding(self.mesh, PartitionSpec()))
         store = jnp.bfloat16 if options.store_dtype == "bfloat16" else jnp.float32

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from actfleet.errors import InputError
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# worker.models.FAMILIES, listed here so checking a directory imports no JAX (a test keeps them equal).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def cache_root() -> Path:
@@ -46,10 +47,9 @@ def check(path: Path, ref: str | None = None) -> None:
         model_type = conf["model_type"]
     except (ValueError, KeyError, TypeError) as e:
         raise InputError(f"model {ref}: config.json is corrupt ({type(e).__name__}: {e})") from None
-    from worker.models import FAMILIES
-
-    if model_type not in FAMILIES:
-        raise InputError(f"model {ref}: model_type {model_type!r} is not supported ({', '.join(sorted(FAMILIES))})")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise InputError(f"model {ref}: model_type {model_type!r} is not supported "
+                         f"({', '.join(SUPPORTED_MODEL_TYPES)})")
     if not (path / "tokenizer.json").is_file() and not (path / "vocab.json").is_file():
         raise InputError(f"model {ref}: tokenizer.json is missing")
     index = path / "model.safetensors.index.json"

@@ -187,7 +187,7 @@ class ShardWriter:
         for s in self.sites:
             p.acts[s].append(batch.acts[s])
         p.rows += n
-        while p.rows >= self.rows_per_shard:
+        while self._pending.rows >= self.rows_per_shard:
             self._emit(self.rows_per_shard)
 
     def close(self) -> list[tuple[str, bytes]]:

@@ -1,0 +1,216 @@
+"""Dataset rows -> rendered texts: `(sample_id, text, None)`, or `(sample_id, None, reason)` for a bad row.
+
+Files: JSONL (one JSON object per line), Parquet and CSV. Formats:
+  text  the string in `text_field`;
+  chat  the list of {"role", "content"} in `messages_field`, rendered with the tokenizer's chat template;
+  arc   an ARC task per row (the row itself, or a JSON object in `text_field`), rendered by worker.arc;
+        with `arc_augmentations` A, task t yields sample ids t*(A+1) .. t*(A+1)+A (augmentation 0 = as given).
+
+Every physical row is a sample id, bad or not, so ids are stable and the work queue can split the file by
+id. Malformed rows (bad JSON, missing or non-string field, empty text, invalid messages or grid) are
+returned with a reason, never raised. JSONL, Parquet and CSV are read here with the standard library and
+pyarrow rather than `datasets`: `datasets` aborts the whole file on one bad JSON line and copies the file
+into its Arrow cache, while we must count bad lines and stream.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from actfleet.errors import InputError
+from worker import arc
+
+FORMATS = ("text", "chat", "arc")
+Row = tuple[int, "str | None", "str | None"]
+
+
+def file_kind(path: str) -> str:
+    name = path.lower()
+    for suffix, kind in ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "jsonl"), (".parquet", "parquet"),
+                         (".pq", "parquet"), (".csv", "csv")):
+        if name.endswith(suffix):
+            return kind
+    raise InputError(f"{path}: unknown dataset type (use .jsonl, .parquet or .csv)")
+
+
+def local_file(path: str) -> Path:
+    """A local path for `path`; a gs:// object is downloaded once into the cache (keyed by its URL)."""
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    if not path.startswith("gs://"):
+        p = Path(path)
+        if not p.is_file():
+            raise InputError(f"{path}: no such dataset file")
+        return p
+    from google.cloud import storage
+
+    bucket, _, name = path[len("gs://"):].partition("/")
+    cache = Path(os.environ.get("ACTFLEET_DATA_CACHE") or Path.home() / ".cache" / "actfleet" / "data")
+    dest = cache / hashlib.sha256(path.encode()).hexdigest()[:16] / Path(name).name
+    if not dest.is_file():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".part")
+        try:
+            storage.Client().bucket(bucket).blob(name).download_to_filename(str(tmp))
+        except Exception as e:
+            raise InputError(f"{path}: cannot download the dataset ({type(e).__name__}: {e})") from None
+        tmp.replace(dest)
+    return dest
+
+
+def fingerprint(path: str) -> str:
+    """sha256 of the dataset file's bytes."""
+    h = hashlib.sha256()
+    with open(local_file(path), "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Records: (record index, dict | None, reason | None), one per physical row
+# ----------------------------------------------------------------------------------------------------
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[Any, str | None]]:
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.strip():
+                yield None, "blank line"
+                continue
+            try:
+                rec = json.loads(line)
+            except (ValueError, UnicodeDecodeError):
+                yield None, "bad JSON"
+                continue
+            yield (rec, None) if isinstance(rec, dict) else (None, "not a JSON object")
+
+
+def _parquet_records(path: Path) -> Iterator[tuple[Any, str | None]]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:
+        raise InputError(f"{path}: not a readable Parquet file ({e})") from None
+    for batch in pf.iter_batches(batch_size=1024):
+        for rec in batch.to_pylist():
+            yield rec, None
+
+
+def _csv_records(path: Path) -> Iterator[tuple[Any, str | None]]:
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.DictReader(f)
+        for rec in reader:
+            if None in rec or any(v is None for v in rec.values()):  # too many or too few fields
+                yield None, "malformed CSV row"
+            else:
+                yield rec, None
+
+
+def records(path: str) -> Iterator[tuple[Any, str | None]]:
+    kind = file_kind(path)
+    local = local_file(path)
+    return {"jsonl": _jsonl_records, "parquet": _parquet_records, "csv": _csv_records}[kind](local)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rendering
+# ----------------------------------------------------------------------------------------------------
+
+
+def render_text(rec: dict, field: str) -> tuple[str | None, str | None]:
+    if field not in rec or rec[field] is None:
+        return None, f"missing field {field!r}"
+    value = rec[field]
+    if not isinstance(value, str):
+        return None, f"field {field!r} is not a string"
+    if not value.strip():
+        return None, "empty text"
+    return value, None
+
+
+def render_chat(rec: dict, field: str, tokenizer) -> tuple[str | None, str | None]:
+    messages = rec.get(field)
+    if isinstance(messages, str):  # CSV cells, or JSON stored as a string
+        try:
+            messages = json.loads(messages)
+        except ValueError:
+            return None, f"field {field!r} is not a list of messages"
+    if messages is None:
+        return None, f"missing field {field!r}"
+    if (not isinstance(messages, list) or not messages
+            or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                       for m in messages)):
+        return None, f"field {field!r} is not a list of messages"
+    try:
+        text = tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages],
+                                             tokenize=False)
+    except Exception as e:  # jinja raises on roles/orders a template rejects
+        return None, f"chat template rejected the messages ({type(e).__name__})"
+    return (text, None) if text.strip() else (None, "empty text")
+
+
+def _arc_task(rec: dict, field: str):
+    if "train" in rec or "test" in rec:
+        return rec
+    value = rec.get(field)
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise arc.InvalidTask("invalid task (not JSON)") from None
+    if value is None:
+        raise arc.InvalidTask('invalid task (no "train"/"test")')
+    return value
+
+
+def read_rows(path: str, *, format: str = "text", text_field: str = "text", messages_field: str = "messages",
+              tokenizer=None, arc_augmentations: int = 0, arc_seed: int = 0, start: int = 0,
+              stop: int | None = None) -> Iterator[Row]:
+    """Rows with sample ids in [start, stop), in order; every id in range appears exactly once."""
+    if format not in FORMATS:
+        raise InputError(f"format {format!r}: use one of {', '.join(FORMATS)}")
+    if format == "chat" and tokenizer is None:
+        raise ValueError("format chat needs a tokenizer (for its chat template)")
+    per = arc_augmentations + 1 if format == "arc" else 1
+    for index, (rec, reason) in enumerate(records(path)):
+        first = index * per
+        if stop is not None and first >= stop:
+            return
+        if first + per <= start:
+            continue
+        if format == "arc":
+            parsed = None
+            if reason is None:
+                try:
+                    parsed = arc.parse_task(_arc_task(rec, text_field))
+                except arc.InvalidTask as e:
+                    reason = str(e)
+            for k in range(per):
+                sid = first + k
+                if sid < start or (stop is not None and sid >= stop):
+                    continue
+                if reason:
+                    yield sid, None, reason
+                else:
+                    yield sid, arc.render(*arc.augment(*parsed, seed=arc_seed, task_index=index, k=k)), None
+            continue
+        if reason is None:
+            if format == "text":
+                text, reason = render_text(rec, text_field)
+            else:
+                text, reason = render_chat(rec, messages_field, tokenizer)
+        yield (first, None, reason) if reason else (first, text, None)
+
+
+def count_rows(path: str, *, format: str = "text", text_field: str = "text", messages_field: str = "messages",
+               arc_augmentations: int = 0, arc_seed: int = 0) -> int:
+    """How many sample ids read_rows yields for the whole file (bad rows included)."""
+    n = sum(1 for _ in records(path))
+    return n * (arc_augmentations + 1 if format == "arc" else 1)
