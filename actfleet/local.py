@@ -105,7 +105,7 @@ def local(workers, chaos, seed, model, input_path, out, job, layers, sites, unit
     monkey = Chaos(chaos, seed)
     run = _Run(started=time.monotonic(), tokens_at_start=q.job_progress(store, job).tokens)
     view = _View(as_json, workers, chaos)
-    say(f"{workers} workers" + (f", chaos {chaos:g}/worker/s (seed {seed})" if chaos else "") +
+    say(f"{workers} workers" + (f", chaos {chaos:g} per busy worker per second (seed {seed})" if chaos else "") +
         f"; worker logs in {log_dir}")
 
     with _sigterm_as_interrupt():

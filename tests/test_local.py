@@ -284,3 +284,18 @@ def test_a_missing_input_or_model_is_one_line_naming_it(tmp_path, flag, value):
     _, stderr = p.communicate(timeout=60)
     assert p.returncode == 2, stderr
     assert stderr.startswith(f"actfleet: {flag} ") and value in stderr and len(stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_workers_that_cannot_start_end_the_run_with_their_error_instead_of_restarting_forever(tmp_path):
+    model = tmp_path / "not-a-qwen"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
+    out = tmp_path / "out"
+    p = actfleet("local", "--workers", "2", "--model", str(model), "--input", str(small_dataset(tmp_path, 20)),
+                 "--out", str(out))
+    _, stderr = p.communicate(timeout=600)
+    assert p.returncode in (1, 2), stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("actfleet: ") and "local-" in last and str(out / "logs") in last, stderr[-3000:]
+    assert not processes_mentioning(str(out))
