@@ -94,7 +94,7 @@ def main(argv=None) -> None:
         fp = input_fingerprint(str(data))
         print(f"model {model} ({'random weights' if not args.model else 'given'}), {args.rows} rows, "
               f"units of {args.unit_rows}, repeat {args.repeat}, best of each side")
-        print(f"{'sites':<12} {'forward tok/s':>14} {'pipeline tok/s':>15} {'ratio':>7} {'tokens':>9}")
+        print(f"{'sites':<12} {'forward tok/s':>14} {'pipeline tok/s':>15} {'ratio':>7} {'tokens':>9}   (best of each side)")
         for label, sites in (("one layer", [f"blocks.{args.layers - 1}.hook_resid_post"]),
                              ("all layers", ["blocks.*.hook_resid_post"])):
             opts = options(model, sites)
@@ -111,7 +111,8 @@ def main(argv=None) -> None:
                 fwd.append(tok_f / s_f)
                 pipe.append(tok_p / s_p)
             f, p = max(fwd), max(pipe)
-            print(f"{label:<12} {f:>14,.0f} {p:>15,.0f} {p / f:>7.2f} {tok_f:>9,}"
+            med = sorted(b / a for a, b in zip(fwd, pipe))[len(fwd) // 2]
+            print(f"{label:<12} {f:>14,.0f} {p:>15,.0f} {p / f:>7.2f} {tok_f:>9,}   median paired ratio {med:.2f}"
                   f"   (runs: fwd {', '.join(f'{x:,.0f}' for x in fwd)}; pipe {', '.join(f'{x:,.0f}' for x in pipe)})")
 
 
