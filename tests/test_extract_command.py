@@ -1,0 +1,116 @@
+"""`actfleet extract` as a subprocess: shards + summary.json, row accounting, same bits as the engine per unit,
+policies for long inputs and positions, one-line errors with exit code 2."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from worker.reader import load
+from worker.tiny_model import make_tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def actfleet(*args, cwd=None):
+    env = dict(os.environ, ACTFLEET_JAX_CACHE=str(Path(cwd or ".").resolve() / "jaxcache"))
+    return subprocess.run([sys.executable, "-c", "from actfleet.cli import main; main()", *args], cwd=cwd or ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("model") / "tiny", max_pos=64)
+
+
+@pytest.fixture()
+def dataset(tmp_path):
+    lines = [json.dumps({"text": f"row {i}: " + "lorem " * (1 + i % 3)}) for i in range(14)]
+    lines[3] = '{"text": "broken'
+    lines[8] = json.dumps({"text": ""})
+    lines[11] = json.dumps({"text": "long " * 80})  # over --max-seq 40
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_extract_writes_shards_summary_and_engine_bits(tmp_path, model, dataset):
+    out = tmp_path / "out"
+    args = ["extract", "--model", str(model), "--input", str(dataset), "--out", str(out), "--layers", "0,1",
+            "--sites", "resid_post,mlp_out", "--max-seq", "40", "--unit-rows", "5", "--shard-mb", "0.01",
+            "--store-dtype", "float32", "--json"]
+    r = actfleet(*args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert json.loads(r.stdout) == summary
+    assert summary["rows"] == 14 and summary["rows_stored"] == 11
+    assert summary["skipped"] == {"bad JSON": 1, "empty text": 1, "longer than max_seq (40 tokens)": 1}
+    assert summary["skipped_samples"]["bad JSON"] == [3]
+    for shard in summary["shards"]:
+        blob = (out / shard["name"]).read_bytes()
+        assert hashlib.sha256(blob).hexdigest() == shard["sha256"] and len(blob) == shard["bytes"]
+    assert {s["name"][:6] for s in summary["shards"]} == {"000000", "000001", "000002"}  # one shard run per unit
+    got = load(str(out))
+    assert len(got["sample_ids"]) == summary["stored_tokens"] == sum(s["tokens"] for s in summary["shards"])
+    assert sorted(set(got["sample_ids"].tolist())) == [i for i in range(14) if i not in (3, 8, 11)]
+
+    # The same bits as Engine.run over the same consecutive blocks of 5 rows (what a fleet unit does).
+    from worker import inputs
+    from worker.engine import Engine, ExtractOptions
+
+    engine = Engine(str(model), ExtractOptions(sites=tuple(summary["sites"]), max_seq=40, store_dtype="float32"))
+    want = []
+    for start in range(0, 14, 5):
+        want += list(engine.run(inputs.read_rows(str(dataset), tokenizer=engine.tokenizer, start=start, stop=start + 5)))
+    sids = np.concatenate([b.sample_ids for b in want])
+    pos = np.concatenate([b.positions for b in want])
+    order = np.lexsort((pos, sids))
+    for site in summary["sites"]:
+        assert np.concatenate([b.acts[site] for b in want])[order].tobytes() == got[site].tobytes()
+
+    # Re-running refuses to mix with old shards; --overwrite reproduces them bit for bit.
+    again = actfleet(*args, cwd=tmp_path)
+    assert again.returncode == 2 and "already holds shards" in again.stderr
+    again = actfleet(*args, "--overwrite", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert [s["sha256"] for s in json.loads(again.stdout)["shards"]] == [s["sha256"] for s in summary["shards"]]
+
+
+@pytest.mark.slow
+def test_truncate_and_last_position(tmp_path, model, dataset):
+    out = tmp_path / "out"
+    r = actfleet("extract", "--model", str(model), "--input", str(dataset), "--out", str(out), "--layers", "1",
+                 "--max-seq", "40", "--long-inputs", "truncate", "--positions", "last", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["truncated"] == 1 and summary["rows_stored"] == 12
+    got = load(str(out))
+    assert len(got["sample_ids"]) == 12 and len(set(got["sample_ids"].tolist())) == 12  # one token per row
+    assert got["positions"][got["sample_ids"] == 11].tolist() == [39]
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: (d / "config.json").unlink(), "config.json is missing"),
+    (lambda d: (d / "config.json").write_text("{not json"), "config.json is corrupt"),
+    (lambda d: (d / "model.safetensors").unlink(), "model.safetensors is missing"),
+    (lambda d: (d / "tokenizer.json").unlink(), "tokenizer.json is missing"),
+    (lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 4), "unreadable"),
+])
+def test_broken_model_dir_is_one_line_exit_2(tmp_path, dataset, damage, message):
+    model = make_tiny_model(tmp_path / "m")
+    damage(model)
+    r = actfleet("extract", "--model", str(model), "--input", str(dataset), "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_missing_dataset_is_exit_2(tmp_path, model):
+    r = actfleet("extract", "--model", str(model), "--input", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "no such dataset file" in r.stderr

@@ -1,0 +1,78 @@
+"""Shards round-trip through the reader; their bytes are deterministic and readable by safetensors itself."""
+
+import json
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from worker.engine import Batch
+from worker.reader import iter_batches, load, shard_metadata
+from worker.shards import ShardFormatError, ShardWriter, read_tensors, shard_bytes
+
+SITES = ("hook_embed", "blocks.0.hook_resid_post")
+
+
+def batch(sample_ids, d=8, seed=0):
+    rng = np.random.default_rng(seed)
+    sids = np.repeat(np.asarray(sample_ids, np.int64), 3)
+    pos = np.tile(np.arange(3, dtype=np.int32), len(sample_ids))
+    return Batch(token_ids=(sids * 10 + pos).astype(np.int32), sample_ids=sids, positions=pos,
+                 acts={s: rng.standard_normal((len(sids), d)).astype(np.float32) for s in SITES})
+
+
+def write(tmp_path, batches, store_dtype="float32", shard_mb=0.0005):
+    w = ShardWriter(shard_mb=shard_mb, model="m", revision="r", job="j", unit=4, sites=SITES, store_dtype=store_dtype,
+                    random_weights=True)
+    for b in batches:
+        w.add(b)
+    shards = w.close()
+    for name, blob in shards:
+        (tmp_path / name).write_bytes(blob)
+    return shards
+
+
+def test_round_trip_with_filters(tmp_path):
+    batches = [batch(range(0, 10), seed=1), batch(range(10, 30), seed=2)]
+    shards = write(tmp_path, batches)
+    assert len(shards) > 3 and [n for n, _ in shards][:2] == ["000004-0000.safetensors", "000004-0001.safetensors"]
+    got = load(str(tmp_path))
+    for k in ("sample_ids", "positions", "token_ids", *SITES):
+        np.testing.assert_array_equal(got[k], np.concatenate([getattr(b, k) if k in ("sample_ids", "positions", "token_ids")
+                                                              else b.acts[k] for b in batches]))
+    sub = load(f"file://{tmp_path}", sites=["blocks.0.hook_resid_post"], samples=[3, 17], positions=[0, 2])
+    assert set(sub) == {"sample_ids", "token_ids", "positions", "blocks.0.hook_resid_post"}
+    assert sub["sample_ids"].tolist() == [3, 3, 17, 17] and sub["positions"].tolist() == [0, 2, 0, 2]
+    assert load(str(tmp_path), samples=range(5, 7), positions=lambda p: p > 0)["positions"].tolist() == [1, 2, 1, 2]
+    small = list(iter_batches(str(tmp_path), batch_rows=4))
+    assert max(len(b["sample_ids"]) for b in small) == 4 and sum(len(b["sample_ids"]) for b in small) == 90
+    meta = shard_metadata(str(tmp_path))
+    assert meta[0]["sites"] == list(SITES) and meta[0]["random_weights"] == "true" and meta[0]["unit"] == "4"
+    with pytest.raises(KeyError, match="no site"):
+        load(str(tmp_path), sites=["blocks.9.hook_mlp_out"])
+
+
+def test_bytes_deterministic_and_readable_by_safetensors(tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors import safe_open
+
+    a = write(tmp_path, [batch(range(5), seed=3)], store_dtype="bfloat16", shard_mb=1)
+    b = write(tmp_path, [batch(range(2), seed=3), ], store_dtype="bfloat16", shard_mb=1)
+    again = write(tmp_path, [batch(range(5), seed=3)], store_dtype="bfloat16", shard_mb=1)
+    assert a == again and a != b
+    (tmp_path / "x.safetensors").write_bytes(a[0][1])
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as f:
+        assert f.get_tensor("hook_embed").dtype == torch.bfloat16
+        assert f.get_tensor("sample_ids").dtype == torch.int64
+        assert json.loads(f.metadata()["sites"]) == list(SITES) and f.metadata()["dtype"] == "bfloat16"
+        np.testing.assert_array_equal(f.get_tensor("hook_embed").float().numpy(),
+                                      batch(range(5), seed=3).acts["hook_embed"].astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+def test_corrupt_bytes_are_refused():
+    good = shard_bytes(sample_ids=[1], token_ids=[2], positions=[0], acts={"hook_embed": np.ones((1, 2), np.float32)},
+                       sites=["hook_embed"], store_dtype="float32", model="m", revision="r", job="j", unit=0, part=0,
+                       random_weights=False)
+    for bad in (b"", good[:6], b"\xff" * 8 + good[8:], good[:-4]):
+        with pytest.raises(ShardFormatError):
+            read_tensors(bad)
