@@ -29,7 +29,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -81,14 +81,13 @@ def local(workers, chaos, seed, model, input_path, out, job, layers, sites, unit
     out_dir = Path(out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     store_dir, log_dir = out_dir / "store", out_dir / "logs"
-    say = _Say(as_json)
 
     # 1. the model
-    model_dir, random_weights = _model(model, out_dir, seed, say)
+    model_dir, random_weights = _model(model, out_dir, seed)
 
     # 2. the job (idempotent: a second run finds it prepared and resumes)
     prepared = _prepare(store_dir, job, model_dir, dataset, layers, sites, unit_rows, out_dir)
-    say(f"job {job}: {prepared['rows']} rows in {prepared['units']} units of {prepared['unit_rows']}; "
+    _say(f"job {job}: {prepared['rows']} rows in {prepared['units']} units of {prepared['unit_rows']}; "
         + ("prepared" if prepared["created"] else f"resuming, {prepared['units_done']} units already done"))
     store = open_store(str(store_dir))
 
@@ -104,8 +103,8 @@ def local(workers, chaos, seed, model, input_path, out, job, layers, sites, unit
     fleet = ProcessFleet(local_workers(workers), spawn, log_dir=log_dir, stop_grace_s=15.0)
     monkey = Chaos(chaos, seed)
     run = _Run(started=time.monotonic(), tokens_at_start=q.job_progress(store, job).tokens)
-    view = _View(as_json, workers, chaos)
-    say(f"{workers} workers" + (f", chaos {chaos:g} per busy worker per second (seed {seed})" if chaos else "") +
+    view = _View(as_json)
+    _say(f"{workers} workers" + (f", chaos {chaos:g} per busy worker per second (seed {seed})" if chaos else "") +
         f"; worker logs in {log_dir}")
 
     with _sigterm_as_interrupt():
@@ -128,7 +127,7 @@ def local(workers, chaos, seed, model, input_path, out, job, layers, sites, unit
     from worker.verify import verify
 
     report = verify(store, job)
-    summary = _summary(report, run, fleet, monkey, store_dir, job, model_dir, random_weights, dataset, workers)
+    summary = _summary(report, run, fleet, store_dir, job, model_dir, random_weights, dataset, workers)
     if as_json:
         click.echo(json.dumps(summary, indent=1))
     else:
@@ -142,17 +141,12 @@ def local(workers, chaos, seed, model, input_path, out, job, layers, sites, unit
 # ----------------------------------------------------------------------------------------------------
 
 
-class _Say:
-    """Progress messages: stderr, so that --json keeps stdout for the one JSON document."""
-
-    def __init__(self, as_json: bool):
-        self.as_json = as_json
-
-    def __call__(self, message: str) -> None:
-        click.echo(f"actfleet local: {message}", err=True)
+def _say(message: str) -> None:
+    """Progress messages go to stderr, so that --json keeps stdout for the one JSON document."""
+    click.echo(f"actfleet local: {message}", err=True)
 
 
-def _model(model: str | None, out_dir: Path, seed: int, say) -> tuple[Path, bool]:
+def _model(model: str | None, out_dir: Path, seed: int) -> tuple[Path, bool]:
     """(model dir, random weights?). The tiny model is written once per --out and reused, so a rerun
     resumes the same job (its path is part of the job's pinned options)."""
     if model:
@@ -164,7 +158,7 @@ def _model(model: str | None, out_dir: Path, seed: int, say) -> tuple[Path, bool
     if not (path / "config.json").is_file():
         from worker.tiny_model import make_tiny_model
 
-        say(f"making a tiny Qwen2 model with random weights in {path} (seed {seed})")
+        _say(f"making a tiny Qwen2 model with random weights in {path} (seed {seed})")
         tmp = out_dir / "tiny-model.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         make_tiny_model(tmp, seed=seed)
@@ -320,7 +314,7 @@ class _ignoring_sigint:
 
 
 class _View:
-    def __init__(self, as_json: bool, workers: int, chaos: float):
+    def __init__(self, as_json: bool):
         self.live = None
         self.last_line = 0.0
         if not as_json and sys.stdout.isatty():
@@ -376,7 +370,7 @@ def _table(fleet, run: _Run):
                   str(s.proc.pid) if alive else "-",
                   "-" if not (wp and wp.current_unit is not None) else str(wp.current_unit),
                   str(wp.units_done if wp else 0), f"{wp.tokens if wp else 0:,}", beat,
-                  str(s.incarnation - 1 if s else 0))
+                  str(fleet.restarts_of.get(w.name, 0)))
     done, total = (p.units_done, p.units_total) if p else (0, 0)
     head = Text(f"units {done}/{total}   tokens {p.tokens if p else 0:,}   {_rate(run):,.0f} tokens/s   "
                 f"restarts {fleet.restarts}   {time.monotonic() - run.started:.0f}s", style="bold")
@@ -388,7 +382,7 @@ def _table(fleet, run: _Run):
 # ----------------------------------------------------------------------------------------------------
 
 
-def _summary(report, run: _Run, fleet, monkey, store_dir: Path, job: str, model_dir: Path, random_weights: bool,
+def _summary(report, run: _Run, fleet, store_dir: Path, job: str, model_dir: Path, random_weights: bool,
              dataset: Path, workers: int) -> dict:
     shards_dir = store_dir / job / "shards"
     tokens_this_run = report.tokens - run.tokens_at_start

@@ -77,6 +77,7 @@ class ProcessFleet:
     slots: dict[str, Slot] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     restarts: int = 0
+    restarts_of: dict[str, int] = field(default_factory=dict)  # per worker name, kept after it stops
     failures: int = 0  # exits the driver did not cause (non-zero code, or a signal it did not send)
     last_failure: "Slot | None" = None  # the most recent such exit (its code and log say why)
 
@@ -129,6 +130,7 @@ class ProcessFleet:
                 old = self.slots.pop(a.worker)
                 self._terminate(old)  # already dead (that is why it is replaced); reaps it
                 self.restarts += 1
+                self.restarts_of[a.worker] = self.restarts_of.get(a.worker, 0) + 1
                 self._start(old.worker, incarnation=old.incarnation + 1, why=a.reason)
             elif a.kind in (REMOVE, DELETE_ORPHAN):
                 s = self.slots.pop(a.worker, None)

@@ -90,6 +90,7 @@ def test_a_killed_worker_is_a_preempted_node_and_is_replaced_under_its_name(flee
     assert fleet.slots["local-1"].proc.pid != old_pid and fleet.slots["local-1"].incarnation == 2
     assert started[-1] == ("local-1", 2)
     assert fleet.restarts == 1 and fleet.failures == 0  # the driver's own kill is chaos, not a failure
+    assert fleet.restarts_of == {"local-1": 1}
     assert sorted(fleet.running()) == ["local-0", "local-1", "local-2"]
     # Both incarnations wrote to the worker's one log.
     wait_for_log(tmp_path / "logs" / "local-1.log", "local-1 #2")
@@ -270,7 +271,7 @@ def test_ctrl_c_stops_every_worker_and_running_again_resumes_the_job(tmp_path):
     p = actfleet(*args)
     stdout, stderr = p.communicate(timeout=600)
     assert p.returncode == 0, stderr[-3000:]
-    assert f"resuming, " in stderr
+    assert "resuming, " in stderr
     s = json.loads(stdout)
     assert s["verified"] and s["units"] == 30 and s["rows"] == 300
     # the units done before the interruption were kept, not redone
