@@ -168,14 +168,22 @@ class Engine:
     def run(self, rows: Iterable[Row]) -> Iterator[Batch]:
         """Extract the rows; yields Batches (every input row is stored in one batch or listed as skipped)."""
         rows = list(rows)
+        todo = [(sid, text) for sid, text, reason in rows if not reason]
+        ids = iter(self.tokenize([t if isinstance(t, str) else "" for _, t in todo]))
+        return self.run_tokens([(sid, None, reason) if reason else (sid, next(ids), None) for sid, _, reason in rows])
+
+    def run_tokens(self, rows: Iterable[tuple[int, "np.ndarray | None", "str | None"]]) -> Iterator[Batch]:
+        """`run` on already tokenized rows: (sample_id, token ids, skip_reason)."""
         skipped: dict[int, str] = {}
         truncated = 0
-        todo = [(sid, text) for sid, text, reason in rows if not reason]
-        for sid, text, reason in rows:
+        seqs: list[tuple[int, np.ndarray, np.ndarray]] = []  # (sample_id, token ids, store mask)
+        n_rows = 0
+        for sid, ids, reason in rows:
+            n_rows += 1
             if reason:
                 skipped[sid] = reason
-        seqs: list[tuple[int, np.ndarray, np.ndarray]] = []  # (sample_id, token ids, store mask)
-        for (sid, _), ids in zip(todo, self.tokenize([t if isinstance(t, str) else "" for _, t in todo])):
+                continue
+            ids = np.asarray(ids, dtype=np.int32)
             if len(ids) == 0:
                 skipped[sid] = "empty text"
                 continue
@@ -189,7 +197,9 @@ class Engine:
                 skipped[sid] = "no tokens to store (all special)"
                 continue
             seqs.append((sid, ids, mask))
+        return self._batches(seqs, skipped, truncated, n_rows)
 
+    def _batches(self, seqs, skipped, truncated, n_rows) -> Iterator[Batch]:
         planned = batching.plan([len(s[1]) for s in seqs], batch_tokens=self.options.batch_tokens,
                                 n_devices=len(self.devices))
         first = True
@@ -202,7 +212,7 @@ class Engine:
             first = False
         if pending is not None:
             yield self._collect(*pending)
-        elif skipped or rows:
+        elif n_rows:
             yield self._empty_batch(skipped, truncated)
 
     def _launch(self, pb: batching.PlannedBatch, seqs):
