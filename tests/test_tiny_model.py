@@ -45,3 +45,10 @@ def test_seed_decides_the_weights(tmp_path):
 def test_rejects_impossible_shapes(tmp_path):
     with pytest.raises(ValueError, match="kv_heads"):
         make_tiny_model(tmp_path / "bad", heads=4, kv_heads=3)
+
+
+def test_model_dir_check_knows_every_family():
+    from worker.model_files import SUPPORTED_MODEL_TYPES
+    from worker.models import FAMILIES
+
+    assert sorted(SUPPORTED_MODEL_TYPES) == sorted(FAMILIES)

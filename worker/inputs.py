@@ -103,6 +103,15 @@ def _parquet_records(path: Path) -> Iterator[tuple[Any, str | None]]:
             yield rec, None
 
 
+def _parquet_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception as e:
+        raise InputError(f"{path}: not a readable Parquet file ({e})") from None
+
+
 def _csv_records(path: Path) -> Iterator[tuple[Any, str | None]]:
     with open(path, newline="", encoding="utf-8", errors="replace") as f:
         reader = csv.DictReader(f)
@@ -212,5 +221,12 @@ def read_rows(path: str, *, format: str = "text", text_field: str = "text", mess
 def count_rows(path: str, *, format: str = "text", text_field: str = "text", messages_field: str = "messages",
                arc_augmentations: int = 0, arc_seed: int = 0) -> int:
     """How many sample ids read_rows yields for the whole file (bad rows included)."""
-    n = sum(1 for _ in records(path))
+    kind, local = file_kind(path), local_file(path)
+    if kind == "jsonl":  # every line is a row, good or bad: no need to parse them
+        with open(local, "rb") as f:
+            n = sum(1 for _ in f)
+    elif kind == "parquet":
+        n = _parquet_rows(local)
+    else:
+        n = sum(1 for _ in _csv_records(local))
     return n * (arc_augmentations + 1 if format == "arc" else 1)
