@@ -183,8 +183,8 @@ def test_chaos_zero_never_kills_and_a_bad_rate_is_refused():
 # ----------------------------------------------------------------------------------------------------
 
 
-def actfleet(*args: str, **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def actfleet(*args: str, pythonpath: tuple[str, ...] = (), **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(REPO), *pythonpath))}
     env.pop("ACTFLEET_CONFIG", None)
     return subprocess.Popen([sys.executable, "-c", "from actfleet.cli import main; main()", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
@@ -214,6 +214,21 @@ def processes_mentioning(text: str) -> list[int]:
     return pids
 
 
+def base_install_only(tmp_path: Path) -> str:
+    """A sitecustomize that makes torch and cdktf unimportable, as in a base install (`pip install -e .`,
+    which `make demo` uses): the local path must not need them. Children inherit it through PYTHONPATH."""
+    d = tmp_path / "base-install"
+    d.mkdir()
+    (d / "sitecustomize.py").write_text(
+        "import sys\n"
+        "for name in ('torch', 'cdktf', 'jsii', 'cdktf_cdktf_provider_google', 'cdktf_cdktf_provider_google_beta'):\n"
+        "    sys.modules[name] = None\n")
+    probe = subprocess.run([sys.executable, "-c", "import torch"], env={**os.environ, "PYTHONPATH": str(d)},
+                           capture_output=True, text=True)
+    assert probe.returncode != 0 and "torch" in probe.stderr  # the blocker is in effect
+    return str(d)
+
+
 @pytest.mark.slow
 def test_local_with_chaos_verifies_and_its_summary_matches_the_shards_on_disk(tmp_path):
     from worker.reader import load, shard_metadata
@@ -221,7 +236,7 @@ def test_local_with_chaos_verifies_and_its_summary_matches_the_shards_on_disk(tm
     data = small_dataset(tmp_path, 400)
     out = tmp_path / "out"
     p = actfleet("local", "--workers", "3", "--chaos", "0.3", "--seed", "3", "--input", str(data), "--unit-rows",
-                 "20", "--lease-seconds", "6", "--out", str(out), "--json")
+                 "20", "--lease-seconds", "6", "--out", str(out), "--json", pythonpath=(base_install_only(tmp_path),))
     stdout, stderr = p.communicate(timeout=600)
     assert p.returncode == 0, stderr[-3000:]
     s = json.loads(stdout)
