@@ -10,8 +10,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from transformers import Qwen2ForCausalLM  # noqa: E402
-
 from worker.attention import attention, reference_attention  # noqa: E402
 from worker.engine import Engine, ExtractOptions  # noqa: E402
 from worker.tiny_model import make_tiny_model  # noqa: E402
@@ -24,7 +22,9 @@ TEXTS = ["a", "The quick brown fox jumps over the lazy dog. " * 9, "7", "Example
 
 
 def hf_reference(model_dir, token_lists):
-    model = Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     caps: dict = {}
 
     def keep(name):
@@ -151,3 +151,34 @@ def test_32k_context_never_materialises_s_by_s():
     small, large = temp_bytes(8192), temp_bytes(32768)
     assert large < 32768 * 32768 * 4 / 4  # a quarter of ONE head's float32 S x S (4 GiB); all heads: 56 GiB
     assert large < 6 * small  # 4x the tokens: linear growth is 4x, quadratic would be 16x
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_other_families_are_a_config_away(tmp_path, family):
+    """Qwen3 (per-head q/k RMSNorm, no QKV bias, explicit head_dim) and Llama (no bias) from transformers'
+    own random init, saved as safetensors, agree in float32 too."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    tiny = make_tiny_model(tmp_path / "tok")
+    common = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    if family == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(head_dim=24, **common))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    with torch.no_grad():  # transformers initialises norms to 1: randomise them so they are really tested
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(tmp_path / "m")
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tiny / f).exists():
+            shutil.copy(tiny / f, tmp_path / "m" / f)
+    engine, _, cat, acts = extract_all(tmp_path / "m", TEXTS, compute_dtype="float32", store_dtype="float32",
+                                       batch_tokens=512, attn_block=32)
+    assert engine.config.qk_norm == (family == "qwen3") and not engine.config.qkv_bias
+    ref = hf_reference(tmp_path / "m", [engine.tokenize([t])[0] for t in TEXTS])
+    assert worst_relative_error(engine, TEXTS, cat, acts, ref) < 1e-4
