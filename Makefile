@@ -53,7 +53,7 @@ node_modules/.installed: package.json package-lock.json | prereqs-cloud
 	touch $@
 
 demo: $(VENV)/.base
-	$(ACTFLEET) local --workers 3 --chaos 0.05 --out demo-out
+	$(ACTFLEET) local --workers 3 --chaos 0.1 --out demo-out
 
 test: $(VENV)/.full node_modules/.installed
 	PATH="$(CURDIR)/node_modules/.bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
