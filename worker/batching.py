@@ -3,8 +3,8 @@
 Rows have a fixed length P (a power of two >= the longest sequence, at least MIN_ROW), and a batch is
 `rows_per_batch` rows with rows_per_batch * P ~= batch_tokens (a multiple of the device count, so the batch
 dimension shards evenly). Sequences are packed first-fit-decreasing, so rows are nearly full and padding is
-a small fraction of computed tokens. The last batch is shrunk to a power of two of rows. Shapes therefore
-come from a small fixed set -- (power-of-two rows, power-of-two length) -- and compile once each.
+a small fraction of computed tokens. The last batch is shrunk to a multiple of 1/8 of a full batch. Shapes
+therefore come from a small fixed set -- (k/8 of a batch's rows, power-of-two length) -- and compile once each.
 
 The plan depends only on the ordered list of lengths, which is what makes the stored bits of a work unit
 reproducible: the same rows always land in the same places.
@@ -62,8 +62,10 @@ def plan(lengths: list[int], *, batch_tokens: int, n_devices: int = 1) -> list[P
     batches = []
     for start in range(0, len(rows), per_batch):
         chunk = rows[start: start + per_batch]
-        # A short final batch: the next power of two rows (a multiple of the devices), padded with empty rows.
-        size = min(per_batch, max(n_devices, -(-next_pow2(len(chunk)) // n_devices) * n_devices))
+        # A short final batch is rounded up to a multiple of an eighth of a full batch (and of the devices):
+        # at most 8 shapes per row length, and at most 1/8 of a batch of empty rows.
+        granule = max(n_devices, (per_batch // 8 // n_devices) * n_devices)
+        size = min(per_batch, -(-len(chunk) // granule) * granule)
         chunk = chunk + [[] for _ in range(size - len(chunk))]
         batches.append(PlannedBatch(p, tuple(tuple(r) for r in chunk)))
     return batches
