@@ -182,3 +182,33 @@ def test_other_families_are_a_config_away(tmp_path, family):
     assert engine.config.qk_norm == (family == "qwen3") and not engine.config.qkv_bias
     ref = hf_reference(tmp_path / "m", [engine.tokenize([t])[0] for t in TEXTS])
     assert worst_relative_error(engine, TEXTS, cat, acts, ref) < 1e-4
+
+
+# The packing plan decides which tokens share a row, so it lives with the parity tests.
+
+
+@pytest.mark.parametrize("n_devices", [1, 4])
+def test_packing_plan_covers_each_row_once_with_little_padding(n_devices):
+    from worker.batching import plan
+
+    rng = np.random.default_rng(0)
+    lengths = np.clip(rng.lognormal(np.log(2048 / 4), 1.0, 1000), 1, 2048).astype(int).tolist()
+    batches = plan(lengths, batch_tokens=16384, n_devices=n_devices)
+    assert plan(lengths, batch_tokens=16384, n_devices=n_devices) == batches  # pure
+    placed = sorted(i for b in batches for row in b.rows for i in row)
+    assert placed == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= b.row_len for b in batches for row in b.rows)
+    assert all(len(b.rows) % n_devices == 0 for b in batches)
+    assert len({b.shape for b in batches}) <= 2
+    computed = sum(b.shape[0] * b.shape[1] for b in batches)
+    assert 1 - sum(lengths) / computed < 0.03
+
+
+def test_packing_plan_edge_cases():
+    from worker.batching import plan
+
+    assert plan([], batch_tokens=100) == []
+    one = plan([32768], batch_tokens=16384)  # longer than a batch: one row of its own
+    assert [b.shape for b in one] == [(1, 32768)]
+    with pytest.raises(ValueError):
+        plan([3, 0], batch_tokens=100)
