@@ -84,7 +84,7 @@ def timed(fn, *args):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", type=int, default=16)
+    ap.add_argument("--rows", type=int, default=48)
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--layers", type=int, default=24, help="decoder layers (Qwen2.5-0.5B: 24)")
     ap.add_argument("--vocab", type=int, default=151936)

@@ -49,6 +49,7 @@ def test_extract_writes_shards_summary_and_engine_bits(tmp_path, model, dataset)
     assert r.returncode == 0, r.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert json.loads(r.stdout) == summary
+    assert any((tmp_path / "jaxcache").iterdir())  # compiled programs persisted for the next process
     assert summary["rows"] == 14 and summary["rows_stored"] == 11
     assert summary["skipped"] == {"bad JSON": 1, "empty text": 1, "longer than max_seq (40 tokens)": 1}
     assert summary["skipped_samples"]["bad JSON"] == [3]
