@@ -125,9 +125,23 @@ def test_blockwise_attention_matches_dense():
         at += n
     pos[0, at:] = np.arange(t - at)
     seg[1], pos[1] = 1, np.arange(t)
-    got = jax.jit(lambda *a: attention(*a, block=16))(q, k, v, jnp.asarray(seg), jnp.asarray(pos))
-    want = reference_attention(q, k, v, jnp.asarray(seg), jnp.asarray(pos))
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    seg, pos = jnp.asarray(seg), jnp.asarray(pos)
+    with jax.default_matmul_precision("highest"):  # true float32 products on GPUs and TPUs too
+        want = reference_attention(q, k, v, seg, pos)
+        for block in (16, 128):  # six blocks walked by the loop; one block for the whole row (no loop)
+            got = jax.jit(lambda *a: attention(*a, block=block))(q, k, v, seg, pos)
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+    # bfloat16 inputs (products on the matrix units, float32 accumulation and softmax) stay within bfloat16's
+    # rounding of the float32 answer on the same rounded inputs.
+    qb, kb, vb = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    with jax.default_matmul_precision("highest"):
+        want16 = reference_attention(*(x.astype(jnp.float32) for x in (qb, kb, vb)), seg, pos)
+    for block in (16, 128):
+        got16 = jax.jit(lambda *a: attention(*a, block=block))(qb, kb, vb, seg, pos)
+        assert got16.dtype == jnp.bfloat16
+        err = np.linalg.norm(np.asarray(got16, np.float32) - np.asarray(want16)) / np.linalg.norm(want16)
+        assert err < 1e-2
 
 
 def test_32k_context_never_materialises_s_by_s():
