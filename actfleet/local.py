@@ -36,6 +36,7 @@ import click
 
 from actfleet.cli import json_option
 from actfleet.errors import ActfleetError, InputError
+from actfleet.formatting import human_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED_DATASET = REPO / "worker" / "data" / "tiny_tales.jsonl"
@@ -432,7 +433,7 @@ def _print_summary(s: dict, report) -> None:
         f"  dataset   {s['dataset']}",
         f"  units     {s['units']}/{s['units_total']} done",
         f"  rows      {s['rows']:,} = {s['rows_stored']:,} stored + {skipped:,} skipped" + (f" ({why})" if why else ""),
-        f"  tokens    {s['tokens']:,} in {s['shards']:,} shards, {_human_bytes(s['bytes'])} ({s['bytes']:,} bytes)",
+        f"  tokens    {s['tokens']:,} in {s['shards']:,} shards, {human_bytes(s['bytes'])} ({s['bytes']:,} bytes)",
         f"  speed     {s['tokens_per_second']:,.0f} tokens/s ({s['tokens_this_run']:,} tokens in {s['seconds']:.0f} s, "
         f"{s['workers']} workers)" if s["tokens_this_run"] else
         "  speed     - (nothing left to do: the job was already complete)",
@@ -444,11 +445,3 @@ def _print_summary(s: dict, report) -> None:
         click.echo(line)
     for p in report.problems[:20]:
         click.echo(f"problem: {p.kind}: {p.message}", err=True)
-
-
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"

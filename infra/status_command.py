@@ -26,6 +26,7 @@ import click
 from actfleet.cli import config_option, json_option
 from actfleet.config import Config, load
 from actfleet.errors import ActfleetError
+from actfleet.formatting import human_bytes
 
 SCHEMA_ID = "actfleet.status/v1"
 
@@ -258,7 +259,7 @@ def render(snap: Snapshot):
             pct = 100.0 * j["units_done"] / j["units_total"] if j["units_total"] else 100.0
             lines.append(f"job {j['job']}: {j['units_done']}/{j['units_total']} units ({pct:.1f}%), "
                          f"{j['units_leased']} in progress, {_n(j['tokens'])} tokens, {_n(j['shards'])} shards, "
-                         f"{_bytes(j['bytes'])}" + (" - complete" if j["complete"] else ""))
+                         f"{human_bytes(j['bytes'])}" + (" - complete" if j["complete"] else ""))
     elif snap.job_error:
         lines.append(f"job: could not be read: {snap.job_error}")
     t = snap.throughput
@@ -272,14 +273,6 @@ def render(snap: Snapshot):
 
 def _n(v) -> str:
     return "-" if v is None else f"{v:,}"
-
-
-def _bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 def _ago(t: float | None, now: float) -> str:
