@@ -42,14 +42,20 @@ def sleeper(seconds: float = 60.0, code: int = 0):
 
 
 def wait_exit(fleet: ProcessFleet, name: str) -> None:
-    fleet.slots[name].proc.wait(timeout=30)
+    fleet.slots[name].proc.wait(timeout=120)  # a hang guard, not a speed check
 
 
-def wait_for_log(path: Path, text: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not (path.is_file() and text in path.read_text()):
-        assert time.monotonic() < deadline, f"{path} never said {text!r}"
-        time.sleep(0.05)
+def wait_until(condition, describe, limit: float = 300, poll: float = 0.05) -> None:
+    """Poll until `condition()`; `limit` only guards against a hang (it is no speed check), so it is generous."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"still waiting after {limit:.0f} s: {describe()}")
+        time.sleep(poll)
+
+
+def wait_for_log(path: Path, text: str) -> None:
+    wait_until(lambda: path.is_file() and text in path.read_text(), lambda: f"{path} never said {text!r}")
 
 
 @pytest.fixture
@@ -270,10 +276,12 @@ def test_ctrl_c_stops_every_worker_and_running_again_resumes_the_job(tmp_path):
     args = ("local", "--workers", "2", "--input", str(data), "--unit-rows", "10", "--out", str(out), "--json")
     p = actfleet(*args)
     done_dir = out / "store" / "local" / "done"
-    deadline = time.monotonic() + 300
-    while not (done_dir.is_dir() and len(list(done_dir.iterdir())) >= 3):
-        assert p.poll() is None and time.monotonic() < deadline, p.communicate()[1][-3000:]
-        time.sleep(0.2)
+
+    def three_units_done():
+        assert p.poll() is None, p.communicate()[1][-3000:]  # it must still be running when we interrupt it
+        return done_dir.is_dir() and len(list(done_dir.iterdir())) >= 3
+
+    wait_until(three_units_done, lambda: "fewer than 3 units done", poll=0.2)
     p.send_signal(signal.SIGINT)
     stdout, stderr = p.communicate(timeout=120)
     assert p.returncode == 130, stderr[-3000:]
