@@ -9,7 +9,7 @@ import sys
 
 from actfleet.config import load
 from actfleet.errors import ActfleetError
-from infra.synth_cache import actfleet_command, config_text, state_dir
+from actfleet.infra.synth_cache import actfleet_command, config_text, state_dir
 
 
 def main() -> None:
@@ -18,7 +18,7 @@ def main() -> None:
     except ActfleetError as e:
         print(f"actfleet: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    from infra.stacks import build_app  # after the config is known good: this import takes 15-25 s
+    from actfleet.infra.stacks import build_app  # after the config is known good: this import takes 15-25 s
 
     app = build_app(config, state_dir=state_dir(config), config_text=config_text(config),
                     actfleet=actfleet_command())

@@ -15,20 +15,20 @@ from actfleet.errors import ActfleetError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # infra/: the fleet's infrastructure and its controller
-    "synth": ("infra.stack_commands:synth", "Synthesize the base and fleet stacks to Terraform JSON (cached)."),
-    "plan": ("infra.stack_commands:plan", "Show what `deploy` would change (terraform plan)."),
-    "deploy": ("infra.stack_commands:deploy", "Create or update the stacks (terraform apply)."),
-    "destroy": ("infra.stack_commands:destroy", "Tear the stacks down (terraform destroy)."),
-    "tpu": ("infra.tpu_commands:tpu", "Low-level TPU API calls (used by the fleet stack's provisioners)."),
-    "reconcile": ("infra.reconcile_command:reconcile", "Bring the fleet back to its desired state."),
-    "status": ("infra.status_command:status", "Show every worker's state and the job's progress."),
+    "synth": ("actfleet.infra.commands.stacks:synth", "Synthesize the base and fleet stacks to Terraform JSON (cached)."),
+    "plan": ("actfleet.infra.commands.stacks:plan", "Show what `deploy` would change (terraform plan)."),
+    "deploy": ("actfleet.infra.commands.stacks:deploy", "Create or update the stacks (terraform apply)."),
+    "destroy": ("actfleet.infra.commands.stacks:destroy", "Tear the stacks down (terraform destroy)."),
+    "tpu": ("actfleet.infra.commands.tpu:tpu", "Low-level TPU API calls (used by the fleet stack's provisioners)."),
+    "reconcile": ("actfleet.infra.commands.reconcile:reconcile", "Bring the fleet back to its desired state."),
+    "status": ("actfleet.infra.commands.status:status", "Show every worker's state and the job's progress."),
     # worker/: the extractor and the work queue
-    "extract": ("worker.extract_command:extract", "Extract activations from a local dataset to shards."),
-    "prepare": ("worker.queue_commands:prepare", "Split a dataset into work units in the store."),
-    "work": ("worker.queue_commands:work", "Claim units, extract, commit, until the job is done."),
-    "verify": ("worker.queue_commands:verify", "Prove a job's output is complete and exactly-once."),
+    "extract": ("actfleet.worker.commands.extract:extract", "Extract activations from a local dataset to shards."),
+    "prepare": ("actfleet.worker.commands.jobs:prepare", "Split a dataset into work units in the store."),
+    "work": ("actfleet.worker.commands.jobs:work", "Claim units, extract, commit, until the job is done."),
+    "verify": ("actfleet.worker.commands.jobs:verify", "Prove a job's output is complete and exactly-once."),
     # the embedded default: the whole system on one machine
-    "local": ("actfleet.local:local", "Run the whole system on this machine (the demo)."),
+    "local": ("actfleet.demo.command:local", "Run the whole system on this machine (the demo)."),
 }
 
 

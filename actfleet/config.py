@@ -1,4 +1,4 @@
-"""fleet.toml -> frozen, typed configuration: the one source of desired state (DESIGN section 2).
+"""fleet.toml -> frozen, typed configuration: the one source of desired state (README, "The cloud path"; every key in fleet.example.toml).
 
 Every key is declared once in SCHEMA below with its type, default and what is allowed. Loading checks
 every value and fails with one line naming the file, the key, the value and what is allowed, e.g.

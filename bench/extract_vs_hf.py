@@ -1,7 +1,7 @@
 """actfleet's JAX extractor vs transformers, side by side in one run, on the same rows and capture sites.
 
 Model: Qwen2.5-0.5B's shape (vocab 151,936, hidden 896, intermediate 4,864, 24 layers, 14 heads, 2 KV heads)
-with random weights, written offline by worker.tiny_model. Sites: resid_post of every layer (what
+with random weights, written offline by actfleet.demo.tiny_model. Sites: resid_post of every layer (what
 `output_hidden_states=True` gives transformers; both store the same tokens: all real tokens, no padding).
 
 Two workloads: "mixed" (lognormal lengths, median a quarter of --max-len, capped at --max-len) and "equal"
@@ -168,13 +168,13 @@ def main() -> None:
     import torch
     from transformers import AutoModel
 
-    from worker.engine import Engine, ExtractOptions
-    from worker.tiny_model import make_tiny_model
+    from actfleet.worker.engine import Engine, ExtractOptions
+    from actfleet.demo.tiny_model import make_tiny_model
 
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.attention == "dense":
-        import worker.models.qwen2 as qwen2
+        import actfleet.worker.models.qwen2 as qwen2
 
         qwen2.attention = dense_attention
     hidden, heads, kv_heads, intermediate, layers = SHAPES[a.shape]

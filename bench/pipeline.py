@@ -28,10 +28,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from worker import queue as q  # noqa: E402
-from worker.queue_commands import EngineExtractor, count_input_rows, input_fingerprint  # noqa: E402
-from worker.store import open_store  # noqa: E402
-from worker.work_loop import Worker  # noqa: E402
+from actfleet.worker import work_queue as q  # noqa: E402
+from actfleet.worker.commands.jobs import EngineExtractor, count_input_rows, input_fingerprint  # noqa: E402
+from actfleet.store import open_store  # noqa: E402
+from actfleet.worker.work_loop import Worker  # noqa: E402
 
 WORDS = ("the model reads tokens and writes activations to shards in a bucket while spot machines come and go "
          "every row is stored exactly once").split()
@@ -82,7 +82,7 @@ def main(argv=None) -> None:
     ap.add_argument("--model", help="a model directory (default: a tiny random Qwen2 made on the spot)")
     args = ap.parse_args(argv)
 
-    from worker.tiny_model import make_tiny_model
+    from actfleet.demo.tiny_model import make_tiny_model
 
     with tempfile.TemporaryDirectory(prefix="actfleet-bench-") as tmp:
         root = Path(tmp)

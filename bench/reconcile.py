@@ -25,10 +25,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actfleet.config import parse  # noqa: E402
-from infra.decide import Policy, decide  # noqa: E402
-from infra.observe import merge, observe_fleet  # noqa: E402
-from infra.reconcile import reconcile_pass  # noqa: E402
-from infra.tpu_api import TpuApi, ZoneError, ZoneView  # noqa: E402
+from actfleet.infra.decide import Policy, decide  # noqa: E402
+from actfleet.infra.observe import merge, observe_fleet  # noqa: E402
+from actfleet.infra.reconcile import reconcile_pass  # noqa: E402
+from actfleet.infra.tpu_api import TpuApi, ZoneError, ZoneView  # noqa: E402
 import contextlib  # noqa: E402
 import urllib.request  # noqa: E402
 

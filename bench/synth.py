@@ -1,7 +1,7 @@
-"""Synth cost, cold vs cached, for 12 and 1,000 workers (DESIGN section 3: synth is slow, so it is cached).
+"""Synth cost, cold vs cached, for 12 and 1,000 workers (docs/infrastructure.md: synth is slow, so it is cached).
 
 Each measurement is a fresh `python` process doing what `actfleet synth` does (load the config, then
-infra.synth_cache.synth), timed from outside, so interpreter start-up and imports are included:
+actfleet.infra.synth_cache.synth), timed from outside, so interpreter start-up and imports are included:
   cold   = empty cache: imports cdktf + the provider bindings and synthesizes both stacks;
   cached = the same config again: a cache hit, which imports no cdktf.
 The peer for the ratio is the cold synth, measured side by side in the same run.
@@ -43,7 +43,7 @@ layers = [6]
 PROBE = """
 import json, sys
 from actfleet.config import load
-from infra.synth_cache import synth
+from actfleet.infra.synth_cache import synth
 s = synth(load(sys.argv[1]), cache_dir=sys.argv[2])
 size = sum(p.stat().st_size for p in s.dir.rglob("cdk.tf.json"))
 print(json.dumps({"cached": s.cached, "inner_seconds": s.seconds, "json_bytes": size,

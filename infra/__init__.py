@@ -1,1 +1,1 @@
-"""infra/: the cdktf stacks, the TPU API client, reconcile and status (DESIGN sections 3-4)."""
+"""actfleet.infra (infra/): the cdktf stacks, the TPU API client, reconcile and status (docs/infrastructure.md, docs/operations.md)."""

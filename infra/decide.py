@@ -1,4 +1,4 @@
-"""decide: the pure heart of reconcile (DESIGN section 4, step 2).
+"""decide: the pure heart of reconcile (docs/operations.md).
 
     actions = decide(desired, observed, now, policy, unreachable_zones=..., job_complete=..., managed=...)
 

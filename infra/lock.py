@@ -3,7 +3,7 @@
     with ReconcileLock.for_config(cfg).hold():        # or .hold(wait=True)
         ...                                           # observe -> decide -> act
 
-A lock is one small JSON object in a Store (worker/store.py: a local directory or gs://bucket/prefix):
+A lock is one small JSON object in a Store (actfleet/store.py: a local directory or gs://bucket/prefix):
 - take:    create-if-absent (GCS `if_generation_match=0`, filesystem O_EXCL link);
 - renew:   a background thread rewrites it with a generation match every ttl/3, pushing its expiry on,
            so a long terraform apply keeps the lock while a crashed holder's lock expires;
@@ -38,7 +38,7 @@ from typing import Callable, Iterator
 
 from actfleet.config import Config
 from actfleet.errors import ActfleetError
-from worker.store import NotFound, PreconditionFailed, Store, open_store
+from actfleet.store import NotFound, PreconditionFailed, Store, open_store
 
 LOCK_KEY = "reconcile.lock"
 DEFAULT_TTL_S = 300.0

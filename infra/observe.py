@@ -1,4 +1,4 @@
-"""observe: what the cloud holds for a fleet, as decide() reads it (DESIGN section 4, step 1).
+"""observe: what the cloud holds for a fleet, as decide() reads it (docs/operations.md).
 
     view = observe_fleet(TpuApi.from_config(cfg.fleet), zones)
     view.observed       name -> Observed (queued resource and node merged by name)
@@ -14,10 +14,10 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Mapping
 
-from infra.decide import Observed
+from actfleet.infra.decide import Observed
 
 if TYPE_CHECKING:
-    from infra.tpu_api import Node, QueuedResource, TpuApi, ZoneError, ZoneView
+    from actfleet.infra.tpu_api import Node, QueuedResource, TpuApi, ZoneError, ZoneView
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ holding the startup script. The provider's own google_tpu_v2_queued_resource can
 from __future__ import annotations
 
 from actfleet.config import Config, Worker
-from infra.startup_script import worker_metadata
+from actfleet.infra.startup_script import worker_metadata
 
 # The worker needs Cloud Storage and Logging/Monitoring; IAM on the service account narrows what it may do.
 SCOPES = ("https://www.googleapis.com/auth/cloud-platform",)

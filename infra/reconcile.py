@@ -1,4 +1,4 @@
-"""One reconcile pass: observe -> decide -> act -> report (DESIGN section 4).
+"""One reconcile pass: observe -> decide -> act -> report (docs/operations.md).
 
     report = reconcile_pass(cfg)              # takes the lock, acts, releases it
     report = reconcile_pass(cfg, dry_run=True)  # observes and decides only
@@ -35,9 +35,9 @@ from typing import Any, Callable
 
 from actfleet.config import WORKER_NAME_RE, Config
 from actfleet.errors import ActfleetError
-from infra.decide import APPLY_KINDS, CREATE, DELETE_ORPHAN, REPLACE, Action, Policy, decide, needs_apply
-from infra.lock import LockHeld, ReconcileLock
-from infra.observe import FleetView, observe_fleet
+from actfleet.infra.decide import APPLY_KINDS, CREATE, DELETE_ORPHAN, REPLACE, Action, Policy, decide, needs_apply
+from actfleet.infra.lock import LockHeld, ReconcileLock
+from actfleet.infra.observe import FleetView, observe_fleet
 
 SCHEMA_ID = "actfleet.reconcile/v1"
 WORKERS_RESOURCE = "workers"  # the fleet stack's resource name: <type>.workers["tpu-us-central1-a-3"]
@@ -189,7 +189,7 @@ def _observe_decide_act(cfg: Config, report: PassReport, api, clock, lock: Recon
     zones = sorted(set(cfg.fleet.zones) | {_zone_of(n) for n in managed if _zone_of(n)})
     report.zones = zones
     if api is None:
-        from infra.tpu_api import TpuApi
+        from actfleet.infra.tpu_api import TpuApi
 
         api = TpuApi.from_config(cfg.fleet)
     view: FleetView = observe_fleet(api, zones)
@@ -266,8 +266,8 @@ def _job_complete(cfg: Config, report: PassReport) -> bool:
         return False
     report.job["watched"] = True
     try:
-        from worker.queue import job_complete
-        from worker.store import open_store
+        from actfleet.worker.work_queue import job_complete
+        from actfleet.store import open_store
 
         complete = job_complete(open_store(cfg.job.store), cfg.job.name)
     except Exception as e:  # an unreadable queue never scales the fleet down; it is reported
@@ -301,7 +301,7 @@ def managed_workers(cfg: Config) -> frozenset[str]:
     where = fleet_state_location(cfg)
     try:
         if where.startswith("gs://"):
-            from worker.store import NotFound, open_store
+            from actfleet.store import NotFound, open_store
 
             root, _, key = where.rpartition("/")
             try:
@@ -328,7 +328,7 @@ def terraform_apply(cfg: Config, *, replace: list[str], targets: list[str], dest
     """The act step's one terraform run on the fleet stack (synthesized through the cache, initialised
     once; infra/terraform.py). Raises ActfleetError with Terraform's error summary on failure. Waits up
     to a minute for Terraform's state lock (an `actfleet deploy` may be finishing)."""
-    from infra.terraform import fleet_stack
+    from actfleet.infra.terraform import fleet_stack
 
     tf = fleet_stack(cfg, stream=stream, lock_timeout="60s")
     if destroy:

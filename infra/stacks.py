@@ -1,6 +1,6 @@
 """The cdktf app: two stacks, `base` (data: bucket, service account, IAM) and `fleet` (the TPU workers).
 
-They are separate so that reconcile, which applies only `fleet`, can never touch the data (DESIGN section 3).
+They are separate so that reconcile, which applies only `fleet`, can never touch the data (docs/infrastructure.md).
 
     app = build_app(config, outdir)   # both stacks under outdir/stacks/{base,fleet}/cdk.tf.json
     app.synth()
@@ -31,8 +31,8 @@ from cdktf import (App, DataResource, GcsBackend, LocalBackend, LocalExecProvisi
 from constructs import Construct  # noqa: E402
 
 from actfleet.config import Config, Worker
-from infra.qr_request import SCOPES, queued_resource_request, worker_labels
-from infra.startup_script import config_object_name, startup_script, worker_metadata, worker_unit
+from actfleet.infra.qr_request import SCOPES, queued_resource_request, worker_labels
+from actfleet.infra.startup_script import config_object_name, startup_script, worker_metadata, worker_unit
 
 STACKS = ("base", "fleet")
 WORKERS_ID = "workers"  # logical id of the worker resource: terraform_data.workers["tpu-us-central1-a-3"]
@@ -125,7 +125,7 @@ class BaseStack(TerraformStack):
 
 
 class FleetStack(TerraformStack):
-    """One TPU worker per desired name, one resource block with for_each over a map (DESIGN section 3)."""
+    """One TPU worker per desired name, one resource block with for_each over a map (docs/infrastructure.md)."""
 
     def __init__(self, scope: Construct, config: Config, state_dir: Path, actfleet_command: str):
         super().__init__(scope, "fleet")
@@ -222,7 +222,7 @@ def _escaped_request(config: Config, worker: Worker, refs: dict[str, str]) -> di
 def build_app(config: Config, outdir: str | Path | None = None, *, state_dir: Path | None = None,
               config_text: str | None = None, actfleet: str | None = None) -> App:
     """Both stacks in one app. `outdir=None` lets the cdktf CLI choose (cdktf.json / main.py)."""
-    from infra import synth_cache
+    from actfleet.infra import synth_cache
 
     state_dir = Path(state_dir) if state_dir is not None else synth_cache.state_dir(config)
     app = App(outdir=str(outdir)) if outdir is not None else App()

@@ -1,4 +1,4 @@
-"""Renders bootstrap/ into a TPU worker's instance metadata (DESIGN section 7).
+"""Renders bootstrap/ into a TPU worker's instance metadata (docs/infrastructure.md, "Bootstrap").
 
 The VM's guest agent runs the `startup-script` attribute on every boot; that script (bootstrap/startup.sh)
 reads the other `actfleet-*` attributes written here: which repository and pinned commit to run, which
@@ -7,21 +7,29 @@ worker it is, where the fleet config lives, and the systemd unit to install.
 
 from __future__ import annotations
 
-from pathlib import Path
+from importlib import resources
 
 from actfleet.config import Config, Worker
 
-BOOTSTRAP_DIR = Path(__file__).resolve().parent.parent / "bootstrap"
-STARTUP_SCRIPT = BOOTSTRAP_DIR / "startup.sh"
-WORKER_UNIT = BOOTSTRAP_DIR / "actfleet-worker.service"
+# bootstrap/ is package data (actfleet.bootstrap): found the same way in a checkout, an editable install
+# and a wheel installed anywhere.
+BOOTSTRAP_FILES = ("startup.sh", "actfleet-worker.service")
+
+
+def bootstrap_dir():
+    return resources.files("actfleet.bootstrap")
+
+
+def bootstrap_file(name: str) -> bytes:
+    return bootstrap_dir().joinpath(name).read_bytes()
 
 
 def startup_script() -> str:
-    return STARTUP_SCRIPT.read_text()
+    return bootstrap_file("startup.sh").decode()
 
 
 def worker_unit() -> str:
-    return WORKER_UNIT.read_text()
+    return bootstrap_file("actfleet-worker.service").decode()
 
 
 def config_object_name(config: Config) -> str:

@@ -29,6 +29,7 @@ from importlib import metadata as pkg_metadata
 from pathlib import Path
 
 from actfleet.config import Config
+from actfleet.infra.startup_script import BOOTSTRAP_FILES, bootstrap_dir
 
 SYNTH_DIR_ENV = "ACTFLEET_SYNTH_DIR"
 DEFAULT_SYNTH_DIR = ".actfleet/synth"
@@ -37,16 +38,11 @@ DEFAULT_SYNTH_DIR = ".actfleet/synth"
 KEEP_ENTRIES = 8
 PRUNE_AFTER_SECONDS = 86400
 
-_ROOT = Path(__file__).resolve().parent.parent
-# Everything whose content changes the synthesized JSON.
-SYNTH_SOURCES = (
-    _ROOT / "infra" / "stacks.py",
-    _ROOT / "infra" / "qr_request.py",
-    _ROOT / "infra" / "startup_script.py",
-    _ROOT / "infra" / "synth_cache.py",
-    _ROOT / "bootstrap" / "startup.sh",
-    _ROOT / "bootstrap" / "actfleet-worker.service",
-)
+_INFRA = Path(__file__).resolve().parent
+# Everything whose content changes the synthesized JSON (the bootstrap files are read as package data).
+SYNTH_SOURCES = (tuple(_INFRA / name for name in ("stacks.py", "qr_request.py", "startup_script.py",
+                                                  "synth_cache.py"))
+                 + tuple(bootstrap_dir() / name for name in BOOTSTRAP_FILES))
 PINNED_PACKAGES = ("cdktf", "cdktf-cdktf-provider-google", "cdktf-cdktf-provider-google-beta")
 
 
@@ -112,7 +108,7 @@ def synth(config: Config, *, cache_dir: str | os.PathLike | None = None, force: 
 
 
 def _synth_into(config: Config, outdir: Path) -> None:
-    from infra.stacks import build_app  # the expensive import (jsii + provider bindings)
+    from actfleet.infra.stacks import build_app  # the expensive import (jsii + provider bindings)
 
     app = build_app(config, outdir, state_dir=state_dir(config), config_text=config_text(config),
                     actfleet=actfleet_command())

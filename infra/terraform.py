@@ -1,9 +1,9 @@
 """Runs the `terraform` binary on one synthesized stack: init, plan, apply, destroy, state list.
 
-Used by `actfleet synth|plan|deploy|destroy` (infra/stack_commands.py) and by reconcile, which applies the
+Used by `actfleet synth|plan|deploy|destroy` (infra/commands/stacks.py) and by reconcile, which applies the
 fleet stack with every worker it recreates as a `-replace` target of ONE apply:
 
-    from infra.terraform import fleet_stack, worker_address
+    from actfleet.infra.terraform import fleet_stack, worker_address
 
     tf = fleet_stack(config)              # cached synth (infra/synth_cache.py) + `terraform init` once
     tf.state_list()                       # ['terraform_data.workers["tpu-us-central1-a-0"]', ...]
@@ -222,7 +222,7 @@ def stack(config: Config, name: str, *, cache_dir: str | os.PathLike | None = No
     if name not in STACK_NAMES:
         raise ActfleetError(f"--stack {name!r}: must be one of {', '.join(STACK_NAMES)}", exit_code=EXIT_BAD_INPUT)
     terraform_binary()  # fail fast, before a 20 s synth, when terraform is missing
-    from infra.synth_cache import synth  # a cache hit imports no cdktf; a miss pays for it once
+    from actfleet.infra.synth_cache import synth  # a cache hit imports no cdktf; a miss pays for it once
 
     synthesized = synth(config, cache_dir=cache_dir)
     tf = Terraform(synthesized.stack_dir(name), env, stream=stream, lock_timeout=lock_timeout,

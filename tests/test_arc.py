@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from worker import arc
+from actfleet.worker import arc
 
 TASK = {"train": [{"input": [[0, 1, 2], [3, 4, 5]], "output": [[5, 4, 3], [2, 1, 0]]},
                   {"input": [[7]], "output": [[8]]}],

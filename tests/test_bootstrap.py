@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from actfleet.config import parse
-from infra.startup_script import worker_metadata
+from actfleet.infra.startup_script import worker_metadata
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP = ROOT / "bootstrap" / "startup.sh"

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from tests.fakes import standin_extractor as sx
-from worker import queue as q
-from worker.store import open_store
-from worker.verify import verify
+from actfleet.worker import work_queue as q
+from actfleet.store import open_store
+from actfleet.worker.verify import verify
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,7 +102,7 @@ import random  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
-from worker.shards import read_tensors  # noqa: E402  (reads bfloat16, which safetensors.numpy cannot)
+from actfleet.worker.shards import read_tensors  # noqa: E402  (reads bfloat16, which safetensors.numpy cannot)
 
 PHASES = ("claimed", "computing", "uploading", "committing")
 
@@ -206,7 +206,7 @@ def actfleet_argv(*args: str) -> list[str]:
 def test_chaos_with_the_real_engine_on_a_tiny_model(tmp_path):
     """4 `actfleet work` processes on a tiny random Qwen2, 20 seeded SIGKILLs across claim, compute, upload
     and commit; then verify passes and the stored activations equal an uninterrupted run's, bit for bit."""
-    from worker.tiny_model import make_tiny_model
+    from actfleet.demo.tiny_model import make_tiny_model
 
     model = make_tiny_model(tmp_path / "model", seed=3)
     data = tmp_path / "data.jsonl"
@@ -216,7 +216,7 @@ def test_chaos_with_the_real_engine_on_a_tiny_model(tmp_path):
                             + "\n" for _ in range(96)))
     env = {"ACTFLEET_JAX_CACHE": str(tmp_path / "jax-cache")}  # restarted workers reuse compiled programs
     stores = {name: tmp_path / name for name in ("reference", "chaos")}
-    from worker.queue_commands import count_input_rows, input_fingerprint
+    from actfleet.worker.commands.jobs import count_input_rows, input_fingerprint
 
     opts = {"model": str(model), "revision": "main", "format": "text", "text_field": "text",
             "messages_field": "messages", "arc_augmentations": 0, "arc_seed": 0,

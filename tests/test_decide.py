@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from actfleet.config import Worker
-from infra.decide import (ACTING_KINDS, APPLY_KINDS, CREATE, DELETE_ORPHAN, HEALTHY, KINDS, PENDING, REMOVE,
+from actfleet.infra.decide import (ACTING_KINDS, APPLY_KINDS, CREATE, DELETE_ORPHAN, HEALTHY, KINDS, PENDING, REMOVE,
                           REPLACE, REPORT, WAIT, Action, Observed, Policy, converged, decide, needs_apply)
 
 NOW = 1_000_000.0

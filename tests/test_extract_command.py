@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from worker.reader import load
-from worker.tiny_model import make_tiny_model
+from actfleet.worker.reader import load
+from actfleet.demo.tiny_model import make_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,8 +62,8 @@ def test_extract_writes_shards_summary_and_engine_bits(tmp_path, model, dataset)
     assert sorted(set(got["sample_ids"].tolist())) == [i for i in range(14) if i not in (3, 8, 11)]
 
     # The same bits as Engine.run over the same consecutive blocks of 5 rows (what a fleet unit does).
-    from worker import inputs
-    from worker.engine import Engine, ExtractOptions
+    from actfleet.worker import inputs
+    from actfleet.worker.engine import Engine, ExtractOptions
 
     engine = Engine(str(model), ExtractOptions(sites=tuple(summary["sites"]), max_seq=40, store_dtype="float32"))
     want = []

@@ -13,8 +13,8 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
 from tests.fakes.gcs_server import fake_gcs  # noqa: F401  (fixture)
-from worker.reader import load, shard_metadata
-from worker.tiny_model import make_tiny_model
+from actfleet.worker.reader import load, shard_metadata
+from actfleet.demo.tiny_model import make_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from actfleet import config as config_mod
-from infra.qr_request import queued_resource_request
-from infra.terraform import Terraform, TerraformError, error_summary, fleet_stack, worker_address
+from actfleet.infra.qr_request import queued_resource_request
+from actfleet.infra.terraform import Terraform, TerraformError, error_summary, fleet_stack, worker_address
 from tests.fakes.tpu_server import FakeTpuServer
 
 pytestmark = pytest.mark.slow

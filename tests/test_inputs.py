@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from actfleet.errors import InputError
-from worker import inputs
-from worker.tiny_model import make_tiny_model
+from actfleet.worker import inputs
+from actfleet.demo.tiny_model import make_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from tests.fakes.gcs_server import fake_gcs  # noqa: F401  (fixture)
-from worker import queue as q
-from worker.store import open_store
+from actfleet.worker import work_queue as q
+from actfleet.store import open_store
 
 REPO = Path(__file__).resolve().parents[1]
 CLAIMERS, UNITS, LEASE_S = 16, 200, 1.0

@@ -2,7 +2,7 @@
 
 The driver tests use real child processes (a Python one-liner that sleeps, or exits with a given code), real
 signals and the real decide(); the end-to-end tests run `actfleet local` itself as a subprocess on the tiny
-random model and check its summary against the shards on disk, read back with worker.reader.
+random model and check its summary against the shards on disk, read back with actfleet.worker.reader.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from infra.decide import CREATE, REMOVE, REPLACE
-from infra.local_driver import Chaos, ProcessFleet, local_workers, popen_logged
+from actfleet.infra.decide import CREATE, REMOVE, REPLACE
+from actfleet.demo.process_fleet import Chaos, ProcessFleet, local_workers, popen_logged
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -198,7 +198,7 @@ def actfleet(*args: str, pythonpath: tuple[str, ...] = (), **kw) -> subprocess.P
 
 def small_dataset(tmp_path: Path, rows: int) -> Path:
     """The first `rows` rows of the bundled dataset, so the test stays about a minute on 2 cores."""
-    from actfleet.local import BUNDLED_DATASET
+    from actfleet.demo.command import BUNDLED_DATASET
 
     path = tmp_path / "tales.jsonl"
     path.write_text("".join(BUNDLED_DATASET.read_text().splitlines(keepends=True)[:rows]))
@@ -237,7 +237,7 @@ def base_install_only(tmp_path: Path) -> str:
 
 @pytest.mark.slow
 def test_local_with_chaos_verifies_and_its_summary_matches_the_shards_on_disk(tmp_path):
-    from worker.reader import load, shard_metadata
+    from actfleet.worker.reader import load, shard_metadata
 
     data = small_dataset(tmp_path, 400)
     out = tmp_path / "out"

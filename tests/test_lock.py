@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from infra.lock import LOCK_KEY, LockHeld, LockInfo, ReconcileLock
+from actfleet.infra.lock import LOCK_KEY, LockHeld, LockInfo, ReconcileLock
 from tests.fakes.gcs_server import fake_gcs  # noqa: F401  (pytest fixture)
-from worker.store import open_store
+from actfleet.store import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 
 HOLD_SCRIPT = textwrap.dedent("""
     import sys, time
-    from infra.lock import ReconcileLock, LockHeld
-    from worker.store import open_store
+    from actfleet.infra.lock import ReconcileLock, LockHeld
+    from actfleet.store import open_store
     store_url, hold_s = sys.argv[1], float(sys.argv[2])
     lock = ReconcileLock(open_store(store_url), command="test holder")
     try:

@@ -1,6 +1,6 @@
 """The JAX extractor agrees with transformers' PyTorch Qwen2 at every stored (sample, position, site).
 
-Tiny random models are made in the test (worker.tiny_model). The reference runs each sample alone through
+Tiny random models are made in the test (actfleet.demo.tiny_model). The reference runs each sample alone through
 `Qwen2ForCausalLM` with forward hooks on each decoder layer (resid_post, before the final norm for the last
 layer), on self_attn (attn_out) and on mlp (mlp_out); hook_embed is the embedding output.
 """
@@ -10,9 +10,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from worker.attention import attention, reference_attention  # noqa: E402
-from worker.engine import Engine, ExtractOptions  # noqa: E402
-from worker.tiny_model import make_tiny_model  # noqa: E402
+from actfleet.worker.attention import attention, reference_attention  # noqa: E402
+from actfleet.worker.engine import Engine, ExtractOptions  # noqa: E402
+from actfleet.demo.tiny_model import make_tiny_model  # noqa: E402
 
 SITES = ("hook_embed", "blocks.*.hook_resid_post", "blocks.*.hook_attn_out", "blocks.*.hook_mlp_out")
 
@@ -203,7 +203,7 @@ def test_other_families_are_a_config_away(tmp_path, family):
 
 @pytest.mark.parametrize("n_devices", [1, 4])
 def test_packing_plan_covers_each_row_once_with_little_padding(n_devices):
-    from worker.batching import plan
+    from actfleet.worker.batching import plan
 
     rng = np.random.default_rng(0)
     lengths = np.clip(rng.lognormal(np.log(2048 / 4), 1.0, 1000), 1, 2048).astype(int).tolist()
@@ -219,7 +219,7 @@ def test_packing_plan_covers_each_row_once_with_little_padding(n_devices):
 
 
 def test_packing_plan_edge_cases():
-    from worker.batching import plan
+    from actfleet.worker.batching import plan
 
     assert plan([], batch_tokens=100) == []
     one = plan([32768], batch_tokens=16384)  # longer than a batch: one row of its own

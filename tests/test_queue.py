@@ -1,4 +1,4 @@
-"""prepare, claim/commit and progress through the public functions of worker/queue.py, on a real
+"""prepare, claim/commit and progress through the public functions of worker/work_queue.py, on a real
 filesystem store (the GCS store runs the same contract in test_store.py and test_leases.py)."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from actfleet.errors import InputError
-from worker import queue as q
-from worker.store import open_store
+from actfleet.worker import work_queue as q
+from actfleet.store import open_store
 from tests.fakes.gcs_server import fake_gcs  # noqa: F401  (fixture)
 
 OPTS = {"model": "tiny", "sites": ["blocks.0.hook_resid_post"], "positions": "all"}
@@ -111,8 +111,8 @@ def test_progress_before_prepare_and_with_live_leases(store):
 import threading  # noqa: E402
 
 from tests.fakes import standin_extractor as sx  # noqa: E402
-from worker.verify import verify  # noqa: E402
-from worker.work_loop import Worker  # noqa: E402
+from actfleet.worker.verify import verify  # noqa: E402
+from actfleet.worker.work_loop import Worker  # noqa: E402
 
 
 def standin_job(tmp_path, store, rows=30, unit_rows=10):

@@ -1,5 +1,5 @@
 """reconcile_pass's act step without Terraform (fast): what it hands to the one apply, what it deletes
-through the TPU API, and how it ends. The apply is a recorder standing in for infra.terraform; the TPU API
+through the TPU API, and how it ends. The apply is a recorder standing in for actfleet.infra.terraform; the TPU API
 is the fake, over the real client. The real-terraform version of these stories is test_reconcile_e2e.py."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import pytest
 
 from actfleet.config import parse
 from actfleet.errors import ActfleetError
-from infra.lock import LOCK_KEY, ReconcileLock
-from infra.reconcile import REPORT_JSON_SCHEMA, fleet_state_location, managed_workers, reconcile_pass
-from infra.tpu_api import TpuApi
+from actfleet.infra.lock import LOCK_KEY, ReconcileLock
+from actfleet.infra.reconcile import REPORT_JSON_SCHEMA, fleet_state_location, managed_workers, reconcile_pass
+from actfleet.infra.tpu_api import TpuApi
 from tests.fakes.tpu_server import FakeTpuServer
-from worker.store import open_store
+from actfleet.store import open_store
 
 A = "us-central1-a"
 OURS = {"actfleet-fleet": "rc", "managed-by": "actfleet"}

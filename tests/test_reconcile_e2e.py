@@ -23,8 +23,8 @@ import jsonschema
 import pytest
 
 from actfleet.config import load
-from infra.reconcile import REPORT_JSON_SCHEMA, managed_workers, reconcile_pass
-from infra.tpu_api import TpuApi
+from actfleet.infra.reconcile import REPORT_JSON_SCHEMA, managed_workers, reconcile_pass
+from actfleet.infra.tpu_api import TpuApi
 from tests.fakes.tpu_server import FakeTpuServer
 
 pytestmark = pytest.mark.slow
@@ -160,10 +160,10 @@ def test_converged_pass_runs_no_terraform_and_imports_no_cdktf(fleet):
     probe = textwrap.dedent(f"""
         import sys
         from actfleet.config import load
-        from infra.reconcile import reconcile_pass
+        from actfleet.infra.reconcile import reconcile_pass
         r = reconcile_pass(load({str(fleet.config)!r}))
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("cdktf", "constructs", "jsii", "jax", "torch")
-                       or m == "infra.terraform" or m == "infra.synth_cache")
+                       or m == "actfleet.infra.terraform" or m == "actfleet.infra.synth_cache")
         print(r.outcome, heavy)
     """)
     out = subprocess.run([sys.executable, "-c", probe], cwd=fleet.tmp, env=fleet.env, capture_output=True,
@@ -339,8 +339,8 @@ def test_watch_runs_a_pass_every_interval_as_json_lines(fleet):
 
 
 def test_complete_job_scales_the_fleet_to_zero(fleet):
-    from worker.queue import DoneRecord, claim, commit, prepare
-    from worker.store import open_store
+    from actfleet.worker.work_queue import DoneRecord, claim, commit, prepare
+    from actfleet.store import open_store
 
     fleet.fresh()
     store = open_store(str(fleet.tmp / "store"))

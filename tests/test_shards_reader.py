@@ -6,9 +6,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from worker.engine import Batch
-from worker.reader import iter_batches, load, shard_metadata
-from worker.shards import ShardFormatError, ShardWriter, read_tensors, shard_bytes
+from actfleet.worker.engine import Batch
+from actfleet.worker.reader import iter_batches, load, shard_metadata
+from actfleet.worker.shards import ShardFormatError, ShardWriter, read_tensors, shard_bytes
 
 SITES = ("hook_embed", "blocks.0.hook_resid_post")
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from actfleet.config import parse
-from infra import synth_cache
-from infra.qr_request import queued_resource_request
-from infra.startup_script import config_url, startup_script, worker_unit
+from actfleet.infra import synth_cache
+from actfleet.infra.qr_request import queued_resource_request
+from actfleet.infra.startup_script import config_url, startup_script, worker_unit
 
 ROOT = Path(__file__).resolve().parent.parent
 ACTFLEET = "/opt/actfleet-test/bin/actfleet"
@@ -41,7 +41,7 @@ def make_config(mode="queued", **fleet):
 
 
 def synth_app(config, outdir: Path, state_dir: Path) -> dict[str, dict]:
-    from infra.stacks import build_app
+    from actfleet.infra.stacks import build_app
 
     build_app(config, outdir, state_dir=state_dir, config_text=CONFIG_TEXT, actfleet=ACTFLEET).synth()
     return {name: json.loads((outdir / "stacks" / name / "cdk.tf.json").read_text()) for name in ("base", "fleet")}
@@ -327,7 +327,7 @@ layers = [1]
     probe = (
         "import sys, json\n"
         "from actfleet.config import load\n"
-        "from infra.synth_cache import synth\n"
+        "from actfleet.infra.synth_cache import synth\n"
         f"s = synth(load({str(config_path)!r}), cache_dir={str(tmp_path / 'cache')!r})\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('cdktf', 'jsii', 'constructs') or 'cdktf' in m]\n"
         "print(json.dumps({'cached': s.cached, 'dir': str(s.dir), 'imported': bad}))\n"

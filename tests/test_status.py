@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from actfleet.config import load
-from infra.status_command import take_snapshot
-from infra.tpu_api import TpuApi
+from actfleet.infra.commands.status import take_snapshot
+from actfleet.infra.tpu_api import TpuApi
 from tests.fakes.tpu_server import FakeTpuServer
-from worker.queue import DoneRecord, ShardInfo, WorkerProgress, claim, commit, prepare, write_worker_record
-from worker.store import open_store
+from actfleet.worker.work_queue import DoneRecord, ShardInfo, WorkerProgress, claim, commit, prepare, write_worker_record
+from actfleet.store import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 ACTFLEET = str(Path(sys.executable).parent / "actfleet")
@@ -175,7 +175,7 @@ def test_status_imports_no_cdktf_terraform_jax_or_torch(setup):
         r = CliRunner().invoke(cli, ["status", "--config", {str(config)!r}, "--json"])
         assert r.exit_code == 0, r.output
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("cdktf", "constructs", "jsii", "jax", "torch",
-                       "transformers", "flax") or m in ("infra.terraform", "infra.synth_cache"))
+                       "transformers", "flax") or m in ("actfleet.infra.terraform", "actfleet.infra.synth_cache"))
         print(heavy)
     """)
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,

@@ -9,7 +9,7 @@ import pytest
 
 from actfleet.errors import InputError
 from tests.fakes.gcs_server import FakeGcs, fake_gcs  # noqa: F401  (fixture)
-from worker.store import GcsStore, LocalStore, NotFound, PreconditionFailed, open_store
+from actfleet.store import GcsStore, LocalStore, NotFound, PreconditionFailed, open_store
 
 
 @pytest.fixture(params=["local", "gcs"])

@@ -1,4 +1,4 @@
-"""worker.tiny_model writes a model dir that transformers loads offline, with Qwen's tokens and template."""
+"""actfleet.demo.tiny_model writes a model dir that transformers loads offline, with Qwen's tokens and template."""
 
 import json
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from worker.tiny_model import make_tiny_model
+from actfleet.demo.tiny_model import make_tiny_model
 
 
 def test_tiny_model_loads_in_transformers(tmp_path):
@@ -48,7 +48,7 @@ def test_rejects_impossible_shapes(tmp_path):
 
 
 def test_model_dir_check_knows_every_family():
-    from worker.model_files import SUPPORTED_MODEL_TYPES
-    from worker.models import FAMILIES
+    from actfleet.worker.model_files import SUPPORTED_MODEL_TYPES
+    from actfleet.worker.models import FAMILIES
 
     assert sorted(SUPPORTED_MODEL_TYPES) == sorted(FAMILIES)

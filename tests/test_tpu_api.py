@@ -1,4 +1,4 @@
-"""infra.tpu_api: the real google.cloud.tpu_v2 REST client against the fake TPU API on loopback.
+"""actfleet.infra.tpu_api: the real google.cloud.tpu_v2 REST client against the fake TPU API on loopback.
 
 Everything here goes over real sockets: the client library builds the requests, the fake answers them in
 the v2 REST JSON, and the fake's call log is the evidence of what was sent.
@@ -18,7 +18,7 @@ import pytest
 
 from actfleet import config
 from actfleet.errors import ActfleetError, InputError
-from infra.tpu_api import Node, QueuedResource, TpuApi, ZoneError, ZoneView
+from actfleet.infra.tpu_api import Node, QueuedResource, TpuApi, ZoneError, ZoneView
 from tests.fakes.tpu_server import FakeTpuServer, fake_tpu  # noqa: F401  (fixture)
 
 PROJECT = "test-project"
@@ -442,6 +442,6 @@ def test_from_config_uses_the_endpoint_env_over_the_config(fake_tpu, monkeypatch
 
 
 def test_importing_the_client_does_not_import_the_tpu_library():
-    code = "import sys, infra.tpu_api, infra.tpu_commands; print('google.cloud.tpu_v2' in sys.modules)"
+    code = "import sys, actfleet.infra.tpu_api, actfleet.infra.commands.tpu; print('google.cloud.tpu_v2' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

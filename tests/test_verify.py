@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from tests.fakes import standin_extractor as sx
-from worker import queue as q
-from worker.store import open_store
-from worker.verify import verify
-from worker.work_loop import Worker
+from actfleet.worker import work_queue as q
+from actfleet.store import open_store
+from actfleet.worker.verify import verify
+from actfleet.worker.work_loop import Worker
 
 
 def run_job(tmp_path: Path, rows=40, unit_rows=7, store=None, **dataset):

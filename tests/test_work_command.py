@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load as load_safetensors
 
-from worker import queue as q
-from worker.store import open_store
+from actfleet.worker import work_queue as q
+from actfleet.store import open_store
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["Hello there, general.", "The quick brown fox jumps over the lazy dog.", "", "a", "Grids: 0 1 2 / 3 4 5",
@@ -29,7 +29,7 @@ def actfleet(*args: str, env: dict | None = None) -> subprocess.CompletedProcess
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from worker.tiny_model import make_tiny_model
+    from actfleet.demo.tiny_model import make_tiny_model
 
     root = tmp_path_factory.mktemp("cmd")
     model = make_tiny_model(root / "model", seed=1)
@@ -110,7 +110,7 @@ def test_a_changed_dataset_is_refused_by_prepare_and_work(tiny, tmp_path):
 
 def test_verify_exit_codes_and_one_line_errors(tmp_path):
     from tests.fakes import standin_extractor as sx
-    from worker.work_loop import Worker
+    from actfleet.worker.work_loop import Worker
 
     data = sx.write_dataset(tmp_path / "d.jsonl", 12)
     store = open_store(str(tmp_path / "bucket"))

@@ -1,1 +1,1 @@
-"""worker/: the JAX extractor, the work queue, the object stores, the shard format (DESIGN sections 5-6)."""
+"""actfleet.worker (worker/): the JAX extractor, the work queue, the shard format and its reader (docs/extractor.md, docs/jobs.md)."""

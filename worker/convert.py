@@ -1,4 +1,4 @@
-"""Hugging Face safetensors checkpoint -> the weights pytree of worker.models.qwen2 (numpy, then device).
+"""Hugging Face safetensors checkpoint -> the weights pytree of actfleet.worker.models.qwen2 (numpy, then device).
 
 Reads `model.safetensors` or the shards listed in `model.safetensors.index.json`, memory-mapped, and only
 the tensors the requested layers need (the LM head and final norm are never loaded). Linear weights are
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from worker.models.qwen2 import Config
-from worker.shards import ShardFormatError, open_file
+from actfleet.worker.models.qwen2 import Config
+from actfleet.worker.shards import ShardFormatError, open_file
 
 _LAYER_KEYS = {  # ours: (HF name under model.layers.{i}., transpose)
     "ln1": ("input_layernorm.weight", False),

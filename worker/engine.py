@@ -4,7 +4,7 @@
     for batch in engine.run([(0, "some text", None), (1, None, "bad json"), ...]):
         batch.token_ids, batch.sample_ids, batch.positions, batch.acts["blocks.6.hook_resid_post"]
 
-One `run` call: tokenize every row, apply the long-input policy, plan the packing (worker.batching, a pure
+One `run` call: tokenize every row, apply the long-input policy, plan the packing (actfleet.worker.batching, a pure
 function of the row list), then stream the batches through one jitted forward pass per shape. The next
 batch is dispatched before the previous one's results are copied to the host, so transfer and whatever the
 caller does with a Batch (shard writing, upload) overlap with compute. Weights are replicated and the batch
@@ -27,9 +27,9 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from actfleet.errors import InputError
-from worker import batching, convert, model_files
-from worker.models import family_for
-from worker.shards import STORE_DTYPES
+from actfleet.worker import batching, convert, model_files
+from actfleet.worker.models import family_for
+from actfleet.worker.shards import STORE_DTYPES
 
 POSITIONS = ("all", "non-special", "last")
 LONG_INPUTS = ("skip", "truncate")

@@ -3,7 +3,7 @@
 Files: JSONL (one JSON object per line), Parquet and CSV. Formats:
   text  the string in `text_field`;
   chat  the list of {"role", "content"} in `messages_field`, rendered with the tokenizer's chat template;
-  arc   an ARC task per row (the row itself, or a JSON object in `text_field`), rendered by worker.arc;
+  arc   an ARC task per row (the row itself, or a JSON object in `text_field`), rendered by actfleet.worker.arc;
         with `arc_augmentations` A, task t yields sample ids t*(A+1) .. t*(A+1)+A (augmentation 0 = as given).
 
 Every physical row is a sample id, bad or not, so ids are stable and the work queue can split the file by
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from actfleet.errors import InputError
-from worker import arc
+from actfleet.worker import arc
 
 FORMATS = ("text", "chat", "arc")
 Row = tuple[int, "str | None", "str | None"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from actfleet.errors import InputError
 
-# worker.models.FAMILIES, listed here so checking a directory imports no JAX (a test keeps them equal).
+# actfleet.worker.models.FAMILIES, listed here so checking a directory imports no JAX (a test keeps them equal).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 

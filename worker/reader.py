@@ -1,11 +1,11 @@
 """Read activation shards back as numpy: stream batches from a directory, a file:// URL or a gs:// prefix.
 
-    from worker.reader import iter_batches, load
+    from actfleet.worker.reader import iter_batches, load
     for b in iter_batches("out/", sites=["blocks.6.hook_resid_post"], positions=lambda p: p > 0):
         b["sample_ids"], b["positions"], b["token_ids"], b["blocks.6.hook_resid_post"]   # numpy arrays
 
 Local shards are memory-mapped (only the filtered rows are copied); bucket shards are read through
-worker.store. Filters: `sites` (which activation tensors to return), `samples` (an iterable of sample ids, or
+actfleet.store. Filters: `sites` (which activation tensors to return), `samples` (an iterable of sample ids, or
 a (start, stop) range), `positions` (an iterable of positions, or a predicate on the positions array).
 bfloat16 comes back as `ml_dtypes.bfloat16` arrays (`.astype(np.float32)` to compute; torch.from_numpy
 needs a float32 or a `.view(np.uint16)` then `.view(torch.bfloat16)`).
@@ -19,13 +19,13 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from worker.shards import INDEX_TENSORS, open_file, read_tensors
+from actfleet.worker.shards import INDEX_TENSORS, open_file, read_tensors
 
 
 def shard_locations(location: str) -> tuple[object, list[str]]:
     """(store or None, shard keys/paths) for a directory, a single .safetensors file, file:// or gs:// URL."""
     if location.startswith("gs://"):
-        from worker.store import open_store
+        from actfleet.store import open_store
 
         store = open_store(location)
         return store, [k for k in store.list("") if k.endswith(".safetensors")]

@@ -1,4 +1,4 @@
-"""The activation shard format (DESIGN section 5): safetensors, one row per stored token.
+"""The activation shard format (docs/extractor.md, "Shards"): safetensors, one row per stored token.
 
 A shard holds `sample_ids` int64 [N], `token_ids` int32 [N], `positions` int32 [N] and one [N, d] tensor per
 capture site (bfloat16 or float32), plus string metadata: format and version, model, revision, job, unit,

@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from actfleet.errors import ActfleetError
-from worker import queue as q
-from worker.store import NotFound, PreconditionFailed, Store, join
+from actfleet.worker import work_queue as q
+from actfleet.store import NotFound, PreconditionFailed, Store, join
 
 _DTYPES = {"I64": np.int64, "I32": np.int32, "U32": np.uint32, "I16": np.int16, "U8": np.uint8}
 

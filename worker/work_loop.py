@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from actfleet.errors import InputError
-from worker import queue as q
-from worker.store import Store
+from actfleet.worker import work_queue as q
+from actfleet.store import Store
 
 log = logging.getLogger("actfleet.work")
 

@@ -1,6 +1,6 @@
 """A small, deterministic stand-in for the JAX extractor, for testing the work queue in isolation.
 
-It implements worker.work_loop.UnitExtractor over a JSONL file: a row's "tokens" are its UTF-8 bytes, its
+It implements actfleet.worker.work_loop.UnitExtractor over a JSONL file: a row's "tokens" are its UTF-8 bytes, its
 "activations" a fixed numpy function of (token, position, layer), so every run over the same rows yields the
 same bits. Malformed lines are skipped with a reason and empty texts store nothing, like the real reader and
 engine. Shards are real safetensors (token_ids, sample_ids, positions, one [n, D] tensor per site).
@@ -125,9 +125,9 @@ def main(argv=None) -> int:
     running the real work loop (with SIGTERM drain) over the stand-in extractor."""
     import sys
 
-    from worker import queue as q
-    from worker.store import open_store
-    from worker.work_loop import Worker, install_sigterm
+    from actfleet.worker import work_queue as q
+    from actfleet.store import open_store
+    from actfleet.worker.work_loop import Worker, install_sigterm
 
     args = (argv if argv is not None else sys.argv[1:])
     store_url, job, worker_id, data = args[:4]

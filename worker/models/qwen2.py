@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from worker.attention import attention
+from actfleet.worker.attention import attention
 
 SITE_RE = re.compile(r"^(hook_embed|blocks\.(\d+|\*)\.hook_(resid_post|attn_out|mlp_out))$")
 

@@ -40,7 +40,7 @@ class Snapshot:
     rows: list[dict[str, Any]] = field(default_factory=list)
     unreachable: dict[str, str] = field(default_factory=dict)
     fleet_error: str | None = None
-    job: dict[str, Any] | None = None  # totals from worker.queue.job_progress, or None
+    job: dict[str, Any] | None = None  # totals from actfleet.worker.work_queue.job_progress, or None
     job_error: str | None = None
     throughput: dict[str, Any] = field(default_factory=dict)
 
@@ -53,7 +53,7 @@ class Snapshot:
 def take_snapshot(cfg: Config, *, api=None, store=None, job_name: str | None = None, with_job: bool = True,
                   now: float | None = None) -> Snapshot:
     """Observe the fleet and read the job's progress (each optional, each failing on its own)."""
-    from infra.decide import Policy, decide
+    from actfleet.infra.decide import Policy, decide
 
     now = time.time() if now is None else now
     snap = Snapshot(fleet=cfg.fleet.id, taken_at=now)
@@ -69,14 +69,14 @@ def take_snapshot(cfg: Config, *, api=None, store=None, job_name: str | None = N
         row(w.name, w.zone)["desired"] = True
 
     def observe():
-        from infra.observe import observe_fleet
-        from infra.tpu_api import TpuApi
+        from actfleet.infra.observe import observe_fleet
+        from actfleet.infra.tpu_api import TpuApi
 
         return observe_fleet(api or TpuApi.from_config(cfg.fleet), cfg.fleet.zones)
 
     def progress():
-        from worker.queue import job_progress
-        from worker.store import open_store
+        from actfleet.worker.work_queue import job_progress
+        from actfleet.store import open_store
 
         return job_progress(store or open_store(cfg.job.store), job_name or cfg.job.name, now=now)
 
@@ -123,7 +123,7 @@ def take_snapshot(cfg: Config, *, api=None, store=None, job_name: str | None = N
 
 
 def _open(cfg: Config):
-    from worker.store import open_store
+    from actfleet.store import open_store
 
     return open_store(cfg.job.store)
 
@@ -131,8 +131,8 @@ def _open(cfg: Config):
 def _job_throughput(store, job: str, tokens: int) -> dict[str, Any]:
     """Tokens per second over the job so far: from the first unit's start to the last commit (done records
     carry committed_at and the attempt's seconds)."""
-    from worker.queue import DoneRecord
-    from worker.store import join
+    from actfleet.worker.work_queue import DoneRecord
+    from actfleet.store import join
 
     keys = list(store.list(join(job, "done") + "/"))
 

@@ -41,7 +41,7 @@ def _load(config_path):
 
 
 def _needs_terraform() -> None:
-    from infra.terraform import terraform_binary
+    from actfleet.infra.terraform import terraform_binary
 
     terraform_binary()  # exit 3 now, not after a 20 s synth
 
@@ -50,14 +50,14 @@ def _synth(cfg, *, force: bool = False):
     """The cached synth, with a spinner on a terminal while a cold one imports cdktf (~20 s)."""
     from rich.console import Console
 
-    from infra.synth_cache import synth
+    from actfleet.infra.synth_cache import synth
 
     with Console(stderr=True).status("synthesizing the stacks (cdktf; cached after the first time)..."):
         return synth(cfg, force=force)
 
 
 def _stack(cfg, name: str, *, stream: bool):
-    from infra.terraform import stack
+    from actfleet.infra.terraform import stack
 
     return stack(cfg, name, stream=stream)
 

@@ -20,8 +20,8 @@ import click
 
 from actfleet.cli import config_option, json_option
 from actfleet.config import load
-from infra.decide import HEALTHY
-from infra.reconcile import FAILED, LOCKED, PassReport, reconcile_pass
+from actfleet.infra.decide import HEALTHY
+from actfleet.infra.reconcile import FAILED, LOCKED, PassReport, reconcile_pass
 
 KIND_STYLE = {"healthy": "green", "pending": "cyan", "wait": "yellow", "report": "bold yellow",
               "create": "bold green", "replace": "bold magenta", "remove": "bold red", "delete-orphan": "bold red"}
@@ -67,7 +67,7 @@ def _one_pass(cfg, as_json: bool, dry_run: bool, wait_for_lock: bool, verbose: b
     err = Console(stderr=True)
     apply = None
     if verbose:
-        from infra.reconcile import terraform_apply
+        from actfleet.infra.reconcile import terraform_apply
 
         def apply(cfg, **kw):  # noqa: E306
             terraform_apply(cfg, stream=True, **kw)

@@ -1,10 +1,10 @@
-"""Generate worker/data/tiny_tales.jsonl, the small dataset `actfleet local` (and `make demo`) uses.
+"""Generate actfleet/demo/data/tiny_tales.jsonl, the small dataset `actfleet local` (and `make demo`) uses.
 
 Every line is written by this script from the word lists below with a seeded RNG, so the dataset is the
 project's own work, free to redistribute under the project's license, and reproducible byte for byte:
 
-    python worker/data/make_dataset.py            # rewrites worker/data/tiny_tales.jsonl
-    python worker/data/make_dataset.py --check    # exits 1 if the committed file differs
+    python actfleet/demo/data/make_dataset.py            # rewrites actfleet/demo/data/tiny_tales.jsonl
+    python actfleet/demo/data/make_dataset.py --check    # exits 1 if the committed file differs
 
 Rows are JSON objects {"text": ...} (the `text` format of `actfleet prepare`): short tales, weather
 reports, counting and arithmetic lines and small dialogues, from a sentence to a paragraph long, so the

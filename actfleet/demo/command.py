@@ -1,17 +1,17 @@
-"""`actfleet local`: the whole system on this machine (DESIGN section 8; `make demo`).
+"""`actfleet local`: the whole system on this machine (docs/local.md; `make demo`).
 
     actfleet local --workers 3 --chaos 0.05 --out demo-out
 
 1. model     a tiny Qwen2-shaped model with random weights, made on the spot under OUT/tiny-model (and said
              to be random everywhere it is reported), or --model PATH for a real one;
-2. prepare   `actfleet prepare` of the dataset (the bundled worker/data/tiny_tales.jsonl, or --input) into a
+2. prepare   `actfleet prepare` of the dataset (the bundled actfleet/demo/data/tiny_tales.jsonl, or --input) into a
              local filesystem store, OUT/store; idempotent, so running again resumes the same job;
-3. fleet     N `actfleet work` processes, kept at N by infra.decide.decide() through the local process
-             driver (infra/local_driver.py): a dead process is a preempted node and is replaced; --chaos
+3. fleet     N `actfleet work` processes, kept at N by actfleet.infra.decide.decide() through the local process
+             driver (actfleet/demo/process_fleet.py): a dead process is a preempted node and is replaced; --chaos
              RATE SIGKILLs each busy worker (one that has committed a unit since it started and is working on
              another) with probability RATE per second, seeded by --seed;
 4. status    a live table while it runs (workers, units, tokens, tokens/s, restarts);
-5. verify    worker.verify over the finished job, then a summary: units, rows, tokens, shards, bytes,
+5. verify    actfleet.worker.verify over the finished job, then a summary: units, rows, tokens, shards, bytes,
              tokens/s, restarts, where the shards are and one line of Python to load them.
 
 Ctrl-C stops it cleanly: every worker gets SIGTERM (it stops claiming and releases or finishes its unit),
@@ -38,8 +38,7 @@ from actfleet.cli import json_option
 from actfleet.errors import ActfleetError, InputError
 from actfleet.formatting import human_bytes
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLED_DATASET = REPO / "worker" / "data" / "tiny_tales.jsonl"
+BUNDLED_DATASET = Path(__file__).resolve().parent / "data" / "tiny_tales.jsonl"
 TICK_S = 0.5  # how often the driver reconciles (a process's death is noticed within this)
 STATUS_EVERY_S = 5.0  # progress lines when the output is not a terminal
 MAX_CRASHES_WITHOUT_PROGRESS = 5  # a worker that keeps failing without a unit committed: give up, say why
@@ -56,7 +55,7 @@ RANDOM_LABEL = "RANDOM WEIGHTS (tiny demo model: the activations mean nothing)"
 @click.option("--model", "model", type=click.Path(file_okay=False),
               help="A Hugging Face model directory (default: a tiny random Qwen2 made under OUT).")
 @click.option("--input", "input_path", type=click.Path(dir_okay=False),
-              help="Dataset: JSONL with a \"text\" field (default: the bundled worker/data/tiny_tales.jsonl).")
+              help="Dataset: JSONL with a \"text\" field (default: the bundled actfleet/demo/data/tiny_tales.jsonl).")
 @click.option("--out", "out", type=click.Path(file_okay=False), default="actfleet-local", show_default=True,
               help="Where the model, the store (with the shards) and the worker logs go.")
 @click.option("--job", default="local", show_default=True, help="Job name in the store.")
@@ -70,9 +69,9 @@ RANDOM_LABEL = "RANDOM WEIGHTS (tiny demo model: the activations mean nothing)"
 @json_option
 def local(workers, chaos, seed, model, input_path, out, job, layers, sites, unit_rows, lease_seconds, as_json):
     """Run the whole system on this machine: tiny model, bundled dataset, N workers, chaos, verify."""
-    from infra.local_driver import Chaos, ProcessFleet, local_workers, popen_logged
-    from worker import queue as q
-    from worker.store import open_store
+    from actfleet.demo.process_fleet import Chaos, ProcessFleet, local_workers, popen_logged
+    from actfleet.worker import work_queue as q
+    from actfleet.store import open_store
 
     dataset = Path(input_path).resolve() if input_path else BUNDLED_DATASET
     if not dataset.is_file():
@@ -125,7 +124,7 @@ def local(workers, chaos, seed, model, input_path, out, job, layers, sites, unit
     run.seconds = time.monotonic() - run.started
 
     # 5. verify and summarise
-    from worker.verify import verify
+    from actfleet.worker.verify import verify
 
     report = verify(store, job)
     summary = _summary(report, run, fleet, store_dir, job, model_dir, random_weights, dataset, workers)
@@ -157,7 +156,7 @@ def _model(model: str | None, out_dir: Path, seed: int) -> tuple[Path, bool]:
         return path, _is_random(path)
     path = out_dir / "tiny-model"
     if not (path / "config.json").is_file():
-        from worker.tiny_model import make_tiny_model
+        from actfleet.demo.tiny_model import make_tiny_model
 
         _say(f"making a tiny Qwen2 model with random weights in {path} (seed {seed})")
         tmp = out_dir / "tiny-model.partial"
@@ -190,12 +189,11 @@ def _prepare(store_dir: Path, job: str, model_dir: Path, dataset: Path, layers: 
 
 
 def _worker_env(out_dir: Path) -> dict:
-    """The children's environment: this checkout importable, no fleet.toml picked up by accident, and a
-    persistent JAX compilation cache so a replaced worker does not compile again."""
+    """The children's environment: no fleet.toml picked up by accident, and a persistent JAX compilation
+    cache so a replaced worker does not compile again."""
     env = dict(os.environ)
     env.pop("ACTFLEET_CONFIG", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env.setdefault("ACTFLEET_JAX_CACHE", str(out_dir / "jax-cache"))  # read by worker.engine
+    env.setdefault("ACTFLEET_JAX_CACHE", str(out_dir / "jax-cache"))  # read by actfleet.worker.engine
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # N workers may share one accelerator
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     return env
@@ -206,12 +204,12 @@ class _Run:
     started: float
     tokens_at_start: int
     seconds: float = 0.0
-    progress: object = None  # the latest worker.queue.JobProgress
+    progress: object = None  # the latest actfleet.worker.work_queue.JobProgress
 
 
 def _supervise(fleet, monkey, store, job, run: _Run, view) -> None:
     """Observe -> decide -> act every tick until the job is complete and every worker has been removed."""
-    from worker import queue as q
+    from actfleet.worker import work_queue as q
 
     last_tick = time.monotonic()
     last_status = 0.0
@@ -418,7 +416,7 @@ def _summary(report, run: _Run, fleet, store_dir: Path, job: str, model_dir: Pat
 
 
 def _snippet(shards_dir: Path) -> str:
-    return (f"from worker.reader import load; acts = load({str(shards_dir)!r}); "
+    return (f"from actfleet.worker.reader import load; acts = load({str(shards_dir)!r}); "
             f"print({{k: (v.shape, str(v.dtype)) for k, v in acts.items()}})")
 
 

@@ -1,4 +1,4 @@
-"""The work queue: a job's layout in the store, prepare, leases, commit and progress (DESIGN section 6).
+"""The work queue: a job's layout in the store, prepare, leases, commit and progress (docs/jobs.md).
 
 Layout under `{store}/{job}/` (docs/jobs.md):
 
@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
 from actfleet.errors import ActfleetError, InputError
-from worker.store import NotFound, PreconditionFailed, Store, join
+from actfleet.store import NotFound, PreconditionFailed, Store, join
 
 FORMAT_VERSION = 1
 

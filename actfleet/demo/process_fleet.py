@@ -5,7 +5,7 @@
     observe   each worker slot's process: running  -> queued resource ACTIVE, node READY
                                           exited   -> node PREEMPTED (killed by a signal) or TERMINATED
                                           no slot  -> absent
-    decide    infra.decide.decide(desired, observed, now, policy, job_complete=..., managed=slots)
+    decide    actfleet.infra.decide.decide(desired, observed, now, policy, job_complete=..., managed=slots)
     act       create -> start a process; replace -> reap the dead one, start a new one (a restart);
               remove -> stop it (the job is complete and the fleet scales to zero); delete-orphan -> kill it
 
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from actfleet.config import Worker
-from infra.decide import (CREATE, DELETE_ORPHAN, FLEET_LABEL, REMOVE, REPLACE, Action, Observed, Policy,
+from actfleet.infra.decide import (CREATE, DELETE_ORPHAN, FLEET_LABEL, REMOVE, REPLACE, Action, Observed, Policy,
                           decide)
 
 LOCAL_ZONE = "local"

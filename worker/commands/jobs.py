@@ -21,8 +21,8 @@ import click
 from actfleet.cli import config_option, json_option
 from actfleet.config import SITE_KINDS, expand_sites, resolve_path
 from actfleet.errors import ConfigError, InputError
-from worker import queue as q
-from worker.store import Store, open_store
+from actfleet.worker import work_queue as q
+from actfleet.store import Store, open_store
 
 # The extraction options a job pins in job.json (everything that changes the stored bits or rows).
 OPTION_KEYS = ("model", "revision", "format", "text_field", "messages_field", "arc_augmentations", "arc_seed",
@@ -65,10 +65,10 @@ def _target(config_path: str | None, store_url: str | None, job: str | None) -> 
 
 
 class EngineExtractor:
-    """worker.engine + worker.inputs + worker.shards for one job, loaded once per worker process."""
+    """actfleet.worker.engine + actfleet.worker.inputs + actfleet.worker.shards for one job, loaded once per worker process."""
 
     def __init__(self, spec: q.JobSpec):
-        from worker import engine as eng, inputs, shards
+        from actfleet.worker import engine as eng, inputs, shards
 
         o = spec.options
         self.spec, self.o, self._inputs, self._shards = spec, o, inputs, shards
@@ -95,7 +95,7 @@ class EngineExtractor:
 
 
 class _ShardSink:
-    """Adapts worker.shards.ShardWriter to the loop's add()/finish() -> [shard bytes]."""
+    """Adapts actfleet.worker.shards.ShardWriter to the loop's add()/finish() -> [shard bytes]."""
 
     def __init__(self, shards_mod, engine, spec: q.JobSpec, unit: int):
         self.out: list[bytes] = []
@@ -142,7 +142,7 @@ def input_fingerprint(path: str) -> str:
 
 
 def count_input_rows(path: str, options: dict) -> int:
-    from worker import inputs
+    from actfleet.worker import inputs
 
     return inputs.count_rows(path, format=options["format"], text_field=options["text_field"],
                              messages_field=options["messages_field"],
@@ -247,7 +247,7 @@ def _parse_layers(text: str) -> list[int]:
 @json_option
 def work(config_path, store_url, job, worker_id, lease_seconds, drain_seconds, queue_depth, as_json):
     """Claim units, extract, commit, until every unit of the job is done (exit 0)."""
-    from worker.work_loop import Worker, install_sigterm
+    from actfleet.worker.work_loop import Worker, install_sigterm
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
@@ -294,7 +294,7 @@ def work(config_path, store_url, job, worker_id, lease_seconds, drain_seconds, q
 @json_option
 def verify(config_path, store_url, job, clean, as_json):
     """Prove a job's output: every unit done once, every shard intact, every row stored or skipped."""
-    from worker.verify import verify as run_verify
+    from actfleet.worker.verify import verify as run_verify
 
     t = _target(config_path, store_url, job)
     rep = run_verify(t.store, t.job, clean=clean)

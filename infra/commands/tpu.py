@@ -84,7 +84,7 @@ def create_qr(project, zone, qr_id, endpoint, request_file, request_json):
     except ValueError as e:
         raise InputError(f"{source}: not valid JSON: {e}") from None
 
-    from infra.tpu_api import TpuApi
+    from actfleet.infra.tpu_api import TpuApi
 
     api = TpuApi(project, endpoint, on_wait=_progress())
     path = api.qr_path(zone, qr_id)
@@ -101,7 +101,7 @@ def create_qr(project, zone, qr_id, endpoint, request_file, request_json):
 def delete_qr(project, zone, qr_id, endpoint, force):
     """Delete a queued resource and its node, waiting until they are gone; a no-op if already gone."""
     _check_target(project, zone, qr_id)
-    from infra.tpu_api import TpuApi
+    from actfleet.infra.tpu_api import TpuApi
 
     api = TpuApi(project, endpoint, on_wait=_progress())
     path = api.qr_path(zone, qr_id)
@@ -133,7 +133,7 @@ def _progress():
 def list_(config_path, as_json):
     """List queued resources and nodes in the fleet's zones (every one, the fleet's or not)."""
     from actfleet import config as config_mod
-    from infra.tpu_api import TpuApi, ZoneError
+    from actfleet.infra.tpu_api import TpuApi, ZoneError
 
     cfg = config_mod.load(config_path)
     api = TpuApi.from_config(cfg.fleet)
@@ -156,7 +156,7 @@ def _print_table(views, fleet_id: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from infra.tpu_api import ZoneError
+    from actfleet.infra.tpu_api import ZoneError
 
     table = Table(box=None, pad_edge=False, header_style="bold")
     for column in ("ZONE", "KIND", "NAME", "STATE", "HEALTH", "FLEET", "AGE"):

@@ -1,4 +1,4 @@
-"""Object stores: one small interface, two implementations with the same atomicity contract (DESIGN section 6).
+"""Object stores: one small interface, two implementations with the same atomicity contract (docs/jobs.md).
 
     store = open_store("out/")            # or "file:///abs/path", or "gs://bucket/prefix"
     data, gen = store.read("job/job.json")

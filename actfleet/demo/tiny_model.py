@@ -6,7 +6,7 @@ saved with Qwen's special tokens and chat template. Both `AutoTokenizer.from_pre
 `Qwen2ForCausalLM.from_pretrained` load it with no network. config.json carries
 `"actfleet_random_weights": true` so reports and shard metadata can say the numbers mean nothing.
 
-    python -m worker.tiny_model OUT_DIR [--layers 2 --hidden 64 ...]
+    python -m actfleet.demo.tiny_model OUT_DIR [--layers 2 --hidden 64 ...]
 """
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ def make_tiny_model(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m worker.tiny_model", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m actfleet.demo.tiny_model", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layers", type=int, default=2)

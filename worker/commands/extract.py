@@ -39,7 +39,7 @@ class _FileWriter:
         self._q.put((name, blob))
 
     def _loop(self) -> None:
-        from worker.shards import parse_header
+        from actfleet.worker.shards import parse_header
 
         while (item := self._q.get()) is not None:
             name, blob = item
@@ -105,14 +105,14 @@ def extract(model, revision, input_path, out_dir, fmt, text_field, messages_fiel
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from worker import inputs, model_files
+    from actfleet.worker import inputs, model_files
 
     site_names = parse_sites(sites, layers)
     inputs.local_file(input_path)  # fail on a missing dataset or model before the slow imports
     model_files.resolve(model, revision=revision)
 
-    from worker.engine import Engine, ExtractOptions
-    from worker.shards import ShardWriter
+    from actfleet.worker.engine import Engine, ExtractOptions
+    from actfleet.worker.shards import ShardWriter
     out = Path(out_dir)
     if out.exists() and any(out.glob("*.safetensors")):
         if not overwrite:

@@ -1,0 +1,1 @@
+"""The infra wing's Click commands: synth/plan/deploy/destroy, tpu, reconcile, status."""
