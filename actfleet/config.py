@@ -496,6 +496,12 @@ def zone_letter(zone: str) -> str:
     return zone.rsplit("-", 1)[1]
 
 
+def zone_of(name: str) -> str:
+    """The zone a worker name says it is in ('tpu-us-central1-a-3' -> 'us-central1-a'); '' for other names."""
+    m = WORKER_NAME_RE.fullmatch(name)
+    return f"{m['region']}-{m['letter']}" if m else ""
+
+
 def _show(value: Any) -> str:
     if isinstance(value, str):
         return f'"{value}"'

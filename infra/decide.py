@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
-from actfleet.config import WORKER_NAME_RE, Config, Worker
+from actfleet.config import Config, Worker, zone_of
 
 FLEET_LABEL = "actfleet-fleet"
 
@@ -132,7 +132,7 @@ def decide(
     undesired = sorted(({n for n, o in observed.items() if _ours(o, policy)} | managed) - wanted_names)
     for name in undesired:
         o = observed.get(name)
-        zone = o.zone if o else _zone_of(name)
+        zone = o.zone if o else zone_of(name)
         if zone in unreachable_zones:
             actions.append(Action(name, zone, WAIT, f"zone {zone} could not be observed; left alone"))
         elif o and (o.qr_state == QR_DELETING or o.node_state == "DELETING"):
@@ -199,11 +199,6 @@ def _state(o: Observed | None) -> str:
     if o is None:
         return "absent"
     return f"queued resource {o.qr_state or '-'}, node {o.node_state or '-'}"
-
-
-def _zone_of(name: str) -> str:
-    m = WORKER_NAME_RE.fullmatch(name)
-    return f"{m['region']}-{m['letter']}" if m else ""
 
 
 def _minutes(seconds: float) -> str:

@@ -38,6 +38,7 @@ from typing import Callable, Iterator
 
 from actfleet.config import Config
 from actfleet.errors import ActfleetError
+from actfleet.formatting import iso_utc
 from actfleet.store import NotFound, PreconditionFailed, Store, open_store
 
 LOCK_KEY = "reconcile.lock"
@@ -71,8 +72,8 @@ class LockInfo:
 
     def describe(self, now: float | None = None) -> str:
         now = time.time() if now is None else now
-        return (f"{self.holder} (pid {self.pid}, since {_utc(self.since)}, {max(0, now - self.since):.0f} s ago; "
-                f"expires {_utc(self.expires)}; {self.command})")
+        return (f"{self.holder} (pid {self.pid}, since {iso_utc(self.since)}, {max(0, now - self.since):.0f} s ago; "
+                f"expires {iso_utc(self.expires)}; {self.command})")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -251,5 +252,3 @@ def _user() -> str:
         return str(os.getuid())
 
 
-def _utc(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))

@@ -33,8 +33,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from actfleet.config import WORKER_NAME_RE, Config
+from actfleet.config import Config, zone_of
 from actfleet.errors import ActfleetError
+from actfleet.formatting import iso_utc, one_line
 from actfleet.infra.decide import APPLY_KINDS, CREATE, DELETE_ORPHAN, REPLACE, Action, Policy, decide, needs_apply
 from actfleet.infra.lock import LockHeld, ReconcileLock
 from actfleet.infra.observe import FleetView, observe_fleet
@@ -83,7 +84,7 @@ class PassReport:
             "fleet": self.fleet,
             "config": self.config,
             "dry_run": self.dry_run,
-            "started_at": _iso(self.started_at),
+            "started_at": iso_utc(self.started_at),
             "seconds": round(self.seconds, 3),
             "outcome": self.outcome,
             "exit_code": self.exit_code,
@@ -186,7 +187,7 @@ def _observe_decide_act(cfg: Config, report: PassReport, api, clock, lock: Recon
     # -- observe ------------------------------------------------------------------------------------
     managed = managed_workers(cfg)
     report.managed = sorted(managed)
-    zones = sorted(set(cfg.fleet.zones) | {_zone_of(n) for n in managed if _zone_of(n)})
+    zones = sorted(set(cfg.fleet.zones) | {zone_of(n) for n in managed if zone_of(n)})
     report.zones = zones
     if api is None:
         from actfleet.infra.tpu_api import TpuApi
@@ -271,7 +272,7 @@ def _job_complete(cfg: Config, report: PassReport) -> bool:
 
         complete = job_complete(open_store(cfg.job.store), cfg.job.name)
     except Exception as e:  # an unreadable queue never scales the fleet down; it is reported
-        report.job["error"] = f"could not read job {cfg.job.name} in {cfg.job.store}: {_one_line(e)}"
+        report.job["error"] = f"could not read job {cfg.job.name} in {cfg.job.store}: {one_line(e)}"
         return False
     report.job["complete"] = complete
     return complete
@@ -315,7 +316,7 @@ def managed_workers(cfg: Config) -> frozenset[str]:
                 return frozenset()
         state = json.loads(data) if data.strip() else {}
     except (OSError, ValueError) as e:
-        raise ActfleetError(f"Terraform state {where}: unreadable: {_one_line(e)}") from None
+        raise ActfleetError(f"Terraform state {where}: unreadable: {one_line(e)}") from None
     names = set()
     for res in state.get("resources", []):
         if res.get("mode") == "managed" and res.get("name") == WORKERS_RESOURCE:
@@ -337,17 +338,6 @@ def terraform_apply(cfg: Config, *, replace: list[str], targets: list[str], dest
         tf.apply(replace=replace, targets=targets)
 
 
-def _zone_of(name: str) -> str:
-    m = WORKER_NAME_RE.fullmatch(name)
-    return f"{m['region']}-{m['letter']}" if m else ""
-
-
-def _iso(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:500]
 
 
 __all__ = ["PassReport", "reconcile_pass", "terraform_apply", "managed_workers", "resource_address", "fleet_state_location",

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
 
 from actfleet.errors import ActfleetError, InputError, PrerequisiteError
+from actfleet.formatting import one_line
 
 if TYPE_CHECKING:
     from actfleet.config import FleetConfig
@@ -298,9 +299,9 @@ class TpuApi:
             except gexc.GoogleAPICallError as e:
                 raise ActfleetError(_api_error_line(what, e)) from None
             except (requests.exceptions.ConnectionError, requests.exceptions.Timeout, auth_exc.TransportError) as e:
-                last = f"TPU API: {what}: cannot reach {self.endpoint or 'tpu.googleapis.com'}: {_one_line(e)}"
+                last = f"TPU API: {what}: cannot reach {self.endpoint or 'tpu.googleapis.com'}: {one_line(e)}"
             except auth_exc.RefreshError as e:
-                raise ActfleetError(f"TPU API: {what}: the credentials could not be refreshed: {_one_line(e)} "
+                raise ActfleetError(f"TPU API: {what}: the credentials could not be refreshed: {one_line(e)} "
                                     "(run `gcloud auth application-default login`)") from None
             if attempt < self.retries:
                 time.sleep(next(delays))
@@ -327,7 +328,7 @@ class TpuApi:
         if operation.HasField("error"):
             err = operation.error
             raise ActfleetError(f"TPU API: {what}: operation {operation.name} failed: {err.code} "
-                                f"{_one_line(err.message)}")
+                                f"{one_line(err.message)}")
 
     def _check_same(self, path: str, request: dict, existing) -> None:
         from google.cloud.tpu_v2.types import cloud_tpu
@@ -362,7 +363,7 @@ def _parse_request(request: dict, path: str):
         message = cloud_tpu.QueuedResource.from_json(json.dumps(request), ignore_unknown_fields=False)
     except Exception as e:  # json_format.ParseError: unknown field, wrong type, bad enum
         raise InputError(f"queued resource {path}: the request is not a valid TPU v2 QueuedResource: "
-                         f"{_one_line(e)}") from None
+                         f"{one_line(e)}") from None
     # Catch here what the service would refuse later with a less obvious message.
     parent = path.rsplit("/queuedResources/", 1)[0]
     specs = list(message.tpu.node_spec)
@@ -442,7 +443,7 @@ def _api_error_line(what: str, e) -> str:
     except Exception:
         pass
     status = (status or (e.reason or "") or type(e).__name__).replace("_", " ").lower()
-    return f"TPU API: {what}: {e.code} {status}: {_one_line(message)}"
+    return f"TPU API: {what}: {e.code} {status}: {one_line(message)}"
 
 
 def _first_difference(wanted: Any, have: Any, where: str = "", exact: bool = False) -> str | None:
@@ -476,5 +477,3 @@ def _first_difference(wanted: Any, have: Any, where: str = "", exact: bool = Fal
 _EXACT_MAPS = frozenset({"labels", "metadata"})
 
 
-def _one_line(e: Any) -> str:
-    return " ".join(str(e).split())

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from actfleet.errors import InputError
+from actfleet.hashing import sha256_file
 from actfleet.worker import arc
 
 FORMATS = ("text", "chat", "arc")
@@ -65,11 +66,7 @@ def local_file(path: str) -> Path:
 
 def fingerprint(path: str) -> str:
     """sha256 of the dataset file's bytes."""
-    h = hashlib.sha256()
-    with open(local_file(path), "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(local_file(path))
 
 
 # ----------------------------------------------------------------------------------------------------

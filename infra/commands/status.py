@@ -26,7 +26,7 @@ import click
 from actfleet.cli import config_option, json_option
 from actfleet.config import Config, load
 from actfleet.errors import ActfleetError
-from actfleet.formatting import human_bytes
+from actfleet.formatting import human_bytes, iso_utc, one_line
 
 SCHEMA_ID = "actfleet.status/v1"
 
@@ -45,7 +45,7 @@ class Snapshot:
     throughput: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": SCHEMA_ID, "fleet": self.fleet, "taken_at": _iso(self.taken_at),
+        return {"schema": SCHEMA_ID, "fleet": self.fleet, "taken_at": iso_utc(self.taken_at),
                 "workers": self.rows, "unreachable": self.unreachable, "fleet_error": self.fleet_error,
                 "job": self.job, "job_error": self.job_error, "throughput": self.throughput}
 
@@ -86,13 +86,13 @@ def take_snapshot(cfg: Config, *, api=None, store=None, job_name: str | None = N
         try:
             view = fleet_f.result()
         except Exception as e:  # no credentials, API down: show the job anyway
-            view, snap.fleet_error = None, _one_line(e)
+            view, snap.fleet_error = None, one_line(e, 400)
         progress_result = None
         if job_f is not None:
             try:
                 progress_result = job_f.result()
             except Exception as e:
-                snap.job_error = _one_line(e)
+                snap.job_error = one_line(e, 400)
 
     if view is not None:
         snap.unreachable = dict(view.unreachable)
@@ -149,7 +149,7 @@ def _job_throughput(store, job: str, tokens: int) -> dict[str, Any]:
     first = min(r.committed_at - r.seconds for r in records)
     last = max(r.committed_at for r in records)
     span = max(last - first, 1e-9)
-    return {"tokens_per_s": tokens / span, "since": _iso(first), "last_commit": _iso(last), "seconds": span}
+    return {"tokens_per_s": tokens / span, "since": iso_utc(first), "last_commit": iso_utc(last), "seconds": span}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -232,7 +232,7 @@ def render(snap: Snapshot):
 
     styles = {"healthy": "green", "pending": "cyan", "wait": "yellow", "report": "bold yellow",
               "create": "red", "replace": "bold red", "delete-orphan": "magenta"}
-    table = Table(title=f"fleet {snap.fleet} at {_iso(snap.taken_at)}", title_justify="left", box=None,
+    table = Table(title=f"fleet {snap.fleet} at {iso_utc(snap.taken_at)}", title_justify="left", box=None,
                   header_style="bold", pad_edge=False)
     for col, just in (("worker", "left"), ("zone", "left"), ("queued resource", "left"), ("node", "left"),
                       ("health", "left"), ("units", "right"), ("tokens", "right"), ("shards", "right"),
@@ -282,12 +282,6 @@ def _ago(t: float | None, now: float) -> str:
     return f"{s:.0f} s ago" if s < 120 else f"{s / 60:.0f} min ago" if s < 7200 else f"{s / 3600:.1f} h ago"
 
 
-def _iso(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:400]
 
 
 __all__ = ["status", "take_snapshot", "render", "Snapshot", "SCHEMA_ID"]

@@ -118,27 +118,21 @@ class _ShardSink:
 
 def input_fingerprint(path: str) -> str:
     """sha256 of the dataset's bytes, streamed (a local file or a gs:// object)."""
-    import hashlib
+    from actfleet.hashing import sha256_file, sha256_stream
 
-    h = hashlib.sha256()
     if path.startswith("gs://"):
         from google.cloud import storage
 
         bucket, _, name = path[len("gs://"):].partition("/")
         try:
             with storage.Client().bucket(bucket).blob(name).open("rb") as f:
-                for chunk in iter(lambda: f.read(1 << 22), b""):
-                    h.update(chunk)
+                return sha256_stream(f)
         except Exception as e:
             raise InputError(f"{path}: cannot read the dataset ({type(e).__name__}: {e})") from None
-        return h.hexdigest()
     try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
+        return sha256_file(path)
     except OSError as e:
         raise InputError(f"{path}: cannot read the dataset ({e.strerror})") from None
-    return h.hexdigest()
 
 
 def count_input_rows(path: str, options: dict) -> int:
