@@ -13,12 +13,14 @@ its state lock: create-if-absent to take, generation-matched replace to renew, g
 to release.
 
 - GcsStore maps them onto `if_generation_match` preconditions (0 = "must not exist").
-- LocalStore gives a filesystem the same contract: every write goes to a hidden temporary file that is
-  renamed into place (atomic on POSIX), and the generation is the file's nanosecond mtime, set explicitly
-  and strictly increasing per key. The check-then-rename of the conditional operations runs under an
-  `flock` on a per-key lock file, so it is atomic between processes on one machine (not over NFS).
-  Reads need no lock: a file is never changed in place, so the descriptor read and its fstat describe
-  the same generation.
+- LocalStore gives a filesystem the same contract: every write goes to a hidden temporary file (written
+  and fsynced outside any lock) that is renamed into place (atomic on POSIX), and the generation is the
+  file's nanosecond mtime, set explicitly and strictly increasing per key. Only the compare-and-rename of
+  a write (stamp the generation, check the current one, rename) runs under an `flock` on a per-key lock
+  file, so it is atomic between processes on one machine (not over NFS) and a writer stalled in the
+  middle of a large payload (SIGSTOP, a slow disk) never blocks anyone else. Waiting for that lock is
+  bounded (`LOCK_WAIT_S`) and ends in a clear error naming the key. Reads need no lock: a file is never
+  changed in place, so the descriptor read and its fstat describe the same generation.
 
 Errors: `NotFound` (read/delete of an absent key) and `PreconditionFailed` (a condition did not hold). Both
 are ActfleetErrors. Transient GCS errors (429, 5xx, timeouts) are retried with jittered exponential backoff
@@ -48,6 +50,10 @@ class NotFound(ActfleetError):
 
 class PreconditionFailed(ActfleetError):
     """create: the key exists; replace/delete: the key is at another generation (or absent)."""
+
+
+class StoreBusy(ActfleetError):
+    """A local key's lock was held for longer than LOCK_WAIT_S (its holder is stalled): nothing was written."""
 
 
 def open_store(url: str) -> "Store":
@@ -134,6 +140,7 @@ def _check_key(key: str) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 LOCK_DIR = ".locks"
+LOCK_WAIT_S = 30.0  # the locked section is a stat, a utime and a rename: only a stalled holder takes longer
 _GEN_STEP_NS = 1000  # generations advance by >= 1 µs so filesystems with µs timestamps still see a change
 
 
@@ -149,13 +156,24 @@ class LocalStore(Store):
 
     @contextlib.contextmanager
     def _locked(self, key: str):
-        """Hold the per-key lock: the check and the rename of a conditional write happen as one step."""
+        """Hold the per-key lock: the check and the rename of a conditional write happen as one step.
+        Waits at most LOCK_WAIT_S, polling, so a holder stopped inside its (tiny) section cannot hang us."""
         lock_dir = self.root / LOCK_DIR
         lock_dir.mkdir(parents=True, exist_ok=True)
         name = hashlib.sha256(key.encode()).hexdigest()[:32]
         fd = os.open(lock_dir / name, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            deadline, delay = time.monotonic() + LOCK_WAIT_S, 0.001
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise StoreBusy(f"{self.url}/{key}: its lock has been held for over {LOCK_WAIT_S:.0f} s "
+                                        f"(a stalled writer?); nothing was written") from None
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.05)
             yield
         finally:
             os.close(fd)  # closing releases the flock (also when the process is killed)
@@ -167,8 +185,10 @@ class LocalStore(Store):
         except FileNotFoundError:
             return None
 
-    def _write_tmp(self, path: Path, data: "bytes | os.PathLike | str", floor_gen: int | None) -> tuple[Path, int]:
-        """Write a hidden temporary file next to `path` with a generation above `floor_gen`."""
+    @contextlib.contextmanager
+    def _staged(self, path: Path, data: "bytes | os.PathLike | str") -> Iterator[Path]:
+        """A hidden temporary file next to `path` holding `data`, written and fsynced with no lock held;
+        removed afterwards unless it was renamed into place."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
         try:
@@ -181,17 +201,21 @@ class LocalStore(Store):
                 shutil.copyfile(data, tmp)
                 with open(tmp, "rb+") as f:
                     os.fsync(f.fileno())
-            gen = max(time.time_ns(), (floor_gen or 0) + _GEN_STEP_NS)
+            yield tmp
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @staticmethod
+    def _stamp(tmp: Path, floor_gen: int | None) -> int:
+        """Give the staged file a generation above `floor_gen` (under the key's lock: it is the compare)."""
+        gen = max(time.time_ns(), (floor_gen or 0) + _GEN_STEP_NS)
+        os.utime(tmp, ns=(gen, gen))
+        actual = os.stat(tmp).st_mtime_ns
+        if floor_gen is not None and actual <= floor_gen:  # a filesystem with coarse timestamps
+            gen = floor_gen + 1_000_000_000
             os.utime(tmp, ns=(gen, gen))
             actual = os.stat(tmp).st_mtime_ns
-            if floor_gen is not None and actual <= floor_gen:  # a filesystem with coarse timestamps
-                gen = floor_gen + 1_000_000_000
-                os.utime(tmp, ns=(gen, gen))
-                actual = os.stat(tmp).st_mtime_ns
-            return tmp, actual
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        return actual
 
     # -- the interface --------------------------------------------------------------------------------
 
@@ -216,26 +240,24 @@ class LocalStore(Store):
 
     def create(self, key: str, data: bytes) -> int:
         path = self._path(key)
-        with self._locked(key):
-            if path.exists():
-                raise PreconditionFailed(f"{self.url}/{key}: already exists")
-            tmp, gen = self._write_tmp(path, data, None)
+        if path.exists():  # cheap early answer; the decisive check is link() below
+            raise PreconditionFailed(f"{self.url}/{key}: already exists")
+        with self._staged(path, data) as tmp, self._locked(key):
+            gen = self._stamp(tmp, None)
             # link() fails if the name exists: create-if-absent even against a writer that skips the lock.
             try:
                 os.link(tmp, path)
             except FileExistsError:
                 raise PreconditionFailed(f"{self.url}/{key}: already exists") from None
-            finally:
-                tmp.unlink(missing_ok=True)
             return gen
 
     def replace(self, key: str, data: bytes, generation: int) -> int:
         path = self._path(key)
-        with self._locked(key):
+        with self._staged(path, data) as tmp, self._locked(key):
             current = self._gen_of(path)
             if current != generation:
                 raise PreconditionFailed(f"{self.url}/{key}: at generation {current}, expected {generation}")
-            tmp, gen = self._write_tmp(path, data, current)
+            gen = self._stamp(tmp, current)
             os.replace(tmp, path)
             return gen
 
@@ -251,8 +273,8 @@ class LocalStore(Store):
 
     def put(self, key: str, data: "bytes | os.PathLike | str") -> int:
         path = self._path(key)
-        with self._locked(key):
-            tmp, gen = self._write_tmp(path, data, self._gen_of(path))
+        with self._staged(path, data) as tmp, self._locked(key):
+            gen = self._stamp(tmp, self._gen_of(path))
             os.replace(tmp, path)
             return gen
 

@@ -115,3 +115,79 @@ def test_open_store_urls(tmp_path):
             open_store(bad)
     with pytest.raises(InputError):
         LocalStore(tmp_path).read("../escape")
+
+
+# ---------------------------------------------------------------------------------------------------
+# A stalled writer (SIGSTOP in the middle of its payload) must not block anyone else on the local store
+# ---------------------------------------------------------------------------------------------------
+
+STALLED_PUT = r"""
+import os, signal, sys
+from actfleet.store import open_store
+real_fsync = os.fsync
+def stalled_fsync(fd):  # the payload is written; stop here, as a SIGSTOP or a stalled disk would
+    os.kill(os.getpid(), signal.SIGSTOP)
+    real_fsync(fd)
+os.fsync = stalled_fsync
+open_store(sys.argv[1]).put("job/shards/000001-0000.safetensors", b"x" * (1 << 20))
+print("put done", flush=True)
+"""
+
+
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_a_writer_stopped_inside_put_blocks_no_other_writer(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    root = tmp_path / "bucket"
+    store = open_store(str(root))
+    key = "job/shards/000001-0000.safetensors"
+    gen = store.put(key, b"first attempt")
+    child = subprocess.Popen([sys.executable, "-c", STALLED_PUT, str(root)], stdout=subprocess.PIPE, text=True)
+    try:
+        for _ in range(6000):  # hang guard, not a timing: until the child has stopped itself
+            if child.poll() is not None or _stopped(child.pid):
+                break
+            time.sleep(0.01)
+        assert _stopped(child.pid), "the child never reached its stall"
+        results = []
+        t = threading.Thread(target=lambda: results.append(store.replace(key, b"takeover", gen)), daemon=True)
+        t.start()
+        t.join(120)  # with the payload written under the key's lock this waited until SIGCONT
+        assert not t.is_alive(), "a writer stopped inside put() blocked another writer of the same key"
+        assert store.read(key) == (b"takeover", results[0])
+    finally:
+        os.kill(child.pid, signal.SIGCONT)
+        out, _ = child.communicate(timeout=120)
+    assert child.returncode == 0 and "put done" in out
+    data, later = store.read(key)  # the resumed put landed after (and above) the takeover
+    assert data == b"x" * (1 << 20) and later > results[0]
+    assert [k for k in os.listdir(root / "job" / "shards")] == ["000001-0000.safetensors"]
+
+
+def test_a_held_key_lock_ends_in_a_clear_error_and_writes_nothing(tmp_path, monkeypatch):
+    import fcntl
+    import hashlib
+
+    from actfleet import store as store_mod
+
+    store = open_store(str(tmp_path / "bucket"))
+    gen = store.create("job/leases/000002", b"mine")
+    monkeypatch.setattr(store_mod, "LOCK_WAIT_S", 0.3)
+    lock_file = tmp_path / "bucket" / store_mod.LOCK_DIR / hashlib.sha256(b"job/leases/000002").hexdigest()[:32]
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a holder stalled inside its compare-and-rename
+        with pytest.raises(store_mod.StoreBusy, match="000002.*held for over"):
+            store.replace("job/leases/000002", b"theirs", gen)
+    finally:
+        os.close(fd)
+    assert store.read("job/leases/000002") == (b"mine", gen)
+    assert sorted(os.listdir(tmp_path / "bucket" / "job" / "leases")) == ["000002"]  # no temporary left behind
