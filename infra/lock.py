@@ -43,6 +43,7 @@ from actfleet.store import NotFound, PreconditionFailed, Store, open_store
 
 LOCK_KEY = "reconcile.lock"
 DEFAULT_TTL_S = 300.0
+CHECK_MARGIN = 0.25  # check() fails once less than a quarter of the ttl is left on our own record
 
 
 class LockHeld(ActfleetError):
@@ -174,8 +175,10 @@ class ReconcileLock:
                 return
             try:
                 self.store.delete(self.key, self._gen)  # generation-matched: never someone else's lock
-            except (NotFound, PreconditionFailed):
-                self.lost = True
+            except NotFound:
+                pass  # gone: our delete landed and a retry of it found nothing (a 503 after success)
+            except PreconditionFailed:
+                self.lost = True  # another holder's record is there: ours was taken over
             self._gen = None
             self._info = None
 
@@ -192,9 +195,19 @@ class ReconcileLock:
         return self._info
 
     def check(self) -> None:
-        """Raise LockLost if a renewal found the lock taken over (call before acting)."""
+        """Raise LockLost unless this process still safely holds the lock (call before acting): a renewal
+        found it taken over, or our own record's expiry (minus a margin for clock skew and the act
+        itself) has passed because renewals kept failing, so another pass may rightly have taken it."""
         if self.lost:
             raise LockLost(f"reconcile lock {self.where} was taken over while this pass held it; not acting")
+        with self._mutex:
+            info = self._info
+        if info is None:
+            raise LockLost(f"reconcile lock {self.where} is not held by this pass; not acting")
+        margin = self.ttl_s * CHECK_MARGIN
+        if self.clock() > info.expires - margin:
+            raise LockLost(f"reconcile lock {self.where}: this pass's own record expires at {iso_utc(info.expires)} "
+                           f"(renewals failed); another pass may hold it now; not acting")
 
     # -- staleness and renewal ------------------------------------------------------------------------
 

@@ -185,3 +185,63 @@ def test_lock_location_follows_the_state_backend(tmp_path):
     assert local.where == f"{tmp_path}/st/{LOCK_KEY}"
     explicit = ReconcileLock.for_config(cfg(reconcile={"lock": str(tmp_path / "locks" / "fleet.lock")}))
     assert explicit.where == f"{tmp_path}/locks/fleet.lock"
+
+
+class _Clock:
+    def __init__(self, t: float):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class _FailingRenewals:
+    """A store whose replace() fails transiently (a GCS outage): renewals never land, nothing says lost."""
+
+    def __init__(self, inner):
+        self.inner, self.url = inner, inner.url
+
+    def replace(self, key, data, generation):
+        raise ConnectionError("503 backendError (injected)")
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_check_fails_once_its_own_record_expired_while_renewals_failed(tmp_path):
+    from actfleet.infra.lock import LockLost
+
+    inner = open_store(str(tmp_path))
+    clock = _Clock(1_000_000.0)
+    lock = ReconcileLock(_FailingRenewals(inner), ttl_s=60, clock=clock)
+    lock.try_acquire()  # held; the renewer is not started: renewals are what fails here
+    lock.check()  # fresh: fine
+    clock.t += 60 * 0.8  # inside the ttl, past the safety margin (the last quarter)
+    with pytest.raises(LockLost, match="own record expires"):
+        lock.check()
+    # ... which is exactly when another pass, rightly, takes the stale lock over:
+    clock.t += 60
+    other = ReconcileLock(inner, clock=clock)
+    assert other.try_acquire() and other.took_over is not None
+
+
+def test_check_passes_while_renewals_keep_the_record_fresh(tmp_path):
+    clock = _Clock(1_000_000.0)
+    lock = ReconcileLock(open_store(str(tmp_path)), ttl_s=60, clock=clock)
+    lock.try_acquire()
+    for _ in range(5):
+        clock.t += 30
+        lock._gen, lock._info = (lambda d, i: (lock.store.replace(LOCK_KEY, d, lock._gen), i))(*lock._record())
+        lock.check()
+
+
+def test_release_whose_delete_landed_but_answered_503_is_not_lost(fake_gcs):  # noqa: F811
+    store = open_store("gs://acts-state/actfleet/acts")
+    lock = ReconcileLock(store)
+    lock.acquire()
+    fake_gcs.fail_after_next("DELETE", 1, 503)  # the delete is carried out; its reply is lost; the client retries
+    lock.release()
+    assert not lock.lost
+    assert store.generation(LOCK_KEY) is None
+    with ReconcileLock(store).hold():  # and the lock is free for the next pass
+        pass

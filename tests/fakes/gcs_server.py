@@ -10,6 +10,9 @@ server implements the part of the API google-cloud-storage uses, with the precon
 - `ifGenerationMatch` (0 = must not exist), `ifGenerationNotMatch`, `ifMetagenerationMatch`,
   `ifMetagenerationNotMatch` -> 412 when they fail; `x-goog-generation` / `x-goog-hash` headers on downloads;
 - buckets exist on first use; generations are strictly increasing per server;
+- fault injection: `fail_after_next(method, n, status)` carries out the next n `method` requests (POST for
+  uploads, DELETE, ...) and then answers `status` anyway, as a reply lost after the write landed (the client
+  retries a request that already succeeded);
 - fault injection: `fail_next(n, status)` answers the next n requests with `status` (e.g. 503) so retries
   and "a failed upload never marks work done" can be tested.
 
@@ -84,6 +87,7 @@ class FakeGcs:
         self.lock = threading.Lock()
         self._next_generation = 1_700_000_000_000_000
         self._faults: list[int] = []
+        self._after_faults: dict[str, list[int]] = {}
         self.requests = 0
         self.httpd: ThreadingHTTPServer | None = None
         self.url = ""
@@ -108,6 +112,16 @@ class FakeGcs:
         """Answer the next `n` requests with `status` (transient-fault injection)."""
         with self.lock:
             self._faults += [status] * n
+
+    def fail_after_next(self, method: str, n: int = 1, status: int = 503) -> None:
+        """Carry out the next `n` requests of `method` (GET/POST/PUT/DELETE/PATCH), then answer `status`."""
+        with self.lock:
+            self._after_faults.setdefault(method.upper(), []).extend([status] * n)
+
+    def _take_after_fault(self, method: str) -> int | None:
+        with self.lock:
+            pending = self._after_faults.get(method)
+            return pending.pop(0) if pending else None
 
     # -- state transitions (all under self.lock) ------------------------------------------------------
 
@@ -227,11 +241,21 @@ class _Handler(BaseHTTPRequestHandler):
         if fault:
             return self._error(fault, "injected fault")
         path, q = self._query()
+        after = self.fake._take_after_fault(self.command)
         try:
             for method, rx, fn in _ROUTES:
                 if method == self.command:
                     m = re.fullmatch(rx, path)
                     if m:
+                        if after:  # do the work, lose the reply
+                            real_send, self._send = self._send, lambda *a, **k: None
+                            try:
+                                fn(self, body, q, *[unquote(g) for g in m.groups()])
+                            except _Failed:
+                                pass
+                            finally:
+                                self._send = real_send
+                            return self._error(after, "injected fault after the request was carried out")
                         return fn(self, body, q, *[unquote(g) for g in m.groups()])
             self._error(404, f"no route for {self.command} {path}")
         except _Failed as e:
