@@ -78,3 +78,17 @@ def test_missing_model_prefix_is_one_line(tmp_path, fake_gcs):  # noqa: F811
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].endswith("model gs://acts/models/none: no objects under that prefix")
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_model_object_named_with_dotdot_is_refused_and_nothing_lands_outside(tmp_path, fake_gcs, monkeypatch):  # noqa: F811
+    from actfleet.errors import InputError
+    from actfleet.worker import model_files
+
+    bucket = storage.Client(project="test", credentials=AnonymousCredentials(),
+                            client_options={"api_endpoint": fake_gcs.url}).bucket("acts")
+    bucket.blob("models/m/config.json").upload_from_string(b"{}")
+    bucket.blob("models/m/../../escaped.txt").upload_from_string(b"planted")
+    monkeypatch.setenv("ACTFLEET_MODEL_CACHE", str(tmp_path / "cache" / "models"))
+    with pytest.raises(InputError, match=r"escaped\.txt.*outside the model cache"):
+        model_files.resolve("gs://acts/models/m")
+    assert sorted(p.name for p in tmp_path.rglob("escaped.txt")) == []

@@ -81,7 +81,7 @@ def _download_gcs(url: str) -> Path:
         if not blobs:
             raise InputError(f"model {url}: no objects under that prefix")
         for blob in blobs:
-            target = dest / blob.name[len(prefix):].lstrip("/")
+            target = _inside(dest, blob.name[len(prefix):].lstrip("/"), url)
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.part")
             blob.download_to_filename(str(tmp))
@@ -92,6 +92,15 @@ def _download_gcs(url: str) -> Path:
         raise InputError(f"model {url}: cannot download ({type(e).__name__}: {e})") from None
     done.write_text("")
     return dest
+
+
+def _inside(dest: Path, rel: str, url: str) -> Path:
+    """dest/rel, refusing object names that would land outside the cache (`..` parts, absolute names)."""
+    parts = rel.split("/")
+    target = (dest / rel).resolve()
+    if not rel or any(p in ("", ".", "..") for p in parts) or not target.is_relative_to(dest.resolve()):
+        raise InputError(f"model {url}: object name {rel!r} would be written outside the model cache; refusing")
+    return target
 
 
 def _download_hub(repo_id: str, revision: str) -> Path:
