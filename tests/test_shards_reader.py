@@ -8,7 +8,8 @@ import pytest
 
 from actfleet.worker.engine import Batch
 from actfleet.worker.reader import iter_batches, load, shard_metadata
-from actfleet.worker.shards import ShardFormatError, ShardWriter, read_tensors, shard_bytes
+from actfleet.worker.shards import (ShardFormatError, ShardWriter, read_tensors, safetensors_bytes, shard_bytes,
+                                    shard_index, shard_name, shard_unit_part)
 
 SITES = ("hook_embed", "blocks.0.hook_resid_post")
 
@@ -27,15 +28,15 @@ def write(tmp_path, batches, store_dtype="float32", shard_mb=0.0005):
     for b in batches:
         w.add(b)
     shards = w.close()
-    for name, blob in shards:
-        (tmp_path / name).write_bytes(blob)
+    for s in shards:
+        (tmp_path / s.name).write_bytes(s.data)
     return shards
 
 
 def test_round_trip_with_filters(tmp_path):
     batches = [batch(range(0, 10), seed=1), batch(range(10, 30), seed=2)]
     shards = write(tmp_path, batches)
-    assert len(shards) > 3 and [n for n, _ in shards][:2] == ["000004-0000.safetensors", "000004-0001.safetensors"]
+    assert len(shards) > 3 and [s.name for s in shards][:2] == ["000004-0000.safetensors", "000004-0001.safetensors"]
     got = load(str(tmp_path))
     for k in ("sample_ids", "positions", "token_ids", *SITES):
         np.testing.assert_array_equal(got[k], np.concatenate([getattr(b, k) if k in ("sample_ids", "positions", "token_ids")
@@ -60,7 +61,7 @@ def test_bytes_deterministic_and_readable_by_safetensors(tmp_path):
     b = write(tmp_path, [batch(range(2), seed=3), ], store_dtype="bfloat16", shard_mb=1)
     again = write(tmp_path, [batch(range(5), seed=3)], store_dtype="bfloat16", shard_mb=1)
     assert a == again and a != b
-    (tmp_path / "x.safetensors").write_bytes(a[0][1])
+    (tmp_path / "x.safetensors").write_bytes(a[0].data)
     with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as f:
         assert f.get_tensor("hook_embed").dtype == torch.bfloat16
         assert f.get_tensor("sample_ids").dtype == torch.int64
@@ -76,3 +77,22 @@ def test_corrupt_bytes_are_refused():
     for bad in (b"", good[:6], b"\xff" * 8 + good[8:], good[:-4]):
         with pytest.raises(ShardFormatError):
             read_tensors(bad)
+
+
+def test_shards_carry_their_name_and_token_count(tmp_path):
+    shards = write(tmp_path, [batch(range(0, 10), seed=1), batch(range(10, 30), seed=2)])
+    assert [(s.unit, s.part) for s in shards] == [(4, p) for p in range(len(shards))]
+    for s in shards:
+        ids, positions = shard_index(s.data, s.name)
+        assert s.tokens == len(ids) == len(positions) == len(read_tensors(s.data)[0]["token_ids"]) > 0
+        assert shard_unit_part(f"job/shards/{s.name}") == (4, s.part) and s.name == shard_name(4, s.part)
+    assert sum(s.tokens for s in shards) == 90
+    assert shard_unit_part("job/shards/.000004-0001.safetensors.tmp") is None
+    assert shard_unit_part("job/shards/notes.safetensors") is None
+
+
+def test_shard_index_refuses_what_is_not_a_shard():
+    no_positions = safetensors_bytes({"sample_ids": np.arange(3, dtype=np.int64)})
+    for bad in (b"half-written", safetensors_bytes({}), no_positions, b"\x02" + b"\x00" * 7 + b"[]"):
+        with pytest.raises(ShardFormatError, match="k.safetensors: not a readable safetensors shard"):
+            shard_index(bad, "k.safetensors")

@@ -74,6 +74,8 @@ def parse_header(buf) -> tuple[dict, dict[str, str], int]:
         header = json.loads(bytes(buf[8: 8 + n]))
     except ValueError as e:
         raise ShardFormatError(f"header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ShardFormatError("header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
     return header, metadata, 8 + n
 
@@ -87,11 +89,12 @@ def read_tensors(buf, names=None) -> tuple[dict[str, np.ndarray], dict[str, str]
             continue
         try:
             dtype = _DTYPES[entry["dtype"]]
-            begin, end = entry["data_offsets"]
-            shape = tuple(entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+            shape = tuple(int(x) for x in entry["shape"])
         except (KeyError, TypeError, ValueError):
             raise ShardFormatError(f"tensor {name!r}: unsupported or malformed entry {entry!r}") from None
-        if end - begin != dtype.itemsize * int(np.prod(shape, dtype=np.int64)) or start + end > len(buf):
+        if (min(begin, *shape, 0) < 0 or end - begin != dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+                or start + end > len(buf)):
             raise ShardFormatError(f"tensor {name!r}: data offsets do not match its shape or the file size")
         out[name] = np.frombuffer(buf, dtype=dtype, count=(end - begin) // dtype.itemsize,
                                   offset=start + begin).reshape(shape)
@@ -113,9 +116,48 @@ def open_file(path: str | Path, names=None) -> tuple[dict[str, np.ndarray], dict
 # ----------------------------------------------------------------------------------------------------
 
 
+SUFFIX = ".safetensors"
+
+
 def shard_name(unit: int, part: int) -> str:
     """Deterministic in (unit, part): a retried unit overwrites its shards, never duplicates them."""
-    return f"{unit:06d}-{part:04d}.safetensors"
+    return f"{unit:06d}-{part:04d}{SUFFIX}"
+
+
+def shard_unit_part(key: str) -> tuple[int, int] | None:
+    """(unit, part) of a shard name made by shard_name, or of a key ending in one; None for anything else."""
+    name = key.rsplit("/", 1)[-1]
+    if not name.endswith(SUFFIX):
+        return None
+    unit, _, part = name[: -len(SUFFIX)].partition("-")
+    return (int(unit), int(part)) if unit.isdigit() and part.isdigit() else None
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One finished shard: which unit and part it is, its safetensors bytes and the token rows they hold
+    (known to whoever wrote them, so nobody re-parses the bytes to count)."""
+    unit: int
+    part: int
+    data: bytes
+    tokens: int
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.unit, self.part)
+
+
+def shard_index(blob, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(sample_ids, positions) of a shard, from its header and those two tensors only (nothing is executed).
+    Raises ShardFormatError, naming `what`, for bytes that are not a readable shard."""
+    try:
+        tensors, _ = read_tensors(blob, ("sample_ids", "positions"))
+    except ShardFormatError as e:
+        raise ShardFormatError(f"{what}: not a readable safetensors shard ({e})") from None
+    missing = [n for n in ("sample_ids", "positions") if n not in tensors]
+    if missing:
+        raise ShardFormatError(f"{what}: not a readable safetensors shard (no {missing[0]} tensor)")
+    return tensors["sample_ids"], tensors["positions"]
 
 
 def shard_bytes(*, sample_ids, token_ids, positions, acts: dict[str, np.ndarray], sites, store_dtype: str,
@@ -133,15 +175,6 @@ def shard_bytes(*, sample_ids, token_ids, positions, acts: dict[str, np.ndarray]
     return safetensors_bytes(tensors, metadata)
 
 
-def write_shard(path: str | Path, **kwargs) -> Path:
-    """shard_bytes(...) written atomically to `path` (a temp file renamed into place)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(shard_bytes(**kwargs))
-    tmp.replace(path)
-    return path
-
-
 @dataclass
 class _Pending:
     sample_ids: list
@@ -155,20 +188,20 @@ class ShardWriter:
     """Accumulates engine Batches and cuts them into shards of about `shard_mb` MiB.
 
     Shards hold a fixed number of token rows (shard_mb / bytes per row), so their contents depend only on
-    the batches given, in order. Each finished shard goes to `on_shard(name, bytes)`; without a callback
-    the shards are kept in `self.shards` as (name, bytes).
+    the batches given, in order. Each finished Shard goes to `on_shard(shard)`; without a callback the
+    shards are kept in `self.shards`.
     """
 
     def __init__(self, *, shard_mb: float, model: str, revision: str, job: str, unit: int, sites,
                  store_dtype: str = "bfloat16", random_weights: bool = False,
-                 on_shard: Callable[[str, bytes], None] | None = None):
+                 on_shard: Callable[[Shard], None] | None = None):
         if store_dtype not in STORE_DTYPES:
             raise ValueError(f"store dtype {store_dtype!r}: use one of {', '.join(STORE_DTYPES)}")
         self.shard_bytes_target = max(1, int(shard_mb * 2**20))
         self.meta = dict(model=model, revision=revision, job=job, unit=unit, random_weights=random_weights)
         self.sites, self.store_dtype = tuple(sites), store_dtype
         self.on_shard = on_shard
-        self.shards: list[tuple[str, bytes]] = []
+        self.shards: list[Shard] = []
         self.part = 0
         self.rows_per_shard: int | None = None
         self._pending = _Pending([], [], [], {s: [] for s in self.sites})
@@ -190,7 +223,7 @@ class ShardWriter:
         while self._pending.rows >= self.rows_per_shard:
             self._emit(self.rows_per_shard)
 
-    def close(self) -> list[tuple[str, bytes]]:
+    def close(self) -> list[Shard]:
         if self._pending.rows:
             self._emit(self._pending.rows)
         return self.shards
@@ -205,9 +238,9 @@ class ShardWriter:
         rest = p.rows - rows
         self._pending = _Pending([cat["sample_ids"][rows:]], [cat["token_ids"][rows:]], [cat["positions"][rows:]],
                                  {s: [a[rows:]] for s, a in acts.items()}, rest)
-        name = shard_name(self.meta["unit"], self.part)
+        shard = Shard(self.meta["unit"], self.part, blob, rows)
         self.part += 1
         if self.on_shard is not None:
-            self.on_shard(name, blob)
+            self.on_shard(shard)
         else:
-            self.shards.append((name, blob))
+            self.shards.append(shard)

@@ -14,8 +14,6 @@ Checks, from the job's records and the shards themselves:
 from __future__ import annotations
 
 import hashlib
-import json
-import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -24,9 +22,8 @@ import numpy as np
 
 from actfleet.errors import ActfleetError
 from actfleet.worker import work_queue as q
+from actfleet.worker.shards import ShardFormatError, shard_index, shard_unit_part
 from actfleet.store import NotFound, PreconditionFailed, Store, join
-
-_DTYPES = {"I64": np.int64, "I32": np.int32, "U32": np.uint32, "I16": np.int16, "U8": np.uint8}
 
 
 @dataclass
@@ -62,24 +59,6 @@ class VerifyReport:
         d = asdict(self)
         d["ok"] = self.ok
         return d
-
-
-def shard_index(blob: bytes, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """(sample_ids, positions) of a safetensors shard, read straight from its header and data: no other
-    tensor is decoded and nothing is executed."""
-    try:
-        (n,) = struct.unpack("<Q", blob[:8])
-        header = json.loads(blob[8:8 + n])
-        base = 8 + n
-
-        def tensor(name: str) -> np.ndarray:
-            info = header[name]
-            lo, hi = info["data_offsets"]
-            return np.frombuffer(blob[base + lo:base + hi], dtype=_DTYPES[info["dtype"]]).reshape(info["shape"])
-
-        return tensor("sample_ids"), tensor("positions")
-    except (struct.error, json.JSONDecodeError, UnicodeDecodeError, KeyError, ValueError, TypeError) as e:
-        raise ActfleetError(f"{what}: not a readable safetensors shard ({type(e).__name__}: {e})") from None
 
 
 def verify(store: Store, job: str, *, clean: bool = False, now: float | None = None,
@@ -128,7 +107,7 @@ def verify(store: Store, job: str, *, clean: bool = False, now: float | None = N
             problem("bad-record", f"unit {unit}: done record covers rows {rec.start}-{rec.stop - 1}, the unit is "
                                   f"{start}-{stop - 1}", unit)
         for s in rec.shards:
-            if q.shard_unit_part(s.name) is None or q.shard_unit_part(s.name)[0] != unit:
+            if shard_unit_part(s.name) is None or shard_unit_part(s.name)[0] != unit:
                 problem("bad-record", f"unit {unit}: lists shard {s.name} of another unit", unit)
             if s.name in listed:
                 problem("bad-record", f"shard {s.name} is listed by units {listed[s.name]} and {unit}", unit)
@@ -155,7 +134,7 @@ def verify(store: Store, job: str, *, clean: bool = False, now: float | None = N
                 continue
             try:
                 ids, positions = shard_index(blob, key)
-            except ActfleetError as e:
+            except ShardFormatError as e:
                 out.append(Problem("corrupt-shard", str(e), unit, key))
                 continue
             tokens += len(ids)
@@ -205,7 +184,7 @@ def verify(store: Store, job: str, *, clean: bool = False, now: float | None = N
         name = key[len(job) + 1:]
         if name in listed:
             continue
-        up = q.shard_unit_part(key)
+        up = shard_unit_part(key)
         unit = up[0] if up else None
         if unit is not None and unit not in records and unit in live and live[unit].expires > now:
             continue  # an attempt in progress: not garbage yet

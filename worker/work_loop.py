@@ -26,11 +26,14 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol
 
 from actfleet.errors import InputError
 from actfleet.worker import work_queue as q
 from actfleet.store import Store
+
+if TYPE_CHECKING:
+    from actfleet.worker.shards import Shard
 
 log = logging.getLogger("actfleet.work")
 
@@ -54,10 +57,12 @@ class UnitExtractor(Protocol):
 
 
 class ShardSink(Protocol):
-    def add(self, batch: Any) -> list[bytes]:
-        """Take a batch; return the shards (safetensors bytes) that are now complete."""
+    """Shards come out in part order, each with the token count its writer already knows."""
 
-    def finish(self) -> list[bytes]:
+    def add(self, batch: Any) -> "list[Shard]":
+        """Take a batch; return the shards that are now complete."""
+
+    def finish(self) -> "list[Shard]":
         """The remaining shards."""
 
 
@@ -245,6 +250,11 @@ class Worker:
         def should_stop() -> bool:
             return abort.is_set() or keeper.lost.is_set() or self._past_deadline()
 
+        def fail(e: BaseException) -> None:
+            """A stage failed: remember why, and stop the other stages."""
+            failure.append(e)
+            abort.set()
+
         def put(qu: queue_mod.Queue, item) -> bool:
             """Blocking put that gives up when the unit is stopping (backpressure without deadlock)."""
             while True:
@@ -266,40 +276,37 @@ class Worker:
         def serializer():
             try:
                 writer = self.extractor.shard_writer(unit)
-                part = 0
                 while (batch := get(batches)) is not done_token:
                     stats.count(batch)
-                    for blob in writer.add(batch):
-                        if not put(shards, (part, blob)):
+                    for shard in writer.add(batch):
+                        if not put(shards, shard):
                             return
-                        part += 1
                 if should_stop():
                     return
-                for blob in writer.finish():
-                    if not put(shards, (part, blob)):
+                for shard in writer.finish():
+                    if not put(shards, shard):
                         return
-                    part += 1
             except BaseException as e:
-                failure.append(e)
-                abort.set()
+                fail(e)
             finally:
                 put(shards, done_token)
 
         def uploader():
             try:
-                while (item := get(shards)) is not done_token:
-                    part, blob = item
-                    key = q.shard_key(self.spec.job, unit, part)
+                while (shard := get(shards)) is not done_token:
+                    if shard.unit != unit:
+                        raise ValueError(f"the shard writer for unit {unit} made {shard.name}")
+                    key = q.shard_key(self.spec.job, unit, shard.part)
                     if should_stop():
                         return
-                    self.on_event("uploading", {"unit": unit, "part": part})
-                    upload_with_retry(self.store, key, blob, attempts=self.upload_attempts, should_stop=should_stop)
-                    stats.shards.append(q.ShardInfo(name=key[len(self.spec.job) + 1:], bytes=len(blob),
-                                                    sha256=hashlib.sha256(blob).hexdigest(),
-                                                    tokens=_shard_tokens(blob)))
+                    self.on_event("uploading", {"unit": unit, "part": shard.part})
+                    upload_with_retry(self.store, key, shard.data, attempts=self.upload_attempts,
+                                      should_stop=should_stop)
+                    stats.shards.append(q.ShardInfo(name=key[len(self.spec.job) + 1:], bytes=len(shard.data),
+                                                    sha256=hashlib.sha256(shard.data).hexdigest(),
+                                                    tokens=shard.tokens))
             except BaseException as e:
-                failure.append(e)
-                abort.set()
+                fail(e)
 
         threads = [threading.Thread(target=serializer, name="serializer", daemon=True),
                    threading.Thread(target=uploader, name="uploader", daemon=True)]
@@ -313,8 +320,7 @@ class Worker:
                 if should_stop() or not put(batches, batch):
                     break
         except BaseException as e:
-            failure.append(e)
-            abort.set()
+            fail(e)
         finally:
             put(batches, done_token)
             for t in threads:
@@ -361,17 +367,6 @@ class _UnitStats:
             reason = reasons.get(sid) or self.engine_skips.get(sid) or "no tokens stored"
             out.setdefault(reason, []).append(sid)
         return out
-
-
-def _shard_tokens(blob: bytes) -> int:
-    """Rows in a safetensors shard, from its header (the sample_ids tensor's length)."""
-    import json
-    import struct
-
-    (n,) = struct.unpack("<Q", blob[:8])
-    header = json.loads(blob[8:8 + n])
-    info = header.get("sample_ids") or header.get("token_ids")
-    return int(info["shape"][0]) if info else 0
 
 
 def install_sigterm(worker: Worker) -> None:

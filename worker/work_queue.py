@@ -57,7 +57,9 @@ def done_key(job: str, unit: int) -> str:
 
 
 def shard_key(job: str, unit: int, part: int) -> str:
-    return join(job, "shards", f"{unit:06d}-{part:04d}.safetensors")
+    from actfleet.worker.shards import shard_name  # the format's module (numpy, ml_dtypes): only when needed
+
+    return join(job, "shards", shard_name(unit, part))
 
 
 def worker_key(job: str, worker: str) -> str:
@@ -68,15 +70,6 @@ def _unit_of(key: str) -> int | None:
     """The unit number in ".../leases/000042", ".../done/000042" or ".../units/000042.json"."""
     name = key.rsplit("/", 1)[-1].split(".", 1)[0]
     return int(name) if name.isdigit() else None
-
-
-def shard_unit_part(key: str) -> tuple[int, int] | None:
-    name = key.rsplit("/", 1)[-1]
-    if not name.endswith(".safetensors"):
-        return None
-    stem = name[: -len(".safetensors")]
-    unit, _, part = stem.partition("-")
-    return (int(unit), int(part)) if unit.isdigit() and part.isdigit() else None
 
 
 def default_worker_id() -> str:

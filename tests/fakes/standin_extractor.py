@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save
 
+from actfleet.worker.shards import Shard
+
 D = 8
 SITES = ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post")
 
@@ -57,23 +59,28 @@ def fingerprint(path: Path) -> str:
 @dataclass
 class StandinWriter:
     shard_tokens: int
+    unit: int
     parts: list = field(default_factory=list)
+    part: int = 0
 
-    def add(self, batch: Batch) -> list[bytes]:
+    def add(self, batch: Batch) -> list[Shard]:
         self.parts.append(batch)
         if sum(len(b.sample_ids) for b in self.parts) >= self.shard_tokens:
             return [self._flush()]
         return []
 
-    def finish(self) -> list[bytes]:
+    def finish(self) -> list[Shard]:
         return [self._flush()] if self.parts else []
 
-    def _flush(self) -> bytes:
+    def _flush(self) -> Shard:
         cat = {k: np.concatenate([getattr(b, k) for b in self.parts]) for k in ("token_ids", "sample_ids", "positions")}
         for site in SITES:
             cat[site] = np.concatenate([b.acts[site] for b in self.parts])
         self.parts = []
-        return save(cat, metadata={"format_version": "1", "model": "standin"})
+        shard = Shard(self.unit, self.part, save(cat, metadata={"format_version": "1", "model": "standin"}),
+                      len(cat["sample_ids"]))
+        self.part += 1
+        return shard
 
 
 @dataclass
@@ -117,7 +124,7 @@ class StandinExtractor:
             yield Batch(tok_a, np.array(sid, dtype=np.int64), pos_a, acts, computed_tokens=len(tok), padded_tokens=0)
 
     def shard_writer(self, unit: int) -> StandinWriter:
-        return StandinWriter(self.shard_tokens)
+        return StandinWriter(self.shard_tokens, unit)
 
 
 def main(argv=None) -> int:

@@ -25,7 +25,7 @@ SUMMARY = "summary.json"
 
 
 class _FileWriter:
-    """Writes (name, bytes) shards into a directory from a thread, atomically, recording size and sha256."""
+    """Writes Shards into a directory from a thread, atomically, recording size, sha256 and tokens."""
 
     def __init__(self, out: Path, depth: int = 2):
         self.out, self.shards, self.error = out, [], None
@@ -33,23 +33,20 @@ class _FileWriter:
         self._t = threading.Thread(target=self._loop, name="shard-writer", daemon=True)
         self._t.start()
 
-    def __call__(self, name: str, blob: bytes) -> None:
+    def __call__(self, shard) -> None:
         if self.error:
             raise self.error
-        self._q.put((name, blob))
+        self._q.put(shard)
 
     def _loop(self) -> None:
-        from actfleet.worker.shards import parse_header
-
-        while (item := self._q.get()) is not None:
-            name, blob = item
+        while (shard := self._q.get()) is not None:
+            name, blob = shard.name, shard.data
             try:
                 tmp = self.out / f".{name}.tmp"
                 tmp.write_bytes(blob)
                 tmp.replace(self.out / name)
-                header, _, _ = parse_header(blob)
                 self.shards.append({"name": name, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest(),
-                                    "tokens": header["sample_ids"]["shape"][0]})
+                                    "tokens": shard.tokens})
             except Exception as e:  # surfaced on the next put / at close
                 self.error = e
 

@@ -95,22 +95,22 @@ class EngineExtractor:
 
 
 class _ShardSink:
-    """Adapts actfleet.worker.shards.ShardWriter to the loop's add()/finish() -> [shard bytes]."""
+    """Adapts actfleet.worker.shards.ShardWriter to the loop's add()/finish() -> [Shard]."""
 
     def __init__(self, shards_mod, engine, spec: q.JobSpec, unit: int):
-        self.out: list[bytes] = []
+        self.out: list = []  # of shards_mod.Shard
         self.writer = shards_mod.ShardWriter(
             shard_mb=spec.options["shard_mb"], model=spec.options["model"], revision=spec.options["revision"],
             job=spec.job, unit=unit, sites=engine.sites, store_dtype=spec.options["store_dtype"],
             random_weights=getattr(engine, "random_weights", False),
-            on_shard=lambda name, blob: self.out.append(blob))
+            on_shard=lambda shard: self.out.append(shard))  # self.out is swapped for a fresh list on each take
 
-    def add(self, batch) -> list[bytes]:
+    def add(self, batch) -> list:
         self.writer.add(batch)
         out, self.out = self.out, []
         return out
 
-    def finish(self) -> list[bytes]:
+    def finish(self) -> list:
         self.writer.close()
         out, self.out = self.out, []
         return out
