@@ -19,14 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from actfleet import sites as site_names
 from actfleet.errors import ConfigError
+from actfleet.job_options import (DEFAULT_LEASE_SECONDS, DEFAULT_UNIT_ROWS, DEFAULTS, DTYPES, FORMATS, KEYS,
+                                  LONG_INPUTS, POSITIONS, JobOptions)
 
 CONFIG_ENV = "ACTFLEET_CONFIG"
 TPU_ENDPOINT_ENV = "ACTFLEET_TPU_ENDPOINT"
 DEFAULT_CONFIG_NAME = "fleet.toml"
 
-SITE_KINDS = ("embed", "resid_post", "attn_out", "mlp_out")
-SITE_NAME_RE = re.compile(r"^(hook_embed|blocks\.(\d+)\.hook_(resid_post|attn_out|mlp_out))$")
 WORKER_NAME_RE = re.compile(r"^tpu-(?P<region>[a-z]+-[a-z]+[0-9]+)-(?P<letter>[a-z])-(?P<index>[0-9]+)$")
 
 
@@ -107,24 +108,10 @@ class StateConfig:
 class JobConfig:
     name: str
     store: str
-    model: str
-    revision: str
     input: str
-    format: str
-    text_field: str
-    messages_field: str
-    arc_augmentations: int
-    arc_seed: int
-    sites: tuple[str, ...]  # fully expanded TransformerLens names, e.g. "blocks.6.hook_resid_post"
-    positions: str
-    max_seq: int  # 0 = the model's context length
-    long_inputs: str
-    batch_tokens: int
-    compute_dtype: str
-    store_dtype: str
-    shard_mb: int
     unit_rows: int
     lease_seconds: int
+    options: JobOptions  # what the job pins in job.json; its sites fully expanded, e.g. "blocks.6.hook_resid_post"
 
 
 @dataclass(frozen=True)
@@ -248,11 +235,11 @@ def _sites(v):
     if isinstance(v, str):
         v = [v]
     if not isinstance(v, list) or not v or not all(isinstance(x, str) for x in v):
-        raise _Bad("must be a non-empty list of site kinds (" + ", ".join(SITE_KINDS) + ") or names "
+        raise _Bad("must be a non-empty list of site kinds (" + ", ".join(site_names.KINDS) + ") or names "
                    'like "blocks.6.hook_resid_post"')
     for s in v:
-        if s not in SITE_KINDS and not SITE_NAME_RE.fullmatch(s):
-            raise _Bad(f'has "{s}": sites are kinds (' + ", ".join(SITE_KINDS) +
+        if s not in site_names.KINDS and not site_names.is_name(s, every_layer_ok=False):
+            raise _Bad(f'has "{s}": sites are kinds (' + ", ".join(site_names.KINDS) +
                        ') or names like "blocks.6.hook_resid_post", "hook_embed"')
     return v
 
@@ -315,24 +302,24 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "name": Key(_string(r"[a-z0-9][a-z0-9._-]{0,62}", "a job name (a-z, 0-9, ., _, -; up to 63)"), "default"),
         "store": Key(_store_url, ""),
         "model": Key(_string(r"\S+", "a local path, gs://bucket/prefix or hub id")),
-        "revision": Key(_string(r"[A-Za-z0-9._/-]+", "a hub revision"), "main"),
+        "revision": Key(_string(r"[A-Za-z0-9._/-]+", "a hub revision"), DEFAULTS.revision),
         "input": Key(_string(r"\S+", "a dataset file path or gs:// URL")),
-        "format": Key(_choice("text", "chat", "arc"), "text"),
-        "text_field": Key(_string(r"\S+", "a field name"), "text"),
-        "messages_field": Key(_string(r"\S+", "a field name"), "messages"),
-        "arc_augmentations": Key(_int(0, 64), 0),
-        "arc_seed": Key(_int(0), 0),
-        "sites": Key(_sites, ["resid_post"]),
+        "format": Key(_choice(*FORMATS), DEFAULTS.format),
+        "text_field": Key(_string(r"\S+", "a field name"), DEFAULTS.text_field),
+        "messages_field": Key(_string(r"\S+", "a field name"), DEFAULTS.messages_field),
+        "arc_augmentations": Key(_int(0, 64), DEFAULTS.arc_augmentations),
+        "arc_seed": Key(_int(0), DEFAULTS.arc_seed),
+        "sites": Key(_sites, ["resid_post"]),  # kinds (with layers) or names; expanded into JobOptions.sites
         "layers": Key(_layers, []),
-        "positions": Key(_choice("all", "non-special", "last"), "non-special"),
-        "max_seq": Key(_int(0, 1 << 20), 0),
-        "long_inputs": Key(_choice("skip", "truncate"), "skip"),
-        "batch_tokens": Key(_int(16, 1 << 24), 16384),
-        "compute_dtype": Key(_choice("bfloat16", "float32"), "bfloat16"),
-        "store_dtype": Key(_choice("bfloat16", "float32"), "bfloat16"),
-        "shard_mb": Key(_int(1, 8192), 512),
-        "unit_rows": Key(_int(1), 1000),
-        "lease_seconds": Key(_int(10, 86400), 300),
+        "positions": Key(_choice(*POSITIONS), DEFAULTS.positions),
+        "max_seq": Key(_int(0, 1 << 20), DEFAULTS.max_seq),
+        "long_inputs": Key(_choice(*LONG_INPUTS), DEFAULTS.long_inputs),
+        "batch_tokens": Key(_int(16, 1 << 24), DEFAULTS.batch_tokens),
+        "compute_dtype": Key(_choice(*DTYPES), DEFAULTS.compute_dtype),
+        "store_dtype": Key(_choice(*DTYPES), DEFAULTS.store_dtype),
+        "shard_mb": Key(_int(1, 8192), DEFAULTS.shard_mb),
+        "unit_rows": Key(_int(1), DEFAULT_UNIT_ROWS),
+        "lease_seconds": Key(_int(10, 86400), DEFAULT_LEASE_SECONDS),
     },
     "reconcile": {
         "provision_timeout_minutes": Key(_int(1, 100000), 120),
@@ -441,7 +428,7 @@ def parse(raw: dict[str, Any], source: str = "<memory>") -> Config:
     if s["soft_delete_days"] not in (0,) and s["soft_delete_days"] < 7:
         raise bad("storage.soft_delete_days", s["soft_delete_days"],
                   "must be 0 (soft delete off) or from 7 to 90 days (GCS's allowed retention)")
-    sites = expand_sites(j["sites"], j["layers"], source)
+    sites = site_names.expand(j["sites"], j["layers"], source)
 
     fleet = FleetConfig(
         id=f["id"], project=f["project"], region=f["region"], workers=tuple(workers),
@@ -457,39 +444,12 @@ def parse(raw: dict[str, Any], source: str = "<memory>") -> Config:
                               soft_delete_days=s["soft_delete_days"], force_destroy=s["force_destroy"]),
         state=StateConfig(backend=st["backend"], bucket=st["bucket"], prefix=st["prefix"] or f"actfleet/{f['id']}",
                           path=st["path"]),
-        job=JobConfig(**{**{k: v for k, v in j.items() if k != "layers"},
-                         "store": j["store"] or f"gs://{s['bucket']}", "sites": sites}),
+        job=JobConfig(name=j["name"], store=j["store"] or f"gs://{s['bucket']}", input=j["input"],
+                      unit_rows=j["unit_rows"], lease_seconds=j["lease_seconds"],
+                      options=JobOptions(**{**{k: j[k] for k in KEYS}, "sites": sites})),
         reconcile=ReconcileConfig(**rc),
         source=source,
     )
-
-
-def expand_sites(sites: list[str] | tuple[str, ...], layers: list[int] | str, source: str = "<args>") -> tuple[str, ...]:
-    """Site kinds x layers -> sorted TransformerLens names. `layers="all"` is kept as the marker
-    "blocks.*.hook_KIND" and resolved against the model's depth by the extractor."""
-    out: list[str] = []
-    for s in sites:
-        if s == "embed":
-            out.append("hook_embed")
-        elif s in SITE_KINDS:
-            if layers == "all":
-                out.append(f"blocks.*.hook_{s}")
-            elif not layers:
-                raise ConfigError(f'{source}: job.layers = []: site kind "{s}" needs layers, e.g. layers = [6, 12] '
-                                  f'or "all"')
-            else:
-                out += [f"blocks.{layer}.hook_{s}" for layer in layers]
-        else:
-            out.append(s)
-    return tuple(sorted(set(out), key=site_sort_key))
-
-
-def site_sort_key(name: str) -> tuple[int, str]:
-    """hook_embed first, then by layer, then by name: the order sites appear in a shard's metadata."""
-    m = re.fullmatch(r"blocks\.(\d+|\*)\.hook_(\w+)", name)
-    if not m:
-        return (-1, name)
-    return (1 << 30 if m[1] == "*" else int(m[1]), m[2])
 
 
 def zone_letter(zone: str) -> str:

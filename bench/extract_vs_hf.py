@@ -168,7 +168,8 @@ def main() -> None:
     import torch
     from transformers import AutoModel
 
-    from actfleet.worker.engine import Engine, ExtractOptions
+    from actfleet.job_options import JobOptions
+    from actfleet.worker.engine import Engine
     from actfleet.demo.tiny_model import make_tiny_model
 
     if a.threads:
@@ -190,9 +191,8 @@ def main() -> None:
               f"written in {time.perf_counter() - t:.1f} s")
         keep_layers = list(range(layers)) if a.sites == "all" else [layers - 1]
         sites = tuple(f"blocks.{i}.hook_resid_post" for i in keep_layers)
-        engine = Engine(str(model_dir), ExtractOptions(sites=sites, positions="all", compute_dtype=a.dtype,
-                                                       store_dtype="bfloat16", batch_tokens=a.batch_tokens,
-                                                       max_seq=a.max_len))
+        engine = Engine(JobOptions(model=str(model_dir), sites=sites, positions="all", compute_dtype=a.dtype,
+                                   store_dtype="bfloat16", batch_tokens=a.batch_tokens, max_seq=a.max_len))
         hf = AutoModel.from_pretrained(model_dir, dtype=tdtype, attn_implementation="sdpa").to(tdev).eval()
         peak = matmul_peak(tdev, tdtype)
         print(f"device {a.device} ({torch.cuda.get_device_name() if tdev == 'cuda' else 'host CPU'}); "

@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from actfleet.worker import work_queue as q  # noqa: E402
-from actfleet.worker.commands.jobs import EngineExtractor, count_input_rows, input_fingerprint  # noqa: E402
+from actfleet.job_options import JobOptions  # noqa: E402
+from actfleet.worker.engine_extractor import EngineExtractor, count_input_rows, input_fingerprint  # noqa: E402
 from actfleet.store import open_store  # noqa: E402
 from actfleet.worker.work_loop import Worker  # noqa: E402
 
@@ -45,11 +46,9 @@ def write_texts(path: Path, rows: int, seed: int = 0) -> None:
             f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(n))}) + "\n")
 
 
-def options(model: str, sites: list[str]) -> dict:
-    return {"model": model, "revision": "main", "format": "text", "text_field": "text",
-            "messages_field": "messages", "arc_augmentations": 0, "arc_seed": 0, "sites": sites,
-            "positions": "non-special", "max_seq": 0, "long_inputs": "skip", "batch_tokens": 4096,
-            "compute_dtype": "float32", "store_dtype": "bfloat16", "shard_mb": 8}
+def options(model: str, sites: list[str]) -> JobOptions:
+    return JobOptions(model=model, sites=tuple(sites), batch_tokens=4096, compute_dtype="float32",
+                      store_dtype="bfloat16", shard_mb=8)
 
 
 def forward_only(ex: EngineExtractor, spec: q.JobSpec) -> tuple[int, float]:

@@ -216,13 +216,12 @@ def test_chaos_with_the_real_engine_on_a_tiny_model(tmp_path):
                             + "\n" for _ in range(96)))
     env = {"ACTFLEET_JAX_CACHE": str(tmp_path / "jax-cache")}  # restarted workers reuse compiled programs
     stores = {name: tmp_path / name for name in ("reference", "chaos")}
-    from actfleet.worker.commands.jobs import count_input_rows, input_fingerprint
+    from actfleet.job_options import JobOptions
+    from actfleet.worker.engine_extractor import count_input_rows, input_fingerprint
 
-    opts = {"model": str(model), "revision": "main", "format": "text", "text_field": "text",
-            "messages_field": "messages", "arc_augmentations": 0, "arc_seed": 0,
-            "sites": ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"], "positions": "non-special",
-            "max_seq": 0, "long_inputs": "skip", "batch_tokens": 16384, "compute_dtype": "bfloat16",
-            "store_dtype": "bfloat16", "shard_mb": 0.002}  # tiny shards: several parts per unit
+    opts = JobOptions(model=str(model), sites=("blocks.0.hook_resid_post", "blocks.1.hook_resid_post"),
+                      positions="non-special", compute_dtype="bfloat16", store_dtype="bfloat16",
+                      shard_mb=0.002)  # tiny shards: several parts per unit
     for path in stores.values():
         q.prepare(open_store(str(path)), "job", input=str(data), fingerprint=input_fingerprint(str(data)),
                   rows=count_input_rows(str(data), opts), unit_rows=3, options=opts)

@@ -56,7 +56,7 @@ def test_good_config_expands_workers_sites_and_defaults(tmp_path):
     assert c.fleet.zones == ("us-central1-a", "us-central1-b", "us-central1-c")
     assert c.fleet.mode == "queued" and c.fleet.spot is True
     assert c.fleet.service_account_email == "actfleet-acts@my-project-1.iam.gserviceaccount.com"
-    assert c.job.sites == ("blocks.1.hook_resid_post", "blocks.3.hook_resid_post")
+    assert c.job.options.sites == ("blocks.1.hook_resid_post", "blocks.3.hook_resid_post")
     assert c.job.store == "gs://my-acts"
     assert c.storage.location == "US-CENTRAL1"
     assert c.state.backend == "local" and c.state.prefix == "actfleet/acts"
@@ -75,12 +75,12 @@ def test_explicit_worker_list(tmp_path):
 def test_site_kinds_and_full_names_mix(tmp_path):
     text = GOOD.replace("layers = [3, 1]", 'layers = [2]\nsites = ["embed", "attn_out", "blocks.0.hook_mlp_out"]')
     c = load_text(tmp_path, text)
-    assert c.job.sites == ("hook_embed", "blocks.0.hook_mlp_out", "blocks.2.hook_attn_out")
+    assert c.job.options.sites == ("hook_embed", "blocks.0.hook_mlp_out", "blocks.2.hook_attn_out")
 
 
 def test_layers_all_keeps_a_marker_for_the_extractor(tmp_path):
     c = load_text(tmp_path, GOOD.replace("layers = [3, 1]", 'layers = "all"'))
-    assert c.job.sites == ("blocks.*.hook_resid_post",)
+    assert c.job.options.sites == ("blocks.*.hook_resid_post",)
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -63,9 +63,10 @@ def test_extract_writes_shards_summary_and_engine_bits(tmp_path, model, dataset)
 
     # The same bits as Engine.run over the same consecutive blocks of 5 rows (what a fleet unit does).
     from actfleet.worker import inputs
-    from actfleet.worker.engine import Engine, ExtractOptions
+    from actfleet.job_options import JobOptions
+    from actfleet.worker.engine import Engine
 
-    engine = Engine(str(model), ExtractOptions(sites=tuple(summary["sites"]), max_seq=40, store_dtype="float32"))
+    engine = Engine(JobOptions(model=str(model), sites=tuple(summary["sites"]), max_seq=40, store_dtype="float32"))
     want = []
     for start in range(0, 14, 5):
         want += list(engine.run(inputs.read_rows(str(dataset), tokenizer=engine.tokenizer, start=start, stop=start + 5)))

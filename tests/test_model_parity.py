@@ -11,7 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from actfleet.worker.attention import attention, reference_attention  # noqa: E402
-from actfleet.worker.engine import Engine, ExtractOptions  # noqa: E402
+from actfleet.job_options import JobOptions  # noqa: E402
+from actfleet.worker.engine import Engine  # noqa: E402
 from actfleet.demo.tiny_model import make_tiny_model  # noqa: E402
 
 SITES = ("hook_embed", "blocks.*.hook_resid_post", "blocks.*.hook_attn_out", "blocks.*.hook_mlp_out")
@@ -50,8 +51,8 @@ def hf_reference(model_dir, token_lists):
     return out
 
 
-def extract_all(model_dir, texts, **opts):
-    engine = Engine(str(model_dir), ExtractOptions(sites=SITES, positions="all", **opts))
+def extract_all(model_dir, texts, attn_block=512, **opts):
+    engine = Engine(JobOptions(model=str(model_dir), sites=SITES, positions="all", **opts), attn_block=attn_block)
     batches = list(engine.run([(i, t, None) for i, t in enumerate(texts)]))
     cat = {k: np.concatenate([getattr(b, k) for b in batches]) for k in ("sample_ids", "positions", "token_ids")}
     acts = {s: np.concatenate([b.acts[s] for b in batches]).astype(np.float32) for s in engine.sites}
@@ -100,7 +101,8 @@ def test_bfloat16_within_stated_tolerance(tmp_path):
 
 def test_same_rows_same_bits(tmp_path):
     model_dir = make_tiny_model(tmp_path / "m", seed=5)
-    engine = Engine(str(model_dir), ExtractOptions(sites=("blocks.1.hook_resid_post",), batch_tokens=256, attn_block=32))
+    engine = Engine(JobOptions(model=str(model_dir), sites=("blocks.1.hook_resid_post",), batch_tokens=256),
+                    attn_block=32)
     rows = [(10 + i, t, None) for i, t in enumerate(TEXTS)]
     a, b = list(engine.run(rows)), list(engine.run(list(rows)))
     assert len(a) == len(b)

@@ -1,6 +1,6 @@
 """The extraction engine: rendered text rows in, Batches of stored-token activations out.
 
-    engine = Engine("path/to/model", ExtractOptions(sites=("blocks.6.hook_resid_post",)))
+    engine = Engine(JobOptions(model="path/to/model", sites=("blocks.6.hook_resid_post",)))
     for batch in engine.run([(0, "some text", None), (1, None, "bad json"), ...]):
         batch.token_ids, batch.sample_ids, batch.positions, batch.acts["blocks.6.hook_resid_post"]
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -26,37 +25,14 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from actfleet import sites as site_names
 from actfleet.errors import InputError
+from actfleet.job_options import JobOptions
 from actfleet.worker import batching, convert, model_files
 from actfleet.worker.models import family_for
 from actfleet.worker.shards import STORE_DTYPES
 
-POSITIONS = ("all", "non-special", "last")
-LONG_INPUTS = ("skip", "truncate")
-
 Row = tuple[int, "str | None", "str | None"]
-
-
-@dataclass(frozen=True)
-class ExtractOptions:
-    sites: tuple[str, ...] = ("blocks.*.hook_resid_post",)  # TransformerLens names; "blocks.*.x" = all layers
-    positions: str = "non-special"  # all | non-special | last
-    max_seq: int = 0  # 0: the model's context length
-    long_inputs: str = "skip"  # skip | truncate
-    batch_tokens: int = 16384
-    compute_dtype: str = "bfloat16"  # float32 | bfloat16
-    store_dtype: str = "bfloat16"  # float32 | bfloat16
-    attn_block: int = 512
-
-    def __post_init__(self):
-        for name, value, allowed in (("positions", self.positions, POSITIONS),
-                                     ("long_inputs", self.long_inputs, LONG_INPUTS),
-                                     ("compute_dtype", self.compute_dtype, tuple(STORE_DTYPES)),
-                                     ("store_dtype", self.store_dtype, tuple(STORE_DTYPES))):
-            if value not in allowed:
-                raise ValueError(f"{name} {value!r}: use one of {', '.join(allowed)}")
-        if self.batch_tokens < 1 or self.max_seq < 0:
-            raise ValueError("batch_tokens must be >= 1 and max_seq >= 0")
 
 
 @dataclass
@@ -77,10 +53,6 @@ class Batch:
     def stored_tokens(self) -> int:
         return len(self.sample_ids)
 
-    @property
-    def skipped_by_reason(self) -> Counter:
-        return Counter(self.skipped.values())
-
 
 def enable_compilation_cache() -> str:
     """Turn on JAX's persistent compilation cache so a restarted worker does not recompile."""
@@ -94,9 +66,11 @@ def enable_compilation_cache() -> str:
 
 
 class Engine:
-    """Loads the model and tokenizer once; `run` extracts any number of row lists with them."""
+    """Loads the model (options.model at options.revision) and tokenizer once; `run` extracts any number of row
+    lists with them. The reading options (format, fields, ARC augmentation) and shard_mb are not its business.
+    `attn_block` is the attention kernel's block size (a tuning knob, not a job option)."""
 
-    def __init__(self, model_ref: str, options: ExtractOptions = ExtractOptions(), *, revision: str = "main"):
+    def __init__(self, options: JobOptions, *, attn_block: int = 512):
         import jax
         import jax.numpy as jnp
         from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -104,8 +78,9 @@ class Engine:
 
         enable_compilation_cache()
         self.options = options
-        self.model_ref, self.revision = model_ref, revision
-        self.model_dir = model_files.resolve(model_ref, revision=revision)
+        model_ref = options.model
+        self.model_ref, self.revision = model_ref, options.revision
+        self.model_dir = model_files.resolve(model_ref, revision=options.revision)
         hf_config = json.loads((self.model_dir / "config.json").read_text())
         self.family = family_for(hf_config["model_type"])
         try:
@@ -118,7 +93,7 @@ class Engine:
         except Exception as e:  # tokenizers/transformers raise many types for a corrupt tokenizer
             raise InputError(f"model {model_ref}: the tokenizer does not load ({type(e).__name__}: {e})") from None
         try:
-            self.sites = self.family.site_names(options.sites, self.config.layers)
+            self.sites = site_names.resolve(options.sites, self.config.layers)
         except ValueError as e:
             raise InputError(f"model {model_ref}: {e}") from None
         if not self.sites:
@@ -134,7 +109,7 @@ class Engine:
         self._batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
         compute = jnp.bfloat16 if options.compute_dtype == "bfloat16" else jnp.float32
         try:
-            host = convert.load_weights(self.model_dir, self.config, n_layers=self.family.layers_needed(self.sites))
+            host = convert.load_weights(self.model_dir, self.config, n_layers=site_names.layers_needed(self.sites))
         except convert.CheckpointError as e:
             raise InputError(f"model {model_ref}: {e}") from None
         self.weights = jax.device_put(jax.tree.map(lambda a: jnp.asarray(a, compute), host),
@@ -148,7 +123,7 @@ class Engine:
         def step(weights, token_ids, segment_ids, positions):
             with jax.default_matmul_precision(precision):
                 acts = self.family.forward(self.config, weights, token_ids, segment_ids, positions,
-                                           sites=self.sites, attn_block=options.attn_block)
+                                           sites=self.sites, attn_block=attn_block)
             return {k: v.astype(store) for k, v in acts.items()}
 
         def gather(acts, take):

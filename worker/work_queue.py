@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
 from actfleet.errors import ActfleetError, InputError
+from actfleet.job_options import JobOptions
 from actfleet.store import NotFound, PreconditionFailed, Store, join
 
 FORMAT_VERSION = 1
@@ -105,7 +106,7 @@ class JobSpec:
     rows: int  # input rows (after expansion, e.g. ARC augmentations): sample ids 0..rows-1
     unit_rows: int
     units: int
-    options: dict  # model, revision, reading and extraction options (JSON values only)
+    options: JobOptions  # model, revision, reading and extraction options
     format_version: int = FORMAT_VERSION
 
     def unit_range(self, unit: int) -> tuple[int, int]:
@@ -113,11 +114,16 @@ class JobSpec:
         return start, min(start + self.unit_rows, self.rows)
 
     def to_json(self) -> bytes:
-        return _dump(asdict(self))
+        return _dump({**asdict(self), "options": self.options.to_json()})
 
     @staticmethod
     def from_json(data: bytes, what: str = "job.json") -> "JobSpec":
         d = _load(data, what)
+        try:
+            if "options" in d:
+                d["options"] = JobOptions.from_json(d["options"], "options")
+        except (TypeError, ValueError) as e:
+            raise ActfleetError(f"{what}: {e} (corrupt record)") from None
         try:
             return JobSpec(**d)
         except TypeError as e:
@@ -133,13 +139,19 @@ def read_job(store: Store, job: str) -> JobSpec:
 
 
 def prepare(store: Store, job: str, *, input: str, fingerprint: str, rows: int, unit_rows: int,
-            options: dict) -> tuple[JobSpec, bool]:
+            options: JobOptions | dict) -> tuple[JobSpec, bool]:
     """Create the job's units and job.json; (spec, created). Idempotent for the same input and options:
-    preparing again (or concurrently) changes nothing. A different input or options is refused, never mixed."""
+    preparing again (or concurrently) changes nothing. A different input or options is refused, never mixed.
+    `options` may also be given in job.json's JSON form (missing keys take JobOptions' defaults)."""
     if rows < 0 or unit_rows < 1:
         raise InputError(f"prepare: rows={rows}, unit_rows={unit_rows}: need rows >= 0 and unit_rows >= 1")
+    if not isinstance(options, JobOptions):
+        try:
+            options = JobOptions.from_json(options)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"prepare: {e}") from None
     spec = JobSpec(job=job, input=input, fingerprint=fingerprint, rows=rows, unit_rows=unit_rows,
-                   units=-(-rows // unit_rows), options=json.loads(json.dumps(options)))
+                   units=-(-rows // unit_rows), options=options)
     existing = _existing_job(store, job)
     if existing is not None:
         _refuse_if_different(store, existing, spec)
@@ -177,12 +189,12 @@ def _refuse_if_different(store: Store, existing: JobSpec, wanted: JobSpec) -> No
         if getattr(existing, name) != getattr(wanted, name):
             raise InputError(f"{where} was prepared with {name}={getattr(existing, name)}, now "
                              f"{getattr(wanted, name)}: refusing to mix; use a new --job name")
-    changed = sorted(k for k in set(existing.options) | set(wanted.options)
-                     if existing.options.get(k) != wanted.options.get(k))
+    was, now = existing.options.to_json(), wanted.options.to_json()
+    changed = sorted(k for k in was if was[k] != now[k])
     if changed:
         k = changed[0]
-        raise InputError(f"{where} was prepared with {k}={existing.options.get(k)!r}, now "
-                         f"{wanted.options.get(k)!r}: refusing to mix; use a new --job name")
+        raise InputError(f"{where} was prepared with {k}={was[k]!r}, now {now[k]!r}: refusing to mix; "
+                         f"use a new --job name")
 
 
 def check_input(spec: JobSpec, fingerprint: str) -> None:

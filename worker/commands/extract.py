@@ -17,9 +17,10 @@ from pathlib import Path
 
 import click
 
+from actfleet import sites as site_names
 from actfleet.cli import json_option
-from actfleet.config import SITE_KINDS, expand_sites
 from actfleet.errors import InputError
+from actfleet.job_options import DEFAULT_UNIT_ROWS, DEFAULTS, DTYPES, FORMATS, LONG_INPUTS, POSITIONS, JobOptions
 
 SUMMARY = "summary.json"
 
@@ -57,41 +58,29 @@ class _FileWriter:
             raise self.error
 
 
-def parse_sites(sites: str, layers: str | None) -> tuple[str, ...]:
-    kinds = [s.strip() for s in sites.split(",") if s.strip()]
-    if layers is None or layers.strip() == "all":
-        lay = "all"
-    else:
-        try:
-            lay = sorted({int(x) for x in layers.split(",") if x.strip()})
-        except ValueError:
-            raise InputError(f'--layers {layers}: use comma-separated layer indices like "0,5,11", or "all"') from None
-    return expand_sites(kinds, lay, "--sites/--layers")
-
-
 @click.command()
 @click.option("--model", required=True, help="Model: a local dir, a gs:// prefix or a hub id (HF format, safetensors).")
-@click.option("--revision", default="main", show_default=True, help="Hub revision (commit) of the model.")
+@click.option("--revision", default=DEFAULTS.revision, show_default=True, help="Hub revision (commit) of the model.")
 @click.option("--input", "input_path", required=True, help="Dataset: .jsonl, .parquet or .csv (local or gs://).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory for shards and summary.json.")
-@click.option("--format", "fmt", type=click.Choice(["text", "chat", "arc"]), default="text", show_default=True)
-@click.option("--text-field", default="text", show_default=True, help="Field holding the text (format text).")
-@click.option("--messages-field", default="messages", show_default=True, help="Field holding chat messages.")
-@click.option("--arc-augmentations", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=DEFAULTS.format, show_default=True)
+@click.option("--text-field", default=DEFAULTS.text_field, show_default=True, help="Field holding the text (format text).")
+@click.option("--messages-field", default=DEFAULTS.messages_field, show_default=True, help="Field holding chat messages.")
+@click.option("--arc-augmentations", type=click.IntRange(min=0), default=DEFAULTS.arc_augmentations, show_default=True,
               help="Augmented copies per ARC task (flips/rotations, colours, train order).")
-@click.option("--arc-seed", type=int, default=0, show_default=True)
+@click.option("--arc-seed", type=int, default=DEFAULTS.arc_seed, show_default=True)
 @click.option("--sites", default="resid_post", show_default=True,
-              help="Site kinds (" + ", ".join(SITE_KINDS) + ") or names like blocks.6.hook_resid_post, comma-separated.")
+              help="Site kinds (" + ", ".join(site_names.KINDS) + ") or names like blocks.6.hook_resid_post, comma-separated.")
 @click.option("--layers", default="all", show_default=True, help='Layers for the site kinds: "0,5,11" or "all".')
-@click.option("--positions", type=click.Choice(["all", "non-special", "last"]), default="non-special", show_default=True)
-@click.option("--compute-dtype", type=click.Choice(["float32", "bfloat16"]), default="bfloat16", show_default=True)
-@click.option("--store-dtype", type=click.Choice(["float32", "bfloat16"]), default="bfloat16", show_default=True)
-@click.option("--max-seq", type=click.IntRange(min=0), default=0, show_default=True, help="Longest input in tokens (0 = the model's context).")
-@click.option("--long-inputs", type=click.Choice(["skip", "truncate"]), default="skip", show_default=True,
+@click.option("--positions", type=click.Choice(POSITIONS), default=DEFAULTS.positions, show_default=True)
+@click.option("--compute-dtype", type=click.Choice(DTYPES), default=DEFAULTS.compute_dtype, show_default=True)
+@click.option("--store-dtype", type=click.Choice(DTYPES), default=DEFAULTS.store_dtype, show_default=True)
+@click.option("--max-seq", type=click.IntRange(min=0), default=DEFAULTS.max_seq, show_default=True, help="Longest input in tokens (0 = the model's context).")
+@click.option("--long-inputs", type=click.Choice(LONG_INPUTS), default=DEFAULTS.long_inputs, show_default=True,
               help="What to do with inputs longer than --max-seq (counted in summary.json).")
-@click.option("--batch-tokens", type=click.IntRange(min=1), default=16384, show_default=True, help="Tokens per device batch.")
-@click.option("--shard-mb", type=click.FloatRange(min=0.001), default=512, show_default=True)
-@click.option("--unit-rows", type=click.IntRange(min=1), default=1000, show_default=True,
+@click.option("--batch-tokens", type=click.IntRange(min=1), default=DEFAULTS.batch_tokens, show_default=True, help="Tokens per device batch.")
+@click.option("--shard-mb", type=click.FloatRange(min=0.001), default=DEFAULTS.shard_mb, show_default=True)
+@click.option("--unit-rows", type=click.IntRange(min=1), default=DEFAULT_UNIT_ROWS, show_default=True,
               help="Rows per engine run (same as a fleet job's unit_rows: same rows, same bits).")
 @click.option("--overwrite", is_flag=True, help="Replace shards already in --out.")
 @json_option
@@ -104,11 +93,11 @@ def extract(model, revision, input_path, out_dir, fmt, text_field, messages_fiel
 
     from actfleet.worker import inputs, model_files
 
-    site_names = parse_sites(sites, layers)
+    sites = site_names.from_flags(sites, layers)
     inputs.local_file(input_path)  # fail on a missing dataset or model before the slow imports
     model_files.resolve(model, revision=revision)
 
-    from actfleet.worker.engine import Engine, ExtractOptions
+    from actfleet.worker.engine import Engine
     from actfleet.worker.shards import ShardWriter
     out = Path(out_dir)
     if out.exists() and any(out.glob("*.safetensors")):
@@ -117,13 +106,15 @@ def extract(model, revision, input_path, out_dir, fmt, text_field, messages_fiel
         for f in list(out.glob("*.safetensors")) + [out / SUMMARY]:
             f.unlink(missing_ok=True)
     try:
-        options = ExtractOptions(sites=site_names, positions=positions, max_seq=max_seq, long_inputs=long_inputs,
-                                 batch_tokens=batch_tokens, compute_dtype=compute_dtype, store_dtype=store_dtype)
+        options = JobOptions(model=model, revision=revision, format=fmt, text_field=text_field,
+                             messages_field=messages_field, arc_augmentations=arc_augmentations, arc_seed=arc_seed,
+                             sites=sites, positions=positions, max_seq=max_seq, long_inputs=long_inputs,
+                             batch_tokens=batch_tokens, compute_dtype=compute_dtype, store_dtype=store_dtype,
+                             shard_mb=shard_mb)
     except ValueError as e:
         raise InputError(str(e)) from None
-    engine = Engine(model, options, revision=revision)
-    total = inputs.count_rows(input_path, format=fmt, text_field=text_field, messages_field=messages_field,
-                              arc_augmentations=arc_augmentations, arc_seed=arc_seed)
+    engine = Engine(options)
+    total = inputs.count_rows(input_path, **options.input_options())
     out.mkdir(parents=True, exist_ok=True)
 
     writer = _FileWriter(out)
@@ -137,9 +128,8 @@ def extract(model, revision, input_path, out_dir, fmt, text_field, messages_fiel
     with progress:
         bar = progress.add_task("rows", total=total, tokens=0, rate="-")
         for unit, start in enumerate(range(0, total, unit_rows)):
-            rows = inputs.read_rows(input_path, format=fmt, text_field=text_field, messages_field=messages_field,
-                                    tokenizer=engine.tokenizer, arc_augmentations=arc_augmentations,
-                                    arc_seed=arc_seed, start=start, stop=min(total, start + unit_rows))
+            rows = inputs.read_rows(input_path, tokenizer=engine.tokenizer, start=start,
+                                    stop=min(total, start + unit_rows), **options.input_options())
             shards = ShardWriter(shard_mb=shard_mb, model=model, revision=revision, job="extract", unit=unit,
                                  sites=engine.sites, store_dtype=store_dtype, random_weights=engine.random_weights,
                                  on_shard=writer)

@@ -4,7 +4,7 @@ Llama, Mistral and Qwen3 are the same network with switches: `qkv_bias` (Qwen2 h
 do not) and `qk_norm` (Qwen3's per-head RMSNorm on q and k before RoPE). Numerics follow `transformers`:
 RMSNorm in float32 then cast back, RoPE "rotate half" with the frequency table in float32.
 
-Activations are captured under TransformerLens names (see `site_names`) and the network runs only up to
+Activations are captured under TransformerLens names (actfleet.sites) and the network runs only up to
 the deepest requested layer; the final norm and LM head never run.
 
 Weights pytree (linear weights stored [in, out]):
@@ -16,15 +16,13 @@ Weights pytree (linear weights stored [in, out]):
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 
+from actfleet import sites as site_names
 from actfleet.worker.attention import attention
-
-SITE_RE = re.compile(r"^(hook_embed|blocks\.(\d+|\*)\.hook_(resid_post|attn_out|mlp_out))$")
 
 
 @dataclass(frozen=True)
@@ -61,27 +59,6 @@ class Config:
             qkv_bias=kind == "qwen2" or bool(c.get("attention_bias", False)),
             qk_norm=kind == "qwen3",
         )
-
-
-def site_names(sites, n_layers: int) -> tuple[str, ...]:
-    """Expand "blocks.*.hook_x" to every layer, check names and layer bounds, return them in shard order."""
-    out: set[str] = set()
-    for s in sites:
-        m = SITE_RE.fullmatch(s)
-        if not m:
-            raise ValueError(f'site "{s}": use hook_embed or blocks.L.hook_resid_post|attn_out|mlp_out')
-        if m.group(2) == "*":
-            out.update(f"blocks.{i}.hook_{m.group(3)}" for i in range(n_layers))
-        elif m.group(2) is not None and int(m.group(2)) >= n_layers:
-            raise ValueError(f'site "{s}": the model has layers 0..{n_layers - 1}')
-        else:
-            out.add(s)
-    return tuple(sorted(out, key=lambda s: (-1, s) if s == "hook_embed" else (int(s.split(".")[1]), s)))
-
-
-def layers_needed(sites) -> int:
-    """How many decoder layers must run to produce these (expanded) sites."""
-    return max((int(s.split(".")[1]) + 1 for s in sites if s.startswith("blocks.")), default=0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -133,15 +110,15 @@ def forward(cfg: Config, weights: dict, token_ids, segment_ids, positions, *, si
     """
     captured = {}
     x = weights["embed"][token_ids]
-    if "hook_embed" in sites:
-        captured["hook_embed"] = x
-    for i in range(layers_needed(sites)):
+    if site_names.EMBED in sites:
+        captured[site_names.EMBED] = x
+    for i in range(site_names.layers_needed(sites)):
         w = weights["layers"][i]
         attn_out = attention_block(cfg, w, rms_norm(x, w["ln1"], cfg.rms_eps), segment_ids, positions, attn_block)
         x = x + attn_out
         mlp_out = mlp_block(w, rms_norm(x, w["ln2"], cfg.rms_eps))
         x = x + mlp_out
-        for name, value in (("attn_out", attn_out), ("mlp_out", mlp_out), ("resid_post", x)):
-            if f"blocks.{i}.hook_{name}" in sites:
-                captured[f"blocks.{i}.hook_{name}"] = value
+        for kind, value in (("attn_out", attn_out), ("mlp_out", mlp_out), ("resid_post", x)):
+            if site_names.name(kind, i) in sites:
+                captured[site_names.name(kind, i)] = value
     return captured

@@ -1,0 +1,89 @@
+"""The options a job pins, defined once: `JobOptions`, its defaults, its allowed values and its JSON form.
+
+Everything that changes the stored bits or rows is a field here. fleet.toml's [job] table
+(actfleet.config) produces one, `actfleet prepare` writes one into job.json (actfleet.worker.work_queue.JobSpec),
+`actfleet extract` builds one from its flags, and the engine (actfleet.worker.engine.Engine) runs with one.
+The command-line defaults and choices are read from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from actfleet import sites as site_names
+
+FORMATS = ("text", "chat", "arc")
+POSITIONS = ("all", "non-special", "last")
+LONG_INPUTS = ("skip", "truncate")
+DTYPES = ("bfloat16", "float32")
+
+# Job settings that are not extraction options (job.json pins unit_rows separately; leases are per worker).
+DEFAULT_UNIT_ROWS = 1000
+DEFAULT_LEASE_SECONDS = 300
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    model: str = ""  # a local dir, gs:// prefix or hub id ("" only for jobs whose extractor needs none)
+    revision: str = "main"
+    format: str = "text"  # text | chat | arc
+    text_field: str = "text"
+    messages_field: str = "messages"
+    arc_augmentations: int = 0
+    arc_seed: int = 0
+    sites: tuple[str, ...] = (site_names.name("resid_post", site_names.ALL_LAYERS),)  # site names, see actfleet.sites
+    positions: str = "non-special"  # all | non-special | last
+    max_seq: int = 0  # 0: the model's context length
+    long_inputs: str = "skip"  # skip | truncate
+    batch_tokens: int = 16384
+    compute_dtype: str = "bfloat16"  # bfloat16 | float32
+    store_dtype: str = "bfloat16"  # bfloat16 | float32
+    shard_mb: float = 512  # approximate shard size in MiB
+
+    def __post_init__(self):
+        if isinstance(self.sites, list):
+            object.__setattr__(self, "sites", tuple(self.sites))
+        for key, allowed in (("format", FORMATS), ("positions", POSITIONS), ("long_inputs", LONG_INPUTS),
+                             ("compute_dtype", DTYPES), ("store_dtype", DTYPES)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} {getattr(self, key)!r}: use one of {', '.join(allowed)}")
+        for key in ("model", "revision", "text_field", "messages_field"):
+            if not isinstance(getattr(self, key), str):
+                raise ValueError(f"{key} {getattr(self, key)!r}: must be a string")
+        for key, lo in (("arc_augmentations", 0), ("arc_seed", 0), ("max_seq", 0), ("batch_tokens", 1)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise ValueError(f"{key} {value!r}: must be an integer >= {lo}")
+        if isinstance(self.shard_mb, bool) or not isinstance(self.shard_mb, (int, float)) or self.shard_mb <= 0:
+            raise ValueError(f"shard_mb {self.shard_mb!r}: must be a number > 0")
+        if not isinstance(self.sites, tuple) or not all(isinstance(s, str) and site_names.is_name(s)
+                                                        for s in self.sites):
+            raise ValueError(f"sites {self.sites!r}: must be site names like hook_embed or blocks.6.hook_resid_post")
+
+    def input_options(self) -> dict[str, Any]:
+        """How the dataset is read into rows: the keyword arguments of actfleet.worker.inputs.read_rows/count_rows."""
+        return {"format": self.format, "text_field": self.text_field, "messages_field": self.messages_field,
+                "arc_augmentations": self.arc_augmentations, "arc_seed": self.arc_seed}
+
+    def replace(self, **changes: Any) -> "JobOptions":
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form job.json stores (sites as a list)."""
+        return {**dataclasses.asdict(self), "sites": list(self.sites)}
+
+    @staticmethod
+    def from_json(d: dict[str, Any], what: str = "options") -> "JobOptions":
+        """From the JSON form; missing keys take the defaults. Unknown keys or bad values raise ValueError."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{what}: must be a JSON object")
+        unknown = sorted(set(d) - set(KEYS))
+        if unknown:
+            raise ValueError(f"{what}: unknown options {', '.join(unknown)}")
+        return JobOptions(**d)
+
+
+KEYS = tuple(f.name for f in dataclasses.fields(JobOptions))
+DEFAULTS = JobOptions()
