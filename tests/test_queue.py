@@ -51,11 +51,16 @@ def test_check_input_refuses_a_changed_dataset(store):
         q.check_input(spec, "cd" * 32)
 
 
-def record(lease, spec, tokens=5):
+def record(lease, spec, tokens=5, store=None):
+    """A done record for this attempt, listing one shard of this attempt's name (uploaded when `store` is
+    given: commit checks every listed shard is there with its size)."""
     start, stop = spec.unit_range(lease.unit)
+    key = q.shard_key(lease.job, lease.unit, 0, lease.tag)
+    if store is not None:
+        store.put(key, b"s" * 100)
     return q.DoneRecord(unit=lease.unit, start=start, stop=stop, worker=lease.worker, attempt=lease.attempt,
                         rows_stored=stop - start, tokens=tokens, skipped={}, shards=[
-                            q.ShardInfo(f"shards/{lease.unit:06d}-0000.safetensors", 100, "0" * 64, tokens)],
+                            q.ShardInfo(key[len(lease.job) + 1:], 100, "0" * 64, tokens)],
                         committed_at=0.0, seconds=1.0)
 
 
@@ -69,7 +74,7 @@ def test_claim_commit_until_done_and_progress(store):
             break
         assert nxt.lease is not None
         seen.append(nxt.lease.unit)
-        assert q.commit(store, nxt.lease, record(nxt.lease, spec), 60)
+        assert q.commit(store, nxt.lease, record(nxt.lease, spec, store=store), 60)
     assert sorted(seen) == [0, 1, 2, 3]
     assert list(store.list("j/leases/")) == []  # released after commit
     p = q.job_progress(store, "j")
@@ -80,14 +85,16 @@ def test_claim_commit_until_done_and_progress(store):
 
 def test_a_second_commit_of_a_unit_is_refused(store):
     spec, _ = prep(store)
-    lease = q.claim(store, "j", 0, "w1", 60, now=1000.0)
-    other = q.take_over(store, lease, "w2", 60, now=2000.0)  # w1's lease expired; w2 took over
+    import time
+
+    lease = q.claim(store, "j", 0, "w1", 60, now=time.time() - 120)
+    other = q.take_over(store, lease, "w2", 60)  # w1's lease expired; w2 took over
     assert other is not None and other.attempt == 2
     with pytest.raises(q.LeaseLost):
-        q.commit(store, lease, record(lease, spec), 60)  # never commit on a lost lease
-    assert q.commit(store, other, record(other, spec), 60)
+        q.commit(store, lease, record(lease, spec, store=store), 60)  # never commit on a lost lease
+    assert q.commit(store, other, record(other, spec, store=store), 60)
     third = q.claim(store, "j", 0, "w3", 60)
-    assert q.commit(store, third, record(third, spec), 60) is False  # done record exists: not twice
+    assert q.commit(store, third, record(third, spec, store=store), 60) is False  # done record exists: not twice
     assert q.read_done(store, "j", 0).worker == "w2"
 
 

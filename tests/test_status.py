@@ -66,9 +66,11 @@ def commit_units(store, job: str, worker: str, units: range, tokens_each: int) -
     for unit in units:
         lease = claim(store, job, unit, worker, 60)
         now = time.time()
+        name = f"shards/{unit:06d}-0000.{lease.tag}.safetensors"
+        store.put(f"{job}/{name}", b"s" * 100)  # commit checks the listed shards are there
         record = DoneRecord(unit=unit, start=unit * 10, stop=unit * 10 + 10, worker=worker, attempt=1,
                             rows_stored=10, tokens=tokens_each, skipped={},
-                            shards=[ShardInfo(f"shards/{unit:06d}-0000.safetensors", 100, "0" * 64, tokens_each)],
+                            shards=[ShardInfo(name, 100, "0" * 64, tokens_each)],
                             committed_at=now, seconds=2.0)
         assert commit(store, lease, record, 60)
 

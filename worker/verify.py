@@ -7,8 +7,15 @@ Checks, from the job's records and the shards themselves:
 3. every input row is accounted for exactly once: the sample ids stored in a unit's shards plus the ids it
    lists as skipped (with a reason) are exactly the unit's rows, disjoint; no (sample, position) is stored
    twice; the token counts in the done record match the shards;
-4. garbage: shards that no done record lists (left by attempts that died before committing) and leases
-   left on done units. `--clean` deletes them (never a shard of a unit someone holds a live lease on).
+4. the job itself: units = ceil(rows / unit_rows) and, summed over units, stored + skipped = rows (job.json
+   is checked against its own arithmetic, not trusted);
+5. garbage: shards that no done record lists (left by attempts that lost their lease or died before
+   committing) and leases left on done units. `--clean` deletes them, safely while workers run: a shard
+   is never deleted if a done record lists it, if its unit's done record is unreadable, or if its attempt
+   still holds a live lease (judged with a CLOCK_SKEW_S margin); each is re-checked just before its
+   deletion (lease first, then the done record, so a commit landing in between is seen), and deleted only
+   at the generation that was judged, so a shard rewritten since is kept. Every kept candidate is listed
+   with its reason.
 """
 
 from __future__ import annotations
@@ -22,13 +29,17 @@ import numpy as np
 
 from actfleet.errors import ActfleetError
 from actfleet.worker import work_queue as q
-from actfleet.worker.shards import ShardFormatError, shard_index, shard_unit_part
+from actfleet.worker.shards import ShardFormatError, shard_attempt, shard_index, shard_unit_part
 from actfleet.store import NotFound, PreconditionFailed, Store, join
+
+# How far apart the clocks of `verify --clean` and the workers may be: a lease counts as live until this
+# long after its expiry, so a worker whose clock runs behind ours never loses a shard it may still commit.
+CLOCK_SKEW_S = 60.0
 
 
 @dataclass
 class Problem:
-    kind: str  # missing-unit | not-done | bad-record | missing-shard | corrupt-shard | rows | garbage
+    kind: str  # missing-unit | not-done | bad-record | bad-job | missing-shard | corrupt-shard | rows | garbage
     message: str
     unit: int | None = None
     key: str | None = None
@@ -49,6 +60,7 @@ class VerifyReport:
     problems: list[Problem] = field(default_factory=list)
     garbage: list[str] = field(default_factory=list)
     cleaned: list[str] = field(default_factory=list)
+    kept: list[dict] = field(default_factory=list)  # garbage candidates --clean did not delete: key, reason
     in_progress: list[int] = field(default_factory=list)
 
     @property
@@ -70,6 +82,11 @@ def verify(store: Store, job: str, *, clean: bool = False, now: float | None = N
     def problem(kind: str, message: str, unit: int | None = None, key: str | None = None) -> None:
         rep.problems.append(Problem(kind, message, unit, key))
 
+    # 0. job.json against its own arithmetic (an edited `units` would hide units from every check below)
+    if spec.unit_rows < 1 or spec.rows < 0 or spec.units != -(-spec.rows // spec.unit_rows):
+        problem("bad-job", f"job.json says units={spec.units} for rows={spec.rows} and unit_rows={spec.unit_rows}; "
+                           f"that is {-(-spec.rows // max(1, spec.unit_rows))} units")
+
     # 1. unit records and done records
     unit_keys = set(store.list(join(job, "units") + "/"))
     for unit in range(spec.units):
@@ -86,6 +103,7 @@ def verify(store: Store, job: str, *, clean: bool = False, now: float | None = N
             records[unit] = q.DoneRecord.from_json(store.read(key)[0], key)
         except (ActfleetError, NotFound) as e:
             problem("bad-record", f"{key}: {e}", unit, key)
+    bad_units = {p.unit for p in rep.problems if p.kind == "bad-record" and p.unit is not None}
     live = {}
     for key in store.list(join(job, "leases") + "/"):
         unit = q._unit_of(key)
@@ -178,25 +196,61 @@ def verify(store: Store, job: str, *, clean: bool = False, now: float | None = N
             for reason, ids in rec.skipped.items():
                 rep.rows_skipped[reason] = rep.rows_skipped.get(reason, 0) + len(ids)
     rep.units_done = len(records)
+    accounted = rep.rows_stored + sum(rep.rows_skipped.values())
+    if not any(p.kind in ("not-done", "rows", "missing-shard", "corrupt-shard") for p in rep.problems) \
+            and accounted != spec.rows:
+        problem("rows", f"the units account for {accounted} rows ({rep.rows_stored} stored + "
+                        f"{sum(rep.rows_skipped.values())} skipped); job.json says {spec.rows}")
 
-    # 4. garbage: unlisted shards of units nobody is working on, leases left on done units
+    # 5. garbage: shards no done record lists, of attempts that can no longer commit; leases on done units
+    def keep_reason(key: str, unit: int | None, lease: "q.Lease | None") -> str | None:
+        if unit in bad_units:
+            return f"unit {unit}'s done record is unreadable: its shards are kept until it is fixed"
+        tag = shard_attempt(key)
+        if lease is not None and lease.expires + CLOCK_SKEW_S > now and (tag is None or tag == lease.tag):
+            return f"attempt {lease.tag} of {lease.worker} holds a live lease and may still commit it"
+        return None
+
+    candidates = []
     for key in store.list(join(job, "shards") + "/"):
-        name = key[len(job) + 1:]
-        if name in listed:
+        if key[len(job) + 1:] in listed:
             continue
         up = shard_unit_part(key)
         unit = up[0] if up else None
-        if unit is not None and unit not in records and unit in live and live[unit].expires > now:
-            continue  # an attempt in progress: not garbage yet
-        rep.garbage.append(key)
+        reason = keep_reason(key, unit, live.get(unit))
+        if reason:
+            rep.kept.append({"key": key, "reason": reason})
+        else:
+            candidates.append((key, unit))
+    rep.garbage = [key for key, _ in candidates]
     stale_leases = [q.lease_key(job, u) for u in live if u in records]
     if clean:
-        for key in rep.garbage:
+        for key, unit in candidates:
+            gen = store.generation(key)  # the generation judged garbage: a rewrite after this is kept
+            if gen is None:
+                continue
+            reason = None
+            if unit is not None:
+                # Lease first, then the done record: a commit (done record created, then lease released)
+                # that lands between the two reads is seen by the second.
+                reason = keep_reason(key, unit, q.read_lease(store, job, unit))
+                if reason is None:
+                    try:
+                        rec = q.read_done(store, job, unit)
+                        if rec is not None and key[len(job) + 1:] in {s.name for s in rec.shards}:
+                            reason = "listed by the unit's done record, committed meanwhile"
+                    except ActfleetError:
+                        reason = f"unit {unit}'s done record is unreadable: its shards are kept"
+            if reason:
+                rep.kept.append({"key": key, "reason": reason + " (re-checked before deleting)"})
+                continue
             try:
-                store.delete(key)
+                store.delete(key, gen)
                 rep.cleaned.append(key)
             except NotFound:
                 pass
+            except PreconditionFailed:
+                rep.kept.append({"key": key, "reason": "rewritten since it was judged garbage"})
         for unit in [u for u in live if u in records]:
             try:
                 store.delete(q.lease_key(job, unit), live[unit].generation)

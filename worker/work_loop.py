@@ -205,7 +205,7 @@ class Worker:
         keeper.start()
         self.on_event("claimed", {"unit": unit, "attempt": lease.attempt})
         try:
-            stats = self._extract_and_upload(unit, start, stop, keeper)
+            stats = self._extract_and_upload(unit, start, stop, keeper, lease.tag)
             if keeper.lost.is_set():
                 raise Stop("lease lost")
             if self._past_deadline():
@@ -226,10 +226,11 @@ class Worker:
             self.on_event("committed" if committed else "already-done", {"unit": unit, "tokens": stats.tokens})
             self._write_record("idle")
             return True, stats.tokens if committed else 0
-        except (Stop, q.LeaseLost) as e:
+        except (Stop, q.LeaseLost, q.ShardsMissing) as e:
             lease = keeper.stop()
-            if not keeper.lost.is_set() and not isinstance(e, q.LeaseLost):
-                q.release(self.store, lease)  # abandon cleanly: the next worker need not wait for expiry
+            # Abandon cleanly, so the next worker need not wait for expiry. Generation-matched: a lease
+            # someone else took over is never deleted.
+            q.release(self.store, lease)
             log.warning("unit %d abandoned: %s", unit, e)
             self.on_event("abandoned", {"unit": unit, "reason": str(e)})
             self._write_record("idle")
@@ -238,8 +239,10 @@ class Worker:
             keeper.stop()
             raise
 
-    def _extract_and_upload(self, unit: int, start: int, stop: int, keeper: _LeaseKeeper) -> "_UnitStats":
-        """The three-stage pipeline for one unit. Raises Stop when the unit must be abandoned."""
+    def _extract_and_upload(self, unit: int, start: int, stop: int, keeper: _LeaseKeeper,
+                            attempt: str) -> "_UnitStats":
+        """The three-stage pipeline for one unit, writing this attempt's shard names. Raises Stop when the
+        unit must be abandoned."""
         stats = _UnitStats()
         batches: queue_mod.Queue = queue_mod.Queue(maxsize=self.queue_depth)
         shards: queue_mod.Queue = queue_mod.Queue(maxsize=self.queue_depth)
@@ -296,7 +299,7 @@ class Worker:
                 while (shard := get(shards)) is not done_token:
                     if shard.unit != unit:
                         raise ValueError(f"the shard writer for unit {unit} made {shard.name}")
-                    key = q.shard_key(self.spec.job, unit, shard.part)
+                    key = q.shard_key(self.spec.job, unit, shard.part, attempt)
                     if should_stop():
                         return
                     self.on_event("uploading", {"unit": unit, "part": shard.part})

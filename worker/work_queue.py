@@ -11,8 +11,12 @@ Layout under `{store}/{job}/` (docs/jobs.md):
     done/000042                       unit 42 is done: its shards with sizes, sha256 and token counts, and
                                       the rows it skipped with their reasons. Created only if absent, after
                                       every shard is uploaded: a unit is done iff this record exists.
-    shards/000042-0003.safetensors    part 3 of unit 42. Names are deterministic, so a retry overwrites
-                                      and never duplicates; shards no done record lists are garbage.
+    shards/000042-0003.a2-5f1c9a2b.safetensors
+                                      part 3 of unit 42 as written by attempt 2 (lease nonce 5f1c9a2b...).
+                                      Each attempt writes only its own names, so an attempt that lost its
+                                      lease can never overwrite another's; the done record lists the
+                                      committing attempt's shards, and shards no done record lists are
+                                      garbage (`verify --clean`).
     workers/{worker}.json             each worker's own heartbeat and counters (one writer each), for status
 
 Every record is small JSON; `job_progress` reads only those, never shards.
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import socket
 import time
@@ -57,10 +62,10 @@ def done_key(job: str, unit: int) -> str:
     return join(job, "done", f"{unit:06d}")
 
 
-def shard_key(job: str, unit: int, part: int) -> str:
+def shard_key(job: str, unit: int, part: int, attempt: str | None = None) -> str:
     from actfleet.worker.shards import shard_name  # the format's module (numpy, ml_dtypes): only when needed
 
-    return join(job, "shards", shard_name(unit, part))
+    return join(job, "shards", shard_name(unit, part, attempt))
 
 
 def worker_key(job: str, worker: str) -> str:
@@ -73,8 +78,24 @@ def _unit_of(key: str) -> int | None:
     return int(name) if name.isdigit() else None
 
 
+# Worker ids name lease holders, worker records (workers/{id}.json) and, on a fleet, the TPU node: the TPU
+# node name rules (lowercase letters, digits and hyphens, starting with a letter, at most 63 characters).
+WORKER_ID_RE = re.compile(r"[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def check_worker_id(worker: str) -> str:
+    if not WORKER_ID_RE.fullmatch(worker):
+        raise InputError(f"worker id {worker!r}: use lowercase letters, digits and hyphens, starting with a "
+                         f"letter and not ending with a hyphen, at most 63 characters (as TPU node names)")
+    return worker
+
+
 def default_worker_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
+    """host-pid, folded into the worker id rules (hostnames may have dots and capitals)."""
+    host = re.sub(r"[^a-z0-9-]+", "-", socket.gethostname().lower()).strip("-") or "worker"
+    if not host[0].isalpha():
+        host = "w-" + host
+    return f"{host[:50].rstrip('-')}-{os.getpid()}"
 
 
 def _dump(obj: Any) -> bytes:
@@ -229,6 +250,14 @@ class Lease:
         d["format_version"] = FORMAT_VERSION
         return _dump(d)
 
+    @property
+    def tag(self) -> str:
+        """This attempt's tag in its shard names: attempt number and nonce ("a2-5f1c9a2b")."""
+        return f"a{self.attempt}-{self.nonce[:8]}"
+
+    def live(self, now: float) -> bool:
+        return self.expires > now
+
     @staticmethod
     def parse(data: bytes, generation: int, what: str) -> "Lease":
         d = _load(data, what)
@@ -277,8 +306,14 @@ def take_over(store: Store, stale: Lease, worker: str, lease_seconds: float, now
 
 
 def renew(store: Store, lease: Lease, lease_seconds: float, now: float | None = None) -> Lease:
-    """Heartbeat: extend the lease if it is still ours (generation match); LeaseLost otherwise."""
+    """Heartbeat: extend the lease if it is still ours (generation match) and has not expired; LeaseLost
+    otherwise. An expired lease is lost even if nobody took it over yet: from its expiry on, others may
+    (verify --clean may judge its shards garbage, a worker may take the unit), so a holder that stalled
+    past it (SIGSTOP, a long GC pause) must not carry on as if nothing happened."""
     now = time.time() if now is None else now
+    if not lease.live(now):
+        raise LeaseLost(f"unit {lease.unit}: lease expired {now - lease.expires:.1f} s ago (this worker stalled "
+                        f"past it); abandoning the attempt")
     new = Lease(lease.job, lease.unit, lease.worker, lease.attempt, now + lease_seconds, lease.nonce)
     try:
         new.generation = store.replace(lease_key(lease.job, lease.unit), new.record(), lease.generation)
@@ -301,7 +336,13 @@ def release(store: Store, lease: Lease) -> None:
 
 
 def done_units(store: Store, job: str) -> set[int]:
+    """Units with a done record (as keys; a stray done/000099 of a 3-unit job is listed too)."""
     return {u for k in store.list(join(job, "done") + "/") if (u := _unit_of(k)) is not None}
+
+
+def all_done(spec: "JobSpec", done: set[int]) -> bool:
+    """Complete means every unit 0..units-1 has a done record, not "as many done keys as units"."""
+    return all(u in done for u in range(spec.units))
 
 
 def leased_units(store: Store, job: str) -> set[int]:
@@ -323,7 +364,7 @@ def next_unit(store: Store, spec: JobSpec, worker: str, lease_seconds: float, *,
     mostly try different units instead of all racing for unit 0."""
     job = spec.job
     done = done_units(store, job)
-    if len(done) >= spec.units:
+    if all_done(spec, done):
         return NextUnit(None, True, 0.0)
     leased = leased_units(store, job)
     order = [(offset + i) % spec.units for i in range(spec.units)] if spec.units else []
@@ -354,7 +395,7 @@ def next_unit(store: Store, spec: JobSpec, worker: str, lease_seconds: float, *,
                 release(store, lease)  # a done unit's leftover lease (its committer died before releasing)
                 continue
             return NextUnit(lease, False, 0.0)
-    return NextUnit(None, len(done_units(store, job)) >= spec.units, max(0.05, wait))
+    return NextUnit(None, all_done(spec, done_units(store, job)), max(0.05, wait))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -395,16 +436,56 @@ class DoneRecord:
         d = _load(data, what)
         try:
             d["shards"] = [ShardInfo(**s) for s in d.get("shards", [])]
-            return DoneRecord(**d)
-        except TypeError as e:
-            raise ActfleetError(f"{what}: unexpected fields ({e})") from None
+            rec = DoneRecord(**d)
+        except (TypeError, AttributeError) as e:
+            raise ActfleetError(f"{what}: unexpected fields ({e}) (corrupt record)") from None
+        bad = _wrong_types(rec)
+        if bad:
+            raise ActfleetError(f"{what}: field {bad} has the wrong type (corrupt record)")
+        return rec
+
+
+def _wrong_types(rec: DoneRecord) -> str | None:
+    """The first field of a parsed done record whose value is not of the type the format says, or None."""
+    ints = ("unit", "start", "stop", "attempt", "rows_stored", "tokens", "computed_tokens", "padded_tokens",
+            "format_version")
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for name in ints:
+        if not is_int(getattr(rec, name)):
+            return name
+    for name in ("committed_at", "seconds"):
+        if not isinstance(getattr(rec, name), (int, float)) or isinstance(getattr(rec, name), bool):
+            return name
+    if not isinstance(rec.worker, str):
+        return "worker"
+    if not isinstance(rec.skipped, dict) or not all(
+            isinstance(k, str) and isinstance(v, list) and all(is_int(i) for i in v) for k, v in rec.skipped.items()):
+        return "skipped"
+    for s in rec.shards:
+        if not (isinstance(s.name, str) and is_int(s.bytes) and isinstance(s.sha256, str) and is_int(s.tokens)):
+            return "shards"
+    return None
+
+
+class ShardsMissing(ActfleetError):
+    """A shard the done record would list is not in the store as uploaded: nothing was committed."""
 
 
 def commit(store: Store, lease: Lease, record: DoneRecord, lease_seconds: float) -> bool:
     """Mark the unit done, after every shard it lists is uploaded. True if this call committed it; False
-    if another attempt already had (its shards and ours have the same names and, by the determinism
-    contract, the same bytes). LeaseLost if our lease is gone: then nothing is committed by us."""
-    lease = renew(store, lease, lease_seconds)  # never commit on a lost lease
+    if another attempt already had (its own shards are the ones its record lists; ours are garbage).
+    LeaseLost if our lease is gone or expired, ShardsMissing if a listed shard is not there with its size:
+    then nothing is committed by us."""
+    lease = renew(store, lease, lease_seconds)  # never commit on a lost or expired lease
+    for s in record.shards:  # e.g. removed by `verify --clean` while we were stalled
+        size = store.size(join(lease.job, s.name))
+        if size != s.bytes:
+            release(store, lease)
+            raise ShardsMissing(f"unit {lease.unit}: shard {s.name} is {'missing' if size is None else f'{size} bytes'}"
+                                f" (uploaded {s.bytes}); not committing")
     try:
         store.create(done_key(lease.job, lease.unit), record.to_json())
         committed = True
@@ -452,10 +533,12 @@ class JobProgress:
     tokens: int = 0
     shards: int = 0
     bytes: int = 0
+    bad_records: int = 0  # done records that are unreadable or name a unit the job does not have
     workers: dict[str, WorkerProgress] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
+        """units_done counts only the distinct units 0..units_total-1 with a readable done record."""
         return self.prepared and self.units_done >= self.units_total
 
     def to_dict(self) -> dict:
@@ -505,7 +588,16 @@ def job_progress(store: Store, job: str, now: float | None = None) -> JobProgres
     except NotFound:
         return JobProgress(job=job, prepared=False)
     p = JobProgress(job=job, prepared=True, units_total=spec.units, rows=spec.rows)
-    done = _read_many(store, store.list(join(job, "done") + "/"), DoneRecord.from_json)
+    def parse_done(data: bytes, key: str) -> DoneRecord | bool:
+        try:
+            rec = DoneRecord.from_json(data, key)
+        except ActfleetError:
+            return False
+        return rec if 0 <= rec.unit < spec.units and rec.unit == _unit_of(key) else False
+
+    parsed = _read_many(store, store.list(join(job, "done") + "/"), parse_done)
+    done = [r for r in parsed if r is not False]
+    p.bad_records = len(parsed) - len(done)
     done_set = set()
     workers = read_worker_records(store, job)
     per_worker: dict[str, WorkerProgress] = {}
@@ -540,4 +632,4 @@ def job_complete(store: Store, job: str) -> bool:
         spec = JobSpec.from_json(store.read(job_key(job))[0])
     except NotFound:
         return False
-    return len(done_units(store, job)) >= spec.units
+    return all_done(spec, done_units(store, job))

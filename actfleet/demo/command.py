@@ -126,7 +126,7 @@ def local(workers, chaos, seed, model, input_path, out, job, layers, sites, unit
     # 5. verify and summarise
     from actfleet.worker.verify import verify
 
-    report = verify(store, job)
+    report = verify(store, job, clean=True)  # the workers are stopped: dead attempts' shards go
     summary = _summary(report, run, fleet, store_dir, job, model_dir, random_weights, dataset, workers)
     if as_json:
         click.echo(json.dumps(summary, indent=1))

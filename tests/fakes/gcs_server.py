@@ -87,7 +87,7 @@ class FakeGcs:
         self.lock = threading.Lock()
         self._next_generation = 1_700_000_000_000_000
         self._faults: list[int] = []
-        self._after_faults: dict[str, list[int]] = {}
+        self._after_faults: list[tuple[str, str, int]] = []  # (method, regex on the unquoted URL, status)
         self.requests = 0
         self.httpd: ThreadingHTTPServer | None = None
         self.url = ""
@@ -113,15 +113,19 @@ class FakeGcs:
         with self.lock:
             self._faults += [status] * n
 
-    def fail_after_next(self, method: str, n: int = 1, status: int = 503) -> None:
-        """Carry out the next `n` requests of `method` (GET/POST/PUT/DELETE/PATCH), then answer `status`."""
+    def fail_after_next(self, method: str, n: int = 1, status: int = 503, match: str = "") -> None:
+        """Carry out the next `n` requests of `method` (GET/POST/PUT/DELETE/PATCH) whose unquoted URL
+        matches the regex `match` (e.g. "job/done/"), then answer `status`: a reply lost after success."""
         with self.lock:
-            self._after_faults.setdefault(method.upper(), []).extend([status] * n)
+            self._after_faults += [(method.upper(), match, status)] * n
 
-    def _take_after_fault(self, method: str) -> int | None:
+    def _take_after_fault(self, method: str, url: str) -> int | None:
         with self.lock:
-            pending = self._after_faults.get(method)
-            return pending.pop(0) if pending else None
+            for i, (m, rx, status) in enumerate(self._after_faults):
+                if m == method and re.search(rx, url):
+                    del self._after_faults[i]
+                    return status
+            return None
 
     # -- state transitions (all under self.lock) ------------------------------------------------------
 
@@ -241,7 +245,7 @@ class _Handler(BaseHTTPRequestHandler):
         if fault:
             return self._error(fault, "injected fault")
         path, q = self._query()
-        after = self.fake._take_after_fault(self.command)
+        after = self.fake._take_after_fault(self.command, unquote(self.path))
         try:
             for method, rx, fn in _ROUTES:
                 if method == self.command:

@@ -152,7 +152,7 @@ def work(config_path, store_url, job, worker_id, lease_seconds, drain_seconds, q
                         stream=sys.stderr)
     t = _target(config_path, store_url, job)
     spec = q.read_job(t.store, t.job)
-    worker_id = worker_id or q.default_worker_id()
+    worker_id = q.check_worker_id(worker_id) if worker_id else q.default_worker_id()
     lease = lease_seconds or (t.config.lease_seconds if t.config else DEFAULT_LEASE_SECONDS)
     start = time.monotonic()
     if q.job_complete(t.store, t.job):  # nothing to do: do not pay for loading the model
