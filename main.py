@@ -9,7 +9,8 @@ import sys
 
 from actfleet.config import load
 from actfleet.errors import ActfleetError
-from actfleet.infra.synth_cache import actfleet_command, config_text, state_dir
+from actfleet.infra.synth_inputs import actfleet_command, config_text
+from actfleet.infra.terraform_layout import state_dir
 
 
 def main() -> None:

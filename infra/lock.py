@@ -39,6 +39,7 @@ from typing import Callable, Iterator
 from actfleet.config import Config
 from actfleet.errors import ActfleetError
 from actfleet.formatting import iso_utc
+from actfleet.infra.terraform_layout import gcs_state_root
 from actfleet.store import NotFound, PreconditionFailed, Store, open_store
 
 LOCK_KEY = "reconcile.lock"
@@ -110,7 +111,7 @@ class ReconcileLock:
         where = cfg.reconcile.lock
         if not where:
             if cfg.state.backend == "gcs":
-                where = f"gs://{cfg.state.bucket}/{cfg.state.prefix.strip('/')}/{LOCK_KEY}"
+                where = f"{gcs_state_root(cfg)}/{LOCK_KEY}"
             else:
                 where = os.path.join(cfg.state.path, LOCK_KEY)
         root, _, key = where.rstrip("/").rpartition("/")

@@ -39,9 +39,9 @@ from actfleet.formatting import iso_utc, one_line
 from actfleet.infra.decide import APPLY_KINDS, CREATE, DELETE_ORPHAN, REPLACE, Action, Policy, decide, needs_apply
 from actfleet.infra.lock import LockHeld, ReconcileLock
 from actfleet.infra.observe import FleetView, observe_fleet
+from actfleet.infra.terraform_layout import FLEET, WORKERS, state_location, worker_address
 
 SCHEMA_ID = "actfleet.reconcile/v1"
-WORKERS_RESOURCE = "workers"  # the fleet stack's resource name: <type>.workers["tpu-us-central1-a-3"]
 
 # Outcomes, and the exit code each gives (README "Exit codes": 0 ok, 1 failure).
 CONVERGED, REPAIRED, PLANNED, LOCKED, FAILED = "converged", "repaired", "planned", "locked", "failed"
@@ -221,11 +221,11 @@ def _observe_decide_act(cfg: Config, report: PassReport, api, clock, lock: Recon
     if needs_apply(actions):
         lock.check()
         scaling_to_zero = job_complete and cfg.reconcile.scale_to_zero_when_done
-        replace = [resource_address(cfg, a.worker) for a in actions
+        replace = [worker_address(a.worker, cfg.fleet.mode) for a in actions
                    if a.worker in managed and a.kind in (CREATE, REPLACE)]
         # With a zone unreachable, the apply touches only what this pass decided, so it never creates or
         # destroys anything in the zone it could not see.
-        targets = [resource_address(cfg, a.worker) for a in actions if a.kind in APPLY_KINDS] \
+        targets = [worker_address(a.worker, cfg.fleet.mode) for a in actions if a.kind in APPLY_KINDS] \
             if view.unreachable and not scaling_to_zero else []
         report.terraform.update(ran=True, replace=replace, targets=targets,
                                 command="destroy" if scaling_to_zero else "apply")
@@ -283,23 +283,10 @@ def _job_complete(cfg: Config, report: PassReport) -> bool:
 # ----------------------------------------------------------------------------------------------------
 
 
-def resource_address(cfg: Config, name: str) -> str:
-    """terraform_data.workers["tpu-us-central1-a-3"] (queued mode) or google_tpu_v2_vm.workers[...] (vm)."""
-    kind = "terraform_data" if cfg.fleet.mode == "queued" else "google_tpu_v2_vm"
-    return f'{kind}.{WORKERS_RESOURCE}["{name}"]'
-
-
-def fleet_state_location(cfg: Config) -> str:
-    """Where the fleet stack keeps its state (infra/stacks.py configure_backend)."""
-    if cfg.state.backend == "gcs":
-        return f"gs://{cfg.state.bucket}/{cfg.state.prefix.strip('/')}/fleet/default.tfstate"
-    return str(Path(cfg.state.path).resolve() / "fleet.tfstate")
-
-
 def managed_workers(cfg: Config) -> frozenset[str]:
     """Worker names the fleet stack's Terraform state holds, read from the state itself (a JSON document
     in the backend) so that a pass with nothing to do never starts terraform. No state yet: none."""
-    where = fleet_state_location(cfg)
+    where = state_location(cfg, FLEET)
     try:
         if where.startswith("gs://"):
             from actfleet.store import NotFound, open_store
@@ -319,7 +306,7 @@ def managed_workers(cfg: Config) -> frozenset[str]:
         raise ActfleetError(f"Terraform state {where}: unreadable: {one_line(e)}") from None
     names = set()
     for res in state.get("resources", []):
-        if res.get("mode") == "managed" and res.get("name") == WORKERS_RESOURCE:
+        if res.get("mode") == "managed" and res.get("name") == WORKERS:
             names.update(i["index_key"] for i in res.get("instances", []) if isinstance(i.get("index_key"), str))
     return frozenset(names)
 
@@ -340,5 +327,5 @@ def terraform_apply(cfg: Config, *, replace: list[str], targets: list[str], dest
 
 
 
-__all__ = ["PassReport", "reconcile_pass", "terraform_apply", "managed_workers", "resource_address", "fleet_state_location",
+__all__ = ["PassReport", "reconcile_pass", "terraform_apply", "managed_workers",
            "REPORT_JSON_SCHEMA", "CONVERGED", "REPAIRED", "PLANNED", "LOCKED", "FAILED", "SCHEMA_ID"]

@@ -17,7 +17,6 @@ Fleet modes (docs/infrastructure.md):
 from __future__ import annotations
 
 import base64
-import json
 import os
 from pathlib import Path
 
@@ -33,9 +32,9 @@ from constructs import Construct  # noqa: E402
 from actfleet.config import Config, Worker
 from actfleet.infra.qr_request import SCOPES, queued_resource_request, worker_labels
 from actfleet.infra.startup_script import config_object_name, startup_script, worker_metadata, worker_unit
-
-STACKS = ("base", "fleet")
-WORKERS_ID = "workers"  # logical id of the worker resource: terraform_data.workers["tpu-us-central1-a-3"]
+from actfleet.infra.synth_inputs import actfleet_command
+from actfleet.infra.terraform_layout import (BASE, FLEET, WORKERS, gcs_backend_prefix, local_state_file,
+                                             state_dir as default_state_dir)
 
 # The roles the worker's service account gets. objectAdmin is bound on the bucket only; these two are the
 # only project-level grants (a VM cannot write its own logs and metrics otherwise).
@@ -69,16 +68,16 @@ def tf_literal_tree(value):
 def configure_backend(stack: TerraformStack, config: Config, name: str, state_dir: Path) -> None:
     """Local state under `state.path` by default (tests run offline); GCS with its object lock when asked."""
     if config.state.backend == "gcs":
-        GcsBackend(stack, bucket=config.state.bucket, prefix=f"{config.state.prefix}/{name}")
+        GcsBackend(stack, bucket=config.state.bucket, prefix=gcs_backend_prefix(config, name))
     else:
-        LocalBackend(stack, path=str(state_dir / f"{name}.tfstate"))
+        LocalBackend(stack, path=str(local_state_file(state_dir, name)))
 
 
 class BaseStack(TerraformStack):
     """The activations bucket, the worker service account and its narrowly scoped IAM. No keys."""
 
     def __init__(self, scope: Construct, config: Config, state_dir: Path, config_text: str | None):
-        super().__init__(scope, "base")
+        super().__init__(scope, BASE)
         from cdktf_cdktf_provider_google.project_iam_member import ProjectIamMember
         from cdktf_cdktf_provider_google.provider import GoogleProvider
         from cdktf_cdktf_provider_google.service_account import ServiceAccount
@@ -88,7 +87,7 @@ class BaseStack(TerraformStack):
         from cdktf_cdktf_provider_google.storage_bucket_object import StorageBucketObject
 
         fleet, storage = config.fleet, config.storage
-        configure_backend(self, config, "base", state_dir)
+        configure_backend(self, config, BASE, state_dir)
         # Operators authenticate with application default credentials; no credentials in the stack.
         GoogleProvider(self, "google", project=fleet.project, region=fleet.region)
 
@@ -128,8 +127,8 @@ class FleetStack(TerraformStack):
     """One TPU worker per desired name, one resource block with for_each over a map (docs/infrastructure.md)."""
 
     def __init__(self, scope: Construct, config: Config, state_dir: Path, actfleet_command: str):
-        super().__init__(scope, "fleet")
-        configure_backend(self, config, "fleet", state_dir)
+        super().__init__(scope, FLEET)
+        configure_backend(self, config, FLEET, state_dir)
         # One copy of the bootstrap files for the whole fleet; each worker's metadata refers to it, so the
         # synthesized JSON grows by a few hundred bytes per worker, not by the script's size.
         TerraformLocal(self, "startup_script", tf_text(startup_script()))
@@ -161,7 +160,7 @@ class FleetStack(TerraformStack):
         request = {**endpoint, "ACTFLEET_TPU_REQUEST": "${jsonencode(self.input.request)}"}
         where = "--project ${self.input.project} --zone ${self.input.zone} --id ${self.input.id}"
         resource = DataResource(
-            self, WORKERS_ID,
+            self, WORKERS,
             for_each=each,
             input=Token.as_any_map(each.value),
             # A changed request cannot be applied to a live queued resource: replace the worker.
@@ -173,7 +172,7 @@ class FleetStack(TerraformStack):
                                      command=f"{actfleet} tpu delete-qr {where}"),
             ],
         )
-        resource.override_logical_id(WORKERS_ID)
+        resource.override_logical_id(WORKERS)
 
     def _vm(self, config: Config, refs: dict[str, str]) -> None:
         from cdktf_cdktf_provider_google_beta.google_tpu_v2_vm import (GoogleTpuV2Vm, GoogleTpuV2VmNetworkConfig,
@@ -195,7 +194,7 @@ class FleetStack(TerraformStack):
         workers_map = TerraformLocal(self, "worker_specs", workers)
         each = TerraformIterator.from_map(workers_map.as_any_map)
         vm = GoogleTpuV2Vm(
-            self, WORKERS_ID,
+            self, WORKERS,
             for_each=each,
             name=each.key,
             zone=each.get_string("zone"),
@@ -209,7 +208,7 @@ class FleetStack(TerraformStack):
             labels=each.get_map("labels"),
             description=f"actfleet worker of fleet {fleet.id}",
         )
-        vm.override_logical_id(WORKERS_ID)
+        vm.override_logical_id(WORKERS)
 
 
 def _escaped_request(config: Config, worker: Worker, refs: dict[str, str]) -> dict:
@@ -222,14 +221,8 @@ def _escaped_request(config: Config, worker: Worker, refs: dict[str, str]) -> di
 def build_app(config: Config, outdir: str | Path | None = None, *, state_dir: Path | None = None,
               config_text: str | None = None, actfleet: str | None = None) -> App:
     """Both stacks in one app. `outdir=None` lets the cdktf CLI choose (cdktf.json / main.py)."""
-    from actfleet.infra import synth_cache
-
-    state_dir = Path(state_dir) if state_dir is not None else synth_cache.state_dir(config)
+    state_dir = Path(state_dir) if state_dir is not None else default_state_dir(config)
     app = App(outdir=str(outdir)) if outdir is not None else App()
     BaseStack(app, config, state_dir, config_text)
-    FleetStack(app, config, state_dir, actfleet or synth_cache.actfleet_command())
+    FleetStack(app, config, state_dir, actfleet or actfleet_command())
     return app
-
-
-def stack_json(outdir: Path, name: str) -> dict:
-    return json.loads((Path(outdir) / "stacks" / name / "cdk.tf.json").read_text())

@@ -19,9 +19,7 @@ import dataclasses
 import hashlib
 import json
 import os
-import shlex
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,6 +28,8 @@ from pathlib import Path
 
 from actfleet.config import Config
 from actfleet.infra.startup_script import BOOTSTRAP_FILES, bootstrap_dir
+from actfleet.infra.synth_inputs import actfleet_command, config_text
+from actfleet.infra.terraform_layout import FLEET, state_dir
 
 SYNTH_DIR_ENV = "ACTFLEET_SYNTH_DIR"
 DEFAULT_SYNTH_DIR = ".actfleet/synth"
@@ -40,8 +40,8 @@ PRUNE_AFTER_SECONDS = 86400
 
 _INFRA = Path(__file__).resolve().parent
 # Everything whose content changes the synthesized JSON (the bootstrap files are read as package data).
-SYNTH_SOURCES = (tuple(_INFRA / name for name in ("stacks.py", "qr_request.py", "startup_script.py",
-                                                  "synth_cache.py"))
+SYNTH_SOURCES = (tuple(_INFRA / name for name in ("stacks.py", "terraform_layout.py", "synth_inputs.py",
+                                                  "qr_request.py", "startup_script.py", "synth_cache.py"))
                  + tuple(bootstrap_dir() / name for name in BOOTSTRAP_FILES))
 PINNED_PACKAGES = ("cdktf", "cdktf-cdktf-provider-google", "cdktf-cdktf-provider-google-beta")
 
@@ -83,7 +83,7 @@ def synth(config: Config, *, cache_dir: str | os.PathLike | None = None, force: 
     root = synth_root(cache_dir)
     key = cache_key(config)
     final = root / key
-    if not force and (final / "stacks" / "fleet" / "cdk.tf.json").is_file():
+    if not force and (final / "stacks" / FLEET / "cdk.tf.json").is_file():
         os.utime(final)  # most recently used: kept by prune()
         return Synth(key, final, True, time.perf_counter() - start)
 
@@ -113,28 +113,6 @@ def _synth_into(config: Config, outdir: Path) -> None:
     app = build_app(config, outdir, state_dir=state_dir(config), config_text=config_text(config),
                     actfleet=actfleet_command())
     app.synth()
-
-
-def state_dir(config: Config) -> Path:
-    """Local Terraform state lives outside the cache (entries come and go with the config)."""
-    return Path(config.state.path).resolve()
-
-
-def config_text(config: Config) -> str | None:
-    """The config file's own text (the base stack uploads it for the workers), or None for in-memory configs."""
-    path = Path(config.source)
-    return path.read_text() if config.source and path.is_file() else None
-
-
-def actfleet_command() -> str:
-    """How the fleet's provisioners run actfleet: the console script of the environment doing the synth.
-
-    Recorded in the provisioner command, not in a worker's `input`, so moving the checkout never replaces
-    a worker (provisioners are not part of the state)."""
-    script = Path(sys.executable).parent / "actfleet"
-    if script.exists():
-        return shlex.quote(str(script))
-    return f"{shlex.quote(sys.executable)} -c 'from actfleet.cli import main; main()'"
 
 
 def prune(root: Path, *, keep: int, protect: Path, min_age: float = PRUNE_AFTER_SECONDS) -> None:

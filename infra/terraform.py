@@ -3,10 +3,10 @@
 Used by `actfleet synth|plan|deploy|destroy` (infra/commands/stacks.py) and by reconcile, which applies the
 fleet stack with every worker it recreates as a `-replace` target of ONE apply:
 
-    from actfleet.infra.terraform import fleet_stack, worker_address
+    from actfleet.infra.terraform import fleet_stack
+    from actfleet.infra.terraform_layout import worker_address   # stack names, addresses, state locations
 
     tf = fleet_stack(config)              # cached synth (infra/synth_cache.py) + `terraform init` once
-    tf.state_list()                       # ['terraform_data.workers["tpu-us-central1-a-0"]', ...]
     tf.plan(replace=[worker_address("tpu-us-central1-a-3")])   # -> Plan(add=1, change=0, destroy=1, ...)
     tf.apply(replace=[worker_address("tpu-us-central1-a-3")])  # recreates exactly that worker
     tf.destroy()
@@ -44,9 +44,7 @@ from typing import Iterable, Mapping
 
 from actfleet.config import Config
 from actfleet.errors import EXIT_BAD_INPUT, ActfleetError, PrerequisiteError
-
-STACK_NAMES = ("base", "fleet")
-WORKERS_RESOURCES = {"queued": "terraform_data.workers", "vm": "google_tpu_v2_vm.workers"}
+from actfleet.infra.terraform_layout import FLEET, STACK_NAMES
 INIT_MARKER = ".terraform/actfleet-init-done"
 SUMMARY_LIMIT = 800  # characters of error summary kept on the one line
 
@@ -58,11 +56,6 @@ class TerraformError(ActfleetError):
     def __init__(self, message: str, output: str = ""):
         super().__init__(message)
         self.output = output
-
-
-def worker_address(name: str, mode: str = "queued") -> str:
-    """The address of one worker, for `-replace`: terraform_data.workers["tpu-us-central1-a-3"]."""
-    return f'{WORKERS_RESOURCES[mode]}["{name}"]'
 
 
 @dataclass(frozen=True)
@@ -164,26 +157,9 @@ class Terraform:
         args += [f"-target={t}" for t in targets]
         return self.run(*args)
 
-    def state_list(self) -> list[str]:
-        """Addresses in the state; empty before the first apply."""
-        try:
-            out = self.run("state", "list", stream=False)
-        except TerraformError as e:
-            if "No state file was found" in e.output:
-                return []
-            raise
-        return [line for line in out.splitlines() if line.strip()]
-
-    def show_json(self) -> dict:
-        """The current state as `terraform show -json` (values of every resource, e.g. a worker's input)."""
-        return json.loads(self.run("show", "-json", stream=False))
-
     def show_text(self, plan_file: str | os.PathLike) -> str:
         """A saved plan as people read it."""
         return self.run("show", "-no-color", str(plan_file), stream=False)
-
-    def outputs(self) -> dict:
-        return {k: v.get("value") for k, v in json.loads(self.run("output", "-json", stream=False)).items()}
 
     # -- plumbing ---------------------------------------------------------------------------------------
 
@@ -234,7 +210,7 @@ def stack(config: Config, name: str, *, cache_dir: str | os.PathLike | None = No
 
 def fleet_stack(config: Config, **kwargs) -> Terraform:
     """The fleet stack for `config`, ready for plan/apply: what reconcile acts through."""
-    return stack(config, "fleet", **kwargs)
+    return stack(config, FLEET, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -202,25 +202,24 @@ class TpuApi:
         """Delete the queued resource (with `force`, its node too) and wait until it is gone.
         Returns False when it was already gone (a no-op)."""
         path = self.qr_path(zone, qr_id)
-        client = self._client()
-        op = self._call(f"queued resource {path}", lambda: client.delete_queued_resource(
-            request={"name": path, "force": force}, retry=None, timeout=self.timeout), missing_ok=True)
-        if op is None:
-            return False
-        if wait:
-            self._wait(op.operation, f"queued resource {path}")
-        return True
+        return self._delete(f"queued resource {path}", lambda client: client.delete_queued_resource(
+            request={"name": path, "force": force}, retry=None, timeout=self.timeout), wait=wait)
 
     def delete_node(self, zone: str, node_id: str, *, wait: bool = True) -> bool:
         """Delete a node and wait until it is gone. Returns False when it was already gone."""
         path = self.node_path(zone, node_id)
+        return self._delete(f"node {path}", lambda client: client.delete_node(
+            name=path, retry=None, timeout=self.timeout), wait=wait)
+
+    def _delete(self, what: str, request: Callable[[Any], Any], *, wait: bool) -> bool:
+        """One delete: `request(client)` with retries; False when already gone (404), else True once its
+        operation has finished (or at once without `wait`)."""
         client = self._client()
-        op = self._call(f"node {path}", lambda: client.delete_node(name=path, retry=None, timeout=self.timeout),
-                        missing_ok=True)
+        op = self._call(what, lambda: request(client), missing_ok=True)
         if op is None:
             return False
         if wait:
-            self._wait(op.operation, f"node {path}")
+            self._wait(op.operation, what)
         return True
 
     # -------------------------------------------------------------- internals

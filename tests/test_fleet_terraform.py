@@ -7,6 +7,7 @@ One synth + init per module (importing cdktf costs ~20 s); the lifecycle test wa
 
 from __future__ import annotations
 
+import json
 import os
 import textwrap
 from pathlib import Path
@@ -15,13 +16,30 @@ import pytest
 
 from actfleet import config as config_mod
 from actfleet.infra.qr_request import queued_resource_request
-from actfleet.infra.terraform import Terraform, TerraformError, error_summary, fleet_stack, worker_address
+from actfleet.infra.terraform import Terraform, TerraformError, error_summary, fleet_stack
+from actfleet.infra.terraform_layout import worker_address
 from tests.fakes.tpu_server import FakeTpuServer
 
 pytestmark = pytest.mark.slow
 
 ZONES = ("us-central1-a", "us-central1-b", "us-central1-c")
 WORKERS_PER_ZONE = 4
+
+
+def state_list(tf: Terraform) -> list[str]:
+    """Addresses in the stack's state; empty before the first apply."""
+    try:
+        out = tf.run("state", "list", stream=False)
+    except TerraformError as e:
+        if "No state file was found" in e.output:
+            return []
+        raise
+    return [line for line in out.splitlines() if line.strip()]
+
+
+def show_json(tf: Terraform) -> dict:
+    """The stack's state as `terraform show -json` (values of every resource, e.g. a worker's input)."""
+    return json.loads(tf.run("show", "-json", stream=False))
 
 
 def write_config(dir: Path, *, workers_per_zone: int = WORKERS_PER_ZONE, extra_fleet: str = "") -> Path:
@@ -86,7 +104,7 @@ def test_fleet_lifecycle_against_fake_tpu_api(env):
     # init works offline: the stack needs no provider plugin.
     tf = fleet_stack(cfg)
     assert not (tf.dir / ".terraform" / "providers").exists()
-    assert tf.state_list() == []  # no state file yet: nothing, not an error
+    assert state_list(tf) == []  # no state file yet: nothing, not an error
 
     # The plan creates one resource per worker, each addressable on its own.
     plan = tf.plan()
@@ -96,14 +114,14 @@ def test_fleet_lifecycle_against_fake_tpu_api(env):
 
     # apply: every worker's queued resource is created through `actfleet tpu create-qr`.
     tf.apply()
-    assert sorted(tf.state_list()) == sorted(worker_address(n) for n in names)
+    assert sorted(state_list(tf)) == sorted(worker_address(n) for n in names)
     created = qr_creates(fake)
     assert len(created) == 12
     assert {fake.queued_resource_state(w.zone, w.name, project="fake-project") for w in cfg.fleet.workers} == {"ACTIVE"}
 
     # What Terraform holds as each worker's input is exactly the request actfleet builds: nothing lost to
     # template escaping (the startup script is full of ${...}).
-    state = tf.show_json()
+    state = show_json(tf)
     inputs = {r["index"]: r["values"]["input"] for r in state["values"]["root_module"]["resources"]}
     for w in cfg.fleet.workers:
         assert inputs[w.name]["request"] == queued_resource_request(cfg, w)
@@ -136,7 +154,7 @@ def test_fleet_lifecycle_against_fake_tpu_api(env):
     fake.clear_calls()
     tf.destroy()
     assert sorted(c.resource for c in qr_deletes(fake)) == sorted(names)
-    assert tf.state_list() == []
+    assert state_list(tf) == []
     for w in cfg.fleet.workers:
         assert fake.queued_resource_state(w.zone, w.name, project="fake-project") is None
 
@@ -217,5 +235,5 @@ def test_a_second_concurrent_apply_fails_fast_on_the_state_lock(env, tmp_path):
         runner.join()
         fake.clear_faults()
     assert "out" in outcome  # the first apply finished normally
-    assert len(first.state_list()) == 3
+    assert len(state_list(first)) == 3
     first.destroy()

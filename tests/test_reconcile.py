@@ -13,7 +13,8 @@ import pytest
 from actfleet.config import parse
 from actfleet.errors import ActfleetError
 from actfleet.infra.lock import LOCK_KEY, ReconcileLock
-from actfleet.infra.reconcile import REPORT_JSON_SCHEMA, fleet_state_location, managed_workers, reconcile_pass
+from actfleet.infra.reconcile import REPORT_JSON_SCHEMA, managed_workers, reconcile_pass
+from actfleet.infra.terraform_layout import FLEET, state_location
 from actfleet.infra.tpu_api import TpuApi
 from tests.fakes.tpu_server import FakeTpuServer
 from actfleet.store import open_store
@@ -32,7 +33,7 @@ def make_cfg(tmp: Path, count: int = 3, **reconcile):
 
 def write_state(cfg, names) -> None:
     """A Terraform state document holding these workers (the shape `terraform apply` writes)."""
-    path = Path(fleet_state_location(cfg))
+    path = Path(state_location(cfg, FLEET))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"version": 4, "resources": [
         {"mode": "managed", "type": "terraform_data", "name": "workers", "each": "map",
@@ -69,7 +70,7 @@ def test_managed_workers_reads_the_state_document(tmp_path):
     assert managed_workers(cfg) == frozenset()  # no state yet
     write_state(cfg, [w(0), w(1)])
     assert managed_workers(cfg) == {w(0), w(1)}
-    Path(fleet_state_location(cfg)).write_text("{not json")
+    Path(state_location(cfg, FLEET)).write_text("{not json")
     with pytest.raises(ActfleetError, match="unreadable"):
         managed_workers(cfg)
 

@@ -22,8 +22,9 @@ import click
 
 from actfleet.cli import config_option, json_option
 from actfleet.errors import ActfleetError, InputError
+from actfleet.infra.terraform_layout import FLEET, STACK_NAMES
 
-STACK_CHOICE = click.Choice(["base", "fleet"])
+STACK_CHOICE = click.Choice(STACK_NAMES)
 
 
 def _stack_option(help_text: str):
@@ -40,10 +41,15 @@ def _load(config_path):
     return config_mod.load(config_path)
 
 
-def _needs_terraform() -> None:
+def _load_for_terraform(config_path):
+    """The config, once terraform is known to be there (exit 3 now, not after a 20 s synth) and the stacks
+    are synthesized under the spinner (each stack then comes from the cache)."""
     from actfleet.infra.terraform import terraform_binary
 
-    terraform_binary()  # exit 3 now, not after a 20 s synth
+    cfg = _load(config_path)
+    terraform_binary()
+    _synth(cfg)
+    return cfg
 
 
 def _synth(cfg, *, force: bool = False):
@@ -78,7 +84,7 @@ def synth(config_path, stack_name, force, as_json):
     """Synthesize the base and fleet stacks to Terraform JSON (cached by config, bootstrap and infra code)."""
     cfg = _load(config_path)
     result = _synth(cfg, force=force)
-    names = [stack_name] if stack_name else ["base", "fleet"]
+    names = [stack_name] if stack_name else STACK_NAMES
     dirs = {name: str(result.stack_dir(name)) for name in names}
     if as_json:
         _emit_json({"key": result.key, "cached": result.cached, "seconds": round(result.seconds, 3),
@@ -96,11 +102,9 @@ def synth(config_path, stack_name, force, as_json):
 @json_option
 def plan(config_path, stack_name, as_json):
     """Show what `deploy` would change (terraform plan), per stack."""
-    cfg = _load(config_path)
-    _needs_terraform()
-    _synth(cfg)
+    cfg = _load_for_terraform(config_path)
     summaries = {}
-    for name in [stack_name] if stack_name else ["base", "fleet"]:
+    for name in [stack_name] if stack_name else STACK_NAMES:
         tf = _stack(cfg, name, stream=False)
         result = tf.plan()
         try:
@@ -121,14 +125,7 @@ def plan(config_path, stack_name, as_json):
 @json_option
 def deploy(config_path, stack_name, yes, as_json):
     """Create or update the stacks (terraform apply of the plan shown)."""
-    cfg = _load(config_path)
-    _needs_terraform()
-    _synth(cfg)
-    results = {}
-    for name in [stack_name] if stack_name else ["base", "fleet"]:
-        results[name] = _plan_confirm_apply(cfg, name, destroy=False, yes=yes, as_json=as_json)
-    if as_json:
-        _emit_json({"stacks": results})
+    _apply_stacks(config_path, [stack_name] if stack_name else STACK_NAMES, destroy=False, yes=yes, as_json=as_json)
 
 
 @click.command()
@@ -138,13 +135,15 @@ def deploy(config_path, stack_name, yes, as_json):
 @json_option
 def destroy(config_path, stack_name, yes, as_json):
     """Tear a stack down (default: the fleet; `--stack base` also deletes the bucket and account)."""
-    cfg = _load(config_path)
-    _needs_terraform()
-    _synth(cfg)
-    name = stack_name or "fleet"
-    result = _plan_confirm_apply(cfg, name, destroy=True, yes=yes, as_json=as_json)
+    _apply_stacks(config_path, [stack_name or FLEET], destroy=True, yes=yes, as_json=as_json)
+
+
+def _apply_stacks(config_path, names, *, destroy: bool, yes: bool, as_json: bool) -> None:
+    """deploy and destroy: each stack in turn planned, shown, confirmed and applied; --json: one document."""
+    cfg = _load_for_terraform(config_path)
+    results = {name: _plan_confirm_apply(cfg, name, destroy=destroy, yes=yes, as_json=as_json) for name in names}
     if as_json:
-        _emit_json({"stacks": {name: result}})
+        _emit_json({"stacks": results})
 
 
 def _plan_confirm_apply(cfg, name: str, *, destroy: bool, yes: bool, as_json: bool) -> dict:

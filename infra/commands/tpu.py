@@ -47,6 +47,15 @@ def _target_options(f):
     return f
 
 
+def _target(project: str, zone: str, qr_id: str, endpoint: str):
+    """The checked flags as (the TPU API client, the queued resource's full name)."""
+    _check_target(project, zone, qr_id)
+    from actfleet.infra.tpu_api import TpuApi
+
+    api = TpuApi(project, endpoint, on_wait=_progress())
+    return api, api.qr_path(zone, qr_id)
+
+
 def _check_target(project: str, zone: str, qr_id: str) -> None:
     for flag, value, rx, like in (("--project", project, _PROJECT_RE, "my-project"),
                                   ("--zone", zone, _ZONE_RE, "us-central1-a"),
@@ -68,7 +77,7 @@ def create_qr(project, zone, qr_id, endpoint, request_file, request_json):
     --request-file, --request-json ($ACTFLEET_TPU_REQUEST) or, with neither, stdin.
     It fails (exit 1) if the queued resource exists with a different request.
     """
-    _check_target(project, zone, qr_id)
+    api, path = _target(project, zone, qr_id, endpoint)
     if request_file is not None and request_json is not None:
         raise InputError("give the request once: --request-file or --request-json, not both")
     if request_file is not None:
@@ -83,11 +92,6 @@ def create_qr(project, zone, qr_id, endpoint, request_file, request_json):
         request = json.loads(text)
     except ValueError as e:
         raise InputError(f"{source}: not valid JSON: {e}") from None
-
-    from actfleet.infra.tpu_api import TpuApi
-
-    api = TpuApi(project, endpoint, on_wait=_progress())
-    path = api.qr_path(zone, qr_id)
     if api.create_queued_resource(zone, qr_id, request):
         click.echo(f"created queued resource {path}")
     else:
@@ -100,11 +104,7 @@ def create_qr(project, zone, qr_id, endpoint, request_file, request_json):
               help="Delete the queued resource's node with it (without, the API refuses while it has one).")
 def delete_qr(project, zone, qr_id, endpoint, force):
     """Delete a queued resource and its node, waiting until they are gone; a no-op if already gone."""
-    _check_target(project, zone, qr_id)
-    from actfleet.infra.tpu_api import TpuApi
-
-    api = TpuApi(project, endpoint, on_wait=_progress())
-    path = api.qr_path(zone, qr_id)
+    api, path = _target(project, zone, qr_id, endpoint)
     if api.delete_queued_resource(zone, qr_id, force=force):
         click.echo(f"deleted queued resource {path}" + (" and its node" if force else ""))
     else:
