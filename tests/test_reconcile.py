@@ -153,3 +153,54 @@ def test_unreadable_job_never_scales_down(tmp_path, fake):
     report = reconcile_pass(cfg, api=api_for(fake), apply=Recorder())
     assert report.job["complete"] is None and "could not read job" in report.job["error"]
     assert report.counts == {"healthy": 1}
+
+
+def test_watch_reads_fleet_toml_again_every_pass_and_skips_a_pass_whose_config_is_broken(tmp_path, fake,
+                                                                                          monkeypatch):
+    """`reconcile --watch`: an edit to fleet.toml between passes is the next pass's desired state; a
+    broken file skips that pass (one line on stderr, no lock, no apply) and the watch goes on; interrupted
+    right after such a pass, it exits 2 (bad input)."""
+    from click.testing import CliRunner
+
+    from actfleet.config import TPU_ENDPOINT_ENV
+    from actfleet.infra import reconcile as reconcile_mod
+    from actfleet.infra.commands import reconcile as command
+
+    config = tmp_path / "fleet.toml"
+
+    def good(count: int) -> str:
+        return (f'[fleet]\nid = "rc"\nproject = "fake-project"\nregion = "us-central1"\nzones = {{ "{A}" = {count} }}\n'
+                f'[repo]\nurl = "https://example.com/r.git"\ncommit = "{"d" * 40}"\n'
+                f'[storage]\nbucket = "rc-activations"\n[state]\npath = "{tmp_path / "state"}"\n'
+                f'[job]\nmodel = "m"\ninput = "i"\nlayers = [1]\nstore = "{tmp_path / "store"}"\n')
+
+    broken = good(1).replace('region = "us-central1"', 'region = "us-central1"\nmode = "spot"')
+    config.write_text(good(1))
+    # What the file holds when each sleep between passes ends; after the last, Ctrl-C.
+    edits = [good(2), broken, good(3), broken]
+    lock_seen = []
+
+    def step(seconds):
+        assert seconds == 1
+        lock_seen.append(open_store(str(tmp_path / "state")).generation(LOCK_KEY))
+        if not edits:
+            raise KeyboardInterrupt
+        config.write_text(edits.pop(0))
+
+    apply = Recorder()
+    monkeypatch.setattr(command, "_sleep", step)
+    monkeypatch.setattr(reconcile_mod, "terraform_apply", apply)
+    monkeypatch.setenv(TPU_ENDPOINT_ENV, fake.url)
+    result = CliRunner().invoke(command.reconcile, ["--config", str(config), "--json", "--watch", "1"])
+
+    assert result.exit_code == 2, (result.output, result.exception)
+    reports = [json.loads(line) for line in result.stdout.splitlines()]
+    for report in reports:
+        jsonschema.validate(report, REPORT_JSON_SCHEMA)
+    # Three passes ran, each with the worker count the file held when it started.
+    assert [[a["worker"] for a in r["actions"]] for r in reports] == [[w(0)], [w(0), w(1)], [w(0), w(1), w(2)]]
+    assert [r["outcome"] for r in reports] == ["repaired"] * 3
+    assert len(apply.calls) == 3  # the skipped passes applied nothing
+    skipped = [line for line in result.stderr.splitlines() if "pass skipped" in line]
+    assert len(skipped) == 2 and all("fleet.mode" in line or "spot" in line for line in skipped)
+    assert lock_seen == [None] * 5  # every pass released the lock; a skipped one never took it

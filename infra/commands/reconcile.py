@@ -5,6 +5,12 @@ that is not simply healthy, with what the pass did and why, then one summary lin
 pass report (schema "actfleet.reconcile/v1", docs/operations.md), one JSON document per pass (JSON Lines
 with --watch).
 
+fleet.toml is the desired state, so every pass reads it again: with --watch an edit takes effect at the next
+pass. A config that does not load stops a single pass, or the first pass of a --watch, with exit 2. A later
+pass that finds it broken is skipped (nothing observed, nothing locked or changed, no JSON document): the
+error goes to stderr as one line and the watch goes on, reading the file again next time; interrupted,
+the watch exits with the code of its last pass (2 if that one was skipped).
+
 Exit codes: 0 converged, repaired, planned (--dry-run) or another reconcile holds the lock;
 1 something failed (a zone could not be observed, Terraform failed, an orphan could not be deleted);
 2 bad config or usage; 3 terraform missing.
@@ -20,6 +26,7 @@ import click
 
 from actfleet.cli import config_option, json_option
 from actfleet.config import load
+from actfleet.errors import ActfleetError
 from actfleet.infra.decide import HEALTHY
 from actfleet.infra.reconcile import FAILED, LOCKED, PassReport, reconcile_pass
 
@@ -33,7 +40,8 @@ DONE_WORDS = {"create": "created", "replace": "replaced", "remove": "removed", "
 @json_option
 @click.option("--dry-run", is_flag=True, help="Observe and decide, print what would be done, change nothing.")
 @click.option("--watch", "watch_s", type=click.FloatRange(min=1), default=None, metavar="SECONDS",
-              help="Run a pass every SECONDS until interrupted (each pass takes and releases the lock).")
+              help="Run a pass every SECONDS until interrupted, each reading the config again (and taking "
+                   "and releasing the lock).")
 @click.option("--wait", "wait_for_lock", is_flag=True,
               help="If another reconcile holds the lock, wait for it instead of exiting.")
 @click.option("-v", "--verbose", is_flag=True, help="List healthy workers too, and stream Terraform's output.")
@@ -49,15 +57,26 @@ def reconcile(config_path, as_json, dry_run, watch_s, wait_for_lock, verbose):
     Exit codes: 0 converged / repaired / --dry-run / lock held by another pass,
     1 a failure (unreachable zone, terraform, API), 2 bad config, 3 no terraform.
     """
-    cfg = load(config_path)
+    cfg = load(config_path)  # unloadable at the start: exit 2 at once (the CLI prints the one line)
     while True:
-        report = _one_pass(cfg, as_json, dry_run, wait_for_lock, verbose, json_lines=watch_s is not None)
+        exit_code = _one_pass(cfg, as_json, dry_run, wait_for_lock, verbose,
+                              json_lines=watch_s is not None).exit_code
         if watch_s is None:
-            sys.exit(report.exit_code)
-        try:
-            time.sleep(watch_s)
-        except KeyboardInterrupt:
-            sys.exit(report.exit_code)
+            sys.exit(exit_code)
+        while True:
+            try:
+                _sleep(watch_s)
+            except KeyboardInterrupt:
+                sys.exit(exit_code)
+            try:
+                cfg = load(config_path)  # the desired state as it is now, for the next pass
+                break
+            except ActfleetError as e:
+                click.echo(f"actfleet: {e} (pass skipped; reading it again in {watch_s:g} s)", err=True)
+                exit_code = e.exit_code
+
+
+_sleep = time.sleep  # between --watch passes (a test steps through passes with its own)
 
 
 def _one_pass(cfg, as_json: bool, dry_run: bool, wait_for_lock: bool, verbose: bool,
