@@ -30,7 +30,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from actfleet.worker import work_queue as q  # noqa: E402
 from actfleet.job_options import JobOptions  # noqa: E402
-from actfleet.worker.engine_extractor import EngineExtractor, count_input_rows, input_fingerprint  # noqa: E402
+from actfleet.hashing import sha256_file  # noqa: E402
+from actfleet.worker.engine_extractor import EngineExtractor, count_input_rows  # noqa: E402
 from actfleet.store import open_store  # noqa: E402
 from actfleet.worker.work_loop import Worker  # noqa: E402
 
@@ -90,7 +91,7 @@ def main(argv=None) -> None:
                                                   intermediate=args.hidden * 4))
         data = root / "data.jsonl"
         write_texts(data, args.rows)
-        fp = input_fingerprint(str(data))
+        fp = sha256_file(data)
         print(f"model {model} ({'random weights' if not args.model else 'given'}), {args.rows} rows, "
               f"units of {args.unit_rows}, repeat {args.repeat}, best of each side")
         print(f"{'sites':<12} {'forward tok/s':>14} {'pipeline tok/s':>15} {'ratio':>7} {'tokens':>9}   (best of each side)")

@@ -220,13 +220,14 @@ def test_chaos_with_the_real_engine_on_a_tiny_model(tmp_path):
     env = {"ACTFLEET_JAX_CACHE": str(tmp_path / "jax-cache")}  # restarted workers reuse compiled programs
     stores = {name: tmp_path / name for name in ("reference", "chaos")}
     from actfleet.job_options import JobOptions
-    from actfleet.worker.engine_extractor import count_input_rows, input_fingerprint
+    from actfleet.hashing import sha256_file
+    from actfleet.worker.engine_extractor import count_input_rows
 
     opts = JobOptions(model=str(model), sites=("blocks.0.hook_resid_post", "blocks.1.hook_resid_post"),
                       positions="non-special", compute_dtype="bfloat16", store_dtype="bfloat16",
                       shard_mb=0.002)  # tiny shards: several parts per unit
     for path in stores.values():
-        q.prepare(open_store(str(path)), "job", input=str(data), fingerprint=input_fingerprint(str(data)),
+        q.prepare(open_store(str(path)), "job", input=str(data), fingerprint=sha256_file(data),
                   rows=count_input_rows(str(data), opts), unit_rows=3, options=opts)
     ref = Proc(actfleet_argv("work", "--store", str(stores["reference"]), "--job", "job", "--worker-id", "ref"),
                env=env)

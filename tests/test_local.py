@@ -312,9 +312,12 @@ def test_a_missing_input_or_model_is_one_line_naming_it(tmp_path, flag, value):
 
 @pytest.mark.slow
 def test_workers_that_cannot_start_end_the_run_with_their_error_instead_of_restarting_forever(tmp_path):
-    model = tmp_path / "not-a-qwen"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
+    from actfleet.demo.tiny_model import make_tiny_model
+
+    # A model prepare accepts (its files are all there, and prepare pins their hashes) but no worker can
+    # load: its weights file is garbage. (A wrong model_type is now refused by prepare itself, in one line.)
+    model = make_tiny_model(tmp_path / "broken-weights", seed=0)
+    (model / "model.safetensors").write_bytes(b"not a safetensors file")
     out = tmp_path / "out"
     p = actfleet("local", "--workers", "2", "--model", str(model), "--input", str(small_dataset(tmp_path, 20)),
                  "--out", str(out))

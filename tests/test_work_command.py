@@ -103,7 +103,8 @@ def test_a_changed_dataset_is_refused_by_prepare_and_work(tiny, tmp_path):
     inplace.write_text(data.read_text())
     assert actfleet(*prepare_args(tmp_path / "b2", model, inplace)).returncode == 0
     inplace.write_text(data.read_text().replace("fox", "cat"))
-    w = actfleet("work", "--store", str(tmp_path / "b2"), "--job", "cmd")
+    fresh = {"ACTFLEET_DATA_CACHE": str(tmp_path / "a-new-machine")}  # holds no copy of the pinned bytes
+    w = actfleet("work", "--store", str(tmp_path / "b2"), "--job", "cmd", env=fresh)
     assert w.returncode == 2 and "changed since prepare" in w.stderr
     assert list(open_store(str(tmp_path / "b2")).list("cmd/done/")) == []
 

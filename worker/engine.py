@@ -70,7 +70,7 @@ class Engine:
     lists with them. The reading options (format, fields, ARC augmentation) and shard_mb are not its business.
     `attn_block` is the attention kernel's block size (a tuning knob, not a job option)."""
 
-    def __init__(self, options: JobOptions, *, attn_block: int = 512):
+    def __init__(self, options: JobOptions, *, attn_block: int = 512, model_dir: Path | None = None):
         import jax
         import jax.numpy as jnp
         from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -80,7 +80,8 @@ class Engine:
         self.options = options
         model_ref = options.model
         self.model_ref, self.revision = model_ref, options.revision
-        self.model_dir = model_files.resolve(model_ref, revision=options.revision)
+        # A fleet worker passes the directory it checked against the job's pin (worker/pinning.py).
+        self.model_dir = model_dir or model_files.resolve(model_ref, revision=options.revision)
         hf_config = json.loads((self.model_dir / "config.json").read_text())
         self.family = family_for(hf_config["model_type"])
         try:

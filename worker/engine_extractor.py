@@ -1,28 +1,37 @@
 """The real extractor behind the work loop's UnitExtractor interface (actfleet.worker.work_loop): one job's
-engine, input reader and shard writer, loaded once per worker process; plus the dataset's fingerprint and row
-count that `actfleet prepare` pins in job.json."""
+engine, input reader and shard writer, loaded once per worker process; plus the dataset's row count that
+`actfleet prepare` records in job.json."""
 
 from __future__ import annotations
 
-from actfleet.errors import InputError
 from actfleet.job_options import JobOptions
 from actfleet.worker import work_queue as q
 
 
 class EngineExtractor:
-    """actfleet.worker.engine + actfleet.worker.inputs + actfleet.worker.shards for one job."""
+    """actfleet.worker.engine + actfleet.worker.inputs + actfleet.worker.shards for one job, reading exactly
+    what the job pins (worker/pinning.py): the dataset from its content-addressed copy, the model checked
+    file by file. Either differing is refused here, before any unit is claimed."""
 
     def __init__(self, spec: q.JobSpec):
-        from actfleet.worker import engine as eng, inputs, shards
+        from actfleet.worker import engine as eng, inputs, pinning, shards
 
         self.spec, self.o, self._inputs, self._shards = spec, spec.options, inputs, shards
-        self.engine = eng.Engine(spec.options)
+        self.input = pinning.pinned_input(spec.input, pinning.InputPin(spec.fingerprint, spec.input_generation))
+        model_dir = None
+        if spec.model_pin:
+            model_dir = pinning.pinned_model(spec.options.model, spec.options.revision,
+                                             pinning.ModelPin.from_json(spec.model_pin))
+        self.engine = eng.Engine(spec.options, model_dir=model_dir)
 
     def fingerprint(self) -> str:
-        return input_fingerprint(self.spec.input)
+        return self.input.name.split(".", 1)[0]  # the copy's content address, computed as it was made
+
+    def model_sha256(self) -> str:
+        return self.spec.model_sha256  # pinned_model() checked every file against it
 
     def rows(self, start: int, stop: int):
-        return self._inputs.read_rows(self.spec.input, tokenizer=self.engine.tokenizer, start=start, stop=stop,
+        return self._inputs.read_rows(str(self.input), tokenizer=self.engine.tokenizer, start=start, stop=stop,
                                       **self.o.input_options())
 
     def run(self, rows):
@@ -52,25 +61,6 @@ class _ShardSink:
         self.writer.close()
         out, self.out = self.out, []
         return out
-
-
-def input_fingerprint(path: str) -> str:
-    """sha256 of the dataset's bytes, streamed (a local file or a gs:// object)."""
-    from actfleet.hashing import sha256_file, sha256_stream
-
-    if path.startswith("gs://"):
-        from google.cloud import storage
-
-        bucket, _, name = path[len("gs://"):].partition("/")
-        try:
-            with storage.Client().bucket(bucket).blob(name).open("rb") as f:
-                return sha256_stream(f)
-        except Exception as e:
-            raise InputError(f"{path}: cannot read the dataset ({type(e).__name__}: {e})") from None
-    try:
-        return sha256_file(path)
-    except OSError as e:
-        raise InputError(f"{path}: cannot read the dataset ({e.strerror})") from None
 
 
 def count_input_rows(path: str, options: JobOptions) -> int:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -40,7 +39,9 @@ def file_kind(path: str) -> str:
 
 
 def local_file(path: str) -> Path:
-    """A local path for `path`; a gs:// object is downloaded once into the cache (keyed by its URL)."""
+    """A local path for `path`; a gs:// object is downloaded once per object generation into the cache, so
+    a replaced object is fetched again instead of read stale. (Fleet workers read the job's pinned bytes
+    through worker/pinning.py instead.)"""
     if path.startswith("file://"):
         path = path[len("file://"):]
     if not path.startswith("gs://"):
@@ -51,16 +52,22 @@ def local_file(path: str) -> Path:
     from google.cloud import storage
 
     bucket, _, name = path[len("gs://"):].partition("/")
-    cache = Path(os.environ.get("ACTFLEET_DATA_CACHE") or Path.home() / ".cache" / "actfleet" / "data")
-    dest = cache / hashlib.sha256(path.encode()).hexdigest()[:16] / Path(name).name
-    if not dest.is_file():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + ".part")
-        try:
-            storage.Client().bucket(bucket).blob(name).download_to_filename(str(tmp))
-        except Exception as e:
-            raise InputError(f"{path}: cannot download the dataset ({type(e).__name__}: {e})") from None
-        tmp.replace(dest)
+    from actfleet.worker.pinning import data_cache
+
+    try:
+        blob = storage.Client().bucket(bucket).get_blob(name)
+        if blob is None:
+            raise InputError(f"{path}: no such dataset object")
+        dest = data_cache() / hashlib.sha256(path.encode()).hexdigest()[:16] / str(blob.generation) / Path(name).name
+        if not dest.is_file():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(dest.name + ".part")
+            blob.download_to_filename(str(tmp))  # this generation: a replacement since the lookup fails it
+            tmp.replace(dest)
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(f"{path}: cannot download the dataset ({type(e).__name__}: {e})") from None
     return dest
 
 

@@ -6,6 +6,7 @@ weights, checked up front so a missing or corrupt model fails at start with one 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -70,21 +71,23 @@ def _download_gcs(url: str) -> Path:
 
     bucket_name, _, prefix = url[len("gs://"):].partition("/")
     prefix = prefix.strip("/")
-    dest = cache_root() / "gcs" / bucket_name / prefix
-    done = dest / ".complete"
-    if done.is_file():
-        return dest
     try:
         client = storage.Client()
         blobs = [b for b in client.list_blobs(bucket_name, prefix=prefix + "/" if prefix else "")
                  if not b.name.endswith("/")]
         if not blobs:
             raise InputError(f"model {url}: no objects under that prefix")
+        # One cache entry per set of object generations: a replaced object is a new entry, never a stale hit.
+        generations = hashlib.sha256(json.dumps(sorted((b.name, int(b.generation)) for b in blobs)).encode())
+        dest = cache_root() / "gcs" / bucket_name / prefix / f"@{generations.hexdigest()[:16]}"
+        done = dest / ".complete"
+        if done.is_file():
+            return dest
         for blob in blobs:
             target = _inside(dest, blob.name[len(prefix):].lstrip("/"), url)
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.part")
-            blob.download_to_filename(str(tmp))
+            blob.download_to_filename(str(tmp))  # this generation (the listing's): if replaced since, it fails
             tmp.replace(target)
     except InputError:
         raise

@@ -1,7 +1,8 @@
 """`actfleet verify`: prove a job's output, or list exactly what is wrong with it.
 
 Checks, from the job's records and the shards themselves:
-1. every unit 0..N-1 has its unit record and exactly one done record, covering exactly its row range;
+1. every unit 0..N-1 has its unit record and exactly one done record, covering exactly its row range and
+   computed from the dataset bytes and model files job.json pins (the digests each done record carries);
 2. every shard a done record lists exists with the listed size and sha256, belongs to that unit, and no
    shard is listed twice;
 3. every input row is accounted for exactly once: the sample ids stored in a unit's shards plus the ids it
@@ -39,7 +40,8 @@ CLOCK_SKEW_S = 60.0
 
 @dataclass
 class Problem:
-    kind: str  # missing-unit | not-done | bad-record | bad-job | missing-shard | corrupt-shard | rows | garbage
+    kind: str  # missing-unit | not-done | bad-record | bad-job | mixed-input | mixed-model | missing-shard |
+    #            corrupt-shard | rows | garbage
     message: str
     unit: int | None = None
     key: str | None = None
@@ -124,6 +126,12 @@ def verify(store: Store, job: str, *, clean: bool = False, now: float | None = N
         if (rec.start, rec.stop) != (start, stop):
             problem("bad-record", f"unit {unit}: done record covers rows {rec.start}-{rec.stop - 1}, the unit is "
                                   f"{start}-{stop - 1}", unit)
+        if rec.input_sha256 != spec.fingerprint:
+            problem("mixed-input", f"unit {unit}: computed from dataset bytes sha256 {rec.input_sha256[:12] or '?'}..., "
+                                   f"the job pinned {spec.fingerprint[:12]}...", unit)
+        if rec.model_sha256 != spec.model_sha256:
+            problem("mixed-model", f"unit {unit}: computed with model files sha256 {rec.model_sha256[:12] or '?'}..., "
+                                   f"the job pinned {spec.model_sha256[:12] or 'none'}...", unit)
         for s in rec.shards:
             if shard_unit_part(s.name) is None or shard_unit_part(s.name)[0] != unit:
                 problem("bad-record", f"unit {unit}: lists shard {s.name} of another unit", unit)

@@ -44,7 +44,10 @@ class UnitExtractor(Protocol):
     """What the loop needs from the extractor, built once per worker from the job's options."""
 
     def fingerprint(self) -> str:
-        """sha256 of the input as it is now (compared with the job's)."""
+        """sha256 of the input bytes this extractor reads (compared with the job's)."""
+
+    def model_sha256(self) -> str:
+        """The digest of the model files it loaded (worker/pinning.py; "" when the job pins no model)."""
 
     def rows(self, start: int, stop: int) -> Iterator[Row]:
         """The unit's input rows, sample ids start..stop-1."""
@@ -150,6 +153,7 @@ class Worker:
         self.record = q.WorkerProgress(self.worker_id, state="starting")
         self.offset = zlib.crc32(self.worker_id.encode()) % max(1, self.spec.units)
         self.draining = threading.Event()
+        self._pinned: dict[str, str] | None = None
 
     # -- signals --------------------------------------------------------------------------------------
 
@@ -167,7 +171,7 @@ class Worker:
 
     def run(self) -> WorkResult:
         result = WorkResult()
-        q.check_input(self.spec, self.extractor.fingerprint())
+        self._pins()
         self._write_record("idle")
         while not self.draining.is_set():
             nxt = q.next_unit(self.store, self.spec, self.worker_id, self.lease_seconds, offset=self.offset)
@@ -187,6 +191,15 @@ class Worker:
         result.stopped_by_signal = self.draining.is_set()
         self._write_record("stopped" if result.stopped_by_signal else "finished")
         return result
+
+    def _pins(self) -> dict[str, str]:
+        """The input and model digests this worker computes from, checked against the job's (once)."""
+        if self._pinned is None:
+            input_sha256, model_sha256 = self.extractor.fingerprint(), self.extractor.model_sha256()
+            q.check_input(self.spec, input_sha256)
+            q.check_model(self.spec, model_sha256)
+            self._pinned = {"input_sha256": input_sha256, "model_sha256": model_sha256}
+        return self._pinned
 
     def _write_record(self, state: str, unit: int | None = None) -> None:
         self.record.state, self.record.current_unit = state, unit
@@ -214,7 +227,8 @@ class Worker:
                                   rows_stored=len(stats.stored_ids), tokens=stats.tokens,
                                   skipped=stats.skipped(start, stop), shards=stats.shards,
                                   committed_at=time.time(), seconds=round(time.monotonic() - t0, 3),
-                                  computed_tokens=stats.computed, padded_tokens=stats.padded)
+                                  computed_tokens=stats.computed, padded_tokens=stats.padded,
+                                  **self._pins())
             self.on_event("committing", {"unit": unit})
             lease = keeper.stop()
             committed = q.commit(self.store, lease, record, self.lease_seconds)

@@ -128,7 +128,13 @@ class JobSpec:
     unit_rows: int
     units: int
     options: JobOptions  # model, revision, reading and extraction options
+    input_generation: int | None = None  # the GCS generation of a gs:// input that prepare hashed
+    model_pin: dict | None = None  # the model's resolved revision and file hashes (worker/pinning.py ModelPin)
     format_version: int = FORMAT_VERSION
+
+    @property
+    def model_sha256(self) -> str:
+        return self.model_pin["sha256"] if self.model_pin else ""
 
     def unit_range(self, unit: int) -> tuple[int, int]:
         start = unit * self.unit_rows
@@ -160,7 +166,8 @@ def read_job(store: Store, job: str) -> JobSpec:
 
 
 def prepare(store: Store, job: str, *, input: str, fingerprint: str, rows: int, unit_rows: int,
-            options: JobOptions | dict) -> tuple[JobSpec, bool]:
+            options: JobOptions | dict, input_generation: int | None = None,
+            model_pin: dict | None = None) -> tuple[JobSpec, bool]:
     """Create the job's units and job.json; (spec, created). Idempotent for the same input and options:
     preparing again (or concurrently) changes nothing. A different input or options is refused, never mixed.
     `options` may also be given in job.json's JSON form (missing keys take JobOptions' defaults)."""
@@ -172,7 +179,8 @@ def prepare(store: Store, job: str, *, input: str, fingerprint: str, rows: int, 
         except (TypeError, ValueError) as e:
             raise InputError(f"prepare: {e}") from None
     spec = JobSpec(job=job, input=input, fingerprint=fingerprint, rows=rows, unit_rows=unit_rows,
-                   units=-(-rows // unit_rows), options=options)
+                   units=-(-rows // unit_rows), options=options, input_generation=input_generation,
+                   model_pin=model_pin)
     existing = _existing_job(store, job)
     if existing is not None:
         _refuse_if_different(store, existing, spec)
@@ -206,6 +214,9 @@ def _refuse_if_different(store: Store, existing: JobSpec, wanted: JobSpec) -> No
     if existing.fingerprint != wanted.fingerprint:
         raise InputError(f"{where} was prepared from a different dataset (sha256 {existing.fingerprint[:12]}..., "
                          f"now {wanted.fingerprint[:12]}...): refusing to mix; use a new --job name")
+    if existing.model_sha256 != wanted.model_sha256:
+        raise InputError(f"{where} was prepared with other model files (sha256 {existing.model_sha256[:12]}..., "
+                         f"now {wanted.model_sha256[:12]}...): refusing to mix; use a new --job name")
     for name in ("rows", "unit_rows"):
         if getattr(existing, name) != getattr(wanted, name):
             raise InputError(f"{where} was prepared with {name}={getattr(existing, name)}, now "
@@ -223,6 +234,13 @@ def check_input(spec: JobSpec, fingerprint: str) -> None:
     if fingerprint != spec.fingerprint:
         raise InputError(f"job {spec.job!r}: input {spec.input} changed since prepare (sha256 "
                          f"{spec.fingerprint[:12]}..., now {fingerprint[:12]}...): refusing to mix")
+
+
+def check_model(spec: JobSpec, model_sha256: str) -> None:
+    """A worker refuses to process a job with model files other than those prepare pinned."""
+    if model_sha256 != spec.model_sha256:
+        raise InputError(f"job {spec.job!r}: model {spec.options.model} has other files than at prepare (sha256 "
+                         f"{spec.model_sha256[:12] or 'none'}..., now {model_sha256[:12] or 'none'}...): refusing to mix")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -426,6 +444,8 @@ class DoneRecord:
     seconds: float  # wall time of the attempt
     computed_tokens: int = 0
     padded_tokens: int = 0
+    input_sha256: str = ""  # the dataset bytes this attempt read (must be the job's fingerprint)
+    model_sha256: str = ""  # the model files it loaded (must be the job's model_pin digest)
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> bytes:
@@ -459,8 +479,9 @@ def _wrong_types(rec: DoneRecord) -> str | None:
     for name in ("committed_at", "seconds"):
         if not isinstance(getattr(rec, name), (int, float)) or isinstance(getattr(rec, name), bool):
             return name
-    if not isinstance(rec.worker, str):
-        return "worker"
+    for name in ("worker", "input_sha256", "model_sha256"):
+        if not isinstance(getattr(rec, name), str):
+            return name
     if not isinstance(rec.skipped, dict) or not all(
             isinstance(k, str) and isinstance(v, list) and all(is_int(i) for i in v) for k, v in rec.skipped.items()):
         return "skipped"

@@ -6,12 +6,20 @@ same bits. Malformed lines are skipped with a reason and empty texts store nothi
 engine. Shards are real safetensors (token_ids, sample_ids, positions, one [n, D] tensor per site).
 The real engine is exercised by the chaos and command tests; this one keeps the loop's tests fast and lets
 them inject slowness or failures.
+
+Every shard is stamped with the attempt that wrote it (string metadata "attempt": the worker id, a random
+nonce per process, a counter of the process's unit attempts, and whatever the loop passes to name the
+attempt), so two attempts at a unit never produce equal bytes: an attempt that overwrites another's shard,
+or a done record that mixes two attempts' shards, fails verify's sha256 check instead of passing by accident.
+The tensors stay a pure function of the rows (the chaos tests compare them bit for bit through done records).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +31,8 @@ from actfleet.worker.shards import Shard
 
 D = 8
 SITES = ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post")
+PROCESS_NONCE = secrets.token_hex(8)  # a restarted worker process is a new nonce
+_ATTEMPTS = itertools.count(1)  # shard writers made in this process (one per unit attempt), over all extractors
 
 
 @dataclass
@@ -60,6 +70,7 @@ def fingerprint(path: Path) -> str:
 class StandinWriter:
     shard_tokens: int
     unit: int
+    attempt: str = ""  # stamped into every shard's metadata: different bytes for every attempt
     parts: list = field(default_factory=list)
     part: int = 0
 
@@ -77,8 +88,8 @@ class StandinWriter:
         for site in SITES:
             cat[site] = np.concatenate([b.acts[site] for b in self.parts])
         self.parts = []
-        shard = Shard(self.unit, self.part, save(cat, metadata={"format_version": "1", "model": "standin"}),
-                      len(cat["sample_ids"]))
+        meta = {"format_version": "1", "model": "standin", "attempt": self.attempt}
+        shard = Shard(self.unit, self.part, save(cat, metadata=meta), len(cat["sample_ids"]))
         self.part += 1
         return shard
 
@@ -89,9 +100,13 @@ class StandinExtractor:
     shard_tokens: int = 64
     batch_rows: int = 4
     delay: float = 0.0  # seconds per batch, to give signals and kills something to interrupt
+    worker: str = ""  # the worker id, part of the attempt stamp
 
     def fingerprint(self) -> str:
         return fingerprint(self.path)
+
+    def model_sha256(self) -> str:
+        return ""  # no model files: stand-in jobs pin none
 
     def rows(self, start: int, stop: int):
         with open(self.path, encoding="utf-8") as f:
@@ -123,13 +138,21 @@ class StandinExtractor:
                     for li, site in enumerate(SITES)}
             yield Batch(tok_a, np.array(sid, dtype=np.int64), pos_a, acts, computed_tokens=len(tok), padded_tokens=0)
 
-    def shard_writer(self, unit: int) -> StandinWriter:
-        return StandinWriter(self.shard_tokens, unit)
+    def shard_writer(self, unit: int, *attempt, **attempt_kw) -> StandinWriter:
+        """A fresh writer for one attempt at `unit`. Whatever else the loop passes (the lease's attempt, its
+        tag) is stamped too; the stamp is unique per attempt even without it (worker, process nonce, count)."""
+        extra = [str(a) for a in attempt] + [f"{k}={v}" for k, v in sorted(attempt_kw.items())]
+        stamp = "/".join([self.worker or "?", PROCESS_NONCE, str(next(_ATTEMPTS)), *extra])
+        return StandinWriter(self.shard_tokens, unit, stamp)
 
 
 def main(argv=None) -> int:
-    """`python -m tests.fakes.standin_extractor STORE JOB WORKER DATA [DELAY] [LEASE_S]`: one worker process
-    running the real work loop (with SIGTERM drain) over the stand-in extractor."""
+    """`python -m tests.fakes.standin_extractor STORE JOB WORKER DATA [DELAY] [LEASE_S] [DRAIN_S]`: one worker
+    process running the real work loop (with SIGTERM drain) over the stand-in extractor.
+
+    JOB may be a comma-separated list of jobs over the same DATA, worked in turn (a SIGTERM ends the list
+    too): a fleet of such workers goes through the end of a job, where expired leases are taken over, many
+    times. Each event line carries its job."""
     import sys
 
     from actfleet.worker import work_queue as q
@@ -137,16 +160,19 @@ def main(argv=None) -> int:
     from actfleet.worker.work_loop import Worker, install_sigterm
 
     args = (argv if argv is not None else sys.argv[1:])
-    store_url, job, worker_id, data = args[:4]
+    store_url, jobs, worker_id, data = args[:4]
     delay = float(args[4]) if len(args) > 4 else 0.0
     lease_s = float(args[5]) if len(args) > 5 else 5.0
     store = open_store(store_url)
-    w = Worker(store, q.read_job(store, job), StandinExtractor(Path(data), delay=delay), worker_id,
-               lease_seconds=lease_s, drain_seconds=float(args[6]) if len(args) > 6 else 25.0,
-               on_event=lambda kind, info: print(kind, json.dumps(info), flush=True))
-    install_sigterm(w)
-    r = w.run()
-    print("result", json.dumps(r.__dict__), flush=True)
+    for job in jobs.split(","):
+        w = Worker(store, q.read_job(store, job), StandinExtractor(Path(data), delay=delay, worker=worker_id),
+                   worker_id, lease_seconds=lease_s, drain_seconds=float(args[6]) if len(args) > 6 else 25.0,
+                   on_event=lambda kind, info, job=job: print(kind, json.dumps({"job": job, **info}), flush=True))
+        install_sigterm(w)
+        r = w.run()
+        print("result", json.dumps({"job": job, **r.__dict__}), flush=True)
+        if r.stopped_by_signal:
+            break
     return 0
 
 

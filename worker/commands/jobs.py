@@ -25,7 +25,7 @@ from actfleet.errors import ConfigError, InputError
 from actfleet.job_options import (DEFAULT_LEASE_SECONDS, DEFAULT_UNIT_ROWS, DTYPES, FORMATS, LONG_INPUTS, POSITIONS,
                                   JobOptions)
 from actfleet.worker import work_queue as q
-from actfleet.worker.engine_extractor import EngineExtractor, count_input_rows, input_fingerprint
+from actfleet.worker.engine_extractor import EngineExtractor, count_input_rows
 from actfleet.store import Store, open_store
 
 
@@ -112,14 +112,19 @@ def prepare(config_path, store_url, job, model, revision, input_path, fmt, text_
     except ValueError as e:
         raise InputError(f"prepare: {e}") from None
     rows_per_unit = unit_rows or (c.unit_rows if c else DEFAULT_UNIT_ROWS)
-    fingerprint = input_fingerprint(source)
-    rows = count_input_rows(source, options)
-    spec, created = q.prepare(t.store, t.job, input=source, fingerprint=fingerprint, rows=rows,
-                              unit_rows=rows_per_unit, options=options)
+    from actfleet.worker import pinning
+
+    local, pin = pinning.pin_input(source)  # rows are counted from exactly the bytes pinned
+    _, model = pinning.pin_model(options.model, options.revision)
+    rows = count_input_rows(str(local), options)
+    spec, created = q.prepare(t.store, t.job, input=source, fingerprint=pin.sha256, rows=rows,
+                              unit_rows=rows_per_unit, options=options, input_generation=pin.generation,
+                              model_pin=model.to_json())
     progress = q.job_progress(t.store, t.job)
     if as_json:
         click.echo(json.dumps({"job": t.job, "store": t.store.url, "created": created, "units": spec.units,
                                "rows": spec.rows, "unit_rows": spec.unit_rows, "fingerprint": spec.fingerprint,
+                               "input_generation": spec.input_generation, "model_sha256": spec.model_sha256,
                                "units_done": progress.units_done}))
     else:
         verb = "prepared" if created else "already prepared (same input and options)"

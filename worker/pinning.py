@@ -1,0 +1,197 @@
+"""What a job pins, and how a worker reads exactly that: the dataset's bytes and the model's files.
+
+`actfleet prepare` records in job.json the dataset's sha256 (and, for gs://, the object generation it
+hashed) and the model's resolved revision with the sha256 of every file it loads. Every worker then reads:
+- the dataset from a content-addressed local copy (`{data cache}/sha256/<hash><suffix>`), made from the
+  pinned GCS generation or from the local file and hashed while it is copied; a copy whose hash differs
+  from the job's is refused, so an edit of the original while the job runs never reaches a unit;
+- the model from the directory its reference resolves to (a gs:// prefix is cached per object
+  generation, a hub id at the pinned commit), after checking every file's hash against the job's.
+
+Anything that does not match is refused with one line (exit 2); nothing is mixed. Done records carry the
+two digests, and `verify` compares them with job.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from actfleet.errors import InputError
+from actfleet.hashing import sha256_file, sha256_stream
+from actfleet.worker import model_files
+
+# The files a model directory is loaded from (the same patterns the hub download fetches).
+MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".jinja")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The dataset
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InputPin:
+    sha256: str
+    generation: int | None = None  # the GCS object generation prepare hashed (None for a local file)
+
+
+def data_cache() -> Path:
+    return Path(os.environ.get("ACTFLEET_DATA_CACHE") or Path.home() / ".cache" / "actfleet" / "data")
+
+
+def pin_input(path: str) -> tuple[Path, InputPin]:
+    """(a local file holding the dataset's current bytes, its pin). Used by prepare, which counts rows
+    from exactly the bytes it pins."""
+    if path.startswith("gs://"):
+        bucket, name = _gcs_parts(path)
+        blob = _gcs_blob(path, bucket, name, generation=None)
+        local, digest = _fetch_to_cache(path, blob.download_to_file, _suffix(name), expect=None)
+        return local, InputPin(digest, int(blob.generation))
+    local = _local(path)
+    try:
+        return local, InputPin(sha256_file(local))
+    except OSError as e:
+        raise InputError(f"{path}: cannot read the dataset ({e.strerror})") from None
+
+
+def pinned_input(path: str, pin: InputPin) -> Path:
+    """The content-addressed local copy of exactly the pinned dataset bytes; InputError if the source no
+    longer holds them (edited, replaced, or a GCS generation that is gone)."""
+    suffix = _suffix(path)
+    cached = data_cache() / "sha256" / f"{pin.sha256}{suffix}"
+    if cached.is_file():
+        return cached  # written only after its hash was checked; nothing writes it in place
+    if path.startswith("gs://"):
+        bucket, name = _gcs_parts(path)
+        blob = _gcs_blob(path, bucket, name, generation=pin.generation)
+        return _fetch_to_cache(path, blob.download_to_file, suffix, expect=pin.sha256)[0]
+    local = _local(path)
+
+    def copy(f) -> None:
+        with open(local, "rb") as src:
+            shutil.copyfileobj(src, f, 1 << 22)
+
+    return _fetch_to_cache(path, copy, suffix, expect=pin.sha256)[0]
+
+
+def _fetch_to_cache(path: str, write, suffix: str, expect: str | None) -> tuple[Path, str]:
+    """Write the source into a temporary file, hash it, and rename it to its content address."""
+    root = data_cache() / "sha256"
+    root.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=root, prefix=".fetch-")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        with open(tmp, "rb") as f:
+            digest = sha256_stream(f)
+        if expect is not None and digest != expect:
+            raise InputError(f"dataset {path} changed since prepare (sha256 {expect[:12]}..., now {digest[:12]}...): "
+                             f"refusing to mix; prepare a new job")
+        final = root / f"{digest}{suffix}"
+        os.replace(tmp, final)
+        return final, digest
+    except InputError:
+        raise
+    except Exception as e:  # google.api_core errors, OSError
+        raise InputError(f"dataset {path}: cannot read it ({type(e).__name__}: {e})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _local(path: str) -> Path:
+    p = Path(path[len("file://"):] if path.startswith("file://") else path)
+    if not p.is_file():
+        raise InputError(f"{path}: no such dataset file")
+    return p
+
+
+def _suffix(name: str) -> str:
+    """The dataset's type suffix (the readers choose a format by it): '.jsonl', '.parquet', '.jsonl.gz'..."""
+    base = name.rsplit("/", 1)[-1]
+    m = re.search(r"(\.[A-Za-z0-9]+){1,2}$", base)
+    return m.group(0).lower() if m else ""
+
+
+def _gcs_parts(path: str) -> tuple[str, str]:
+    bucket, _, name = path[len("gs://"):].partition("/")
+    if not bucket or not name:
+        raise InputError(f"{path}: a dataset in a bucket looks like gs://bucket/path/data.jsonl")
+    return bucket, name
+
+
+def _gcs_blob(path: str, bucket: str, name: str, generation: int | None):
+    from google.api_core import exceptions as gexc
+    from google.cloud import storage
+
+    try:
+        blob = storage.Client().bucket(bucket).get_blob(name, generation=generation)
+    except gexc.GoogleAPICallError as e:
+        raise InputError(f"dataset {path}: cannot read it ({type(e).__name__}: {e})") from None
+    if blob is None:
+        if generation is not None:
+            raise InputError(f"dataset {path}: generation {generation}, which prepare pinned, is gone (the object "
+                             f"was replaced since prepare): refusing to mix; prepare a new job")
+        raise InputError(f"dataset {path}: no such object")
+    return blob
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelPin:
+    sha256: str  # over the sorted (file, sha256) pairs
+    files: dict[str, str] = field(default_factory=dict)  # relative name -> sha256
+    revision: str | None = None  # the hub commit a moving revision ("main") resolved to; None off the hub
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(d: dict) -> "ModelPin":
+        return ModelPin(sha256=str(d["sha256"]), files={str(k): str(v) for k, v in dict(d["files"]).items()},
+                        revision=d.get("revision"))
+
+
+def model_pin(model_dir: Path) -> ModelPin:
+    files = {}
+    for f in sorted(model_dir.rglob("*")):
+        rel = f.relative_to(model_dir).as_posix()
+        if f.is_file() and f.name.endswith(MODEL_FILE_SUFFIXES) and not any(p.startswith(".") for p in rel.split("/")):
+            files[rel] = sha256_file(f)
+    digest = _digest(files)
+    m = re.search(r"/snapshots/([0-9a-f]{40})/?$", model_dir.resolve().as_posix())
+    return ModelPin(digest, files, m.group(1) if m else None)
+
+
+def pin_model(ref: str, revision: str) -> tuple[Path, ModelPin]:
+    """For prepare: resolve the model and pin what it resolved to."""
+    model_dir = model_files.resolve(ref, revision=revision)
+    return model_dir, model_pin(model_dir)
+
+
+def pinned_model(ref: str, revision: str, pin: ModelPin) -> Path:
+    """For a worker: the model directory holding exactly the pinned files, or InputError."""
+    model_dir = model_files.resolve(ref, revision=pin.revision or revision)
+    found = model_pin(model_dir)
+    if found.sha256 != pin.sha256:
+        changed = sorted(set(pin.files) ^ set(found.files)) or sorted(
+            f for f in pin.files if pin.files[f] != found.files.get(f))
+        raise InputError(f"model {ref} changed since prepare ({', '.join(changed[:3])} differ): refusing to mix; "
+                         f"prepare a new job")
+    return model_dir
+
+
+def _digest(files: dict[str, str]) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()
