@@ -112,6 +112,13 @@ def _load(data: bytes, what: str) -> dict:
     return obj
 
 
+def _read_if_present(store: Store, key: str) -> tuple[bytes, int] | None:
+    try:
+        return store.read(key)
+    except NotFound:
+        return None
+
+
 # ----------------------------------------------------------------------------------------------------
 # The job and its units
 # ----------------------------------------------------------------------------------------------------
@@ -202,11 +209,8 @@ def prepare(store: Store, job: str, *, input: str, fingerprint: str, rows: int, 
 
 
 def _existing_job(store: Store, job: str) -> JobSpec | None:
-    try:
-        data, _ = store.read(job_key(job))
-    except NotFound:
-        return None
-    return JobSpec.from_json(data, f"{store.url}/{job_key(job)}")
+    found = _read_if_present(store, job_key(job))
+    return None if found is None else JobSpec.from_json(found[0], f"{store.url}/{job_key(job)}")
 
 
 def _refuse_if_different(store: Store, existing: JobSpec, wanted: JobSpec) -> None:
@@ -297,10 +301,10 @@ def claim(store: Store, job: str, unit: int, worker: str, lease_seconds: float, 
 
 
 def read_lease(store: Store, job: str, unit: int) -> Lease | None:
-    try:
-        data, gen = store.read(lease_key(job, unit))
-    except NotFound:
+    found = _read_if_present(store, lease_key(job, unit))
+    if found is None:
         return None
+    data, gen = found
     try:
         return Lease.parse(data, gen, f"{store.url}/{lease_key(job, unit)}")
     except (ActfleetError, ValueError):
@@ -517,11 +521,8 @@ def commit(store: Store, lease: Lease, record: DoneRecord, lease_seconds: float)
 
 
 def read_done(store: Store, job: str, unit: int) -> DoneRecord | None:
-    try:
-        data, _ = store.read(done_key(job, unit))
-    except NotFound:
-        return None
-    return DoneRecord.from_json(data, f"{store.url}/{done_key(job, unit)}")
+    found = _read_if_present(store, done_key(job, unit))
+    return None if found is None else DoneRecord.from_json(found[0], f"{store.url}/{done_key(job, unit)}")
 
 
 # ----------------------------------------------------------------------------------------------------

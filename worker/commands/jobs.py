@@ -59,10 +59,16 @@ def _target(config_path: str | None, store_url: str | None, job: str | None) -> 
 # ----------------------------------------------------------------------------------------------------
 
 
+def target_options(f):
+    """--config, --store and --job: which job in which store (the three commands' shared way to name it)."""
+    f = click.option("--job", help="Job name (default: [job] name).")(f)
+    f = click.option("--store", "store_url",
+                     help="Store URL: a path, file:///abs or gs://bucket/prefix (default: [job] store).")(f)
+    return config_option(f)
+
+
 @click.command()
-@config_option
-@click.option("--store", "store_url", help="Store URL: a path, file:///abs or gs://bucket/prefix (default: [job] store).")
-@click.option("--job", help="Job name (default: [job] name).")
+@target_options
 @click.option("--model", help="Model: local dir, gs:// prefix or hub id.")
 @click.option("--revision", help="Hub revision of the model.")
 @click.option("--input", "input_path", help="Dataset file (JSONL, Parquet, CSV) or gs:// URL.")
@@ -138,9 +144,7 @@ def prepare(config_path, store_url, job, model, revision, input_path, fmt, text_
 
 
 @click.command()
-@config_option
-@click.option("--store", "store_url", help="Store URL (default: [job] store).")
-@click.option("--job", help="Job name (default: [job] name).")
+@target_options
 @click.option("--worker-id", help="This worker's name in leases and status (default: host-pid; bootstrap passes "
                                    "the node name).")
 @click.option("--lease-seconds", type=click.IntRange(min=1), help="Lease length; renewed every third of it.")
@@ -191,9 +195,7 @@ def work(config_path, store_url, job, worker_id, lease_seconds, drain_seconds, q
 
 
 @click.command()
-@config_option
-@click.option("--store", "store_url", help="Store URL (default: [job] store).")
-@click.option("--job", help="Job name (default: [job] name).")
+@target_options
 @click.option("--clean", is_flag=True, help="Delete garbage: shards no done record lists, leases left on done units.")
 @json_option
 def verify(config_path, store_url, job, clean, as_json):
