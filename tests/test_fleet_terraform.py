@@ -18,6 +18,7 @@ from actfleet import config as config_mod
 from actfleet.infra.qr_request import queued_resource_request
 from actfleet.infra.terraform import Terraform, TerraformError, error_summary, fleet_stack
 from actfleet.infra.terraform_layout import worker_address
+from tests.conftest import write_fleet_toml
 from tests.fakes.tpu_server import FakeTpuServer
 
 pytestmark = pytest.mark.slow
@@ -42,29 +43,9 @@ def show_json(tf: Terraform) -> dict:
     return json.loads(tf.run("show", "-json", stream=False))
 
 
-def write_config(dir: Path, *, workers_per_zone: int = WORKERS_PER_ZONE, extra_fleet: str = "") -> Path:
-    zones = ", ".join(f'"{z}" = {workers_per_zone}' for z in ZONES)
-    path = dir / "fleet.toml"
-    path.write_text(textwrap.dedent(f"""\
-        [fleet]
-        id = "acts"
-        project = "fake-project"
-        region = "us-central1"
-        zones = {{ {zones} }}
-        {extra_fleet}
-        [repo]
-        url = "https://github.com/example/actfleet.git"
-        commit = "0123456789abcdef0123456789abcdef01234567"
-        [storage]
-        bucket = "fake-project-acts"
-        [state]
-        path = "{dir / 'state'}"
-        [job]
-        model = "Qwen/Qwen2.5-0.5B"
-        input = "gs://fake-project-acts/data.jsonl"
-        layers = [6]
-        """))
-    return path
+def write_config(dir: Path, *, workers_per_zone: int = WORKERS_PER_ZONE, fleet: dict | None = None) -> Path:
+    return write_fleet_toml(dir / "fleet.toml", zones={z: workers_per_zone for z in ZONES}, state=dir / "state",
+                            fleet=fleet)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from actfleet.infra.lock import LOCK_KEY, ReconcileLock
 from actfleet.infra.reconcile import REPORT_JSON_SCHEMA, managed_workers, reconcile_pass
 from actfleet.infra.terraform_layout import FLEET, state_location
 from actfleet.infra.tpu_api import TpuApi
+from tests.conftest import write_fleet_toml
 from tests.fakes.tpu_server import FakeTpuServer
 from actfleet.store import open_store
 
@@ -169,10 +170,10 @@ def test_watch_reads_fleet_toml_again_every_pass_and_skips_a_pass_whose_config_i
     config = tmp_path / "fleet.toml"
 
     def good(count: int) -> str:
-        return (f'[fleet]\nid = "rc"\nproject = "fake-project"\nregion = "us-central1"\nzones = {{ "{A}" = {count} }}\n'
-                f'[repo]\nurl = "https://example.com/r.git"\ncommit = "{"d" * 40}"\n'
-                f'[storage]\nbucket = "rc-activations"\n[state]\npath = "{tmp_path / "state"}"\n'
-                f'[job]\nmodel = "m"\ninput = "i"\nlayers = [1]\nstore = "{tmp_path / "store"}"\n')
+        return write_fleet_toml(tmp_path / "rendered.toml", id="rc", zones={A: count}, commit="d" * 40,
+                                state=tmp_path / "state", bucket="rc-activations",
+                                job={"model": "m", "input": "i", "layers": [1], "store": str(tmp_path / "store")}
+                                ).read_text()
 
     broken = good(1).replace('region = "us-central1"', 'region = "us-central1"\nmode = "spot"')
     config.write_text(good(1))

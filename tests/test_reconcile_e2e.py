@@ -25,6 +25,7 @@ import pytest
 from actfleet.config import load
 from actfleet.infra.reconcile import REPORT_JSON_SCHEMA, managed_workers, reconcile_pass
 from actfleet.infra.tpu_api import TpuApi
+from tests.conftest import write_fleet_toml
 from tests.fakes.tpu_server import FakeTpuServer
 
 pytestmark = pytest.mark.slow
@@ -58,35 +59,10 @@ class Fleet:
     def write_config(self, zones: dict[str, int]) -> None:
         # The job is watched from the start (not prepared: never complete) so the scale-to-zero test at the
         # end needs no new synth.
-        reconcile = {"watch_job": True, "scale_to_zero_when_done": True}
-        zones_toml = ", ".join(f'"{z}" = {n}' for z, n in zones.items())
-        rec = "\n".join(f"{k} = {json.dumps(v)}" for k, v in reconcile.items())
-        self.config.write_text(textwrap.dedent(f"""\
-            [fleet]
-            id = "e2e"
-            project = "fake-project"
-            region = "us-central1"
-            zones = {{ {zones_toml} }}
-
-            [repo]
-            url = "https://example.com/actfleet.git"
-            commit = "{'a' * 40}"
-
-            [storage]
-            bucket = "e2e-activations"
-
-            [state]
-            path = "{self.tmp / 'state'}"
-
-            [job]
-            model = "tiny"
-            input = "data.jsonl"
-            layers = [1]
-            store = "{self.tmp / 'store'}"
-
-            [reconcile]
-            {rec}
-            """))
+        write_fleet_toml(self.config, id="e2e", zones=zones, commit="a" * 40, state=self.tmp / "state",
+                         bucket="e2e-activations",
+                         job={"model": "tiny", "input": "data.jsonl", "layers": [1], "store": str(self.tmp / "store")},
+                         reconcile={"watch_job": True, "scale_to_zero_when_done": True})
 
     def reconcile(self, *args: str, check: bool = True) -> tuple[int, dict]:
         proc = subprocess.run([ACTFLEET, "reconcile", "--config", str(self.config), "--json", *args],

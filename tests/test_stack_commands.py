@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import write_fleet_toml
 from tests.fakes.tpu_server import FakeTpuServer
 
 ACTFLEET = str(Path(sys.executable).parent / "actfleet")
@@ -23,26 +24,8 @@ ZONES = ("us-central1-a", "us-central1-b")
 
 
 def write_config(path: Path, *, mode: str = "queued", state: Path) -> Path:
-    path.write_text(textwrap.dedent(f"""\
-        [fleet]
-        id = "cli"
-        project = "fake-project"
-        region = "us-central1"
-        zones = {{ "us-central1-a" = 2, "us-central1-b" = 2 }}
-        mode = "{mode}"
-        [repo]
-        url = "https://github.com/example/actfleet.git"
-        commit = "89abcdef0123456789abcdef0123456789abcdef"
-        [storage]
-        bucket = "fake-project-cli"
-        [state]
-        path = "{state}"
-        [job]
-        model = "Qwen/Qwen2.5-0.5B"
-        input = "gs://fake-project-cli/data.jsonl"
-        layers = [3]
-        """))
-    return path
+    return write_fleet_toml(path, id="cli", zones={z: 2 for z in ZONES}, state=state, fleet={"mode": mode},
+                            commit="89abcdef0123456789abcdef0123456789abcdef", job={"layers": [3]})
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from actfleet.config import parse
 from actfleet.infra import synth_cache
 from actfleet.infra.qr_request import queued_resource_request
 from actfleet.infra.startup_script import config_url, startup_script, worker_unit
+from tests.conftest import write_fleet_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 ACTFLEET = "/opt/actfleet-test/bin/actfleet"
@@ -300,25 +301,9 @@ def test_cache_key_follows_config_and_sources(tmp_path, monkeypatch):
 
 
 def test_cached_synth_imports_no_cdktf(tmp_path):
-    config_path = tmp_path / "fleet.toml"
-    config_path.write_text(f"""
-[fleet]
-id = "acts"
-project = "my-project"
-region = "us-central1"
-zones = {{ "us-central1-a" = 2 }}
-[repo]
-url = "https://github.com/example/actfleet.git"
-commit = "{"ab" * 20}"
-[storage]
-bucket = "my-project-acts"
-[state]
-path = "{tmp_path / 'state'}"
-[job]
-model = "m"
-input = "i"
-layers = [1]
-""")
+    config_path = write_fleet_toml(tmp_path / "fleet.toml", zones={"us-central1-a": 2}, commit="ab" * 20,
+                                   state=tmp_path / "state", bucket="my-project-acts",
+                                   job={"model": "m", "input": "i", "layers": [1]})
     from actfleet.config import load
 
     first = synth_cache.synth(load(config_path), cache_dir=tmp_path / "cache")  # a miss: imports cdktf here

@@ -15,6 +15,7 @@ import pytest
 from actfleet.config import load
 from actfleet.infra.commands.status import take_snapshot
 from actfleet.infra.tpu_api import TpuApi
+from tests.conftest import write_fleet_toml
 from tests.fakes.tpu_server import FakeTpuServer
 from actfleet.worker.work_queue import DoneRecord, ShardInfo, WorkerProgress, claim, commit, prepare, write_worker_record
 from actfleet.store import open_store
@@ -28,26 +29,10 @@ OURS = {"actfleet-fleet": "st", "managed-by": "actfleet"}
 @pytest.fixture
 def setup(tmp_path):
     with FakeTpuServer.start(port=0) as fake:
-        config = tmp_path / "fleet.toml"
-        config.write_text(textwrap.dedent(f"""\
-            [fleet]
-            id = "st"
-            project = "fake-project"
-            region = "us-central1"
-            zones = {{ "{A}" = 2, "{B}" = 1 }}
-            tpu_endpoint = "{fake.url}"
-            [repo]
-            url = "https://example.com/actfleet.git"
-            commit = "{'b' * 40}"
-            [storage]
-            bucket = "st-activations"
-            [job]
-            name = "j1"
-            model = "tiny"
-            input = "data.jsonl"
-            layers = [1]
-            store = "{tmp_path / 'store'}"
-            """))
+        config = write_fleet_toml(tmp_path / "fleet.toml", id="st", zones={A: 2, B: 1}, commit="b" * 40,
+                                  bucket="st-activations", fleet={"tpu_endpoint": fake.url},
+                                  job={"name": "j1", "model": "tiny", "input": "data.jsonl", "layers": [1],
+                                       "store": str(tmp_path / "store")})
         # tpu-us-central1-a-0 healthy, a-1 preempted, b-0 missing
         fake.create_qr_direct(A, "tpu-us-central1-a-0", project="fake-project", labels=OURS)
         fake.create_qr_direct(A, "tpu-us-central1-a-1", project="fake-project", labels=OURS)
