@@ -29,7 +29,7 @@ class Proc:
     """A subprocess whose output lines are collected by a thread, with a wait-for-line helper."""
 
     def __init__(self, argv: list[str], env: dict | None = None):
-        self.p = subprocess.Popen(argv, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+        self.p = subprocess.Popen(argv, cwd=REPO, env={**os.environ, **(env or {})},
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         self.cond = threading.Condition()

@@ -84,7 +84,7 @@ def run_contention(store_url: str, tmp_path: Path, env: dict) -> None:
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO)}
+    return dict(os.environ)
 
 
 @pytest.mark.slow

@@ -190,8 +190,10 @@ def test_chaos_zero_never_kills_and_a_bad_rate_is_refused():
 
 
 def actfleet(*args: str, pythonpath: tuple[str, ...] = (), **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(REPO), *pythonpath))}
+    env = {**os.environ}
     env.pop("ACTFLEET_CONFIG", None)
+    if pythonpath:  # only a test's own blockers (base_install_only); actfleet comes from the installed package
+        env["PYTHONPATH"] = os.pathsep.join(pythonpath)
     return subprocess.Popen([sys.executable, "-c", "from actfleet.cli import main; main()", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
@@ -264,7 +266,7 @@ def test_local_with_chaos_verifies_and_its_summary_matches_the_shards_on_disk(tm
     assert sites and all(acts[k].shape[0] == len(ids) for k in sites)
     # ... and the one-line snippet the summary prints works as shown
     snippet = subprocess.run([sys.executable, "-c", s["load_snippet"]], cwd=REPO, capture_output=True, text=True,
-                             env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+                             timeout=120)
     assert snippet.returncode == 0 and "sample_ids" in snippet.stdout, snippet.stderr
     assert not processes_mentioning(str(out))  # every worker was stopped
 

@@ -23,7 +23,7 @@ TEXTS = ["Hello there, general.", "The quick brown fox jumps over the lazy dog."
 
 def actfleet(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", "from actfleet.cli import main; main()", *args], cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, capture_output=True, text=True,
                           timeout=600)
 
 
