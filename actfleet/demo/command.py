@@ -246,7 +246,7 @@ def _killable(fleet, progress, baseline: dict) -> list[str]:
 
     Killing a process that is still importing JAX and compiling shows nothing, and on a slow machine it
     could stop the job from ever progressing; killing one in the middle of a later unit shows what matters
-    (its lease expires, another worker takes the unit over, the dead attempt's shards are overwritten).
+    (its lease expires, another worker takes the unit over, the dead attempt's shards are left as garbage).
     `baseline` remembers each process's units_done when it was first seen."""
     if progress is None:
         return []
@@ -410,6 +410,7 @@ def _summary(report, run: _Run, fleet, store_dir: Path, job: str, model_dir: Pat
         "restarts": fleet.restarts,
         "chaos_kills": kills,
         "crashes": fleet.failures,
+        "garbage_cleaned": len(report.cleaned),  # shards and leases that killed attempts left behind
         "shards_dir": str(shards_dir),
         "load_snippet": _snippet(shards_dir),
     }
@@ -435,7 +436,8 @@ def _print_summary(s: dict, report) -> None:
         f"  speed     {s['tokens_per_second']:,.0f} tokens/s ({s['tokens_this_run']:,} tokens in {s['seconds']:.0f} s, "
         f"{s['workers']} workers)" if s["tokens_this_run"] else
         "  speed     - (nothing left to do: the job was already complete)",
-        f"  restarts  {s['restarts']} ({s['chaos_kills']} chaos kills, {s['crashes']} crashes)",
+        f"  restarts  {s['restarts']} ({s['chaos_kills']} chaos kills, {s['crashes']} crashes; "
+        f"{s['garbage_cleaned']} leftovers of killed attempts cleaned)",
         f"  shards    {s['shards_dir']}",
         f"  load them python -c \"{s['load_snippet']}\"",
     ]
