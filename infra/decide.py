@@ -208,8 +208,3 @@ def _minutes(seconds: float) -> str:
 def needs_apply(actions: Iterable[Action]) -> bool:
     """True when the pass must run the one terraform apply."""
     return any(a.kind in APPLY_KINDS for a in actions)
-
-
-def converged(actions: Iterable[Action]) -> bool:
-    """True when nothing needs doing (every action is healthy, pending, wait or report)."""
-    return not any(a.acts for a in actions)

@@ -5,13 +5,18 @@ import pytest
 
 from actfleet.worker import arc
 
+
+def render_task(task, *, seed: int = 0, task_index: int = 0, k: int = 0) -> str:
+    pairs, tests = arc.parse_task(task)
+    return arc.render(*arc.augment(pairs, tests, seed=seed, task_index=task_index, k=k))
+
 TASK = {"train": [{"input": [[0, 1, 2], [3, 4, 5]], "output": [[5, 4, 3], [2, 1, 0]]},
                   {"input": [[7]], "output": [[8]]}],
         "test": [{"input": [[1, 0], [0, 1]]}]}
 
 
 def test_render_as_given():
-    text = arc.render_task(TASK)
+    text = render_task(TASK)
     assert text == ("Example 1\ninput 2x3\n0: 0 1 2\n1: 3 4 5\noutput 2x3\n0: 5 4 3\n1: 2 1 0\n"
                     "Example 2\ninput 1x1\n0: 7\noutput 1x1\n0: 8\n"
                     "Test\ninput 2x2\n0: 1 0\n1: 0 1\noutput")
@@ -21,8 +26,8 @@ def test_augmentations_are_deterministic_and_keep_structure():
     pairs, tests = arc.parse_task(TASK)
     seen = set()
     for k in range(1, 9):
-        a = arc.render_task(TASK, seed=7, task_index=3, k=k)
-        assert a == arc.render_task(TASK, seed=7, task_index=3, k=k)
+        a = render_task(TASK, seed=7, task_index=3, k=k)
+        assert a == render_task(TASK, seed=7, task_index=3, k=k)
         seen.add(a)
         new_pairs, new_tests = arc.augment(pairs, tests, seed=7, task_index=3, k=k)
         # Same multiset of shapes (up to transposition) and background 0 stays 0.
@@ -30,8 +35,8 @@ def test_augmentations_are_deterministic_and_keep_structure():
         for (i, o) in new_pairs:
             assert (i == 0).sum() in ((pairs[0][0] == 0).sum(), (pairs[1][0] == 0).sum())
     assert len(seen) > 4  # augmentations differ from each other
-    assert arc.render_task(TASK, seed=8, task_index=3, k=1) != arc.render_task(TASK, seed=7, task_index=3, k=1) or \
-        arc.render_task(TASK, seed=8, task_index=3, k=2) != arc.render_task(TASK, seed=7, task_index=3, k=2)
+    assert render_task(TASK, seed=8, task_index=3, k=1) != render_task(TASK, seed=7, task_index=3, k=1) or \
+        render_task(TASK, seed=8, task_index=3, k=2) != render_task(TASK, seed=7, task_index=3, k=2)
 
 
 def test_colour_permutation_is_a_bijection():
@@ -54,4 +59,4 @@ def test_colour_permutation_is_a_bijection():
 ])
 def test_invalid_tasks_name_the_problem(task, reason):
     with pytest.raises(arc.InvalidTask, match=reason):
-        arc.render_task(task)
+        render_task(task)

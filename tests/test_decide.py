@@ -10,13 +10,18 @@ from hypothesis import strategies as st
 
 from actfleet.config import Worker
 from actfleet.infra.decide import (ACTING_KINDS, APPLY_KINDS, CREATE, DELETE_ORPHAN, HEALTHY, KINDS, PENDING, REMOVE,
-                          REPLACE, REPORT, WAIT, Action, Observed, Policy, converged, decide, needs_apply)
+                          REPLACE, REPORT, WAIT, Action, Observed, Policy, decide, needs_apply)
 
 NOW = 1_000_000.0
 POLICY = Policy(fleet_id="acts", provision_timeout_s=600, on_provision_timeout="report")
 OURS = {"actfleet-fleet": "acts", "managed-by": "actfleet"}
 A0 = Worker.make("us-central1", "us-central1-a", 0)
 B1 = Worker.make("us-central1", "us-central1-b", 1)
+
+
+def converged(actions) -> bool:
+    """True when nothing needs doing (every action is healthy, pending, wait or report)."""
+    return not any(a.acts for a in actions)
 
 
 def obs(qr, node, *, name=A0.name, zone=A0.zone, labels=OURS, age=5.0):

@@ -10,10 +10,27 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from actfleet.worker.attention import attention, reference_attention  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from actfleet.worker.attention import NEG_INF, attention  # noqa: E402
 from actfleet.job_options import JobOptions  # noqa: E402
 from actfleet.worker.engine import Engine  # noqa: E402
 from actfleet.demo.tiny_model import make_tiny_model  # noqa: E402
+
+
+def reference_attention(q, k, v, segment_ids, positions):
+    """The plain T x T attention the blockwise kernel must equal."""
+    b, t, h, hd = q.shape
+    g = h // k.shape[2]
+    k = jnp.repeat(k, g, axis=2).astype(jnp.float32)
+    v = jnp.repeat(v, g, axis=2).astype(jnp.float32)
+    s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k) * hd ** -0.5
+    idx = jnp.arange(t)
+    mask = (idx[None, :] <= idx[:, None])[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    s = jnp.where(mask[:, None], s, NEG_INF)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v).astype(q.dtype)
+
 
 SITES = ("hook_embed", "blocks.*.hook_resid_post", "blocks.*.hook_attn_out", "blocks.*.hook_mlp_out")
 

@@ -95,8 +95,3 @@ def augment(pairs, tests, *, seed: int, task_index: int, k: int):
         return colours[np.fliplr(g) if flip else g]
 
     return [(tf(pairs[i][0]), tf(pairs[i][1])) for i in order], [tf(t) for t in tests]
-
-
-def render_task(task, *, seed: int = 0, task_index: int = 0, k: int = 0) -> str:
-    pairs, tests = parse_task(task)
-    return render(*augment(pairs, tests, seed=seed, task_index=task_index, k=k))

@@ -95,16 +95,3 @@ def _one_block(q, k, v, segment_ids, scale):
     p = jnp.exp(s - s.max(-1, keepdims=True))  # the diagonal is always unmasked, so every row has a 1
     out = jnp.einsum("bkgqs,bskd->bqkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return (out / p.sum(-1).transpose(0, 3, 1, 2)[..., None]).astype(q.dtype)
-
-
-def reference_attention(q, k, v, segment_ids, positions):
-    """The plain T x T version, for tests only."""
-    b, t, h, hd = q.shape
-    g = h // k.shape[2]
-    k = jnp.repeat(k, g, axis=2).astype(jnp.float32)
-    v = jnp.repeat(v, g, axis=2).astype(jnp.float32)
-    s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k) * hd ** -0.5
-    idx = jnp.arange(t)
-    mask = (idx[None, :] <= idx[:, None])[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    s = jnp.where(mask[:, None], s, NEG_INF)
-    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v).astype(q.dtype)
