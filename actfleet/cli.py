@@ -13,22 +13,26 @@ import click
 
 from actfleet.errors import ActfleetError
 
+# name, "module:attribute", short help: one row a command, grouped by wing.
+_TABLE = """
+synth      actfleet.infra.commands.stacks:synth       Synthesize the base and fleet stacks to Terraform JSON (cached).
+plan       actfleet.infra.commands.stacks:plan        Show what `deploy` would change (terraform plan).
+deploy     actfleet.infra.commands.stacks:deploy      Create or update the stacks (terraform apply).
+destroy    actfleet.infra.commands.stacks:destroy     Tear the stacks down (terraform destroy).
+tpu        actfleet.infra.commands.tpu:tpu            Low-level TPU API calls (used by the fleet stack's provisioners).
+reconcile  actfleet.infra.commands.reconcile:reconcile  Bring the fleet back to its desired state.
+status     actfleet.infra.commands.status:status      Show every worker's state and the job's progress.
+
+extract    actfleet.worker.commands.extract:extract   Extract activations from a local dataset to shards.
+prepare    actfleet.worker.commands.jobs:prepare      Split a dataset into work units in the store.
+work       actfleet.worker.commands.jobs:work         Claim units, extract, commit, until the job is done.
+verify     actfleet.worker.commands.jobs:verify       Prove a job's output is complete and exactly-once.
+
+local      actfleet.demo.command:local                Run the whole system on this machine (the demo).
+"""
 COMMANDS: dict[str, tuple[str, str]] = {
-    # infra/: the fleet's infrastructure and its controller
-    "synth": ("actfleet.infra.commands.stacks:synth", "Synthesize the base and fleet stacks to Terraform JSON (cached)."),
-    "plan": ("actfleet.infra.commands.stacks:plan", "Show what `deploy` would change (terraform plan)."),
-    "deploy": ("actfleet.infra.commands.stacks:deploy", "Create or update the stacks (terraform apply)."),
-    "destroy": ("actfleet.infra.commands.stacks:destroy", "Tear the stacks down (terraform destroy)."),
-    "tpu": ("actfleet.infra.commands.tpu:tpu", "Low-level TPU API calls (used by the fleet stack's provisioners)."),
-    "reconcile": ("actfleet.infra.commands.reconcile:reconcile", "Bring the fleet back to its desired state."),
-    "status": ("actfleet.infra.commands.status:status", "Show every worker's state and the job's progress."),
-    # worker/: the extractor and the work queue
-    "extract": ("actfleet.worker.commands.extract:extract", "Extract activations from a local dataset to shards."),
-    "prepare": ("actfleet.worker.commands.jobs:prepare", "Split a dataset into work units in the store."),
-    "work": ("actfleet.worker.commands.jobs:work", "Claim units, extract, commit, until the job is done."),
-    "verify": ("actfleet.worker.commands.jobs:verify", "Prove a job's output is complete and exactly-once."),
-    # the embedded default: the whole system on one machine
-    "local": ("actfleet.demo.command:local", "Run the whole system on this machine (the demo)."),
+    name: (target, help_text) for name, target, help_text in
+    (line.split(None, 2) for line in _TABLE.strip().splitlines() if line.strip())
 }
 
 

@@ -28,10 +28,8 @@ def best_rate(copy, make, nbytes: int, reps: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sites", type=int, default=24)
-    ap.add_argument("--tokens", type=int, default=32768)
-    ap.add_argument("--hidden", type=int, default=896)
-    ap.add_argument("--reps", type=int, default=5)
+    for name, default in {"sites": 24, "tokens": 32768, "hidden": 896, "reps": 5}.items():
+        ap.add_argument(f"--{name}", type=int, default=default)
     a = ap.parse_args()
 
     import jax

@@ -44,3 +44,16 @@ def test_the_fixed_folders_are_subpackages_of_actfleet():
     assert Path(actfleet.infra.__file__).parent == REPO / "infra"
     assert Path(actfleet.worker.__file__).parent == REPO / "worker"
     assert Path(actfleet.bootstrap.__file__).parent == REPO / "bootstrap"
+
+
+def test_every_command_in_the_cli_table_imports_and_is_a_click_command():
+    import importlib
+
+    import click
+
+    from actfleet.cli import COMMANDS
+
+    for name, (target, help_text) in COMMANDS.items():
+        module, attr = target.split(":")
+        assert isinstance(getattr(importlib.import_module(module), attr), click.Command), name
+        assert help_text.endswith("."), name
