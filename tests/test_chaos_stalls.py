@@ -96,12 +96,6 @@ def tail(proc: Proc, n: int = 40) -> str:
         return "\n".join(proc.lines[-n:])
 
 
-def without_nagle_delay(fake) -> None:
-    """This fake GCS server instance answers at once: its handler writes a reply's headers and body
-    separately, so with Nagle's algorithm on every request waited ~40 ms for a delayed ACK."""
-    fake.httpd.RequestHandlerClass.disable_nagle_algorithm = True
-
-
 def prepare_jobs(store, data: Path, jobs, rows: int, unit_rows: int) -> None:
     for job in jobs:
         q.prepare(store, job, input=str(data), fingerprint=sx.fingerprint(data), rows=rows, unit_rows=unit_rows,
@@ -412,7 +406,6 @@ def test_a_zombie_upload_landing_after_another_attempt_committed_changes_nothing
         return real_write(bucket, name, body, content_type, query)
 
     monkeypatch.setattr(fake_gcs, "write", write)
-    without_nagle_delay(fake_gcs)
     a = started(standin_worker(store.url, "job", "worker-a", data, 0.05, 1.0, 25))
     assert arrived.wait(120), tail(a)
     a.p.send_signal(signal.SIGSTOP)  # its lease now expires: nobody renews it
@@ -588,8 +581,8 @@ def test_chaos_with_stalls_over_the_standin(tmp_path, kind, request):
     workers are drained with SIGTERM and two unhurried workers finish the list. Every worker exits 0,
     every job verifies and equals the uninterrupted reference bit for bit."""
     if kind == "gcs":
-        without_nagle_delay(request.getfixturevalue("fake_gcs"))
-        store = open_store("gs://stall-bucket/chaos")  # child processes inherit STORAGE_EMULATOR_HOST
+        request.getfixturevalue("fake_gcs")  # started, with STORAGE_EMULATOR_HOST set for the children too
+        store = open_store("gs://stall-bucket/chaos")
     else:
         store = open_store(str(tmp_path / "bucket"))
     names = [f"job-{i:02d}" for i in range(24)]  # more than the actions take (about 12): finishers do the rest

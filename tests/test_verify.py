@@ -101,7 +101,18 @@ def test_clean_keeps_the_shards_of_a_unit_in_progress(tmp_path):
     store.put(q.shard_key("job", 0, 0), b"being written")
     store.put(q.shard_key("job", 1, 0), b"dead attempt")
     rep = verify(store, "job", clean=True)
-    assert rep.cleaned == [q.shard_key("job", 1, 0)]
+    # Neither unit is done, so some attempt may still commit either shard (a stalled "dead" one too): both
+    # stay, each with its reason, until their unit is done.
+    assert rep.cleaned == []
     assert rep.in_progress == [0]
     assert store.generation(q.shard_key("job", 0, 0)) is not None
+    assert store.generation(q.shard_key("job", 1, 0)) is not None
+    assert sorted(k["key"] for k in rep.kept) == [q.shard_key("job", 0, 0), q.shard_key("job", 1, 0)]
     assert {p.kind for p in rep.problems} == {"not-done"}
+    # Once the units are done (the busy worker gave up; another finished the job) both are garbage.
+    store.delete(q.lease_key("job", 0))
+    spec = q.read_job(store, "job")
+    assert Worker(store, spec, sx.StandinExtractor(data), "w1", lease_seconds=30).run().job_complete
+    rep = verify(store, "job", clean=True)
+    assert sorted(rep.cleaned) == [q.shard_key("job", 0, 0), q.shard_key("job", 1, 0)]
+    assert rep.ok and verify(store, "job").ok

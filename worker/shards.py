@@ -146,11 +146,6 @@ def shard_unit_part(key: str) -> tuple[int, int] | None:
     return parsed[:2] if parsed else None
 
 
-def shard_attempt(key: str) -> str | None:
-    """The attempt tag in a shard name ("a2-5f1c9a2b"), or None (a name without one, or not a shard)."""
-    parsed = _parse_name(key)
-    return parsed[2] if parsed else None
-
 
 @dataclass(frozen=True)
 class Shard:

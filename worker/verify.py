@@ -10,13 +10,11 @@ Checks, from the job's records and the shards themselves:
    twice; the token counts in the done record match the shards;
 4. the job itself: units = ceil(rows / unit_rows) and, summed over units, stored + skipped = rows (job.json
    is checked against its own arithmetic, not trusted);
-5. garbage: shards that no done record lists (left by attempts that lost their lease or died before
-   committing) and leases left on done units. `--clean` deletes them, safely while workers run: a shard
-   is never deleted if a done record lists it, if its unit's done record is unreadable, or if its attempt
-   still holds a live lease (judged with a CLOCK_SKEW_S margin); each is re-checked just before its
-   deletion (lease first, then the done record, so a commit landing in between is seen), and deleted only
-   at the generation that was judged, so a shard rewritten since is kept. Every kept candidate is listed
-   with its reason.
+5. garbage: the shards of done units that their done record does not list (left by attempts that lost
+   their lease or died), and leases left on done units. `--clean` deletes them, safely while workers run
+   and whatever the clocks say: a done record never changes once created, so no attempt can commit another
+   shard of its unit. Shards of units not done yet, and every shard of a unit whose done record is
+   unreadable, are kept, each listed with its reason; deletes are at the generation judged.
 """
 
 from __future__ import annotations
@@ -30,12 +28,9 @@ import numpy as np
 
 from actfleet.errors import ActfleetError
 from actfleet.worker import work_queue as q
-from actfleet.worker.shards import ShardFormatError, shard_attempt, shard_index, shard_unit_part
+from actfleet.worker.shards import ShardFormatError, shard_index, shard_unit_part
 from actfleet.store import NotFound, PreconditionFailed, Store, join
 
-# How far apart the clocks of `verify --clean` and the workers may be: a lease counts as live until this
-# long after its expiry, so a worker whose clock runs behind ours never loses a shard it may still commit.
-CLOCK_SKEW_S = 60.0
 
 
 @dataclass
@@ -210,50 +205,33 @@ def verify(store: Store, job: str, *, clean: bool = False, now: float | None = N
         problem("rows", f"the units account for {accounted} rows ({rep.rows_stored} stored + "
                         f"{sum(rep.rows_skipped.values())} skipped); job.json says {spec.rows}")
 
-    # 5. garbage: shards no done record lists, of attempts that can no longer commit; leases on done units
-    def keep_reason(key: str, unit: int | None, lease: "q.Lease | None") -> str | None:
-        if unit in bad_units:
-            return f"unit {unit}'s done record is unreadable: its shards are kept until it is fixed"
-        tag = shard_attempt(key)
-        if lease is not None and lease.expires + CLOCK_SKEW_S > now and (tag is None or tag == lease.tag):
-            return f"attempt {lease.tag} of {lease.worker} holds a live lease and may still commit it"
-        return None
-
+    # 5. garbage: the shards of *done* units that their done record does not list (and shards named for no
+    # unit of the job). Only those: a done record is created once and never changes, so once it exists no
+    # attempt can commit another shard of that unit, whatever its lease or its clock says. The shards of a
+    # unit not done yet are kept (a stalled attempt may still commit them), and so are all shards of a unit
+    # whose done record is unreadable.
     candidates = []
     for key in store.list(join(job, "shards") + "/"):
         if key[len(job) + 1:] in listed:
             continue
         up = shard_unit_part(key)
         unit = up[0] if up else None
-        reason = keep_reason(key, unit, live.get(unit))
-        if reason:
-            rep.kept.append({"key": key, "reason": reason})
+        if unit in bad_units:
+            rep.kept.append({"key": key, "reason": f"unit {unit}'s done record is unreadable: its shards are kept "
+                                                   f"until it is fixed"})
+        elif unit is not None and 0 <= unit < spec.units and unit not in records:
+            rep.kept.append({"key": key, "reason": f"unit {unit} is not done: an attempt may still commit it"})
         else:
-            candidates.append((key, unit))
-    rep.garbage = [key for key, _ in candidates]
+            candidates.append(key)
+    rep.garbage = list(candidates)
     stale_leases = [q.lease_key(job, u) for u in live if u in records]
     if clean:
-        for key, unit in candidates:
-            gen = store.generation(key)  # the generation judged garbage: a rewrite after this is kept
+        for key in candidates:
+            gen = store.generation(key)
             if gen is None:
                 continue
-            reason = None
-            if unit is not None:
-                # Lease first, then the done record: a commit (done record created, then lease released)
-                # that lands between the two reads is seen by the second.
-                reason = keep_reason(key, unit, q.read_lease(store, job, unit))
-                if reason is None:
-                    try:
-                        rec = q.read_done(store, job, unit)
-                        if rec is not None and key[len(job) + 1:] in {s.name for s in rec.shards}:
-                            reason = "listed by the unit's done record, committed meanwhile"
-                    except ActfleetError:
-                        reason = f"unit {unit}'s done record is unreadable: its shards are kept"
-            if reason:
-                rep.kept.append({"key": key, "reason": reason + " (re-checked before deleting)"})
-                continue
             try:
-                store.delete(key, gen)
+                store.delete(key, gen)  # at the generation judged: a shard rewritten since is kept
                 rep.cleaned.append(key)
             except NotFound:
                 pass
