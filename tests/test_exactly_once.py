@@ -33,6 +33,15 @@ def prep(store, rows=10, unit_rows=5):
     return spec
 
 
+def claimed_with_a_shard(store, data: bytes):
+    """(spec, lease, shard key, done record): unit 0 claimed by w1, one shard of its attempt uploaded."""
+    spec = prep(store)
+    lease = q.claim(store, "job", 0, "w1", 60)
+    key = q.shard_key("job", 0, 0, lease.tag)
+    store.put(key, data)
+    return spec, lease, key, done_record(lease, spec, [key], store)
+
+
 def done_record(lease, spec, keys: list[str], store) -> q.DoneRecord:
     start, stop = spec.unit_range(lease.unit)
     shards = []
@@ -62,12 +71,8 @@ def test_renew_refuses_an_expired_lease_even_if_nobody_took_it_over(tmp_path):
 
 def test_commit_refuses_when_a_listed_shard_is_gone_and_creates_no_done_record(tmp_path):
     store = open_store(str(tmp_path))
-    spec = prep(store)
-    lease = q.claim(store, "job", 0, "w1", 60)
-    key = q.shard_key("job", 0, 0, lease.tag)
-    store.put(key, b"activations")
-    record = done_record(lease, spec, [key], store)
-    store.delete(key)  # as `verify --clean` would, had it judged the attempt dead
+    spec, lease, key, record = claimed_with_a_shard(store, b"activations")
+    store.delete(key)  # lost: an operator's cleanup, a lifecycle rule, a bucket restore
     with pytest.raises(q.ShardsMissing, match="missing"):
         q.commit(store, lease, record, 60)
     assert store.generation(q.done_key("job", 0)) is None
@@ -145,11 +150,7 @@ def test_clean_never_races_a_commit_whatever_the_clocks(tmp_path):
     SIGSTOP has no upper bound). Clean runs during the stall, with a clock an hour ahead: the unit is not
     done, so its shards are kept; the commit lands afterwards with every shard it lists."""
     store = open_store(str(tmp_path))
-    spec = prep(store)
-    lease = q.claim(store, "job", 0, "w1", 60)
-    key = q.shard_key("job", 0, 0, lease.tag)
-    store.put(key, b"acts")
-    record = done_record(lease, spec, [key], store)
+    spec, lease, key, record = claimed_with_a_shard(store, b"acts")
     rep = verify(store, "job", clean=True, now=time.time() + 3600)
     assert key not in rep.cleaned and store.read(key)[0] == b"acts"
     store.create(q.done_key("job", 0), record.to_json())  # the stalled create, landing now
