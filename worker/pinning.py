@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from actfleet.errors import InputError
-from actfleet.hashing import sha256_file, sha256_stream
+from actfleet.hashing import sha256_file
 from actfleet.worker import model_files
 
 # The files a model directory is loaded from (the same patterns the hub download fetches).
@@ -88,9 +88,9 @@ def _fetch_to_cache(path: str, write, suffix: str, expect: str | None) -> tuple[
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
-        with open(tmp, "rb") as f:
-            digest = sha256_stream(f)
+            hashing = _HashingWriter(f)
+            write(hashing)  # hashed while it is written: one pass over the bytes
+        digest = hashing.hexdigest()
         if expect is not None and digest != expect:
             raise InputError(f"dataset {path} changed since prepare (sha256 {expect[:12]}..., now {digest[:12]}...): "
                              f"refusing to mix; prepare a new job")
@@ -103,6 +103,25 @@ def _fetch_to_cache(path: str, write, suffix: str, expect: str | None) -> tuple[
         raise InputError(f"dataset {path}: cannot read it ({type(e).__name__}: {e})") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class _HashingWriter:
+    """A binary file that hashes what is written to it (for copyfileobj and GCS downloads)."""
+
+    def __init__(self, f):
+        import hashlib
+
+        self.f, self.h = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.h.update(data)
+        return self.f.write(data)
+
+    def hexdigest(self) -> str:
+        return self.h.hexdigest()
+
+    def __getattr__(self, name):  # flush, tell... for clients that ask
+        return getattr(self.f, name)
 
 
 def _local(path: str) -> Path:

@@ -196,7 +196,8 @@ def work(config_path, store_url, job, worker_id, lease_seconds, drain_seconds, q
 
 @click.command()
 @target_options
-@click.option("--clean", is_flag=True, help="Delete garbage: shards no done record lists, leases left on done units.")
+@click.option("--clean", is_flag=True, help="Delete garbage: shards of done units their done record does not list, leases left on done "
+                   "units (safe while workers run).")
 @json_option
 def verify(config_path, store_url, job, clean, as_json):
     """Prove a job's output: every unit done once, every shard intact, every row stored or skipped."""
