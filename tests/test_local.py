@@ -243,7 +243,9 @@ def test_local_with_chaos_verifies_and_its_summary_matches_the_shards_on_disk(tm
 
     data = small_dataset(tmp_path, 400)
     out = tmp_path / "out"
-    p = actfleet("local", "--workers", "3", "--chaos", "0.3", "--seed", "3", "--input", str(data), "--unit-rows",
+    # 0.6 per busy second: a 20-row unit takes about a second here, so kills (and restarts) are all but
+    # certain (at 0.3 about one run in twenty saw none); every incarnation still commits a unit first.
+    p = actfleet("local", "--workers", "3", "--chaos", "0.6", "--seed", "3", "--input", str(data), "--unit-rows",
                  "20", "--lease-seconds", "6", "--out", str(out), "--json", pythonpath=(base_install_only(tmp_path),))
     stdout, stderr = p.communicate(timeout=600)
     assert p.returncode == 0, stderr[-3000:]
