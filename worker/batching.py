@@ -1,10 +1,16 @@
 """The packing plan: which sequences share which row of which batch. A pure function of the lengths.
 
-Rows have a fixed length P (a power of two >= the longest sequence, at least MIN_ROW), and a batch is
-`rows_per_batch` rows with rows_per_batch * P ~= batch_tokens (a multiple of the device count, so the batch
-dimension shards evenly). Sequences are packed first-fit-decreasing, so rows are nearly full and padding is
-a small fraction of computed tokens. The last batch is shrunk to a multiple of 1/8 of a full batch. Shapes
-therefore come from a small fixed set -- (k/8 of a batch's rows, power-of-two length) -- and compile once each.
+Rows have a fixed length P (a power of two >= the longest sequence, at least MIN_ROW), and a full batch is
+`per_batch` rows with per_batch * P ~= batch_tokens (a multiple of the device count, so the batch dimension
+shards evenly). Sequences are packed first-fit-decreasing, so rows are nearly full and padding is a small
+fraction of computed tokens.
+
+Shapes come from a small fixed set, so a run compiles a handful of programs and a job a bounded number
+(each once per machine: the persistent compilation cache keeps them). The last batch of a run is shrunk to
+the fewest rows in `row_buckets`: per device, every count up to 16, then 8 steps per doubling (18, 20, ..,
+32, 36, 40, .., 64, ...), i.e. 16 + 8 * log2(per_batch / 16) sizes at most per row length. Its empty rows
+are fewer than 1/8 of its own rows (the step is at most 1/16 of the next power of two), where rounding
+to eighths of a full batch wasted up to 7/8 of a small run's compute (18 rows -> 24 of 64).
 
 The plan depends only on the ordered list of lengths, which is what makes the stored bits of a work unit
 reproducible: the same rows always land in the same places.
@@ -15,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MIN_ROW = 128
+STEPS_PER_DOUBLING = 8  # row-count buckets between two powers of two (see row_buckets)
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,23 @@ def row_length(longest: int) -> int:
     return max(MIN_ROW, next_pow2(longest))
 
 
+def rows_per_batch(row_len: int, *, batch_tokens: int, n_devices: int = 1) -> int:
+    """Rows of a full batch of rows this long: about batch_tokens tokens, a multiple of the device count."""
+    return max(n_devices, (max(1, batch_tokens // row_len) // n_devices) * n_devices)
+
+
+def bucket_rows(n: int, *, per_batch: int, n_devices: int = 1) -> int:
+    """n rows (1..per_batch) rounded up to the next allowed batch size (see the module docstring)."""
+    per_device = -(-n // n_devices)
+    step = max(1, next_pow2(per_device) // (2 * STEPS_PER_DOUBLING))
+    return min(per_batch, -(-per_device // step) * step * n_devices)
+
+
+def row_buckets(*, per_batch: int, n_devices: int = 1) -> list[int]:
+    """Every batch size (rows) a plan can use with this full batch: the fixed set the shapes come from."""
+    return sorted({bucket_rows(n, per_batch=per_batch, n_devices=n_devices) for n in range(1, per_batch + 1)})
+
+
 def plan(lengths: list[int], *, batch_tokens: int, n_devices: int = 1) -> list[PlannedBatch]:
     """Pack sequences of these lengths (all >= 1) into batches. Index i refers to lengths[i]."""
     if not lengths:
@@ -42,7 +66,7 @@ def plan(lengths: list[int], *, batch_tokens: int, n_devices: int = 1) -> list[P
     if min(lengths) < 1:
         raise ValueError("every sequence needs at least one token")
     p = row_length(max(lengths))
-    per_batch = max(n_devices, (max(1, batch_tokens // p) // n_devices) * n_devices)
+    per_batch = rows_per_batch(p, batch_tokens=batch_tokens, n_devices=n_devices)
 
     # First-fit decreasing: longest first, each into the first row with room (ties keep input order).
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
@@ -62,10 +86,7 @@ def plan(lengths: list[int], *, batch_tokens: int, n_devices: int = 1) -> list[P
     batches = []
     for start in range(0, len(rows), per_batch):
         chunk = rows[start: start + per_batch]
-        # A short final batch is rounded up to a multiple of an eighth of a full batch (and of the devices):
-        # at most 8 shapes per row length, and at most 1/8 of a batch of empty rows.
-        granule = max(n_devices, (per_batch // 8 // n_devices) * n_devices)
-        size = min(per_batch, -(-len(chunk) // granule) * granule)
+        size = bucket_rows(len(chunk), per_batch=per_batch, n_devices=n_devices)
         chunk = chunk + [[] for _ in range(size - len(chunk))]
         batches.append(PlannedBatch(p, tuple(tuple(r) for r in chunk)))
     return batches

@@ -5,10 +5,15 @@
         batch.token_ids, batch.sample_ids, batch.positions, batch.acts["blocks.6.hook_resid_post"]
 
 One `run` call: tokenize every row, apply the long-input policy, plan the packing (actfleet.worker.batching, a pure
-function of the row list), then stream the batches through one jitted forward pass per shape. The next
+function of the row list), then stream the batches through one compiled forward pass per shape. The next
 batch is dispatched before the previous one's results are copied to the host, so transfer and whatever the
 caller does with a Batch (shard writing, upload) overlap with compute. Weights are replicated and the batch
 dimension is sharded over a 1-axis mesh of all local devices.
+
+`prepare` does the host-side part of a run (tokenize, policy, plan) and starts compiling, in a background
+thread, the programs its plan needs that are not compiled yet; `run_stream` runs prepared units back to
+back, dispatching the next unit's first batch before the previous unit's last one is collected, so the
+device does not drain at unit boundaries. Callers prepare unit u+1 while unit u computes.
 
 Determinism: the stored bits for a sample depend only on the rows given to one `run` call (the packing plan
 is a pure function of them); the same rows give the same bits.
@@ -17,7 +22,9 @@ is a pure function of them); the same rows give the same bits.
 from __future__ import annotations
 
 import json
-import os
+import threading
+import queue
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -28,7 +35,7 @@ import numpy as np
 from actfleet import sites as site_names
 from actfleet.errors import InputError
 from actfleet.job_options import JobOptions
-from actfleet.worker import batching, convert, model_files
+from actfleet.worker import batching, compile_cache, convert, model_files
 from actfleet.worker.models import family_for
 from actfleet.worker.shards import STORE_DTYPES
 
@@ -54,15 +61,27 @@ class Batch:
         return len(self.sample_ids)
 
 
-def enable_compilation_cache() -> str:
-    """Turn on JAX's persistent compilation cache so a restarted worker does not recompile."""
-    import jax
+@dataclass
+class Prepared:
+    """A row list made ready to run: tokenized, long-input policy applied, packing planned (Engine.prepare)."""
 
-    path = os.environ.get("ACTFLEET_JAX_CACHE") or str(Path.home() / ".cache" / "actfleet" / "jax")
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return path
+    seqs: list  # (sample_id, token ids, store mask)
+    skipped: dict[int, str]
+    truncated: int
+    n_rows: int
+    plan: list  # of batching.PlannedBatch
+    stored: list[int]  # stored tokens per planned batch
+
+
+def _compile_loop(jobs: queue.SimpleQueue) -> None:
+    """Compile lowered programs one at a time, in order (a gather's lowering needs its step compiled)."""
+    while True:
+        fut, lower = jobs.get()
+        if fut.set_running_or_notify_cancel():
+            try:
+                fut.set_result(lower().compile())
+            except BaseException as e:  # surfaces where the program is needed
+                fut.set_exception(e)
 
 
 class Engine:
@@ -76,7 +95,7 @@ class Engine:
         from jax.sharding import Mesh, NamedSharding, PartitionSpec
         from transformers import AutoTokenizer
 
-        enable_compilation_cache()
+        compile_cache.enable()
         self.options = options
         model_ref = options.model
         self.model_ref, self.revision = model_ref, options.revision
@@ -134,6 +153,12 @@ class Engine:
 
         self._step = jax.jit(step)
         self._gather = jax.jit(gather)
+        # Compiled programs by shape (futures: compiled ahead in one background thread, see `prepare`).
+        self._programs: dict[tuple, Future] = {}
+        self._programs_lock = threading.Lock()
+        self._compile_queue: queue.SimpleQueue = queue.SimpleQueue()
+        # A daemon thread: a process that is exiting (SIGTERM's drain) never waits for a compilation.
+        threading.Thread(target=_compile_loop, args=(self._compile_queue,), name="compile", daemon=True).start()
 
     # ------------------------------------------------------------------------------------------------
 
@@ -154,13 +179,24 @@ class Engine:
 
     def run(self, rows: Iterable[Row]) -> Iterator[Batch]:
         """Extract the rows; yields Batches (every input row is stored in one batch or listed as skipped)."""
-        rows = list(rows)
-        todo = [(sid, text) for sid, text, reason in rows if not reason]
-        ids = iter(self.tokenize([t if isinstance(t, str) else "" for _, t in todo]))
-        return self.run_tokens([(sid, None, reason) if reason else (sid, next(ids), None) for sid, _, reason in rows])
+        return self.run_prepared(self.prepare(rows))
 
     def run_tokens(self, rows: Iterable[tuple[int, "np.ndarray | None", "str | None"]]) -> Iterator[Batch]:
         """`run` on already tokenized rows: (sample_id, token ids, skip_reason)."""
+        return self.run_prepared(self.prepare_tokens(rows))
+
+    def run_prepared(self, prepared: Prepared) -> Iterator[Batch]:
+        return (batch for _, batch in self.run_stream([prepared]))
+
+    def prepare(self, rows: Iterable[Row]) -> Prepared:
+        """The host side of `run` (tokenize, policy, plan); starts compiling what the plan needs."""
+        rows = list(rows)
+        todo = [(sid, text) for sid, text, reason in rows if not reason]
+        ids = iter(self.tokenize([t if isinstance(t, str) else "" for _, t in todo]))
+        return self.prepare_tokens([(sid, None, reason) if reason else (sid, next(ids), None)
+                                    for sid, _, reason in rows])
+
+    def prepare_tokens(self, rows: Iterable[tuple[int, "np.ndarray | None", "str | None"]]) -> Prepared:
         skipped: dict[int, str] = {}
         truncated = 0
         seqs: list[tuple[int, np.ndarray, np.ndarray]] = []  # (sample_id, token ids, store mask)
@@ -184,25 +220,70 @@ class Engine:
                 skipped[sid] = "no tokens to store (all special)"
                 continue
             seqs.append((sid, ids, mask))
-        return self._batches(seqs, skipped, truncated, n_rows)
-
-    def _batches(self, seqs, skipped, truncated, n_rows) -> Iterator[Batch]:
         planned = batching.plan([len(s[1]) for s in seqs], batch_tokens=self.options.batch_tokens,
                                 n_devices=len(self.devices))
-        first = True
-        pending = None
-        for pb in planned:
-            launched = self._launch(pb, seqs)
-            if pending is not None:
-                yield self._collect(*pending)
-            pending = (launched, pb, seqs, skipped if first else {}, truncated if first else 0)
-            first = False
-        if pending is not None:
-            yield self._collect(*pending)
-        elif n_rows:
-            yield self._empty_batch(skipped, truncated)
+        stored = [sum(int(seqs[i][2].sum()) for row in pb.rows for i in row) for pb in planned]
+        prepared = Prepared(seqs, skipped, truncated, n_rows, planned, stored)
+        for pb, n in zip(planned, stored):
+            self._programs_for(pb.shape, n, wait=False)
+        return prepared
 
-    def _launch(self, pb: batching.PlannedBatch, seqs):
+    def run_stream(self, units: Iterable[Prepared]) -> Iterator[tuple[int, Batch]]:
+        """(unit index, Batch) for prepared units in order, as `run` would yield them unit by unit. The next
+        unit is taken from `units` (and its first batch dispatched) before the previous unit's last batch
+        is collected."""
+        pending = None
+        for k, prep in enumerate(units):
+            first = True
+            for pb, n in zip(prep.plan, prep.stored):
+                launched = self._launch(pb, prep.seqs, n)
+                if pending is not None:
+                    yield pending[0], self._collect(*pending[1:])
+                pending = (k, launched, pb, prep.skipped if first else {}, prep.truncated if first else 0)
+                first = False
+            if first and prep.n_rows:  # nothing to compute, but rows to account for
+                if pending is not None:
+                    yield pending[0], self._collect(*pending[1:])
+                    pending = None
+                yield k, self._empty_batch(prep.skipped, prep.truncated)
+        if pending is not None:
+            yield pending[0], self._collect(*pending[1:])
+
+    # -- compiled programs ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _gather_len(shape: tuple[int, int], stored: int) -> int:
+        # The gather is padded to a power of two so its shapes (and compilations) stay few.
+        return min(shape[0] * shape[1], max(256, batching.next_pow2(stored)))
+
+    def _programs_for(self, shape: tuple[int, int], stored: int, *, wait: bool = True):
+        """(step, gather) compiled for this batch shape and stored-token count: compiled ahead of time in the
+        background thread (wait=False only queues them), each exactly once per process."""
+        step = self._compile(("step", shape), lambda: self._lower_step(shape))
+        take = self._gather_len(shape, stored)
+        gather = self._compile(("gather", shape, take), lambda: self._lower_gather(step.result(), take))
+        return (step.result(), gather.result()) if wait else None
+
+    def _compile(self, key: tuple, lower) -> Future:
+        with self._programs_lock:
+            fut = self._programs.get(key)
+            if fut is None:
+                fut = self._programs[key] = Future()
+                self._compile_queue.put((fut, lower))
+        return fut
+
+    def _lower_step(self, shape):
+        import jax
+
+        batch = jax.ShapeDtypeStruct(shape, np.int32, sharding=self._batch_sharding)
+        return self._step.lower(self.weights, batch, batch, batch)
+
+    def _lower_gather(self, step, take: int):
+        import jax
+
+        return self._gather.lower(step.out_info, jax.ShapeDtypeStruct((take,), np.int32))
+
+    def _launch(self, pb: batching.PlannedBatch, seqs, stored: int):
         """Build the host arrays for one planned batch and dispatch it (returns device futures)."""
         import jax
 
@@ -219,13 +300,12 @@ class Engine:
                 positions[row, at: at + len(ids)] = np.arange(len(ids))
                 at += len(ids)
             positions[row, at:] = np.arange(p - at)  # padding counts from its own start
+        step, gather = self._programs_for(pb.shape, stored)
         put = partial(jax.device_put, device=self._batch_sharding)
-        acts = self._step(self.weights, put(token_ids), put(segment_ids), put(positions))
+        acts = step(self.weights, put(token_ids), put(segment_ids), put(positions))
         index = self._stored_index(pb, seqs)
         take = index[0]
-        # Pad the gather to a power of two so its shapes (and compilations) stay few.
-        padded = min(r * p, max(256, 1 << (len(take) - 1).bit_length()))
-        out = self._gather(acts, np.pad(take, (0, padded - len(take))).astype(np.int32))
+        out = gather(acts, np.pad(take, (0, self._gather_len(pb.shape, stored) - len(take))).astype(np.int32))
         out.copy_to_host_async()  # overlaps the transfer with the next batch's compute
         return out, index
 
@@ -250,7 +330,7 @@ class Engine:
         order = np.lexsort((positions, sample_ids))
         return np.concatenate(flat)[order], sample_ids[order], np.concatenate(toks)[order], positions[order], real
 
-    def _collect(self, launched, pb: batching.PlannedBatch, seqs, skipped, truncated) -> Batch:
+    def _collect(self, launched, pb: batching.PlannedBatch, skipped, truncated) -> Batch:
         out, (take, sample_ids, token_ids, positions, real) = launched
         r, p = pb.shape
         host = np.asarray(out)  # [sites, padded, d]; the first len(take) rows of each site are the stored tokens

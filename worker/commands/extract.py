@@ -2,12 +2,15 @@
 
 Rows are processed in consecutive blocks of --unit-rows, each block one `Engine.run` call and its own shard
 sequence (unit u, parts 0..), exactly as a fleet job with the same unit_rows would: the same rows give the
-same bits either way. Shards are written by a background thread (bounded queue) while the next batch computes.
+same bits either way. The dataset is read once, front to back; the next block is read, tokenized and planned
+(and its new shapes compiled) in a background thread while the current one computes, and shards are written
+by another (bounded queue) while the next batch computes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import queue
 import threading
@@ -97,7 +100,9 @@ def extract(model, revision, input_path, out_dir, fmt, text_field, messages_fiel
     inputs.local_file(input_path)  # fail on a missing dataset or model before the slow imports
     model_files.resolve(model, revision=revision)
 
+    from actfleet.worker import compile_cache
     from actfleet.worker.engine import Engine
+    from actfleet.worker.prefetch import Prefetched
     from actfleet.worker.shards import ShardWriter
     out = Path(out_dir)
     if out.exists() and any(out.glob("*.safetensors")):
@@ -125,15 +130,28 @@ def extract(model, revision, input_path, out_dir, fmt, text_field, messages_fiel
     progress = Progress(TextColumn("extract"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
                         TextColumn("{task.fields[tokens]} tokens, {task.fields[rate]} tok/s"), TimeElapsedColumn(),
                         console=console, disable=as_json, transient=False)
+
+    def prepared_units():
+        rows = inputs.read_rows(input_path, tokenizer=engine.tokenizer, start=0, stop=total,
+                                **options.input_options())
+        for start in range(0, total, unit_rows):
+            yield engine.prepare(itertools.islice(rows, min(unit_rows, total - start)))
+
+    def shard_writer(unit: int) -> ShardWriter:
+        return ShardWriter(shard_mb=shard_mb, model=model, revision=revision, job="extract", unit=unit,
+                           sites=engine.sites, store_dtype=store_dtype, random_weights=engine.random_weights,
+                           on_shard=writer)
+
+    units = Prefetched(prepared_units())
     with progress:
         bar = progress.add_task("rows", total=total, tokens=0, rate="-")
-        for unit, start in enumerate(range(0, total, unit_rows)):
-            rows = inputs.read_rows(input_path, tokenizer=engine.tokenizer, start=start,
-                                    stop=min(total, start + unit_rows), **options.input_options())
-            shards = ShardWriter(shard_mb=shard_mb, model=model, revision=revision, job="extract", unit=unit,
-                                 sites=engine.sites, store_dtype=store_dtype, random_weights=engine.random_weights,
-                                 on_shard=writer)
-            for batch in engine.run(rows):
+        unit, shards = -1, None
+        try:
+            for k, batch in engine.run_stream(units):
+                if k != unit:
+                    if shards is not None:
+                        shards.close()
+                    unit, shards = k, shard_writer(k)
                 shards.add(batch)
                 stats.update(rows=batch.rows, stored_tokens=batch.stored_tokens, computed_tokens=batch.computed_tokens,
                              padded_tokens=batch.padded_tokens, truncated=batch.truncated)
@@ -141,6 +159,9 @@ def extract(model, revision, input_path, out_dir, fmt, text_field, messages_fiel
                     skipped.setdefault(reason, []).append(sid)
                 rate = stats["stored_tokens"] / max(1e-9, time.perf_counter() - started)
                 progress.update(bar, advance=batch.rows, tokens=stats["stored_tokens"], rate=f"{rate:,.0f}")
+        finally:
+            units.close()
+        if shards is not None:
             shards.close()
     writer.close()
     seconds = time.perf_counter() - started
@@ -159,6 +180,7 @@ def extract(model, revision, input_path, out_dir, fmt, text_field, messages_fiel
         "skipped_samples": {reason: sorted(ids)[:100] for reason, ids in sorted(skipped.items())},
         "seconds": round(seconds, 3), "tokens_per_second": round(stats["stored_tokens"] / seconds, 1) if seconds else 0,
         "shards": sorted(writer.shards, key=lambda s: s["name"]),
+        "compile": compile_cache.stats(),
     }
     (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     if as_json:
