@@ -6,8 +6,11 @@ padded batches of --hf-batch consecutive rows, output_hidden_states). actfleet r
 --compute-dtype float32 --positions all` twice per repeat: "cold" with an empty compilation cache
 (ACTFLEET_JAX_CACHE pointing at a fresh directory, so it compiles every program) and "warm" with the cache
 the cold run just filled (what a second run on the same machine gets). Each figure is the wall time of the
-whole subprocess, as a user would time it. The three runs of a repeat are interleaved and the best and
-median of each side are printed with the ratios, so other load on the machine hits all sides alike.
+whole subprocess, as a user would time it, next to its CPU time (user + system, all threads: less sensitive
+to other load on a shared machine, though spinning thread pools inflate it under contention). The runs of a
+repeat are interleaved and the best and median of each side are printed with the ratios, so other load on
+the machine hits all sides alike. The transformers script's last hidden state is after the final norm (what
+output_hidden_states gives), the same cost as the last layer's resid_post.
 
 Model: Qwen2.5-0.5B's shape (24 layers, vocab 151,936) with random weights (actfleet.demo.tiny_model);
 texts are made by decoding random token prefixes, so each row has the planned token count (lognormal,
@@ -52,13 +55,19 @@ def write_texts(model_dir: Path, path: Path, rows: int, max_len: int, seed: int)
     return [len(ids) for ids in tok(texts)["input_ids"]]
 
 
-def timed_run(cmd: list[str], env: dict) -> tuple[float, str]:
-    t = time.perf_counter()
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    secs = time.perf_counter() - t
-    if r.returncode:
-        sys.exit(f"{' '.join(cmd[:4])}... failed ({r.returncode}):\n{r.stderr[-3000:]}")
-    return secs, r.stdout
+def timed_run(cmd: list[str], env: dict) -> tuple[float, float, str]:
+    """(wall seconds, CPU seconds (user + system, the process and its threads), stdout)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        secs = time.perf_counter() - t
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode:
+            sys.exit(f"{' '.join(cmd[:4])}... failed ({proc.returncode}):\n{err.read().decode()[-3000:]}")
+        return secs, usage.ru_utime + usage.ru_stime, out.read().decode()
 
 
 def main() -> None:
@@ -96,6 +105,7 @@ def main() -> None:
         times: dict[str, list[float]] = {"transformers": [], "actfleet cold": [], "actfleet warm": []}
         if a.baseline:
             times["baseline cold"] = []
+        cpu: dict[str, list[float]] = {k: [] for k in times}
         info = {}
         for r in range(a.repeat):
             cache = root / f"jax-cache-{r}"  # empty: the cold run compiles everything, the warm run reuses it
@@ -114,25 +124,24 @@ def main() -> None:
                 runs = runs[1:] + runs[:1]
             for name, c, e in runs:
                 shutil.rmtree(root / "hf-out", ignore_errors=True)
-                secs, stdout = timed_run(c, e)
+                secs, cpu_secs, stdout = timed_run(c, e)
                 times[name].append(secs)
+                cpu[name].append(cpu_secs)
                 summary = json.loads(stdout.strip().splitlines()[-1])
                 info[name] = summary
-                if name.startswith("actfleet"):
-                    assert summary["stored_tokens"] == sum(lengths), summary["stored_tokens"]
-                else:
-                    assert summary["stored_tokens"] == sum(lengths), summary
-            print(f"  repeat {r}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items()), flush=True)
+                assert summary["stored_tokens"] == sum(lengths), (name, summary["stored_tokens"], sum(lengths))
+            print(f"  repeat {r}: " + ", ".join(f"{k} {v[-1]:.1f} s (CPU {cpu[k][-1]:.1f} s)" for k, v in times.items()), flush=True)
 
-        print(f"\n{'side':<15} {'best s':>8} {'median s':>9} {'tok/s (best)':>13}   runs")
+        print(f"\n{'side':<15} {'best s':>8} {'median s':>9} {'tok/s (best)':>13} {'CPU s (median)':>15}   runs (wall)")
         for name, v in times.items():
-            print(f"{name:<15} {min(v):>8.1f} {statistics.median(v):>9.1f} {sum(lengths) / min(v):>13.1f}   "
-                  + ", ".join(f"{x:.1f}" for x in v))
+            print(f"{name:<15} {min(v):>8.1f} {statistics.median(v):>9.1f} {sum(lengths) / min(v):>13.1f} "
+                  f"{statistics.median(cpu[name]):>15.1f}   " + ", ".join(f"{x:.1f}" for x in v))
         hf = times["transformers"]
         for name in [k for k in times if k != "transformers"]:
             paired = sorted(h / x for h, x in zip(hf, times[name]))
             print(f"ratio transformers / {name}: {min(hf) / min(times[name]):.2f}x best vs best, "
-                  f"{statistics.median(paired):.2f}x median of paired runs ({', '.join(f'{p:.2f}' for p in paired)})")
+                  f"{statistics.median(paired):.2f}x median of paired runs ({', '.join(f'{p:.2f}' for p in paired)}); "
+                  f"CPU time {statistics.median(cpu['transformers']) / statistics.median(cpu[name]):.2f}x")
         for name in [k for k in times if k != "transformers"]:
             s = info[name]
             c = s.get("compile", {})
