@@ -96,3 +96,34 @@ def test_shard_index_refuses_what_is_not_a_shard():
     for bad in (b"half-written", safetensors_bytes({}), no_positions, b"\x02" + b"\x00" * 7 + b"[]"):
         with pytest.raises(ShardFormatError, match="k.safetensors: not a readable safetensors shard"):
             shard_index(bad, "k.safetensors")
+
+
+@pytest.mark.parametrize("store_dtype", ["bfloat16", "float32"])
+def test_writer_cuts_batches_into_the_bytes_of_their_concatenation(store_dtype):
+    """The writer serializes row pieces straight into each shard (one copy); the bytes must be exactly those of
+    shard_bytes over the concatenated rows, whatever the batch sizes and wherever the shard cuts fall."""
+    rng = np.random.default_rng(7)
+    sizes = [1, 5, 2, 13, 1, 1, 8, 21, 3]  # rows per batch: cuts inside, at the edge of and across batches
+    batches, start = [], 0
+    for i, n in enumerate(sizes):
+        batches.append(batch(range(start, start + n), seed=i))
+        start += n
+    bytes_per_row = 16 + sum(8 * np.dtype(ml_dtypes.bfloat16 if store_dtype == "bfloat16" else np.float32).itemsize
+                             for _ in SITES)
+    for rows_per_shard in (1, 4, 7, 10, 1000):
+        w = ShardWriter(shard_mb=rows_per_shard * bytes_per_row / 2**20, model="m", revision="r", job="j", unit=2,
+                        sites=SITES, store_dtype=store_dtype)
+        for b in batches:
+            w.add(b)
+        shards = w.close()
+        cat = {k: np.concatenate([getattr(b, k) for b in batches]) for k in ("sample_ids", "token_ids", "positions")}
+        acts = {s: np.concatenate([b.acts[s] for b in batches]) for s in SITES}
+        total = len(cat["sample_ids"])
+        assert [s.tokens for s in shards] == [min(rows_per_shard, total - lo) for lo in range(0, total, rows_per_shard)]
+        for part, (shard, lo) in enumerate(zip(shards, range(0, total, rows_per_shard))):
+            hi = lo + rows_per_shard
+            want = shard_bytes(sample_ids=cat["sample_ids"][lo:hi], token_ids=cat["token_ids"][lo:hi],
+                               positions=cat["positions"][lo:hi], acts={s: a[lo:hi] for s, a in acts.items()},
+                               sites=SITES, store_dtype=store_dtype, model="m", revision="r", job="j", unit=2,
+                               part=part, random_weights=False)
+            assert shard.data == want, (rows_per_shard, part)

@@ -73,6 +73,26 @@ class Prepared:
     stored: list[int]  # stored tokens per planned batch
 
 
+def _load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def _in_thread(fn, *args) -> Future:
+    """fn(*args) in a daemon thread; its result or exception comes out of the Future."""
+    fut: Future = Future()
+
+    def target():
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as e:
+            fut.set_exception(e)
+
+    threading.Thread(target=target, name=fn.__name__, daemon=True).start()
+    return fut
+
+
 def _compile_loop(jobs: queue.SimpleQueue) -> None:
     """Compile lowered programs one at a time, in order (a gather's lowering needs its step compiled)."""
     while True:
@@ -93,7 +113,6 @@ class Engine:
         import jax
         import jax.numpy as jnp
         from jax.sharding import Mesh, NamedSharding, PartitionSpec
-        from transformers import AutoTokenizer
 
         compile_cache.enable()
         self.options = options
@@ -108,10 +127,8 @@ class Engine:
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(f"model {model_ref}: config.json lacks or garbles {e}") from None
         self.random_weights = bool(hf_config.get("actfleet_random_weights", False))
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        except Exception as e:  # tokenizers/transformers raise many types for a corrupt tokenizer
-            raise InputError(f"model {model_ref}: the tokenizer does not load ({type(e).__name__}: {e})") from None
+        # transformers (and the torch it imports) loads in a thread while the weights load here: start-up time.
+        tokenizer = _in_thread(_load_tokenizer, self.model_dir)
         try:
             self.sites = site_names.resolve(options.sites, self.config.layers)
         except ValueError as e:
@@ -119,10 +136,6 @@ class Engine:
         if not self.sites:
             raise InputError("no capture sites given")
         self.max_seq = options.max_seq or self.config.max_pos
-        special = set(self.tokenizer.all_special_ids)
-        if self.tokenizer.bos_token_id is not None:
-            special.add(self.tokenizer.bos_token_id)
-        self.special_ids = np.array(sorted(special), dtype=np.int32)
 
         self.devices = jax.devices()
         self.mesh = Mesh(np.array(self.devices), ("data",))
@@ -159,6 +172,15 @@ class Engine:
         self._compile_queue: queue.SimpleQueue = queue.SimpleQueue()
         # A daemon thread: a process that is exiting (SIGTERM's drain) never waits for a compilation.
         threading.Thread(target=_compile_loop, args=(self._compile_queue,), name="compile", daemon=True).start()
+
+        try:
+            self.tokenizer = tokenizer.result()
+        except Exception as e:  # tokenizers/transformers raise many types for a corrupt tokenizer
+            raise InputError(f"model {model_ref}: the tokenizer does not load ({type(e).__name__}: {e})") from None
+        special = set(self.tokenizer.all_special_ids)
+        if self.tokenizer.bos_token_id is not None:
+            special.add(self.tokenizer.bos_token_id)
+        self.special_ids = np.array(sorted(special), dtype=np.int32)
 
     # ------------------------------------------------------------------------------------------------
 

@@ -45,23 +45,37 @@ class ShardFormatError(ValueError):
 # ----------------------------------------------------------------------------------------------------
 
 
-def safetensors_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
+class Pieces(list):
+    """One tensor given as row pieces (arrays of one dtype and trailing shape), stored as their concatenation
+    along the first axis: serializing copies them once, straight into the result."""
+
+
+def safetensors_bytes(tensors: dict[str, "np.ndarray | Pieces"], metadata: dict[str, str] | None = None) -> bytes:
     """Serialize tensors (in the given order) and string metadata to safetensors bytes."""
     header: dict = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset, parts = 0, []
-    for name, arr in tensors.items():
-        arr = np.ascontiguousarray(arr)
-        if arr.dtype not in _CODES:
-            raise TypeError(f"tensor {name!r}: dtype {arr.dtype} cannot be stored in safetensors here")
-        data = arr.tobytes()
-        header[name] = {"dtype": _CODES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + len(data)]}
-        offset += len(data)
-        parts.append(data)
+    for name, value in tensors.items():
+        pieces = [np.ascontiguousarray(a) for a in value] if isinstance(value, Pieces) else [np.ascontiguousarray(value)]
+        if not pieces:
+            raise ValueError(f"tensor {name!r}: no pieces")
+        first = pieces[0]
+        if first.dtype not in _CODES:
+            raise TypeError(f"tensor {name!r}: dtype {first.dtype} cannot be stored in safetensors here")
+        if isinstance(value, Pieces):
+            if any(a.dtype != first.dtype or a.ndim == 0 or a.shape[1:] != first.shape[1:] for a in pieces):
+                raise ValueError(f"tensor {name!r}: pieces differ in dtype or trailing shape")
+            shape = [sum(len(a) for a in pieces), *first.shape[1:]]
+        else:
+            shape = list(first.shape)
+        size = sum(a.nbytes for a in pieces)
+        header[name] = {"dtype": _CODES[first.dtype], "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+        parts += [a.reshape(-1).view(np.uint8) for a in pieces if a.size]
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     head += b" " * (-(8 + len(head)) % 8)  # the byte buffer starts 8-aligned, so int64/float views are aligned
-    return struct.pack("<Q", len(head)) + head + b"".join(parts)
+    return b"".join([struct.pack("<Q", len(head)), head, *parts])
 
 
 def parse_header(buf) -> tuple[dict, dict[str, str], int]:
@@ -174,28 +188,27 @@ def shard_index(blob, what: str) -> tuple[np.ndarray, np.ndarray]:
     return tensors["sample_ids"], tensors["positions"]
 
 
-def shard_bytes(*, sample_ids, token_ids, positions, acts: dict[str, np.ndarray], sites, store_dtype: str,
+def shard_bytes(*, sample_ids, token_ids, positions, acts: dict, sites, store_dtype: str,
                 model: str, revision: str, job: str, unit: int, part: int, random_weights: bool) -> bytes:
-    """One shard's bytes: the index tensors, then one tensor per site in `sites` order, cast to store_dtype."""
+    """One shard's bytes: the index tensors, then one tensor per site in `sites` order, cast to store_dtype.
+    Each tensor may be given as Pieces."""
     dtype = STORE_DTYPES[store_dtype]
-    tensors = {"sample_ids": np.asarray(sample_ids, np.int64), "token_ids": np.asarray(token_ids, np.int32),
-               "positions": np.asarray(positions, np.int32)}
+
+    def cast(value, to):
+        if isinstance(value, Pieces):
+            return Pieces(np.asarray(a).astype(to, copy=False) for a in value)
+        return np.asarray(value).astype(to, copy=False)
+
+    tensors = {"sample_ids": cast(sample_ids, np.int64), "token_ids": cast(token_ids, np.int32),
+               "positions": cast(positions, np.int32)}
     for site in sites:
-        tensors[site] = np.asarray(acts[site]).astype(dtype, copy=False)
+        tensors[site] = cast(acts[site], dtype)
+    ids = tensors["sample_ids"]
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model, "revision": revision,
                 "job": job, "unit": str(unit), "part": str(part), "sites": json.dumps(list(sites)),
                 "dtype": store_dtype, "random_weights": "true" if random_weights else "false",
-                "tokens": str(len(tensors["sample_ids"]))}
+                "tokens": str(sum(len(a) for a in ids) if isinstance(ids, Pieces) else len(ids))}
     return safetensors_bytes(tensors, metadata)
-
-
-@dataclass
-class _Pending:
-    sample_ids: list
-    token_ids: list
-    positions: list
-    acts: dict
-    rows: int = 0
 
 
 class ShardWriter:
@@ -218,7 +231,10 @@ class ShardWriter:
         self.shards: list[Shard] = []
         self.part = 0
         self.rows_per_shard: int | None = None
-        self._pending = _Pending([], [], [], {s: [] for s in self.sites})
+        # Batches not yet in a shard, as row pieces {tensor name: array}, oldest first; a shard takes whole
+        # pieces and the front of one, and its bytes are copied once, from the pieces (no concatenation).
+        self._pieces: list[dict[str, np.ndarray]] = []
+        self._rows = 0
 
     def add(self, batch) -> None:
         n = len(batch.sample_ids)
@@ -227,31 +243,38 @@ class ShardWriter:
         if self.rows_per_shard is None:
             row = 16 + sum(batch.acts[s].shape[1] * STORE_DTYPES[self.store_dtype].itemsize for s in self.sites)
             self.rows_per_shard = max(1, self.shard_bytes_target // row)
-        p = self._pending
-        p.sample_ids.append(batch.sample_ids)
-        p.token_ids.append(batch.token_ids)
-        p.positions.append(batch.positions)
-        for s in self.sites:
-            p.acts[s].append(batch.acts[s])
-        p.rows += n
-        while self._pending.rows >= self.rows_per_shard:
+        piece = {"sample_ids": batch.sample_ids, "token_ids": batch.token_ids, "positions": batch.positions}
+        piece.update((s, batch.acts[s]) for s in self.sites)
+        self._pieces.append(piece)
+        self._rows += n
+        while self._rows >= self.rows_per_shard:
             self._emit(self.rows_per_shard)
 
     def close(self) -> list[Shard]:
-        if self._pending.rows:
-            self._emit(self._pending.rows)
+        if self._rows:
+            self._emit(self._rows)
         return self.shards
 
     def _emit(self, rows: int) -> None:
-        p = self._pending
-        cat = {k: np.concatenate(getattr(p, k)) for k in INDEX_TENSORS}
-        acts = {s: np.concatenate(p.acts[s]) for s in self.sites}
-        blob = shard_bytes(sample_ids=cat["sample_ids"][:rows], token_ids=cat["token_ids"][:rows],
-                           positions=cat["positions"][:rows], acts={s: a[:rows] for s, a in acts.items()},
+        taken: dict[str, Pieces] = {k: Pieces() for k in (*INDEX_TENSORS, *self.sites)}
+        need = rows
+        while need:
+            piece = self._pieces[0]
+            n = len(piece["sample_ids"])
+            if n <= need:
+                self._pieces.pop(0)
+                for k, a in piece.items():
+                    taken[k].append(a)
+            else:
+                for k, a in piece.items():
+                    taken[k].append(a[:need])
+                self._pieces[0] = {k: a[need:] for k, a in piece.items()}
+                n = need
+            need -= n
+        self._rows -= rows
+        blob = shard_bytes(sample_ids=taken["sample_ids"], token_ids=taken["token_ids"],
+                           positions=taken["positions"], acts={s: taken[s] for s in self.sites},
                            sites=self.sites, store_dtype=self.store_dtype, part=self.part, **self.meta)
-        rest = p.rows - rows
-        self._pending = _Pending([cat["sample_ids"][rows:]], [cat["token_ids"][rows:]], [cat["positions"][rows:]],
-                                 {s: [a[rows:]] for s, a in acts.items()}, rest)
         shard = Shard(self.meta["unit"], self.part, blob, rows)
         self.part += 1
         if self.on_shard is not None:
