@@ -81,9 +81,13 @@ def fingerprint(path: str) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[Any, str | None]]:
+def _jsonl_records(path: Path, skip: int = 0) -> Iterator[tuple[Any, str | None]]:
     with open(path, "rb") as f:
         for line in f:
+            if skip:  # a record the caller will not read: counted, not parsed
+                skip -= 1
+                yield None, "skipped"
+                continue
             if not line.strip():
                 yield None, "blank line"
                 continue
@@ -126,10 +130,14 @@ def _csv_records(path: Path) -> Iterator[tuple[Any, str | None]]:
                 yield rec, None
 
 
-def records(path: str) -> Iterator[tuple[Any, str | None]]:
+def records(path: str, skip: int = 0) -> Iterator[tuple[Any, str | None]]:
+    """One (record, reason) per physical row; the first `skip` JSONL records are not parsed (a work unit deep
+    in a large file would otherwise parse every line before it: quadratic over a job)."""
     kind = file_kind(path)
     local = local_file(path)
-    return {"jsonl": _jsonl_records, "parquet": _parquet_records, "csv": _csv_records}[kind](local)
+    if kind == "jsonl":
+        return _jsonl_records(local, skip)
+    return {"parquet": _parquet_records, "csv": _csv_records}[kind](local)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -192,7 +200,7 @@ def read_rows(path: str, *, format: str = "text", text_field: str = "text", mess
     if format == "chat" and tokenizer is None:
         raise ValueError("format chat needs a tokenizer (for its chat template)")
     per = arc_augmentations + 1 if format == "arc" else 1
-    for index, (rec, reason) in enumerate(records(path)):
+    for index, (rec, reason) in enumerate(records(path, skip=start // per)):
         first = index * per
         if stop is not None and first >= stop:
             return
