@@ -192,6 +192,7 @@ class FakeTpuState:
         self.stockout: set[str] = set()
         self.failing_creates: dict[str, tuple[str, str, str]] = {}  # zone -> (how, code, message)
         self.hidden: dict[str, int] = {}  # node full name -> node lists still to leave it out of
+        self.qr_deletes: list[tuple[str, str]] = []  # (queued resource id, its state when a delete arrived)
         self.faults: list[Fault] = []
         self.log: list[Call] = []
         self.max_in_flight = 0  # the most answered at once: proves a client's calls overlap
@@ -338,6 +339,7 @@ class FakeTpuState:
         qr = self.qrs.get(name)
         if qr is None:
             raise ApiError(404, f"Resource '{name}' was not found")
+        self.qr_deletes.append((qr_id, qr.state.name))
         if self._nodes_of(qr) and not force:
             raise ApiError(400, f"Queued resource '{name}' has nodes; delete them first or pass force=true",
                            "FAILED_PRECONDITION")
@@ -735,6 +737,11 @@ class FakeTpuServer:
                 and (zone is None or c.zone == zone)
                 and (path is None or re.search(path, c.path))
                 and (status is None or c.status == status)]
+
+    def qr_deletes(self) -> list[tuple[str, str]]:
+        """(queued resource id, its state when the delete arrived) for every delete answered so far."""
+        with self.state.lock:
+            return list(self.state.qr_deletes)
 
     def reset(self) -> None:
         """Forget every resource, operation, fault, stockout and call; keep the settings."""
