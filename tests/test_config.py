@@ -113,6 +113,21 @@ def test_layers_all_keeps_a_marker_for_the_extractor(tmp_path):
     (with_line("job", 'sites = ["resid"]'), 'job.sites = [\'resid\']: has "resid"'),
     # not TOML at all
     (GOOD + "\nthis is = = not toml\n", "not valid TOML"),
+    # multi-host slices are refused until the worker runs across hosts (one line naming the allowed types)
+    (with_line("fleet", 'accelerator_type = "v5litepod-16"'),
+     'fleet.accelerator_type = "v5litepod-16": a multi-host slice (4 TPU VMs) is not supported yet; use a '
+     'single-host type: v2-8, v3-8, v4-8, v5p-8, v5litepod-1, v5litepod-4, v5litepod-8, v6e-1, v6e-4, v6e-8'),
+    (with_line("fleet", 'accelerator_type = "v4-16"'), "a multi-host slice (2 TPU VMs) is not supported yet"),
+    (with_line("fleet", 'accelerator_type = "v6e-256"'), "a multi-host slice (64 TPU VMs)"),
+    (with_line("fleet", 'accelerator_type = "v5p-32"'), "a multi-host slice (4 TPU VMs)"),
+    (with_line("fleet", 'accelerator_type = "v9z-8"'), 'fleet.accelerator_type = "v9z-8": not a Cloud TPU'),
+    # the boot and heartbeat rules
+    (with_line("reconcile", "boot_timeout_minutes = -1", GOOD + "\n[reconcile]\n"),
+     "reconcile.boot_timeout_minutes = -1: must be a number of minutes from 0 (off)"),
+    (with_line("reconcile", 'heartbeat_timeout_minutes = "15"', GOOD + "\n[reconcile]\n"),
+     'reconcile.heartbeat_timeout_minutes = "15": must be a number of minutes'),
+    (with_line("reconcile", "heartbeat_timeout_minutes = 2.5", GOOD + "\n[reconcile]\n"),
+     "reconcile.heartbeat_timeout_minutes = 2.5: must be 0 (off) or at least job.lease_seconds (300 s)"),
 ])
 def test_bad_config_is_one_line_naming_key_value_and_rule(tmp_path, text, expected):
     with pytest.raises(ConfigError) as e:
@@ -153,6 +168,19 @@ def test_replace_gives_a_changed_copy(tmp_path):
     d = c.replace("job", store="/tmp/x", name="j2")
     assert (d.job.store, d.job.name) == ("/tmp/x", "j2")
     assert c.job.store == "gs://my-acts"
+
+
+@pytest.mark.parametrize("accelerator", ["v4-8", "v5p-8", "v5litepod-1", "v5litepod-4", "v5litepod-8", "v6e-8"])
+def test_single_host_types_are_accepted(tmp_path, accelerator):
+    assert load_text(tmp_path, with_line("fleet", f'accelerator_type = "{accelerator}"')).fleet.accelerator_type \
+        == accelerator
+
+
+def test_boot_and_heartbeat_timeouts_take_fractions_and_default_to_30_and_15(tmp_path):
+    cfg = load_text(tmp_path, GOOD)
+    assert (cfg.reconcile.boot_timeout_minutes, cfg.reconcile.heartbeat_timeout_minutes) == (30.0, 15.0)
+    cfg = load_text(tmp_path, GOOD + "\n[reconcile]\nboot_timeout_minutes = 0.5\nheartbeat_timeout_minutes = 0\n")
+    assert (cfg.reconcile.boot_timeout_minutes, cfg.reconcile.heartbeat_timeout_minutes) == (0.5, 0.0)
 
 
 def test_example_config_in_the_repo_loads():
