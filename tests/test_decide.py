@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from actfleet.config import Worker
@@ -382,6 +382,7 @@ def test_a_worker_heartbeating_on_a_ready_node_is_never_replaced(world, heartbea
 
 @settings(max_examples=200, deadline=None)
 @given(worlds())
+@example(([A0], {A0.name: obs("SUSPENDING", "PREEMPTED")}, frozenset({A0.name}), frozenset(), POLICY, False))
 def test_a_suspending_queued_resource_is_never_acted_on(world):
     desired, observed, managed, unreachable, policy, done = world
     for a in decide(desired, observed, NOW, policy, unreachable, done, managed):

@@ -70,7 +70,8 @@ def fake():
 
 
 def api_for(fake):
-    return TpuApi("fake-project", fake.url, retries=1, initial_backoff=0.01, max_backoff=0.02)
+    # A short operation timeout: a pass that wrongly waits (a delete of a SUSPENDING resource) fails fast.
+    return TpuApi("fake-project", fake.url, retries=1, initial_backoff=0.01, max_backoff=0.02, operation_timeout=20)
 
 
 def w(i: int) -> str:
@@ -236,7 +237,7 @@ class Provisioners:
     (test_reconcile_e2e.py runs the real terraform.)"""
 
     def __init__(self, api):
-        self.api, self.calls = api, []
+        self.api, self.calls, self.tainted = api, [], set()
 
     def __call__(self, cfg, *, replace, targets, destroy):
         self.calls.append({"replace": replace, "targets": targets, "destroy": destroy})
@@ -245,16 +246,19 @@ class Provisioners:
             address = worker_address(worker.name)
             if targets and address not in targets:
                 continue
-            if worker.name in managed and address not in replace:
+            # Terraform recreates a tainted resource on any apply that reaches it, asked or not.
+            if worker.name in managed and address not in replace and worker.name not in self.tainted:
                 continue
             try:
-                if address in replace:
+                if address in replace or worker.name in self.tainted:
                     self.api.delete_queued_resource(worker.zone, worker.name)
                 self.api.create_queued_resource(worker.zone, worker.name,
                                                 queued_resource_request(cfg, worker, script="", unit=""))
+                self.tainted.discard(worker.name)
             except ActfleetError as e:
                 lines.append(f'terraform_data.workers["{worker.name}"] (local-exec): actfleet: {e}')
-            managed.add(worker.name)  # a failed create-time provisioner leaves it tainted in the state
+                self.tainted.add(worker.name)  # a failed create-time provisioner leaves it tainted
+            managed.add(worker.name)
         write_state(cfg, sorted(managed))
         if lines:
             raise TerraformError("terraform apply failed in fleet stack: Error: local-exec provisioner error",
@@ -272,8 +276,8 @@ class Clock:
         self.t += minutes * 60
 
 
-def creates(fake, status=None) -> int:
-    return len(fake.calls(method="POST", path="/queuedResources$", status=status))
+def creates(fake, status=None, zone=None) -> int:
+    return len(fake.calls(method="POST", path="/queuedResources$", status=status, zone=zone))
 
 
 def test_suspending_is_waited_for_then_replaced_once_suspended(tmp_path, fake):
@@ -333,13 +337,17 @@ def test_a_zone_whose_creates_keep_failing_is_retried_with_backoff_across_passes
     clock = Clock(time.time())
     attempts_at = []  # minutes since the start at which zone b got a create
     for minute in range(0, 80):  # a pass every minute for 80 minutes
-        before = creates(fake)
+        if minute == 7:  # zone a needs an apply while zone b backs off: it must not retry b's create
+            fake.preempt(A, w(0))
+        before = creates(fake, zone="us-central1-b")
         report = reconcile_pass(cfg, api=api, apply=apply, clock=clock)
-        if creates(fake) > before:
+        if creates(fake, zone="us-central1-b") > before:
             attempts_at.append(minute)
         clock.advance(1)
     assert attempts_at == [0, 5, 15, 35, 75]  # 5, 10, 20, 40 minutes apart
     assert creates(fake, status=403) == 5 and fake.queued_resource_state(A, w(0)) == "ACTIVE"
+    assert apply.calls[2] == {"replace": [worker_address(w(0))], "targets": [worker_address(w(0))],
+                              "destroy": False}  # the minute-7 apply, limited to zone a's worker
     [_, b] = report.actions
     assert b.kind == "wait" and b.error["class"] == "permission" and "tpu.nodes.create" in b.error["message"]
     assert b.next_attempt == report.started_at - 4 * 60 + 60 * 60  # the 5th failure waits the full hour
@@ -357,7 +365,7 @@ def test_a_zone_whose_creates_keep_failing_is_retried_with_backoff_across_passes
     doc = json.loads(proc.stdout)
     assert doc["outcome"] == "converged" and doc["terraform"]["ran"] is False, proc.stderr
     assert doc["actions"][1]["kind"] == "wait" and doc["actions"][1]["next_attempt"].endswith("Z")
-    assert creates(fake) == 6  # 1 for zone a, 5 for zone b: none more
+    assert creates(fake) == 7  # 2 for zone a (created, replaced), 5 for zone b: none more
 
 
 def test_a_stuck_suspended_queued_resource_is_deleted_again(tmp_path, fake):
