@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 export CHECKPOINT_DISABLE := 1
 
 .PHONY: help prereqs-python prereqs-cloud demo test test-fast synth plan deploy destroy reconcile status \
-        export-hcl bench clean
+        export-hcl bench lock clean
 
 help:
 	@echo "make demo        run actfleet locally: tiny model, bundled dataset, 3 workers, chaos on"
@@ -21,6 +21,7 @@ help:
 	@echo "make reconcile   one reconcile pass (run it on a timer; README 'Operations')"
 	@echo "make export-hcl  write the stacks as plain HCL (the exit path off cdktf)"
 	@echo "make bench       run the benchmarks in bench/"
+	@echo "make lock        regenerate bootstrap/requirements-*.txt (what TPU VMs install) from PyPI"
 
 prereqs-python:
 	@command -v $(PYTHON) >/dev/null || { echo "make: python3 not found: install Python >= 3.11" >&2; exit 3; }
@@ -78,6 +79,21 @@ bench: $(VENV)/.full node_modules/.installed
 	$(PY) bench/extract_vs_hf.py
 	$(PY) bench/pipeline.py
 	$(PY) bench/reconcile.py
+
+# The TPU VMs' lock (docs/infrastructure.md, "Pinned packages"): resolved from PyPI by the same pinned uv the VMs
+# install, for the pinned CPython on x86_64 Linux (glibc 2.35: Ubuntu 22.04, the TPU images), with hashes.
+# `make lock` keeps existing pins and adds what pyproject.toml newly needs; `make lock UPGRADE=1` takes the newest.
+LOCK_PYTHON = $(shell cat bootstrap/python-version)
+$(VENV)/bin/uv: bootstrap/requirements-uv.txt $(VENV)/.base
+	$(PY) -m pip install -q --require-hashes --no-deps -r bootstrap/requirements-uv.txt
+	touch $@
+
+lock: $(VENV)/bin/uv
+	$(VENV)/bin/uv pip compile --quiet $(if $(UPGRADE),--upgrade) --generate-hashes --custom-compile-command "make lock" \
+	  -o bootstrap/requirements-uv.txt bootstrap/requirements-uv.in
+	$(VENV)/bin/uv pip compile --quiet $(if $(UPGRADE),--upgrade) --generate-hashes --custom-compile-command "make lock" \
+	  --python-version $(LOCK_PYTHON) --python-platform x86_64-manylinux_2_35 --extra tpu \
+	  -o bootstrap/requirements-tpu.txt pyproject.toml bootstrap/requirements-build.in
 
 clean:
 	rm -rf cdktf.out cdktf.out.hcl .actfleet demo-out .pytest_cache
