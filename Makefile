@@ -44,8 +44,13 @@ $(VENV)/.base: pyproject.toml | prereqs-python
 	$(PY) -m pip install -q -e .
 	touch $@
 
+# What synth, plan, deploy and reconcile need: the cloud pins (the PR plan workflow installs only this).
+$(VENV)/.cloud: pyproject.toml $(VENV)/.base
+	$(PY) -m pip install -q -e '.[cloud]'
+	touch $@
+
 # Everything the tests need: the cloud pins and the test tools.
-$(VENV)/.full: pyproject.toml $(VENV)/.base
+$(VENV)/.full: pyproject.toml $(VENV)/.cloud
 	$(PY) -m pip install -q -e '.[cloud,test]'
 	touch $@
 
@@ -62,16 +67,16 @@ test: $(VENV)/.full node_modules/.installed
 test-fast: $(VENV)/.full node_modules/.installed
 	PATH="$(CURDIR)/node_modules/.bin:$$PATH" $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-synth plan deploy destroy: $(VENV)/.full node_modules/.installed
+synth plan deploy destroy: $(VENV)/.cloud node_modules/.installed
 	PATH="$(CURDIR)/node_modules/.bin:$$PATH" $(ACTFLEET) $@ --config $(CONFIG)
 
-reconcile: $(VENV)/.full node_modules/.installed
+reconcile: $(VENV)/.cloud node_modules/.installed
 	PATH="$(CURDIR)/node_modules/.bin:$$PATH" $(ACTFLEET) reconcile --config $(CONFIG)
 
 status: $(VENV)/.base
 	$(ACTFLEET) status --config $(CONFIG)
 
-export-hcl: $(VENV)/.full node_modules/.installed
+export-hcl: $(VENV)/.cloud node_modules/.installed
 	PATH="$(CURDIR)/node_modules/.bin:$$PATH" ACTFLEET_CONFIG=$(CONFIG) npx --no-install cdktf synth --hcl --output cdktf.out.hcl
 
 bench: $(VENV)/.full node_modules/.installed
