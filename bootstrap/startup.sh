@@ -282,6 +282,8 @@ StartLimitIntervalSec=0
 
 [Service]
 Type=oneshot
+# Services get no HOME; git, pip and uv look there for their configuration.
+Environment=HOME=/root
 ExecStart=$SELF_COPY bootstrap
 Restart=on-failure
 RestartSec=300

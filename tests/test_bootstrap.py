@@ -497,6 +497,7 @@ def test_the_worker_runs_unprivileged_under_systemd_hardening(vm):
     cache_env = [e for e in service["Environment"] if e.split("=")[0].endswith(("_CACHE", "CACHE_HOME"))]
     assert cache_env and all("=@ROOT@/var/cache/actfleet" in e for e in cache_env)
     assert "PrivateDevices" not in service  # the TPU's device nodes must stay visible
+    assert service["LimitMEMLOCK"] == ["infinity"]  # root's CAP_IPC_LOCK is gone; services skip limits.conf
 
     vm.image_has_pip()
     assert vm.run().returncode == 0
@@ -520,6 +521,7 @@ def test_the_bootstrap_unit_retries_forever_but_not_bad_input(vm):
     assert service["ExecStart"] == [f"{vm.root}/opt/actfleet/bootstrap/startup.sh bootstrap"]
     assert (vm.root / "opt/actfleet/bootstrap/startup.sh").read_text() == STARTUP.read_text()
     assert "User" not in service  # the bootstrap is root's: it installs packages and the worker's user
+    assert service["Environment"] == ["HOME=/root"] and service["TimeoutStartSec"] == ["infinity"]
 
 
 def test_the_script_is_valid_bash_and_the_metadata_carries_bootstrap_verbatim():
