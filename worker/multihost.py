@@ -15,11 +15,14 @@ numbered 0, 1, 2, ...): "start" or "done" (the job was already complete), "unit"
 drain deadline), and finally "stop". Per-step permission keeps the hosts' device programs matched exactly:
 a follower never dispatches a batch the leader will not.
 
-Failures. A dead host stops the collectives: the others block in them. jax.distributed's heartbeats end
-every process of the slice once a host has missed them for `heartbeat_seconds`; independently, the leader's
-watchdog ends the leader (exit 75) when one engine step has made no progress for `stall_seconds`, and its
-lease keeper renews only while no step is stalled. Either way the lease stops being renewed and expires, and
-any worker takes the unit over; the dead attempt never committed, so nothing is mixed.
+Failures. A dead or hung host stops the collectives. Depending on how it went, the others see an error
+(gloo: "Connection closed by peer") or block in them. An engine error on a slice ends the process at once
+(exit 75: abandoning the unit and claiming the next would fail the same way, forever); jax.distributed's
+heartbeats end every process once a host has missed them for `heartbeat_seconds`; and the leader's watchdog
+ends it (exit 75) when one engine step has made no progress for `stall_seconds` (a host that hangs but still
+heartbeats), its lease keeper renewing only while no step is stalled. In every case the lease is neither
+released nor renewed: it expires and any worker takes the unit over. The dead attempt never committed, and
+its shards carry its own attempt's names, so nothing is mixed.
 
 On a Cloud TPU VM the role comes from the instance metadata (`agent-worker-number`, `worker-network-endpoints`,
 as jax's own TPU cluster detection reads them); elsewhere from `--coordinator/--num-processes/--process-id`
@@ -234,17 +237,31 @@ class Progress:
         return self.stalled_for() < self.stall_seconds
 
 
+def _exit(event: str, info: dict, message: str) -> None:
+    """End this process now, without Python's exit handlers: jax.distributed's shutdown would wait for the
+    hosts that are gone, and a broken collective leaves the device runtime unusable anyway. The lease is
+    neither released nor renewed: it expires, and any worker takes the unit over."""
+    print(f"{event} {json.dumps(info)}", file=sys.stderr, flush=True)
+    log.error("%s; exiting %d so the lease expires and the worker restarts", message, EXIT_STALLED)
+    logging.shutdown()
+    os._exit(EXIT_STALLED)
+
+
+def exit_broken(unit: int, step: int, error: BaseException) -> None:
+    """An engine step failed on a slice: in practice a collective whose peer is gone (gloo: "Connection closed
+    by peer"). Abandoning the unit and claiming the next would loop, each step failing the same way."""
+    _exit("slice-broken", {"unit": unit, "step": step, "error": f"{type(error).__name__}: {error}"[:500]},
+          f"slice broken: unit {unit} step {step}: {type(error).__name__}: {error}")
+
+
 def start_watchdog(progress: Progress, *, interval: float = 1.0,
                    on_stall: Callable[[float], None] | None = None) -> threading.Thread:
     """Ends the process (EXIT_STALLED) once an engine step has stalled: a host died or hung, and this process
     would otherwise wait in a collective forever. Its lease is no longer renewed and expires."""
 
     def exit_stalled(secs: float) -> None:
-        print(f"stalled {json.dumps({'seconds': round(secs, 1)})}", file=sys.stderr, flush=True)
-        log.error("slice stalled: an engine step made no progress for %.0f s (a host died or hung); exiting %d "
-                  "so the lease expires and the worker restarts", secs, EXIT_STALLED)
-        logging.shutdown()
-        os._exit(EXIT_STALLED)
+        _exit("stalled", {"seconds": round(secs, 1)},
+              f"slice stalled: an engine step made no progress for {secs:.0f} s (a host died or hung)")
 
     act = on_stall or exit_stalled
 
@@ -268,8 +285,10 @@ def start_watchdog(progress: Progress, *, interval: float = 1.0,
 class LeaderExtractor:
     """The leader's UnitExtractor: the real one, telling the followers each unit and each engine step."""
 
-    def __init__(self, inner, channel: Channel, progress: Progress, unit_rows: int):
+    def __init__(self, inner, channel: Channel, progress: Progress, unit_rows: int,
+                 on_broken: Callable[[int, int, BaseException], None] = exit_broken):
         self.inner, self.channel, self.progress, self.unit_rows = inner, channel, progress, unit_rows
+        self.on_broken = on_broken
         self._range: tuple[int, int] | None = None
 
     def fingerprint(self) -> str:
@@ -303,8 +322,9 @@ class LeaderExtractor:
                     batch = next(batches)
                 except StopIteration:
                     return
-                # An engine error propagates (the work loop abandons the unit); the followers meet the same
-                # error at the same step (same rows, same program) and wait for the next unit.
+                except Exception as e:
+                    self.on_broken(unit, i - 1, e)  # ends the process (the followers end on theirs)
+                    raise
             try:
                 yield batch
             except GeneratorExit:  # the work loop stopped early: the followers must stop at this step too
@@ -320,7 +340,8 @@ class FollowResult:
     job_complete: bool = False
 
 
-def follow(channel: Channel, extractor, on_event: Callable[[str, dict], None] = lambda k, i: None) -> FollowResult:
+def follow(channel: Channel, extractor, on_event: Callable[[str, dict], None] = lambda k, i: None,
+           on_broken: Callable[[int, int, BaseException], None] = exit_broken) -> FollowResult:
     """A follower's loop: run exactly the engine steps the leader runs, until "stop"."""
     result = FollowResult()
     while True:
@@ -349,9 +370,9 @@ def follow(channel: Channel, extractor, on_event: Callable[[str, dict], None] = 
                 next(batches)  # fetched whole, like the leader's; the leader alone stores it
             except StopIteration:
                 break
-            except Exception as e:  # the leader meets the same error at the same step and abandons the unit
-                log.warning("unit %d: engine error at step %d (the leader abandons the unit): %s", unit, step, e)
-                break
+            except Exception as e:  # a collective whose peer is gone, most likely: the slice is over
+                on_broken(unit, step - 1, e)
+                raise
             result.steps += 1
             on_event("computed", {"unit": unit, "step": step - 1})
         result.units += 1
