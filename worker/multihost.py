@@ -130,7 +130,8 @@ def _on_gce() -> bool:
     if os.environ.get("ACTFLEET_METADATA_URL"):
         return True
     try:
-        return Path("/sys/class/dmi/id/product_name").read_text().strip() == "Google Compute Engine"
+        # As google-auth detects a GCE VM (a TPU VM is one): "Google Compute Engine"
+        return Path("/sys/class/dmi/id/product_name").read_text().startswith("Google")
     except OSError:
         return False
 
