@@ -11,9 +11,8 @@ How many TPU VMs a slice has, from Google's system architecture pages (cloud.goo
 - v5e, v6e: a VM holds 1, 4 or 8 chips. v5litepod-1/-4/-8 and v6e-1/-4/-8 are one VM; from 16 chips up
   a slice is 4-chip VMs (4x4 = 4 VMs, ..., 16x16 = 64 VMs), as axlearn's infer_tpu_workers also counts.
 
-On a multi-host slice every VM runs the startup script, and the worker needs jax.distributed: an array
-spanning other hosts' devices cannot be fetched with np.asarray. Which types the fleet accepts is
-decided in actfleet/config.py (one line).
+On a multi-host slice every VM runs the startup script and the hosts run one worker together through
+jax.distributed (worker/multihost.py, docs/jobs.md "Multi-host slices"); config accepts every known type.
 """
 
 from __future__ import annotations
@@ -70,11 +69,3 @@ def hosts(accelerator_type: str) -> int:
 def single_host(accelerator_type: str) -> bool:
     return hosts(accelerator_type) == 1
 
-
-def single_host_types() -> list[str]:
-    """Every single-host type of the known families, for messages: ['v2-8', 'v3-8', 'v4-8', ...]."""
-    out = []
-    for fam, (counts, _, most_on_one) in _FAMILIES.items():
-        sizes = [8] if counts == "cores" else [1, 4, most_on_one]
-        out += [f"{fam}-{n}" for n in sizes if single_host(f"{fam}-{n}")]
-    return out

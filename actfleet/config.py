@@ -436,14 +436,11 @@ def parse(raw: dict[str, Any], source: str = "<memory>") -> Config:
                 raise bad("fleet.workers", name, f'worker "{name}" is not in region "{f["region"]}"')
             workers.append(Worker(name=name, zone=f"{m['region']}-{m['letter']}", index=int(m["index"])))
     try:
-        single = accelerators.single_host(f["accelerator_type"])
+        # Any whole slice of a known type: a multi-host slice runs as one worker (worker/multihost.py: every host
+        # runs the startup script, joins jax.distributed from the TPU metadata, host 0 holds the lease).
+        accelerators.hosts(f["accelerator_type"])
     except accelerators.UnknownAccelerator as e:
         raise bad("fleet.accelerator_type", f["accelerator_type"], str(e).split(": ", 1)[1]) from None
-    # The one place multi-host slices are refused (the worker cannot run across hosts yet).
-    if not single:
-        raise bad("fleet.accelerator_type", f["accelerator_type"],
-                  f"a multi-host slice ({accelerators.hosts(f['accelerator_type'])} TPU VMs) is not supported yet; "
-                  f"use a single-host type: {', '.join(accelerators.single_host_types())}")
     hb = rc["heartbeat_timeout_minutes"] * 60
     if 0 < hb < j["lease_seconds"]:
         raise bad("reconcile.heartbeat_timeout_minutes", rc["heartbeat_timeout_minutes"],

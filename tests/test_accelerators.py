@@ -26,8 +26,3 @@ def test_unknown_types_are_refused_naming_the_families(bad):
     with pytest.raises(accelerators.UnknownAccelerator, match="families: v2, v3, v4, v5p, v5litepod, v6e"):
         accelerators.hosts(bad)
 
-
-def test_the_single_host_types_listed_are_all_single_host():
-    types = accelerators.single_host_types()
-    assert "v5litepod-8" in types and "v4-8" in types and "v6e-8" in types
-    assert all(accelerators.single_host(t) for t in types)

@@ -113,13 +113,6 @@ def test_layers_all_keeps_a_marker_for_the_extractor(tmp_path):
     (with_line("job", 'sites = ["resid"]'), 'job.sites = [\'resid\']: has "resid"'),
     # not TOML at all
     (GOOD + "\nthis is = = not toml\n", "not valid TOML"),
-    # multi-host slices are refused until the worker runs across hosts (one line naming the allowed types)
-    (with_line("fleet", 'accelerator_type = "v5litepod-16"'),
-     'fleet.accelerator_type = "v5litepod-16": a multi-host slice (4 TPU VMs) is not supported yet; use a '
-     'single-host type: v2-8, v3-8, v4-8, v5p-8, v5litepod-1, v5litepod-4, v5litepod-8, v6e-1, v6e-4, v6e-8'),
-    (with_line("fleet", 'accelerator_type = "v4-16"'), "a multi-host slice (2 TPU VMs) is not supported yet"),
-    (with_line("fleet", 'accelerator_type = "v6e-256"'), "a multi-host slice (64 TPU VMs)"),
-    (with_line("fleet", 'accelerator_type = "v5p-32"'), "a multi-host slice (4 TPU VMs)"),
     (with_line("fleet", 'accelerator_type = "v9z-8"'), 'fleet.accelerator_type = "v9z-8": not a Cloud TPU'),
     # the boot and heartbeat rules
     (with_line("reconcile", "boot_timeout_minutes = -1", GOOD + "\n[reconcile]\n"),
@@ -170,8 +163,10 @@ def test_replace_gives_a_changed_copy(tmp_path):
     assert c.job.store == "gs://my-acts"
 
 
-@pytest.mark.parametrize("accelerator", ["v4-8", "v5p-8", "v5litepod-1", "v5litepod-4", "v5litepod-8", "v6e-8"])
-def test_single_host_types_are_accepted(tmp_path, accelerator):
+# Multi-host slices (v4-16, v5litepod-16, v6e-256, v5p-32) run as one worker since worker/multihost.py.
+@pytest.mark.parametrize("accelerator", ["v4-8", "v5p-8", "v5litepod-1", "v5litepod-4", "v5litepod-8", "v6e-8",
+                                         "v4-16", "v5litepod-16", "v6e-256", "v5p-32"])
+def test_single_host_and_multi_host_types_are_accepted(tmp_path, accelerator):
     assert load_text(tmp_path, with_line("fleet", f'accelerator_type = "{accelerator}"')).fleet.accelerator_type \
         == accelerator
 
