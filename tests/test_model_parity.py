@@ -274,3 +274,44 @@ def test_packing_plan_edge_cases():
     assert [b.shape for b in one] == [(1, 32768)]
     with pytest.raises(ValueError):
         plan([3, 0], batch_tokens=100)
+
+
+@pytest.mark.slow
+def test_sites_of_every_width_reach_the_shards_and_resid_pre_is_the_previous_resid_post(tmp_path):
+    """Default dtypes (bfloat16), every site kind: resid_pre of layer L is resid_post of L - 1 (hook_embed for
+    L = 0) bit for bit; d_mlp- and heads*head_dim-wide sites keep their widths through the engine's gather,
+    ShardWriter and the reader; an all-skipped run's empty batch has the same widths."""
+    from actfleet.worker.reader import load
+    from actfleet.worker.shards import ShardWriter
+
+    # Qwen3 shape with head_dim 24: attn_z is 4 x 24 = 96 wide next to d_model 64 and d_mlp 96 + 32.
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    import shutil
+
+    tiny = make_tiny_model(tmp_path / "tok")
+    torch.manual_seed(1)
+    Qwen3ForCausalLM(Qwen3Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                                 max_position_embeddings=512)).save_pretrained(tmp_path / "m")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny / f, tmp_path / "m" / f)
+    engine = Engine(JobOptions(model=str(tmp_path / "m"), sites=SITES, positions="all", batch_tokens=256), attn_block=32)
+    widths = {"attn_z": 96, "mlp_pre": 128, "mlp_post": 128}
+    writer = ShardWriter(shard_mb=0.05, model="m", revision="r", job="t", unit=0, sites=engine.sites)
+    for b in engine.run([(i, t, None) for i, t in enumerate(TEXTS)]):
+        for site in engine.sites:
+            assert b.acts[site].shape == (b.stored_tokens, widths.get(site_names.parse(site)[1], 64)), site
+        assert b.acts["blocks.0.hook_resid_pre"].tobytes() == b.acts["hook_embed"].tobytes()
+        assert b.acts["blocks.1.hook_resid_pre"].tobytes() == b.acts["blocks.0.hook_resid_post"].tobytes()
+        assert b.acts["blocks.1.hook_resid_pre"].tobytes() != b.acts["blocks.1.hook_resid_mid"].tobytes()
+        writer.add(b)
+    (tmp_path / "out").mkdir()
+    for shard in writer.close():
+        (tmp_path / "out" / shard.name).write_bytes(shard.data)
+    assert len(writer.shards) > 1
+    back = load(str(tmp_path / "out"))
+    assert back["blocks.1.mlp.hook_post"].shape == (len(back["sample_ids"]), 128)
+    assert back["blocks.0.attn.hook_z"].shape == (len(back["sample_ids"]), 96)
+
+    empty = list(engine.run([(0, None, "bad json")]))
+    assert [b.acts["blocks.1.mlp.hook_pre"].shape for b in empty] == [(0, 128)]
