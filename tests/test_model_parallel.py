@@ -53,8 +53,11 @@ for name, model_dir, n in spec["runs"]:
         total += value.nbytes
         for shard in value.addressable_shards:
             per_device[str(shard.device)] = per_device.get(str(shard.device), 0) + shard.data.nbytes
+    z = engine._put_batch(np.zeros((4, 64), np.int32))
+    hlo = engine._step.lower(engine.params, z, z, z).compile().as_text()
     report[f"{name}-{n}"] = {"mesh": dict(engine.mesh.shape), "layer_bytes": total, "per_device": per_device,
-                             "sites": list(engine.sites)}
+                             "sites": list(engine.sites), "all_gathers": hlo.count(" all-gather("),
+                             "all_reduces": hlo.count(" all-reduce(") + hlo.count(" all-reduce-start(")}
 errors = []
 for model_dir, n in spec["refused"]:
     try:
@@ -133,6 +136,15 @@ def test_each_device_holds_about_one_nth_of_the_layer_weights(runs):
     split = r["layer_bytes"] - replicated_kv - layers * 4 * 2 * d
     for held in r["per_device"].values():
         assert held == split / 4 + replicated_kv + layers * 4 * 2 * d
+
+
+@pytest.mark.slow
+def test_the_split_forward_never_gathers_weights(runs):
+    """Megatron-style: at N = 4 the forward pass all-reduces after o_proj and down_proj (and the embedding
+    lookup) and never all-gathers anything, a weight least of all."""
+    _, report = runs
+    assert report["gqa-4"]["all_gathers"] == 0
+    assert report["gqa-4"]["all_reduces"] >= 2 * 2 + 1  # two per layer, plus the vocab-split embedding lookup
 
 
 @pytest.mark.slow
