@@ -156,7 +156,8 @@ class Engine:
                          for group in self._groups)
 
         self._step = jax.jit(step)
-        self._gather = jax.jit(gather, out_shardings=self._gather_sharding())
+        out = self._gather_sharding()
+        self._gather = jax.jit(gather, **({} if out is None else {"out_shardings": out}))
 
     def _load_params(self, dtype):
         """The model's graph and its parameters, each loaded from the checkpoint straight into its shards on
