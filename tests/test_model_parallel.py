@@ -32,7 +32,18 @@ import jax
 import numpy as np
 from actfleet.errors import InputError
 from actfleet.job_options import JobOptions
+from actfleet.worker import convert
 from actfleet.worker.engine import Engine
+
+# Every block convert reads from the checkpoint, to check no parameter is read whole where it is split and
+# no block twice (one host copy per distinct block, not per device).
+read = []
+original_read_block = convert.read_block
+def counting_read_block(tensor, split, order, sizes, index, dtype):
+    block = original_read_block(tensor, split, order, sizes, index, dtype)
+    read.append((block.nbytes, int(np.prod([sizes[n] for n in order])) * block.itemsize))
+    return block
+convert.read_block = counting_read_block
 
 spec = json.loads(sys.argv[1])
 assert len(jax.devices()) == 4, jax.devices()
@@ -40,23 +51,29 @@ report = {}
 for name, model_dir, n in spec["runs"]:
     options = JobOptions(model=model_dir, sites=tuple(spec["sites"]), positions="all", compute_dtype="float32",
                          store_dtype="float32", batch_tokens=256, model_parallel=n)
+    read.clear()
     engine = Engine(options, attn_block=32)
+    reads = list(read)
     batches = list(engine.run([(i, t, None) for i, t in enumerate(spec["texts"])]))
     arrays = {k: np.concatenate([getattr(b, k) for b in batches]) for k in ("sample_ids", "positions", "token_ids")}
     arrays.update({s: np.concatenate([b.acts[s] for b in batches]) for s in engine.sites})
     np.savez(f"{spec['out']}/{name}-{n}.npz", **arrays)
-    per_device, total = {}, 0
+    per_device, total, all_params = {}, 0, 0
     for path, variable in __import__("flax").nnx.to_flat_state(engine.params):
+        value = variable.get_value()
+        all_params += value.nbytes
         if path[0] != "layers":
             continue
-        value = variable.get_value()
         total += value.nbytes
         for shard in value.addressable_shards:
             per_device[str(shard.device)] = per_device.get(str(shard.device), 0) + shard.data.nbytes
     z = engine._put_batch(np.zeros((4, 64), np.int32))
     hlo = engine._step.lower(engine.params, z, z, z).compile().as_text()
     report[f"{name}-{n}"] = {"mesh": dict(engine.mesh.shape), "layer_bytes": total, "per_device": per_device,
-                             "sites": list(engine.sites), "all_gathers": hlo.count(" all-gather("),
+                             "sites": list(engine.sites), "param_bytes": all_params,
+                             "read_bytes": sum(b for b, _ in reads),
+                             "largest_split_read": max([b / full for b, full in reads if b < full], default=None),
+                             "all_gathers": hlo.count(" all-gather("),
                              "all_reduces": hlo.count(" all-reduce(") + hlo.count(" all-reduce-start(")}
 errors = []
 for model_dir, n in spec["refused"]:
@@ -136,6 +153,18 @@ def test_each_device_holds_about_one_nth_of_the_layer_weights(runs):
     split = r["layer_bytes"] - replicated_kv - layers * 4 * 2 * d
     for held in r["per_device"].values():
         assert held == split / 4 + replicated_kv + layers * 4 * 2 * d
+
+
+@pytest.mark.slow
+def test_weights_load_block_by_block_each_block_once(runs):
+    """Loading reads each element of the checkpoint once whatever the device count (no host copy per device)
+    and, split N ways, reads no split parameter in a block larger than 1/N of it (no whole copy anywhere)."""
+    _, report = runs
+    for key in ("gqa-1", "gqa-2", "gqa-4", "few_kv-4"):
+        assert report[key]["read_bytes"] == report[key]["param_bytes"], key
+    assert report["gqa-1"]["largest_split_read"] is None
+    assert report["gqa-2"]["largest_split_read"] == 1 / 2
+    assert report["gqa-4"]["largest_split_read"] == 1 / 4
 
 
 @pytest.mark.slow
