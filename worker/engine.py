@@ -83,6 +83,26 @@ def enable_compilation_cache() -> str:
     return path
 
 
+def place_global(host: np.ndarray, sharding):
+    """A host array that every process of the program holds whole (each host reads the same rows) as one
+    global jax.Array: each process places only its own devices' slices, so nothing crosses hosts."""
+    import jax
+
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def fetch_whole(out) -> np.ndarray:
+    """The host copy of a result computed replicated (out_shardings = PartitionSpec()): whole vectors, read
+    from this process's own device. Refuses anything else: a sharded result's local piece is a slice of each
+    vector (the system we replace stored 448-wide halves of an 896-wide model that way)."""
+    if not out.is_fully_replicated:
+        raise RuntimeError(f"fetch_whole: result sharded as {out.sharding}; gather it replicated first")
+    host = np.asarray(out.addressable_data(0))
+    if host.shape != out.shape:
+        raise RuntimeError(f"fetch_whole: local copy {host.shape} is not the whole result {out.shape}")
+    return host
+
+
 class Engine:
     """Loads the model (options.model at options.revision) and tokenizer once; `run` extracts any number of row
     lists with them. The reading options (format, fields, ARC augmentation) and shard_mb are not its business.
@@ -129,6 +149,7 @@ class Engine:
         except ValueError as e:
             raise InputError(f"model {model_ref}: {e}") from None
         compute = jnp.bfloat16 if options.compute_dtype == "bfloat16" else jnp.float32
+        self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self.graphdef, self.params = self._load_params(compute)
         store = jnp.bfloat16 if options.store_dtype == "bfloat16" else jnp.float32
         # The gather returns one array per distinct site width (d_model, d_mlp, heads * head_dim), sites in
@@ -156,8 +177,9 @@ class Engine:
                          for group in self._groups)
 
         self._step = jax.jit(step)
-        out = self._gather_sharding()
-        self._gather = jax.jit(gather, **({} if out is None else {"out_shardings": out}))
+        # Replicated: every host gets whole vectors, whether the mesh spans hosts or the model is split
+        # (the local piece of a sharded result would be a slice of each vector).
+        self._gather = jax.jit(gather, out_shardings=self._replicated)
 
     def _load_params(self, dtype):
         """The model's graph and its parameters, each loaded from the checkpoint straight into its shards on
@@ -180,21 +202,12 @@ class Engine:
         return NamedSharding(self.mesh, sharding.partition_spec(("batch", None), self.rules))
 
     def _put_batch(self, host_array: np.ndarray):
-        """One host batch array [rows, width] onto the devices."""
-        import jax
-
-        return jax.device_put(host_array, self._batch_sharding())
-
-    def _gather_sharding(self):
-        """Where the gathered activations live: XLA's choice in one process (np.asarray assembles any
-        layout); replicated when several processes share the mesh, so any host can read them whole."""
-        import jax
-
-        return NamedSharding(self.mesh, PartitionSpec()) if jax.process_count() > 1 else None
+        """One host batch array [rows, width] onto the devices (every process holds it whole)."""
+        return place_global(host_array, self._batch_sharding())
 
     def _to_host(self, out) -> list[np.ndarray]:
-        """The gathered arrays (one per site width) as numpy arrays."""
-        return [np.asarray(o) for o in out]
+        """The gathered arrays (one per site width, replicated) as whole numpy arrays."""
+        return [fetch_whole(o) for o in out]
 
     # ------------------------------------------------------------------------------------------------
 
@@ -286,7 +299,8 @@ class Engine:
         take = index[0]
         # Pad the gather to a power of two so its shapes (and compilations) stay few.
         padded = min(r * p, max(256, 1 << (len(take) - 1).bit_length()))
-        out = self._gather(acts, np.pad(take, (0, padded - len(take))).astype(np.int32))
+        out = self._gather(acts, place_global(np.pad(take, (0, padded - len(take))).astype(np.int32),
+                                              self._replicated))
         for o in out:
             o.copy_to_host_async()  # overlaps the transfer with the next batch's compute
         return out, index
