@@ -328,6 +328,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "compute_dtype": Key(_choice(*DTYPES), DEFAULTS.compute_dtype),
         "store_dtype": Key(_choice(*DTYPES), DEFAULTS.store_dtype),
         "shard_mb": Key(_int(1, 8192), DEFAULTS.shard_mb),
+        "model_parallel": Key(_int(1, 4096), DEFAULTS.model_parallel),
         "unit_rows": Key(_int(1), DEFAULT_UNIT_ROWS),
         "lease_seconds": Key(_int(10, 86400), DEFAULT_LEASE_SECONDS),
     },
