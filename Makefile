@@ -43,9 +43,9 @@ $(VENV)/.base: pyproject.toml | prereqs-python
 	$(PY) -m pip install -q -e .
 	touch $@
 
-# Everything the tests need: the cloud pins and the test tools.
+# Everything the tests need: the cloud pins, the test tools and SAELens (a real consumer of exports).
 $(VENV)/.full: pyproject.toml $(VENV)/.base
-	$(PY) -m pip install -q -e '.[cloud,test]'
+	$(PY) -m pip install -q -e '.[cloud,test,saelens]'
 	touch $@
 
 node_modules/.installed: package.json package-lock.json | prereqs-cloud

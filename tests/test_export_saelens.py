@@ -1,0 +1,233 @@
+"""`actfleet export saelens`: windows, the global shuffle and the on-disk layout, checked by reading the export
+back with the real `datasets`, and (slow) a real SAELens 6.54 training run through its cached-activations path
+on an export of a real `actfleet extract`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from actfleet.errors import InputError
+from actfleet.store import open_store
+from actfleet.worker import work_queue as q
+from actfleet.worker.engine import Batch
+from actfleet.worker.export import export_saelens
+from actfleet.worker.shards import ShardWriter
+
+datasets = pytest.importorskip("datasets")
+
+ROOT = Path(__file__).resolve().parent.parent
+SITE = "blocks.0.hook_resid_post"
+LENGTHS = [5, 9, 12, 3, 8, 8, 20, 1, 13]  # stored tokens per sample
+
+
+def sample_batch(lengths=LENGTHS, first=0, d=6):
+    """Rows whose activations encode (sample, position): every exported value can be traced back."""
+    sids = np.concatenate([np.full(n, first + i) for i, n in enumerate(lengths)]).astype(np.int64)
+    pos = np.concatenate([np.arange(n) for n in lengths]).astype(np.int32)
+    acts = np.stack([sids, pos, *[sids * 7 + pos * (k + 1) for k in range(d - 2)]], 1).astype(np.float32)
+    return Batch(token_ids=(sids * 100 + pos).astype(np.int32), sample_ids=sids, positions=pos,
+                 acts={SITE: acts, "hook_embed": -acts})
+
+
+def write_shards(directory: Path, batches, *, unit=0, shard_mb=0.0003, store_dtype="bfloat16", attempt=None):
+    """ShardWriter output, cut every few rows so samples cross shard boundaries."""
+    w = ShardWriter(shard_mb=shard_mb, model="m", revision="r", job="j", unit=unit, sites=(SITE, "hook_embed"),
+                    store_dtype=store_dtype)
+    for b in batches:
+        w.add(b)
+    shards = w.close()
+    directory.mkdir(parents=True, exist_ok=True)
+    for s in shards:
+        name = s.name if attempt is None else q.shard_key("", unit, s.part, attempt)
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_bytes(s.data)
+    return shards
+
+
+def expected_windows(lengths, ctx, first=0):
+    return {(first + i, k * ctx) for i, n in enumerate(lengths) for k in range(n // ctx)}
+
+
+def read_back(out: Path):
+    ds = datasets.load_from_disk(str(out))
+    ds.set_format("numpy")
+    return ds, ds[SITE][:], ds["token_ids"][:]
+
+
+def test_windows_are_whole_consecutive_and_exactly_once(tmp_path):
+    shards = write_shards(tmp_path / "shards", [sample_batch()])
+    assert len(shards) > 5  # samples cross shard cuts
+    s = export_saelens(str(tmp_path / "shards"), tmp_path / "out", site=SITE, context_size=4, seed=3)
+    ds, acts, tok = read_back(tmp_path / "out")
+    assert ds.features[SITE] == datasets.Array2D(shape=(4, 6), dtype="float32")
+    assert ds.column_names == [SITE, "token_ids"] and acts.shape == (s.windows, 4, 6) and tok.shape == (s.windows, 4)
+    got = set()
+    for w in range(len(ds)):
+        sid, p0 = int(acts[w, 0, 0]), int(acts[w, 0, 1])
+        np.testing.assert_array_equal(acts[w, :, 0], sid)  # one sample
+        np.testing.assert_array_equal(acts[w, :, 1], p0 + np.arange(4))  # consecutive positions
+        np.testing.assert_array_equal(tok[w], sid * 100 + p0 + np.arange(4))  # token ids travel with their rows
+        # bfloat16 shards arrive as float32, exactly the stored bfloat16 values
+        want = np.stack([np.full(4, sid), p0 + np.arange(4),
+                         *[sid * 7 + (p0 + np.arange(4)) * (k + 1) for k in range(4)]], 1)
+        np.testing.assert_array_equal(acts[w], want.astype(ml_dtypes.bfloat16).astype(np.float32))
+        got.add((sid, p0))
+    assert got == expected_windows(LENGTHS, 4) and len(got) == len(ds)
+    assert s.tokens == sum(LENGTHS) and s.tokens_dropped == sum(n % 4 for n in LENGTHS)
+    assert s.samples == len(LENGTHS) and s.samples_short == sum(n < 4 for n in LENGTHS)
+    assert json.loads((tmp_path / "out" / "actfleet-export.json").read_text())["windows"] == len(ds)
+
+
+def test_shuffle_is_global_deterministic_and_independent_of_file_size(tmp_path):
+    write_shards(tmp_path / "shards", [sample_batch(LENGTHS * 4)])
+    a = export_saelens(str(tmp_path / "shards"), tmp_path / "a", site=SITE, context_size=2, seed=1)
+    export_saelens(str(tmp_path / "shards"), tmp_path / "b", site=SITE, context_size=2, seed=1)
+    # tiny output files: many spill files and Arrow files, the same rows in the same order
+    c = export_saelens(str(tmp_path / "shards"), tmp_path / "c", site=SITE, context_size=2, seed=1, chunk_mb=0.001)
+    export_saelens(str(tmp_path / "shards"), tmp_path / "d", site=SITE, context_size=2, seed=2)
+    assert a.files == 1 and c.files > 5
+    assert (tmp_path / "a" / "data-00000-of-00001.arrow").read_bytes() == \
+        (tmp_path / "b" / "data-00000-of-00001.arrow").read_bytes()
+    _, acts_a, tok_a = read_back(tmp_path / "a")
+    _, acts_c, tok_c = read_back(tmp_path / "c")
+    _, acts_d, _ = read_back(tmp_path / "d")
+    np.testing.assert_array_equal(acts_a, acts_c)
+    np.testing.assert_array_equal(tok_a, tok_c)
+    keys = [(int(x[0, 0]), int(x[0, 1])) for x in acts_a]
+    assert sorted(keys) == sorted((int(x[0, 0]), int(x[0, 1])) for x in acts_d) and keys != [
+        (int(x[0, 0]), int(x[0, 1])) for x in acts_d]
+    # global: the order is the seed's permutation of the windows in reading order, not shard by shard
+    reading_order = sorted(keys)
+    perm = np.random.default_rng(1).permutation(len(keys))
+    assert keys == [reading_order[i] for i in perm]
+
+
+def test_float16_and_hook_name_option(tmp_path):
+    write_shards(tmp_path / "shards", [sample_batch()], store_dtype="float32")
+    export_saelens(str(tmp_path / "shards"), tmp_path / "out", site="hook_embed", context_size=3, dtype="float16",
+                   column="model.embed_tokens")
+    ds = datasets.load_from_disk(str(tmp_path / "out"))
+    assert ds.features["model.embed_tokens"] == datasets.Array2D(shape=(3, 6), dtype="float16")
+
+
+def test_a_job_root_exports_the_committed_shards_only(tmp_path):
+    store = open_store(str(tmp_path / "store"))
+    spec, _ = q.prepare(store, "job", input="d.jsonl", fingerprint="ab" * 32, rows=18, unit_rows=9,
+                        options={"model": "m"})
+    job = tmp_path / "store" / "job"
+    for unit, first in ((0, 0), (1, 9)):
+        good = write_shards(job, [sample_batch(first=first)], unit=unit, attempt=f"a1-{unit:08x}")
+        write_shards(job, [sample_batch(first=first)], unit=unit, attempt="a2-deadbeef")  # a dead attempt
+        lease = q.claim(store, "job", unit, "w1", 60)
+        rec = q.DoneRecord(unit=unit, start=first, stop=first + 9, worker="w1", attempt=1, rows_stored=9,
+                           tokens=sum(LENGTHS), skipped={}, committed_at=time.time(), seconds=1.0,
+                           shards=[q.ShardInfo(q.shard_key("", unit, s.part, f"a1-{unit:08x}"), len(s.data),
+                                               "0" * 64, s.tokens) for s in good])
+        if unit == 0:
+            assert q.commit(store, lease, rec, 60)
+    # unit 1 is not done: its shards stay out, and so do the dead attempt's
+    s = export_saelens(str(job), tmp_path / "out", site=SITE, context_size=4)
+    assert (s.units_done, s.units_total) == (1, 2)
+    _, acts, _ = read_back(tmp_path / "out")
+    assert {(int(x[0, 0]), int(x[0, 1])) for x in acts} == expected_windows(LENGTHS, 4)
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path):
+    write_shards(tmp_path / "shards", [sample_batch()])
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    cases = [
+        (["--site", "blocks.9.hook_resid_post", "--context-size", "4"], "out1", "--site blocks.9.hook_resid_post: not in"),
+        (["--site", SITE], "out2", "--context-size: needed"),
+        (["--site", SITE, "--context-size", "64"], "out3", "no sample has 64 stored tokens"),
+        (["--site", SITE, "--context-size", "4"], "full", "exists and is not an empty directory"),
+    ]
+    for args, out, message in cases:
+        r = subprocess.run([sys.executable, "-c", "from actfleet.cli import main; main()", "export", "saelens",
+                            str(tmp_path / "shards"), str(tmp_path / out), *args], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 2, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+    with pytest.raises(InputError, match="no such shard file or directory"):
+        export_saelens(str(tmp_path / "nowhere"), tmp_path / "o", site=SITE, context_size=4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The real consumer: SAELens trains from an export of a real extraction
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_saelens_trains_from_an_export_of_an_extraction(tmp_path):
+    pytest.importorskip("sae_lens")
+    from actfleet.demo.tiny_model import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "tiny", max_pos=64)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"text {i}: " + "the quick brown fox " * (2 + i % 5)}) + "\n"
+                            for i in range(24)))
+    env = dict(os.environ, ACTFLEET_JAX_CACHE=str(tmp_path / "jax"))
+    cli = [sys.executable, "-c", "from actfleet.cli import main; main()"]
+    r = subprocess.run([*cli, "extract", "--model", str(model), "--input", str(data), "--out", str(tmp_path / "acts"),
+                        "--layers", "1", "--positions", "all", "--shard-mb", "0.05", "--json"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    ctx = 8
+    r = subprocess.run([*cli, "export", "saelens", str(tmp_path / "acts"), str(tmp_path / "cache"),
+                        "--site", "blocks.1.hook_resid_post", "--context-size", str(ctx), "--seed", "7",
+                        "--hook-name", "model.layers.1", "--json"], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    d_in, windows = summary["d_in"], summary["windows"]
+    assert windows >= 32
+
+    code = f"""
+import json, sys, torch, datasets
+from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig, StandardTrainingSAEConfig
+torch.manual_seed(0)
+cache = {str(tmp_path / "cache")!r}
+# SAELens #551: in cached mode the runner still wants a token dataset. The export's own token_ids are the
+# tokens of exactly these windows (the way SAELens's own tests pass override_dataset).
+tokens = datasets.load_from_disk(cache).select_columns(["token_ids"]).rename_column("token_ids", "tokens")
+cfg = LanguageModelSAERunnerConfig(
+    sae=StandardTrainingSAEConfig(d_in={d_in}, d_sae={4 * d_in}, l1_coefficient=1e-3),
+    model_class_name="AutoModelForCausalLM", model_name={str(model)!r}, hook_name="model.layers.1",
+    dataset_path="", is_dataset_tokenized=True, context_size={ctx}, prepend_bos=False,
+    use_cached_activations=True, cached_activations_path=cache,
+    training_tokens=16 * 64, train_batch_size_tokens=64, store_batch_size_prompts=4, n_batches_in_buffer=4,
+    lr=1e-2, device="cpu", dtype="float32", logger=LoggingConfig(log_to_wandb=False),
+    checkpoint_path=None, n_checkpoints=0, output_path={str(tmp_path / "sae")!r}, verbose=False)
+runner = LanguageModelSAETrainingRunner(cfg, override_dataset=tokens)
+store = runner.activations_store
+assert store.cached_activation_dataset is not None  # the cached path, not the model, feeds training
+acts, tok = store.get_raw_llm_batch()
+x = next(iter(store))
+before = runner.sae.W_dec.detach().clone()
+sae = runner.run()
+mse = float(((sae(x) - x) ** 2).mean())
+print(json.dumps({{"acts": list(acts.shape), "tok": list(tok.shape), "batch": list(x.shape), "mse": mse,
+                  "var": float(x.var()), "changed": bool((sae.W_dec - before).abs().max() > 0)}}))
+"""
+    r = subprocess.run([sys.executable, "-c", code], env=dict(env, WANDB_MODE="disabled"), capture_output=True,
+                       text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["acts"] == [4 * ctx, d_in] and got["tok"] == [4 * ctx] and got["batch"] == [64, d_in]
+    assert got["changed"] and got["mse"] < got["var"]  # it trained: reconstruction beats predicting the mean
+    assert (tmp_path / "sae").is_dir() and any((tmp_path / "sae").rglob("*.safetensors"))
+
+    # SAELens's own validation meets our features: a wrong context size is refused by it, not by us.
+    bad = code.replace(f"context_size={ctx}", f"context_size={ctx + 1}")
+    r = subprocess.run([sys.executable, "-c", bad], env=dict(env, WANDB_MODE="disabled"), capture_output=True,
+                       text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode != 0 and f"does not match context_size ({ctx + 1})" in r.stderr
