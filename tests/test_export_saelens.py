@@ -204,7 +204,7 @@ cfg = LanguageModelSAERunnerConfig(
     model_class_name="AutoModelForCausalLM", model_name={str(model)!r}, hook_name="model.layers.1",
     dataset_path="", is_dataset_tokenized=True, context_size={ctx}, prepend_bos=False,
     use_cached_activations=True, cached_activations_path=cache,
-    training_tokens=16 * 64, train_batch_size_tokens=64, store_batch_size_prompts=4, n_batches_in_buffer=4,
+    training_tokens=16 * 64, train_batch_size_tokens=64, store_batch_size_prompts=4, n_batches_in_buffer=16,
     lr=1e-2, device="cpu", dtype="float32", logger=LoggingConfig(log_to_wandb=False),
     checkpoint_path=None, n_checkpoints=0, output_path={str(tmp_path / "sae")!r}, verbose=False)
 runner = LanguageModelSAETrainingRunner(cfg, override_dataset=tokens)
@@ -223,11 +223,12 @@ print(json.dumps({{"acts": list(acts.shape), "tok": list(tok.shape), "batch": li
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["acts"] == [4 * ctx, d_in] and got["tok"] == [4 * ctx] and got["batch"] == [64, d_in]
+    print(got)
     assert got["changed"] and got["mse"] < got["var"]  # it trained: reconstruction beats predicting the mean
     assert (tmp_path / "sae").is_dir() and any((tmp_path / "sae").rglob("*.safetensors"))
 
     # SAELens's own validation meets our features: a wrong context size is refused by it, not by us.
-    bad = code.replace(f"context_size={ctx}", f"context_size={ctx + 1}")
+    bad = code.replace(f"context_size={ctx}", f"context_size={ctx - 1}")
     r = subprocess.run([sys.executable, "-c", bad], env=dict(env, WANDB_MODE="disabled"), capture_output=True,
                        text=True, timeout=600, cwd=tmp_path)
-    assert r.returncode != 0 and f"does not match context_size ({ctx + 1})" in r.stderr
+    assert r.returncode != 0 and f"does not match context_size ({ctx - 1})" in r.stderr
