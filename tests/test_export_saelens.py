@@ -4,6 +4,7 @@ on an export of a real `actfleet extract`."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -162,6 +163,57 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Shard metadata: what made the rows
+# ---------------------------------------------------------------------------------------------------
+
+META_KEYS = ("positions", "context_size", "separator", "prepend_bos", "concat", "max_seq", "d_model",
+             "compute_dtype", "store_dtype", "model", "revision", "resolved_revision", "weights_sha256",
+             "tokenizer_sha256")
+
+
+def files_sha256(directory: Path, names) -> str:
+    """Independently of worker/: sha256 over sorted (name, sha256 of the file) pairs."""
+    pairs = sorted((n, hashlib.sha256((directory / n).read_bytes()).hexdigest()) for n in names
+                   if (directory / n).is_file())
+    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
+
+
+def check_metadata(meta: dict, model_dir: Path, **want) -> None:
+    assert set(META_KEYS) <= set(meta), sorted(set(META_KEYS) - set(meta))
+    tokenizer = [p.name for p in model_dir.iterdir() if p.name in ("tokenizer.json", "tokenizer_config.json",
+                                                               "special_tokens_map.json", "vocab.json",
+                                                               "merges.txt", "added_tokens.json",
+                                                               "chat_template.jinja")]
+    assert tokenizer and meta["tokenizer_sha256"] == files_sha256(model_dir, tokenizer)
+    assert meta["weights_sha256"] == files_sha256(model_dir, ["model.safetensors"])
+    assert meta["d_model"] == str(json.loads((model_dir / "config.json").read_text())["hidden_size"])
+    for k, v in want.items():
+        assert meta[k] == v, (k, meta[k], v)
+
+
+def test_job_metadata_reads_window_options_when_the_options_have_them():
+    from types import SimpleNamespace
+
+    from actfleet.job_options import JobOptions
+    from actfleet.worker.shards import job_metadata, read_tensors, shard_bytes
+
+    old = job_metadata(JobOptions(positions="all"), max_seq=64, d_model=32,
+                       model_files={"model.safetensors": "a" * 64, "tokenizer.json": "b" * 64, "config.json": "c"})
+    assert old["context_size"] == "0" and old["separator"] == old["prepend_bos"] == old["concat"] == ""
+    assert old["positions"] == "all" and old["max_seq"] == "64" and old["weights_sha256"] != old["tokenizer_sha256"]
+    new = job_metadata(SimpleNamespace(positions="all", context_size=128, separator="eos", prepend_bos=True,
+                                       concat=False, compute_dtype="float32", store_dtype="bfloat16"),
+                       max_seq=128, d_model=32, resolved_revision="f" * 40)
+    assert (new["context_size"], new["separator"], new["prepend_bos"], new["concat"]) == ("128", "eos", "true", "false")
+    assert new["resolved_revision"] == "f" * 40 and new["weights_sha256"] == ""
+    blob = shard_bytes(sample_ids=[0], token_ids=[1], positions=[0], acts={SITE: np.ones((1, 2), np.float32)},
+                       sites=[SITE], store_dtype="float32", model="m", revision="r", job="j", unit=0, part=0,
+                       random_weights=False, extra_metadata={**new, "model": "not this"})
+    meta = read_tensors(blob)[1]
+    assert {k: meta[k] for k in new} == new and meta["model"] == "m"  # the format's own keys win
+
+
+# ---------------------------------------------------------------------------------------------------
 # The real consumer: SAELens trains from an export of a real extraction
 # ---------------------------------------------------------------------------------------------------
 
@@ -181,6 +233,11 @@ def test_saelens_trains_from_an_export_of_an_extraction(tmp_path):
                         "--layers", "1", "--positions", "all", "--shard-mb", "0.05", "--json"],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+    from actfleet.worker.reader import shard_metadata
+
+    for meta in shard_metadata(str(tmp_path / "acts")):
+        check_metadata(meta, model, positions="all", context_size="0", max_seq="64", compute_dtype="bfloat16",
+                       store_dtype="bfloat16", model=str(model), revision="main", resolved_revision="")
     ctx = 8
     r = subprocess.run([*cli, "export", "saelens", str(tmp_path / "acts"), str(tmp_path / "cache"),
                         "--site", "blocks.1.hook_resid_post", "--context-size", str(ctx), "--seed", "7",
@@ -232,3 +289,30 @@ print(json.dumps({{"acts": list(acts.shape), "tok": list(tok.shape), "batch": li
     r = subprocess.run([sys.executable, "-c", bad], env=dict(env, WANDB_MODE="disabled"), capture_output=True,
                        text=True, timeout=600, cwd=tmp_path)
     assert r.returncode != 0 and f"does not match context_size ({ctx - 1})" in r.stderr
+
+
+@pytest.mark.slow
+def test_a_fleet_job_records_its_metadata_and_exports_from_its_root(tmp_path):
+    from actfleet.demo.tiny_model import make_tiny_model
+    from actfleet.worker.reader import shard_metadata
+
+    model = make_tiny_model(tmp_path / "tiny", max_pos=64)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"doc {i} " + "lorem ipsum " * (1 + i % 3)}) + "\n" for i in range(12)))
+    env = dict(os.environ, ACTFLEET_JAX_CACHE=str(tmp_path / "jax"))
+    cli = [sys.executable, "-c", "from actfleet.cli import main; main()"]
+    store = tmp_path / "store"
+    for args in (["prepare", "--store", str(store), "--job", "j", "--model", str(model), "--input", str(data),
+                  "--layers", "0", "--positions", "all", "--compute-dtype", "float32", "--store-dtype", "float32",
+                  "--max-seq", "60", "--unit-rows", "5", "--shard-mb", "0.02"],
+                 ["work", "--store", str(store), "--job", "j", "--worker-id", "w0"]):
+        r = subprocess.run([*cli, *args], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+    metas = shard_metadata(str(store / "j"))  # the job's root: its committed shards
+    assert {m["path"][:13] for m in metas} == {f"shards/{u:06d}" for u in range(3)}  # its three units
+    for meta in metas:
+        check_metadata(meta, model, positions="all", context_size="0", max_seq="60", compute_dtype="float32",
+                       store_dtype="float32", model=str(model.resolve()), revision="main", resolved_revision="")
+    s = export_saelens(str(store / "j"), tmp_path / "out", site="blocks.0.hook_resid_post", context_size=4)
+    assert (s.units_done, s.units_total) == (3, 3) and s.tokens == sum(m["tokens"] for m in metas)
+    assert s.windows == len(datasets.load_from_disk(str(tmp_path / "out")))

@@ -23,6 +23,7 @@ class EngineExtractor:
             model_dir = pinning.pinned_model(spec.options.model, spec.options.revision,
                                              pinning.ModelPin.from_json(spec.model_pin))
         self.engine = eng.Engine(spec.options, model_dir=model_dir)
+        self.shard_meta = shard_metadata(spec.options, self.engine, spec.model_pin)
 
     def fingerprint(self) -> str:
         return self.input.name.split(".", 1)[0]  # the copy's content address, computed as it was made
@@ -38,19 +39,19 @@ class EngineExtractor:
         return self.engine.run(rows)
 
     def shard_writer(self, unit: int):
-        return _ShardSink(self._shards, self.engine, self.spec, unit)
+        return _ShardSink(self._shards, self.engine, self.spec, unit, self.shard_meta)
 
 
 class _ShardSink:
     """Adapts actfleet.worker.shards.ShardWriter to the loop's add()/finish() -> [Shard]."""
 
-    def __init__(self, shards_mod, engine, spec: q.JobSpec, unit: int):
+    def __init__(self, shards_mod, engine, spec: q.JobSpec, unit: int, meta: dict[str, str]):
         self.out: list = []  # of shards_mod.Shard
         o = spec.options
         self.writer = shards_mod.ShardWriter(
             shard_mb=o.shard_mb, model=o.model, revision=o.revision, job=spec.job, unit=unit, sites=engine.sites,
             store_dtype=o.store_dtype, random_weights=getattr(engine, "random_weights", False),
-            on_shard=lambda shard: self.out.append(shard))  # self.out is swapped for a fresh list on each take
+            on_shard=lambda shard: self.out.append(shard), extra_metadata=meta)  # self.out is swapped for a fresh list on each take
 
     def add(self, batch) -> list:
         self.writer.add(batch)
@@ -61,6 +62,18 @@ class _ShardSink:
         self.writer.close()
         out, self.out = self.out, []
         return out
+
+
+def shard_metadata(options: JobOptions, engine, model_pin: dict | None) -> dict[str, str]:
+    """The job_metadata strings every shard of this job carries (worker/shards.py), from the options, the
+    loaded engine and the model pin (job.json's; `actfleet extract` pins the directory it loaded)."""
+    from actfleet.worker import shards
+
+    pin = model_pin or {}
+    config = getattr(engine, "config", None)
+    d_model = getattr(config, "hidden", None) or getattr(config, "hidden_size", None) or 0
+    return shards.job_metadata(options, max_seq=engine.max_seq, d_model=d_model, model_files=pin.get("files"),
+                               resolved_revision=pin.get("revision"))
 
 
 def count_input_rows(path: str, options: JobOptions) -> int:

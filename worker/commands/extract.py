@@ -114,6 +114,11 @@ def extract(model, revision, input_path, out_dir, fmt, text_field, messages_fiel
     except ValueError as e:
         raise InputError(str(e)) from None
     engine = Engine(options)
+    from actfleet.worker import pinning
+    from actfleet.worker.engine_extractor import shard_metadata
+
+    # What made the rows, in every shard (hashes every model file once: seconds for a 1 GB model).
+    meta = shard_metadata(options, engine, pinning.model_pin(engine.model_dir).to_json())
     total = inputs.count_rows(input_path, **options.input_options())
     out.mkdir(parents=True, exist_ok=True)
 
@@ -132,7 +137,7 @@ def extract(model, revision, input_path, out_dir, fmt, text_field, messages_fiel
                                     stop=min(total, start + unit_rows), **options.input_options())
             shards = ShardWriter(shard_mb=shard_mb, model=model, revision=revision, job="extract", unit=unit,
                                  sites=engine.sites, store_dtype=store_dtype, random_weights=engine.random_weights,
-                                 on_shard=writer)
+                                 on_shard=writer, extra_metadata=meta)
             for batch in engine.run(rows):
                 shards.add(batch)
                 stats.update(rows=batch.rows, stored_tokens=batch.stored_tokens, computed_tokens=batch.computed_tokens,
