@@ -11,6 +11,7 @@ import json
 import click
 
 from actfleet.cli import json_option
+from actfleet.errors import PrerequisiteError
 
 
 @click.group()
@@ -48,7 +49,7 @@ def saelens(shards, out, site, context_size, seed, dtype, hook_name, chunk_mb, a
     try:
         import datasets  # noqa: F401
     except ImportError:
-        raise click.ClickException("export saelens needs the `datasets` package (pip install datasets)") from None
+        raise PrerequisiteError("export saelens needs the `datasets` package (pip install datasets)") from None
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         console=Console(stderr=True), disable=as_json, transient=True)
     tasks: dict[str, object] = {}
