@@ -103,15 +103,20 @@ def upload_with_retry(store: Store, key: str, data: bytes, *, attempts: int = 6,
 class _LeaseKeeper(threading.Thread):
     """Renews the lease every lease_seconds/3 and writes the worker record; flags a lost lease."""
 
-    def __init__(self, store: Store, lease: q.Lease, lease_seconds: float, record: q.WorkerProgress, job: str):
+    def __init__(self, store: Store, lease: q.Lease, lease_seconds: float, record: q.WorkerProgress, job: str,
+                 healthy: Callable[[], bool] = lambda: True):
         super().__init__(name=f"lease-{lease.unit}", daemon=True)
         self.store, self.lease, self.lease_seconds, self.record, self.job = store, lease, lease_seconds, record, job
+        self.healthy = healthy
         self.lock = threading.Lock()
         self.lost = threading.Event()
         self.stopped = threading.Event()
 
     def run(self) -> None:
         while not self.stopped.wait(self.lease_seconds / 3):
+            if not self.healthy():  # a slice stalled in a collective: let the lease (and heartbeat) lapse
+                log.warning("unit %d: not renewing the lease: the slice makes no progress", self.lease.unit)
+                continue
             with self.lock:
                 try:
                     self.lease = q.renew(self.store, self.lease, self.lease_seconds)
@@ -146,6 +151,9 @@ class Worker:
     drain_seconds: float = 25.0
     upload_attempts: int = 6
     on_event: Callable[[str, dict], None] = lambda kind, info: None
+    # Whether the compute makes progress (a multi-host slice: no engine step stalled); the lease is renewed
+    # only while it does (actfleet.worker.multihost).
+    healthy: Callable[[], bool] = lambda: True
     _stop_at: float | None = field(default=None, init=False)  # monotonic deadline once SIGTERM arrived
     record: q.WorkerProgress = field(init=False)
 
@@ -214,7 +222,7 @@ class Worker:
         start, stop = self.spec.unit_range(unit)
         t0 = time.monotonic()
         self._write_record("working", unit)
-        keeper = _LeaseKeeper(self.store, lease, self.lease_seconds, self.record, job)
+        keeper = _LeaseKeeper(self.store, lease, self.lease_seconds, self.record, job, self.healthy)
         keeper.start()
         self.on_event("claimed", {"unit": unit, "attempt": lease.attempt})
         try:
