@@ -22,6 +22,7 @@ from actfleet.worker import work_queue as q
 from actfleet.worker.engine import Batch
 from actfleet.worker.export import export_saelens
 from actfleet.worker.shards import ShardWriter
+from tests.fakes.gcs_server import fake_gcs  # noqa: F401  (fixture)
 
 datasets = pytest.importorskip("datasets")
 
@@ -140,6 +141,29 @@ def test_a_job_root_exports_the_committed_shards_only(tmp_path):
     assert (s.units_done, s.units_total) == (1, 2)
     _, acts, _ = read_back(tmp_path / "out")
     assert {(int(x[0, 0]), int(x[0, 1])) for x in acts} == expected_windows(LENGTHS, 4)
+
+
+def test_an_export_from_a_bucket_equals_the_local_one_and_reads_one_site(tmp_path, fake_gcs):  # noqa: F811
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    shards = write_shards(tmp_path / "shards", [sample_batch()])
+    bucket = storage.Client(project="t", credentials=AnonymousCredentials(),
+                            client_options={"api_endpoint": fake_gcs.url}).bucket("acts")
+    for sh in shards:
+        bucket.blob(f"run/{sh.name}").upload_from_string(sh.data)
+    export_saelens("gs://acts/run", tmp_path / "remote", site=SITE, context_size=4, seed=9)
+    export_saelens(str(tmp_path / "shards"), tmp_path / "local", site=SITE, context_size=4, seed=9)
+    assert (tmp_path / "remote" / "data-00000-of-00001.arrow").read_bytes() == \
+        (tmp_path / "local" / "data-00000-of-00001.arrow").read_bytes()
+    from actfleet.worker.shards import parse_header
+
+    for sh in shards:  # each shard: its header twice (two passes), then exactly these tensors, never hook_embed
+        header, _, start = parse_header(sh.data)
+        size = {k: e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items()}
+        served = fake_gcs.media[f"run/{sh.name}"]
+        assert sum(served) == 2 * start + size["sample_ids"] + size["positions"] + size["token_ids"] + size[SITE]
+        assert len(sh.data) - sum(served) == size["hook_embed"] - start
 
 
 def test_bad_input_is_one_line_exit_2(tmp_path):

@@ -99,7 +99,7 @@ def export_saelens(location: str, out: str | Path, *, site: str, context_size: i
                             context_size=context_size, d_in=width, dtype=dtype, seed=seed, shards=len(src.keys),
                             units_done=src.units_done, units_total=src.units_total,
                             shard_metadata=dict(first.metadata))
-    starts, offsets = _windows(src, site, width, context_size, summary, on_progress)
+    starts, offsets = _windows(src, first, site, width, context_size, summary, on_progress)
     n = len(starts)
     summary.windows, summary.tokens_exported = n, n * context_size
     if n == 0:
@@ -134,7 +134,7 @@ def _width(f: ShardFile, site: str) -> int:
     return int(np.prod(shape[1:], dtype=np.int64))  # per-head sites ([N, heads, d_head]) flatten, as SAELens does
 
 
-def _windows(src, site, width, ctx, summary, on_progress) -> tuple[np.ndarray, np.ndarray]:
+def _windows(src, first, site, width, ctx, summary, on_progress) -> tuple[np.ndarray, np.ndarray]:
     """(window start rows in the virtual row space, each shard's first virtual row + the total)."""
     starts, offsets = [], [0]
     carry = None  # (sample id, last position, virtual start row) of a run that may continue
@@ -151,7 +151,7 @@ def _windows(src, site, width, ctx, summary, on_progress) -> tuple[np.ndarray, n
             starts.append(run_start + ctx * np.arange(k, dtype=np.int64))
 
     for i, key in enumerate(src.keys):
-        f = ShardFile(src.store, key)
+        f = first if i == 0 else ShardFile(src.store, key)  # headers are read once per pass
         if site not in f.entries:
             raise InputError(f"--site {site}: not in {key} (its sites: {', '.join(f.sites)})")
         if _width(f, site) != width:
