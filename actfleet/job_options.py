@@ -41,6 +41,7 @@ class JobOptions:
     compute_dtype: str = "bfloat16"  # bfloat16 | float32
     store_dtype: str = "bfloat16"  # bfloat16 | float32
     shard_mb: float = 512  # approximate shard size in MiB
+    model_parallel: int = 1  # devices that split one copy of the model (heads, MLP); the rest split the batch
 
     def __post_init__(self):
         if isinstance(self.sites, list):
@@ -52,7 +53,8 @@ class JobOptions:
         for key in ("model", "revision", "text_field", "messages_field"):
             if not isinstance(getattr(self, key), str):
                 raise ValueError(f"{key} {getattr(self, key)!r}: must be a string")
-        for key, lo in (("arc_augmentations", 0), ("arc_seed", 0), ("max_seq", 0), ("batch_tokens", 1)):
+        for key, lo in (("arc_augmentations", 0), ("arc_seed", 0), ("max_seq", 0), ("batch_tokens", 1),
+                        ("model_parallel", 1)):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
                 raise ValueError(f"{key} {value!r}: must be an integer >= {lo}")

@@ -1,8 +1,10 @@
 """Capture sites, defined once: their kinds, TransformerLens names, layers and the order they are stored in.
 
-A site is named as TransformerLens names its hook: "hook_embed" (the embedding output) or
-"blocks.{L}.hook_{kind}" for a decoder layer L and kind resid_post, attn_out or mlp_out. The layer "*"
-("blocks.*.hook_resid_post") stands for every layer, resolved against the model's depth by `resolve`.
+A site is named as TransformerLens names its hook: "hook_embed" (the embedding output) or "blocks.{L}.{hook}"
+for a decoder layer L, where the hook of each kind is in HOOKS (e.g. kind "ln2" is "blocks.3.ln2.hook_normalized").
+The layer "*" ("blocks.*.hook_resid_post") stands for every layer, resolved against the model's depth by `resolve`.
+What each kind holds, exactly, is in docs/extractor.md ("Sites"); the model code computes them
+(actfleet.worker.models) and the parity tests check each against transformers.
 
 Config ([job] sites/layers), the CLI (--sites/--layers), the engine and the model families all use these
 functions; a shard's metadata lists its sites in `sort_key` order.
@@ -15,16 +17,31 @@ import re
 from actfleet.errors import ConfigError, InputError
 
 EMBED = "hook_embed"
-LAYER_KINDS = ("resid_post", "attn_out", "mlp_out")  # kinds with one site per decoder layer
+# Kinds with one site per decoder layer -> their TransformerLens hook name under "blocks.{L}.", in the order the
+# layer computes them.
+HOOKS = {
+    "resid_pre": "hook_resid_pre",  # the layer's input (resid_post of L-1; hook_embed for L = 0)
+    "ln1": "ln1.hook_normalized",  # resid_pre / rms(resid_pre), before the norm's weight
+    "attn_z": "attn.hook_z",  # per-head attention outputs before o_proj, heads * head_dim wide
+    "attn_out": "hook_attn_out",
+    "resid_mid": "hook_resid_mid",  # resid_pre + attn_out
+    "ln2": "ln2.hook_normalized",  # resid_mid / rms(resid_mid), before the norm's weight
+    "mlp_pre": "mlp.hook_pre",  # the gate's pre-activation, d_mlp wide
+    "mlp_post": "mlp.hook_post",  # act(gate) * up, d_mlp wide
+    "mlp_out": "hook_mlp_out",
+    "resid_post": "hook_resid_post",  # the layer's output (before the final norm for the last layer)
+}
+LAYER_KINDS = tuple(HOOKS)
 KINDS = ("embed", *LAYER_KINDS)
 ALL_LAYERS = "*"  # the layer of a site name that stands for every layer
-NAME_RE = re.compile(r"^(hook_embed|blocks\.(\d+|\*)\.hook_(" + "|".join(LAYER_KINDS) + r"))$")
+_KIND_OF_HOOK = {hook: kind for kind, hook in HOOKS.items()}
+NAME_RE = re.compile(r"^(hook_embed|blocks\.(\d+|\*)\.(" + "|".join(map(re.escape, HOOKS.values())) + r"))$")
 
 
 def name(kind: str, layer: int | str | None = None) -> str:
     """The TransformerLens name of a site: name("embed") -> "hook_embed", name("mlp_out", 6) ->
     "blocks.6.hook_mlp_out"; layer ALL_LAYERS gives the every-layer marker."""
-    return EMBED if kind == "embed" else f"blocks.{layer}.hook_{kind}"
+    return EMBED if kind == "embed" else f"blocks.{layer}.{HOOKS[kind]}"
 
 
 def parse(site: str) -> tuple[int | str | None, str] | None:
@@ -35,7 +52,7 @@ def parse(site: str) -> tuple[int | str | None, str] | None:
         return None
     if m[2] is None:
         return None, "embed"
-    return (ALL_LAYERS if m[2] == ALL_LAYERS else int(m[2])), m[3]
+    return (ALL_LAYERS if m[2] == ALL_LAYERS else int(m[2])), _KIND_OF_HOOK[m[3]]
 
 
 def is_name(site: str, every_layer_ok: bool = True) -> bool:
@@ -92,7 +109,7 @@ def resolve(sites, n_layers: int) -> tuple[str, ...]:
     for s in sites:
         p = parse(s)
         if p is None:
-            raise ValueError(f'site "{s}": use hook_embed or blocks.L.hook_' + "|".join(LAYER_KINDS))
+            raise ValueError(f'site "{s}": use hook_embed or blocks.L.' + "|".join(HOOKS.values()))
         layer, kind = p
         if layer == ALL_LAYERS:
             out.update(name(kind, i) for i in range(n_layers))

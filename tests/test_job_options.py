@@ -50,3 +50,18 @@ def test_site_names_parse_expand_resolve_and_sort():
     with pytest.raises(ValueError, match="the model has layers 0..1"):
         sites.resolve(["blocks.2.hook_resid_post"], 2)
     assert sites.layers_needed(["hook_embed", "blocks.4.hook_mlp_out"]) == 5 and sites.layers_needed([]) == 0
+
+
+def test_every_layer_kind_has_its_transformer_lens_name():
+    # Literal TransformerLens hook names (HookedTransformer.hook_dict keys for block 3), not derived from HOOKS.
+    tl = {"resid_pre": "blocks.3.hook_resid_pre", "resid_mid": "blocks.3.hook_resid_mid",
+          "resid_post": "blocks.3.hook_resid_post", "attn_out": "blocks.3.hook_attn_out",
+          "mlp_out": "blocks.3.hook_mlp_out", "ln1": "blocks.3.ln1.hook_normalized",
+          "ln2": "blocks.3.ln2.hook_normalized", "attn_z": "blocks.3.attn.hook_z", "mlp_pre": "blocks.3.mlp.hook_pre",
+          "mlp_post": "blocks.3.mlp.hook_post"}
+    assert set(sites.LAYER_KINDS) == set(tl)
+    for kind, name in tl.items():
+        assert sites.name(kind, 3) == name and sites.parse(name) == (3, kind)
+        assert sites.parse(name.replace(".3.", ".*.")) == ("*", kind)
+    assert sites.parse("blocks.3.ln1xhook_normalized") is None and sites.parse("blocks.3.attn.hook_q") is None
+    assert sites.expand(["ln2", "mlp_post"], [1]) == ("blocks.1.ln2.hook_normalized", "blocks.1.mlp.hook_post")

@@ -1,8 +1,11 @@
 """The JAX extractor agrees with transformers' PyTorch Qwen2 at every stored (sample, position, site).
 
 Tiny random models are made in the test (actfleet.demo.tiny_model). The reference runs each sample alone through
-`Qwen2ForCausalLM` with forward hooks on each decoder layer (resid_post, before the final norm for the last
-layer), on self_attn (attn_out) and on mlp (mlp_out); hook_embed is the embedding output.
+`Qwen2ForCausalLM` with PyTorch forward hooks: on each decoder layer (resid_pre: its input; resid_post: its output,
+before the final norm for the last layer), on self_attn (attn_out), on o_proj's input (attn_z), on
+post_attention_layernorm's input (resid_mid), on mlp (mlp_out), on gate_proj's output (mlp_pre) and on
+down_proj's input (mlp_post); ln1/ln2 are TransformerLens's hook_normalized, x / sqrt(mean(x^2) + eps) of the
+norm's input (before its weight), checked against the norm's own output. hook_embed is the embedding output.
 """
 
 import numpy as np
@@ -13,6 +16,7 @@ torch = pytest.importorskip("torch")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from actfleet import sites as site_names  # noqa: E402
 from actfleet.worker.attention import NEG_INF, attention  # noqa: E402
 from actfleet.job_options import JobOptions  # noqa: E402
 from actfleet.worker.engine import Engine  # noqa: E402
@@ -32,7 +36,7 @@ def reference_attention(q, k, v, segment_ids, positions):
     return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v).astype(q.dtype)
 
 
-SITES = ("hook_embed", "blocks.*.hook_resid_post", "blocks.*.hook_attn_out", "blocks.*.hook_mlp_out")
+SITES = ("hook_embed", *(f"blocks.*.{hook}" for hook in site_names.HOOKS.values()))  # every kind, every layer
 
 # 1-token inputs next to long ones, so rows pack several sequences and span several attention blocks.
 TEXTS = ["a", "The quick brown fox jumps over the lazy dog. " * 9, "7", "Example 1\ninput 2x2\n0: 1 2\n1: 3 4",
@@ -43,6 +47,7 @@ def hf_reference(model_dir, token_lists):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    eps = model.config.rms_norm_eps
     caps: dict = {}
 
     def keep(name):
@@ -50,19 +55,43 @@ def hf_reference(model_dir, token_lists):
             caps[name] = (out[0] if isinstance(out, tuple) else out)[0].numpy()
         return hook
 
+    def keep_input(name, then=lambda x: x):
+        def hook(module, args, kwargs):
+            caps[name] = then(args[0] if args else kwargs["hidden_states"])[0].numpy()
+        return hook
+
+    def normalized(x):  # TransformerLens RMSNorm(Pre).hook_normalized: float32, before the weight
+        x = x.to(torch.float32)
+        return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+
     model.model.embed_tokens.register_forward_hook(keep("hook_embed"))
     for i, layer in enumerate(model.model.layers):
-        layer.register_forward_hook(keep(f"blocks.{i}.hook_resid_post"))
-        layer.self_attn.register_forward_hook(keep(f"blocks.{i}.hook_attn_out"))
-        layer.mlp.register_forward_hook(keep(f"blocks.{i}.hook_mlp_out"))
+        name = lambda kind: site_names.name(kind, i)  # noqa: E731
+        layer.register_forward_pre_hook(keep_input(name("resid_pre")), with_kwargs=True)
+        layer.input_layernorm.register_forward_pre_hook(keep_input(name("ln1"), normalized), with_kwargs=True)
+        layer.input_layernorm.register_forward_hook(keep(f"{i}.ln1_out"))
+        layer.self_attn.o_proj.register_forward_pre_hook(keep_input(name("attn_z")), with_kwargs=True)
+        layer.self_attn.register_forward_hook(keep(name("attn_out")))
+        layer.post_attention_layernorm.register_forward_pre_hook(keep_input(name("resid_mid")), with_kwargs=True)
+        layer.post_attention_layernorm.register_forward_pre_hook(keep_input(name("ln2"), normalized), with_kwargs=True)
+        layer.post_attention_layernorm.register_forward_hook(keep(f"{i}.ln2_out"))
+        layer.mlp.gate_proj.register_forward_hook(keep(name("mlp_pre")))
+        layer.mlp.down_proj.register_forward_pre_hook(keep_input(name("mlp_post")), with_kwargs=True)
+        layer.mlp.register_forward_hook(keep(name("mlp_out")))
+        layer.register_forward_hook(keep(name("resid_post")))
     out = []
     for ids in token_lists:
         caps.clear()
         with torch.no_grad():
             hs = model(torch.tensor(np.asarray(ids, np.int64)[None]), output_hidden_states=True).hidden_states
-        # Cross-check the hooks against output_hidden_states where they mean the same thing.
-        for i in range(len(model.model.layers) - 1):
-            np.testing.assert_array_equal(caps[f"blocks.{i}.hook_resid_post"], hs[i + 1][0].numpy())
+        # Cross-check the hooks against output_hidden_states and each other where they mean the same thing.
+        for i, layer in enumerate(model.model.layers):
+            if i < len(model.model.layers) - 1:
+                np.testing.assert_array_equal(caps[f"blocks.{i}.hook_resid_post"], hs[i + 1][0].numpy())
+            np.testing.assert_array_equal(caps[f"blocks.{i}.hook_resid_pre"], hs[i][0].numpy())
+            for ln, norm in (("ln1", layer.input_layernorm), ("ln2", layer.post_attention_layernorm)):
+                np.testing.assert_allclose(caps[f"blocks.{i}.{ln}.hook_normalized"] * norm.weight.detach().numpy(),
+                                           caps.pop(f"{i}.{ln}_out"), rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(caps["hook_embed"], hs[0][0].numpy())
         out.append(dict(caps))
     return out
@@ -245,3 +274,44 @@ def test_packing_plan_edge_cases():
     assert [b.shape for b in one] == [(1, 32768)]
     with pytest.raises(ValueError):
         plan([3, 0], batch_tokens=100)
+
+
+@pytest.mark.slow
+def test_sites_of_every_width_reach_the_shards_and_resid_pre_is_the_previous_resid_post(tmp_path):
+    """Default dtypes (bfloat16), every site kind: resid_pre of layer L is resid_post of L - 1 (hook_embed for
+    L = 0) bit for bit; d_mlp- and heads*head_dim-wide sites keep their widths through the engine's gather,
+    ShardWriter and the reader; an all-skipped run's empty batch has the same widths."""
+    from actfleet.worker.reader import load
+    from actfleet.worker.shards import ShardWriter
+
+    # Qwen3 shape with head_dim 24: attn_z is 4 x 24 = 96 wide next to d_model 64 and d_mlp 96 + 32.
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    import shutil
+
+    tiny = make_tiny_model(tmp_path / "tok")
+    torch.manual_seed(1)
+    Qwen3ForCausalLM(Qwen3Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                                 max_position_embeddings=512)).save_pretrained(tmp_path / "m")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny / f, tmp_path / "m" / f)
+    engine = Engine(JobOptions(model=str(tmp_path / "m"), sites=SITES, positions="all", batch_tokens=256), attn_block=32)
+    widths = {"attn_z": 96, "mlp_pre": 128, "mlp_post": 128}
+    writer = ShardWriter(shard_mb=0.05, model="m", revision="r", job="t", unit=0, sites=engine.sites)
+    for b in engine.run([(i, t, None) for i, t in enumerate(TEXTS)]):
+        for site in engine.sites:
+            assert b.acts[site].shape == (b.stored_tokens, widths.get(site_names.parse(site)[1], 64)), site
+        assert b.acts["blocks.0.hook_resid_pre"].tobytes() == b.acts["hook_embed"].tobytes()
+        assert b.acts["blocks.1.hook_resid_pre"].tobytes() == b.acts["blocks.0.hook_resid_post"].tobytes()
+        assert b.acts["blocks.1.hook_resid_pre"].tobytes() != b.acts["blocks.1.hook_resid_mid"].tobytes()
+        writer.add(b)
+    (tmp_path / "out").mkdir()
+    for shard in writer.close():
+        (tmp_path / "out" / shard.name).write_bytes(shard.data)
+    assert len(writer.shards) > 1
+    back = load(str(tmp_path / "out"))
+    assert back["blocks.1.mlp.hook_post"].shape == (len(back["sample_ids"]), 128)
+    assert back["blocks.0.attn.hook_z"].shape == (len(back["sample_ids"]), 96)
+
+    empty = list(engine.run([(0, None, "bad json")]))
+    assert [b.acts["blocks.1.mlp.hook_pre"].shape for b in empty] == [(0, 128)]

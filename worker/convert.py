@@ -1,30 +1,46 @@
-"""Hugging Face safetensors checkpoint -> the weights pytree of actfleet.worker.models.qwen2 (numpy, then device).
+"""Hugging Face safetensors checkpoint -> the parameters of actfleet.worker.models.qwen2, each straight into its shards.
 
 Reads `model.safetensors` or the shards listed in `model.safetensors.index.json`, memory-mapped, and only
-the tensors the requested layers need (the LM head and final norm are never loaded). Linear weights are
-transposed from torch's [out, in] to [in, out] so the forward pass is `x @ w`.
+the tensors the model's parameters need (the LM head and final norm are never read). Each parameter is built
+with `jax.make_array_from_callback`: for every device's index into the parameter, only that block of the
+checkpoint tensor is read from the mapped file, converted and handed to the device. No device and no host
+buffer ever holds a split parameter whole; a replicated one is converted once and copied to each device.
+
+Layouts: torch stores a linear layer's weight [out, in]; ours are [in, out] with heads as their own axis
+(see the qwen2 module docstring). `LAYOUTS` says, per parameter, how our array is the checkpoint tensor
+reshaped (`split`: each checkpoint axis as a tuple of our sizes' names) and transposed (`order`).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from actfleet.worker.models.qwen2 import Config
 from actfleet.worker.shards import ShardFormatError, open_file
 
-_LAYER_KEYS = {  # ours: (HF name under model.layers.{i}., transpose)
-    "ln1": ("input_layernorm.weight", False),
-    "wq": ("self_attn.q_proj.weight", True), "bq": ("self_attn.q_proj.bias", False),
-    "wk": ("self_attn.k_proj.weight", True), "bk": ("self_attn.k_proj.bias", False),
-    "wv": ("self_attn.v_proj.weight", True), "bv": ("self_attn.v_proj.bias", False),
-    "wo": ("self_attn.o_proj.weight", True),
-    "q_norm": ("self_attn.q_norm.weight", False), "k_norm": ("self_attn.k_norm.weight", False),
-    "ln2": ("post_attention_layernorm.weight", False),
-    "w_gate": ("mlp.gate_proj.weight", True), "w_up": ("mlp.up_proj.weight", True),
-    "w_down": ("mlp.down_proj.weight", True),
+# our parameter path (under layers.{i}. for layer params) -> (HF name, split, order).
+# split: the checkpoint tensor's axes, each a tuple of dimension names whose product is its length;
+# order: our axes as names. "h"/"k" heads/kv heads, "e" head_dim, "d" hidden, "f" intermediate, "v" vocab.
+LAYOUTS: dict[str, tuple[str, tuple[tuple[str, ...], ...], str]] = {
+    "embed.table": ("model.embed_tokens.weight", (("v",), ("d",)), "vd"),
+    "ln1.weight": ("input_layernorm.weight", (("d",),), "d"),
+    "ln2.weight": ("post_attention_layernorm.weight", (("d",),), "d"),
+    "attn.wq": ("self_attn.q_proj.weight", (("h", "e"), ("d",)), "dhe"),
+    "attn.wk": ("self_attn.k_proj.weight", (("k", "e"), ("d",)), "dke"),
+    "attn.wv": ("self_attn.v_proj.weight", (("k", "e"), ("d",)), "dke"),
+    "attn.bq": ("self_attn.q_proj.bias", (("h", "e"),), "he"),
+    "attn.bk": ("self_attn.k_proj.bias", (("k", "e"),), "ke"),
+    "attn.bv": ("self_attn.v_proj.bias", (("k", "e"),), "ke"),
+    "attn.wo": ("self_attn.o_proj.weight", (("d",), ("h", "e")), "hed"),
+    "attn.q_norm.weight": ("self_attn.q_norm.weight", (("e",),), "e"),
+    "attn.k_norm.weight": ("self_attn.k_norm.weight", (("e",),), "e"),
+    "mlp.w_gate": ("mlp.gate_proj.weight", (("f",), ("d",)), "df"),
+    "mlp.w_up": ("mlp.up_proj.weight", (("f",), ("d",)), "df"),
+    "mlp.w_down": ("mlp.down_proj.weight", (("d",), ("f",)), "fd"),
 }
 
 
@@ -51,13 +67,47 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
     return {name: single for name in tensors}
 
 
-def load_weights(model_dir: str | Path, cfg: Config, *, n_layers: int, dtype=np.float32) -> dict:
-    """The pytree for embeddings and the first `n_layers` decoder layers, as numpy arrays of `dtype`."""
+def hf_source(path: tuple) -> tuple[str, tuple[tuple[str, ...], ...], str]:
+    """Our parameter path, e.g. ("layers", 3, "attn", "wq"), -> (HF tensor name, split, order)."""
+    if path[0] == "layers":
+        hf, split, order = LAYOUTS[".".join(map(str, path[2:]))]
+        return f"model.layers.{path[1]}.{hf}", split, order
+    return LAYOUTS[".".join(map(str, path))]
+
+
+def read_block(tensor: np.ndarray, split, order: str, sizes: dict[str, int], index: tuple[slice, ...], dtype):
+    """The block `index` (slices over our axes) of our view of the checkpoint `tensor`, as a fresh array.
+
+    Only the rows/columns the block covers are read: for a checkpoint axis split into (outer, inner...), the
+    block's outer range is one contiguous range of that axis; inner slices are taken after the reshape."""
+    ours = {name: index[i].indices(sizes[name]) for i, name in enumerate(order)}  # name -> (start, stop, step)
+    outer, inner = [], []
+    for names in split:
+        rest = int(np.prod([sizes[n] for n in names[1:]], dtype=np.int64))
+        start, stop, _ = ours[names[0]]
+        outer.append(slice(start * rest, stop * rest))
+        inner += [slice(None)] + [slice(*ours[n][:2]) for n in names[1:]]
+    block = tensor[tuple(outer)]
+    block = block.reshape([ours[n][1] - ours[n][0] if i == 0 else sizes[n]
+                           for names in split for i, n in enumerate(names)])[tuple(inner)]
+    flat_names = [n for names in split for n in names]
+    return np.ascontiguousarray(block.transpose([flat_names.index(n) for n in order])).astype(dtype, copy=False)
+
+
+def load_state(model_dir: str | Path, cfg: Config, abstract_state, sharding_of: Callable):
+    """Fill `abstract_state` (nnx.split of a model built under nnx.eval_shape) from the checkpoint.
+
+    `sharding_of(variable)` gives each parameter's jax.sharding.Sharding. Returns the State of jax Arrays."""
+    import jax
+    from flax import nnx
+
     model_dir = Path(model_dir)
     files = weight_files(model_dir)
     opened: dict[Path, dict] = {}
+    sizes = {"v": cfg.vocab, "d": cfg.hidden, "h": cfg.heads, "k": cfg.kv_heads, "e": cfg.head_dim,
+             "f": cfg.intermediate}
 
-    def get(name: str, shape: tuple, transpose: bool) -> np.ndarray:
+    def tensor(name: str, split) -> np.ndarray:
         if name not in files:
             raise CheckpointError(f"{model_dir}: checkpoint has no tensor {name}")
         path = files[name]
@@ -66,20 +116,26 @@ def load_weights(model_dir: str | Path, cfg: Config, *, n_layers: int, dtype=np.
                 opened[path] = open_file(path)[0]
             except (ShardFormatError, OSError) as e:
                 raise CheckpointError(f"{path}: unreadable ({e})") from None
-        arr = opened[path][name]
-        arr = arr.T if transpose else arr
-        if arr.shape != shape:
-            raise CheckpointError(f"{path}: {name} has shape {list(arr.shape)}, config says {list(shape)}")
-        return np.asarray(arr, dtype=dtype)
+        arr = opened[path][name]  # a view of the mapped file: nothing is read yet
+        want = tuple(int(np.prod([sizes[n] for n in names])) for names in split)
+        if arr.shape != want:
+            raise CheckpointError(f"{path}: {name} has shape {list(arr.shape)}, config says {list(want)}")
+        return arr
 
-    d, hd, i = cfg.hidden, cfg.head_dim, cfg.intermediate
-    shapes = {"ln1": (d,), "wq": (d, cfg.heads * hd), "bq": (cfg.heads * hd,), "wk": (d, cfg.kv_heads * hd),
-              "bk": (cfg.kv_heads * hd,), "wv": (d, cfg.kv_heads * hd), "bv": (cfg.kv_heads * hd,),
-              "wo": (cfg.heads * hd, d), "q_norm": (hd,), "k_norm": (hd,), "ln2": (d,), "w_gate": (d, i),
-              "w_up": (d, i), "w_down": (i, d)}
-    wanted = [k for k in _LAYER_KEYS if (cfg.qkv_bias or k not in ("bq", "bk", "bv"))
-              and (cfg.qk_norm or k not in ("q_norm", "k_norm"))]
-    layers = []
-    for li in range(n_layers):
-        layers.append({k: get(f"model.layers.{li}.{_LAYER_KEYS[k][0]}", shapes[k], _LAYER_KEYS[k][1]) for k in wanted})
-    return {"embed": get("model.embed_tokens.weight", (cfg.vocab, d), False), "layers": layers}
+    flat = []
+    for path, variable in nnx.to_flat_state(abstract_state):
+        name, split, order = hf_source(path)
+        src = tensor(name, split)
+        shape, dtype = variable.get_value().shape, variable.get_value().dtype
+        assert shape == tuple(sizes[n] for n in order), (path, shape, order)
+        blocks: dict[tuple, np.ndarray] = {}  # a replicated parameter: converted once, copied to every device
+
+        def block(index, src=src, split=split, order=order, dtype=dtype, shape=shape, blocks=blocks):
+            key = tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+            if key not in blocks:
+                blocks[key] = read_block(src, split, order, sizes, index, dtype)
+            return blocks[key]
+
+        array = jax.make_array_from_callback(shape, sharding_of(variable), block)
+        flat.append((path, variable.replace(array)))
+    return nnx.from_flat_state(flat)

@@ -7,8 +7,10 @@
 One `run` call: tokenize every row, apply the long-input policy, plan the packing (actfleet.worker.batching, a pure
 function of the row list), then stream the batches through one jitted forward pass per shape. The next
 batch is dispatched before the previous one's results are copied to the host, so transfer and whatever the
-caller does with a Batch (shard writing, upload) overlap with compute. Weights are replicated and the batch
-dimension is sharded over a 1-axis mesh of all local devices.
+caller does with a Batch (shard writing, upload) overlap with compute. The model is a Flax NNX module
+(actfleet.worker.models) whose parameters are placed on a (data, model) mesh (`make_mesh`): with
+`model_parallel` N its heads and MLP are split over N devices (actfleet.worker.models.sharding.RULES) and the
+batch's rows over the rest.
 
 Determinism: the stored bits for a sample depend only on the rows given to one `run` call (the packing plan
 is a pure function of them); the same rows give the same bits.
@@ -19,17 +21,18 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from actfleet import sites as site_names
 from actfleet.errors import InputError
 from actfleet.job_options import JobOptions
 from actfleet.worker import batching, convert, model_files
-from actfleet.worker.models import family_for
+from actfleet.worker.models import family_for, sharding
 from actfleet.worker.shards import STORE_DTYPES
 
 Row = tuple[int, "str | None", "str | None"]
@@ -52,6 +55,21 @@ class Batch:
     @property
     def stored_tokens(self) -> int:
         return len(self.sample_ids)
+
+
+def make_mesh(devices, model_parallel: int):
+    """A (data, model) mesh over `devices`: `model_parallel` devices hold one copy of the model between them
+    (its heads and MLP split over them), and len(devices) / model_parallel such groups split the batch.
+    ValueError when model_parallel does not divide the device count."""
+    import jax
+    from jax.sharding import AxisType
+
+    n = len(devices)
+    if model_parallel < 1 or n % model_parallel:
+        raise ValueError(f"model_parallel {model_parallel} must divide the number of devices ({n})")
+    # jax.make_mesh orders the devices along the physical topology (the model axis on the nearest chips).
+    return jax.make_mesh((n // model_parallel, model_parallel), sharding.MESH_AXES, devices=devices,
+                         axis_types=(AxisType.Auto, AxisType.Auto))
 
 
 def enable_compilation_cache() -> str:
@@ -93,7 +111,6 @@ class Engine:
     def __init__(self, options: JobOptions, *, attn_block: int = 512, model_dir: Path | None = None):
         import jax
         import jax.numpy as jnp
-        from jax.sharding import Mesh, NamedSharding, PartitionSpec
         from transformers import AutoTokenizer
 
         enable_compilation_cache()
@@ -125,37 +142,72 @@ class Engine:
             special.add(self.tokenizer.bos_token_id)
         self.special_ids = np.array(sorted(special), dtype=np.int32)
 
-        self.devices = jax.devices()
-        self.mesh = Mesh(np.array(self.devices), ("data",))
-        self._batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
-        self._replicated = NamedSharding(self.mesh, PartitionSpec())
-        compute = jnp.bfloat16 if options.compute_dtype == "bfloat16" else jnp.float32
+        self.devices = jax.devices()  # every process's devices: the mesh spans the whole slice
         try:
-            host = convert.load_weights(self.model_dir, self.config, n_layers=site_names.layers_needed(self.sites))
-        except convert.CheckpointError as e:
+            self.mesh = make_mesh(self.devices, options.model_parallel)
+            self.rules = sharding.rules_for(self.config, options.model_parallel)
+        except ValueError as e:
             raise InputError(f"model {model_ref}: {e}") from None
-        self.weights = jax.device_put(jax.tree.map(lambda a: jnp.asarray(a, compute), host),
-                                      NamedSharding(self.mesh, PartitionSpec()))
+        compute = jnp.bfloat16 if options.compute_dtype == "bfloat16" else jnp.float32
+        self._replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.graphdef, self.params = self._load_params(compute)
         store = jnp.bfloat16 if options.store_dtype == "bfloat16" else jnp.float32
+        # The gather returns one array per distinct site width (d_model, d_mlp, heads * head_dim), sites in
+        # shard order within each: one transfer per width instead of one per site.
+        widths: dict[int, list[str]] = {}
+        for s in self.sites:
+            widths.setdefault(self.config.site_width(site_names.parse(s)[1]), []).append(s)
+        self._groups = tuple(tuple(g) for g in widths.values())
 
         # float32 means float32: without this, XLA runs float32 matrix products as TF32 on GPUs and as
         # single-pass bfloat16 on TPUs (measured on an H200: 1.3e-3 relative error against transformers).
         precision = "highest" if options.compute_dtype == "float32" else "default"
+        graphdef, sites = self.graphdef, self.sites
 
-        def step(weights, token_ids, segment_ids, positions):
+        def step(params, token_ids, segment_ids, positions):
+            model = nnx.merge(graphdef, params)
             with jax.default_matmul_precision(precision):
-                acts = self.family.forward(self.config, weights, token_ids, segment_ids, positions,
-                                           sites=self.sites, attn_block=attn_block)
+                acts = model(token_ids, segment_ids, positions, sites=sites, attn_block=attn_block)
             return {k: v.astype(store) for k, v in acts.items()}
 
         def gather(acts, take):
-            # On the device, before the copy to the host: only the stored tokens, already in shard order, all
-            # sites in one array -- one transfer instead of one per site plus a host-side gather per site.
-            return jnp.stack([acts[s].reshape(-1, acts[s].shape[-1])[take] for s in self.sites])
+            # On the device, before the copy to the host: only the stored tokens, already in shard order, the
+            # sites of one width in one array.
+            return tuple(jnp.stack([acts[s].reshape(-1, acts[s].shape[-1])[take] for s in group])
+                         for group in self._groups)
 
         self._step = jax.jit(step)
-        # Replicated: every host gets the whole vectors (on a multi-host slice, or a model-sharded mesh).
+        # Replicated: every host gets whole vectors, whether the mesh spans hosts or the model is split
+        # (the local piece of a sharded result would be a slice of each vector).
         self._gather = jax.jit(gather, out_shardings=self._replicated)
+
+    def _load_params(self, dtype):
+        """The model's graph and its parameters, each loaded from the checkpoint straight into its shards on
+        the mesh (logical axes -> mesh axes by self.rules). Built under nnx.eval_shape: nothing is allocated
+        before the checkpoint's values arrive."""
+        n_layers = site_names.layers_needed(self.sites)
+        abstract = nnx.eval_shape(lambda: self.family.Decoder(self.config, n_layers, dtype))
+        graphdef, abstract_state = nnx.split(abstract)
+
+        def placement(variable):
+            return NamedSharding(self.mesh, sharding.partition_spec(sharding.logical_axes(variable), self.rules))
+
+        try:
+            return graphdef, convert.load_state(self.model_dir, self.config, abstract_state, placement)
+        except convert.CheckpointError as e:
+            raise InputError(f"model {self.model_ref}: {e}") from None
+
+    def _batch_sharding(self):
+        """Rows of a batch split over the mesh's data axis, replicated over its model axis."""
+        return NamedSharding(self.mesh, sharding.partition_spec(("batch", None), self.rules))
+
+    def _put_batch(self, host_array: np.ndarray):
+        """One host batch array [rows, width] onto the devices (every process holds it whole)."""
+        return place_global(host_array, self._batch_sharding())
+
+    def _to_host(self, out) -> list[np.ndarray]:
+        """The gathered arrays (one per site width, replicated) as whole numpy arrays."""
+        return [fetch_whole(o) for o in out]
 
     # ------------------------------------------------------------------------------------------------
 
@@ -210,7 +262,7 @@ class Engine:
 
     def _batches(self, seqs, skipped, truncated, n_rows) -> Iterator[Batch]:
         planned = batching.plan([len(s[1]) for s in seqs], batch_tokens=self.options.batch_tokens,
-                                n_devices=len(self.devices))
+                                n_devices=self.mesh.shape["data"])
         first = True
         pending = None
         for pb in planned:
@@ -241,15 +293,16 @@ class Engine:
                 positions[row, at: at + len(ids)] = np.arange(len(ids))
                 at += len(ids)
             positions[row, at:] = np.arange(p - at)  # padding counts from its own start
-        put = partial(place_global, sharding=self._batch_sharding)
-        acts = self._step(self.weights, put(token_ids), put(segment_ids), put(positions))
+        put = self._put_batch
+        acts = self._step(self.params, put(token_ids), put(segment_ids), put(positions))
         index = self._stored_index(pb, seqs)
         take = index[0]
         # Pad the gather to a power of two so its shapes (and compilations) stay few.
         padded = min(r * p, max(256, 1 << (len(take) - 1).bit_length()))
         out = self._gather(acts, place_global(np.pad(take, (0, padded - len(take))).astype(np.int32),
                                               self._replicated))
-        out.copy_to_host_async()  # overlaps the transfer with the next batch's compute
+        for o in out:
+            o.copy_to_host_async()  # overlaps the transfer with the next batch's compute
         return out, index
 
     def _stored_index(self, pb: batching.PlannedBatch, seqs):
@@ -276,16 +329,17 @@ class Engine:
     def _collect(self, launched, pb: batching.PlannedBatch, seqs, skipped, truncated) -> Batch:
         out, (take, sample_ids, token_ids, positions, real) = launched
         r, p = pb.shape
-        host = fetch_whole(out)  # [sites, padded, d]; the first len(take) rows of each site are the stored tokens
-        acts = {site: host[i, : len(take)] for i, site in enumerate(self.sites)}
+        acts = {}
+        # Per site width, [sites, padded, width]; the first len(take) rows of each site are the stored tokens.
+        for group, host in zip(self._groups, self._to_host(out)):
+            acts.update({site: host[i, : len(take)] for i, site in enumerate(group)})
         members = sum(len(m) for m in pb.rows)
         return Batch(token_ids=token_ids, sample_ids=sample_ids, positions=positions,
                      acts=acts, rows=members + len(skipped), computed_tokens=r * p, padded_tokens=r * p - real,
                      truncated=truncated, skipped=dict(skipped))
 
     def _empty_batch(self, skipped, truncated) -> Batch:
-        d = self.config.hidden
         dtype = STORE_DTYPES[self.options.store_dtype]
         return Batch(token_ids=np.zeros(0, np.int32), sample_ids=np.zeros(0, np.int64), positions=np.zeros(0, np.int32),
-                     acts={s: np.zeros((0, d), dtype) for s in self.sites}, rows=len(skipped), truncated=truncated,
+                     acts={s: np.zeros((0, self.config.site_width(site_names.parse(s)[1])), dtype) for s in self.sites}, rows=len(skipped), truncated=truncated,
                      skipped=dict(skipped))

@@ -158,7 +158,7 @@ class Worker:
     record: q.WorkerProgress = field(init=False)
 
     def __post_init__(self):
-        self.record = q.WorkerProgress(self.worker_id, state="starting")
+        self.record = q.WorkerProgress(self.worker_id, state="starting", started_at=time.time())
         self.offset = zlib.crc32(self.worker_id.encode()) % max(1, self.spec.units)
         self.draining = threading.Event()
         self._pinned: dict[str, str] | None = None
@@ -188,7 +188,9 @@ class Worker:
                 break
             if nxt.lease is None:  # everything left is leased by others: wait to take over expired leases
                 self._write_record("waiting")
-                self.draining.wait(min(nxt.wait_seconds + random.uniform(0, 0.5), self.lease_seconds))
+                # At most a third of a lease between records, as while working: reconcile's heartbeat
+                # timeout (at least one lease, config.py) must never mistake a waiting worker for a stalled one.
+                self.draining.wait(min(nxt.wait_seconds + random.uniform(0, 0.5), self.lease_seconds / 3))
                 continue
             committed, tokens = self._process(nxt.lease)
             if committed:

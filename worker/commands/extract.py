@@ -80,13 +80,16 @@ class _FileWriter:
               help="What to do with inputs longer than --max-seq (counted in summary.json).")
 @click.option("--batch-tokens", type=click.IntRange(min=1), default=DEFAULTS.batch_tokens, show_default=True, help="Tokens per device batch.")
 @click.option("--shard-mb", type=click.FloatRange(min=0.001), default=DEFAULTS.shard_mb, show_default=True)
+@click.option("--model-parallel", type=click.IntRange(min=1), default=DEFAULTS.model_parallel, show_default=True,
+              help="Devices that split one copy of the model (attention heads and MLP); must divide the device "
+                   "count, the heads and the MLP size.")
 @click.option("--unit-rows", type=click.IntRange(min=1), default=DEFAULT_UNIT_ROWS, show_default=True,
               help="Rows per engine run (same as a fleet job's unit_rows: same rows, same bits).")
 @click.option("--overwrite", is_flag=True, help="Replace shards already in --out.")
 @json_option
 def extract(model, revision, input_path, out_dir, fmt, text_field, messages_field, arc_augmentations, arc_seed, sites,
-            layers, positions, compute_dtype, store_dtype, max_seq, long_inputs, batch_tokens, shard_mb, unit_rows,
-            overwrite, as_json):
+            layers, positions, compute_dtype, store_dtype, max_seq, long_inputs, batch_tokens, shard_mb, model_parallel,
+            unit_rows, overwrite, as_json):
     """Extract activations from a local dataset to safetensors shards in --out."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -110,7 +113,7 @@ def extract(model, revision, input_path, out_dir, fmt, text_field, messages_fiel
                              messages_field=messages_field, arc_augmentations=arc_augmentations, arc_seed=arc_seed,
                              sites=sites, positions=positions, max_seq=max_seq, long_inputs=long_inputs,
                              batch_tokens=batch_tokens, compute_dtype=compute_dtype, store_dtype=store_dtype,
-                             shard_mb=shard_mb)
+                             shard_mb=shard_mb, model_parallel=model_parallel)
     except ValueError as e:
         raise InputError(str(e)) from None
     engine = Engine(options)

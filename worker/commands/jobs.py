@@ -84,18 +84,19 @@ def target_options(f):
 @click.option("--compute-dtype", type=click.Choice(DTYPES))
 @click.option("--store-dtype", type=click.Choice(DTYPES))
 @click.option("--shard-mb", type=click.FloatRange(min=0.001), help="Approximate shard size in MiB.")
+@click.option("--model-parallel", type=click.IntRange(min=1), help="Devices that split one copy of the model.")
 @click.option("--unit-rows", type=click.IntRange(min=1), help="Rows per work unit.")
 @json_option
 def prepare(config_path, store_url, job, model, revision, input_path, fmt, text_field, messages_field, layers,
-            sites, positions, max_seq, long_inputs, batch_tokens, compute_dtype, store_dtype, shard_mb, unit_rows,
-            as_json):
+            sites, positions, max_seq, long_inputs, batch_tokens, compute_dtype, store_dtype, shard_mb, model_parallel,
+            unit_rows, as_json):
     """Split a dataset into work units in the store (idempotent; a changed dataset is refused)."""
     t = _target(config_path, store_url, job)
     c = t.config
     given = {"model": model, "revision": revision, "format": fmt, "text_field": text_field,
              "messages_field": messages_field, "positions": positions, "max_seq": max_seq, "long_inputs": long_inputs,
              "batch_tokens": batch_tokens, "compute_dtype": compute_dtype, "store_dtype": store_dtype,
-             "shard_mb": shard_mb}
+             "shard_mb": shard_mb, "model_parallel": model_parallel}
     changes = {k: v for k, v in given.items() if v is not None}  # over the config's options (or the defaults)
     if sites or layers:
         changes["sites"] = site_names.from_flags(sites or "resid_post", layers or "")

@@ -1,17 +1,22 @@
-"""The Qwen2 / Qwen2.5 decoder in plain JAX: config dataclass, weights as a pytree, forward as pure functions.
+"""The Qwen2 / Qwen2.5 decoder as Flax NNX modules: Config, RMSNorm, Embedding, Attention, MLP, DecoderLayer, Decoder.
 
 Llama, Mistral and Qwen3 are the same network with switches: `qkv_bias` (Qwen2 has it, Llama/Mistral/Qwen3
 do not) and `qk_norm` (Qwen3's per-head RMSNorm on q and k before RoPE). Numerics follow `transformers`:
 RMSNorm in float32 then cast back, RoPE "rotate half" with the frequency table in float32.
 
 Activations are captured under TransformerLens names (actfleet.sites) and the network runs only up to
-the deepest requested layer; the final norm and LM head never run.
+the deepest requested layer; the final norm and LM head do not exist here.
 
-Weights pytree (linear weights stored [in, out]):
-    {"embed": [V, D],
-     "layers": [{"ln1": [D], "wq": [D, H*hd], "bq": [H*hd], "wk": [D, K*hd], "bk": [K*hd], "wv": ..., "bv": ...,
-                 "wo": [H*hd, D], ("q_norm": [hd], "k_norm": [hd]), "ln2": [D],
-                 "w_gate": [D, I], "w_up": [D, I], "w_down": [I, D]}, ...]}
+Parameters (nnx.Param, created by actfleet.worker.models.sharding.param with logical axis names; the names
+map to mesh axes through sharding.RULES). Projections are stored [in, out] with heads as their own axis:
+    embed.table [vocab, embed]
+    layers[i].ln1.weight, ln2.weight [embed]
+    layers[i].attn.wq [embed, heads, head_dim]     bq [heads, head_dim]       (bias: qkv_bias only)
+    layers[i].attn.wk, wv [embed, kv_heads, head_dim]   bk, bv [kv_heads, head_dim]
+    layers[i].attn.wo [heads, head_dim, embed]
+    layers[i].attn.q_norm.weight, k_norm.weight [head_dim]                    (qk_norm only)
+    layers[i].mlp.w_gate, w_up [embed, mlp]    w_down [mlp, embed]
+actfleet.worker.convert maps each to its Hugging Face tensor.
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from actfleet import sites as site_names
 from actfleet.worker.attention import attention
+from actfleet.worker.models.sharding import param
 
 
 @dataclass(frozen=True)
@@ -60,16 +67,18 @@ class Config:
             qk_norm=kind == "qwen3",
         )
 
+    def site_width(self, kind: str) -> int:
+        """How wide a stored vector of this site kind is (actfleet.sites kinds)."""
+        if kind == "attn_z":
+            return self.heads * self.head_dim
+        if kind in ("mlp_pre", "mlp_post"):
+            return self.intermediate
+        return self.hidden
+
 
 # ----------------------------------------------------------------------------------------------------
 # The network
 # ----------------------------------------------------------------------------------------------------
-
-
-def rms_norm(x, weight, eps):
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return weight * x32.astype(x.dtype)
 
 
 def rope(x, positions, theta):
@@ -83,42 +92,111 @@ def rope(x, positions, theta):
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
-def attention_block(cfg: Config, w: dict, x, segment_ids, positions, attn_block: int):
-    b, t, _ = x.shape
-    q, k, v = x @ w["wq"], x @ w["wk"], x @ w["wv"]
-    if cfg.qkv_bias:
-        q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
-    q = q.reshape(b, t, cfg.heads, cfg.head_dim)
-    k = k.reshape(b, t, cfg.kv_heads, cfg.head_dim)
-    v = v.reshape(b, t, cfg.kv_heads, cfg.head_dim)
-    if cfg.qk_norm:
-        q, k = rms_norm(q, w["q_norm"], cfg.rms_eps), rms_norm(k, w["k_norm"], cfg.rms_eps)
-    q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
-    out = attention(q, k, v, segment_ids, positions, block=attn_block)
-    return out.reshape(b, t, cfg.heads * cfg.head_dim) @ w["wo"]
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype, axis: str = "embed"):
+        self.weight = param((dim,), (axis,), dtype)
+        self.eps = eps
+
+    def normalize(self, x):
+        """x / rms(x) in float32, before the weight: TransformerLens's `hook_normalized`."""
+        x32 = x.astype(jnp.float32)
+        return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+
+    def __call__(self, x, normalized=None):
+        n = self.normalize(x) if normalized is None else normalized
+        return self.weight[...] * n.astype(x.dtype)
 
 
-def mlp_block(w: dict, x):
-    return (jax.nn.silu(x @ w["w_gate"]) * (x @ w["w_up"])) @ w["w_down"]
+class Embedding(nnx.Module):
+    def __init__(self, vocab: int, dim: int, dtype):
+        self.table = param((vocab, dim), ("vocab", "embed"), dtype)
+
+    def __call__(self, token_ids):
+        return self.table[...][token_ids]
 
 
-def forward(cfg: Config, weights: dict, token_ids, segment_ids, positions, *, sites: tuple[str, ...],
-            attn_block: int = 512) -> dict:
-    """Run the decoder on packed rows [B, T] and return {site: [B, T, D]} in the weights' dtype.
+class Attention(nnx.Module):
+    def __init__(self, cfg: Config, dtype):
+        d, h, k, hd = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim
+        self.cfg = cfg
+        self.wq = param((d, h, hd), ("embed", "heads", "head_dim"), dtype)
+        self.wk = param((d, k, hd), ("embed", "kv_heads", "head_dim"), dtype)
+        self.wv = param((d, k, hd), ("embed", "kv_heads", "head_dim"), dtype)
+        self.wo = param((h, hd, d), ("heads", "head_dim", "embed"), dtype)
+        if cfg.qkv_bias:
+            self.bq = param((h, hd), ("heads", "head_dim"), dtype)
+            self.bk = param((k, hd), ("kv_heads", "head_dim"), dtype)
+            self.bv = param((k, hd), ("kv_heads", "head_dim"), dtype)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_eps, dtype, axis="head_dim")
+            self.k_norm = RMSNorm(hd, cfg.rms_eps, dtype, axis="head_dim")
 
-    Only layers up to the deepest site run. `weights` holds at least that many layers.
-    """
-    captured = {}
-    x = weights["embed"][token_ids]
-    if site_names.EMBED in sites:
-        captured[site_names.EMBED] = x
-    for i in range(site_names.layers_needed(sites)):
-        w = weights["layers"][i]
-        attn_out = attention_block(cfg, w, rms_norm(x, w["ln1"], cfg.rms_eps), segment_ids, positions, attn_block)
-        x = x + attn_out
-        mlp_out = mlp_block(w, rms_norm(x, w["ln2"], cfg.rms_eps))
-        x = x + mlp_out
-        for kind, value in (("attn_out", attn_out), ("mlp_out", mlp_out), ("resid_post", x)):
-            if site_names.name(kind, i) in sites:
-                captured[site_names.name(kind, i)] = value
-    return captured
+    def __call__(self, x, segment_ids, positions, attn_block: int):
+        """x: [B, T, D] (already normalized) -> (z [B, T, H, hd] before o_proj, out [B, T, D])."""
+        cfg = self.cfg
+        q = jnp.einsum("btd,dhk->bthk", x, self.wq[...])
+        k = jnp.einsum("btd,dhk->bthk", x, self.wk[...])
+        v = jnp.einsum("btd,dhk->bthk", x, self.wv[...])
+        if cfg.qkv_bias:
+            q, k, v = q + self.bq[...], k + self.bk[...], v + self.bv[...]
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+        z = attention(q, k, v, segment_ids, positions, block=attn_block)
+        return z, jnp.einsum("bthk,hkd->btd", z, self.wo[...])
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: Config, dtype):
+        self.w_gate = param((cfg.hidden, cfg.intermediate), ("embed", "mlp"), dtype)
+        self.w_up = param((cfg.hidden, cfg.intermediate), ("embed", "mlp"), dtype)
+        self.w_down = param((cfg.intermediate, cfg.hidden), ("mlp", "embed"), dtype)
+
+    def __call__(self, x):
+        """x: [B, T, D] (already normalized) -> (gate pre-activation, silu(gate) * up, out)."""
+        pre = x @ self.w_gate[...]
+        post = jax.nn.silu(pre) * (x @ self.w_up[...])
+        return pre, post, post @ self.w_down[...]
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: Config, dtype):
+        self.ln1 = RMSNorm(cfg.hidden, cfg.rms_eps, dtype)
+        self.attn = Attention(cfg, dtype)
+        self.ln2 = RMSNorm(cfg.hidden, cfg.rms_eps, dtype)
+        self.mlp = MLP(cfg, dtype)
+
+    def __call__(self, x, segment_ids, positions, attn_block: int, want=frozenset()):
+        """One pre-norm block; returns (resid_post, {kind: value} for the site kinds in `want`). Values not
+        asked for are never stored, and XLA drops what nothing reads."""
+        b, t, _ = x.shape
+        found = {"resid_pre": x}
+        found["ln1"] = n1 = self.ln1.normalize(x)
+        z, found["attn_out"] = self.attn(self.ln1(x, n1), segment_ids, positions, attn_block)
+        found["attn_z"] = z.reshape(b, t, -1)  # head-major: head h is columns h*hd .. (h+1)*hd - 1
+        x = found["resid_mid"] = x + found["attn_out"]
+        found["ln2"] = n2 = self.ln2.normalize(x)
+        found["mlp_pre"], found["mlp_post"], found["mlp_out"] = self.mlp(self.ln2(x, n2))
+        x = found["resid_post"] = x + found["mlp_out"]
+        return x, {k: v for k, v in found.items() if k in want}
+
+
+class Decoder(nnx.Module):
+    """The embedding and the first `n_layers` decoder layers (as many as the deepest site needs)."""
+
+    def __init__(self, cfg: Config, n_layers: int, dtype=jnp.float32):
+        self.embed = Embedding(cfg.vocab, cfg.hidden, dtype)
+        self.layers = nnx.List([DecoderLayer(cfg, dtype) for _ in range(n_layers)])
+
+    def __call__(self, token_ids, segment_ids, positions, *, sites: tuple[str, ...], attn_block: int = 512) -> dict:
+        """Run on packed rows [B, T]; returns {site: [B, T, width]} in the parameters' dtype (the ln1/ln2
+        sites in float32, as TransformerLens hooks them)."""
+        captured = {}
+        x = self.embed(token_ids)
+        if site_names.EMBED in sites:
+            captured[site_names.EMBED] = x
+        for i in range(site_names.layers_needed(sites)):
+            want = frozenset(k for k in site_names.LAYER_KINDS if site_names.name(k, i) in sites)
+            x, found = self.layers[i](x, segment_ids, positions, attn_block, want)
+            captured.update({site_names.name(k, i): v for k, v in found.items()})
+        return captured
