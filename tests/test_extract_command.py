@@ -76,9 +76,14 @@ def test_extract_writes_shards_summary_and_engine_bits(tmp_path, model, dataset)
     for site in summary["sites"]:
         assert np.concatenate([b.acts[site] for b in want])[order].tobytes() == got[site].tobytes()
 
-    # Re-running refuses to mix with old shards; --overwrite reproduces them bit for bit.
+    # Re-running with other options refuses to mix with the shards there; the same options resume (nothing
+    # left to do: the same summary); --overwrite reproduces them bit for bit.
+    again = actfleet(*args, "--positions", "all", cwd=tmp_path)
+    assert again.returncode == 2 and "options.positions" in again.stderr and "--overwrite" in again.stderr
     again = actfleet(*args, cwd=tmp_path)
-    assert again.returncode == 2 and "already holds shards" in again.stderr
+    assert again.returncode == 0, again.stderr
+    assert {k: v for k, v in json.loads(again.stdout).items() if k != "seconds"} == \
+        {k: v for k, v in summary.items() if k != "seconds"}
     again = actfleet(*args, "--overwrite", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert [s["sha256"] for s in json.loads(again.stdout)["shards"]] == [s["sha256"] for s in summary["shards"]]

@@ -124,7 +124,7 @@ def resolve(ref: str, *, split: str = "train", subset: str = "", revision: str =
         return found
     if HUB_ID.fullmatch(ref) and "/" in ref:
         return hub_files(ref, split=split, subset=subset, revision=revision or "main")
-    raise InputError(f"--input {ref}: no such file or directory (nor a hub dataset id like org/name)")
+    raise InputError(f"--input {ref}: no such dataset file or directory (nor a hub dataset id like org/name)")
 
 
 def _directory(d: Path, split: str) -> list[str]:
@@ -350,6 +350,21 @@ def read_range(f: DataFile, local: Path, lo: int, hi: int) -> Iterator[Record]:
     from itertools import islice
 
     yield from islice(inputs._csv_records(local), lo, hi)
+
+
+def head(f: DataFile, local: Path, n: int) -> Iterator[Record]:
+    """The first n records of a file, read from its start (compressed JSONL is streamed, not decompressed
+    to disk): for checks at prepare time."""
+    from itertools import islice
+
+    from actfleet.worker import inputs
+
+    if f.kind.startswith("jsonl"):
+        with open_text_stream(local, f.kind) as raw:
+            for line in islice(io.BufferedReader(raw, 1 << 20) if f.kind != "jsonl" else raw, n):
+                yield inputs.parse_jsonl_line(line)
+        return
+    yield from read_range(f, local, 0, min(n, f.rows))
 
 
 def _arrow_table(local: Path, path: str):

@@ -368,7 +368,8 @@ class _UnitStats:
     def count(self, batch: Any) -> None:
         ids = batch.sample_ids
         self.tokens += int(len(ids))
-        self.stored_ids.update(int(i) for i in set(ids.tolist()))
+        rows = getattr(batch, "source_rows", None)  # context windows: the input rows behind the tokens
+        self.stored_ids.update(int(i) for i in set((ids if rows is None else rows).tolist()))
         self.computed += int(getattr(batch, "computed_tokens", 0) or 0)
         self.padded += int(getattr(batch, "padded_tokens", 0) or 0)
         for sid, reason in (getattr(batch, "skipped", None) or {}).items():
