@@ -250,6 +250,8 @@ class Engine:
         if o.separator != "none" and sep is None:
             raise InputError(f"--separator {o.separator}: the tokenizer has no {o.separator.upper()} token; pass "
                              f"--separator none or another")
+        if bos is not None and o.context_size < 2:
+            raise InputError("--context-size 1 with --prepend-bos leaves no room for text: use 2 or more")
         docs, skipped = [], {}
         for sid, ids, reason in rows:
             if reason:
@@ -382,7 +384,9 @@ def cut_windows(docs: list[tuple[int, np.ndarray]], n: int, *, bos: int | None, 
     (begin_batch_token=bos, sequence_separator_token=sep, begin_sequence_token=None): every window starts with
     `bos` unless its first token already is it; between two documents in a window comes `sep` unless the next
     document starts with it; the final partial window is dropped. Without concat, each document is cut alone
-    the same way (every window BOS-first), its final partial window dropped."""
+    the same way (every window BOS-first), its final partial window dropped. n >= 2 when bos is given."""
+    if bos is not None and n < 2:
+        raise ValueError("a window of one token cannot start with BOS and hold text")
     out = []
     cur: list[tuple[int, int, int]] = []  # (token, row, position)
 
