@@ -243,10 +243,12 @@ class Engine:
     def run_windows(self, rows: list[tuple[int, "np.ndarray | None", "str | None"]]) -> Iterator[Batch]:
         """Context windows over tokenized rows (sample_id, ids, reason) (see the module docstring)."""
         o, tok = self.options, self.tokenizer
-        bos = tok.bos_token_id if o.prepend_bos else None
+        # A tokenizer without a BOS token (Qwen2's) uses EOS for it, as TransformerLens (and so SAELens) does.
+        bos_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        bos = bos_id if o.prepend_bos else None
         if o.prepend_bos and bos is None:
-            raise InputError("--prepend-bos: the tokenizer has no BOS token; pass --no-prepend-bos")
-        sep = {"eos": tok.eos_token_id, "bos": tok.bos_token_id, "none": None}[o.separator]
+            raise InputError("--prepend-bos: the tokenizer has no BOS (nor EOS) token; pass --no-prepend-bos")
+        sep = {"eos": tok.eos_token_id, "bos": bos_id, "none": None}[o.separator]
         if o.separator != "none" and sep is None:
             raise InputError(f"--separator {o.separator}: the tokenizer has no {o.separator.upper()} token; pass "
                              f"--separator none or another")

@@ -249,6 +249,11 @@ class Worker:
             self.on_event("abandoned", {"unit": unit, "reason": str(e)})
             self._write_record("idle")
             return False, 0
+        except InputError:
+            # Bad input (a pinned file changed, a token id outside the vocabulary...): every retry would fail
+            # the same way, so stop this worker (exit 2, one line) instead of abandoning and reclaiming forever.
+            q.release(self.store, keeper.stop())
+            raise
         except BaseException:
             keeper.stop()
             raise
@@ -342,7 +347,7 @@ class Worker:
             put(batches, done_token)
             for t in threads:
                 t.join()
-        if failure and not isinstance(failure[0], Exception):
+        if failure and (not isinstance(failure[0], Exception) or isinstance(failure[0], InputError)):
             raise failure[0]
         if failure:
             raise Stop(f"{type(failure[0]).__name__}: {failure[0]}")
