@@ -218,7 +218,8 @@ def extract(model, revision, input_path, out_dir, fmt, text_field, messages_fiel
     else:
         skipped_text = ", ".join(f"{n} {r}" for r, n in summary["skipped"].items()) or "none"
         click.echo(f"{summary['rows']} rows -> {summary['stored_tokens']} tokens in {len(summary['shards'])} shards in "
-                   f"{out} ({summary['tokens_per_second']:,.0f} tok/s, padding {summary['padding_fraction']:.1%}); "
+                   f"{out} ({summary['rows_per_second']:,.1f} rows/s, {summary['computed_tokens_per_second']:,.0f} "
+                   f"tok/s computed, padding {summary['padding_fraction']:.1%}); "
                    f"skipped: {skipped_text}; truncated: {summary['truncated']}"
                    + ("; stopped at --max-tokens" if stopped_at_max_tokens else ""))
 
@@ -310,5 +311,10 @@ def _summary(out: Path, done: dict[int, dict], *, engine, options: JobOptions, i
         "skipped_samples": {reason: sorted(ids)[:100] for reason, ids in sorted(skipped.items())},
         "seconds": round(seconds, 3),
         "tokens_per_second": round(total["stored_tokens"] / unit_seconds, 1) if unit_seconds else 0,
+        # with --positions last the stored tokens are one per row: rows/s and input tokens computed per second
+        # say how fast the run was
+        "rows_per_second": round(total["rows"] / unit_seconds, 1) if unit_seconds else 0,
+        "computed_tokens_per_second": round((total["computed_tokens"] - total["padded_tokens"]) / unit_seconds, 1)
+        if unit_seconds else 0,
         "shards": sorted((s for u in units for s in u["shards"]), key=lambda s: s["name"]),
     }
