@@ -177,3 +177,21 @@ def test_ctrl_c_then_rerun_resumes_from_committed_units(tmp_path, model):
     summary, want = json.loads((out / "summary.json").read_text()), json.loads(whole.stdout)
     assert summary["rows"] == 60 and summary["shards"] == want["shards"]  # same names, bytes and sha256
     assert sorted(f.name for f in out.glob("*.safetensors")) == [s["name"] for s in want["shards"]]
+
+
+@pytest.mark.slow
+def test_max_rows_and_max_tokens_make_test_size_runs(tmp_path, model, dataset):
+    base = ["extract", "--model", str(model), "--input", str(dataset), "--layers", "1", "--max-seq", "40",
+            "--unit-rows", "2", "--json"]
+    r = actfleet(*base, "--out", str(tmp_path / "rows"), "--max-rows", "9", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["rows"] == 9 and s["rows_stored"] == 7  # rows 0-8: bad JSON (3) and empty (8) skipped
+    assert s["skipped_samples"] == {"bad JSON": [3], "empty text": [8]}
+    assert {x["name"][:6] for x in s["shards"]} == {f"{u:06d}" for u in range(4)}  # unit 4 is row 8 alone
+    # --max-tokens 1: the first unit stores tokens, so the run stops after it
+    r = actfleet(*base, "--out", str(tmp_path / "tokens"), "--max-tokens", "1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["stopped_at_max_tokens"] and s["rows"] == 2 and s["stored_tokens"] >= 1
+    assert {x["name"][:6] for x in s["shards"]} == {"000000"}

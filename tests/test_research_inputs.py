@@ -115,3 +115,26 @@ def test_hub_dataset_windows_through_the_fleet_path(hub, tmp_path):
     got = load(str(out))
     for k in ("sample_ids", "positions", "token_ids", "source_rows", "source_positions", "blocks.1.hook_resid_post"):
         assert np.array_equal(got[k], acts[k]), k
+
+
+@pytest.mark.slow
+def test_pretokenized_rows_and_an_id_outside_the_vocabulary(hub, tmp_path):
+    """--tokens-field: the ids are stored as given; an id outside the vocabulary stops the worker with one line
+    naming the row and field (exit 2), after releasing its lease, instead of retrying the unit forever."""
+    root, model, env = hub
+    data = tmp_path / "tokens.jsonl"
+    rows = [{"input_ids": [5, 6, 7, 8]}, {"input_ids": [9, 10]}, {"other": 1}, {"input_ids": [11, 99999]}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    store = tmp_path / "store"
+    r = actfleet("prepare", "--store", str(store), "--job", "t", "--model", str(model), "--input", str(data),
+                 "--layers", "0", "--positions", "all", "--tokens-field", "input_ids", "--unit-rows", "3", env=env)
+    assert r.returncode == 0, r.stderr
+    w = actfleet("work", "--store", str(store), "--job", "t", "--worker-id", "w0", "--json", env=env)
+    assert w.returncode == 2, w.stderr
+    assert w.stderr.strip().splitlines()[-1] == ("actfleet: row 3: field 'input_ids' holds token id 99999, outside "
+                                                  "the model's vocabulary (0..319)"), w.stderr[-2000:]
+    assert not list((store / "t" / "leases").iterdir())  # released: nothing waits for an expiry
+    done = json.loads(next((store / "t" / "done").iterdir()).read_text())
+    assert done["unit"] == 0 and done["skipped"] == {"missing field 'input_ids'": [2]}
+    acts = load(str(store / "t" / "shards"))
+    assert acts["token_ids"].tolist() == [5, 6, 7, 8, 9, 10] and acts["positions"].tolist() == [0, 1, 2, 3, 0, 1]
