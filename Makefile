@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 export CHECKPOINT_DISABLE := 1
 
 .PHONY: help prereqs-python prereqs-cloud demo test test-fast synth plan deploy destroy reconcile status \
-        export-hcl bench clean
+        export-hcl bench lock clean
 
 help:
 	@echo "make demo        run actfleet locally: tiny model, bundled dataset, 3 workers, chaos on"
@@ -21,6 +21,7 @@ help:
 	@echo "make reconcile   one reconcile pass (run it on a timer; README 'Operations')"
 	@echo "make export-hcl  write the stacks as plain HCL (the exit path off cdktf)"
 	@echo "make bench       run the benchmarks in bench/"
+	@echo "make lock        regenerate bootstrap/requirements-*.txt (what TPU VMs install) from PyPI"
 
 prereqs-python:
 	@command -v $(PYTHON) >/dev/null || { echo "make: python3 not found: install Python >= 3.11" >&2; exit 3; }
@@ -43,8 +44,13 @@ $(VENV)/.base: pyproject.toml | prereqs-python
 	$(PY) -m pip install -q -e .
 	touch $@
 
+# What synth, plan, deploy and reconcile need: the cloud pins (the PR plan workflow installs only this).
+$(VENV)/.cloud: pyproject.toml $(VENV)/.base
+	$(PY) -m pip install -q -e '.[cloud]'
+	touch $@
+
 # Everything the tests need: the cloud pins and the test tools.
-$(VENV)/.full: pyproject.toml $(VENV)/.base
+$(VENV)/.full: pyproject.toml $(VENV)/.cloud
 	$(PY) -m pip install -q -e '.[cloud,test]'
 	touch $@
 
@@ -61,16 +67,16 @@ test: $(VENV)/.full node_modules/.installed
 test-fast: $(VENV)/.full node_modules/.installed
 	PATH="$(CURDIR)/node_modules/.bin:$$PATH" $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-synth plan deploy destroy: $(VENV)/.full node_modules/.installed
+synth plan deploy destroy: $(VENV)/.cloud node_modules/.installed
 	PATH="$(CURDIR)/node_modules/.bin:$$PATH" $(ACTFLEET) $@ --config $(CONFIG)
 
-reconcile: $(VENV)/.full node_modules/.installed
+reconcile: $(VENV)/.cloud node_modules/.installed
 	PATH="$(CURDIR)/node_modules/.bin:$$PATH" $(ACTFLEET) reconcile --config $(CONFIG)
 
 status: $(VENV)/.base
 	$(ACTFLEET) status --config $(CONFIG)
 
-export-hcl: $(VENV)/.full node_modules/.installed
+export-hcl: $(VENV)/.cloud node_modules/.installed
 	PATH="$(CURDIR)/node_modules/.bin:$$PATH" ACTFLEET_CONFIG=$(CONFIG) npx --no-install cdktf synth --hcl --output cdktf.out.hcl
 
 bench: $(VENV)/.full node_modules/.installed
@@ -78,6 +84,21 @@ bench: $(VENV)/.full node_modules/.installed
 	$(PY) bench/extract_vs_hf.py
 	$(PY) bench/pipeline.py
 	$(PY) bench/reconcile.py
+
+# The TPU VMs' lock (docs/infrastructure.md, "Pinned packages"): resolved from PyPI by the same pinned uv the VMs
+# install, for the pinned CPython on x86_64 Linux (glibc 2.35: Ubuntu 22.04, the TPU images), with hashes.
+# `make lock` keeps existing pins and adds what pyproject.toml newly needs; `make lock UPGRADE=1` takes the newest.
+LOCK_PYTHON = $(shell cat bootstrap/python-version)
+$(VENV)/bin/uv: bootstrap/requirements-uv.txt $(VENV)/.base
+	$(PY) -m pip install -q --require-hashes --no-deps -r bootstrap/requirements-uv.txt
+	touch $@
+
+lock: $(VENV)/bin/uv
+	$(VENV)/bin/uv pip compile --quiet $(if $(UPGRADE),--upgrade) --generate-hashes --custom-compile-command "make lock" \
+	  -o bootstrap/requirements-uv.txt bootstrap/requirements-uv.in
+	$(VENV)/bin/uv pip compile --quiet $(if $(UPGRADE),--upgrade) --generate-hashes --custom-compile-command "make lock" \
+	  --python-version $(LOCK_PYTHON) --python-platform x86_64-manylinux_2_35 --extra tpu \
+	  -o bootstrap/requirements-tpu.txt pyproject.toml bootstrap/requirements-build.in
 
 clean:
 	rm -rf cdktf.out cdktf.out.hcl .actfleet demo-out .pytest_cache

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from actfleet import accelerators
 from actfleet import sites as site_names
 from actfleet.errors import ConfigError
 from actfleet.job_options import (DEFAULT_LEASE_SECONDS, DEFAULT_UNIT_ROWS, DEFAULTS, DTYPES, FORMATS, KEYS,
@@ -121,6 +122,8 @@ class ReconcileConfig:
     watch_job: bool
     scale_to_zero_when_done: bool
     lock: str
+    boot_timeout_minutes: float = 30.0  # READY with no worker record since the node was created: replace
+    heartbeat_timeout_minutes: float = 15.0  # a READY node's worker record older than this: replace
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,13 @@ def _int(lo: int | None = None, hi: int | None = None):
         return v
 
     return check
+
+
+def _minutes(v):
+    """Minutes, fractional allowed; 0 turns the rule off."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 100000 or v != v:
+        raise _Bad("must be a number of minutes from 0 (off) to 100000, fractions allowed (e.g. 0.5)")
+    return float(v)
 
 
 def _range(lo, hi) -> str:
@@ -337,6 +347,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "watch_job": Key(_bool, False),
         "scale_to_zero_when_done": Key(_bool, False),
         "lock": Key(_string(r"\S+", "a path or gs:// URL", empty_ok=True), ""),
+        "boot_timeout_minutes": Key(_minutes, 30.0),
+        "heartbeat_timeout_minutes": Key(_minutes, 15.0),
     },
 }
 REQUIRED_SECTIONS = ("fleet", "repo", "storage", "job")
@@ -433,6 +445,17 @@ def parse(raw: dict[str, Any], source: str = "<memory>") -> Config:
             if m["region"] != f["region"]:
                 raise bad("fleet.workers", name, f'worker "{name}" is not in region "{f["region"]}"')
             workers.append(Worker(name=name, zone=f"{m['region']}-{m['letter']}", index=int(m["index"])))
+    try:
+        # Any whole slice of a known type: a multi-host slice runs as one worker (worker/multihost.py: every host
+        # runs the startup script, joins jax.distributed from the TPU metadata, host 0 holds the lease).
+        accelerators.hosts(f["accelerator_type"])
+    except accelerators.UnknownAccelerator as e:
+        raise bad("fleet.accelerator_type", f["accelerator_type"], str(e).split(": ", 1)[1]) from None
+    hb = rc["heartbeat_timeout_minutes"] * 60
+    if 0 < hb < j["lease_seconds"]:
+        raise bad("reconcile.heartbeat_timeout_minutes", rc["heartbeat_timeout_minutes"],
+                  f"must be 0 (off) or at least job.lease_seconds ({j['lease_seconds']} s): workers write "
+                  f"their record every third of it")
     if st["backend"] == "gcs" and not st["bucket"]:
         raise ConfigError(f'{source}: state.bucket = "": required when state.backend = "gcs"')
     if s["soft_delete_days"] not in (0,) and s["soft_delete_days"] < 7:

@@ -11,14 +11,18 @@ Every desired worker gets exactly one Action; every resource that carries this f
 desired gets one too, as does every name Terraform still manages that is no longer desired.
 
 Kinds (what the actor does with each):
-  healthy        nothing; queued resource ACTIVE and node READY (or, with no queued resource, node READY)
-  pending        nothing; on its way up (queued, provisioning, creating) within the provisioning limit
-  wait           nothing this pass; being deleted/stopped, or its zone could not be observed
+  healthy        nothing; queued resource ACTIVE and node READY (or, with no queued resource, node READY),
+                 and (when the job's worker records are read) its worker heartbeating
+  pending        nothing; on its way up (queued, provisioning, creating, repairing) within the provisioning
+                 limit, or READY with its worker still booting within the boot timeout
+  wait           nothing this pass; suspending (never force-deleted), being deleted/stopped, its zone could
+                 not be observed, or its last create failed and it is backing off
   report         nothing, but a person should look (provisioning past the limit with policy "report", a
                  state actfleet does not understand, a same-named resource without this fleet's label)
   create         desired and absent: the Terraform apply creates it
-  replace        broken (QR SUSPENDING/SUSPENDED/FAILED, node PREEMPTED/TERMINATED/STOPPED, provisioning past
-                 the limit with policy "replace"): the apply recreates it (-replace=)
+  replace        broken (QR SUSPENDED/FAILED, node PREEMPTED/TERMINATED/STOPPED, node gone, provisioning past
+                 the limit with policy "replace", a READY node whose worker never started work or stalled):
+                 the apply recreates it (-replace=)
   remove         no longer desired (taken out of the config, or the job is done and the fleet scales to
                  zero) but still managed by Terraform: the apply destroys it
   delete-orphan  carries this fleet's label, not desired, not in Terraform's state: deleted through the TPU
@@ -26,19 +30,28 @@ Kinds (what the actor does with each):
 
 The local process fleet (`actfleet local`) drives the same function: a running process is observed as
 qr_state "ACTIVE" / node_state "READY", an exited one as node_state "PREEMPTED", a missing one as absent.
+
+Memory between passes (the controller's only state besides the cloud) is a `Remembered` per worker: when
+it entered its observed state (so limits count from there, not from the queued resource's creation), and
+the backoff of its failing creates. `with_history` (before deciding) and `remember` (after acting) are the
+pure halves; infra/reconcile.py loads and saves it next to the reconcile lock.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from actfleet.config import Config, Worker, zone_of
 
 FLEET_LABEL = "actfleet-fleet"
 
 # --- Queued-resource states (google.cloud.tpu_v2 QueuedResourceState.State names) -------------------
-QR_BROKEN = frozenset({"SUSPENDING", "SUSPENDED", "FAILED"})  # hold quota, never recover: replace
+QR_BROKEN = frozenset({"SUSPENDED", "FAILED"})  # hold quota, never recover: replace (deletes confirmed)
+QR_SUSPENDING = "SUSPENDING"  # waited for: Google advises never to force-delete during suspension
+QR_FAILED = "FAILED"
 QR_PROVISIONING = frozenset({"CREATING", "ACCEPTED", "PROVISIONING", "WAITING_FOR_RESOURCES"})
 QR_ACTIVE = "ACTIVE"
 QR_DELETING = "DELETING"
@@ -54,6 +67,11 @@ HEALTHY, PENDING, WAIT, REPORT = "healthy", "pending", "wait", "report"
 CREATE, REPLACE, REMOVE, DELETE_ORPHAN = "create", "replace", "remove", "delete-orphan"
 KINDS = (HEALTHY, PENDING, WAIT, REPORT, CREATE, REPLACE, REMOVE, DELETE_ORPHAN)
 APPLY_KINDS = frozenset({CREATE, REPLACE, REMOVE})  # carried out by the one terraform apply
+
+# Why a worker was replaced, counted apart as SkyPilot counts recoveries from preemptions and restarts on
+# errors; and what kind of error (the first word an operator needs: fix a permission, or wait for capacity).
+PREEMPTION, ERROR = "preemption", "error"
+ERROR_CLASSES = ("permission", "invalid-argument", "quota", "boot", "stalled", "unknown")
 API_KINDS = frozenset({DELETE_ORPHAN})  # carried out through the TPU API
 ACTING_KINDS = APPLY_KINDS | API_KINDS
 
@@ -67,7 +85,11 @@ class Observed:
     qr_state: str | None  # None: no queued resource of that name (vm mode, or deleted)
     node_state: str | None  # None: no node of that name (not provisioned yet, or deleted)
     labels: Mapping[str, str] = field(default_factory=dict)
-    since: float | None = None  # epoch seconds it entered its current state (or was created); None: unknown
+    since: float | None = None  # epoch seconds it entered its current state (with_history); None: unknown
+    created: float | None = None  # the node's create time (a worker record older than it is a past life's)
+    initiator: str = ""  # the queued resource's state initiator: "SERVICE" for a preemption, "USER", ""
+    error_code: str = ""  # a FAILED queued resource's state.failed_data.error: google.rpc code name
+    error_message: str = ""
 
 
 @dataclass(frozen=True)
@@ -81,6 +103,11 @@ class Policy:
     # An ACTIVE queued resource whose node is not listed (yet) is given this long before it is called
     # broken: the two lists are read one after the other, so a just-activated QR may miss its node.
     node_grace_s: float = 120.0
+    boot_timeout_s: float = 30 * 60  # READY this long with no worker record since the node was made: replace
+    heartbeat_timeout_s: float = 15 * 60  # a worker record older than this on a READY node: replace
+    backoff_base_s: float = 5 * 60  # a failed create waits this long before the next, doubling...
+    backoff_max_s: float = 60 * 60  # ...up to this
+    retry_now: bool = False  # `reconcile --retry-now`: ignore the backoff this pass
 
     @staticmethod
     def from_config(cfg: Config) -> "Policy":
@@ -89,7 +116,54 @@ class Policy:
             provision_timeout_s=cfg.reconcile.provision_timeout_minutes * 60.0,
             on_provision_timeout=cfg.reconcile.on_provision_timeout,
             scale_to_zero=cfg.reconcile.scale_to_zero_when_done,
+            boot_timeout_s=cfg.reconcile.boot_timeout_minutes * 60.0,
+            heartbeat_timeout_s=cfg.reconcile.heartbeat_timeout_minutes * 60.0,
         )
+
+    def backoff(self, failures: int) -> float:
+        """Seconds to wait after the `failures`-th failed create in a row: 5 min, 10, 20, 40, 60, 60, ..."""
+        return min(self.backoff_max_s, self.backoff_base_s * 2 ** max(0, failures - 1))
+
+
+@dataclass(frozen=True)
+class WorkRecord:
+    """What a worker last wrote about itself in the job's store (workers/{id}.json)."""
+
+    last_heartbeat: float | None
+    state: str = "unknown"  # the worker's own: starting, idle, working, waiting, finished, stopped, ...
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """The job's worker records, for the boot and heartbeat rules. `judged` is False when the job is not
+    prepared or already complete (a worker then has nothing to do, so silence proves nothing); `error`
+    is set when the store could not be read (then nobody is replaced on that ground)."""
+
+    records: Mapping[str, WorkRecord] = field(default_factory=dict)
+    judged: bool = True
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Remembered:
+    """One worker's memory between passes (persisted next to the reconcile lock)."""
+
+    phase: str = ""  # the observed state it was in (phase()), and...
+    since: float | None = None  # ...when it entered it
+    attempts: int = 0  # creates that failed in a row
+    next_attempt: float | None = None  # not before this epoch second (backoff), when attempts > 0
+    last_attempt: float | None = None  # a create/replace asked for by the last acting pass, not yet judged
+    pending_error: dict | None = None  # what the last apply said about that create, if it failed there
+    error: dict | None = None  # the last failure: {"code", "message", "class"}
+    preemptions: int = 0  # replacements caused by preemption, ever
+    errors: int = 0  # replacements and failed creates caused by errors, ever
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_json(d: Mapping[str, Any]) -> "Remembered":
+        return Remembered(**{k: d[k] for k in Remembered.__dataclass_fields__ if k in d})
 
 
 @dataclass(frozen=True)
@@ -98,6 +172,9 @@ class Action:
     zone: str
     kind: str  # one of KINDS
     reason: str
+    error: dict | None = None  # {"code", "message", "class"}: the failure behind a replace or a backoff
+    next_attempt: float | None = None  # a backing-off create's next attempt (epoch seconds)
+    cause: str | None = None  # a replace's cause: PREEMPTION or ERROR
 
     @property
     def acts(self) -> bool:
@@ -113,6 +190,8 @@ def decide(
     unreachable_zones: frozenset[str] = frozenset(),
     job_complete: bool = False,
     managed: Iterable[str] = (),
+    liveness: Liveness | None = None,
+    history: Mapping[str, Remembered] | None = None,
 ) -> list[Action]:
     """One Action per desired worker (in `desired` order), then one per undesired name (sorted).
 
@@ -121,12 +200,16 @@ def decide(
     job_complete:      the work queue reports every unit done; with policy.scale_to_zero nothing is desired.
     managed:           names Terraform's state holds (so an undesired one is removed by the apply, not
                        deleted as an orphan). Empty for fleets that are not Terraform-managed.
+    liveness:          the job's worker records (boot and heartbeat rules); None: those rules are off.
+    history:           each worker's memory (backoff of failing creates); None: no backoff.
     """
     managed = frozenset(managed)
+    history = history or {}
     scaling_to_zero = job_complete and policy.scale_to_zero
     wanted = [] if scaling_to_zero else list(desired)
     wanted_names = {w.name for w in wanted}
-    actions = [_decide_desired(w, observed.get(w.name), now, policy, unreachable_zones) for w in wanted]
+    actions = [_decide_desired(w, observed.get(w.name), now, policy, unreachable_zones, liveness,
+                               history.get(w.name)) for w in wanted]
 
     why_undesired = "job complete: scaling to zero" if scaling_to_zero else "no longer in the config"
     undesired = sorted(({n for n, o in observed.items() if _ours(o, policy)} | managed) - wanted_names)
@@ -137,6 +220,8 @@ def decide(
             actions.append(Action(name, zone, WAIT, f"zone {zone} could not be observed; left alone"))
         elif o and (o.qr_state == QR_DELETING or o.node_state == "DELETING"):
             actions.append(Action(name, zone, WAIT, "being deleted"))
+        elif o and o.qr_state == QR_SUSPENDING:
+            actions.append(Action(name, zone, WAIT, "queued resource SUSPENDING: waited for, never force-deleted"))
         elif name in managed:
             where = f" ({_state(o)})" if o else " (already gone from the cloud)"
             actions.append(Action(name, zone, REMOVE, why_undesired + "; Terraform destroys it" + where))
@@ -148,24 +233,49 @@ def decide(
 
 
 def _decide_desired(w: Worker, o: Observed | None, now: float, policy: Policy,
-                    unreachable_zones: frozenset[str]) -> Action:
-    def act(kind: str, reason: str) -> Action:
-        return Action(w.name, w.zone, kind, reason)
+                    unreachable_zones: frozenset[str], liveness: Liveness | None,
+                    h: Remembered | None) -> Action:
+    def act(kind: str, reason: str, **kw) -> Action:
+        return Action(w.name, w.zone, kind, reason, **kw)
+
+    def backing_off() -> bool:
+        return (h is not None and h.attempts > 0 and h.next_attempt is not None and now < h.next_attempt
+                and not policy.retry_now)
+
+    def backoff_wait(what: str) -> Action:
+        err = h.error or {}
+        why = f" ({err.get('code', '?')}: {err.get('message', '')})" if err else ""
+        return act(WAIT, f"{what}; create failed {h.attempts} time{'s' if h.attempts > 1 else ''}{why}; "
+                         f"next attempt at {_iso(h.next_attempt)}", error=h.error, next_attempt=h.next_attempt)
 
     if w.zone in unreachable_zones:
         return act(WAIT, f"zone {w.zone} could not be observed; left alone this pass")
     if o is None or (o.qr_state is None and o.node_state is None):
-        return act(CREATE, "desired but absent from the cloud")
+        if backing_off():
+            return backoff_wait("absent")
+        retry = f" (retrying a create that failed {h.attempts} time{'s' if h.attempts > 1 else ''})" \
+            if h is not None and h.attempts else ""
+        return act(CREATE, "desired but absent from the cloud" + retry, error=h.error if retry else None)
     if not _ours(o, policy):
         return act(REPORT, f"a resource named {w.name} exists without label {FLEET_LABEL}={policy.fleet_id}: "
                            f"not ours, left alone")
     qr, node = o.qr_state, o.node_state
 
+    if qr == QR_SUSPENDING:
+        return act(WAIT, "queued resource SUSPENDING: waited for (never force-deleted); replaced once SUSPENDED")
     # Broken for good: spot TPUs are never restarted, suspended/failed QRs hold quota until deleted.
+    if qr == QR_FAILED:
+        err = failure(o.error_code or "UNKNOWN", o.error_message or "no reason given")
+        if backing_off():
+            return backoff_wait(f"queued resource FAILED: {err['code']}: {err['message']}")
+        return act(REPLACE, f"queued resource FAILED: {err['code']}: {err['message']}", error=err, cause=ERROR)
     if qr in QR_BROKEN:
-        return act(REPLACE, f"queued resource {qr}")
+        preempted = node == "PREEMPTED" or o.initiator == "SERVICE"
+        return act(REPLACE, f"queued resource {qr}" + (" (preempted)" if preempted and node != "PREEMPTED" else
+                                                       f", node {node}" if node else ""),
+                   cause=PREEMPTION if preempted else ERROR)
     if node in NODE_BROKEN:
-        return act(REPLACE, f"node {node}")
+        return act(REPLACE, f"node {node}", cause=PREEMPTION if node in ("PREEMPTED", "TERMINATED") else ERROR)
     if qr == QR_DELETING or node in NODE_GOING:
         return act(WAIT, f"{'queued resource' if qr == QR_DELETING else 'node'} "
                          f"{qr if qr == QR_DELETING else node}; recreated once it is gone")
@@ -174,12 +284,42 @@ def _decide_desired(w: Worker, o: Observed | None, now: float, policy: Policy,
         return _provisioning(w, o, now, policy, f"queued resource {qr}" if qr in QR_PROVISIONING
                              else f"node {node}")
     if qr == QR_ACTIVE and node is None:
+        # Reconcile confirms with a GET before it gets here: a node missing from one listing is not gone.
         if o.since is not None and now - o.since > policy.node_grace_s:
-            return act(REPLACE, "queued resource ACTIVE but its node is gone")
+            return act(REPLACE, "queued resource ACTIVE but its node is gone", cause=ERROR,
+                       error=failure("NODE_GONE", "the queued resource is ACTIVE but has no node"))
         return act(PENDING, "queued resource ACTIVE, node not listed yet")
     if qr in (None, QR_ACTIVE) and node == NODE_READY:
-        return act(HEALTHY, "node READY" if qr is None else "queued resource ACTIVE, node READY")
+        return _ready(w, o, now, policy, liveness)
     return act(REPORT, f"unexpected state ({_state(o)}): left alone")
+
+
+def _ready(w: Worker, o: Observed, now: float, policy: Policy, liveness: Liveness | None) -> Action:
+    """A READY node: healthy, unless the job's worker records say its worker never started or stalled."""
+    ready = "node READY" if o.qr_state is None else "queued resource ACTIVE, node READY"
+    if liveness is not None and liveness.error is not None:  # never replace on records we could not read
+        return Action(w.name, w.zone, HEALTHY, ready + "; worker records unreadable, not judged")
+    if liveness is None or not liveness.judged:
+        return Action(w.name, w.zone, HEALTHY, ready)
+    rec = liveness.records.get(w.name)
+    wrote = rec is not None and rec.last_heartbeat is not None and (o.created is None or
+                                                                    rec.last_heartbeat >= o.created)
+    if not wrote:
+        if policy.boot_timeout_s > 0 and o.since is not None and now - o.since > policy.boot_timeout_s:
+            return Action(w.name, w.zone, REPLACE,
+                          f"never started work: READY for {_minutes(now - o.since)} with no worker record since "
+                          f"the node was created (boot timeout {_minutes(policy.boot_timeout_s)})", cause=ERROR,
+                          error=failure("BOOT_TIMEOUT", "no worker record since the node was created", "boot"))
+        return Action(w.name, w.zone, PENDING, ready + ", worker not started yet")
+    if rec.state == "finished":
+        return Action(w.name, w.zone, HEALTHY, ready + ", worker finished")
+    age = now - rec.last_heartbeat
+    if policy.heartbeat_timeout_s > 0 and age > policy.heartbeat_timeout_s:
+        return Action(w.name, w.zone, REPLACE,
+                      f"stalled: last heartbeat {_minutes(age)} ago (heartbeat timeout "
+                      f"{_minutes(policy.heartbeat_timeout_s)})", cause=ERROR,
+                      error=failure("STALLED", f"last heartbeat {_minutes(age)} ago", "stalled"))
+    return Action(w.name, w.zone, HEALTHY, ready)
 
 
 def _provisioning(w: Worker, o: Observed, now: float, policy: Policy, what: str) -> Action:
@@ -187,7 +327,7 @@ def _provisioning(w: Worker, o: Observed, now: float, policy: Policy, what: str)
         return Action(w.name, w.zone, PENDING, what)
     waited = f"{what} for {_minutes(now - o.since)}, over the {_minutes(policy.provision_timeout_s)} limit"
     if policy.on_provision_timeout == "replace":
-        return Action(w.name, w.zone, REPLACE, waited)
+        return Action(w.name, w.zone, REPLACE, waited, cause=ERROR)
     return Action(w.name, w.zone, REPORT, waited + " (on_provision_timeout = \"report\")")
 
 
@@ -203,6 +343,115 @@ def _state(o: Observed | None) -> str:
 
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Errors: what failed, and of which kind
+# ----------------------------------------------------------------------------------------------------
+
+
+def classify(code: str, message: str = "") -> str:
+    """The kind of a failure from its google.rpc code name (or HTTP status words) and message."""
+    text = f"{code} {message}".lower()
+    if "permission" in text or "forbidden" in text or "403" in code:
+        return "permission"
+    if "quota" in text or "exhausted" in text or "capacity" in text or "stockout" in text \
+            or "not enough resources" in text or "429" in code:
+        return "quota"
+    if "invalid" in text or "not offered" in text or "not supported" in text or "failed precondition" in text \
+            or "failed_precondition" in text or "400" in code:
+        return "invalid-argument"
+    return "unknown"
+
+
+def failure(code: str, message: str, cls: str | None = None) -> dict:
+    """{"code", "message", "class"}: how a failure travels in actions, the report and the memory."""
+    return {"code": code, "message": message, "class": cls or classify(code, message)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory between passes: the two pure halves (reconcile does the I/O)
+# ----------------------------------------------------------------------------------------------------
+
+
+def phase(o: Observed | None) -> str:
+    """The state a worker is in, as time-in-state counts it. The steps of provisioning are one phase
+    (the provisioning limit bounds them together); anything else is its exact pair of states, so a long-
+    lived node entering REPAIRING starts a fresh clock."""
+    if o is None or (o.qr_state is None and o.node_state is None):
+        return "absent"
+    if o.qr_state in QR_PROVISIONING or (o.qr_state in (None, QR_ACTIVE) and o.node_state == "CREATING"):
+        return "provisioning"
+    return f"{o.qr_state or '-'}/{o.node_state or '-'}"
+
+
+def with_history(observed: Mapping[str, Observed], history: Mapping[str, Remembered],
+                 now: float) -> dict[str, Observed]:
+    """`observed` with each `since` set to when the worker entered its phase: remembered when the phase is
+    unchanged; else now, except a first sighting while provisioning, which counts from the creation time
+    the API gave (a resource starts in that phase)."""
+    out = {}
+    for name, o in observed.items():
+        h = history.get(name)
+        ph = phase(o)
+        if h is not None and h.phase == ph and h.since is not None:
+            since = h.since
+        elif h is None and ph == "provisioning" and o.since is not None:
+            since = o.since
+        else:
+            since = now
+        out[name] = dataclasses.replace(o, since=since)
+    return out
+
+
+def settle(history: Mapping[str, Remembered], observed: Mapping[str, Observed], policy: Policy,
+           unreachable_zones: frozenset[str] = frozenset()) -> dict[str, Remembered]:
+    """Judge the creates the last acting pass asked for, from what is observed now: one that left the
+    worker absent or FAILED failed (the backoff grows); one that left anything else took (it resets)."""
+    out = dict(history)
+    for name, h in history.items():
+        if h.last_attempt is None:
+            continue
+        o = observed.get(name)
+        if o is not None and o.zone in unreachable_zones or (o is None and zone_of(name) in unreachable_zones):
+            continue  # not seen this pass: judge it next time
+        if o is None or (o.qr_state is None and o.node_state is None) or o.qr_state == QR_FAILED:
+            if o is not None and o.qr_state == QR_FAILED and o.error_code:
+                err = failure(o.error_code, o.error_message or "no reason given")
+            else:
+                err = h.pending_error or failure("UNKNOWN", "the create did not take effect")
+            attempts = h.attempts + 1
+            out[name] = dataclasses.replace(h, attempts=attempts, last_attempt=None, pending_error=None,
+                                            next_attempt=h.last_attempt + policy.backoff(attempts),
+                                            error=err, errors=h.errors + 1)
+        else:
+            out[name] = dataclasses.replace(h, attempts=0, next_attempt=None, last_attempt=None,
+                                            pending_error=None, error=None)
+    return out
+
+
+def remember(history: Mapping[str, Remembered], observed: Mapping[str, Observed], actions: Sequence[Action],
+             now: float, *, acted: bool, apply_errors: Mapping[str, dict] | None = None) -> dict[str, Remembered]:
+    """The memory after a pass: each observed worker's phase and since (from with_history), and, when the
+    pass acted, the creates it asked for (judged by settle() next pass) and the replacements it counted.
+    Workers neither desired nor observed are forgotten."""
+    apply_errors = apply_errors or {}
+    out: dict[str, Remembered] = {}
+    by_name = {a.worker: a for a in actions}
+    for name in sorted(set(observed) | set(by_name)):
+        h = history.get(name, Remembered())
+        o, a = observed.get(name), by_name.get(name)
+        h = dataclasses.replace(h, phase=phase(o), since=o.since if o is not None else None)
+        if acted and a is not None and a.kind in (CREATE, REPLACE):
+            h = dataclasses.replace(h, last_attempt=now, pending_error=apply_errors.get(name),
+                                    preemptions=h.preemptions + (a.cause == PREEMPTION),
+                                    errors=h.errors + (a.cause == ERROR))
+        out[name] = h
+    return out
 
 
 def needs_apply(actions: Iterable[Action]) -> bool:

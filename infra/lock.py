@@ -89,6 +89,21 @@ class LockInfo:
             return None  # unreadable: treated as stale (it protects nothing we can identify)
 
 
+def lock_location(cfg: Config) -> tuple[Store, str]:
+    """(the store holding the lock, the lock's key): reconcile.lock, else next to the Terraform state.
+    Reconcile keeps its memory between passes in the same store (infra/reconcile.py)."""
+    where = cfg.reconcile.lock
+    if not where:
+        if cfg.state.backend == "gcs":
+            where = f"{gcs_state_root(cfg)}/{LOCK_KEY}"
+        else:
+            where = os.path.join(cfg.state.path, LOCK_KEY)
+    root, _, key = where.rstrip("/").rpartition("/")
+    if not root:
+        root = "."
+    return open_store(root if "://" in root or os.path.isabs(root) else os.path.abspath(root)), key
+
+
 class ReconcileLock:
     def __init__(self, store: Store, key: str = LOCK_KEY, *, ttl_s: float = DEFAULT_TTL_S,
                  clock: Callable[[], float] = time.time, command: str | None = None):
@@ -108,17 +123,8 @@ class ReconcileLock:
     def for_config(cfg: Config, **kw) -> "ReconcileLock":
         """reconcile.lock from the config: a path or gs:// URL of the lock object. Default: next to the
         Terraform state (state.path locally, gs://state.bucket/state.prefix with the GCS backend)."""
-        where = cfg.reconcile.lock
-        if not where:
-            if cfg.state.backend == "gcs":
-                where = f"{gcs_state_root(cfg)}/{LOCK_KEY}"
-            else:
-                where = os.path.join(cfg.state.path, LOCK_KEY)
-        root, _, key = where.rstrip("/").rpartition("/")
-        if not root:
-            root = "."
-        return ReconcileLock(open_store(root if "://" in root or os.path.isabs(root) else os.path.abspath(root)),
-                             key, **kw)
+        store, key = lock_location(cfg)
+        return ReconcileLock(store, key, **kw)
 
     # -- taking and releasing -------------------------------------------------------------------------
 

@@ -42,9 +42,7 @@ def merge(answer: Mapping[str, "ZoneView | ZoneError"]):
     """Per-zone lists -> (observed by name, unreachable zones, queued resources by name, nodes by name).
 
     A queued resource and the node it made share the worker's name; a node whose queued resource is gone
-    (or that was made without one, in vm mode) is observed on its own. Labels come from the queued
-    resource's node spec, or from the node when there is no queued resource. `since` is the creation
-    time: the provisioning limit counts from when the resource was asked for.
+    (or that was made without one, in vm mode) is observed on its own.
     """
     observed: dict[str, Observed] = {}
     unreachable: dict[str, str] = {}
@@ -62,12 +60,24 @@ def merge(answer: Mapping[str, "ZoneView | ZoneError"]):
                 zone_nodes.pop(node.name, None)
                 nodes[qr.name] = node
             qrs[qr.name] = qr
-            observed[qr.name] = Observed(name=qr.name, zone=zone, qr_state=qr.state,
-                                         node_state=node.state if node else None,
-                                         labels=dict(qr.labels or (node.labels if node else {})),
-                                         since=qr.create_time)
+            observed[qr.name] = observed_from(qr, node, zone)
         for node in zone_nodes.values():  # nodes without a queued resource
             nodes[node.name] = node
-            observed[node.name] = Observed(name=node.name, zone=zone, qr_state=None, node_state=node.state,
-                                           labels=dict(node.labels), since=node.create_time)
+            observed[node.name] = observed_from(None, node, zone)
     return observed, unreachable, qrs, nodes
+
+
+def observed_from(qr: "QueuedResource | None", node: "Node | None", zone: str) -> Observed:
+    """One worker's Observed from its queued resource and/or node. Labels come from the queued resource's
+    node spec, or from the node when there is none. `since` is the creation time here: with_history()
+    (infra/decide.py) replaces it with when the worker entered its state."""
+    assert qr is not None or node is not None
+    name = qr.name if qr is not None else node.name
+    return Observed(name=name, zone=zone, qr_state=qr.state if qr else None,
+                    node_state=node.state if node else None,
+                    labels=dict((qr.labels if qr else None) or (node.labels if node else {})),
+                    since=qr.create_time if qr is not None else node.create_time,
+                    created=node.create_time if node is not None else None,
+                    initiator=qr.state_initiator if qr is not None else "",
+                    error_code=qr.error_code if qr is not None else "",
+                    error_message=qr.error_message if qr is not None else "")

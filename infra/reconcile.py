@@ -4,13 +4,16 @@
     report = reconcile_pass(cfg, dry_run=True)  # observes and decides only
     print(report.to_json())
 
-- observe:  list queued resources and nodes in every zone (infra/observe.py), read which workers
-            Terraform's state holds (the state file itself: no terraform process), and, when
-            `reconcile.watch_job`, whether the job's work queue is complete.
+- observe:  list queued resources and nodes in every zone (infra/observe.py), confirm with a GET any
+            worker a listing left out that should exist, read which workers Terraform's state holds (the
+            state file itself: no terraform process), the workers' own records in the job's store (boot
+            and heartbeat rules), whether the job is complete (`reconcile.watch_job`), and the memory the
+            last pass left (when each worker entered its state; the backoff of failing creates).
 - decide:   infra/decide.py, pure.
-- act:      delete orphans through the TPU API; then, only if a worker must be created, replaced or
-            removed, exactly ONE `terraform apply` of the fleet stack carrying every -replace= of the pass.
-            A pass with nothing to do runs no terraform and never imports cdktf.
+- act:      delete orphans through the TPU API (deletes confirmed); then, only if a worker must be created,
+            replaced or removed, exactly ONE `terraform apply` of the fleet stack carrying every -replace=
+            of the pass. A pass with nothing to do runs no terraform and never imports cdktf.
+- remember: save the memory for the next pass, next to the reconcile lock (not in --dry-run).
 - report:   a PassReport: the actions with their reasons, what was done, what failed (JSON schema v1,
             docs/operations.md).
 
@@ -26,19 +29,22 @@ Terraform's error summary, outcome "failed", exit 1, and the lock released.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from actfleet.config import Config, zone_of
 from actfleet.errors import ActfleetError
 from actfleet.formatting import iso_utc, one_line
-from actfleet.infra.decide import APPLY_KINDS, CREATE, DELETE_ORPHAN, REPLACE, Action, Policy, decide, needs_apply
-from actfleet.infra.lock import LockHeld, ReconcileLock
-from actfleet.infra.observe import FleetView, observe_fleet
+from actfleet.infra.decide import (APPLY_KINDS, CREATE, DELETE_ORPHAN, QR_ACTIVE, REPLACE, WAIT, Action, Liveness,
+                                   Policy, Remembered, WorkRecord, decide, failure, needs_apply, remember, settle,
+                                   with_history)
+from actfleet.infra.lock import LockHeld, ReconcileLock, lock_location
+from actfleet.infra.observe import FleetView, observe_fleet, observed_from
 from actfleet.infra.terraform_layout import FLEET, WORKERS, state_location, worker_address
 
 SCHEMA_ID = "actfleet.reconcile/v1"
@@ -68,6 +74,11 @@ class PassReport:
     api_deletes: dict[str, Any] = field(default_factory=lambda: {"deleted": [], "failed": {}})
     lock: dict[str, Any] | None = None  # who held the lock this pass (us), and whom we took it over from
     locked_by: dict[str, Any] | None = None  # outcome "locked": who holds it
+    # The job's worker records as the boot and heartbeat rules read them.
+    workers: dict[str, Any] = field(default_factory=lambda: {"judged": False, "records": 0, "error": None})
+    # Replacements counted since the memory began: preemptions apart from errors (by class).
+    restarts: dict[str, Any] = field(default_factory=lambda: {"preemptions": 0, "errors": 0, "by_class": {}})
+    confirmed: list[str] = field(default_factory=list)  # left out of a listing, found by a GET
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -94,8 +105,11 @@ class PassReport:
                         "seconds": round(self.observe_seconds, 3)},
             "managed": self.managed,
             "job": self.job,
+            "workers": self.workers,
             "counts": self.counts,
-            "actions": [asdict(a) for a in self.actions],
+            "actions": [_action_dict(a) for a in self.actions],
+            "restarts": self.restarts,
+            "confirmed": self.confirmed,
             "terraform": {**self.terraform, "seconds": round(self.terraform["seconds"], 3)},
             "api_deletes": self.api_deletes,
             "errors": self.errors,
@@ -105,20 +119,32 @@ class PassReport:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
 
 
+def _action_dict(a: Action) -> dict[str, Any]:
+    d = asdict(a)
+    d["next_attempt"] = iso_utc(a.next_attempt) if a.next_attempt is not None else None
+    return d
+
+
 # The --json report, as a JSON Schema (docs/operations.md explains each field). Stable: fields are only
 # ever added; a breaking change gets a new SCHEMA_ID.
-_ACTION = {"type": "object", "required": ["worker", "zone", "kind", "reason"],
+_ERROR = {"type": ["object", "null"], "required": ["code", "message", "class"],
+          "properties": {"code": {"type": "string"}, "message": {"type": "string"},
+                         "class": {"enum": ["permission", "invalid-argument", "quota", "boot", "stalled",
+                                            "unknown"]}}}
+_ACTION = {"type": "object", "required": ["worker", "zone", "kind", "reason", "error", "next_attempt", "cause"],
            "properties": {"worker": {"type": "string"}, "zone": {"type": "string"},
                           "kind": {"enum": ["healthy", "pending", "wait", "report", "create", "replace", "remove",
                                             "delete-orphan"]},
-                          "reason": {"type": "string"}}}
+                          "reason": {"type": "string"}, "error": _ERROR,
+                          "next_attempt": {"type": ["string", "null"]},
+                          "cause": {"enum": [None, "preemption", "error"]}}}
 REPORT_JSON_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": SCHEMA_ID,
     "type": "object",
     "required": ["schema", "fleet", "config", "dry_run", "started_at", "seconds", "outcome", "exit_code", "lock",
-                 "locked_by", "observe", "managed", "job", "counts", "actions", "terraform", "api_deletes",
-                 "errors"],
+                 "locked_by", "observe", "managed", "job", "workers", "counts", "actions", "restarts", "confirmed",
+                 "terraform", "api_deletes", "errors"],
     "properties": {
         "schema": {"const": SCHEMA_ID},
         "fleet": {"type": "string"},
@@ -137,6 +163,9 @@ REPORT_JSON_SCHEMA: dict[str, Any] = {
                                    "api_calls": {"type": "integer"}, "seconds": {"type": "number"}}},
         "managed": {"type": "array", "items": {"type": "string"}},
         "job": {"type": "object", "required": ["watched", "complete", "error"]},
+        "workers": {"type": "object", "required": ["judged", "records", "error"]},
+        "restarts": {"type": "object", "required": ["preemptions", "errors", "by_class"]},
+        "confirmed": {"type": "array", "items": {"type": "string"}},
         "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
         "actions": {"type": "array", "items": _ACTION},
         "terraform": {"type": "object", "required": ["ran", "command", "replace", "targets", "seconds", "error"],
@@ -152,14 +181,15 @@ REPORT_JSON_SCHEMA: dict[str, Any] = {
 
 def reconcile_pass(cfg: Config, *, dry_run: bool = False, wait_for_lock: bool = False,
                    lock: ReconcileLock | None = None, api=None, clock: Callable[[], float] = time.time,
-                   apply: Callable[..., None] | None = None) -> PassReport:
-    """One pass. `api` (a TpuApi), `lock` and `apply` can be injected (tests, benchmarks); by default they
-    come from the config. Never raises for expected failures: they are in the report."""
+                   apply: Callable[..., None] | None = None, retry_now: bool = False) -> PassReport:
+    """One pass. `api` (a TpuApi), `lock`, `apply` and `clock` can be injected (tests, benchmarks); by
+    default they come from the config. `retry_now` ignores the backoff of failing creates this pass.
+    Never raises for expected failures: they are in the report."""
     report = PassReport(fleet=cfg.fleet.id, config=cfg.source, dry_run=dry_run, started_at=clock())
     started = time.perf_counter()
     try:
         if dry_run:
-            _observe_decide_act(cfg, report, api, clock, None, apply)
+            _observe_decide_act(cfg, report, api, clock, None, apply, retry_now)
         else:
             lock = lock or ReconcileLock.for_config(cfg)
             try:
@@ -171,7 +201,7 @@ def reconcile_pass(cfg: Config, *, dry_run: bool = False, wait_for_lock: bool = 
             try:
                 report.lock = {"holder": lock.info.holder, "pid": lock.info.pid, "where": lock.where,
                                "took_over_from": lock.took_over.to_json() if lock.took_over else None}
-                _observe_decide_act(cfg, report, api, clock, lock, apply)
+                _observe_decide_act(cfg, report, api, clock, lock, apply, retry_now)
             finally:
                 lock.release()
     except ActfleetError as e:
@@ -183,7 +213,7 @@ def reconcile_pass(cfg: Config, *, dry_run: bool = False, wait_for_lock: bool = 
 
 
 def _observe_decide_act(cfg: Config, report: PassReport, api, clock, lock: ReconcileLock | None,
-                        apply: Callable[..., None] | None) -> None:
+                        apply: Callable[..., None] | None, retry_now: bool = False) -> None:
     # -- observe ------------------------------------------------------------------------------------
     managed = managed_workers(cfg)
     report.managed = sorted(managed)
@@ -193,19 +223,41 @@ def _observe_decide_act(cfg: Config, report: PassReport, api, clock, lock: Recon
         from actfleet.infra.tpu_api import TpuApi
 
         api = TpuApi.from_config(cfg.fleet)
+    history, memory_error = load_memory(cfg)
+    if memory_error:
+        report.errors.append(memory_error)
     view: FleetView = observe_fleet(api, zones)
-    report.unreachable, report.api_calls, report.observe_seconds = view.unreachable, view.api_calls, view.seconds
-    for zone, message in view.unreachable.items():
+    calls_before = api.calls
+    observed, unreachable = _confirm_missing(api, cfg, view, managed, history, report)
+    report.unreachable, report.observe_seconds = unreachable, view.seconds
+    report.api_calls = view.api_calls + api.calls - calls_before
+    for zone, message in unreachable.items():
         report.errors.append(f"zone {zone} could not be observed, left alone: {message}")
     job_complete = _job_complete(cfg, report)
+    liveness = read_liveness(cfg, job_complete if report.job["watched"] else None)
+    if liveness is not None:
+        report.workers = {"judged": liveness.judged and liveness.error is None, "records": len(liveness.records),
+                          "error": liveness.error}
+        if liveness.error:
+            report.errors.append(f"{liveness.error}: boot and heartbeat not judged, nothing replaced on that ground")
 
     # -- decide -------------------------------------------------------------------------------------
-    actions = decide(cfg.fleet.workers, view.observed, clock(), Policy.from_config(cfg),
-                     unreachable_zones=frozenset(view.unreachable), job_complete=job_complete, managed=managed)
+    now = clock()
+    policy = Policy.from_config(cfg)
+    if retry_now:
+        policy = replace(policy, retry_now=True)
+    unreachable_zones = frozenset(unreachable)
+    history = settle(history, observed, policy, unreachable_zones)
+    observed = with_history(observed, history, now)
+    actions = decide(cfg.fleet.workers, observed, now, policy, unreachable_zones=unreachable_zones,
+                     job_complete=job_complete, managed=managed, liveness=liveness, history=history)
     report.actions = actions
     acting = [a for a in actions if a.acts]
+    _count_restarts(report, history)
     if not acting:
         report.outcome = CONVERGED
+        if not report.dry_run:
+            save_memory(cfg, remember(history, observed, actions, now, acted=False), report)
         return
     if report.dry_run:
         report.outcome = PLANNED
@@ -218,26 +270,166 @@ def _observe_decide_act(cfg: Config, report: PassReport, api, clock, lock: Recon
     strays = [a for a in actions if a.kind == REPLACE and a.worker not in managed]
     _delete_through_api(api, orphans + strays, view, report)
 
+    apply_errors: dict[str, dict] = {}
     if needs_apply(actions):
         lock.check()
         scaling_to_zero = job_complete and cfg.reconcile.scale_to_zero_when_done
-        replace = [worker_address(a.worker, cfg.fleet.mode) for a in actions
-                   if a.worker in managed and a.kind in (CREATE, REPLACE)]
-        # With a zone unreachable, the apply touches only what this pass decided, so it never creates or
-        # destroys anything in the zone it could not see.
+        replace_ = [worker_address(a.worker, cfg.fleet.mode) for a in actions
+                    if a.worker in managed and a.kind in (CREATE, REPLACE)]
+        # With a zone unreachable, or a worker backing off (Terraform would recreate a tainted one), the
+        # apply touches only what this pass decided: nothing in an unseen zone, nothing not yet due.
+        holding = any(a.kind == WAIT and a.next_attempt is not None for a in actions)
         targets = [worker_address(a.worker, cfg.fleet.mode) for a in actions if a.kind in APPLY_KINDS] \
-            if view.unreachable and not scaling_to_zero else []
-        report.terraform.update(ran=True, replace=replace, targets=targets,
+            if (unreachable or holding) and not scaling_to_zero else []
+        report.terraform.update(ran=True, replace=replace_, targets=targets,
                                 command="destroy" if scaling_to_zero else "apply")
         t0 = time.perf_counter()
         try:
-            (apply or terraform_apply)(cfg, replace=replace, targets=targets, destroy=scaling_to_zero)
+            (apply or terraform_apply)(cfg, replace=replace_, targets=targets, destroy=scaling_to_zero)
         except ActfleetError as e:
             report.terraform["error"] = str(e)
             report.errors.append(f"terraform {report.terraform['command']} failed: {e}")
+            apply_errors = worker_errors(getattr(e, "output", "") or str(e))
         finally:
             report.terraform["seconds"] = time.perf_counter() - t0
     report.outcome = FAILED if report.terraform["error"] or report.api_deletes["failed"] else REPAIRED
+    save_memory(cfg, remember(history, observed, actions, now, acted=True, apply_errors=apply_errors), report)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Observing more than the lists: confirmations, worker records, memory
+# ----------------------------------------------------------------------------------------------------
+
+
+def _confirm_missing(api, cfg: Config, view: FleetView, managed: frozenset[str],
+                     history: dict[str, Remembered], report: PassReport):
+    """A listing can leave a resource out while a GET still finds it. Before anything is replaced for
+    being gone, GET it: a desired worker whose queued resource is ACTIVE without a listed node, or that is
+    absent from the lists although Terraform holds it or the last pass saw it. Returns (observed,
+    unreachable) with what the GETs found; a zone whose GETs fail is left alone like an unlisted one."""
+    from actfleet.infra.tpu_api import QueuedResource
+
+    observed, unreachable = dict(view.observed), dict(view.unreachable)
+    todo = []
+    for w in cfg.fleet.workers:
+        if w.zone in unreachable:
+            continue
+        o = observed.get(w.name)
+        if o is not None and o.qr_state == QR_ACTIVE and o.node_state is None:
+            todo.append((w, view.queued_resources.get(w.name)))
+        elif o is None and (w.name in managed or history.get(w.name, Remembered()).phase not in ("", "absent")):
+            todo.append((w, None))
+    if not todo:
+        return observed, unreachable
+
+    def confirm(item):
+        w, qr = item
+        if qr is None:
+            qr = api.get_queued_resource(w.zone, w.name)
+        node = api.get_node(w.zone, w.name)
+        return w, qr, node
+
+    with ThreadPoolExecutor(max_workers=min(8, len(todo)), thread_name_prefix="reconcile-confirm") as pool:
+        futures = [pool.submit(confirm, item) for item in todo]
+    for (w, _), fut in zip(todo, futures):
+        try:
+            _, qr, node = fut.result()
+        except ActfleetError as e:
+            unreachable.setdefault(w.zone, f"could not confirm {w.name} with a GET: {e}")
+            continue
+        if node is not None or (qr is not None and w.name not in observed):
+            observed[w.name] = observed_from(qr if isinstance(qr, QueuedResource) else None, node, w.zone)
+            if node is not None:
+                report.confirmed.append(w.name)
+    for zone in set(unreachable) - set(view.unreachable):  # judged nothing in it: leave it all alone
+        observed = {n: o for n, o in observed.items() if o.zone != zone}
+    return observed, unreachable
+
+
+def read_liveness(cfg: Config, job_complete: bool | None = None) -> Liveness | None:
+    """The job's worker records, as the boot and heartbeat rules read them (the same records `actfleet
+    status` shows: actfleet.worker.work_queue.read_worker_records). None when both rules are off."""
+    if not cfg.reconcile.boot_timeout_minutes and not cfg.reconcile.heartbeat_timeout_minutes:
+        return None
+    try:
+        from actfleet.store import open_store
+        from actfleet.worker.work_queue import job_complete as complete_, job_key, read_worker_records
+
+        store = open_store(cfg.job.store)
+        if store.generation(job_key(cfg.job.name)) is None:
+            return Liveness(judged=False)  # not prepared: workers have nothing to do yet
+        if job_complete if job_complete is not None else complete_(store, cfg.job.name):
+            return Liveness(judged=False)  # complete: workers have nothing left to do
+        records = read_worker_records(store, cfg.job.name)
+    except Exception as e:  # an unreadable store never replaces anything: it is reported
+        return Liveness(judged=False, error=f"worker records of job {cfg.job.name} in {cfg.job.store} "
+                                            f"could not be read: {one_line(e)}")
+    return Liveness({name: WorkRecord(r.last_heartbeat, r.state) for name, r in records.items()})
+
+
+MEMORY_KEY = "reconcile.memory.json"
+MEMORY_SCHEMA = "actfleet.reconcile-memory/v1"
+
+
+def memory_location(cfg: Config):
+    """(store, key) of the memory between passes: next to the reconcile lock, so whoever may act reads it."""
+    store, lock_key = lock_location(cfg)
+    folder = lock_key.rpartition("/")[0]
+    return store, f"{folder}/{MEMORY_KEY}" if folder else MEMORY_KEY
+
+
+def load_memory(cfg: Config) -> tuple[dict[str, Remembered], str | None]:
+    """The memory the last pass saved ({} for none), and an error line if it could not be read (then the
+    pass starts afresh: limits count from now, no backoff; nothing is replaced for it)."""
+    from actfleet.store import NotFound
+
+    store, key = memory_location(cfg)
+    try:
+        data = json.loads(store.read(key)[0])
+        if data.get("schema") != MEMORY_SCHEMA:
+            raise ValueError(f"schema {data.get('schema')!r}, expected {MEMORY_SCHEMA!r}")
+        return {name: Remembered.from_json(d) for name, d in data["workers"].items()}, None
+    except NotFound:
+        return {}, None
+    except Exception as e:
+        return {}, f"reconcile memory {store.url.rstrip('/')}/{key} unreadable, starting afresh: {one_line(e)}"
+
+
+def save_memory(cfg: Config, history: dict[str, Remembered], report: PassReport) -> None:
+    store, key = memory_location(cfg)
+    doc = {"schema": MEMORY_SCHEMA, "workers": {n: h.to_json() for n, h in sorted(history.items())}}
+    try:
+        store.put(key, json.dumps(doc, indent=1, sort_keys=True).encode())
+    except Exception as e:
+        report.errors.append(f"reconcile memory could not be saved to {store.url.rstrip('/')}/{key}: {one_line(e)}")
+
+
+def _count_restarts(report: PassReport, history: dict[str, Remembered]) -> None:
+    by_class: Counter = Counter()
+    for h in history.values():
+        if h.error:
+            by_class[h.error.get("class", "unknown")] += 1
+    report.restarts = {"preemptions": sum(h.preemptions for h in history.values()),
+                       "errors": sum(h.errors for h in history.values()), "by_class": dict(sorted(by_class.items()))}
+
+
+# A provisioner's failure as Terraform prints it: terraform_data.workers["NAME"] (local-exec): actfleet: TPU
+# API: queued resource ...: 403 permission denied: <the service's message>
+_PROVISIONER_ERROR = re.compile(r'workers\["(?P<name>[^"]+)"\] \(local-exec\): actfleet: (?P<line>.*)$', re.M)
+_API_STATUS = re.compile(r": (?P<http>\d{3}) (?P<status>[a-z][a-z ]*): (?P<message>.*)$")
+
+
+def worker_errors(output: str) -> dict[str, dict]:
+    """Per worker, the error its create- or destroy-time provisioner printed in a failed apply."""
+    out = {}
+    for m in _PROVISIONER_ERROR.finditer(output):
+        line = m["line"].strip()
+        api = _API_STATUS.search(line)
+        if api:
+            out[m["name"]] = failure(api["status"].strip().upper().replace(" ", "_"), api["message"].strip())
+        else:
+            out.setdefault(m["name"], failure("UNKNOWN", line))
+    return out
 
 
 def _delete_through_api(api, actions: list[Action], view: FleetView, report: PassReport) -> None:

@@ -30,15 +30,15 @@ from cdktf import (App, DataResource, GcsBackend, LocalBackend, LocalExecProvisi
 from constructs import Construct  # noqa: E402
 
 from actfleet.config import Config, Worker
+from actfleet.infra.bucket_access import worker_grants
 from actfleet.infra.qr_request import SCOPES, queued_resource_request, worker_labels
 from actfleet.infra.startup_script import config_object_name, startup_script, worker_metadata, worker_unit
 from actfleet.infra.synth_inputs import actfleet_command
 from actfleet.infra.terraform_layout import (BASE, FLEET, WORKERS, gcs_backend_prefix, local_state_file,
                                              state_dir as default_state_dir)
 
-# The roles the worker's service account gets. objectAdmin is bound on the bucket only; these two are the
-# only project-level grants (a VM cannot write its own logs and metrics otherwise).
-BUCKET_ROLE = "roles/storage.objectAdmin"
+# The worker's service account: conditional grants on the bucket only (infra/bucket_access.py), and these two,
+# the only project-level grants (a VM cannot write its own logs and metrics otherwise).
 PROJECT_ROLES = ("roles/logging.logWriter", "roles/monitoring.metricWriter")
 
 
@@ -83,10 +83,12 @@ class BaseStack(TerraformStack):
         from cdktf_cdktf_provider_google.service_account import ServiceAccount
         from cdktf_cdktf_provider_google.storage_bucket import (StorageBucket, StorageBucketSoftDeletePolicy,
                                                                 StorageBucketVersioning)
-        from cdktf_cdktf_provider_google.storage_bucket_iam_member import StorageBucketIamMember
+        from cdktf_cdktf_provider_google.storage_bucket_iam_member import (StorageBucketIamMember,
+                                                                           StorageBucketIamMemberCondition)
         from cdktf_cdktf_provider_google.storage_bucket_object import StorageBucketObject
 
         fleet, storage = config.fleet, config.storage
+        grants = worker_grants(config)  # first: a config whose job prefix would hold fleet.toml fails before synth
         configure_backend(self, config, BASE, state_dir)
         # Operators authenticate with application default credentials; no credentials in the stack.
         GoogleProvider(self, "google", project=fleet.project, region=fleet.region)
@@ -111,7 +113,11 @@ class BaseStack(TerraformStack):
             description="Attached to actfleet TPU VMs; no keys are ever created for it.",
         )
         member = f"serviceAccount:{account.email}"
-        StorageBucketIamMember(self, "worker-objects", bucket=bucket.name, role=BUCKET_ROLE, member=member)
+        for grant in grants:
+            StorageBucketIamMember(
+                self, f"worker-{grant.name}", bucket=bucket.name, role=grant.role, member=member,
+                condition=StorageBucketIamMemberCondition(title=grant.title, description=grant.description,
+                                                          expression=tf_literal(grant.expression)))
         for role in PROJECT_ROLES:
             ProjectIamMember(self, f"worker-{role.split('/')[1].replace('.', '-').lower()}",
                              project=fleet.project, role=role, member=member)

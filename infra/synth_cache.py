@@ -41,7 +41,8 @@ PRUNE_AFTER_SECONDS = 86400
 _INFRA = Path(__file__).resolve().parent
 # Everything whose content changes the synthesized JSON (the bootstrap files are read as package data).
 SYNTH_SOURCES = (tuple(_INFRA / name for name in ("stacks.py", "terraform_layout.py", "synth_inputs.py",
-                                                  "qr_request.py", "startup_script.py", "synth_cache.py"))
+                                                  "qr_request.py", "startup_script.py", "synth_cache.py",
+                                                  "bucket_access.py"))
                  + tuple(bootstrap_dir() / name for name in BOOTSTRAP_FILES))
 PINNED_PACKAGES = ("cdktf", "cdktf-cdktf-provider-google", "cdktf-cdktf-provider-google-beta")
 

@@ -54,6 +54,19 @@ class QueuedResource:
     node_ids: tuple[str, ...]
     create_time: float | None  # seconds since the epoch
     path: str = ""
+    # A FAILED queued resource explains itself in state.failed_data.error: its google.rpc code name
+    # ("PERMISSION_DENIED", "RESOURCE_EXHAUSTED", ...) and message; "" otherwise.
+    error_code: str = ""
+    error_message: str = ""
+
+
+# Queued-resource states (google.cloud.tpu_v2 QueuedResourceState.State names) a delete or create treats
+# specially: SUSPENDING is waited for, never force-deleted (Google's advice, recorded in axlearn's TPU code);
+# FAILED and SUSPENDED hold quota until deleted, and a delete of one can get stuck, so it is re-deleted.
+QR_SUSPENDING = "SUSPENDING"
+QR_STUCK = frozenset({"FAILED", "SUSPENDED"})
+QR_DELETING = "DELETING"
+DELETE_ATTEMPTS = 4  # deletes sent to one queued resource that stays FAILED/SUSPENDED before giving up
 
 
 @dataclass(frozen=True)
@@ -92,7 +105,8 @@ class TpuApi:
     def __init__(self, project: str, endpoint: str = "", *, retries: int = DEFAULT_RETRIES,
                  timeout: float = DEFAULT_TIMEOUT, initial_backoff: float = 0.5, max_backoff: float = 16.0,
                  operation_timeout: float = DEFAULT_OPERATION_TIMEOUT, page_size: int = 0,
-                 on_wait: Callable[[str, float], None] | None = None):
+                 on_wait: Callable[[str, float], None] | None = None,
+                 on_note: Callable[[str], None] | None = None):
         self.project = project
         self.endpoint = endpoint.rstrip("/")
         self.retries = retries
@@ -102,6 +116,7 @@ class TpuApi:
         self.operation_timeout = operation_timeout
         self.page_size = page_size  # 0 = the server's default
         self.on_wait = on_wait  # called (what, seconds so far) after each poll of a running operation
+        self.on_note = on_note  # called with a line worth telling a person (a stuck delete sent again)
         self._local = threading.local()
         self._count_lock = threading.Lock()
         self._calls = 0
@@ -172,12 +187,18 @@ class TpuApi:
     def create_queued_resource(self, zone: str, qr_id: str, request: dict, *, wait: bool = True) -> bool:
         """Create the queued resource from its REST JSON body. Returns True if created, False if it
         already existed with the same request (a no-op). If it exists with a different request, raises
-        an ActfleetError saying where they differ: replacing it is the caller's decision."""
+        an ActfleetError saying where they differ: replacing it is the caller's decision.
+
+        A queued resource of that name that is on its way out never counts as existing: one DELETING or
+        SUSPENDING is waited for, one FAILED or SUSPENDED is deleted (confirmed), then it is created."""
         from google.cloud.tpu_v2.types import cloud_tpu
 
         path = self.qr_path(zone, qr_id)
         message = _parse_request(request, path)
-        existing = self._get_raw_queued_resource(zone, qr_id)
+        existing = self._settled_queued_resource(zone, qr_id)
+        if existing is not None and _raw_state(existing) in QR_STUCK:
+            self.delete_queued_resource(zone, qr_id, force=True)
+            existing = None
         if existing is not None:
             self._check_same(path, request, existing)
             return False
@@ -199,11 +220,66 @@ class TpuApi:
         return True
 
     def delete_queued_resource(self, zone: str, qr_id: str, force: bool = True, *, wait: bool = True) -> bool:
-        """Delete the queued resource (with `force`, its node too) and wait until it is gone.
-        Returns False when it was already gone (a no-op)."""
+        """Delete the queued resource (with `force`, its node too) and, with `wait`, confirm it is gone: poll
+        until a GET answers NOT_FOUND, deleting again one that stays FAILED or SUSPENDED (such deletes get
+        stuck). One SUSPENDING is waited for first, never force-deleted. Returns False when it was already
+        gone (a no-op)."""
         path = self.qr_path(zone, qr_id)
-        return self._delete(f"queued resource {path}", lambda client: client.delete_queued_resource(
-            request={"name": path, "force": force}, retry=None, timeout=self.timeout), wait=wait)
+        what = f"queued resource {path}"
+
+        def send():
+            return self._delete(what, lambda client: client.delete_queued_resource(
+                request={"name": path, "force": force}, retry=None, timeout=self.timeout), wait=wait)
+
+        if not wait:
+            return send()
+        if self._settled_queued_resource(zone, qr_id, wait_deleting=False) is None:
+            return False
+        started, sent = time.monotonic(), 0
+        delays = _poll_delays()
+        while True:
+            raw = self._get_raw_queued_resource(zone, qr_id)
+            if raw is None:
+                return True
+            state = _raw_state(raw)
+            if state != QR_DELETING and state != QR_SUSPENDING:
+                if sent >= DELETE_ATTEMPTS:
+                    raise ActfleetError(f"TPU API: {what}: still {state} after {sent} deletes (stuck: delete it "
+                                        "in the console, or ask Google support)")
+                if sent:
+                    self._note(what, f"still {state} after a delete: deleting it again")
+                sent += 1
+                if not send():
+                    return True
+                continue
+            self._tick(what, started, delays)
+
+    def _settled_queued_resource(self, zone: str, qr_id: str, wait_deleting: bool = True):
+        """GET the queued resource, first waiting out SUSPENDING (and, with wait_deleting, DELETING):
+        the raw message, or None once it does not exist."""
+        what = f"queued resource {self.qr_path(zone, qr_id)}"
+        started, delays = time.monotonic(), _poll_delays()
+        while True:
+            raw = self._get_raw_queued_resource(zone, qr_id)
+            if raw is None:
+                return None
+            state = _raw_state(raw)
+            if state != QR_SUSPENDING and not (wait_deleting and state == QR_DELETING):
+                return raw
+            self._tick(what, started, delays)
+
+    def _tick(self, what: str, started: float, delays) -> None:
+        """One poll's wait (reported to on_wait), or an error past operation_timeout."""
+        waited = time.monotonic() - started
+        if self.on_wait is not None:
+            self.on_wait(what, waited)
+        if waited > self.operation_timeout:
+            raise ActfleetError(f"TPU API: {what}: still not settled after {self.operation_timeout:.0f} s")
+        time.sleep(next(delays))
+
+    def _note(self, what: str, message: str) -> None:
+        if self.on_note is not None:
+            self.on_note(f"{what}: {message}")
 
     def delete_node(self, zone: str, node_id: str, *, wait: bool = True) -> bool:
         """Delete a node and wait until it is gone. Returns False when it was already gone."""
@@ -385,11 +461,30 @@ def _parse_request(request: dict, path: str):
 # shows at a thousand workers.
 
 
+def _poll_delays():
+    from google.api_core.retry import exponential_sleep_generator
+
+    return exponential_sleep_generator(0.1, 5.0, 1.5)
+
+
+def _raw_state(qr) -> str:
+    from google.cloud.tpu_v2.types import cloud_tpu
+
+    return _enum_name(cloud_tpu.QueuedResourceState.State, cloud_tpu.QueuedResource.pb(qr).state.state)
+
+
 def _queued_resource(qr, zone: str) -> QueuedResource:
     from google.cloud.tpu_v2.types import cloud_tpu
+    from google.rpc import code_pb2
 
     pb = cloud_tpu.QueuedResource.pb(qr)
     specs = pb.tpu.node_spec
+    error = pb.state.failed_data.error if pb.state.HasField("failed_data") else None
+    if error is not None:
+        try:
+            code = code_pb2.Code.Name(error.code)
+        except ValueError:
+            code = str(error.code)
     return QueuedResource(
         name=pb.name.rsplit("/", 1)[-1],
         zone=zone,
@@ -399,6 +494,8 @@ def _queued_resource(qr, zone: str) -> QueuedResource:
         node_ids=tuple(s.node_id for s in specs if s.node_id),
         create_time=_seconds(pb, "create_time"),
         path=pb.name,
+        error_code=code if error is not None else "",
+        error_message=one_line(error.message) if error is not None else "",
     )
 
 

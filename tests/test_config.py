@@ -113,6 +113,14 @@ def test_layers_all_keeps_a_marker_for_the_extractor(tmp_path):
     (with_line("job", 'sites = ["resid"]'), 'job.sites = [\'resid\']: has "resid"'),
     # not TOML at all
     (GOOD + "\nthis is = = not toml\n", "not valid TOML"),
+    (with_line("fleet", 'accelerator_type = "v9z-8"'), 'fleet.accelerator_type = "v9z-8": not a Cloud TPU'),
+    # the boot and heartbeat rules
+    (with_line("reconcile", "boot_timeout_minutes = -1", GOOD + "\n[reconcile]\n"),
+     "reconcile.boot_timeout_minutes = -1: must be a number of minutes from 0 (off)"),
+    (with_line("reconcile", 'heartbeat_timeout_minutes = "15"', GOOD + "\n[reconcile]\n"),
+     'reconcile.heartbeat_timeout_minutes = "15": must be a number of minutes'),
+    (with_line("reconcile", "heartbeat_timeout_minutes = 2.5", GOOD + "\n[reconcile]\n"),
+     "reconcile.heartbeat_timeout_minutes = 2.5: must be 0 (off) or at least job.lease_seconds (300 s)"),
 ])
 def test_bad_config_is_one_line_naming_key_value_and_rule(tmp_path, text, expected):
     with pytest.raises(ConfigError) as e:
@@ -153,6 +161,21 @@ def test_replace_gives_a_changed_copy(tmp_path):
     d = c.replace("job", store="/tmp/x", name="j2")
     assert (d.job.store, d.job.name) == ("/tmp/x", "j2")
     assert c.job.store == "gs://my-acts"
+
+
+# Multi-host slices (v4-16, v5litepod-16, v6e-256, v5p-32) run as one worker since worker/multihost.py.
+@pytest.mark.parametrize("accelerator", ["v4-8", "v5p-8", "v5litepod-1", "v5litepod-4", "v5litepod-8", "v6e-8",
+                                         "v4-16", "v5litepod-16", "v6e-256", "v5p-32"])
+def test_single_host_and_multi_host_types_are_accepted(tmp_path, accelerator):
+    assert load_text(tmp_path, with_line("fleet", f'accelerator_type = "{accelerator}"')).fleet.accelerator_type \
+        == accelerator
+
+
+def test_boot_and_heartbeat_timeouts_take_fractions_and_default_to_30_and_15(tmp_path):
+    cfg = load_text(tmp_path, GOOD)
+    assert (cfg.reconcile.boot_timeout_minutes, cfg.reconcile.heartbeat_timeout_minutes) == (30.0, 15.0)
+    cfg = load_text(tmp_path, GOOD + "\n[reconcile]\nboot_timeout_minutes = 0.5\nheartbeat_timeout_minutes = 0\n")
+    assert (cfg.reconcile.boot_timeout_minutes, cfg.reconcile.heartbeat_timeout_minutes) == (0.5, 0.0)
 
 
 def test_example_config_in_the_repo_loads():

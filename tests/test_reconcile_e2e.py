@@ -277,7 +277,16 @@ def test_terraform_failure_exits_1_with_its_error_and_releases_the_lock(fleet):
     cfg = load(fleet.config)
     assert not (Path(cfg.state.path) / "reconcile.lock").exists()
     fleet.fresh()
-    rc, report = fleet.reconcile()  # the API accepts creates again: repaired
+    # The next pass backs off (5 minutes): no terraform run, the provisioner's reason read from Terraform's
+    # output, the next attempt's time.
+    rc, report = fleet.reconcile()
+    assert (rc, report["outcome"]) == (0, "converged"), report["errors"]
+    [held] = [a for a in report["actions"] if a["kind"] != "healthy"]
+    assert (held["worker"], held["kind"]) == (worker(B, 0), "wait") and held["next_attempt"]
+    assert held["error"]["code"] == "PERMISSION_DENIED" and held["error"]["class"] == "permission"
+    assert "The caller does not have permission" in held["error"]["message"]
+    assert fleet.terraform_runs() == [] and fleet.mutations("create") == []
+    rc, report = fleet.reconcile("--retry-now")  # the permission fixed: retry without waiting
     assert (rc, report["outcome"]) == (0, "repaired"), report["errors"]
     assert fleet.states()[worker(B, 0)] == "ACTIVE"
 

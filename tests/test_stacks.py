@@ -118,10 +118,21 @@ def test_base_iam_is_bucket_scoped_and_keyless(stacks):
                                      "google_storage_bucket_object"}
     (account,) = resources(base, "google_service_account").values()
     assert account["account_id"] == "actfleet-acts"
-    (bucket_member,) = resources(base, "google_storage_bucket_iam_member").values()
-    assert bucket_member["role"] == "roles/storage.objectAdmin"
-    assert bucket_member["bucket"] == "${google_storage_bucket.activations.name}"
-    assert bucket_member["member"] == "serviceAccount:${google_service_account.worker.email}"
+    # On the bucket: conditional grants only (tests/test_bucket_access.py evaluates them with a CEL engine).
+    members = resources(base, "google_storage_bucket_iam_member")
+    objects = "projects/_/buckets/my-project-acts/objects/"
+    assert {name: (m["role"], m["condition"]["expression"]) for name, m in members.items()} == {
+        "worker-list": ("roles/storage.objectViewer", 'resource.type == "storage.googleapis.com/Bucket"'),
+        "worker-read": ("roles/storage.objectViewer",
+                        f'resource.name.startsWith("{objects}actfleet/acts/fleet.toml") || '
+                        f'resource.name.startsWith("{objects}d.jsonl")'),
+        "worker-write": ("roles/storage.objectUser", f'resource.name.startsWith("{objects}resid/")'),
+    }
+    assert "roles/storage.objectAdmin" not in json.dumps(base)  # no grant that could rewrite fleet.toml
+    for m in members.values():
+        assert m["bucket"] == "${google_storage_bucket.activations.name}"
+        assert m["member"] == "serviceAccount:${google_service_account.worker.email}"
+        assert m["condition"]["title"]
     project_members = resources(base, "google_project_iam_member").values()
     assert sorted(m["role"] for m in project_members) == ["roles/logging.logWriter", "roles/monitoring.metricWriter"]
     assert {m["member"] for m in project_members} == {"serviceAccount:${google_service_account.worker.email}"}

@@ -315,8 +315,10 @@ def test_delete_is_idempotent_and_waits_for_the_operation(fake_tpu, api):
     [delete] = fake_tpu.calls(method="DELETE")
     assert "force=true" in delete.query
 
+    # Already gone: a GET says so (NOT_FOUND) and no second delete is sent.
     assert api.delete_queued_resource(ZONE_A, "tpu-us-central1-a-0") is False
-    assert [c.status for c in fake_tpu.calls(method="DELETE")] == [200, 404]
+    assert [c.status for c in fake_tpu.calls(method="DELETE")] == [200]
+    assert fake_tpu.calls(method="GET", path=r"/queuedResources/tpu-us-central1-a-0$")[-1].status == 404
 
 
 def test_delete_without_force_is_refused_while_the_node_exists(fake_tpu, api):
@@ -388,6 +390,111 @@ def test_preemption_suspends_the_queued_resource_until_replaced(fake_tpu, api):
     assert [n.state for n in api.list_nodes(ZONE_A)] == ["READY"]
 
 
+# ------------------------------------------------------------------ real states, real failures (issue 15)
+
+QR0 = "tpu-us-central1-a-0"
+
+
+def test_a_suspending_queued_resource_is_waited_for_never_force_deleted(fake_tpu, api):
+    fake_tpu.configure(suspend_delay=0.4)
+    api.create_queued_resource(ZONE_A, QR0, qr_request(ZONE_A, QR0))
+    fake_tpu.preempt(ZONE_A, QR0)
+    assert api.get_queued_resource(ZONE_A, QR0).state == "SUSPENDING"
+    waits = []
+    api.on_wait = lambda what, seconds: waits.append(what)
+    assert api.delete_queued_resource(ZONE_A, QR0) is True
+    # The delete went out only once the suspension had finished.
+    assert fake_tpu.qr_deletes() == [(QR0, "SUSPENDED")]
+    assert waits and fake_tpu.queued_resource_state(ZONE_A, QR0) is None
+
+
+@pytest.mark.parametrize("state", ["SUSPENDED", "FAILED"])
+def test_a_stuck_delete_is_sent_again_until_the_queued_resource_is_gone(fake_tpu, api, state):
+    fake_tpu.create_qr_direct(ZONE_A, QR0, project=PROJECT, state=state, labels={"actfleet-fleet": "t"})
+    fake_tpu.stick_delete(ZONE_A, QR0, times=2)
+    notes = []
+    api.on_note = notes.append
+    assert api.delete_queued_resource(ZONE_A, QR0) is True
+    assert fake_tpu.qr_deletes() == [(QR0, state)] * 3  # two stuck, the third took
+    assert fake_tpu.queued_resource_state(ZONE_A, QR0) is None
+    assert len(notes) == 2 and all(f"still {state} after a delete" in n for n in notes)
+    # Confirmed by a GET answering NOT_FOUND.
+    assert fake_tpu.calls(method="GET", path=QR0 + "$")[-1].status == 404
+
+
+def test_a_delete_stuck_for_good_ends_in_one_line_naming_it(fake_tpu, api):
+    fake_tpu.create_qr_direct(ZONE_A, QR0, project=PROJECT, state="SUSPENDED")
+    fake_tpu.stick_delete(ZONE_A, QR0, times=99)
+    with pytest.raises(ActfleetError, match=r"queuedResources/tpu-us-central1-a-0: still SUSPENDED after 4 deletes"):
+        api.delete_queued_resource(ZONE_A, QR0)
+
+
+def test_a_failed_queued_resource_explains_itself_with_integer_enums(fake_tpu, api):
+    fake_tpu.create_qr_direct(ZONE_A, QR0, project=PROJECT, state="FAILED",
+                              error=("PERMISSION_DENIED", "Permission 'tpu.nodes.create' denied on 'projects/p'"))
+    [qr] = api.list_queued_resources(ZONE_A)
+    assert (qr.state, qr.error_code, qr.error_message) == (
+        "FAILED", "PERMISSION_DENIED", "Permission 'tpu.nodes.create' denied on 'projects/p'")
+    assert all("enum-encoding%3Dint" in c.query for c in fake_tpu.calls(method="GET"))
+    # On the wire: integers, as the real API sends them to this client.
+    raw = get_json(f"{fake_tpu.url}/v2/projects/{PROJECT}/locations/{ZONE_A}/queuedResources/{QR0}"
+                   "?%24alt=json%3Benum-encoding%3Dint")
+    assert raw["state"]["state"] == 4 and raw["state"]["failedData"]["error"]["code"] == 7
+    assert api.get_queued_resource(ZONE_A, QR0).error_code == "PERMISSION_DENIED"
+
+
+@pytest.mark.parametrize("state", ["FAILED", "SUSPENDED", "DELETING"])
+def test_create_over_a_queued_resource_on_its_way_out_makes_a_new_one(fake_tpu, api, state):
+    fake_tpu.configure(delete_delay=0.2)
+    req = qr_request(ZONE_A, QR0)
+    api.create_queued_resource(ZONE_A, QR0, req)
+    if state == "DELETING":
+        api.delete_queued_resource(ZONE_A, QR0, wait=False)
+    else:
+        fake_tpu.delete_direct(ZONE_A, QR0)
+        fake_tpu.create_qr_direct(ZONE_A, QR0, project=PROJECT, state=state,
+                                  labels={"actfleet-fleet": "t", "managed-by": "actfleet"})
+    assert api.get_queued_resource(ZONE_A, QR0).state == state
+    # Not "already exists with the same request": it is replaced by a live one.
+    assert api.create_queued_resource(ZONE_A, QR0, req) is True
+    assert api.get_queued_resource(ZONE_A, QR0).state == "ACTIVE"
+    assert len(fake_tpu.calls(method="POST", status=200)) == 2
+
+
+@pytest.mark.parametrize("code, status, words", [
+    ("PERMISSION_DENIED", 403, "permission denied"),
+    ("INVALID_ARGUMENT", 400, "invalid argument"),
+    ("RESOURCE_EXHAUSTED", 429, "resource exhausted"),
+])
+def test_a_zone_whose_creates_are_refused(fake_tpu, api, code, status, words):
+    fake_tpu.fail_creates(ZONE_B, code, "Accelerator type v5litepod-8 is not offered in us-central1-b")
+    with pytest.raises(ActfleetError) as e:
+        api.create_queued_resource(ZONE_B, "tpu-us-central1-b-0", qr_request(ZONE_B, "tpu-us-central1-b-0"))
+    assert f": {status} {words}: Accelerator type v5litepod-8 is not offered" in str(e.value)
+    assert api.create_queued_resource(ZONE_A, QR0, qr_request(ZONE_A, QR0))  # the other zone is fine
+    fake_tpu.fail_creates(ZONE_B, None)
+    assert api.create_queued_resource(ZONE_B, "tpu-us-central1-b-0", qr_request(ZONE_B, "tpu-us-central1-b-0"))
+
+
+def test_a_zone_whose_creates_are_accepted_then_fail(fake_tpu, api):
+    fake_tpu.fail_creates(ZONE_B, "RESOURCE_EXHAUSTED", "Quota 'TPUV5sLitepodPerProjectPerZone' exceeded",
+                          how="fail")
+    assert api.create_queued_resource(ZONE_B, "tpu-us-central1-b-0", qr_request(ZONE_B, "tpu-us-central1-b-0"))
+    qr = api.get_queued_resource(ZONE_B, "tpu-us-central1-b-0")
+    assert (qr.state, qr.error_code) == ("FAILED", "RESOURCE_EXHAUSTED") and "Quota" in qr.error_message
+    assert api.list_nodes(ZONE_B) == ()
+
+
+def test_node_states_set_by_hand_and_a_node_left_out_of_a_listing(fake_tpu, api):
+    api.create_queued_resource(ZONE_A, QR0, qr_request(ZONE_A, QR0))
+    fake_tpu.set_node_state(ZONE_A, QR0, "REPAIRING")
+    assert [n.state for n in api.list_nodes(ZONE_A)] == ["REPAIRING"]
+    fake_tpu.hide_from_lists(ZONE_A, QR0, lists=1)
+    assert api.list_nodes(ZONE_A) == ()  # left out of this listing...
+    assert api.get_node(ZONE_A, QR0).state == "REPAIRING"  # ...while a GET finds it
+    assert [n.name for n in api.list_nodes(ZONE_A)] == [QR0]  # and the next listing has it again
+
+
 def test_resources_planted_and_removed_behind_the_clients_back(fake_tpu, api):
     fake_tpu.create_qr_direct(ZONE_A, "orphan-1", project=PROJECT, labels={"actfleet-fleet": "t"})
     assert [q.name for q in api.list_queued_resources(ZONE_A)] == ["orphan-1"]
@@ -430,7 +537,8 @@ def test_control_endpoints_drive_the_fake_from_another_process(fake_tpu, api):
 
 def test_from_config_uses_the_endpoint_env_over_the_config(fake_tpu, monkeypatch, tmp_path):
     text = (REPO / "fleet.example.toml").read_text().replace(
-        '# tpu_endpoint = "http://127.0.0.1:8470"', 'tpu_endpoint = "http://127.0.0.1:9"')
+        '# tpu_endpoint = "http://127.0.0.1:8470"', 'tpu_endpoint = "http://127.0.0.1:9"').replace(
+        'zones = { "us-central1-a" = 8 }', 'zones = { "us-central1-a" = 4, "us-central1-b" = 4 }')
     p = tmp_path / "fleet.toml"
     p.write_text(text)
     cfg = config.load(p)

@@ -157,6 +157,27 @@ def test_delete_is_idempotent_and_takes_the_node(fake):
     assert (r.returncode, r.stdout) == (0, f"queued resource {QR_PATH} does not exist: nothing to do\n")
 
 
+def test_delete_of_a_stuck_suspended_queued_resource_is_sent_again(fake):
+    """The destroy-time provisioner's path: a SUSPENDED queued resource whose first delete is accepted but
+    leaves it there is deleted again, and the command returns only once a GET says NOT_FOUND."""
+    control(fake, "create-qr", {"zone": ZONE, "id": QR_ID, "project": PROJECT, "state": "SUSPENDED"})
+    control(fake, "stick-delete", {"zone": ZONE, "id": QR_ID, "times": 1})
+    r = actfleet(fake, "delete-qr", *TARGET)
+    assert r.returncode == 0, r.stderr
+    assert f"{QR_PATH}: still SUSPENDED after a delete: deleting it again" in r.stderr
+    deletes = [c for c in fake_get(fake, "calls")["calls"] if c["method"] == "DELETE"]
+    assert [c["status"] for c in deletes] == [200, 200]
+    assert qr_states(fake) == {}
+
+
+def test_create_over_a_failed_queued_resource_replaces_it(fake):
+    control(fake, "create-qr", {"zone": ZONE, "id": QR_ID, "project": PROJECT, "state": "FAILED",
+                                "error": ["RESOURCE_EXHAUSTED", "There is no more capacity in the zone"]})
+    r = actfleet(fake, "create-qr", *TARGET, "--request-json", json.dumps(qr_request()))
+    assert (r.returncode, r.stdout) == (0, f"created queued resource {QR_PATH}\n"), r.stderr
+    assert qr_states(fake) == {QR_PATH: "ACTIVE"}
+
+
 def test_replace_after_preemption_is_delete_then_create(fake):
     body = json.dumps(qr_request())
     actfleet(fake, "create-qr", *TARGET, "--request-json", body)
@@ -169,7 +190,8 @@ def test_replace_after_preemption_is_delete_then_create(fake):
 
 
 def fleet_toml(tmp_path: Path) -> Path:
-    text = (REPO / "fleet.example.toml").read_text().replace('"my-gcp-project"', f'"{PROJECT}"', 1)
+    text = (REPO / "fleet.example.toml").read_text().replace('"my-gcp-project"', f'"{PROJECT}"', 1).replace(
+        'zones = { "us-central1-a" = 8 }', 'zones = { "us-central1-a" = 4, "us-central1-b" = 4 }')  # two zones to list
     p = tmp_path / "fleet.toml"
     p.write_text(text)
     return p

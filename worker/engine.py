@@ -94,6 +94,26 @@ def enable_compilation_cache() -> str:
     return path
 
 
+def place_global(host: np.ndarray, sharding):
+    """A host array that every process of the program holds whole (each host reads the same rows) as one
+    global jax.Array: each process places only its own devices' slices, so nothing crosses hosts."""
+    import jax
+
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def fetch_whole(out) -> np.ndarray:
+    """The host copy of a result computed replicated (out_shardings = PartitionSpec()): whole vectors, read
+    from this process's own device. Refuses anything else: a sharded result's local piece is a slice of each
+    vector (the system we replace stored 448-wide halves of an 896-wide model that way)."""
+    if not out.is_fully_replicated:
+        raise RuntimeError(f"fetch_whole: result sharded as {out.sharding}; gather it replicated first")
+    host = np.asarray(out.addressable_data(0))
+    if host.shape != out.shape:
+        raise RuntimeError(f"fetch_whole: local copy {host.shape} is not the whole result {out.shape}")
+    return host
+
+
 class Engine:
     """Loads the model (options.model at options.revision) and tokenizer once; `run` extracts any number of row
     lists with them. The reading options (format, fields, ARC augmentation) and shard_mb are not its business.
@@ -142,6 +162,7 @@ class Engine:
         self.devices = jax.devices()
         self.mesh = Mesh(np.array(self.devices), ("data",))
         self._batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
+        self._replicated = NamedSharding(self.mesh, PartitionSpec())
         compute = jnp.bfloat16 if options.compute_dtype == "bfloat16" else jnp.float32
         try:
             host = convert.load_weights(self.model_dir, self.config, n_layers=site_names.layers_needed(self.sites))
@@ -167,7 +188,8 @@ class Engine:
             return jnp.stack([acts[s].reshape(-1, acts[s].shape[-1])[take] for s in self.sites])
 
         self._step = jax.jit(step)
-        self._gather = jax.jit(gather)
+        # Replicated: every host gets the whole vectors (on a multi-host slice, or a model-sharded mesh).
+        self._gather = jax.jit(gather, out_shardings=self._replicated)
 
     # ------------------------------------------------------------------------------------------------
 
@@ -316,13 +338,14 @@ class Engine:
                 positions[row, at: at + len(ids)] = np.arange(len(ids))
                 at += len(ids)
             positions[row, at:] = np.arange(p - at)  # padding counts from its own start
-        put = partial(jax.device_put, device=self._batch_sharding)
+        put = partial(place_global, sharding=self._batch_sharding)
         acts = self._step(self.weights, put(token_ids), put(segment_ids), put(positions))
         index = self._stored_index(pb, seqs)
         take = index[0]
         # Pad the gather to a power of two so its shapes (and compilations) stay few.
         padded = min(r * p, max(256, 1 << (len(take) - 1).bit_length()))
-        out = self._gather(acts, np.pad(take, (0, padded - len(take))).astype(np.int32))
+        out = self._gather(acts, place_global(np.pad(take, (0, padded - len(take))).astype(np.int32),
+                                              self._replicated))
         out.copy_to_host_async()  # overlaps the transfer with the next batch's compute
         return out, index
 
@@ -355,7 +378,7 @@ class Engine:
     def _collect(self, launched, pb: batching.PlannedBatch, seqs, skipped, truncated, seen) -> Batch:
         out, (take, sample_ids, token_ids, positions, real, source) = launched
         r, p = pb.shape
-        host = np.asarray(out)  # [sites, padded, d]; the first len(take) rows of each site are the stored tokens
+        host = fetch_whole(out)  # [sites, padded, d]; the first len(take) rows of each site are the stored tokens
         acts = {site: host[i, : len(take)] for i, site in enumerate(self.sites)}
         if source is None:
             members = sum(len(m) for m in pb.rows)

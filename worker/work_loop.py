@@ -103,15 +103,20 @@ def upload_with_retry(store: Store, key: str, data: bytes, *, attempts: int = 6,
 class _LeaseKeeper(threading.Thread):
     """Renews the lease every lease_seconds/3 and writes the worker record; flags a lost lease."""
 
-    def __init__(self, store: Store, lease: q.Lease, lease_seconds: float, record: q.WorkerProgress, job: str):
+    def __init__(self, store: Store, lease: q.Lease, lease_seconds: float, record: q.WorkerProgress, job: str,
+                 healthy: Callable[[], bool] = lambda: True):
         super().__init__(name=f"lease-{lease.unit}", daemon=True)
         self.store, self.lease, self.lease_seconds, self.record, self.job = store, lease, lease_seconds, record, job
+        self.healthy = healthy
         self.lock = threading.Lock()
         self.lost = threading.Event()
         self.stopped = threading.Event()
 
     def run(self) -> None:
         while not self.stopped.wait(self.lease_seconds / 3):
+            if not self.healthy():  # a slice stalled in a collective: let the lease (and heartbeat) lapse
+                log.warning("unit %d: not renewing the lease: the slice makes no progress", self.lease.unit)
+                continue
             with self.lock:
                 try:
                     self.lease = q.renew(self.store, self.lease, self.lease_seconds)
@@ -146,11 +151,14 @@ class Worker:
     drain_seconds: float = 25.0
     upload_attempts: int = 6
     on_event: Callable[[str, dict], None] = lambda kind, info: None
+    # Whether the compute makes progress (a multi-host slice: no engine step stalled); the lease is renewed
+    # only while it does (actfleet.worker.multihost).
+    healthy: Callable[[], bool] = lambda: True
     _stop_at: float | None = field(default=None, init=False)  # monotonic deadline once SIGTERM arrived
     record: q.WorkerProgress = field(init=False)
 
     def __post_init__(self):
-        self.record = q.WorkerProgress(self.worker_id, state="starting")
+        self.record = q.WorkerProgress(self.worker_id, state="starting", started_at=time.time())
         self.offset = zlib.crc32(self.worker_id.encode()) % max(1, self.spec.units)
         self.draining = threading.Event()
         self._pinned: dict[str, str] | None = None
@@ -180,7 +188,9 @@ class Worker:
                 break
             if nxt.lease is None:  # everything left is leased by others: wait to take over expired leases
                 self._write_record("waiting")
-                self.draining.wait(min(nxt.wait_seconds + random.uniform(0, 0.5), self.lease_seconds))
+                # At most a third of a lease between records, as while working: reconcile's heartbeat
+                # timeout (at least one lease, config.py) must never mistake a waiting worker for a stalled one.
+                self.draining.wait(min(nxt.wait_seconds + random.uniform(0, 0.5), self.lease_seconds / 3))
                 continue
             committed, tokens = self._process(nxt.lease)
             if committed:
@@ -214,7 +224,7 @@ class Worker:
         start, stop = self.spec.unit_range(unit)
         t0 = time.monotonic()
         self._write_record("working", unit)
-        keeper = _LeaseKeeper(self.store, lease, self.lease_seconds, self.record, job)
+        keeper = _LeaseKeeper(self.store, lease, self.lease_seconds, self.record, job, self.healthy)
         keeper.start()
         self.on_event("claimed", {"unit": unit, "attempt": lease.attempt})
         try:

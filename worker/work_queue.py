@@ -541,6 +541,7 @@ class WorkerProgress:
     shards: int = 0
     bytes: int = 0
     last_heartbeat: float | None = None  # unix time of the worker's last record write
+    started_at: float | None = None  # unix time this worker process started (its boot, for reconcile)
     current_unit: int | None = None
     state: str = "unknown"  # starting | working | idle | waiting | draining | finished | failed
 
@@ -579,14 +580,17 @@ def write_worker_record(store: Store, job: str, wp: WorkerProgress) -> None:
 
 
 def read_worker_records(store: Store, job: str) -> dict[str, WorkerProgress]:
-    out = {}
-    for key in store.list(join(job, "workers") + "/"):
+    """Every worker's own record (read in parallel). A listing that fails raises; a record removed or torn
+    since the listing is skipped (status and reconcile read the rest)."""
+    def parse(data: bytes, key: str) -> WorkerProgress | None:
         try:
-            d = _load(store.read(key)[0], key)
-            out[d["worker"]] = WorkerProgress(**{k: d[k] for k in WorkerProgress.__dataclass_fields__ if k in d})
-        except (NotFound, ActfleetError, KeyError, TypeError):
-            continue  # removed or torn since listing: status is best effort
-    return out
+            d = _load(data, key)
+            return WorkerProgress(**{k: d[k] for k in WorkerProgress.__dataclass_fields__ if k in d})
+        except (ActfleetError, KeyError, TypeError):
+            return None
+
+    records = _read_many(store, store.list(join(job, "workers") + "/"), parse)
+    return {r.worker: r for r in records if r is not None and isinstance(r.worker, str)}
 
 
 def _read_many(store: Store, keys: Iterable[str], parse) -> list:

@@ -44,15 +44,19 @@ DONE_WORDS = {"create": "created", "replace": "replaced", "remove": "removed", "
                    "and releasing the lock).")
 @click.option("--wait", "wait_for_lock", is_flag=True,
               help="If another reconcile holds the lock, wait for it instead of exiting.")
+@click.option("--retry-now", is_flag=True,
+              help="Retry failed creates this pass, ignoring their backoff (after fixing a permission or quota).")
 @click.option("-v", "--verbose", is_flag=True, help="List healthy workers too, and stream Terraform's output.")
-def reconcile(config_path, as_json, dry_run, watch_s, wait_for_lock, verbose):
+def reconcile(config_path, as_json, dry_run, watch_s, wait_for_lock, retry_now, verbose):
     """Bring the fleet back to its desired state: observe -> decide -> act -> report.
 
     \b
-    Replaces preempted/suspended/failed workers, creates missing ones, removes
-    workers taken out of the config, deletes orphans carrying this fleet's
-    label, all in ONE terraform apply; does nothing (and runs no terraform)
-    when the fleet is converged. One reconcile at a time (a lock).
+    Replaces preempted/suspended/failed workers and READY ones whose worker
+    never started or stalled, creates missing ones, removes workers taken out
+    of the config, deletes orphans carrying this fleet's label, all in ONE
+    terraform apply; does nothing (and runs no terraform) when the fleet is
+    converged. Waits for SUSPENDING; failing creates back off (5 min doubling
+    to 1 h, remembered next to the lock). One reconcile at a time (a lock).
     \b
     Exit codes: 0 converged / repaired / --dry-run / lock held by another pass,
     1 a failure (unreachable zone, terraform, API), 2 bad config, 3 no terraform.
@@ -60,7 +64,8 @@ def reconcile(config_path, as_json, dry_run, watch_s, wait_for_lock, verbose):
     cfg = load(config_path)  # unloadable at the start: exit 2 at once (the CLI prints the one line)
     while True:
         exit_code = _one_pass(cfg, as_json, dry_run, wait_for_lock, verbose,
-                              json_lines=watch_s is not None).exit_code
+                              json_lines=watch_s is not None, retry_now=retry_now).exit_code
+        retry_now = False  # once: later --watch passes back off again
         if watch_s is None:
             sys.exit(exit_code)
         while True:
@@ -80,7 +85,7 @@ _sleep = time.sleep  # between --watch passes (a test steps through passes with 
 
 
 def _one_pass(cfg, as_json: bool, dry_run: bool, wait_for_lock: bool, verbose: bool,
-              json_lines: bool = False) -> PassReport:
+              json_lines: bool = False, retry_now: bool = False) -> PassReport:
     from rich.console import Console
 
     err = Console(stderr=True)
@@ -94,7 +99,7 @@ def _one_pass(cfg, as_json: bool, dry_run: bool, wait_for_lock: bool, verbose: b
     # A spinner on a terminal while the pass runs (terraform applies take a while); nothing in logs.
     with err.status("reconcile: observing and deciding...", spinner="dots") if err.is_terminal and not as_json \
             else _nothing():
-        report = reconcile_pass(cfg, dry_run=dry_run, wait_for_lock=wait_for_lock, apply=apply)
+        report = reconcile_pass(cfg, dry_run=dry_run, wait_for_lock=wait_for_lock, apply=apply, retry_now=retry_now)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=None if json_lines else 2))
     else:
@@ -105,6 +110,7 @@ def _one_pass(cfg, as_json: bool, dry_run: bool, wait_for_lock: bool, verbose: b
 def print_human(report: PassReport, verbose: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text  # reasons quote the service's messages: never read as markup
 
     out, err = Console(), Console(stderr=True)
     if not out.is_terminal:  # logs and cron mail: wide enough that no column is cut
@@ -123,7 +129,7 @@ def print_human(report: PassReport, verbose: bool = False) -> None:
             kind = a.kind
             if a.acts and not report.dry_run and report.outcome != FAILED:
                 kind = DONE_WORDS.get(kind, kind)
-            table.add_row(a.worker, a.zone, f"[{KIND_STYLE.get(a.kind, '')}]{kind}[/]", a.reason)
+            table.add_row(a.worker, a.zone, f"[{KIND_STYLE.get(a.kind, '')}]{kind}[/]", Text(a.reason))
         out.print(table)
     counts = ", ".join(f"{n} {k}" for k, n in report.counts.items()) or "no workers"
     tf = report.terraform
@@ -136,6 +142,11 @@ def print_human(report: PassReport, verbose: bool = False) -> None:
             "failed": "FAILED"}.get(report.outcome, report.outcome)
     out.print(f"{stamp} reconcile {report.fleet}: {what} - {counts}; {did}; "
               f"{report.api_calls} API calls, {report.seconds:.1f} s", highlight=False)
+    r = report.restarts
+    if r["preemptions"] or r["errors"]:
+        classes = ", ".join(f"{n} {c}" for c, n in r["by_class"].items())
+        out.print(f"restarts so far: {r['preemptions']} after preemptions, {r['errors']} after errors"
+                  + (f" (now failing: {classes})" if classes else ""), highlight=False)
     if report.job["watched"]:
         job = ("complete" if report.job["complete"] else "not complete") if report.job["error"] is None \
             else report.job["error"]

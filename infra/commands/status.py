@@ -96,8 +96,20 @@ def take_snapshot(cfg: Config, *, api=None, store=None, job_name: str | None = N
 
     if view is not None:
         snap.unreachable = dict(view.unreachable)
-        actions = decide(cfg.fleet.workers, view.observed, now, Policy.from_config(cfg),
-                         unreachable_zones=frozenset(view.unreachable))
+        # What reconcile would decide: the same memory (time in state, backoff) and worker records.
+        from actfleet.infra.decide import Liveness, WorkRecord, with_history
+        from actfleet.infra.reconcile import load_memory
+
+        history = load_memory(cfg)[0]
+        liveness = None
+        if progress_result is not None:
+            liveness = Liveness({n: WorkRecord(wp.last_heartbeat, wp.state) for n, wp in progress_result.workers.items()
+                                 if wp.last_heartbeat is not None},
+                                judged=progress_result.prepared and not progress_result.complete)
+        elif snap.job_error is not None:
+            liveness = Liveness(judged=False, error=snap.job_error)
+        actions = decide(cfg.fleet.workers, with_history(view.observed, history, now), now, Policy.from_config(cfg),
+                         unreachable_zones=frozenset(view.unreachable), liveness=liveness, history=history)
         for a in actions:
             r = row(a.worker, a.zone)
             r["health"], r["reason"] = a.kind, a.reason

@@ -52,7 +52,7 @@ def _target(project: str, zone: str, qr_id: str, endpoint: str):
     _check_target(project, zone, qr_id)
     from actfleet.infra.tpu_api import TpuApi
 
-    api = TpuApi(project, endpoint, on_wait=_progress())
+    api = TpuApi(project, endpoint, on_wait=_progress(), on_note=lambda line: click.echo(f"actfleet: {line}", err=True))
     return api, api.qr_path(zone, qr_id)
 
 
@@ -76,6 +76,8 @@ def create_qr(project, zone, qr_id, endpoint, request_file, request_json):
     The request (the TPU v2 REST JSON body of a QueuedResource) comes from
     --request-file, --request-json ($ACTFLEET_TPU_REQUEST) or, with neither, stdin.
     It fails (exit 1) if the queued resource exists with a different request.
+    One of that name on its way out does not count: DELETING or SUSPENDING is
+    waited for, FAILED or SUSPENDED is deleted (confirmed) first.
     """
     api, path = _target(project, zone, qr_id, endpoint)
     if request_file is not None and request_json is not None:
@@ -103,7 +105,13 @@ def create_qr(project, zone, qr_id, endpoint, request_file, request_json):
 @click.option("--force/--no-force", default=True, show_default=True,
               help="Delete the queued resource's node with it (without, the API refuses while it has one).")
 def delete_qr(project, zone, qr_id, endpoint, force):
-    """Delete a queued resource and its node, waiting until they are gone; a no-op if already gone."""
+    """Delete a queued resource and its node; a no-op if already gone.
+
+    \b
+    Waits until a GET answers NOT_FOUND: one SUSPENDING is waited for first
+    (never force-deleted), one that stays FAILED or SUSPENDED after its delete
+    (a stuck delete) is deleted again.
+    """
     api, path = _target(project, zone, qr_id, endpoint)
     if api.delete_queued_resource(zone, qr_id, force=force):
         click.echo(f"deleted queued resource {path}" + (" and its node" if force else ""))

@@ -6,8 +6,15 @@ It models what actfleet depends on, and nothing else:
   their node (CREATING while provisioning, READY when ACTIVE) from the node spec, with its labels,
   metadata, service account and spot scheduling; a zone in stockout holds new QRs in
   WAITING_FOR_RESOURCES until the stockout ends;
-- preemption: node PREEMPTED and its queued resource SUSPENDED (initiator SERVICE);
+- preemption: node PREEMPTED and its queued resource SUSPENDING for `suspend_delay` seconds, then SUSPENDED
+  (initiator SERVICE);
 - delete (QR with `force`, or node) as long-running operations, optionally taking `delete_delay` seconds;
+  a delete can be made to get stuck (`stick_delete`: the operation succeeds but the queued resource stays
+  FAILED or SUSPENDED, so only a second delete removes it), as Google warns real ones do;
+- FAILED queued resources that explain themselves in `state.failedData.error` {code, message}, and zones
+  whose creates keep failing (`fail_creates`: refused with 403/400/429, or accepted and then FAILED);
+- node states set by hand (`set_node_state`: REPAIRING, TERMINATED, PREEMPTED, ...), and a node left out of
+  the next list answers while a GET still finds it (`hide_from_lists`);
 - list pagination (pageSize/pageToken, the server's own page size when none is asked), 404/409/400 the way
   the real API answers them, enums as integers when the client asks `$alt=json;enum-encoding=int`;
 - fault injection per zone / method / path regex: an HTTP status for the next N calls (or forever), or a
@@ -47,6 +54,7 @@ from urllib.parse import parse_qs, urlsplit
 from google.cloud.tpu_v2.types import cloud_tpu
 from google.longrunning import operations_pb2
 from google.protobuf import empty_pb2, json_format, timestamp_pb2
+from google.rpc import status_pb2
 
 QRState = cloud_tpu.QueuedResourceState.State
 Initiator = cloud_tpu.QueuedResourceState.StateInitiator
@@ -59,7 +67,13 @@ PATH_RE = re.compile(
 )
 
 # Queued-resource states that time alone never changes.
-_SETTLED = frozenset({QRState.ACTIVE, QRState.SUSPENDED, QRState.FAILED, QRState.SUSPENDING, QRState.DELETING})
+_SETTLED = frozenset({QRState.ACTIVE, QRState.SUSPENDED, QRState.FAILED, QRState.DELETING})
+
+# google.rpc.Code numbers by name, and the HTTP status the real API answers each with.
+RPC_CODES = {"INVALID_ARGUMENT": 3, "NOT_FOUND": 5, "ALREADY_EXISTS": 6, "PERMISSION_DENIED": 7,
+             "RESOURCE_EXHAUSTED": 8, "FAILED_PRECONDITION": 9, "INTERNAL": 13, "UNAVAILABLE": 14}
+RPC_HTTP = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "PERMISSION_DENIED": 403, "NOT_FOUND": 404,
+            "ALREADY_EXISTS": 409, "RESOURCE_EXHAUSTED": 429, "INTERNAL": 500, "UNAVAILABLE": 503}
 
 HTTP_STATUS_NAMES = {
     400: "INVALID_ARGUMENT", 403: "PERMISSION_DENIED", 404: "NOT_FOUND", 409: "ALREADY_EXISTS",
@@ -122,13 +136,19 @@ class _QR:
     project: str
     zone: str
     state: Any = None  # mirrors message.state.state: proto-plus reads are too slow for advance() at scale
+    fail_with: tuple[str, str] | None = None  # (code, message): FAILED instead of PROVISIONING when accepted
+    stuck_deletes: int = 0  # deletes still to be accepted without effect (the QR stays as it was)
 
     @property
     def id(self) -> str:
         return self.message.name.rsplit("/", 1)[1]
 
-    def set_state(self, state, now: float, initiator=Initiator.SERVICE) -> None:
+    def set_state(self, state, now: float, initiator=Initiator.SERVICE, error: tuple[str, str] | None = None) -> None:
         self.message.state = cloud_tpu.QueuedResourceState(state=state, state_initiator=initiator)
+        if state == QRState.FAILED and error is not None:
+            code, message = error
+            self.message.state.failed_data = cloud_tpu.QueuedResourceState.FailedData(
+                error=status_pb2.Status(code=RPC_CODES.get(code, 2), message=message))
         self.state = state
         self.state_since = now
 
@@ -149,6 +169,7 @@ class FakeSettings:
     accept_delay: float = 0.0  # ACCEPTED -> PROVISIONING (or WAITING_FOR_RESOURCES in a stockout)
     provision_delay: float = 0.0  # PROVISIONING -> ACTIVE
     delete_delay: float = 0.0  # how long a delete's operation runs before the resource is gone
+    suspend_delay: float = 0.0  # how long a preempted queued resource stays SUSPENDING before SUSPENDED
     page_size: int = 50  # the server's page size when the client asks none (or more)
     zones: tuple[str, ...] | None = None  # known zones; None = any zone exists
 
@@ -169,6 +190,9 @@ class FakeTpuState:
         self.ops: dict[str, _Op] = {}
         self.pending_ops: list[_Op] = []  # operations not done yet
         self.stockout: set[str] = set()
+        self.failing_creates: dict[str, tuple[str, str, str]] = {}  # zone -> (how, code, message)
+        self.hidden: dict[str, int] = {}  # node full name -> node lists still to leave it out of
+        self.qr_deletes: list[tuple[str, str]] = []  # (queued resource id, its state when a delete arrived)
         self.faults: list[Fault] = []
         self.log: list[Call] = []
         self.max_in_flight = 0  # the most answered at once: proves a client's calls overlap
@@ -187,7 +211,11 @@ class FakeTpuState:
             # A loop, because with zero delays a QR passes several states in one step.
             while True:
                 st, age = qr.state, now - qr.state_since
-                if st == QRState.ACCEPTED and age >= s.accept_delay:
+                if st == QRState.ACCEPTED and age >= s.accept_delay and qr.fail_with is not None:
+                    qr.set_state(QRState.FAILED, now, Initiator.SERVICE, qr.fail_with)
+                elif st == QRState.SUSPENDING and age >= s.suspend_delay:
+                    qr.set_state(QRState.SUSPENDED, now, Initiator.SERVICE)
+                elif st == QRState.ACCEPTED and age >= s.accept_delay:
                     if qr.zone in self.stockout:
                         qr.set_state(QRState.WAITING_FOR_RESOURCES, now)
                     else:
@@ -240,7 +268,9 @@ class FakeTpuState:
             items = [q.message for n, q in sorted(self.qrs.items()) if n.startswith(parent + "/")]
             kind = cloud_tpu.QueuedResource
         else:
-            items = [n for name, n in sorted(self.nodes.items()) if name.startswith(parent + "/")]
+            # A node can be left out of a listing while a GET still finds it (eventual consistency).
+            items = [n for name, n in sorted(self.nodes.items())
+                     if name.startswith(parent + "/") and not self.hidden.get(name)]
             kind = cloud_tpu.Node
         size = min(page_size, self.settings.page_size) if page_size > 0 else self.settings.page_size
         try:
@@ -251,6 +281,11 @@ class FakeTpuState:
         out = {collection: [_to_dict(kind, m, int_enums) for m in page]}
         if start + size < len(items):
             out["nextPageToken"] = str(start + size)
+        elif collection == "nodes":  # the listing is complete: one fewer to hide from
+            for name in [n for n in self.hidden if n.startswith(parent + "/")]:
+                self.hidden[name] -= 1
+                if self.hidden[name] <= 0:
+                    del self.hidden[name]
         return out
 
     def get(self, project: str, zone: str, collection: str, rid: str) -> tuple[type, Any]:
@@ -285,9 +320,14 @@ class FakeTpuState:
                 raise ApiError(400, "node_spec.node.accelerator_type and runtime_version are required")
             if f"{spec.parent}/nodes/{spec.node_id}" in self.nodes:
                 raise ApiError(409, f"Node '{spec.parent}/nodes/{spec.node_id}' already exists")
+        failing = self.failing_creates.get(zone)
+        if failing is not None and failing[0] == "refuse":
+            raise ApiError(RPC_HTTP.get(failing[1], 400), failing[2], failing[1])
         message.name = name
         message.create_time = _now_ts()
         qr = _QR(message=message, state_since=0, project=project, zone=zone)
+        if failing is not None:  # accepted, then FAILED explaining why (state.failed_data.error)
+            qr.fail_with = (failing[1], failing[2])
         qr.set_state(QRState.ACCEPTED, time.monotonic(), Initiator.USER)
         self.qrs[name] = qr
         self.advance()
@@ -299,9 +339,14 @@ class FakeTpuState:
         qr = self.qrs.get(name)
         if qr is None:
             raise ApiError(404, f"Resource '{name}' was not found")
+        self.qr_deletes.append((qr_id, qr.state.name))
         if self._nodes_of(qr) and not force:
             raise ApiError(400, f"Queued resource '{name}' has nodes; delete them first or pass force=true",
                            "FAILED_PRECONDITION")
+        if qr.stuck_deletes > 0 and qr.state in (QRState.FAILED, QRState.SUSPENDED):
+            # Accepted, and the operation even succeeds, but the queued resource stays where it was.
+            qr.stuck_deletes -= 1
+            return self._op(project, zone, empty_pb2.Empty(), name, "delete", self.settings.delete_delay)
         qr.set_state(QRState.DELETING, time.monotonic(), Initiator.USER)
 
         def finish():
@@ -358,7 +403,8 @@ class FakeTpuState:
     # -------------------------------------------------------------- test controls (no call log entry)
 
     def preempt(self, zone: str, qr_or_node_id: str) -> None:
-        """A spot preemption: the node goes PREEMPTED and its queued resource SUSPENDED."""
+        """A spot preemption: the node goes PREEMPTED and its queued resource SUSPENDING, then SUSPENDED
+        `suspend_delay` seconds later (at once with the default 0)."""
         nodes = [n for n in self.nodes.values() if _zone_of(n.name) == zone
                  and (n.name.endswith("/" + qr_or_node_id) or n.queued_resource.endswith("/" + qr_or_node_id))]
         if not nodes:
@@ -368,11 +414,51 @@ class FakeTpuState:
             node.state = NodeState.PREEMPTED
             node.health = cloud_tpu.Node.Health.HEALTH_UNSPECIFIED
             if node.queued_resource in self.qrs:
-                self.qrs[node.queued_resource].set_state(QRState.SUSPENDED, now, Initiator.SERVICE)
+                self.qrs[node.queued_resource].set_state(QRState.SUSPENDING, now, Initiator.SERVICE)
+        self.advance()
+
+    def _qr(self, zone: str, qr_id: str, project: str | None = None) -> _QR:
+        for qr in self.qrs.values():
+            if qr.zone == zone and qr.id == qr_id and (project is None or qr.project == project):
+                return qr
+        raise KeyError(f"no queued resource {qr_id!r} in zone {zone}")
+
+    def _node(self, zone: str, node_id: str, project: str | None = None) -> cloud_tpu.Node:
+        for name, node in self.nodes.items():
+            if _zone_of(name) == zone and name.endswith("/nodes/" + node_id) and \
+                    (project is None or name.startswith(f"projects/{project}/")):
+                return node
+        raise KeyError(f"no node {node_id!r} in zone {zone}")
+
+    def stick_delete(self, zone: str, qr_id: str, times: int = 1) -> None:
+        """The next `times` deletes of this FAILED or SUSPENDED queued resource are accepted and their
+        operations succeed, but it stays (Google's advice, recorded in axlearn: re-delete such ones)."""
+        self._qr(zone, qr_id).stuck_deletes = times
+
+    def set_node_state(self, zone: str, node_id: str, state: str) -> None:
+        """Put a node in any state (REPAIRING, TERMINATED, PREEMPTED, ...), its queued resource untouched."""
+        self._node(zone, node_id).state = NodeState[state]
+
+    def hide_from_lists(self, zone: str, node_id: str, lists: int = 1) -> None:
+        """Leave the node out of the next `lists` complete node listings of its zone; GET still finds it."""
+        self.hidden[self._node(zone, node_id).name] = lists
+
+    def fail_creates(self, zone: str, code: str | None = "PERMISSION_DENIED", message: str = "",
+                     how: str = "refuse") -> None:
+        """Make every create in `zone` fail until called with code=None: `how="refuse"` answers the POST
+        with the code's HTTP status (PERMISSION_DENIED 403, INVALID_ARGUMENT 400, RESOURCE_EXHAUSTED 429);
+        `how="fail"` accepts it and the queued resource turns FAILED with state.failedData.error."""
+        if code is None:
+            self.failing_creates.pop(zone, None)
+            return
+        if how not in ("refuse", "fail") or code not in RPC_CODES:
+            raise ValueError(f"fail_creates: how must be refuse|fail and code one of {', '.join(RPC_CODES)}")
+        self.failing_creates[zone] = (how, code, message or f"{code} (injected by the fake)")
 
     def create_qr_direct(self, zone: str, qr_id: str, *, project: str = "fake-project",
                          labels: dict | None = None, state: str = "ACTIVE",
-                         accelerator_type: str = "v5litepod-8", runtime_version: str = "v2-alpha-tpuv5-lite") -> None:
+                         accelerator_type: str = "v5litepod-8", runtime_version: str = "v2-alpha-tpuv5-lite",
+                         error: tuple[str, str] | list | None = None) -> None:
         """Plant a queued resource (and its node, unless the state precedes provisioning) behind
         everybody's back: an orphan, or a resource made outside Terraform."""
         parent = f"projects/{project}/locations/{zone}"
@@ -386,10 +472,11 @@ class FakeTpuState:
         )
         qr = _QR(message=message, state_since=0, project=project, zone=zone)
         target = QRState[state]
-        qr.set_state(target, time.monotonic(), Initiator.USER)
+        qr.set_state(target, time.monotonic(), Initiator.USER, tuple(error) if error else
+                     ("RESOURCE_EXHAUSTED", "There is no more capacity in the zone") if state == "FAILED" else None)
         self.qrs[message.name] = qr
         node_state = {QRState.ACTIVE: NodeState.READY, QRState.PROVISIONING: NodeState.CREATING,
-                      QRState.SUSPENDED: NodeState.PREEMPTED}.get(target)
+                      QRState.SUSPENDED: NodeState.PREEMPTED, QRState.SUSPENDING: NodeState.PREEMPTED}.get(target)
         if node_state is not None:
             self._make_node(qr, node_state)
             if node_state == NodeState.READY:
@@ -417,6 +504,8 @@ class FakeTpuState:
             "queuedResources": [_to_dict(cloud_tpu.QueuedResource, q.message, int_enums) for q in self.qrs.values()],
             "nodes": [_to_dict(cloud_tpu.Node, n, int_enums) for n in self.nodes.values()],
             "stockout": sorted(self.stockout),
+            "failingCreates": {z: list(v) for z, v in self.failing_creates.items()},
+            "hidden": dict(self.hidden),
             "faults": [asdict(f) for f in self.faults],
             "settings": {**asdict(self.settings), "zones": list(self.settings.zones or []) or None},
             "maxInFlight": self.max_in_flight,
@@ -584,6 +673,26 @@ class FakeTpuServer:
             self.state.advance()
             self.state.preempt(zone, qr_or_node_id)
 
+    def stick_delete(self, zone: str, qr_id: str, times: int = 1) -> None:
+        with self.state.lock:
+            self.state.advance()
+            self.state.stick_delete(zone, qr_id, times)
+
+    def set_node_state(self, zone: str, node_id: str, state: str) -> None:
+        with self.state.lock:
+            self.state.advance()
+            self.state.set_node_state(zone, node_id, state)
+
+    def hide_from_lists(self, zone: str, node_id: str, lists: int = 1) -> None:
+        with self.state.lock:
+            self.state.hide_from_lists(zone, node_id, lists)
+
+    def fail_creates(self, zone: str, code: str | None = "PERMISSION_DENIED", message: str = "",
+                     how: str = "refuse") -> None:
+        with self.state.lock:
+            self.state.advance()
+            self.state.fail_creates(zone, code, message, how)
+
     def set_stockout(self, zone: str, on: bool = True) -> None:
         with self.state.lock:
             self.state.advance()
@@ -628,6 +737,11 @@ class FakeTpuServer:
                 and (zone is None or c.zone == zone)
                 and (path is None or re.search(path, c.path))
                 and (status is None or c.status == status)]
+
+    def qr_deletes(self) -> list[tuple[str, str]]:
+        """(queued resource id, its state when the delete arrived) for every delete answered so far."""
+        with self.state.lock:
+            return list(self.state.qr_deletes)
 
     def reset(self) -> None:
         """Forget every resource, operation, fault, stockout and call; keep the settings."""
@@ -682,6 +796,15 @@ class FakeTpuServer:
                 self.set_stockout(args["zone"], bool(args.get("on", True)))
             elif name == "fail":
                 self.fail(**{k: args[k] for k in ("zone", "status", "count", "method", "path", "delay") if k in args})
+            elif name == "stick-delete":
+                self.stick_delete(args["zone"], args["id"], int(args.get("times", 1)))
+            elif name == "node-state":
+                self.set_node_state(args["zone"], args["id"], args["state"])
+            elif name == "hide":
+                self.hide_from_lists(args["zone"], args["id"], int(args.get("lists", 1)))
+            elif name == "fail-creates":
+                self.fail_creates(args["zone"], args.get("code", "PERMISSION_DENIED"), args.get("message", ""),
+                                  args.get("how", "refuse"))
             elif name == "clear-faults":
                 self.clear_faults()
             elif name == "reset":
@@ -752,11 +875,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--accept-delay", type=float, default=0.0, help="seconds a QR stays ACCEPTED")
     p.add_argument("--provision-delay", type=float, default=0.0, help="seconds a QR stays PROVISIONING")
     p.add_argument("--delete-delay", type=float, default=0.0, help="seconds a delete operation runs")
+    p.add_argument("--suspend-delay", type=float, default=0.0, help="seconds a preempted QR stays SUSPENDING")
     p.add_argument("--page-size", type=int, default=50, help="the server's largest page")
     p.add_argument("--zones", default="", help="comma-separated known zones (default: any zone exists)")
     a = p.parse_args(argv)
     fake = FakeTpuServer.start(a.host, a.port, accept_delay=a.accept_delay, provision_delay=a.provision_delay,
-                               delete_delay=a.delete_delay, page_size=a.page_size,
+                               delete_delay=a.delete_delay, suspend_delay=a.suspend_delay, page_size=a.page_size,
                                zones=tuple(z for z in a.zones.split(",") if z) or None)
     print(fake.url, flush=True)
     try:

@@ -159,15 +159,31 @@ def prepare(config_path, store_url, job, model, revision, input_path, fmt, text_
 @click.command()
 @target_options
 @click.option("--worker-id", help="This worker's name in leases and status (default: host-pid; bootstrap passes "
-                                   "the node name).")
+                                   "the node name, which every host of a multi-host slice shares).")
 @click.option("--lease-seconds", type=click.IntRange(min=1), help="Lease length; renewed every third of it.")
 @click.option("--drain-seconds", type=float, default=25.0, show_default=True,
               help="After SIGTERM, how long the current unit may still take before it is abandoned.")
 @click.option("--queue-depth", type=click.IntRange(min=1), default=2, show_default=True,
               help="Batches and shards buffered between compute, serialization and upload.")
+@click.option("--coordinator", envvar="ACTFLEET_COORDINATOR",
+              help="Multi-host slice: HOST:PORT of process 0 (with --num-processes and --process-id; on a Cloud "
+                   "TPU VM all three come from the instance metadata).")
+@click.option("--num-processes", type=click.IntRange(min=1), envvar="ACTFLEET_NUM_PROCESSES",
+              help="Multi-host slice: hosts in the slice (1: a single-host worker, no metadata lookup).")
+@click.option("--process-id", type=click.IntRange(min=0), envvar="ACTFLEET_PROCESS_ID",
+              help="Multi-host slice: this host's index; 0 holds the lease and writes the shards.")
+@click.option("--heartbeat-seconds", type=click.IntRange(min=1), default=100, show_default=True,
+              envvar="ACTFLEET_HEARTBEAT_SECONDS",
+              help="Multi-host slice: a host silent this long ends every process of the slice (jax.distributed).")
+@click.option("--stall-seconds", type=click.FloatRange(min=0.1), default=600.0, show_default=True,
+              envvar="ACTFLEET_STALL_SECONDS",
+              help="Multi-host slice: an engine step (compilation included) running this long ends the leader "
+                   "(exit 75); its lease is not renewed meanwhile.")
 @json_option
-def work(config_path, store_url, job, worker_id, lease_seconds, drain_seconds, queue_depth, as_json):
+def work(config_path, store_url, job, worker_id, lease_seconds, drain_seconds, queue_depth, coordinator,
+         num_processes, process_id, heartbeat_seconds, stall_seconds, as_json):
     """Claim units, extract, commit, until every unit of the job is done (exit 0)."""
+    from actfleet.worker import multihost
     from actfleet.worker.work_loop import Worker, install_sigterm
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -176,30 +192,72 @@ def work(config_path, store_url, job, worker_id, lease_seconds, drain_seconds, q
     spec = q.read_job(t.store, t.job)
     worker_id = q.check_worker_id(worker_id) if worker_id else q.default_worker_id()
     lease = lease_seconds or (t.config.lease_seconds if t.config else DEFAULT_LEASE_SECONDS)
+    role = multihost.detect(coordinator, num_processes, process_id)
     start = time.monotonic()
-    if q.job_complete(t.store, t.job):  # nothing to do: do not pay for loading the model
-        if as_json:
-            click.echo(json.dumps({"worker": worker_id, "job": t.job, "units_committed": 0, "units_abandoned": 0,
-                                   "tokens": 0, "stopped_by_signal": False, "job_complete": True, "seconds": 0.0}))
-        else:
-            click.echo(f"worker {worker_id}: job {t.job} is already complete")
-        return
 
     def on_event(kind: str, info: dict) -> None:
         # One line per event on stderr: the journal (and Cloud Logging) on a TPU VM, the chaos test here.
         click.echo(f"{kind} {json.dumps(info)}", err=True)
 
-    w = Worker(t.store, spec, EngineExtractor(spec), worker_id, lease_seconds=lease, queue_depth=queue_depth,
-               drain_seconds=drain_seconds, on_event=on_event)
+    def report(out: dict, sentence: str) -> None:
+        click.echo(json.dumps({"worker": worker_id, "job": t.job, **out,
+                               "seconds": round(time.monotonic() - start, 3)}) if as_json else sentence)
+
+    channel = None
+    if role is not None:
+        multihost.initialize(role, heartbeat_seconds=heartbeat_seconds)
+        channel = multihost.Channel()
+        if not role.leader:
+            _follow(channel, spec, role, on_event, report)
+            return
+    # A single host, or the leader of a slice (which decides for its followers).
+    if q.job_complete(t.store, t.job):  # nothing to do: do not pay for loading the model
+        if channel is not None:
+            channel.send("stop", job_complete=True)
+        report({"units_committed": 0, "units_abandoned": 0, "tokens": 0, "stopped_by_signal": False,
+                "job_complete": True}, f"worker {worker_id}: job {t.job} is already complete")
+        return
+    if channel is not None:
+        channel.send("start")
+    extractor = EngineExtractor(spec)
+    healthy = lambda: True  # noqa: E731
+    if role is not None:
+        progress = multihost.Progress(stall_seconds)
+        multihost.start_watchdog(progress)
+        extractor, healthy = multihost.LeaderExtractor(extractor, channel, progress, spec.unit_rows), progress.healthy
+    w = Worker(t.store, spec, extractor, worker_id, lease_seconds=lease, queue_depth=queue_depth,
+               drain_seconds=drain_seconds, on_event=on_event, healthy=healthy)
     install_sigterm(w)
     result = w.run()
-    secs = time.monotonic() - start
-    if as_json:
-        click.echo(json.dumps({"worker": worker_id, "job": t.job, **result.__dict__, "seconds": round(secs, 3)}))
-    else:
-        how = "stopped by signal" if result.stopped_by_signal else "job complete"
-        click.echo(f"worker {worker_id}: {how}: {result.units_committed} units committed, "
-                   f"{result.units_abandoned} abandoned, {result.tokens} tokens in {secs:.1f}s")
+    if channel is not None:
+        channel.send("stop", job_complete=result.job_complete)
+    how = "stopped by signal" if result.stopped_by_signal else "job complete"
+    report({**result.__dict__, **({"processes": role.num_processes} if role else {})},
+           f"worker {worker_id}: {how}: {result.units_committed} units committed, {result.units_abandoned} "
+           f"abandoned, {result.tokens} tokens in {time.monotonic() - start:.1f}s")
+
+
+def _follow(channel, spec: q.JobSpec, role, on_event, report) -> None:
+    """A follower host of a slice: compute what the leader computes; hold no lease, write nothing."""
+    import signal
+
+    from actfleet.worker import multihost
+
+    first = channel.recv()
+    if first["kind"] == "stop":  # the job was complete before the model was loaded
+        report({"process_id": role.process_id, "units_followed": 0, "job_complete": True},
+               f"process {role.process_id}: job {spec.job} is already complete")
+        return
+    extractor = EngineExtractor(spec)
+    q.check_input(spec, extractor.fingerprint())  # the same refusal as the leader's, on this host's own copy
+    q.check_model(spec, extractor.model_sha256())
+    # SIGTERM (spot notice, systemd stop): the leader drains and says stop; a follower must not leave first.
+    signal.signal(signal.SIGTERM, lambda signum, frame: on_event("sigterm-following-leader", {}))
+    r = multihost.follow(channel, extractor, on_event)
+    report({"process_id": role.process_id, "units_followed": r.units, "steps": r.steps, "aborted": r.aborted,
+            "job_complete": r.job_complete},
+           f"process {role.process_id}: followed {r.units} units ({r.aborted} aborted)"
+           + (": job complete" if r.job_complete else ""))
 
 
 # ----------------------------------------------------------------------------------------------------

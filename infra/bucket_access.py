@@ -1,0 +1,96 @@
+"""What the workers' service account may do in the activations bucket (docs/infrastructure.md, "Permissions").
+
+Least privilege with IAM conditions on bucket-level bindings (the bucket has uniform bucket-level access, which
+conditions require):
+
+- write (roles/storage.objectUser: objects, no IAM) only under the job prefix `{store prefix}/{job}/`;
+- read (roles/storage.objectViewer) only the fleet config object and the job's dataset and model, where they
+  are in this bucket;
+- list object names in the bucket. `storage.objects.list` is checked against the bucket, not against an object,
+  so a condition on `resource.name.startsWith(".../objects/PREFIX")` never matches a list call and would deny
+  every listing; the list grant is therefore its own binding, conditioned on `resource.type` being the bucket.
+  Objects are never of that type, so it grants no reads: a worker sees names, not content, outside its prefixes.
+
+A compromised worker can thus neither rewrite the fleet.toml that every worker fetches at boot nor touch another
+job's shards. Pure functions (no cdktf), so they are tested without a synth; infra/stacks.py renders them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from actfleet.config import Config
+from actfleet.errors import ConfigError
+from actfleet.infra.startup_script import config_object_name
+from actfleet.store import join
+
+LIST_ROLE = "roles/storage.objectViewer"
+READ_ROLE = "roles/storage.objectViewer"
+WRITE_ROLE = "roles/storage.objectUser"
+BUCKET_TYPE = "storage.googleapis.com/Bucket"
+
+
+@dataclass(frozen=True)
+class Grant:
+    name: str          # the construct id suffix: worker-<name>
+    role: str
+    title: str
+    description: str
+    expression: str
+
+
+def _in_bucket(url: str, bucket: str) -> str | None:
+    """The object name (or prefix) of a gs:// URL in `bucket`; None for another bucket or a non-gs URL."""
+    if not url.startswith("gs://"):
+        return None
+    found, _, name = url[len("gs://"):].partition("/")
+    return name.strip("/") if found == bucket else None
+
+
+def object_prefix_condition(bucket: str, prefixes: list[str]) -> str:
+    # resource.name of an object is projects/_/buckets/B/objects/NAME; JSON strings are valid CEL literals.
+    return " || ".join(f"resource.name.startsWith({json.dumps(f'projects/_/buckets/{bucket}/objects/{p}')})"
+                       for p in prefixes)
+
+
+def job_prefix(config: Config) -> str | None:
+    """The object prefix the job's records and shards live under, with its trailing "/" (None: not here)."""
+    store = _in_bucket(config.job.store, config.storage.bucket)
+    return None if store is None else join(store, config.job.name) + "/"
+
+
+def read_prefixes(config: Config) -> list[str]:
+    """Object names (or name prefixes) workers read besides their job: the config, the dataset, the model."""
+    bucket = config.storage.bucket
+    out = [config_object_name(config)]
+    data = _in_bucket(config.job.input, bucket)
+    if data:
+        out.append(data)
+    model = _in_bucket(config.job.options.model, bucket)
+    if model:
+        out.append(model + "/")  # a directory of model files: never a sibling that merely starts alike
+    return out
+
+
+def worker_grants(config: Config) -> list[Grant]:
+    bucket, config_name = config.storage.bucket, config_object_name(config)
+    write = job_prefix(config)
+    if write is not None and (config_name.startswith(write) or write.startswith(config_name)):
+        raise ConfigError(f"job.name = {config.job.name!r} with job.store = {config.job.store!r}: the workers' "
+                          f"writable prefix gs://{bucket}/{write} would hold the fleet config "
+                          f"gs://{bucket}/{config_name}; choose another job name or store prefix")
+    grants = [
+        Grant("list", LIST_ROLE, "list object names",
+              "storage.objects.list is checked on the bucket, never on an object name; objects are never of "
+              "this type, so this grants no reads",
+              f'resource.type == "{BUCKET_TYPE}"'),
+        Grant("read", READ_ROLE, "read the config and the job inputs",
+              "the fleet config, the dataset and the model files; nothing else is readable outside the job prefix",
+              object_prefix_condition(bucket, read_prefixes(config))),
+    ]
+    if write is not None:
+        grants.append(Grant("write", WRITE_ROLE, "write the job prefix",
+                            f"leases, worker records and shards of job {config.job.name!r} only",
+                            object_prefix_condition(bucket, [write])))
+    return grants
