@@ -1,9 +1,10 @@
 """The activation shard format (docs/extractor.md, "Shards"): safetensors, one row per stored token.
 
-A shard holds `sample_ids` int64 [N], `token_ids` int32 [N], `positions` int32 [N] and one [N, d] tensor per
-capture site (bfloat16 or float32), plus string metadata: format and version, model, revision, job, unit,
-part, sites, dtype, tokens, whether the weights were random, and what made the rows (`job_metadata`: the
-positions policy, the context-window options, max_seq, d_model, compute and store dtype, the model's
+A shard holds `sample_ids` int64 [N], `token_ids` int32 [N], `positions` int32 [N] (with context windows also
+`source_rows` int64 [N] and `source_positions` int32 [N]: each token's input row and position in it) and one
+[N, d] tensor per capture site (bfloat16 or float32), plus string metadata: format and version, model, revision,
+job, unit, part, sites, dtype, tokens, whether the weights were random, and what made the rows (`job_metadata`:
+the positions policy, the context-window options, max_seq, d_model, compute and store dtype, the model's
 resolved revision and the sha256 of its weights and of its tokenizer). No pickle, no compression.
 
 safetensors' own numpy binding cannot write bfloat16, so the format (8-byte little-endian header length,
@@ -28,6 +29,7 @@ import numpy as np
 FORMAT = "actfleet-activations"
 FORMAT_VERSION = "1"
 INDEX_TENSORS = ("sample_ids", "token_ids", "positions")
+SOURCE_TENSORS = ("source_rows", "source_positions")  # context windows only (actfleet.worker.engine)
 
 _DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -219,14 +221,25 @@ def job_metadata(options, *, max_seq: int, d_model: int, model_files: dict[str, 
     }
 
 
+def shard_rows(blob, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input row of each token, sample_ids, positions): the rows are `source_rows` where samples are context
+    windows, else the sample ids. Raises ShardFormatError like shard_index."""
+    ids, positions = shard_index(blob, what)
+    tensors, _ = read_tensors(blob, ("source_rows",))
+    return tensors.get("source_rows", ids), ids, positions
+
+
 def shard_bytes(*, sample_ids, token_ids, positions, acts: dict[str, np.ndarray], sites, store_dtype: str,
                 model: str, revision: str, job: str, unit: int, part: int, random_weights: bool,
-                extra_metadata: dict[str, str] | None = None) -> bytes:
+                source_rows=None, source_positions=None, extra_metadata: dict[str, str] | None = None) -> bytes:
     """One shard's bytes: the index tensors, then one tensor per site in `sites` order, cast to store_dtype.
     `extra_metadata` (job_metadata's strings) joins the metadata; it cannot replace the keys set here."""
     dtype = STORE_DTYPES[store_dtype]
     tensors = {"sample_ids": np.asarray(sample_ids, np.int64), "token_ids": np.asarray(token_ids, np.int32),
                "positions": np.asarray(positions, np.int32)}
+    if source_rows is not None:
+        tensors["source_rows"] = np.asarray(source_rows, np.int64)
+        tensors["source_positions"] = np.asarray(source_positions, np.int32)
     for site in sites:
         tensors[site] = np.asarray(acts[site]).astype(dtype, copy=False)
     metadata = {**(extra_metadata or {}),
@@ -244,6 +257,8 @@ class _Pending:
     positions: list
     acts: dict
     rows: int = 0
+    source_rows: list | None = None  # context windows: lists like the others
+    source_positions: list | None = None
 
 
 class ShardWriter:
@@ -274,12 +289,16 @@ class ShardWriter:
         if n == 0:
             return
         if self.rows_per_shard is None:
-            row = 16 + sum(batch.acts[s].shape[1] * STORE_DTYPES[self.store_dtype].itemsize for s in self.sites)
+            index = 16 + (12 if getattr(batch, "source_rows", None) is not None else 0)
+            row = index + sum(batch.acts[s].shape[1] * STORE_DTYPES[self.store_dtype].itemsize for s in self.sites)
             self.rows_per_shard = max(1, self.shard_bytes_target // row)
         p = self._pending
         p.sample_ids.append(batch.sample_ids)
         p.token_ids.append(batch.token_ids)
         p.positions.append(batch.positions)
+        if getattr(batch, "source_rows", None) is not None:
+            p.source_rows = (p.source_rows or []) + [batch.source_rows]
+            p.source_positions = (p.source_positions or []) + [batch.source_positions]
         for s in self.sites:
             p.acts[s].append(batch.acts[s])
         p.rows += n
@@ -293,14 +312,17 @@ class ShardWriter:
 
     def _emit(self, rows: int) -> None:
         p = self._pending
-        cat = {k: np.concatenate(getattr(p, k)) for k in INDEX_TENSORS}
+        keys = INDEX_TENSORS + (SOURCE_TENSORS if p.source_rows is not None else ())
+        cat = {k: np.concatenate(getattr(p, k)) for k in keys}
         acts = {s: np.concatenate(p.acts[s]) for s in self.sites}
+        source = {k: cat[k][:rows] for k in SOURCE_TENSORS if k in cat}
         blob = shard_bytes(sample_ids=cat["sample_ids"][:rows], token_ids=cat["token_ids"][:rows],
                            positions=cat["positions"][:rows], acts={s: a[:rows] for s, a in acts.items()},
-                           sites=self.sites, store_dtype=self.store_dtype, part=self.part, **self.meta)
+                           sites=self.sites, store_dtype=self.store_dtype, part=self.part, **source, **self.meta)
         rest = p.rows - rows
         self._pending = _Pending([cat["sample_ids"][rows:]], [cat["token_ids"][rows:]], [cat["positions"][rows:]],
-                                 {s: [a[rows:]] for s, a in acts.items()}, rest)
+                                 {s: [a[rows:]] for s, a in acts.items()}, rest,
+                                 *([[cat[k][rows:]] for k in SOURCE_TENSORS] if source else []))
         shard = Shard(self.meta["unit"], self.part, blob, rows)
         self.part += 1
         if self.on_shard is not None:
