@@ -49,9 +49,9 @@ $(VENV)/.cloud: pyproject.toml $(VENV)/.base
 	$(PY) -m pip install -q -e '.[cloud]'
 	touch $@
 
-# Everything the tests need: the cloud pins and the test tools.
+# Everything the tests need: the cloud pins, the test tools and SAELens (a real consumer of exports).
 $(VENV)/.full: pyproject.toml $(VENV)/.cloud
-	$(PY) -m pip install -q -e '.[cloud,test]'
+	$(PY) -m pip install -q -e '.[cloud,test,saelens]'
 	touch $@
 
 node_modules/.installed: package.json package-lock.json | prereqs-cloud

@@ -27,6 +27,7 @@ extract    actfleet.worker.commands.extract:extract   Extract activations from a
 prepare    actfleet.worker.commands.jobs:prepare      Split a dataset into work units in the store.
 work       actfleet.worker.commands.jobs:work         Claim units, extract, commit, until the job is done.
 verify     actfleet.worker.commands.jobs:verify       Prove a job's output is complete and exactly-once.
+export     actfleet.worker.commands.export:export     Write shards in a trainer's format (SAELens).
 
 local      actfleet.demo.command:local                Run the whole system on this machine (the demo).
 """

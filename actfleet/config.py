@@ -23,7 +23,7 @@ from actfleet import accelerators
 from actfleet import sites as site_names
 from actfleet.errors import ConfigError
 from actfleet.job_options import (DEFAULT_LEASE_SECONDS, DEFAULT_UNIT_ROWS, DEFAULTS, DTYPES, FORMATS, KEYS,
-                                  LONG_INPUTS, POSITIONS, JobOptions)
+                                  LONG_INPUTS, POSITIONS, SEPARATORS, JobOptions)
 
 CONFIG_ENV = "ACTFLEET_CONFIG"
 TPU_ENDPOINT_ENV = "ACTFLEET_TPU_ENDPOINT"
@@ -313,10 +313,20 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "store": Key(_store_url, ""),
         "model": Key(_string(r"\S+", "a local path, gs://bucket/prefix or hub id")),
         "revision": Key(_string(r"[A-Za-z0-9._/-]+", "a hub revision"), DEFAULTS.revision),
-        "input": Key(_string(r"\S+", "a dataset file path or gs:// URL")),
+        "input": Key(_string(r"\S+", "a dataset file, directory, glob, gs:// URL or hub dataset id")),
+        "split": Key(_string(r"[A-Za-z0-9_.-]+", "a split name"), DEFAULTS.split),
+        "subset": Key(_string(r"[A-Za-z0-9_.-]+", "a subset (config) name", empty_ok=True), DEFAULTS.subset),
+        "dataset_revision": Key(_string(r"[A-Za-z0-9._/-]+", "a hub revision"), DEFAULTS.dataset_revision),
+        "max_rows": Key(_int(0), DEFAULTS.max_rows),
+        "max_tokens": Key(_int(0), DEFAULTS.max_tokens),
         "format": Key(_choice(*FORMATS), DEFAULTS.format),
         "text_field": Key(_string(r"\S+", "a field name"), DEFAULTS.text_field),
         "messages_field": Key(_string(r"\S+", "a field name"), DEFAULTS.messages_field),
+        "tokens_field": Key(_string(r"\S+", "a field name", empty_ok=True), DEFAULTS.tokens_field),
+        "context_size": Key(_int(0, 1 << 20), DEFAULTS.context_size),
+        "separator": Key(_choice(*SEPARATORS), DEFAULTS.separator),
+        "prepend_bos": Key(_bool, DEFAULTS.prepend_bos),
+        "concat": Key(_bool, DEFAULTS.concat),
         "arc_augmentations": Key(_int(0, 64), DEFAULTS.arc_augmentations),
         "arc_seed": Key(_int(0), DEFAULTS.arc_seed),
         "sites": Key(_sites, ["resid_post"]),  # kinds (with layers) or names; expanded into JobOptions.sites

@@ -90,6 +90,12 @@ class Store:
         """(data, generation); NotFound if absent."""
         raise NotImplementedError
 
+    def read_range(self, key: str, start: int, end: int, generation: int | None = None) -> tuple[bytes, int]:
+        """(bytes start..end-1, generation): a ranged read, so a reader fetches only the tensors it wants.
+        With `generation`, PreconditionFailed if the object is no longer at it (a reader that took offsets
+        from one version's header never reads another version's bytes). NotFound if absent."""
+        raise NotImplementedError
+
     def generation(self, key: str) -> int | None:
         """The current generation, or None if absent."""
         raise NotImplementedError
@@ -227,6 +233,17 @@ class LocalStore(Store):
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise NotFound(f"{self.url}/{key}: not found") from None
 
+    def read_range(self, key: str, start: int, end: int, generation: int | None = None) -> tuple[bytes, int]:
+        try:
+            with open(self._path(key), "rb") as f:
+                gen = os.fstat(f.fileno()).st_mtime_ns
+                if generation is not None and gen != generation:
+                    raise PreconditionFailed(f"{self.url}/{key}: at generation {gen}, expected {generation}")
+                f.seek(start)
+                return f.read(max(0, end - start)), gen
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NotFound(f"{self.url}/{key}: not found") from None
+
     def generation(self, key: str) -> int | None:
         p = self._path(key)
         return self._gen_of(p) if p.is_file() else None
@@ -355,6 +372,24 @@ class GcsStore(Store):
             return self._blob(key).download_as_bytes(if_generation_match=generation, retry=_gcs_retry())
         except (gexc.NotFound, gexc.PreconditionFailed):
             raise PreconditionFailed(f"{self.url}/{key}: changed while reading") from None
+
+    def read_range(self, key: str, start: int, end: int, generation: int | None = None) -> tuple[bytes, int]:
+        from google.api_core import exceptions as gexc
+
+        if end <= start:
+            return b"", int(generation or 0)
+        blob = self._blob(key)
+        try:  # `end` is inclusive in google-cloud-storage (an HTTP Range header)
+            data = blob.download_as_bytes(start=start, end=end - 1, if_generation_match=generation,
+                                          retry=_gcs_retry())
+        except gexc.NotFound:
+            raise NotFound(f"{self.url}/{key}: not found") from None
+        except gexc.PreconditionFailed:
+            raise PreconditionFailed(f"{self.url}/{key}: not at generation {generation}") from None
+        gen = blob.generation if blob.generation is not None else generation
+        if gen is None:  # a server that does not send x-goog-generation
+            gen = self.generation(key)
+        return data, int(gen or 0)
 
     def generation(self, key: str) -> int | None:
         blob = self.bucket.get_blob(self._name(key), retry=_gcs_retry())

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -67,7 +68,15 @@ def timed_run(cmd: list[str], env: dict) -> tuple[float, float, str]:
         err.seek(0)
         if proc.returncode:
             sys.exit(f"{' '.join(cmd[:4])}... failed ({proc.returncode}):\n{err.read().decode()[-3000:]}")
-        return secs, usage.ru_utime + usage.ru_stime, out.read().decode()
+        compiled = re.search(r"compilation: (\d+) programs compiled, (\d+) loaded from the cache.*, ([\d.]+) s",
+                             err.read().decode())
+        stdout = out.read().decode()
+        if compiled:  # actfleet's stderr line: carry it in the summary we print from
+            summary = json.loads(stdout.strip().splitlines()[-1])
+            summary["compile"] = {"compiled": int(compiled[1]), "cache_hits": int(compiled[2]),
+                                  "compile_seconds": float(compiled[3])}
+            stdout = json.dumps(summary)
+        return secs, usage.ru_utime + usage.ru_stime, stdout
 
 
 def main() -> None:

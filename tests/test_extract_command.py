@@ -76,9 +76,14 @@ def test_extract_writes_shards_summary_and_engine_bits(tmp_path, model, dataset)
     for site in summary["sites"]:
         assert np.concatenate([b.acts[site] for b in want])[order].tobytes() == got[site].tobytes()
 
-    # Re-running refuses to mix with old shards; --overwrite reproduces them bit for bit.
+    # Re-running with other options refuses to mix with the shards there; the same options resume (nothing
+    # left to do: the same summary); --overwrite reproduces them bit for bit.
+    again = actfleet(*args, "--positions", "all", cwd=tmp_path)
+    assert again.returncode == 2 and "options.positions" in again.stderr and "--overwrite" in again.stderr
     again = actfleet(*args, cwd=tmp_path)
-    assert again.returncode == 2 and "already holds shards" in again.stderr
+    assert again.returncode == 0, again.stderr
+    assert {k: v for k, v in json.loads(again.stdout).items() if k != "seconds"} == \
+        {k: v for k, v in summary.items() if k != "seconds"}
     again = actfleet(*args, "--overwrite", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert [s["sha256"] for s in json.loads(again.stdout)["shards"]] == [s["sha256"] for s in summary["shards"]]
@@ -116,3 +121,77 @@ def test_broken_model_dir_is_one_line_exit_2(tmp_path, dataset, damage, message)
 def test_missing_dataset_is_exit_2(tmp_path, model):
     r = actfleet("extract", "--model", str(model), "--input", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "no such dataset file" in r.stderr
+
+
+def test_a_text_field_no_row_has_is_exit_2_naming_the_fields(tmp_path, model, dataset):
+    r = actfleet("extract", "--model", str(model), "--input", str(dataset), "--out", str(tmp_path / "o"),
+                 "--text-field", "body", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"actfleet: --text-field body: no row of {dataset} has field 'body'; its rows have 'text'"], r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flag", ["--max-seq", "--context-size"])
+def test_lengths_above_the_model_context_are_exit_2(tmp_path, model, dataset, flag):
+    r = actfleet("extract", "--model", str(model), "--input", str(dataset), "--out", str(tmp_path / "o"),
+                 flag, "65", cwd=tmp_path)
+    assert r.returncode == 2 and f"{flag} 65: longer than the model's context (64 tokens)" in r.stderr, r.stderr
+
+
+def test_help_explains_positions_and_shard_size_in_mib():
+    for command in ("extract", "prepare"):
+        text = " ".join(actfleet(command, "--help").stdout.split())
+        assert "non-special (all but BOS/EOS/pad" in text and "last (the final token only)" in text, command
+        assert "Approximate shard size in MiB (2**20 bytes)" in text, command
+
+
+@pytest.mark.slow
+def test_ctrl_c_then_rerun_resumes_from_committed_units(tmp_path, model):
+    import signal
+    import time
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"row {i} " + "word " * (i % 5)}) + "\n" for i in range(60)))
+    args = ["extract", "--model", str(model), "--input", str(data), "--layers", "1", "--unit-rows", "1",
+            "--shard-mb", "0.001", "--store-dtype", "float32"]
+    whole = actfleet(*args, "--out", str(tmp_path / "whole"), "--json", cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "out"
+    env = dict(os.environ, ACTFLEET_JAX_CACHE=str(tmp_path / "jaxcache"))
+    p = subprocess.Popen([sys.executable, "-c", "from actfleet.cli import main; main()", *args, "--out", str(out)],
+                         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (out / ".extract" / "unit-000003.json").exists():  # a few units in, then Ctrl-C
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert not (out / "summary.json").exists()
+    kept = len(list((out / ".extract").glob("unit-*.json")))
+    assert 4 <= kept < 60  # cut short, with some units committed
+    again = actfleet(*args, "--out", str(out), cwd=tmp_path)  # no --overwrite: it continues
+    assert again.returncode == 0, again.stderr
+    assert "ETA" in again.stderr and "rows/s" in again.stderr and "tok/s computed" in again.stderr
+    summary, want = json.loads((out / "summary.json").read_text()), json.loads(whole.stdout)
+    assert summary["rows"] == 60 and summary["shards"] == want["shards"]  # same names, bytes and sha256
+    assert sorted(f.name for f in out.glob("*.safetensors")) == [s["name"] for s in want["shards"]]
+
+
+@pytest.mark.slow
+def test_max_rows_and_max_tokens_make_test_size_runs(tmp_path, model, dataset):
+    base = ["extract", "--model", str(model), "--input", str(dataset), "--layers", "1", "--max-seq", "40",
+            "--unit-rows", "2", "--json"]
+    r = actfleet(*base, "--out", str(tmp_path / "rows"), "--max-rows", "9", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["rows"] == 9 and s["rows_stored"] == 7  # rows 0-8: bad JSON (3) and empty (8) skipped
+    assert s["skipped_samples"] == {"bad JSON": [3], "empty text": [8]}
+    assert {x["name"][:6] for x in s["shards"]} == {f"{u:06d}" for u in range(4)}  # unit 4 is row 8 alone
+    # --max-tokens 1: the first unit stores tokens, so the run stops after it
+    r = actfleet(*base, "--out", str(tmp_path / "tokens"), "--max-tokens", "1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["stopped_at_max_tokens"] and s["rows"] == 2 and s["stored_tokens"] >= 1
+    assert {x["name"][:6] for x in s["shards"]} == {"000000"}

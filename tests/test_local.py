@@ -330,3 +330,30 @@ def test_workers_that_cannot_start_end_the_run_with_their_error_instead_of_resta
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("actfleet: ") and "local-" in last and str(out / "logs") in last, stderr[-3000:]
     assert not processes_mentioning(str(out))
+
+
+def test_the_printed_load_command_runs_without_the_venv_on_path(tmp_path):
+    # A user's shell: PATH without this venv, so `python` is the system's (or absent), which has no actfleet.
+    # The command `local` prints names its interpreter by full path, so it still loads the shards.
+    import numpy as np
+
+    from actfleet.demo.command import _snippet, load_command
+    from actfleet.worker.shards import ShardWriter
+
+    class B:
+        sample_ids, token_ids, positions = np.array([0, 0], np.int64), np.array([5, 6], np.int32), np.arange(2, dtype=np.int32)
+        acts = {"blocks.0.hook_resid_post": np.ones((2, 4), np.float32)}
+
+    w = ShardWriter(shard_mb=1, model="m", revision="r", job="j", unit=0, sites=list(B.acts), store_dtype="float32")
+    w.add(B)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s in w.close():
+        (shards / s.name).write_bytes(s.data)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    bare = subprocess.run(["bash", "-c", f"python3 -c {json.dumps(_snippet(shards))}"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert bare.returncode != 0  # what the old printed line did here
+    ours = subprocess.run(["bash", "-c", load_command(shards)], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert ours.returncode == 0 and "sample_ids" in ours.stdout and "(2, 4)" in ours.stdout, ours.stderr

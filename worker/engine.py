@@ -20,6 +20,13 @@ while unit u computes.
 
 Determinism: the stored bits for a sample depend only on the rows given to one `run` call (the packing plan
 is a pure function of them); the same rows give the same bits.
+
+Context windows (options.context_size N > 0, docs/jobs.md): the rows of one `run` call are tokenized without
+special tokens, joined (separator, BOS at each window start) and cut into windows of exactly N tokens, as
+SAELens's concat_and_batch_sequences does; each window is a sample (sample id = first row of the call * 2**20
++ window number), and its Batch carries per stored token the source row and the position in that row
+(-1 for an inserted BOS or separator). Windows never span two `run` calls (two units); a call's final
+partial window is dropped, as SAELens drops the stream's.
 """
 
 from __future__ import annotations
@@ -43,7 +50,8 @@ from actfleet.worker import batching, compile_cache, convert, model_files
 from actfleet.worker.models import family_for, sharding
 from actfleet.worker.shards import STORE_DTYPES
 
-Row = tuple[int, "str | None", "str | None"]
+Row = tuple[int, "str | list[int] | None", "str | None"]  # (sample id, text or token ids, skip reason)
+WINDOW_ID_BITS = 20  # window sample id = first row of the unit << 20 | window number within the unit
 
 
 @dataclass
@@ -58,11 +66,32 @@ class Batch:
     computed_tokens: int = 0  # batch shape's tokens, padding included
     padded_tokens: int = 0
     truncated: int = 0
-    skipped: dict[int, str] = field(default_factory=dict)  # sample_id -> reason
+    skipped: dict[int, str] = field(default_factory=dict)  # sample_id (input row) -> reason
+    source_rows: np.ndarray | None = None  # int64 [n], context windows only: the input row of each token
+    source_positions: np.ndarray | None = None  # int32 [n]: its position in that row (-1: inserted BOS/separator)
 
     @property
     def stored_tokens(self) -> int:
         return len(self.sample_ids)
+
+    @property
+    def stored_rows(self) -> np.ndarray:
+        """The input row of each stored token (the sample id, unless samples are context windows)."""
+        return self.sample_ids if self.source_rows is None else self.source_rows
+
+
+def check_lengths(options: JobOptions, model_dir: Path, config=None) -> int:
+    """The model's context length; InputError if --max-seq or --context-size exceed it."""
+    if config is None:
+        try:
+            hf_config = json.loads((model_dir / "config.json").read_text())
+            config = family_for(hf_config["model_type"]).Config.from_hf(hf_config)
+        except Exception:  # a missing or broken config: the Engine reports it, naming the file
+            return 0
+    for flag, value in (("--max-seq", options.max_seq), ("--context-size", options.context_size)):
+        if value > config.max_pos:
+            raise InputError(f"{flag} {value}: longer than the model's context ({config.max_pos} tokens)")
+    return config.max_pos
 
 
 def make_mesh(devices, model_parallel: int):
@@ -90,6 +119,7 @@ class Prepared:
     n_rows: int
     plan: list  # of batching.PlannedBatch
     stored: list[int]  # stored tokens per planned batch
+    seen: set = field(default_factory=set)  # context windows: input rows already counted in a batch
 
 
 def _load_tokenizer(model_dir: Path):
@@ -149,6 +179,9 @@ class Engine:
     `attn_block` is the attention kernel's block size (a tuning knob, not a job option)."""
 
     def __init__(self, options: JobOptions, *, attn_block: int = 512, model_dir: Path | None = None):
+        from actfleet.worker.hf_logging import quiet_transformers
+
+        quiet_transformers()  # before transformers is imported
         import jax
         import jax.numpy as jnp
 
@@ -164,6 +197,8 @@ class Engine:
             self.config = self.family.Config.from_hf(hf_config)
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(f"model {model_ref}: config.json lacks or garbles {e}") from None
+        check_lengths(options, self.model_dir, self.config)
+        self.vocab_size = int(hf_config.get("vocab_size") or 0)
         self.random_weights = bool(hf_config.get("actfleet_random_weights", False))
         # transformers (and the torch it imports) loads in a thread while the weights load here: start-up time.
         tokenizer = _in_thread(_load_tokenizer, self.model_dir)
@@ -229,6 +264,7 @@ class Engine:
             special.add(self.tokenizer.bos_token_id)
         self.special_ids = np.array(sorted(special), dtype=np.int32)
 
+
     def _load_params(self, dtype):
         """The model's graph and its parameters, each loaded from the checkpoint straight into its shards on
         the mesh (logical axes -> mesh axes by self.rules). Built under nnx.eval_shape: nothing is allocated
@@ -259,11 +295,31 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------------
 
-    def tokenize(self, texts: list[str]) -> list[np.ndarray]:
+    def tokenize(self, texts: list[str], add_special_tokens: bool = True) -> list[np.ndarray]:
         if not texts:
             return []
-        enc = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        enc = self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
         return [np.asarray(ids, dtype=np.int32) for ids in enc]
+
+    def token_rows(self, rows: list[Row], add_special_tokens: bool = True) -> list[tuple]:
+        """(sample id, token ids | None, reason): texts tokenized in one call; pre-tokenized rows (lists of ids,
+        options.tokens_field) checked against the vocabulary (InputError naming the row and field)."""
+        texts = [t for _, t, reason in rows if not reason and isinstance(t, str)]
+        enc = iter(self.tokenize(texts, add_special_tokens))
+        out = []
+        for sid, t, reason in rows:
+            if reason:
+                out.append((sid, None, reason))
+            elif isinstance(t, str):
+                out.append((sid, next(enc), None))
+            else:
+                ids = np.asarray(t, dtype=np.int64)
+                bad = np.nonzero((ids < 0) | (ids >= (self.vocab_size or 1 << 31)))[0]
+                if len(bad):
+                    raise InputError(f"row {sid}: field {self.options.tokens_field!r} holds token id {ids[bad[0]]}, "
+                                     f"outside the model's vocabulary (0..{self.vocab_size - 1})")
+                out.append((sid, ids.astype(np.int32), None))
+        return out
 
     def _store_mask(self, ids: np.ndarray) -> np.ndarray:
         if self.options.positions == "all":
@@ -282,16 +338,19 @@ class Engine:
         """`run` on already tokenized rows: (sample_id, token ids, skip_reason)."""
         return self.run_prepared(self.prepare_tokens(rows))
 
+    def run_windows(self, rows: list[tuple[int, "np.ndarray | None", "str | None"]]) -> Iterator[Batch]:
+        """Context windows over tokenized rows (sample_id, ids, reason) (see the module docstring)."""
+        return self.run_prepared(self.prepare_windows(rows))
+
     def run_prepared(self, prepared: Prepared) -> Iterator[Batch]:
         return (batch for _, batch in self.run_stream([prepared]))
 
     def prepare(self, rows: Iterable[Row]) -> Prepared:
         """The host side of `run` (tokenize, policy, plan); queues the compilation of what the plan needs."""
         rows = list(rows)
-        todo = [(sid, text) for sid, text, reason in rows if not reason]
-        ids = iter(self.tokenize([t if isinstance(t, str) else "" for _, t in todo]))
-        return self.prepare_tokens([(sid, None, reason) if reason else (sid, next(ids), None)
-                                    for sid, _, reason in rows])
+        if self.options.context_size:
+            return self.prepare_windows(self.token_rows(rows, add_special_tokens=False))
+        return self.prepare_tokens(self.token_rows(rows))
 
     def prepare_tokens(self, rows: Iterable[tuple[int, "np.ndarray | None", "str | None"]]) -> Prepared:
         skipped: dict[int, str] = {}
@@ -317,6 +376,50 @@ class Engine:
                 skipped[sid] = "no tokens to store (all special)"
                 continue
             seqs.append((sid, ids, mask))
+        return self._prepared(seqs, skipped, truncated, n_rows)
+
+    def prepare_windows(self, rows: list[tuple[int, "np.ndarray | None", "str | None"]]) -> Prepared:
+        o, tok = self.options, self.tokenizer
+        # A tokenizer without a BOS token (Qwen2's) uses EOS for it, as TransformerLens (and so SAELens) does.
+        bos_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        bos = bos_id if o.prepend_bos else None
+        if o.prepend_bos and bos is None:
+            raise InputError("--prepend-bos: the tokenizer has no BOS (nor EOS) token; pass --no-prepend-bos")
+        sep = {"eos": tok.eos_token_id, "bos": bos_id, "none": None}[o.separator]
+        if o.separator != "none" and sep is None:
+            raise InputError(f"--separator {o.separator}: the tokenizer has no {o.separator.upper()} token; pass "
+                             f"--separator none or another")
+        if bos is not None and o.context_size < 2:
+            raise InputError("--context-size 1 with --prepend-bos leaves no room for text: use 2 or more")
+        docs, skipped = [], {}
+        for sid, ids, reason in rows:
+            if reason:
+                skipped[sid] = reason
+            elif ids is None or len(ids) == 0:
+                skipped[sid] = "empty text"
+            else:
+                docs.append((sid, np.asarray(ids, np.int32)))
+        windows = cut_windows(docs, o.context_size, bos=bos, sep=sep, concat=o.concat)
+        base = rows[0][0] << WINDOW_ID_BITS if rows else 0
+        if len(windows) >= 1 << WINDOW_ID_BITS:
+            raise InputError(f"{len(windows)} context windows in one unit: use a smaller unit (--unit-rows)")
+        seqs, stored = [], set()
+        for k, (ids, src_rows, src_pos) in enumerate(windows):
+            mask = self._store_mask(ids)
+            stored.update(np.unique(src_rows[mask]).tolist())
+            if mask.any():
+                seqs.append((base + k, ids, mask, src_rows, src_pos))
+        in_windows = set()
+        for _, src_rows, _ in windows:
+            in_windows.update(np.unique(src_rows).tolist())
+        for sid, _ in docs:
+            if sid not in stored:
+                skipped[sid] = ("no stored token in its windows" if sid in in_windows else
+                                "only in the unit's final partial window" if o.concat else
+                                f"shorter than the context size ({o.context_size} tokens)")
+        return self._prepared(seqs, skipped, 0, len(rows))
+
+    def _prepared(self, seqs, skipped, truncated, n_rows) -> Prepared:
         planned = batching.plan([len(s[1]) for s in seqs], batch_tokens=self.options.batch_tokens,
                                 n_devices=self.mesh.shape["data"])
         stored = [sum(int(seqs[i][2].sum()) for row in pb.rows for i in row) for pb in planned]
@@ -335,7 +438,8 @@ class Engine:
                 launched = self._launch(pb, prep.seqs, n)
                 if pending is not None:
                     yield pending[0], self._collect(*pending[1:])
-                pending = (k, launched, pb, prep.skipped if first else {}, prep.truncated if first else 0)
+                pending = (k, launched, pb, prep.seqs, prep.skipped if first else {},
+                           prep.truncated if first else 0, prep.seen)
                 first = False
             if first and prep.n_rows:  # nothing to compute, but rows to account for
                 if pending is not None:
@@ -410,38 +514,91 @@ class Engine:
     def _stored_index(self, pb: batching.PlannedBatch, seqs):
         """Where the stored tokens sit in the flattened [rows * width] batch, sorted by (sample, position)."""
         r, p = pb.shape
-        flat, sids, toks, poss = [], [], [], []
+        flat, sids, toks, poss, srows, spos = [], [], [], [], [], []
         real = 0
         for row, members in enumerate(pb.rows):
             at = row * p
             for i in members:
-                sid, ids, mask = seqs[i]
+                sid, ids, mask = seqs[i][:3]
                 idx = np.nonzero(mask)[0]
                 flat.append(at + idx)
                 sids.append(np.full(len(idx), sid, np.int64))
                 toks.append(ids[idx])
                 poss.append(idx.astype(np.int32))
+                if len(seqs[i]) == 5:  # a context window: where each token came from
+                    srows.append(seqs[i][3][idx])
+                    spos.append(seqs[i][4][idx])
                 at += len(ids)
                 real += len(ids)
         sample_ids = np.concatenate(sids)
         positions = np.concatenate(poss)
         order = np.lexsort((positions, sample_ids))
-        return np.concatenate(flat)[order], sample_ids[order], np.concatenate(toks)[order], positions[order], real
+        source = (np.concatenate(srows)[order], np.concatenate(spos)[order]) if srows else None
+        return (np.concatenate(flat)[order], sample_ids[order], np.concatenate(toks)[order], positions[order], real,
+                source)
 
-    def _collect(self, launched, pb: batching.PlannedBatch, skipped, truncated) -> Batch:
-        out, (take, sample_ids, token_ids, positions, real) = launched
+    def _collect(self, launched, pb: batching.PlannedBatch, seqs, skipped, truncated, seen) -> Batch:
+        out, (take, sample_ids, token_ids, positions, real, source) = launched
         r, p = pb.shape
         acts = {}
         # Per site width, [sites, padded, width]; the first len(take) rows of each site are the stored tokens.
         for group, host in zip(self._groups, self._to_host(out)):
             acts.update({site: host[i, : len(take)] for i, site in enumerate(group)})
-        members = sum(len(m) for m in pb.rows)
+        if source is None:
+            members = sum(len(m) for m in pb.rows)
+        else:  # windows: an input row counts in the first batch that stores one of its tokens
+            new = set(np.unique(source[0]).tolist()) - seen
+            seen |= new
+            members = len(new)
         return Batch(token_ids=token_ids, sample_ids=sample_ids, positions=positions,
                      acts=acts, rows=members + len(skipped), computed_tokens=r * p, padded_tokens=r * p - real,
-                     truncated=truncated, skipped=dict(skipped))
+                     truncated=truncated, skipped=dict(skipped),
+                     source_rows=None if source is None else source[0],
+                     source_positions=None if source is None else source[1])
 
     def _empty_batch(self, skipped, truncated) -> Batch:
         dtype = STORE_DTYPES[self.options.store_dtype]
+        windows = bool(self.options.context_size)
         return Batch(token_ids=np.zeros(0, np.int32), sample_ids=np.zeros(0, np.int64), positions=np.zeros(0, np.int32),
-                     acts={s: np.zeros((0, self.config.site_width(site_names.parse(s)[1])), dtype) for s in self.sites}, rows=len(skipped), truncated=truncated,
-                     skipped=dict(skipped))
+                     acts={s: np.zeros((0, self.config.site_width(site_names.parse(s)[1])), dtype)
+                           for s in self.sites}, rows=len(skipped), truncated=truncated,
+                     skipped=dict(skipped), source_rows=np.zeros(0, np.int64) if windows else None,
+                     source_positions=np.zeros(0, np.int32) if windows else None)
+
+def cut_windows(docs: list[tuple[int, np.ndarray]], n: int, *, bos: int | None, sep: int | None, concat: bool
+                ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Documents (row, token ids) -> windows of exactly n tokens: (ids int32, source rows int64, source
+    positions int32, -1 for an inserted token). With concat, SAELens's concat_and_batch_sequences
+    (begin_batch_token=bos, sequence_separator_token=sep, begin_sequence_token=None): every window starts with
+    `bos` unless its first token already is it; between two documents in a window comes `sep` unless the next
+    document starts with it; the final partial window is dropped. Without concat, each document is cut alone
+    the same way (every window BOS-first), its final partial window dropped. n >= 2 when bos is given."""
+    if bos is not None and n < 2:
+        raise ValueError("a window of one token cannot start with BOS and hold text")
+    out = []
+    cur: list[tuple[int, int, int]] = []  # (token, row, position)
+
+    def flush():
+        if len(cur) == n:
+            a = np.array(cur, dtype=np.int64)
+            out.append((a[:, 0].astype(np.int32), a[:, 1], a[:, 2].astype(np.int32)))
+        cur.clear()
+
+    for row, ids in docs:
+        if not concat:
+            cur.clear()
+        offset = 0
+        while offset < len(ids):
+            if not cur:  # a new window
+                prefix = [(bos, row, -1)] if bos is not None and ids[offset] != bos else []
+            else:
+                prefix = [(sep, row, -1)] if sep is not None and ids[offset] != sep else []
+            room = n - len(cur)
+            prefix = prefix[:room]
+            take = room - len(prefix)
+            cur.extend(prefix)
+            cur.extend((int(t), row, offset + j) for j, t in enumerate(ids[offset: offset + take]))
+            offset += min(take, len(ids) - offset)
+            if len(cur) == n:
+                flush()
+    return out

@@ -1,16 +1,19 @@
 """Dataset rows -> rendered texts: `(sample_id, text, None)`, or `(sample_id, None, reason)` for a bad row.
 
-Files: JSONL (one JSON object per line), Parquet and CSV. Formats:
-  text  the string in `text_field`;
+Files: JSONL (one JSON object per line; also .jsonl.gz, .jsonl.zst), Parquet, CSV and `datasets` Arrow files;
+which files make up an input, and reading a range of them cheaply, is actfleet.worker.sources. Formats:
+  text  the string in `text_field` (or, with `tokens_field`, the list of token ids in that field);
   chat  the list of {"role", "content"} in `messages_field`, rendered with the tokenizer's chat template;
   arc   an ARC task per row (the row itself, or a JSON object in `text_field`), rendered by actfleet.worker.arc;
         with `arc_augmentations` A, task t yields sample ids t*(A+1) .. t*(A+1)+A (augmentation 0 = as given).
 
 Every physical row is a sample id, bad or not, so ids are stable and the work queue can split the file by
 id. Malformed rows (bad JSON, missing or non-string field, empty text, invalid messages or grid) are
-returned with a reason, never raised. JSONL, Parquet and CSV are read here with the standard library and
+returned with a reason, never raised (a tokens field holding something other than token ids is bad input and
+raises: it means the wrong field, not one bad row). JSONL, Parquet and CSV are read here with the standard library and
 pyarrow rather than `datasets`: `datasets` aborts the whole file on one bad JSON line and copies the file
-into its Arrow cache, while we must count bad lines and stream.
+into its Arrow cache, while we must count bad lines and stream (`datasets` does resolve hub datasets and
+memory-map the Arrow files of save_to_disk directories, in sources).
 """
 
 from __future__ import annotations
@@ -30,12 +33,9 @@ Row = tuple[int, "str | None", "str | None"]
 
 
 def file_kind(path: str) -> str:
-    name = path.lower()
-    for suffix, kind in ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "jsonl"), (".parquet", "parquet"),
-                         (".pq", "parquet"), (".csv", "csv")):
-        if name.endswith(suffix):
-            return kind
-    raise InputError(f"{path}: unknown dataset type (use .jsonl, .parquet or .csv)")
+    from actfleet.worker.sources import file_kind as kind
+
+    return kind(path)
 
 
 def local_file(path: str) -> Path:
@@ -81,22 +81,21 @@ def fingerprint(path: str) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _jsonl_records(path: Path, skip: int = 0) -> Iterator[tuple[Any, str | None]]:
+def parse_jsonl_line(line: bytes) -> tuple[Any, str | None]:
+    """One JSONL line -> (record, None) or (None, reason): a bad line is counted, never fatal."""
+    if not line.strip():
+        return None, "blank line"
+    try:
+        rec = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        return None, "bad JSON"
+    return (rec, None) if isinstance(rec, dict) else (None, "not a JSON object")
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[Any, str | None]]:
     with open(path, "rb") as f:
         for line in f:
-            if skip:  # a record the caller will not read: counted, not parsed
-                skip -= 1
-                yield None, "skipped"
-                continue
-            if not line.strip():
-                yield None, "blank line"
-                continue
-            try:
-                rec = json.loads(line)
-            except (ValueError, UnicodeDecodeError):
-                yield None, "bad JSON"
-                continue
-            yield (rec, None) if isinstance(rec, dict) else (None, "not a JSON object")
+            yield parse_jsonl_line(line)
 
 
 def _parquet_records(path: Path) -> Iterator[tuple[Any, str | None]]:
@@ -130,14 +129,31 @@ def _csv_records(path: Path) -> Iterator[tuple[Any, str | None]]:
                 yield rec, None
 
 
-def records(path: str, skip: int = 0) -> Iterator[tuple[Any, str | None]]:
-    """One (record, reason) per physical row; the first `skip` JSONL records are not parsed (a work unit deep
-    in a large file would otherwise parse every line before it: quadratic over a job)."""
+def records(path: str) -> Iterator[tuple[Any, str | None]]:
+    """Every record of one dataset file, in order (compressed JSONL and Arrow files included)."""
+    from actfleet.worker import sources
+
     kind = file_kind(path)
     local = local_file(path)
     if kind == "jsonl":
-        return _jsonl_records(local, skip)
-    return {"parquet": _parquet_records, "csv": _csv_records}[kind](local)
+        return _jsonl_records(local)
+    if kind == "parquet":
+        return _parquet_records(local)
+    if kind == "csv":
+        return _csv_records(local)
+    if kind == "arrow":
+        return sources.read_range(sources.DataFile(path, kind, 1 << 62, ""), local, 0, 1 << 62)
+    return _compressed_jsonl_records(local, kind)
+
+
+def _compressed_jsonl_records(local: Path, kind: str) -> Iterator[tuple[Any, str | None]]:
+    import io
+
+    from actfleet.worker import sources
+
+    with sources.open_text_stream(local, kind) as raw:
+        for line in io.BufferedReader(raw, 1 << 20):
+            yield parse_jsonl_line(line)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -191,16 +207,48 @@ def _arc_task(rec: dict, field: str):
     return value
 
 
-def read_rows(path: str, *, format: str = "text", text_field: str = "text", messages_field: str = "messages",
-              tokenizer=None, arc_augmentations: int = 0, arc_seed: int = 0, start: int = 0,
-              stop: int | None = None) -> Iterator[Row]:
-    """Rows with sample ids in [start, stop), in order; every id in range appears exactly once."""
+def render_tokens(rec: dict, field: str, index: int) -> tuple["list[int] | None", str | None]:
+    """A pre-tokenized row: the list of token ids in `field`. A missing field is a skipped row; a field that is
+    not a list of non-negative integers is bad input (InputError naming the row and field)."""
+    if field not in rec or rec[field] is None:
+        return None, f"missing field {field!r}"
+    value = rec[field]
+    if hasattr(value, "tolist"):  # numpy arrays from Arrow
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                      for t in value):
+        raise InputError(f"row {index}: field {field!r} is not a list of token ids (non-negative integers)")
+    return (list(value), None) if value else (None, "empty text")
+
+
+def read_rows(path: str, **options) -> Iterator[Row]:
+    """Rows of one dataset file with sample ids in [start, stop), in order; every id in range appears exactly
+    once. Options: those of `render_rows`."""
+    return render_rows(((i, rec, reason) for i, (rec, reason) in enumerate(records(path))), **options)
+
+
+def read_source_rows(files, local, *, start: int, stop: int, **options) -> Iterator[Row]:
+    """`read_rows` over a job's data files (actfleet.worker.sources.DataFile), reading only around
+    [start, stop): `local(file)` gives each file's local copy."""
+    from actfleet.worker import sources
+
+    per = options.get("arc_augmentations", 0) + 1 if options.get("format", "text") == "arc" else 1
+    first, last = start // per, -(-stop // per)
+    recs = sources.records(files, first, last, local)
+    return render_rows(((first + i, rec, reason) for i, (rec, reason) in enumerate(recs)), start=start, stop=stop,
+                       **options)
+
+
+def render_rows(recs, *, format: str = "text", text_field: str = "text", messages_field: str = "messages",
+                tokens_field: str = "", tokenizer=None, arc_augmentations: int = 0, arc_seed: int = 0,
+                start: int = 0, stop: int | None = None) -> Iterator[Row]:
+    """(record index, record, reason) -> rows (sample id, text or token ids, reason) for ids in [start, stop)."""
     if format not in FORMATS:
         raise InputError(f"format {format!r}: use one of {', '.join(FORMATS)}")
     if format == "chat" and tokenizer is None:
         raise ValueError("format chat needs a tokenizer (for its chat template)")
     per = arc_augmentations + 1 if format == "arc" else 1
-    for index, (rec, reason) in enumerate(records(path, skip=start // per)):
+    for index, rec, reason in recs:
         first = index * per
         if stop is not None and first >= stop:
             return
@@ -223,22 +271,40 @@ def read_rows(path: str, *, format: str = "text", text_field: str = "text", mess
                     yield sid, arc.render(*arc.augment(*parsed, seed=arc_seed, task_index=index, k=k)), None
             continue
         if reason is None:
-            if format == "text":
+            if tokens_field:
+                text, reason = render_tokens(rec, tokens_field, first)
+            elif format == "text":
                 text, reason = render_text(rec, text_field)
             else:
                 text, reason = render_chat(rec, messages_field, tokenizer)
         yield (first, None, reason) if reason else (first, text, None)
 
 
-def count_rows(path: str, *, format: str = "text", text_field: str = "text", messages_field: str = "messages",
-               arc_augmentations: int = 0, arc_seed: int = 0) -> int:
+def check_field(recs, *, format: str = "text", text_field: str = "text", messages_field: str = "messages",
+                tokens_field: str = "", sample: int = 1000, what: str = "the dataset", **_ignored) -> None:
+    """InputError when none of the first `sample` records has the field the options read (a misspelt
+    --text-field would otherwise run and store nothing), naming the fields that are there."""
+    if format == "arc":
+        return
+    field = tokens_field or (text_field if format == "text" else messages_field)
+    seen: dict[str, None] = {}
+    for n, (rec, _reason) in enumerate(recs):
+        if n >= sample:
+            break
+        if isinstance(rec, dict):
+            if field in rec:
+                return
+            seen.update(dict.fromkeys(rec))
+    if seen:
+        flag = "--tokens-field" if tokens_field else ("--text-field" if format == "text" else "--messages-field")
+        raise InputError(f"{flag} {field}: no row of {what} has field {field!r}; its rows have "
+                         f"{', '.join(repr(k) for k in list(seen)[:20])}")
+
+
+def count_rows(path: str, *, format: str = "text", arc_augmentations: int = 0, **_reading) -> int:
     """How many sample ids read_rows yields for the whole file (bad rows included)."""
+    from actfleet.worker import sources
+
     kind, local = file_kind(path), local_file(path)
-    if kind == "jsonl":  # every line is a row, good or bad: no need to parse them
-        with open(local, "rb") as f:
-            n = sum(1 for _ in f)
-    elif kind == "parquet":
-        n = _parquet_rows(local)
-    else:
-        n = sum(1 for _ in _csv_records(local))
+    n = sources.describe(path, local, kind, "").rows  # JSONL: lines are rows, good or bad: none is parsed
     return n * (arc_augmentations + 1 if format == "arc" else 1)

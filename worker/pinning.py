@@ -8,6 +8,11 @@ hashed) and the model's resolved revision with the sha256 of every file it loads
 - the model from the directory its reference resolves to (a gs:// prefix is cached per object
   generation, a hub id at the pinned commit), after checking every file's hash against the job's.
 
+An input of several files (a directory, a glob, a hub dataset: actfleet.worker.sources) is pinned file by
+file: job.json lists each file with its sha256 (and GCS generation, or hub commit in its hf:// name), and a
+worker copies and checks only the files its units read, when it first reads them. The job's fingerprint is
+then a digest of the files' sha256s (a single file's is its own sha256, as before).
+
 Anything that does not match is refused with one line (exit 2); nothing is mixed. Done records carry the
 two digests, and `verify` compares them with job.json.
 """
@@ -53,7 +58,9 @@ def pin_input(path: str) -> tuple[Path, InputPin]:
         blob = _gcs_blob(path, bucket, name, generation=None)
         local, digest = _fetch_to_cache(path, blob.download_to_file, _suffix(name), expect=None)
         return local, InputPin(digest, int(blob.generation))
-    local = _local(path)
+    from actfleet.worker import sources
+
+    local = sources.hub_download(path) if path.startswith(sources.HF_PREFIX) else _local(path)
     try:
         return local, InputPin(sha256_file(local))
     except OSError as e:
@@ -71,13 +78,42 @@ def pinned_input(path: str, pin: InputPin) -> Path:
         bucket, name = _gcs_parts(path)
         blob = _gcs_blob(path, bucket, name, generation=pin.generation)
         return _fetch_to_cache(path, blob.download_to_file, suffix, expect=pin.sha256)[0]
-    local = _local(path)
+    from actfleet.worker import sources
+
+    # A hub file is named at its commit; its bytes are still checked, as a local file's are.
+    local = sources.hub_download(path) if path.startswith(sources.HF_PREFIX) else _local(path)
 
     def copy(f) -> None:
         with open(local, "rb") as src:
             shutil.copyfileobj(src, f, 1 << 22)
 
     return _fetch_to_cache(path, copy, suffix, expect=pin.sha256)[0]
+
+
+def pin_files(refs: list[str], max_rows: int = 0, per: int = 1) -> tuple[list, list[Path]]:
+    """For prepare: pin each data file and describe it (rows and seek index, actfleet.worker.sources), in
+    order; with max_rows, only the files holding the first max_rows rows (`per` samples per row).
+    (files, the local paths prepare read them from)."""
+    from actfleet.worker import sources
+
+    files, locals_, rows = [], [], 0
+    for ref in refs:
+        if max_rows and rows * per >= max_rows:
+            break
+        local, pin = pin_input(ref)
+        f = sources.describe(ref, local, sources.file_kind(ref), pin.sha256, pin.generation)
+        files.append(f)
+        locals_.append(local)
+        rows += f.rows
+    return files, locals_
+
+
+def pinned_file(f) -> Path:
+    """For a worker: a local copy of exactly the pinned bytes of one data file (a sources.DataFile), in the
+    form its seek index addresses (compressed JSONL decompressed once into the data cache)."""
+    from actfleet.worker import sources
+
+    return sources.plain_copy(f, pinned_input(f.path, InputPin(f.sha256, f.generation)), data_cache())
 
 
 def _fetch_to_cache(path: str, write, suffix: str, expect: str | None) -> tuple[Path, str]:

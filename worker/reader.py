@@ -1,64 +1,223 @@
-"""Read activation shards back as numpy: stream batches from a directory, a file:// URL or a gs:// prefix.
+"""Read activation shards back as numpy: from a directory, a file, file:// or gs:// URL, or a job in a store.
 
-    from actfleet.worker.reader import iter_batches, load
+    from actfleet.worker.reader import iter_batches, load, shuffled_batches
     for b in iter_batches("out/", sites=["blocks.6.hook_resid_post"], positions=lambda p: p > 0):
         b["sample_ids"], b["positions"], b["token_ids"], b["blocks.6.hook_resid_post"]   # numpy arrays
 
-Local shards are memory-mapped (only the filtered rows are copied); bucket shards are read through
-actfleet.store. Filters: `sites` (which activation tensors to return), `samples` (an iterable of sample ids, or
-a (start, stop) range), `positions` (an iterable of positions, or a predicate on the positions array).
+Where shards come from (`open_source`): a directory (every *.safetensors under it), one file, a gs:// prefix,
+or the root of a job (`gs://bucket/JOB` or a local `store/JOB`, recognised by its job.json): then exactly
+the shards the done records list, never an attempt's garbage, and units not done yet are left out.
+
+What is read: local shards are memory-mapped, so only the pages of the rows and tensors used are touched.
+Bucket shards are read by range from their safetensors header (8 bytes, then the header, then the byte
+range of each wanted tensor, pinned to the header's object generation): reading one site of a shard
+downloads that site's bytes and the index tensors, not the other sites.
+
+Filters: `sites` (which activation tensors to return), `samples` (an iterable of sample ids, or a
+(start, stop) range), `positions` (an iterable of positions, or a predicate on the positions array).
 bfloat16 comes back as `ml_dtypes.bfloat16` arrays (`.astype(np.float32)` to compute; torch.from_numpy
 needs a float32 or a `.view(np.uint16)` then `.view(torch.bfloat16)`).
+
+`shuffled_batches` is a seeded, deterministic shuffled stream across shards that splits its work into
+disjoint parts (DataLoader workers x ranks); `ActivationDataset` is the same stream as a torch
+IterableDataset. This module imports numpy, safetensors' format code (worker/shards.py: numpy and
+ml_dtypes) and nothing else at import time: google-cloud-storage only for gs://, torch only for
+ActivationDataset.
 """
 
 from __future__ import annotations
 
 import json
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from actfleet.worker.shards import INDEX_TENSORS, open_file, read_tensors
+from actfleet.worker.shards import _DTYPES, INDEX_TENSORS, ShardFormatError, open_file
+
+SUFFIX = ".safetensors"
 
 
-def shard_locations(location: str) -> tuple[object, list[str]]:
-    """(store or None, shard keys/paths) for a directory, a single .safetensors file, file:// or gs:// URL."""
+# ----------------------------------------------------------------------------------------------------
+# Where the shards are
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Source:
+    """An ordered list of shards: `keys` are paths (store None) or keys of `store`. For a job, the done
+    records' shards in (unit, part) order, with how many units are done."""
+    store: object | None
+    keys: list[str]
+    location: str
+    units_done: int | None = None  # None unless the location is a job
+    units_total: int | None = None
+
+
+def open_source(location: str) -> Source:
+    """The shards at `location` (see the module docstring); FileNotFoundError if there are none to name."""
     if location.startswith("gs://"):
         from actfleet.store import open_store
 
         store = open_store(location)
-        return store, [k for k in store.list("") if k.endswith(".safetensors")]
-    if location.startswith("file://"):
-        location = location[len("file://"):]
-    p = Path(location)
-    if p.is_file():
-        return None, [str(p)]
-    if not p.is_dir():
+        job = _job_shards(store, location)
+        if job is not None:
+            return job
+        return Source(store, [k for k in store.list("") if k.endswith(SUFFIX)], location)
+    path = Path(location[len("file://"):] if location.startswith("file://") else location)
+    if path.is_file():
+        return Source(None, [str(path)], location)
+    if not path.is_dir():
         raise FileNotFoundError(f"{location}: no such shard file or directory")
-    return None, sorted(str(f) for f in p.rglob("*.safetensors") if not f.name.startswith("."))
+    if (path / "job.json").is_file():
+        from actfleet.store import LocalStore
+
+        job = _job_shards(LocalStore(path), location)
+        if job is not None:
+            return job
+    return Source(None, sorted(str(f) for f in path.rglob("*" + SUFFIX) if not f.name.startswith(".")), location)
+
+
+def _job_shards(store, location: str) -> Source | None:
+    """The committed shards of the job rooted at `store`, or None if there is no job.json there."""
+    from actfleet.store import NotFound
+    from actfleet.worker import work_queue as q
+
+    try:
+        spec = q.JobSpec.from_json(store.read("job.json")[0], f"{location}/job.json")
+    except NotFound:
+        return None
+    with ThreadPoolExecutor(max_workers=16) as pool:  # done records are small: latency, not bandwidth
+        records = list(pool.map(lambda unit: q.read_done(store, "", unit), range(spec.units)))
+    keys = [s.name for rec in records if rec is not None for s in rec.shards]
+    return Source(store, keys, location, sum(r is not None for r in records), spec.units)
+
+
+def shard_locations(location: str) -> tuple[object, list[str]]:
+    """(store or None, shard keys/paths): open_source without the job counts."""
+    src = open_source(location)
+    return src.store, src.keys
+
+
+# ----------------------------------------------------------------------------------------------------
+# One shard, read by its header
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Entry:
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offsets in the file
+    end: int
+
+
+class ShardFile:
+    """One shard opened by its header alone; tensors, or a row range of them, are read on demand.
+
+    Local files (a path, or a key of a local store) are memory-mapped; other stores are read by byte
+    range at the generation whose header was read, so offsets and bytes always belong to one version."""
+
+    def __init__(self, store, key: str):
+        self.key = key
+        local = key if store is None else store.local_path(key)
+        self._store, self._tensors, self._generation = store, None, None
+        if local is not None:
+            self._tensors, self.metadata = open_file(local)
+            self.entries = {name: _Entry(a.dtype, a.shape, 0, 0) for name, a in self._tensors.items()}
+            return
+        head, self._generation = store.read_range(key, 0, 8)
+        if len(head) < 8:
+            raise ShardFormatError(f"{key}: too short for a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > 100_000_000:
+            raise ShardFormatError(f"{key}: header length {n} is not plausible")
+        raw, _ = store.read_range(key, 8, 8 + n, generation=self._generation)
+        try:
+            header = json.loads(raw)
+        except ValueError as e:
+            raise ShardFormatError(f"{key}: header is not JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise ShardFormatError(f"{key}: header is not a JSON object")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.entries = {}
+        for name, e in header.items():
+            try:
+                dtype = _DTYPES[e["dtype"]]
+                shape = tuple(int(x) for x in e["shape"])
+                begin, end = (8 + n + int(x) for x in e["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise ShardFormatError(f"{key}: tensor {name!r}: unsupported or malformed entry") from None
+            if min(*shape, 0) < 0 or end - begin != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
+                raise ShardFormatError(f"{key}: tensor {name!r}: data offsets do not match its shape")
+            self.entries[name] = _Entry(dtype, shape, begin, end)
+
+    @property
+    def rows(self) -> int:
+        return int(self.entries["sample_ids"].shape[0]) if "sample_ids" in self.entries else 0
+
+    @property
+    def sites(self) -> list[str]:
+        return json.loads(self.metadata.get("sites", "[]")) or [k for k in self.entries if k not in INDEX_TENSORS]
+
+    def read(self, names: Iterable[str], start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
+        """Rows start..stop-1 of the named tensors (views into the map for local files)."""
+        names = list(names)
+        missing = [n for n in names if n not in self.entries]
+        if missing:
+            raise KeyError(f"{self.key}: no site {missing[0]} (this shard has {', '.join(self.sites)})")
+        stop = self.rows if stop is None else stop
+        if self._tensors is not None:
+            return {n: self._tensors[n][start:stop] for n in names}
+        spans = []  # (begin, end, name, shape)
+        for n in names:
+            e = self.entries[n]
+            row = e.dtype.itemsize * int(np.prod(e.shape[1:], dtype=np.int64))
+            spans.append((e.begin + start * row, e.begin + stop * row, n, (stop - start, *e.shape[1:])))
+        out = {}
+        for group in _coalesce(sorted(spans)):  # tensors adjacent in the file: one request
+            lo, hi = group[0][0], group[-1][1]
+            data, _ = self._store.read_range(self.key, lo, hi, generation=self._generation)
+            if len(data) != hi - lo:
+                raise ShardFormatError(f"{self.key}: {len(data)} bytes where {hi - lo} were expected (truncated?)")
+            for b, e_, n, shape in group:
+                out[n] = np.frombuffer(data, self.entries[n].dtype, count=int(np.prod(shape, dtype=np.int64)),
+                                       offset=b - lo).reshape(shape)
+        return out
+
+
+def _coalesce(spans):
+    group = []
+    for s in spans:
+        if group and s[0] != group[-1][1]:
+            yield group
+            group = []
+        group.append(s)
+    if group:
+        yield group
+
+
+# ----------------------------------------------------------------------------------------------------
+# Filtered reading, in shard order
+# ----------------------------------------------------------------------------------------------------
 
 
 def shard_metadata(location: str) -> list[dict]:
     """Each shard's string metadata (sites decoded from JSON), in reading order."""
-    store, keys = shard_locations(location)
+    src = open_source(location)
     out = []
-    for key in keys:
-        tensors, meta = _open(store, key, names=("sample_ids",))
-        meta = dict(meta)
+    for key in src.keys:
+        f = ShardFile(src.store, key)
+        meta = dict(f.metadata)
         if "sites" in meta:
             meta["sites"] = json.loads(meta["sites"])
-        meta["tokens"] = int(len(tensors["sample_ids"]))
+        meta["tokens"] = f.rows
         meta["path"] = key
         out.append(meta)
     return out
-
-
-def _open(store, key: str, names=None):
-    if store is None:
-        return open_file(key, names)
-    data, _ = store.read(key)
-    return read_tensors(data, names)
 
 
 def _row_filter(arrays: dict, samples, positions) -> np.ndarray | None:
@@ -82,20 +241,18 @@ def iter_batches(location: str, *, sites: Iterable[str] | None = None, samples=N
     """Dicts of numpy arrays (sample_ids, token_ids, positions, and each site) of at most batch_rows rows."""
     if samples is not None and not isinstance(samples, (range, tuple)):
         samples = list(samples)
-    store, keys = shard_locations(location)
+    src = open_source(location)
     wanted_sites = None if sites is None else list(sites)
-    for key in keys:
-        tensors, meta = _open(store, key)
-        shard_sites = json.loads(meta.get("sites", "[]")) or [k for k in tensors if k not in INDEX_TENSORS]
-        names = shard_sites if wanted_sites is None else wanted_sites
-        missing = [s for s in names if s not in tensors]
-        if missing:
-            raise KeyError(f"{key}: no site {missing[0]} (this shard has {', '.join(shard_sites)})")
-        keep = _row_filter(tensors, samples, positions)
-        idx = np.arange(len(tensors["sample_ids"])) if keep is None else np.nonzero(keep)[0]
+    for key in src.keys:
+        f = ShardFile(src.store, key)
+        names = f.sites if wanted_sites is None else wanted_sites
+        index = f.read(INDEX_TENSORS)
+        acts = f.read(names)
+        keep = _row_filter(index, samples, positions)
+        idx = np.arange(f.rows) if keep is None else np.nonzero(keep)[0]
         for lo in range(0, len(idx), batch_rows):
             sel = idx[lo: lo + batch_rows]
-            yield {name: np.array(tensors[name][sel]) for name in (*INDEX_TENSORS, *names)}
+            yield {name: np.array(t[sel]) for name, t in (*index.items(), *acts.items())}
 
 
 def load(location: str, **filters) -> dict[str, np.ndarray]:
@@ -106,3 +263,122 @@ def load(location: str, **filters) -> dict[str, np.ndarray]:
     out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     order = np.lexsort((out["positions"], out["sample_ids"]))
     return {k: v[order] for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# A shuffled stream, split into disjoint parts
+# ----------------------------------------------------------------------------------------------------
+
+
+def shuffled_batches(location: str, *, sites: Iterable[str] | None = None, seed: int = 0, epoch: int = 0,
+                     batch_rows: int = 4096, buffer_rows: int = 262144, part: int = 0,
+                     parts: int = 1) -> Iterator[dict]:
+    """Batches of `batch_rows` rows (the last may be smaller) in a seeded shuffled order.
+
+    Work split: part p of `parts` reads rows [n*p/parts, n*(p+1)/parts) of every shard (for n rows), so
+    the parts are disjoint, together hold every row exactly once, and differ in size by at most one row
+    per shard, whatever the shard count. From a bucket, a part downloads only its row ranges.
+
+    Mixing, per part: (1) the shard order is a permutation drawn from (seed, epoch), the same for every
+    part; (2) the rows a part reads from a shard are permuted; (3) they pass through a buffer of
+    `buffer_rows` rows: whenever it holds more, a uniformly random subset of the excess leaves it, so any
+    two rows that are in the buffer together are equally likely to leave in either order. Rows further
+    apart in the reading order than about buffer_rows are not mixed with each other; with buffer_rows at
+    least the part's row count the order is a uniform permutation. The same (location's shards, seed,
+    epoch, batch_rows, buffer_rows, part, parts) give the same batches, bit for bit; another epoch gives
+    another order. Memory: about buffer_rows rows plus one shard's part.
+    """
+    if not 0 <= part < parts:
+        raise ValueError(f"part {part} of {parts}: need 0 <= part < parts")
+    src = open_source(location)
+    order = np.random.default_rng([seed, epoch]).permutation(len(src.keys))
+    rng = np.random.default_rng([seed, epoch, parts, part])
+    wanted = None if sites is None else list(sites)
+    buffer: dict[str, np.ndarray] | None = None
+    pending: list[dict] = []
+
+    def emit(rows: dict, final: bool = False) -> Iterator[dict]:
+        pending.append(rows)
+        n = sum(len(p["sample_ids"]) for p in pending)
+        if n < batch_rows and not final:
+            return
+        cat = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+        cut = n - n % batch_rows if not final else n
+        for lo in range(0, cut, batch_rows):
+            yield {k: v[lo: lo + batch_rows] for k, v in cat.items()}
+        pending[:] = [{k: v[cut:] for k, v in cat.items()}] if cut < n else []
+
+    for i in order:
+        f = ShardFile(src.store, src.keys[i])
+        n = f.rows
+        lo, hi = n * part // parts, n * (part + 1) // parts
+        names = [*INDEX_TENSORS, *(f.sites if wanted is None else wanted)]
+        got = f.read(names, lo, hi)
+        perm = rng.permutation(hi - lo)
+        got = {k: v[perm] for k, v in got.items()}  # a copy: nothing keeps the map or the download alive
+        buffer = got if buffer is None else {k: np.concatenate([buffer[k], got[k]]) for k in buffer}
+        size = len(buffer["sample_ids"])
+        if size > buffer_rows:
+            mix = rng.permutation(size)
+            out, keep = mix[: size - buffer_rows], mix[size - buffer_rows:]
+            yield from emit({k: v[out] for k, v in buffer.items()})
+            buffer = {k: v[keep] for k, v in buffer.items()}
+    if buffer is not None:
+        mix = rng.permutation(len(buffer["sample_ids"]))
+        yield from emit({k: v[mix] for k, v in buffer.items()}, final=True)
+
+
+def _torch_tensor(a: np.ndarray):
+    import ml_dtypes
+    import torch
+
+    if a.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _make_torch_dataset():
+    import torch
+
+    class ActivationDataset(torch.utils.data.IterableDataset):
+        """`shuffled_batches` as a torch IterableDataset yielding dicts of tensors, one batch at a time
+        (use `DataLoader(ds, batch_size=None, num_workers=W)`). Each DataLoader worker of each rank reads
+        its own part: part = rank * W + worker of world_size * W, so together they read every row once.
+        rank/world_size default to torch.distributed's when it is initialized, else 0 and 1. Call
+        set_epoch(e) before each epoch for a new order (as with DistributedSampler)."""
+
+        def __init__(self, location: str, *, sites=None, seed: int = 0, batch_rows: int = 4096,
+                     buffer_rows: int = 262144, rank: int | None = None, world_size: int | None = None):
+            super().__init__()
+            self.location, self.sites, self.seed = location, None if sites is None else list(sites), seed
+            self.batch_rows, self.buffer_rows, self.epoch = batch_rows, buffer_rows, 0
+            if rank is None or world_size is None:
+                dist = torch.distributed
+                initialized = dist.is_available() and dist.is_initialized()
+                rank = dist.get_rank() if initialized else 0
+                world_size = dist.get_world_size() if initialized else 1
+            self.rank, self.world_size = rank, world_size
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def __iter__(self):
+            info = torch.utils.data.get_worker_info()
+            worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+            for batch in shuffled_batches(self.location, sites=self.sites, seed=self.seed, epoch=self.epoch,
+                                          batch_rows=self.batch_rows, buffer_rows=self.buffer_rows,
+                                          part=self.rank * workers + worker, parts=self.world_size * workers):
+                yield {k: _torch_tensor(v) for k, v in batch.items()}
+
+    ActivationDataset.__module__ = __name__
+    return ActivationDataset
+
+
+def __getattr__(name: str):
+    # ActivationDataset subclasses torch's IterableDataset, so it is made on first use: importing this
+    # module never imports torch. Cached in the module so pickling (DataLoader workers) finds it by name.
+    if name == "ActivationDataset":
+        cls = _make_torch_dataset()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,8 +1,11 @@
 """The activation shard format (docs/extractor.md, "Shards"): safetensors, one row per stored token.
 
-A shard holds `sample_ids` int64 [N], `token_ids` int32 [N], `positions` int32 [N] and one [N, d] tensor per
-capture site (bfloat16 or float32), plus string metadata: format and version, model, revision, job, unit,
-part, sites, dtype, and whether the weights were random. No pickle, no compression.
+A shard holds `sample_ids` int64 [N], `token_ids` int32 [N], `positions` int32 [N] (with context windows also
+`source_rows` int64 [N] and `source_positions` int32 [N]: each token's input row and position in it) and one
+[N, d] tensor per capture site (bfloat16 or float32), plus string metadata: format and version, model, revision,
+job, unit, part, sites, dtype, tokens, whether the weights were random, and what made the rows (`job_metadata`:
+the positions policy, the context-window options, max_seq, d_model, compute and store dtype, the model's
+resolved revision and the sha256 of its weights and of its tokenizer). No pickle, no compression.
 
 safetensors' own numpy binding cannot write bfloat16, so the format (8-byte little-endian header length,
 JSON header, one contiguous byte buffer) is written and read here directly: it is a few lines, and writing it
@@ -26,6 +29,7 @@ import numpy as np
 FORMAT = "actfleet-activations"
 FORMAT_VERSION = "1"
 INDEX_TENSORS = ("sample_ids", "token_ids", "positions")
+SOURCE_TENSORS = ("source_rows", "source_positions")  # context windows only (actfleet.worker.engine)
 
 _DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -188,10 +192,63 @@ def shard_index(blob, what: str) -> tuple[np.ndarray, np.ndarray]:
     return tensors["sample_ids"], tensors["positions"]
 
 
-def shard_bytes(*, sample_ids, token_ids, positions, acts: dict, sites, store_dtype: str,
-                model: str, revision: str, job: str, unit: int, part: int, random_weights: bool) -> bytes:
+# The tokenizer's files, as transformers' tokenizers save them (hashed for `tokenizer_sha256`).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
+
+
+def _files_sha256(files: dict[str, str]) -> str:
+    """sha256 over sorted (relative name, file sha256) pairs ("" when there are none)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest() if files else ""
+
+
+def job_metadata(options, *, max_seq: int, d_model: int, model_files: dict[str, str] | None = None,
+                 resolved_revision: str | None = None) -> dict[str, str]:
+    """What made a job's rows, as shard metadata strings (all shards of a job carry the same):
+
+    positions, context_size (0: whole documents), separator, prepend_bos, concat, max_seq (resolved: the
+    model's context when the option is 0), d_model, compute_dtype, store_dtype, resolved_revision (the hub
+    commit a moving revision resolved to; "" off the hub), weights_sha256 and tokenizer_sha256 (sha256 over
+    the sorted (file, sha256) pairs of the *.safetensors files and of TOKENIZER_FILES; `model_files` is
+    worker/pinning.py's ModelPin.files). The window options are read with getattr defaults, so options
+    without them (jobs made before they existed) record context_size 0 and "" for the rest."""
+    files = model_files or {}
+
+    def text(value) -> str:
+        return "" if value is None else ("true" if value is True else "false" if value is False else str(value))
+
+    return {
+        "positions": text(getattr(options, "positions", "")),
+        "context_size": text(getattr(options, "context_size", 0) or 0),
+        "separator": text(getattr(options, "separator", None)),
+        "prepend_bos": text(getattr(options, "prepend_bos", None)),
+        "concat": text(getattr(options, "concat", None)),
+        "max_seq": str(int(max_seq)), "d_model": str(int(d_model)),
+        "compute_dtype": text(getattr(options, "compute_dtype", "")),
+        "store_dtype": text(getattr(options, "store_dtype", "")),
+        "resolved_revision": resolved_revision or "",
+        "weights_sha256": _files_sha256({f: h for f, h in files.items()
+                                         if f.endswith(".safetensors") or f == "model.safetensors.index.json"}),
+        "tokenizer_sha256": _files_sha256({f: h for f, h in files.items() if f.rsplit("/", 1)[-1] in TOKENIZER_FILES}),
+    }
+
+
+def shard_rows(blob, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input row of each token, sample_ids, positions): the rows are `source_rows` where samples are context
+    windows, else the sample ids. Raises ShardFormatError like shard_index."""
+    ids, positions = shard_index(blob, what)
+    tensors, _ = read_tensors(blob, ("source_rows",))
+    return tensors.get("source_rows", ids), ids, positions
+
+
+def shard_bytes(*, sample_ids, token_ids, positions, acts: dict[str, np.ndarray], sites, store_dtype: str,
+                model: str, revision: str, job: str, unit: int, part: int, random_weights: bool,
+                source_rows=None, source_positions=None, extra_metadata: dict[str, str] | None = None) -> bytes:
     """One shard's bytes: the index tensors, then one tensor per site in `sites` order, cast to store_dtype.
-    Each tensor may be given as Pieces."""
+    Each tensor may be given as Pieces. `extra_metadata` (job_metadata's strings) joins the metadata; it
+    cannot replace the keys set here."""
     dtype = STORE_DTYPES[store_dtype]
 
     def cast(value, to):
@@ -201,10 +258,14 @@ def shard_bytes(*, sample_ids, token_ids, positions, acts: dict, sites, store_dt
 
     tensors = {"sample_ids": cast(sample_ids, np.int64), "token_ids": cast(token_ids, np.int32),
                "positions": cast(positions, np.int32)}
+    if source_rows is not None:
+        tensors["source_rows"] = cast(source_rows, np.int64)
+        tensors["source_positions"] = cast(source_positions, np.int32)
     for site in sites:
         tensors[site] = cast(acts[site], dtype)
     ids = tensors["sample_ids"]
-    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model, "revision": revision,
+    metadata = {**(extra_metadata or {}),
+                "format": FORMAT, "format_version": FORMAT_VERSION, "model": model, "revision": revision,
                 "job": job, "unit": str(unit), "part": str(part), "sites": json.dumps(list(sites)),
                 "dtype": store_dtype, "random_weights": "true" if random_weights else "false",
                 "tokens": str(sum(len(a) for a in ids) if isinstance(ids, Pieces) else len(ids))}
@@ -221,11 +282,12 @@ class ShardWriter:
 
     def __init__(self, *, shard_mb: float, model: str, revision: str, job: str, unit: int, sites,
                  store_dtype: str = "bfloat16", random_weights: bool = False,
-                 on_shard: Callable[[Shard], None] | None = None):
+                 on_shard: Callable[[Shard], None] | None = None, extra_metadata: dict[str, str] | None = None):
         if store_dtype not in STORE_DTYPES:
             raise ValueError(f"store dtype {store_dtype!r}: use one of {', '.join(STORE_DTYPES)}")
         self.shard_bytes_target = max(1, int(shard_mb * 2**20))
-        self.meta = dict(model=model, revision=revision, job=job, unit=unit, random_weights=random_weights)
+        self.meta = dict(model=model, revision=revision, job=job, unit=unit, random_weights=random_weights,
+                         extra_metadata=extra_metadata)
         self.sites, self.store_dtype = tuple(sites), store_dtype
         self.on_shard = on_shard
         self.shards: list[Shard] = []
@@ -241,9 +303,12 @@ class ShardWriter:
         if n == 0:
             return
         if self.rows_per_shard is None:
-            row = 16 + sum(batch.acts[s].shape[1] * STORE_DTYPES[self.store_dtype].itemsize for s in self.sites)
+            index = 16 + (12 if getattr(batch, "source_rows", None) is not None else 0)
+            row = index + sum(batch.acts[s].shape[1] * STORE_DTYPES[self.store_dtype].itemsize for s in self.sites)
             self.rows_per_shard = max(1, self.shard_bytes_target // row)
         piece = {"sample_ids": batch.sample_ids, "token_ids": batch.token_ids, "positions": batch.positions}
+        if getattr(batch, "source_rows", None) is not None:
+            piece.update(source_rows=batch.source_rows, source_positions=batch.source_positions)
         piece.update((s, batch.acts[s]) for s in self.sites)
         self._pieces.append(piece)
         self._rows += n
@@ -256,7 +321,7 @@ class ShardWriter:
         return self.shards
 
     def _emit(self, rows: int) -> None:
-        taken: dict[str, Pieces] = {k: Pieces() for k in (*INDEX_TENSORS, *self.sites)}
+        taken: dict[str, Pieces] = {k: Pieces() for k in self._pieces[0]}
         need = rows
         while need:
             piece = self._pieces[0]
@@ -272,9 +337,10 @@ class ShardWriter:
                 n = need
             need -= n
         self._rows -= rows
+        source = {k: taken[k] for k in SOURCE_TENSORS if k in taken}
         blob = shard_bytes(sample_ids=taken["sample_ids"], token_ids=taken["token_ids"],
                            positions=taken["positions"], acts={s: taken[s] for s in self.sites},
-                           sites=self.sites, store_dtype=self.store_dtype, part=self.part, **self.meta)
+                           sites=self.sites, store_dtype=self.store_dtype, part=self.part, **source, **self.meta)
         shard = Shard(self.meta["unit"], self.part, blob, rows)
         self.part += 1
         if self.on_shard is not None:

@@ -5,8 +5,9 @@ Checks, from the job's records and the shards themselves:
    computed from the dataset bytes and model files job.json pins (the digests each done record carries);
 2. every shard a done record lists exists with the listed size and sha256, belongs to that unit, and no
    shard is listed twice;
-3. every input row is accounted for exactly once: the sample ids stored in a unit's shards plus the ids it
-   lists as skipped (with a reason) are exactly the unit's rows, disjoint; no (sample, position) is stored
+3. every input row is accounted for exactly once: the rows stored in a unit's shards (sample ids, or with
+   context windows the `source_rows`) plus the ids it lists as skipped (with a reason) are exactly the
+   unit's rows, disjoint; no (sample, position) is stored
    twice; the token counts in the done record match the shards;
 4. the job itself: units = ceil(rows / unit_rows) and, summed over units, stored + skipped = rows (job.json
    is checked against its own arithmetic, not trusted);
@@ -28,7 +29,7 @@ import numpy as np
 
 from actfleet.errors import ActfleetError
 from actfleet.worker import work_queue as q
-from actfleet.worker.shards import ShardFormatError, shard_index, shard_unit_part
+from actfleet.worker.shards import ShardFormatError, shard_rows, shard_unit_part
 from actfleet.store import NotFound, PreconditionFailed, Store, join
 
 
@@ -154,13 +155,13 @@ def verify(store: Store, job: str, *, clean: bool = False, now: float | None = N
                                                     f"{s.sha256[:12]}...", unit, key))
                 continue
             try:
-                ids, positions = shard_index(blob, key)
+                rows, ids, positions = shard_rows(blob, key)  # rows: source_rows for context windows
             except ShardFormatError as e:
                 out.append(Problem("corrupt-shard", str(e), unit, key))
                 continue
             tokens += len(ids)
-            stored.update(np.unique(ids).tolist())
-            pairs.append(ids.astype(np.int64) * (1 << 32) + positions.astype(np.int64))
+            stored.update(np.unique(rows).tolist())
+            pairs.append(np.stack([ids.astype(np.int64), positions.astype(np.int64)], axis=1))
         if out:
             return out, tokens, stored
         start, stop = rec.start, rec.stop
@@ -169,7 +170,7 @@ def verify(store: Store, job: str, *, clean: bool = False, now: float | None = N
                                        f"{rec.tokens}", unit))
         if pairs:
             allp = np.concatenate(pairs)
-            if len(np.unique(allp)) != len(allp):
+            if len(np.unique(allp, axis=0)) != len(allp):
                 out.append(Problem("rows", f"unit {unit}: some (sample, position) is stored more than once", unit))
         outside = sorted(i for i in stored if not start <= i < stop)
         if outside:

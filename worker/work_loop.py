@@ -259,6 +259,11 @@ class Worker:
             self.on_event("abandoned", {"unit": unit, "reason": str(e)})
             self._write_record("idle")
             return False, 0
+        except InputError:
+            # Bad input (a pinned file changed, a token id outside the vocabulary...): every retry would fail
+            # the same way, so stop this worker (exit 2, one line) instead of abandoning and reclaiming forever.
+            q.release(self.store, keeper.stop())
+            raise
         except BaseException:
             keeper.stop()
             raise
@@ -352,7 +357,7 @@ class Worker:
             put(batches, done_token)
             for t in threads:
                 t.join()
-        if failure and not isinstance(failure[0], Exception):
+        if failure and (not isinstance(failure[0], Exception) or isinstance(failure[0], InputError)):
             raise failure[0]
         if failure:
             raise Stop(f"{type(failure[0]).__name__}: {failure[0]}")
@@ -378,7 +383,8 @@ class _UnitStats:
     def count(self, batch: Any) -> None:
         ids = batch.sample_ids
         self.tokens += int(len(ids))
-        self.stored_ids.update(int(i) for i in set(ids.tolist()))
+        rows = getattr(batch, "source_rows", None)  # context windows: the input rows behind the tokens
+        self.stored_ids.update(int(i) for i in set((ids if rows is None else rows).tolist()))
         self.computed += int(getattr(batch, "computed_tokens", 0) or 0)
         self.padded += int(getattr(batch, "padded_tokens", 0) or 0)
         for sid, reason in (getattr(batch, "skipped", None) or {}).items():

@@ -137,6 +137,9 @@ class JobSpec:
     options: JobOptions  # model, revision, reading and extraction options
     input_generation: int | None = None  # the GCS generation of a gs:// input that prepare hashed
     model_pin: dict | None = None  # the model's resolved revision and file hashes (worker/pinning.py ModelPin)
+    # The input's data files in row order, each with rows, sha256 and seek index (worker/sources.py DataFile
+    # JSON): a unit's rows map to file + row range. None in jobs prepared before multi-file inputs (one file).
+    input_files: list | None = None
     format_version: int = FORMAT_VERSION
 
     @property
@@ -174,7 +177,7 @@ def read_job(store: Store, job: str) -> JobSpec:
 
 def prepare(store: Store, job: str, *, input: str, fingerprint: str, rows: int, unit_rows: int,
             options: JobOptions | dict, input_generation: int | None = None,
-            model_pin: dict | None = None) -> tuple[JobSpec, bool]:
+            model_pin: dict | None = None, input_files: list | None = None) -> tuple[JobSpec, bool]:
     """Create the job's units and job.json; (spec, created). Idempotent for the same input and options:
     preparing again (or concurrently) changes nothing. A different input or options is refused, never mixed.
     `options` may also be given in job.json's JSON form (missing keys take JobOptions' defaults)."""
@@ -187,7 +190,7 @@ def prepare(store: Store, job: str, *, input: str, fingerprint: str, rows: int, 
             raise InputError(f"prepare: {e}") from None
     spec = JobSpec(job=job, input=input, fingerprint=fingerprint, rows=rows, unit_rows=unit_rows,
                    units=-(-rows // unit_rows), options=options, input_generation=input_generation,
-                   model_pin=model_pin)
+                   model_pin=model_pin, input_files=input_files)
     existing = _existing_job(store, job)
     if existing is not None:
         _refuse_if_different(store, existing, spec)

@@ -413,12 +413,21 @@ def _summary(report, run: _Run, fleet, store_dir: Path, job: str, model_dir: Pat
         "garbage_cleaned": len(report.cleaned),  # shards and leases that killed attempts left behind
         "shards_dir": str(shards_dir),
         "load_snippet": _snippet(shards_dir),
+        "load_command": load_command(shards_dir),
     }
 
 
 def _snippet(shards_dir: Path) -> str:
     return (f"from actfleet.worker.reader import load; acts = load({str(shards_dir)!r}); "
             f"print({{k: (v.shape, str(v.dtype)) for k, v in acts.items()}})")
+
+
+def load_command(shards_dir: Path) -> str:
+    """A shell command that loads the shards: the snippet run by this interpreter (the one with actfleet
+    installed), since a bare `python` on PATH is often another one (the system's) that has no actfleet."""
+    import shlex
+
+    return f"{shlex.quote(sys.executable)} -c {shlex.quote(_snippet(shards_dir))}"
 
 
 def _print_summary(s: dict, report) -> None:
@@ -439,7 +448,7 @@ def _print_summary(s: dict, report) -> None:
         f"  restarts  {s['restarts']} ({s['chaos_kills']} chaos kills, {s['crashes']} crashes; "
         f"{s['garbage_cleaned']} leftovers of killed attempts cleaned)",
         f"  shards    {s['shards_dir']}",
-        f"  load them python -c \"{s['load_snippet']}\"",
+        f"  load them {s['load_command']}",
     ]
     for line in lines:
         click.echo(line)

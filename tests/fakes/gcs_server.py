@@ -4,7 +4,8 @@ gcp-storage-emulator speaks the API but ignores `ifGenerationMatch` (a second cr
 `if_generation_match=0` succeeds on it), so the lease and lock paths cannot be tested against it. This
 server implements the part of the API google-cloud-storage uses, with the preconditions GCS applies:
 
-- objects: get metadata, download (`alt=media`, `/download/...`, with `Range`), delete, list with
+- objects: get metadata, download (`alt=media`, `/download/...`, with `Range`; `media` records the bytes
+  each download sent, per object, so tests can see what a reader fetched), delete, list with
   prefix / delimiter / pageToken / maxResults; upload by `uploadType=media`, `multipart` and `resumable`
   (chunked PUTs with Content-Range; the preconditions are evaluated when the upload is finalized);
 - `ifGenerationMatch` (0 = must not exist), `ifGenerationNotMatch`, `ifMetagenerationMatch`,
@@ -89,6 +90,7 @@ class FakeGcs:
         self._faults: list[int] = []
         self._after_faults: list[tuple[str, str, int]] = []  # (method, regex on the unquoted URL, status)
         self.requests = 0
+        self.media: dict[str, list[int]] = {}  # object name -> bytes sent per download (ranged or whole)
         self.httpd: ThreadingHTTPServer | None = None
         self.url = ""
 
@@ -300,6 +302,8 @@ class _Handler(BaseHTTPRequestHandler):
             data, status = obj.data[first:last + 1], 206
             headers["Content-Range"] = f"bytes {first}-{last}/{size}"
             del headers["x-goog-hash"]  # the hash describes the whole object
+        with self.fake.lock:
+            self.fake.media.setdefault(name, []).append(len(data))
         self._send(status, data, ctype=obj.content_type, headers=headers)
 
     def download_object(self, body, q, bucket, name):

@@ -25,7 +25,8 @@ from actfleet.errors import ConfigError, InputError
 from actfleet.job_options import (DEFAULT_LEASE_SECONDS, DEFAULT_UNIT_ROWS, DTYPES, FORMATS, LONG_INPUTS, POSITIONS,
                                   JobOptions)
 from actfleet.worker import work_queue as q
-from actfleet.worker.engine_extractor import EngineExtractor, count_input_rows
+from actfleet.worker.commands.flags import POSITIONS_HELP, SHARD_MB_HELP, reading_options
+from actfleet.worker.engine_extractor import EngineExtractor, samples_per_row
 from actfleet.store import Store, open_store
 
 
@@ -71,32 +72,34 @@ def target_options(f):
 @target_options
 @click.option("--model", help="Model: local dir, gs:// prefix or hub id.")
 @click.option("--revision", help="Hub revision of the model.")
-@click.option("--input", "input_path", help="Dataset file (JSONL, Parquet, CSV) or gs:// URL.")
+@click.option("--input", "input_path", help="Dataset: a file (.jsonl[.gz|.zst], .parquet, .csv, .arrow; local or gs://), "
+                                           "a directory or glob of them, a save_to_disk directory, or a hub id.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), help="How rows are rendered.")
 @click.option("--text-field", help="Field holding the text (format text).")
 @click.option("--messages-field", help="Field holding the messages (format chat).")
 @click.option("--layers", help='Layers: "6,12", "all".')
 @click.option("--sites", help="Site kinds or names, comma-separated: " + ", ".join(site_names.KINDS) + ".")
-@click.option("--positions", type=click.Choice(POSITIONS))
-@click.option("--max-seq", type=int, help="Longest input in tokens (0 = the model's context).")
+@click.option("--positions", type=click.Choice(POSITIONS), help=POSITIONS_HELP)
+@click.option("--max-seq", type=click.IntRange(min=0), help="Longest input in tokens (0 = the model's context).")
 @click.option("--long-inputs", type=click.Choice(LONG_INPUTS))
 @click.option("--batch-tokens", type=int)
 @click.option("--compute-dtype", type=click.Choice(DTYPES))
 @click.option("--store-dtype", type=click.Choice(DTYPES))
-@click.option("--shard-mb", type=click.FloatRange(min=0.001), help="Approximate shard size in MiB.")
+@click.option("--shard-mb", type=click.FloatRange(min=0.001), help=SHARD_MB_HELP)
 @click.option("--model-parallel", type=click.IntRange(min=1), help="Devices that split one copy of the model.")
 @click.option("--unit-rows", type=click.IntRange(min=1), help="Rows per work unit.")
+@reading_options(show_defaults=False)
 @json_option
 def prepare(config_path, store_url, job, model, revision, input_path, fmt, text_field, messages_field, layers,
             sites, positions, max_seq, long_inputs, batch_tokens, compute_dtype, store_dtype, shard_mb, model_parallel,
-            unit_rows, as_json):
+            unit_rows, as_json, **reading):
     """Split a dataset into work units in the store (idempotent; a changed dataset is refused)."""
     t = _target(config_path, store_url, job)
     c = t.config
     given = {"model": model, "revision": revision, "format": fmt, "text_field": text_field,
              "messages_field": messages_field, "positions": positions, "max_seq": max_seq, "long_inputs": long_inputs,
              "batch_tokens": batch_tokens, "compute_dtype": compute_dtype, "store_dtype": store_dtype,
-             "shard_mb": shard_mb, "model_parallel": model_parallel}
+             "shard_mb": shard_mb, "model_parallel": model_parallel, **reading}
     changes = {k: v for k, v in given.items() if v is not None}  # over the config's options (or the defaults)
     if sites or layers:
         changes["sites"] = site_names.from_flags(sites or "resid_post", layers or "")
@@ -108,9 +111,7 @@ def prepare(config_path, store_url, job, model, revision, input_path, fmt, text_
     source = input_path or (c.input if c else "")
     if not source:
         raise InputError("prepare: no dataset: pass --input or set [job] input")
-    if "://" not in source:
-        if not Path(source).is_file():
-            raise InputError(f"prepare: --input {source}: no such file")
+    if "://" not in source and Path(source).exists():
         source = str(Path(source).resolve())
     if "://" not in model and Path(model).exists():
         changes["model"] = str(Path(model).resolve())
@@ -118,18 +119,30 @@ def prepare(config_path, store_url, job, model, revision, input_path, fmt, text_
         options = (c.options if c else JobOptions()).replace(**changes)
     except ValueError as e:
         raise InputError(f"prepare: {e}") from None
+    if options.max_tokens:
+        raise InputError("prepare: --max-tokens is for `actfleet extract` (a fleet's workers run in parallel); "
+                         "size a test job with --max-rows")
     rows_per_unit = unit_rows or (c.unit_rows if c else DEFAULT_UNIT_ROWS)
-    from actfleet.worker import pinning
+    from actfleet.worker import inputs, pinning, sources
+    from actfleet.worker.engine import check_lengths
 
-    local, pin = pinning.pin_input(source)  # rows are counted from exactly the bytes pinned
-    _, model = pinning.pin_model(options.model, options.revision)
-    rows = count_input_rows(str(local), options)
-    spec, created = q.prepare(t.store, t.job, input=source, fingerprint=pin.sha256, rows=rows,
-                              unit_rows=rows_per_unit, options=options, input_generation=pin.generation,
-                              model_pin=model.to_json())
+    model_dir, model = pinning.pin_model(options.model, options.revision)
+    check_lengths(options, model_dir)
+    refs = sources.resolve(source, **options.source_options())
+    per = samples_per_row(options)
+    files, local = pinning.pin_files(refs, options.max_rows, per)  # rows counted from exactly the bytes pinned
+    inputs.check_field(sources.head(files[0], local[0], 1000), what=source, **options.input_options())
+    rows = sum(f.rows for f in files) * per
+    if options.max_rows:
+        rows = min(rows, options.max_rows)
+    spec, created = q.prepare(t.store, t.job, input=source, fingerprint=sources.fingerprint(files), rows=rows,
+                              unit_rows=rows_per_unit, options=options,
+                              input_generation=files[0].generation if len(files) == 1 else None,
+                              model_pin=model.to_json(), input_files=[f.to_json() for f in files])
     progress = q.job_progress(t.store, t.job)
     if as_json:
         click.echo(json.dumps({"job": t.job, "store": t.store.url, "created": created, "units": spec.units,
+                               "files": len(spec.input_files or [spec.input]),
                                "rows": spec.rows, "unit_rows": spec.unit_rows, "fingerprint": spec.fingerprint,
                                "input_generation": spec.input_generation, "model_sha256": spec.model_sha256,
                                "units_done": progress.units_done}))
