@@ -215,20 +215,21 @@ def check_metadata(meta: dict, model_dir: Path, **want) -> None:
         assert meta[k] == v, (k, meta[k], v)
 
 
-def test_job_metadata_reads_window_options_when_the_options_have_them():
-    from types import SimpleNamespace
-
+def test_job_metadata_records_the_window_options_and_the_hashes():
     from actfleet.job_options import JobOptions
     from actfleet.worker.shards import job_metadata, read_tensors, shard_bytes
 
-    old = job_metadata(JobOptions(positions="all"), max_seq=64, d_model=32,
-                       model_files={"model.safetensors": "a" * 64, "tokenizer.json": "b" * 64, "config.json": "c"})
-    assert old["context_size"] == "0" and old["separator"] == old["prepend_bos"] == old["concat"] == ""
-    assert old["positions"] == "all" and old["max_seq"] == "64" and old["weights_sha256"] != old["tokenizer_sha256"]
-    new = job_metadata(SimpleNamespace(positions="all", context_size=128, separator="eos", prepend_bos=True,
-                                       concat=False, compute_dtype="float32", store_dtype="bfloat16"),
+    whole = job_metadata(JobOptions(positions="all"), max_seq=64, d_model=32,
+                         model_files={"model.safetensors": "a" * 64, "tokenizer.json": "b" * 64, "config.json": "c"})
+    assert (whole["context_size"], whole["separator"], whole["prepend_bos"], whole["concat"]) == ("0", "eos", "true",
+                                                                                                   "true")
+    assert whole["positions"] == "all" and whole["max_seq"] == "64" and whole["weights_sha256"] != whole["tokenizer_sha256"]
+    assert whole["weights_sha256"] and whole["tokenizer_sha256"] and whole["resolved_revision"] == ""
+    new = job_metadata(JobOptions(positions="all", context_size=128, separator="bos", prepend_bos=False, concat=False,
+                                  compute_dtype="float32", store_dtype="bfloat16"),
                        max_seq=128, d_model=32, resolved_revision="f" * 40)
-    assert (new["context_size"], new["separator"], new["prepend_bos"], new["concat"]) == ("128", "eos", "true", "false")
+    assert (new["context_size"], new["separator"], new["prepend_bos"], new["concat"]) == ("128", "bos", "false", "false")
+    assert (new["compute_dtype"], new["store_dtype"], new["d_model"]) == ("float32", "bfloat16", "32")
     assert new["resolved_revision"] == "f" * 40 and new["weights_sha256"] == ""
     blob = shard_bytes(sample_ids=[0], token_ids=[1], positions=[0], acts={SITE: np.ones((1, 2), np.float32)},
                        sites=[SITE], store_dtype="float32", model="m", revision="r", job="j", unit=0, part=0,

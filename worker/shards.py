@@ -212,22 +212,22 @@ def job_metadata(options, *, max_seq: int, d_model: int, model_files: dict[str, 
     model's context when the option is 0), d_model, compute_dtype, store_dtype, resolved_revision (the hub
     commit a moving revision resolved to; "" off the hub), weights_sha256 and tokenizer_sha256 (sha256 over
     the sorted (file, sha256) pairs of the *.safetensors files and of TOKENIZER_FILES; `model_files` is
-    worker/pinning.py's ModelPin.files). The window options are read with getattr defaults, so options
-    without them (jobs made before they existed) record context_size 0 and "" for the rest."""
+    worker/pinning.py's ModelPin.files). `options` is a JobOptions (a job.json from before the window options
+    existed loads with their defaults)."""
     files = model_files or {}
 
     def text(value) -> str:
         return "" if value is None else ("true" if value is True else "false" if value is False else str(value))
 
     return {
-        "positions": text(getattr(options, "positions", "")),
-        "context_size": text(getattr(options, "context_size", 0) or 0),
-        "separator": text(getattr(options, "separator", None)),
-        "prepend_bos": text(getattr(options, "prepend_bos", None)),
-        "concat": text(getattr(options, "concat", None)),
+        "positions": text(options.positions),
+        "context_size": text(options.context_size),
+        "separator": text(options.separator),
+        "prepend_bos": text(options.prepend_bos),
+        "concat": text(options.concat),
         "max_seq": str(int(max_seq)), "d_model": str(int(d_model)),
-        "compute_dtype": text(getattr(options, "compute_dtype", "")),
-        "store_dtype": text(getattr(options, "store_dtype", "")),
+        "compute_dtype": text(options.compute_dtype),
+        "store_dtype": text(options.store_dtype),
         "resolved_revision": resolved_revision or "",
         "weights_sha256": _files_sha256({f: h for f, h in files.items()
                                          if f.endswith(".safetensors") or f == "model.safetensors.index.json"}),
