@@ -17,14 +17,13 @@ import re
 import stat
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from actfleet.config import parse
 from actfleet.infra.startup_script import worker_metadata
+from tests.fakes.metadata_server import serve_attributes
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP = ROOT / "bootstrap" / "startup.sh"
@@ -432,35 +431,14 @@ def test_a_moving_or_ambiguous_ref_is_refused(vm, ref):
 
 def test_reads_the_metadata_server_with_its_header(vm):
     """The VM path: attributes over HTTP from a metadata server that insists on Metadata-Flavor: Google."""
-    served = []
     vm.image_has_pip()
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            key = self.path.rsplit("/", 1)[-1]
-            path = vm.metadata_dir / key
-            if self.headers.get("Metadata-Flavor") != "Google":
-                status, body = 403, b"missing Metadata-Flavor header"
-            elif not path.is_file():
-                status, body = 404, b"not found"
-            else:
-                status, body = 200, path.read_bytes()
-            served.append((key, status))
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def lookup(key):
+        path = vm.metadata_dir / key
+        return path.read_bytes() if path.is_file() else None
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/computeMetadata/v1/instance/attributes"
+    with serve_attributes(lookup) as (url, served):
         result = vm.run({"ACTFLEET_METADATA_DIR": "", "ACTFLEET_METADATA_URL": url})
-    finally:
-        server.shutdown()
     assert result.returncode == 0, result.stderr
     assert ("actfleet-commit", 200) in served and ("actfleet-worker", 200) in served
     assert "ACTFLEET_WORKER=tpu-us-central1-a-0" in (vm.root / "etc/actfleet/worker.env").read_text()

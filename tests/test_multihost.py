@@ -10,13 +10,10 @@ tests/test_bootstrap.py), and the leader/follower protocol and lease keeping in-
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import socket
 import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +26,7 @@ from actfleet.worker import work_queue as q
 from actfleet.worker.verify import verify
 from actfleet.worker.work_loop import Worker
 from tests.fakes import standin_extractor as sx
+from tests.fakes.metadata_server import serve_attributes
 from tests.test_chaos import Proc, actfleet_argv, unit_tensors
 
 # ----------------------------------------------------------------------------------------------------
@@ -54,32 +52,9 @@ def test_role_from_flags():
 def metadata_server(monkeypatch):
     """A metadata server stand-in serving `attrs` (a dict the test fills) only with Metadata-Flavor: Google."""
     attrs: dict[str, str] = {}
-    served: list[tuple[str, int]] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            key = self.path.rsplit("/", 1)[-1]
-            if self.headers.get("Metadata-Flavor") != "Google":
-                status, body = 403, b"missing Metadata-Flavor header"
-            elif key not in attrs:
-                status, body = 404, b"not found"
-            else:
-                status, body = 200, attrs[key].encode()
-            served.append((key, status))
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("ACTFLEET_METADATA_URL",
-                       f"http://127.0.0.1:{server.server_address[1]}/computeMetadata/v1/instance/attributes")
-    yield attrs, served
-    server.shutdown()
+    with serve_attributes(lambda key: attrs[key].encode() if key in attrs else None) as (url, served):
+        monkeypatch.setenv("ACTFLEET_METADATA_URL", url)
+        yield attrs, served
 
 
 def test_role_from_the_tpu_vm_metadata(metadata_server):
