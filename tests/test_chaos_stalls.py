@@ -641,7 +641,7 @@ def test_chaos_with_stalls_and_the_real_engine_matches_extract(tmp_path):
     rng = random.Random(11)
     words = "the fox grid answer shard token lease unit worker bucket".split()
     data.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))})
-                            + "\n" for _ in range(900)))  # 300 units: enough work to outlast the stalls
+                            + "\n" for _ in range(3000)))  # 1,000 units: enough work to outlast the stalls
     env = {"ACTFLEET_JAX_CACHE": str(tmp_path / "jax-cache")}  # restarted workers reuse compiled programs
     opts = JobOptions(model=str(model), sites=("blocks.0.hook_resid_post", "blocks.1.hook_resid_post"),
                       positions="non-special", compute_dtype="bfloat16", store_dtype="bfloat16",
