@@ -74,11 +74,6 @@ class Batch:
     def stored_tokens(self) -> int:
         return len(self.sample_ids)
 
-    @property
-    def stored_rows(self) -> np.ndarray:
-        """The input row of each stored token (the sample id, unless samples are context windows)."""
-        return self.sample_ids if self.source_rows is None else self.source_rows
-
 
 def check_lengths(options: JobOptions, model_dir: Path, config=None) -> int:
     """The model's context length; InputError if --max-seq or --context-size exceed it."""
@@ -337,10 +332,6 @@ class Engine:
     def run_tokens(self, rows: Iterable[tuple[int, "np.ndarray | None", "str | None"]]) -> Iterator[Batch]:
         """`run` on already tokenized rows: (sample_id, token ids, skip_reason)."""
         return self.run_prepared(self.prepare_tokens(rows))
-
-    def run_windows(self, rows: list[tuple[int, "np.ndarray | None", "str | None"]]) -> Iterator[Batch]:
-        """Context windows over tokenized rows (sample_id, ids, reason) (see the module docstring)."""
-        return self.run_prepared(self.prepare_windows(rows))
 
     def run_prepared(self, prepared: Prepared) -> Iterator[Batch]:
         return (batch for _, batch in self.run_stream([prepared]))

@@ -96,12 +96,6 @@ def _job_shards(store, location: str) -> Source | None:
     return Source(store, keys, location, sum(r is not None for r in records), spec.units)
 
 
-def shard_locations(location: str) -> tuple[object, list[str]]:
-    """(store or None, shard keys/paths): open_source without the job counts."""
-    src = open_source(location)
-    return src.store, src.keys
-
-
 # ----------------------------------------------------------------------------------------------------
 # One shard, read by its header
 # ----------------------------------------------------------------------------------------------------
