@@ -20,10 +20,14 @@ import base64
 import os
 from pathlib import Path
 
+from actfleet.quiet import quiet_cdktf_bindings
+
 # jsii prints a banner about the Node.js version on every start; the pinned toolchain is deliberate.
 os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "18,20")
 os.environ.setdefault("JSII_SILENCE_WARNING_DEPRECATED_NODE_VERSION", "1")
 os.environ.setdefault("JSII_SILENCE_WARNING_UNTESTED_NODE_VERSION", "1")
+# typeguard 4 (the saelens extra's) warns ~20 times a synth that it cannot check jsii's protocols: dropped.
+quiet_cdktf_bindings()
 
 from cdktf import (App, DataResource, GcsBackend, LocalBackend, LocalExecProvisioner,  # noqa: E402
                    TerraformIterator, TerraformLocal, TerraformOutput, TerraformStack, Token)
