@@ -42,7 +42,10 @@ def foreign(stderr: str, *ours: str) -> list[str]:
 def actfleet(*args: str, cwd: Path, env: dict | None = None, code: str = "from actfleet.cli import main; main()",
              timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, **(env or {})}
-    env.pop("ACTFLEET_CONFIG", None)
+    # As an operator runs it: conftest's JAX_PLATFORMS=cpu and TF_CPP_MIN_LOG_LEVEL=3 would hide what jax and
+    # XLA print on a normal start (jax: at INFO, that it found no TPU).
+    for name in ("ACTFLEET_CONFIG", "JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL"):
+        env.pop(name, None)
     return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           stdin=subprocess.DEVNULL, timeout=timeout)
 
