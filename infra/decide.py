@@ -33,8 +33,9 @@ qr_state "ACTIVE" / node_state "READY", an exited one as node_state "PREEMPTED",
 
 Memory between passes (the controller's only state besides the cloud) is a `Remembered` per worker: when
 it entered its observed state (so limits count from there, not from the queued resource's creation), and
-the backoff of its failing creates. `with_history` (before deciding) and `remember` (after acting) are the
-pure halves; infra/reconcile.py loads and saves it next to the reconcile lock.
+the backoff of its failing creates. `settle` and `with_history` (before deciding: infra/plan.py runs them
+with decide) and `remember` (after acting) are the pure halves; infra/reconcile.py loads and saves it next
+to the reconcile lock.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@
             state file itself: no terraform process), the workers' own records in the job's store (boot
             and heartbeat rules), whether the job is complete (`reconcile.watch_job`), and the memory the
             last pass left (when each worker entered its state; the backoff of failing creates).
-- decide:   infra/decide.py, pure.
+- decide:   infra/plan.py (settle -> history -> decide, pure), the plan `actfleet status` also shows: it
+            reads the same inputs through observe_inputs below.
 - act:      delete orphans through the TPU API (deletes confirmed); then, only if a worker must be created,
             replaced or removed, exactly ONE `terraform apply` of the fleet stack carrying every -replace=
             of the pass. A pass with nothing to do runs no terraform and never imports cdktf.
@@ -229,11 +230,11 @@ def _observe_decide_act(cfg: Config, report: PassReport, api, clock, lock: Recon
     policy = Policy.from_config(cfg)
     if retry_now:
         policy = replace(policy, retry_now=True)
-    job_complete = inputs.job_complete
+    unreachable, job_complete = inputs.unreachable, inputs.job_complete
     p = plan(cfg.fleet.workers, inputs.observed, now, policy, history=inputs.history,
-             unreachable_zones=frozenset(inputs.unreachable), managed=managed, job_complete=job_complete,
+             unreachable_zones=frozenset(unreachable), managed=managed, job_complete=job_complete,
              liveness=inputs.liveness)
-    actions, history, observed, unreachable = p.actions, p.history, p.observed, inputs.unreachable
+    actions, history, observed = p.actions, p.history, p.observed
     report.actions = actions
     acting = [a for a in actions if a.acts]
     _count_restarts(report, history)

@@ -2,15 +2,16 @@
 
     worker  zone  queued resource  node  health  units  tokens  shards  last heartbeat
 
-`health` is the action reconcile plans for the worker right now: the same plan (infra/plan.py) on the same
-inputs (healthy, pending, wait, report, create, replace, remove, delete-orphan). Totals and throughput go underneath. Works with what exists: the
-fleet alone (no job prepared yet, or no store reachable), the job alone (TPU API unreachable), or both.
+`health` is the action reconcile plans for the worker right now (healthy, pending, wait, report, create,
+replace, remove, delete-orphan): the same plan (infra/plan.py) on the same inputs (infra/reconcile.py:
+observe_inputs). Totals and throughput go underneath. Works with what exists: the fleet alone (no job
+prepared yet, or no store reachable), the job alone (TPU API unreachable), or both.
 `--watch SECONDS` redraws in place (rich Live); `--json` prints one document (schema
 "actfleet.status/v1", docs/operations.md).
 
-It reads only: the TPU API's lists (and the GETs reconcile would confirm with), the job's small JSON records,
-reconcile's memory and Terraform's state document. It never imports cdktf, Terraform,
-JAX or torch, so it starts in about a second.
+It reads only: the TPU API's lists (and the GETs reconcile would confirm with), the job's small JSON
+records, reconcile's memory and Terraform's state document. It never imports cdktf, Terraform, JAX or
+torch, so it starts in about a second.
 """
 
 from __future__ import annotations
