@@ -24,11 +24,10 @@ from pathlib import Path
 
 import click
 
-from actfleet import sites as site_names
 from actfleet.cli import json_option
 from actfleet.errors import InputError
-from actfleet.job_options import DEFAULT_UNIT_ROWS, DEFAULTS, DTYPES, FORMATS, LONG_INPUTS, POSITIONS, JobOptions
-from actfleet.worker.commands.flags import POSITIONS_HELP, SHARD_MB_HELP, reading_options
+from actfleet.job_options import EXTRACT, JobOptions
+from actfleet.worker.commands.flags import job_options, options_from_flags
 
 SUMMARY = "summary.json"
 STATE = ".extract"  # run.json and one record per finished unit (resuming)
@@ -80,44 +79,11 @@ class _FileWriter:
 
 
 @click.command()
-@click.option("--model", required=True, help="Model: a local dir, a gs:// prefix or a hub id (HF format, safetensors).")
-@click.option("--revision", default=DEFAULTS.revision, show_default=True, help="Hub revision (commit) of the model.")
-@click.option("--input", "input_path", required=True,
-              help="Dataset: a file (.jsonl[.gz|.zst], .parquet, .csv, .arrow; local or gs://), a directory or glob "
-                   "of them, a save_to_disk directory, or a hub dataset id (with --split, --subset, --dataset-revision).")
+@job_options(EXTRACT)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory for shards and summary.json.")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default=DEFAULTS.format, show_default=True)
-@click.option("--text-field", default=DEFAULTS.text_field, show_default=True, help="Field holding the text (format text).")
-@click.option("--messages-field", default=DEFAULTS.messages_field, show_default=True, help="Field holding chat messages.")
-@click.option("--arc-augmentations", type=click.IntRange(min=0), default=DEFAULTS.arc_augmentations, show_default=True,
-              help="Augmented copies per ARC task (flips/rotations, colours, train order).")
-@click.option("--arc-seed", type=int, default=DEFAULTS.arc_seed, show_default=True)
-@click.option("--sites", default="resid_post", show_default=True,
-              help="Site kinds (" + ", ".join(site_names.KINDS) + ") or names like blocks.6.hook_resid_post, comma-separated.")
-@click.option("--layers", default="all", show_default=True, help='Layers for the site kinds: "0,5,11" or "all".')
-@click.option("--positions", type=click.Choice(POSITIONS), default=DEFAULTS.positions, show_default=True,
-              help=POSITIONS_HELP)
-@click.option("--compute-dtype", type=click.Choice(DTYPES), default=DEFAULTS.compute_dtype, show_default=True)
-@click.option("--store-dtype", type=click.Choice(DTYPES), default=DEFAULTS.store_dtype, show_default=True)
-@click.option("--max-seq", type=click.IntRange(min=0), default=DEFAULTS.max_seq, show_default=True, help="Longest input in tokens (0 = the model's context).")
-@click.option("--long-inputs", type=click.Choice(LONG_INPUTS), default=DEFAULTS.long_inputs, show_default=True,
-              help="What to do with inputs longer than --max-seq (counted in summary.json).")
-@click.option("--batch-tokens", type=click.IntRange(min=1), default=DEFAULTS.batch_tokens, show_default=True, help="Tokens per device batch.")
-@click.option("--shard-mb", type=click.FloatRange(min=0.001), default=DEFAULTS.shard_mb, show_default=True,
-              help=SHARD_MB_HELP)
-@click.option("--model-parallel", type=click.IntRange(min=1), default=DEFAULTS.model_parallel, show_default=True,
-              help="Devices that split one copy of the model (attention heads and MLP); must divide the device "
-                   "count, the heads and the MLP size.")
-@click.option("--unit-rows", type=click.IntRange(min=1), default=DEFAULT_UNIT_ROWS, show_default=True,
-              help="Rows per engine run (same as a fleet job's unit_rows: same rows, same bits).")
-@click.option("--max-tokens", type=click.IntRange(min=0), default=DEFAULTS.max_tokens, show_default=True,
-              help="Stop after the unit in which the stored tokens reach N (0 = no limit): a test-size run.")
-@reading_options(show_defaults=True)
 @click.option("--overwrite", is_flag=True, help="Start over: delete the shards and progress already in --out.")
 @json_option
-def extract(model, revision, input_path, out_dir, fmt, text_field, messages_field, arc_augmentations, arc_seed, sites,
-            layers, positions, compute_dtype, store_dtype, max_seq, long_inputs, batch_tokens, shard_mb, model_parallel,
-            unit_rows, max_tokens, overwrite, as_json, **reading):
+def extract(out_dir, overwrite, as_json, **flags):
     """Extract activations from a dataset to safetensors shards in --out (a rerun resumes)."""
     from actfleet.worker.hf_logging import quiet_transformers
 
@@ -129,15 +95,9 @@ def extract(model, revision, input_path, out_dir, fmt, text_field, messages_fiel
     from actfleet.worker.engine import check_lengths
     from actfleet.worker.engine_extractor import samples_per_row
 
-    sites = site_names.from_flags(sites, layers)
-    try:
-        options = JobOptions(model=model, revision=revision, format=fmt, text_field=text_field,
-                             messages_field=messages_field, arc_augmentations=arc_augmentations, arc_seed=arc_seed,
-                             sites=sites, positions=positions, max_seq=max_seq, long_inputs=long_inputs,
-                             batch_tokens=batch_tokens, compute_dtype=compute_dtype, store_dtype=store_dtype,
-                             shard_mb=shard_mb, model_parallel=model_parallel, max_tokens=max_tokens, **reading)
-    except ValueError as e:
-        raise InputError(str(e)) from None
+    input_path, unit_rows = flags.pop("input"), flags.pop("unit_rows")
+    options = options_from_flags(flags, JobOptions())
+    model, revision, max_tokens = options.model, options.revision, options.max_tokens
     # Fail on a missing or misread dataset, or a model that cannot take the lengths, before the slow imports.
     refs = sources.resolve(input_path, **options.source_options())
     check_lengths(options, model_files.resolve(model, revision=revision))
@@ -189,8 +149,8 @@ def extract(model, revision, input_path, out_dir, fmt, text_field, messages_fiel
             stop = min(total, start + unit_rows)
             rows = inputs.read_source_rows(files, local, start=start, stop=stop, tokenizer=engine.tokenizer,
                                            **options.input_options())
-            shards = ShardWriter(shard_mb=shard_mb, model=model, revision=revision, job="extract", unit=unit,
-                                 sites=engine.sites, store_dtype=store_dtype, random_weights=engine.random_weights,
+            shards = ShardWriter(shard_mb=options.shard_mb, model=model, revision=revision, job="extract", unit=unit,
+                                 sites=engine.sites, store_dtype=options.store_dtype, random_weights=engine.random_weights,
                                  on_shard=writer, extra_metadata=meta)
             stats, skipped, unit_started = Counter(), {}, time.perf_counter()
             for batch in engine.run(rows):
