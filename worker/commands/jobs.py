@@ -25,7 +25,7 @@ from actfleet.errors import ConfigError, InputError
 from actfleet.job_options import DEFAULT_LEASE_SECONDS, DEFAULT_UNIT_ROWS, PREPARE, JobOptions
 from actfleet.worker import work_queue as q
 from actfleet.worker.commands.flags import job_options
-from actfleet.worker.engine_extractor import EngineExtractor, samples_per_row
+from actfleet.worker.engine_extractor import EngineExtractor
 from actfleet.store import Store, open_store
 
 
@@ -99,22 +99,10 @@ def prepare(config_path, store_url, job, as_json, **flags):
         raise InputError("prepare: --max-tokens is for `actfleet extract` (a fleet's workers run in parallel); "
                          "size a test job with --max-rows")
     rows_per_unit = unit_rows or (c.unit_rows if c else DEFAULT_UNIT_ROWS)
-    from actfleet.worker import inputs, pinning, sources
-    from actfleet.worker.engine import check_lengths
+    from actfleet.worker.job_setup import pin_job_inputs
 
-    model_dir, model = pinning.pin_model(options.model, options.revision)
-    check_lengths(options, model_dir)
-    refs = sources.resolve(source, **options.source_options())
-    per = samples_per_row(options)
-    files, local = pinning.pin_files(refs, options.max_rows, per)  # rows counted from exactly the bytes pinned
-    inputs.check_field(sources.head(files[0], local[0], 1000), what=source, **options.input_options())
-    rows = sum(f.rows for f in files) * per
-    if options.max_rows:
-        rows = min(rows, options.max_rows)
-    spec, created = q.prepare(t.store, t.job, input=source, fingerprint=sources.fingerprint(files), rows=rows,
-                              unit_rows=rows_per_unit, options=options,
-                              input_generation=files[0].generation if len(files) == 1 else None,
-                              model_pin=model.to_json(), input_files=[f.to_json() for f in files])
+    pinned = pin_job_inputs(options, source)
+    spec, created = q.prepare(t.store, t.job, unit_rows=rows_per_unit, options=options, **pinned.prepare_args())
     progress = q.job_progress(t.store, t.job)
     if as_json:
         click.echo(json.dumps({"job": t.job, "store": t.store.url, "created": created, "units": spec.units,
