@@ -231,12 +231,14 @@ def _resume_state(out: Path, store: OutStore, overwrite: bool, wanted: dict) -> 
     run's shards. `wanted`: what this run reads and how, compared with the job.json already there."""
     from actfleet.worker.shards import shard_unit_part
 
-    shard_files = [f for f in out.glob("*.safetensors")]
+    shard_files = list(out.glob("*.safetensors"))
     queue_dir = out / STATE / JOB
     if overwrite:
         for f in shard_files + [out / SUMMARY]:
             f.unlink(missing_ok=True)
-        shutil.rmtree(queue_dir, ignore_errors=True)
+        for p in (out / STATE).iterdir():  # the queue, and an older extract's records; not the lock we hold
+            if p.name != LOCK:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
         return {}
     if not (queue_dir / "job.json").is_file():
         if shard_files:
@@ -255,7 +257,15 @@ def _resume_state(out: Path, store: OutStore, overwrite: bool, wanted: dict) -> 
     # We hold the lock: any lease is a dead run's, and would only make us wait for its expiry.
     for key in list(store.list(f"{JOB}/leases/")):
         store.records.delete(key)
-    done = {u: r for u in range(spec.units) if (r := q.read_done(store, JOB, u)) is not None}
+    done = {}
+    for u in range(spec.units):
+        r = q.read_done(store, JOB, u)
+        if r is None:
+            continue
+        if all(store.size(f"{JOB}/{s.name}") == s.bytes for s in r.shards):
+            done[u] = r
+        else:  # a shard of it was deleted or damaged since: the unit is redone
+            store.delete(q.done_key(JOB, u))
     listed = {store._route(f"{JOB}/{s.name}")[1] for r in done.values() for s in r.shards}
     for f in shard_files:  # shards of units cut short: redone, so never mixed with the rerun's
         if f.name not in listed or shard_unit_part(f.name) is None:
