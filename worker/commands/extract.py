@@ -92,7 +92,21 @@ class OutStore(Store):
 
     def put(self, key, data):
         s, k = self._route(key)
-        return s.put(k, data)
+        if s is self.records:
+            return s.put(k, data)
+        # A shard: written to a hidden temporary name and renamed into place. No per-key lock file (the
+        # local store's way against concurrent writers): this run is the only writer of --out.
+        path = self.shards.root / k
+        tmp = path.with_name(f".{k}.tmp-{os.getpid()}")
+        try:
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                tmp.write_bytes(data)
+            else:
+                shutil.copyfile(data, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return os.stat(path).st_mtime_ns
 
     def list(self, prefix):
         return self.records.list(prefix)  # the queue lists records only; the shards are --out's *.safetensors
@@ -270,6 +284,8 @@ def _resume_state(out: Path, store: OutStore, overwrite: bool, wanted: dict) -> 
     for f in shard_files:  # shards of units cut short: redone, so never mixed with the rerun's
         if f.name not in listed or shard_unit_part(f.name) is None:
             f.unlink()
+    for f in out.glob(".*.tmp-*"):  # a shard write cut short
+        f.unlink()
     (out / SUMMARY).unlink(missing_ok=True)
     return done
 
