@@ -1,6 +1,7 @@
 """fleet.toml -> frozen, typed configuration: the one source of desired state (README, "The cloud path"; every key in fleet.example.toml).
 
-Every key is declared once in SCHEMA below with its type, default and what is allowed. Loading checks
+Every key is declared once in SCHEMA below with its type, default and what is allowed ([job]'s keys come from
+the option table, actfleet.job_options.TABLE). Loading checks
 every value and fails with one line naming the file, the key, the value and what is allowed, e.g.
 
     fleet.toml: fleet.mode = "spot": must be one of "queued", "vm"
@@ -19,11 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from actfleet import accelerators
+from actfleet import accelerators, job_options
 from actfleet import sites as site_names
 from actfleet.errors import ConfigError
-from actfleet.job_options import (DEFAULT_LEASE_SECONDS, DEFAULT_UNIT_ROWS, DEFAULTS, DTYPES, FORMATS, KEYS,
-                                  LONG_INPUTS, POSITIONS, SEPARATORS, JobOptions)
+from actfleet.job_options import KEYS, JobOptions
 
 CONFIG_ENV = "ACTFLEET_CONFIG"
 TPU_ENDPOINT_ENV = "ACTFLEET_TPU_ENDPOINT"
@@ -308,40 +308,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "prefix": Key(_string(r"[A-Za-z0-9_./-]+", "an object prefix", empty_ok=True), ""),
         "path": Key(_string(r"[^\s]+", "a directory path"), ".actfleet/state"),
     },
-    "job": {
-        "name": Key(_string(r"[a-z0-9][a-z0-9._-]{0,62}", "a job name (a-z, 0-9, ., _, -; up to 63)"), "default"),
-        "store": Key(_store_url, ""),
-        "model": Key(_string(r"\S+", "a local path, gs://bucket/prefix or hub id")),
-        "revision": Key(_string(r"[A-Za-z0-9._/-]+", "a hub revision"), DEFAULTS.revision),
-        "input": Key(_string(r"\S+", "a dataset file, directory, glob, gs:// URL or hub dataset id")),
-        "split": Key(_string(r"[A-Za-z0-9_.-]+", "a split name"), DEFAULTS.split),
-        "subset": Key(_string(r"[A-Za-z0-9_.-]+", "a subset (config) name", empty_ok=True), DEFAULTS.subset),
-        "dataset_revision": Key(_string(r"[A-Za-z0-9._/-]+", "a hub revision"), DEFAULTS.dataset_revision),
-        "max_rows": Key(_int(0), DEFAULTS.max_rows),
-        "max_tokens": Key(_int(0), DEFAULTS.max_tokens),
-        "format": Key(_choice(*FORMATS), DEFAULTS.format),
-        "text_field": Key(_string(r"\S+", "a field name"), DEFAULTS.text_field),
-        "messages_field": Key(_string(r"\S+", "a field name"), DEFAULTS.messages_field),
-        "tokens_field": Key(_string(r"\S+", "a field name", empty_ok=True), DEFAULTS.tokens_field),
-        "context_size": Key(_int(0, 1 << 20), DEFAULTS.context_size),
-        "separator": Key(_choice(*SEPARATORS), DEFAULTS.separator),
-        "prepend_bos": Key(_bool, DEFAULTS.prepend_bos),
-        "concat": Key(_bool, DEFAULTS.concat),
-        "arc_augmentations": Key(_int(0, 64), DEFAULTS.arc_augmentations),
-        "arc_seed": Key(_int(0), DEFAULTS.arc_seed),
-        "sites": Key(_sites, ["resid_post"]),  # kinds (with layers) or names; expanded into JobOptions.sites
-        "layers": Key(_layers, []),
-        "positions": Key(_choice(*POSITIONS), DEFAULTS.positions),
-        "max_seq": Key(_int(0, 1 << 20), DEFAULTS.max_seq),
-        "long_inputs": Key(_choice(*LONG_INPUTS), DEFAULTS.long_inputs),
-        "batch_tokens": Key(_int(16, 1 << 24), DEFAULTS.batch_tokens),
-        "compute_dtype": Key(_choice(*DTYPES), DEFAULTS.compute_dtype),
-        "store_dtype": Key(_choice(*DTYPES), DEFAULTS.store_dtype),
-        "shard_mb": Key(_int(1, 8192), DEFAULTS.shard_mb),
-        "model_parallel": Key(_int(1, 4096), DEFAULTS.model_parallel),
-        "unit_rows": Key(_int(1), DEFAULT_UNIT_ROWS),
-        "lease_seconds": Key(_int(10, 86400), DEFAULT_LEASE_SECONDS),
-    },
+    "job": {},  # generated from actfleet.job_options.TABLE below
     "reconcile": {
         "provision_timeout_minutes": Key(_int(1, 100000), 120),
         "on_provision_timeout": Key(_choice("report", "replace"), "report"),
@@ -352,6 +319,26 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "heartbeat_timeout_minutes": Key(_minutes, 15.0),
     },
 }
+
+
+def _option_key(o: job_options.Option) -> Key:
+    """fleet.toml's [job] key for one row of the option table: the table's own check, so every bound reads the
+    same here as on the command line and in job.json. Sites, layers and store have fleet.toml forms of their
+    own (kinds with a layer list; a store URL)."""
+    special = {"sites": Key(_sites, ["resid_post"]), "layers": Key(_layers, []), "store": Key(_store_url, "")}
+    if o.name in special:
+        return special[o.name]
+
+    def check(v):
+        try:
+            return o.check(v)
+        except job_options.BadValue as e:
+            raise _Bad(str(e)) from None
+
+    return Key(check, REQUIRED if o.required else o.default)
+
+
+SCHEMA["job"] = {o.name: _option_key(o) for o in job_options.applying(job_options.TOML)}
 REQUIRED_SECTIONS = ("fleet", "repo", "storage", "job")
 
 

@@ -162,7 +162,8 @@ def test_ctrl_c_then_rerun_resumes_from_committed_units(tmp_path, model):
     p = subprocess.Popen([sys.executable, "-c", "from actfleet.cli import main; main()", *args, "--out", str(out)],
                          cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
-    while not (out / ".extract" / "unit-000003.json").exists():  # a few units in, then Ctrl-C
+    done = out / ".extract" / "extract" / "done"  # the local queue's done records (extract.py, "Layout")
+    while not (done / "000003").exists():  # a few units in, then Ctrl-C
         assert p.poll() is None, p.communicate()
         if time.monotonic() > deadline:  # a safety net against a hung run, not a timing check
             p.kill()
@@ -172,7 +173,7 @@ def test_ctrl_c_then_rerun_resumes_from_committed_units(tmp_path, model):
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130, err
     assert not (out / "summary.json").exists()
-    kept = len(list((out / ".extract").glob("unit-*.json")))
+    kept = len(list(done.iterdir()))
     assert 4 <= kept < 60  # cut short, with some units committed
     again = actfleet(*args, "--out", str(out), cwd=tmp_path)  # no --overwrite: it continues
     assert again.returncode == 0, again.stderr

@@ -20,8 +20,8 @@ def test_json_form_round_trips_and_fills_defaults():
 @pytest.mark.parametrize("changes, message", [
     ({"positions": "first"}, "positions 'first': use one of all, non-special, last"),
     ({"store_dtype": "float16"}, "store_dtype 'float16'"),
-    ({"batch_tokens": 0}, "batch_tokens 0: must be an integer >= 1"),
-    ({"shard_mb": 0}, "shard_mb 0: must be a number > 0"),
+    ({"batch_tokens": 0}, "batch_tokens 0: must be an integer from 16 to 16777216"),  # was >= 1 (one bound)
+    ({"shard_mb": 0}, "shard_mb 0: must be a number from 0.001 to 8192"),  # was > 0 (one bound)
     ({"sites": ("resid_post",)}, "must be site names"),
 ])
 def test_bad_values_are_refused(changes, message):

@@ -13,11 +13,13 @@ class EngineExtractor:
     what the job pins (worker/pinning.py): the dataset from its content-addressed copy, the model checked
     file by file. Either differing is refused here, before any unit is claimed."""
 
-    def __init__(self, spec: q.JobSpec):
+    def __init__(self, spec: q.JobSpec, pinned=None):
+        """`pinned`: the job_setup.JobInputs this process pinned the job from (`actfleet extract`): its model
+        directory and local file copies are used as they are instead of being fetched and hashed again."""
         from actfleet.worker import engine as eng, inputs, pinning, shards, sources
 
         self.spec, self.o, self._inputs, self._shards = spec, spec.options, inputs, shards
-        self._pinning, self._copies = pinning, {}
+        self._pinning, self._sources, self._copies = pinning, sources, {}
         if spec.input_files:
             # Each file is copied and checked against its pin when a unit first reads it (pinning.pinned_file).
             self.files = [sources.DataFile.from_json(d) for d in spec.input_files]
@@ -26,11 +28,12 @@ class EngineExtractor:
             self.files = [sources.describe(spec.input, local, sources.file_kind(spec.input), spec.fingerprint,
                                            spec.input_generation)]
             self._copies[0] = sources.plain_copy(self.files[0], local, pinning.data_cache())
+        self._pinned_local = list(pinned.local) if pinned is not None else None
         if len(self.files) == 1:  # one file: checked before any unit is claimed, as always
             self._local(self.files[0])
         self._fingerprint = sources.fingerprint(self.files)
-        model_dir = None
-        if spec.model_pin:
+        model_dir = pinned.model_dir if pinned is not None else None
+        if spec.model_pin and model_dir is None:
             model_dir = pinning.pinned_model(spec.options.model, spec.options.revision,
                                              pinning.ModelPin.from_json(spec.model_pin))
         self.engine = eng.Engine(spec.options, model_dir=model_dir)
@@ -43,7 +46,10 @@ class EngineExtractor:
     def _local(self, f):
         i = self.files.index(f)
         if i not in self._copies:
-            self._copies[i] = self._pinning.pinned_file(f)
+            if self._pinned_local:  # the copy this process pinned (and hashed) the file from
+                self._copies[i] = self._sources.plain_copy(f, self._pinned_local[i], self._pinning.data_cache())
+            else:
+                self._copies[i] = self._pinning.pinned_file(f)
         return self._copies[i]
 
     def model_sha256(self) -> str:

@@ -26,6 +26,8 @@ from typing import Callable
 import ml_dtypes
 import numpy as np
 
+from actfleet.job_options import SHARD, applying
+
 FORMAT = "actfleet-activations"
 FORMAT_VERSION = "1"
 INDEX_TENSORS = ("sample_ids", "token_ids", "positions")
@@ -208,10 +210,10 @@ def job_metadata(options, *, max_seq: int, d_model: int, model_files: dict[str, 
                  resolved_revision: str | None = None) -> dict[str, str]:
     """What made a job's rows, as shard metadata strings (all shards of a job carry the same):
 
-    positions, context_size (0: whole documents), separator, prepend_bos, concat, max_seq (resolved: the
-    model's context when the option is 0), d_model, compute_dtype, store_dtype, resolved_revision (the hub
-    commit a moving revision resolved to; "" off the hub), weights_sha256 and tokenizer_sha256 (sha256 over
-    the sorted (file, sha256) pairs of the *.safetensors files and of TOKENIZER_FILES; `model_files` is
+    the options the option table marks SHARD (actfleet/job_options.py: positions, context_size (0: whole
+    documents), separator, prepend_bos, concat, max_seq (resolved: the model's context when the option is 0),
+    compute_dtype, store_dtype), d_model, resolved_revision (the hub commit a moving revision resolved to;
+    "" off the hub), weights_sha256 and tokenizer_sha256 (sha256 over the sorted (file, sha256) pairs of the *.safetensors files and of TOKENIZER_FILES; `model_files` is
     worker/pinning.py's ModelPin.files). `options` is a JobOptions (a job.json from before the window options
     existed loads with their defaults)."""
     files = model_files or {}
@@ -219,15 +221,10 @@ def job_metadata(options, *, max_seq: int, d_model: int, model_files: dict[str, 
     def text(value) -> str:
         return "" if value is None else ("true" if value is True else "false" if value is False else str(value))
 
+    # The options marked SHARD in the option table, as strings; max_seq is the resolved one.
     return {
-        "positions": text(options.positions),
-        "context_size": text(options.context_size),
-        "separator": text(options.separator),
-        "prepend_bos": text(options.prepend_bos),
-        "concat": text(options.concat),
+        **{o.name: text(getattr(options, o.name)) for o in applying(SHARD)},
         "max_seq": str(int(max_seq)), "d_model": str(int(d_model)),
-        "compute_dtype": text(options.compute_dtype),
-        "store_dtype": text(options.store_dtype),
         "resolved_revision": resolved_revision or "",
         "weights_sha256": _files_sha256({f: h for f, h in files.items()
                                          if f.endswith(".safetensors") or f == "model.safetensors.index.json"}),

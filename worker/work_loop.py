@@ -238,6 +238,7 @@ class Worker:
                                   skipped=stats.skipped(start, stop), shards=stats.shards,
                                   committed_at=time.time(), seconds=round(time.monotonic() - t0, 3),
                                   computed_tokens=stats.computed, padded_tokens=stats.padded,
+                                  truncated=stats.truncated,
                                   **self._pins())
             self.on_event("committing", {"unit": unit})
             lease = keeper.stop()
@@ -378,6 +379,7 @@ class _UnitStats:
     tokens: int = 0
     computed: int = 0
     padded: int = 0
+    truncated: int = 0
     shards: list[q.ShardInfo] = field(default_factory=list)
 
     def count(self, batch: Any) -> None:
@@ -387,6 +389,7 @@ class _UnitStats:
         self.stored_ids.update(int(i) for i in set((ids if rows is None else rows).tolist()))
         self.computed += int(getattr(batch, "computed_tokens", 0) or 0)
         self.padded += int(getattr(batch, "padded_tokens", 0) or 0)
+        self.truncated += int(getattr(batch, "truncated", 0) or 0)
         for sid, reason in (getattr(batch, "skipped", None) or {}).items():
             self.engine_skips[int(sid)] = str(reason)
 

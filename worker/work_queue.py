@@ -451,6 +451,7 @@ class DoneRecord:
     seconds: float  # wall time of the attempt
     computed_tokens: int = 0
     padded_tokens: int = 0
+    truncated: int = 0  # rows cut to max_seq (long_inputs = truncate); they are stored
     input_sha256: str = ""  # the dataset bytes this attempt read (must be the job's fingerprint)
     model_sha256: str = ""  # the model files it loaded (must be the job's model_pin digest)
     format_version: int = FORMAT_VERSION
@@ -475,7 +476,7 @@ class DoneRecord:
 def _wrong_types(rec: DoneRecord) -> str | None:
     """The first field of a parsed done record whose value is not of the type the format says, or None."""
     ints = ("unit", "start", "stop", "attempt", "rows_stored", "tokens", "computed_tokens", "padded_tokens",
-            "format_version")
+            "truncated", "format_version")
 
     def is_int(v) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)

@@ -1,123 +1,127 @@
 """`actfleet extract`: one machine, one dataset -> activation shards and summary.json in a directory.
 
-Rows are processed in consecutive blocks of --unit-rows, each block one `Engine.run` call and its own shard
-sequence (unit u, parts 0..), exactly as a fleet job with the same unit_rows would: the same rows give the
-same bits either way. Shards are written by a background thread (bounded queue) while the next batch computes.
+The same pipeline as a fleet job, run in this process: a `prepare` into a local work queue under --out
+(worker/job_setup.py, then work_queue.prepare), then one worker (actfleet.worker.work_loop.Worker with the
+real engine extractor) that processes the units in order. Rows are cut into units of --unit-rows exactly as a
+fleet job with the same unit_rows: the same rows give the same bits either way.
 
-Resuming: after a unit's shards are written, a record of the unit (its rows, skips, counters and shards) is
-written to `.extract/` in --out; `.extract/run.json` holds what the run reads and how. A rerun with the same
-input and options (after Ctrl-C, a crash, a lost machine) keeps the recorded units, deletes the shards of
-any unit without a record (it was cut short), and continues; summary.json is made from the unit records.
-A rerun with other options is refused; --overwrite starts over.
+Layout of --out (docs/extractor.md, "Resuming"):
+
+    000042-0003.safetensors   part 3 of unit 42: the shards, under their (unit, part) names
+    summary.json              made from the done records when the run ends
+    .extract/extract/         the queue (docs/jobs.md): job.json, units/, leases/, done/, workers/
+
+Resuming is the queue's: a unit is done iff its done record exists. A rerun with the same input and options
+(after Ctrl-C, a crash, a lost machine) keeps the done units, deletes shards no done record lists (a unit cut
+short) and continues; a rerun with other options is refused; --overwrite starts over. One process works on an
+--out at a time (a lock), so its shards need no attempt tag in their names and a dead run's leases are
+simply dropped.
 """
 
 from __future__ import annotations
 
-import hashlib
+import fcntl
 import json
-import queue
-import threading
+import os
+import shutil
 import time
 from collections import Counter
-from functools import partial
 from pathlib import Path
 
 import click
 
-from actfleet import sites as site_names
 from actfleet.cli import json_option
-from actfleet.errors import InputError
-from actfleet.job_options import DEFAULT_UNIT_ROWS, DEFAULTS, DTYPES, FORMATS, LONG_INPUTS, POSITIONS, JobOptions
-from actfleet.worker.commands.flags import POSITIONS_HELP, SHARD_MB_HELP, reading_options
+from actfleet.errors import ActfleetError, InputError
+from actfleet.job_options import EXTRACT, JobOptions
+from actfleet.store import LocalStore, Store
+from actfleet.worker import work_queue as q
+from actfleet.worker.commands.flags import job_options, options_from_flags
 
 SUMMARY = "summary.json"
-STATE = ".extract"  # run.json and one record per finished unit (resuming)
+STATE = ".extract"  # the local queue's store root, under --out
+JOB = "extract"  # the job's name in that store
+LOCK = ".lock"  # in STATE: held while a run works on --out
+WORKER = "extract"
 
 
-class _FileWriter:
-    """Writes Shards into a directory from a thread, atomically, recording size, sha256 and tokens."""
+class OutStore(Store):
+    """The local store an extract run's queue lives in: records under --out/.extract/, shards straight in
+    --out under their (unit, part) names (`000042-0003.safetensors`, no attempt tag: one process works on
+    an --out at a time, so a retried unit rewrites its own names, atomically)."""
 
-    def __init__(self, out: Path, depth: int = 2):
-        self.out, self.shards, self.error = out, [], None
-        self._q: queue.Queue = queue.Queue(maxsize=depth)
-        self._t = threading.Thread(target=self._loop, name="shard-writer", daemon=True)
-        self._t.start()
+    def __init__(self, out: Path):
+        self.records, self.shards = LocalStore(out / STATE), LocalStore(out)
+        self.url = str(self.records.root)
 
-    def __call__(self, shard) -> None:
-        if self.error:
-            raise self.error
-        self._q.put(shard)
+    def _route(self, key: str) -> tuple[LocalStore, str]:
+        from actfleet.worker.shards import shard_name, shard_unit_part
 
-    def after_written(self, fn) -> None:
-        """Run fn(shards written so far) on the writer thread once every shard queued before it is written."""
-        if self.error:
-            raise self.error
-        self._q.put(fn)
+        parts = key.split("/")
+        up = shard_unit_part(key)
+        if up is not None and len(parts) == 3 and parts[1] == "shards":
+            return self.shards, shard_name(*up)
+        return self.records, key
 
-    def _loop(self) -> None:
-        while (shard := self._q.get()) is not None:
-            if callable(shard):
-                try:
-                    shard(list(self.shards))
-                except Exception as e:
-                    self.error = e
-                continue
-            name, blob = shard.name, shard.data
-            try:
-                tmp = self.out / f".{name}.tmp"
-                tmp.write_bytes(blob)
-                tmp.replace(self.out / name)
-                self.shards.append({"name": name, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest(),
-                                    "tokens": shard.tokens})
-            except Exception as e:  # surfaced on the next put / at close
-                self.error = e
+    def read(self, key):
+        s, k = self._route(key)
+        return s.read(k)
 
-    def close(self) -> None:
-        self._q.put(None)
-        self._t.join()
-        if self.error:
-            raise self.error
+    def read_range(self, key, start, end, generation=None):
+        s, k = self._route(key)
+        return s.read_range(k, start, end, generation)
+
+    def generation(self, key):
+        s, k = self._route(key)
+        return s.generation(k)
+
+    def size(self, key):
+        s, k = self._route(key)
+        return s.size(k)
+
+    def create(self, key, data):
+        s, k = self._route(key)
+        return s.create(k, data)
+
+    def replace(self, key, data, generation):
+        s, k = self._route(key)
+        return s.replace(k, data, generation)
+
+    def delete(self, key, generation=None):
+        s, k = self._route(key)
+        return s.delete(k, generation)
+
+    def put(self, key, data):
+        s, k = self._route(key)
+        if s is self.records:
+            return s.put(k, data)
+        # A shard: written to a hidden temporary name and renamed into place. No per-key lock file (the
+        # local store's way against concurrent writers): this run is the only writer of --out.
+        path = self.shards.root / k
+        tmp = path.with_name(f".{k}.tmp-{os.getpid()}")
+        try:
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                tmp.write_bytes(data)
+            else:
+                shutil.copyfile(data, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return os.stat(path).st_mtime_ns
+
+    def list(self, prefix):
+        return self.records.list(prefix)  # the queue lists records only; the shards are --out's *.safetensors
+
+    def local_path(self, key):
+        s, k = self._route(key)
+        return s.local_path(k)
 
 
 @click.command()
-@click.option("--model", required=True, help="Model: a local dir, a gs:// prefix or a hub id (HF format, safetensors).")
-@click.option("--revision", default=DEFAULTS.revision, show_default=True, help="Hub revision (commit) of the model.")
-@click.option("--input", "input_path", required=True,
-              help="Dataset: a file (.jsonl[.gz|.zst], .parquet, .csv, .arrow; local or gs://), a directory or glob "
-                   "of them, a save_to_disk directory, or a hub dataset id (with --split, --subset, --dataset-revision).")
+@job_options(EXTRACT)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory for shards and summary.json.")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default=DEFAULTS.format, show_default=True)
-@click.option("--text-field", default=DEFAULTS.text_field, show_default=True, help="Field holding the text (format text).")
-@click.option("--messages-field", default=DEFAULTS.messages_field, show_default=True, help="Field holding chat messages.")
-@click.option("--arc-augmentations", type=click.IntRange(min=0), default=DEFAULTS.arc_augmentations, show_default=True,
-              help="Augmented copies per ARC task (flips/rotations, colours, train order).")
-@click.option("--arc-seed", type=int, default=DEFAULTS.arc_seed, show_default=True)
-@click.option("--sites", default="resid_post", show_default=True,
-              help="Site kinds (" + ", ".join(site_names.KINDS) + ") or names like blocks.6.hook_resid_post, comma-separated.")
-@click.option("--layers", default="all", show_default=True, help='Layers for the site kinds: "0,5,11" or "all".')
-@click.option("--positions", type=click.Choice(POSITIONS), default=DEFAULTS.positions, show_default=True,
-              help=POSITIONS_HELP)
-@click.option("--compute-dtype", type=click.Choice(DTYPES), default=DEFAULTS.compute_dtype, show_default=True)
-@click.option("--store-dtype", type=click.Choice(DTYPES), default=DEFAULTS.store_dtype, show_default=True)
-@click.option("--max-seq", type=click.IntRange(min=0), default=DEFAULTS.max_seq, show_default=True, help="Longest input in tokens (0 = the model's context).")
-@click.option("--long-inputs", type=click.Choice(LONG_INPUTS), default=DEFAULTS.long_inputs, show_default=True,
-              help="What to do with inputs longer than --max-seq (counted in summary.json).")
-@click.option("--batch-tokens", type=click.IntRange(min=1), default=DEFAULTS.batch_tokens, show_default=True, help="Tokens per device batch.")
-@click.option("--shard-mb", type=click.FloatRange(min=0.001), default=DEFAULTS.shard_mb, show_default=True,
-              help=SHARD_MB_HELP)
-@click.option("--model-parallel", type=click.IntRange(min=1), default=DEFAULTS.model_parallel, show_default=True,
-              help="Devices that split one copy of the model (attention heads and MLP); must divide the device "
-                   "count, the heads and the MLP size.")
-@click.option("--unit-rows", type=click.IntRange(min=1), default=DEFAULT_UNIT_ROWS, show_default=True,
-              help="Rows per engine run (same as a fleet job's unit_rows: same rows, same bits).")
-@click.option("--max-tokens", type=click.IntRange(min=0), default=DEFAULTS.max_tokens, show_default=True,
-              help="Stop after the unit in which the stored tokens reach N (0 = no limit): a test-size run.")
-@reading_options(show_defaults=True)
 @click.option("--overwrite", is_flag=True, help="Start over: delete the shards and progress already in --out.")
 @json_option
-def extract(model, revision, input_path, out_dir, fmt, text_field, messages_field, arc_augmentations, arc_seed, sites,
-            layers, positions, compute_dtype, store_dtype, max_seq, long_inputs, batch_tokens, shard_mb, model_parallel,
-            unit_rows, max_tokens, overwrite, as_json, **reading):
+def extract(out_dir, overwrite, as_json, **flags):
     """Extract activations from a dataset to safetensors shards in --out (a rerun resumes)."""
     from actfleet.worker.hf_logging import quiet_transformers
 
@@ -125,101 +129,60 @@ def extract(model, revision, input_path, out_dir, fmt, text_field, messages_fiel
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from actfleet.worker import compile_cache, inputs, model_files, pinning, sources
-    from actfleet.worker.engine import check_lengths
-    from actfleet.worker.engine_extractor import samples_per_row
+    from actfleet.worker import compile_cache
+    from actfleet.worker.job_setup import pin_job_inputs
 
-    sites = site_names.from_flags(sites, layers)
-    try:
-        options = JobOptions(model=model, revision=revision, format=fmt, text_field=text_field,
-                             messages_field=messages_field, arc_augmentations=arc_augmentations, arc_seed=arc_seed,
-                             sites=sites, positions=positions, max_seq=max_seq, long_inputs=long_inputs,
-                             batch_tokens=batch_tokens, compute_dtype=compute_dtype, store_dtype=store_dtype,
-                             shard_mb=shard_mb, model_parallel=model_parallel, max_tokens=max_tokens, **reading)
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    # Fail on a missing or misread dataset, or a model that cannot take the lengths, before the slow imports.
-    refs = sources.resolve(input_path, **options.source_options())
-    check_lengths(options, model_files.resolve(model, revision=revision))
-    per = samples_per_row(options)
-    files, local_paths = pinning.pin_files(refs, options.max_rows, per)
-    inputs.check_field(sources.head(files[0], local_paths[0], 1000), what=input_path, **options.input_options())
-    copies = {f.path: p for f, p in zip(files, local_paths)}
-
-    def local(f):  # compressed JSONL: decompressed once into the data cache, where the index's offsets point
-        return sources.plain_copy(f, copies[f.path], pinning.data_cache())
-
-    total = sum(f.rows for f in files) * per
-    if options.max_rows:
-        total = min(total, options.max_rows)
-    fingerprint = sources.fingerprint(files)
+    input_path, unit_rows = flags.pop("input"), flags.pop("unit_rows")
+    options = options_from_flags(flags, JobOptions())
+    max_tokens = options.max_tokens
+    # Fail on a missing or misread dataset, or a model that cannot take the lengths, before --out is touched.
+    pinned = pin_job_inputs(options, input_path)
     out = Path(out_dir)
-    run_key = {"input": input_path, "input_sha256": fingerprint, "rows": total, "unit_rows": unit_rows,
-               "options": options.replace(max_tokens=0).to_json()}  # max_tokens only says where to stop
-    done = _resume_state(out, run_key, overwrite)
+    job_options_ = options.replace(max_tokens=0)  # max_tokens only says where to stop, not what is stored
+    lock = _lock(out)
+    store = OutStore(out)
+    done = _resume_state(out, store, overwrite, {
+        "input": input_path, "input_sha256": pinned.fingerprint, "rows": pinned.rows, "unit_rows": unit_rows,
+        "model_sha256": pinned.model_pin["sha256"], "options": job_options_.to_json()})
+    spec, _ = q.prepare(store, JOB, unit_rows=unit_rows, options=job_options_, **pinned.prepare_args())
 
-    from actfleet.worker.engine import Engine
-    from actfleet.worker.shards import ShardWriter
+    from actfleet.worker.engine_extractor import EngineExtractor
+    from actfleet.worker.work_loop import Worker
 
-    engine = Engine(options)
-    from actfleet.worker.engine_extractor import shard_metadata
-
-    # What made the rows, in every shard (hashes every model file once: seconds for a 1 GB model).
-    meta = shard_metadata(options, engine, pinning.model_pin(engine.model_dir).to_json())
-    (out / STATE).mkdir(parents=True, exist_ok=True)
-    (out / STATE / "run.json").write_text(json.dumps(run_key, indent=1, sort_keys=True) + "\n")
-
-    writer = _FileWriter(out)
+    engine_extractor = EngineExtractor(spec, pinned)
     started = time.perf_counter()
     console = Console(stderr=True)
     progress = Progress(TextColumn("extract"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
                         TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
                         TimeRemainingColumn(), console=console, disable=as_json, transient=False)
-    stored_before = sum(u["stored_tokens"] for u in done.values())
-    rows_before = sum(u["stop"] - u["start"] for u in done.values())
-    run_stats = Counter()
-    stopped_at_max_tokens = bool(max_tokens) and stored_before >= max_tokens
+    stored = sum(r.tokens for r in done.values())
+    stopped_at_max_tokens = bool(max_tokens) and stored >= max_tokens
     with progress:
-        bar = progress.add_task("rows", total=total, completed=rows_before, rate="-")
-        for unit, start in enumerate(range(0, total, unit_rows)):
-            if stopped_at_max_tokens:
-                break
-            if unit in done:
-                continue
-            stop = min(total, start + unit_rows)
-            rows = inputs.read_source_rows(files, local, start=start, stop=stop, tokenizer=engine.tokenizer,
-                                           **options.input_options())
-            shards = ShardWriter(shard_mb=shard_mb, model=model, revision=revision, job="extract", unit=unit,
-                                 sites=engine.sites, store_dtype=store_dtype, random_weights=engine.random_weights,
-                                 on_shard=writer, extra_metadata=meta)
-            stats, skipped, unit_started = Counter(), {}, time.perf_counter()
-            for batch in engine.run(rows):
-                shards.add(batch)
-                stats.update(rows=batch.rows, stored_tokens=batch.stored_tokens, computed_tokens=batch.computed_tokens,
-                             padded_tokens=batch.padded_tokens, truncated=batch.truncated)
-                for sid, reason in batch.skipped.items():
-                    skipped.setdefault(reason, []).append(int(sid))
-                run_stats.update(rows=batch.rows, computed=batch.computed_tokens - batch.padded_tokens)
-                secs = max(1e-9, time.perf_counter() - started)
-                # Rows/s and the input tokens computed per second: the stored tokens say little (1 per row
-                # with --positions last).
-                progress.update(bar, advance=batch.rows, rate=f"{run_stats['rows'] / secs:,.1f} rows/s, "
-                                f"{run_stats['computed'] / secs:,.0f} tok/s computed")
-            shards.close()
-            record = {"unit": unit, "start": start, "stop": stop, **{k: int(v) for k, v in stats.items()},
-                      "skipped": {r: sorted(ids) for r, ids in skipped.items()},
-                      "seconds": round(time.perf_counter() - unit_started, 3)}
-            writer.after_written(partial(_write_unit_record, out, record))
-            stored_before += stats["stored_tokens"]
-            if max_tokens and stored_before >= max_tokens:
-                stopped_at_max_tokens = True
-    writer.close()
-    done = {u: json.loads(_unit_record_path(out, u).read_text())
-            for u in range(-(-total // unit_rows)) if _unit_record_path(out, u).is_file()}
-    summary = _summary(out, done, engine=engine, options=options, input_path=input_path, fingerprint=fingerprint,
-                       files=len(files), unit_rows=unit_rows, seconds=time.perf_counter() - started,
-                       stopped_at_max_tokens=stopped_at_max_tokens)
+        bar = progress.add_task("rows", total=spec.rows, completed=sum(r.stop - r.start for r in done.values()),
+                                rate="-")
+        extractor = _ProgressExtractor(engine_extractor, progress, bar, started)
+        worker = Worker(store, spec, extractor, WORKER)
+
+        def on_event(kind: str, info: dict) -> None:
+            nonlocal stored, stopped_at_max_tokens
+            if kind == "abandoned":  # a failed shard write (disk full...): retrying here would fail alike
+                raise ActfleetError(f"--out {out}: unit {info['unit']} failed: {info['reason']}")
+            if kind == "committed":
+                stored += info["tokens"]
+                if max_tokens and stored >= max_tokens:  # stop after the unit in which the tokens reach it
+                    stopped_at_max_tokens = True
+                    worker.request_stop()
+
+        worker.on_event = on_event
+        worker.offset = 0  # units in order: --max-tokens stops after a prefix of the rows
+        if not stopped_at_max_tokens:
+            worker.run()
+    done = {u: r for u in range(spec.units) if (r := q.read_done(store, JOB, u)) is not None}
+    summary = _summary(done, engine=engine_extractor.engine, options=options, input_path=input_path,
+                       fingerprint=pinned.fingerprint, files=len(pinned.files), unit_rows=unit_rows,
+                       seconds=time.perf_counter() - started, stopped_at_max_tokens=stopped_at_max_tokens)
     (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    os.close(lock)
     c = compile_cache.stats()  # this process's, so not in summary.json (a resumed run compiles less)
     click.echo(f"compilation: {c['compiled']} programs compiled, {c['cache_hits']} loaded from the cache "
                f"({compile_cache.cache_dir()}), {c['compile_seconds']} s", err=True)
@@ -234,75 +197,117 @@ def extract(model, revision, input_path, out_dir, fmt, text_field, messages_fiel
                    + ("; stopped at --max-tokens" if stopped_at_max_tokens else ""))
 
 
-def _unit_record_path(out: Path, unit: int) -> Path:
-    return out / STATE / f"unit-{unit:06d}.json"
+class _ProgressExtractor:
+    """The engine extractor, advancing the progress bar as each batch comes off the device."""
+
+    def __init__(self, inner, progress, bar, started: float):
+        self.inner, self.progress, self.bar, self.started = inner, progress, bar, started
+        self.stats = Counter()
+
+    def fingerprint(self) -> str:
+        return self.inner.fingerprint()
+
+    def model_sha256(self) -> str:
+        return self.inner.model_sha256()
+
+    def rows(self, start: int, stop: int):
+        return self.inner.rows(start, stop)
+
+    def shard_writer(self, unit: int):
+        return self.inner.shard_writer(unit)
+
+    def run(self, rows):
+        for batch in self.inner.run(rows):
+            self.stats.update(rows=batch.rows, computed=batch.computed_tokens - batch.padded_tokens)
+            secs = max(1e-9, time.perf_counter() - self.started)
+            # Rows/s and the input tokens computed per second: the stored tokens say little (1 per row with
+            # --positions last).
+            self.progress.update(self.bar, advance=batch.rows,
+                                 rate=f"{self.stats['rows'] / secs:,.1f} rows/s, "
+                                      f"{self.stats['computed'] / secs:,.0f} tok/s computed")
+            yield batch
 
 
-def _write_unit_record(out: Path, record: dict, written: list[dict]) -> None:
-    """After the unit's shards are on disk (run on the writer thread): its record, atomically."""
-    prefix = f"{record['unit']:06d}-"
-    rec = {**record, "shards": sorted((s for s in written if s["name"].startswith(prefix)), key=lambda s: s["name"])}
-    path = _unit_record_path(out, record["unit"])
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(rec, sort_keys=True))
-    tmp.replace(path)
+def _lock(out: Path) -> int:
+    """Hold --out for this run (released when the process ends, however it ends)."""
+    (out / STATE).mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / STATE / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise InputError(f"--out {out}: another `actfleet extract` is working on it") from None
+    return fd
 
 
-def _resume_state(out: Path, run_key: dict, overwrite: bool) -> dict[int, dict]:
-    """The finished units' records to keep (resuming), after deleting what must go; InputError if --out holds
-    another run's shards."""
+def _resume_state(out: Path, store: OutStore, overwrite: bool, wanted: dict) -> dict[int, q.DoneRecord]:
+    """The done units to keep (resuming), after deleting what must go; InputError if --out holds another
+    run's shards. `wanted`: what this run reads and how, compared with the job.json already there."""
     from actfleet.worker.shards import shard_unit_part
 
-    shard_files = list(out.glob("*.safetensors")) if out.exists() else []
-    state = out / STATE
+    shard_files = list(out.glob("*.safetensors"))
+    queue_dir = out / STATE / JOB
     if overwrite:
-        for f in shard_files + [out / SUMMARY] + (list(state.glob("*")) if state.exists() else []):
+        for f in shard_files + [out / SUMMARY]:
             f.unlink(missing_ok=True)
+        for p in (out / STATE).iterdir():  # the queue, and an older extract's records; not the lock we hold
+            if p.name != LOCK:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
         return {}
-    run_file = state / "run.json"
-    if not run_file.is_file():
+    if not (queue_dir / "job.json").is_file():
         if shard_files:
-            raise InputError(f"--out {out}: already holds shards of a run it cannot resume (no {STATE}/run.json); "
-                             f"pass --overwrite to replace them")
+            raise InputError(f"--out {out}: already holds shards of a run it cannot resume (no "
+                             f"{STATE}/{JOB}/job.json); pass --overwrite to replace them")
+        shutil.rmtree(queue_dir, ignore_errors=True)  # a prepare cut short: job.json is written last
         return {}
-    try:
-        was = json.loads(run_file.read_text())
-    except ValueError:
-        was = None
-    if was != run_key:
-        changed = sorted(k for k in run_key if not isinstance(was, dict) or was.get(k) != run_key[k])
-        if "options" in changed and isinstance(was, dict) and isinstance(was.get("options"), dict):
-            changed = [f"options.{k}" for k in sorted(run_key["options"])
-                       if was["options"].get(k) != run_key["options"][k]] + [c for c in changed if c != "options"]
+    spec = q.read_job(store, JOB)
+    was = {"input": spec.input, "input_sha256": spec.fingerprint, "rows": spec.rows, "unit_rows": spec.unit_rows,
+           "model_sha256": spec.model_sha256, "options": spec.options.to_json()}
+    if was != wanted:
+        changed = [f"options.{k}" for k in sorted(wanted["options"]) if was["options"].get(k) != wanted["options"][k]]
+        changed += [k for k in wanted if k != "options" and was[k] != wanted[k]]
         raise InputError(f"--out {out}: holds a run with other {', '.join(changed) or 'settings'}; rerun with the "
                          f"same input and options to resume, or pass --overwrite to start over")
+    # We hold the lock: any lease is a dead run's, and would only make us wait for its expiry.
+    for key in list(store.list(f"{JOB}/leases/")):
+        store.records.delete(key)
     done = {}
-    for f in sorted(state.glob("unit-*.json")):
-        try:
-            rec = json.loads(f.read_text())
-            if all((out / s["name"]).is_file() for s in rec["shards"]):
-                done[int(rec["unit"])] = rec
-        except (ValueError, KeyError, TypeError):
-            pass  # a torn record: the unit is redone
+    for u in range(spec.units):
+        r = q.read_done(store, JOB, u)
+        if r is None:
+            continue
+        if all(store.size(f"{JOB}/{s.name}") == s.bytes for s in r.shards):
+            done[u] = r
+        else:  # a shard of it was deleted or damaged since: the unit is redone
+            store.delete(q.done_key(JOB, u))
+    listed = {store._route(f"{JOB}/{s.name}")[1] for r in done.values() for s in r.shards}
     for f in shard_files:  # shards of units cut short: redone, so never mixed with the rerun's
-        up = shard_unit_part(f.name)
-        if up is None or up[0] not in done:
+        if f.name not in listed or shard_unit_part(f.name) is None:
             f.unlink()
+    for f in out.glob(".*.tmp-*"):  # a shard write cut short
+        f.unlink()
     (out / SUMMARY).unlink(missing_ok=True)
     return done
 
 
-def _summary(out: Path, done: dict[int, dict], *, engine, options: JobOptions, input_path: str, fingerprint: str,
+def _shard_entry(s: q.ShardInfo) -> dict:
+    """summary.json's entry for a shard: its file name in --out (no attempt tag), bytes, sha256, tokens."""
+    from actfleet.worker.shards import shard_name, shard_unit_part
+
+    return {"name": shard_name(*shard_unit_part(s.name)), "bytes": s.bytes, "sha256": s.sha256, "tokens": s.tokens}
+
+
+def _summary(done: dict[int, q.DoneRecord], *, engine, options: JobOptions, input_path: str, fingerprint: str,
              files: int, unit_rows: int, seconds: float, stopped_at_max_tokens: bool) -> dict:
     units = [done[u] for u in sorted(done)]
     total = Counter()
     skipped: dict[str, list[int]] = {}
     for u in units:
-        total.update({k: u.get(k, 0) for k in ("stored_tokens", "computed_tokens", "padded_tokens", "truncated")})
-        total["rows"] += u["stop"] - u["start"]
-        for reason, ids in u["skipped"].items():
+        total.update(stored_tokens=u.tokens, computed_tokens=u.computed_tokens, padded_tokens=u.padded_tokens,
+                     truncated=u.truncated, rows=u.stop - u.start)
+        for reason, ids in u.skipped.items():
             skipped.setdefault(reason, []).extend(ids)
-    unit_seconds = sum(u.get("seconds", 0) for u in units)
+    unit_seconds = sum(u.seconds for u in units)
     o = options
     return {
         "model": o.model, "revision": o.revision, "random_weights": engine.random_weights, "input": str(input_path),
@@ -326,5 +331,5 @@ def _summary(out: Path, done: dict[int, dict], *, engine, options: JobOptions, i
         "rows_per_second": round(total["rows"] / unit_seconds, 1) if unit_seconds else 0,
         "computed_tokens_per_second": round((total["computed_tokens"] - total["padded_tokens"]) / unit_seconds, 1)
         if unit_seconds else 0,
-        "shards": sorted((s for u in units for s in u["shards"]), key=lambda s: s["name"]),
+        "shards": sorted((_shard_entry(s) for u in units for s in u.shards), key=lambda s: s["name"]),
     }

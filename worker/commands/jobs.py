@@ -21,12 +21,11 @@ from actfleet import sites as site_names
 from actfleet.cli import config_option, json_option
 from actfleet.config import JobConfig, resolve_path
 from actfleet.errors import ConfigError, InputError
-from actfleet.job_options import (DEFAULT_LEASE_SECONDS, DEFAULT_UNIT_ROWS, DTYPES, FORMATS, LONG_INPUTS, POSITIONS,
-                                  JobOptions)
+from actfleet.job_options import DEFAULT_LEASE_SECONDS, DEFAULT_UNIT_ROWS, PREPARE, JobOptions
 from actfleet.quiet import log_to_stderr
 from actfleet.worker import work_queue as q
-from actfleet.worker.commands.flags import POSITIONS_HELP, SHARD_MB_HELP, reading_options
-from actfleet.worker.engine_extractor import EngineExtractor, samples_per_row
+from actfleet.worker.commands.flags import job_options
+from actfleet.worker.engine_extractor import EngineExtractor
 from actfleet.store import Store, open_store
 
 
@@ -70,39 +69,16 @@ def target_options(f):
 
 @click.command()
 @target_options
-@click.option("--model", help="Model: local dir, gs:// prefix or hub id.")
-@click.option("--revision", help="Hub revision of the model.")
-@click.option("--input", "input_path", help="Dataset: a file (.jsonl[.gz|.zst], .parquet, .csv, .arrow; local or gs://), "
-                                           "a directory or glob of them, a save_to_disk directory, or a hub id.")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), help="How rows are rendered.")
-@click.option("--text-field", help="Field holding the text (format text).")
-@click.option("--messages-field", help="Field holding the messages (format chat).")
-@click.option("--layers", help='Layers: "6,12", "all".')
-@click.option("--sites", help="Site kinds or names, comma-separated: " + ", ".join(site_names.KINDS) + ".")
-@click.option("--positions", type=click.Choice(POSITIONS), help=POSITIONS_HELP)
-@click.option("--max-seq", type=click.IntRange(min=0), help="Longest input in tokens (0 = the model's context).")
-@click.option("--long-inputs", type=click.Choice(LONG_INPUTS))
-@click.option("--batch-tokens", type=int)
-@click.option("--compute-dtype", type=click.Choice(DTYPES))
-@click.option("--store-dtype", type=click.Choice(DTYPES))
-@click.option("--shard-mb", type=click.FloatRange(min=0.001), help=SHARD_MB_HELP)
-@click.option("--model-parallel", type=click.IntRange(min=1), help="Devices that split one copy of the model.")
-@click.option("--unit-rows", type=click.IntRange(min=1), help="Rows per work unit.")
-@reading_options(show_defaults=False)
+@job_options(PREPARE)
 @json_option
-def prepare(config_path, store_url, job, model, revision, input_path, fmt, text_field, messages_field, layers,
-            sites, positions, max_seq, long_inputs, batch_tokens, compute_dtype, store_dtype, shard_mb, model_parallel,
-            unit_rows, as_json, **reading):
+def prepare(config_path, store_url, job, as_json, **flags):
     """Split a dataset into work units in the store (idempotent; a changed dataset is refused)."""
     t = _target(config_path, store_url, job)
     c = t.config
-    given = {"model": model, "revision": revision, "format": fmt, "text_field": text_field,
-             "messages_field": messages_field, "positions": positions, "max_seq": max_seq, "long_inputs": long_inputs,
-             "batch_tokens": batch_tokens, "compute_dtype": compute_dtype, "store_dtype": store_dtype,
-             "shard_mb": shard_mb, "model_parallel": model_parallel, **reading}
-    changes = {k: v for k, v in given.items() if v is not None}  # over the config's options (or the defaults)
-    if sites or layers:
-        changes["sites"] = site_names.from_flags(sites or "resid_post", layers or "")
+    input_path, unit_rows = flags.pop("input"), flags.pop("unit_rows")
+    changes = {k: v for k, v in flags.items() if v is not None and k not in ("sites", "layers")}
+    if flags["sites"] or flags["layers"]:
+        changes["sites"] = site_names.from_flags(flags["sites"] or "resid_post", flags["layers"] or "")
     elif c is None:
         raise InputError("prepare: no capture sites: pass --layers (and --sites), or set [job] sites/layers")
     model = changes.get("model") or (c.options.model if c else "")
@@ -123,22 +99,10 @@ def prepare(config_path, store_url, job, model, revision, input_path, fmt, text_
         raise InputError("prepare: --max-tokens is for `actfleet extract` (a fleet's workers run in parallel); "
                          "size a test job with --max-rows")
     rows_per_unit = unit_rows or (c.unit_rows if c else DEFAULT_UNIT_ROWS)
-    from actfleet.worker import inputs, pinning, sources
-    from actfleet.worker.engine import check_lengths
+    from actfleet.worker.job_setup import pin_job_inputs
 
-    model_dir, model = pinning.pin_model(options.model, options.revision)
-    check_lengths(options, model_dir)
-    refs = sources.resolve(source, **options.source_options())
-    per = samples_per_row(options)
-    files, local = pinning.pin_files(refs, options.max_rows, per)  # rows counted from exactly the bytes pinned
-    inputs.check_field(sources.head(files[0], local[0], 1000), what=source, **options.input_options())
-    rows = sum(f.rows for f in files) * per
-    if options.max_rows:
-        rows = min(rows, options.max_rows)
-    spec, created = q.prepare(t.store, t.job, input=source, fingerprint=sources.fingerprint(files), rows=rows,
-                              unit_rows=rows_per_unit, options=options,
-                              input_generation=files[0].generation if len(files) == 1 else None,
-                              model_pin=model.to_json(), input_files=[f.to_json() for f in files])
+    pinned = pin_job_inputs(options, source)
+    spec, created = q.prepare(t.store, t.job, unit_rows=rows_per_unit, options=options, **pinned.prepare_args())
     progress = q.job_progress(t.store, t.job)
     if as_json:
         click.echo(json.dumps({"job": t.job, "store": t.store.url, "created": created, "units": spec.units,
