@@ -56,14 +56,27 @@ class StoreBusy(ActfleetError):
     """A local key's lock was held for longer than LOCK_WAIT_S (its holder is stalled): nothing was written."""
 
 
+def parse_gs(url: str, what: str = "") -> tuple[str, str]:
+    """"gs://bucket/some/key/" -> ("bucket", "some/key"): the one parser of gs:// URLs (the key, an object name
+    or a prefix, has no leading or trailing "/"; it may be ""). InputError, naming `what` (e.g. 'store') and the
+    URL, for a URL that is not gs://, has no bucket, or has a ".." segment (a key must not climb out of the
+    prefix a grant or a store is scoped to)."""
+    culprit = f'{what} "{url}"' if what else f'"{url}"'
+    if not url.startswith("gs://"):
+        raise InputError(f"{culprit}: not a gs:// URL")
+    bucket, _, key = url[len("gs://"):].partition("/")
+    if not bucket:
+        raise InputError(f'{culprit}: no bucket (a GCS URL looks like "gs://bucket/prefix")')
+    key = key.strip("/")
+    if ".." in key.split("/"):
+        raise InputError(f'{culprit}: ".." is not allowed in a GCS object name or prefix')
+    return bucket, key
+
+
 def open_store(url: str) -> "Store":
     """A path, "file:///abs/path" or "gs://bucket/prefix" -> the Store rooted there."""
     if url.startswith("gs://"):
-        rest = url[len("gs://"):]
-        bucket, _, prefix = rest.partition("/")
-        if not bucket:
-            raise InputError(f'store "{url}": a GCS store URL looks like "gs://bucket/prefix"')
-        return GcsStore(bucket, prefix.strip("/"))
+        return GcsStore(*parse_gs(url, "store"))
     if url.startswith("file://"):
         parsed = urlparse(url)
         if parsed.netloc not in ("", "localhost"):

@@ -175,8 +175,10 @@ def _suffix(name: str) -> str:
 
 
 def _gcs_parts(path: str) -> tuple[str, str]:
-    bucket, _, name = path[len("gs://"):].partition("/")
-    if not bucket or not name:
+    from actfleet.store import parse_gs
+
+    bucket, name = parse_gs(path, "dataset")
+    if not name:
         raise InputError(f"{path}: a dataset in a bucket looks like gs://bucket/path/data.jsonl")
     return bucket, name
 
