@@ -42,6 +42,7 @@ from typing import Iterator
 from urllib.parse import urlparse
 
 from actfleet.errors import ActfleetError, InputError
+from actfleet.retry import retry
 
 
 class NotFound(ActfleetError):
@@ -182,17 +183,12 @@ class LocalStore(Store):
         name = hashlib.sha256(key.encode()).hexdigest()[:32]
         fd = os.open(lock_dir / name, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            deadline, delay = time.monotonic() + LOCK_WAIT_S, 0.001
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise StoreBusy(f"{self.url}/{key}: its lock has been held for over {LOCK_WAIT_S:.0f} s "
-                                        f"(a stalled writer?); nothing was written") from None
-                    time.sleep(delay)
-                    delay = min(delay * 2, 0.05)
+            try:  # polls 1, 2, 4 ... 50 ms apart
+                retry(lambda: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB), deadline=LOCK_WAIT_S, base=0.001,
+                      cap=0.05, jitter=False, retryable=(BlockingIOError,))
+            except BlockingIOError:
+                raise StoreBusy(f"{self.url}/{key}: its lock has been held for over {LOCK_WAIT_S:.0f} s "
+                                f"(a stalled writer?); nothing was written") from None
             yield
         finally:
             os.close(fd)  # closing releases the flock (also when the process is killed)
