@@ -143,11 +143,11 @@ def extract(model, revision, input_path, out_dir, fmt, text_field, messages_fiel
     check_lengths(options, model_files.resolve(model, revision=revision))
     per = samples_per_row(options)
     files, local_paths = pinning.pin_files(refs, options.max_rows, per)
-    inputs.check_field(sources.head(files[0], local_paths[0], 1000), what=input_path, **options.input_options())
+    inputs.check_field(inputs.head(files[0], local_paths[0], 1000), what=input_path, **options.input_options())
     copies = {f.path: p for f, p in zip(files, local_paths)}
 
     def local(f):  # compressed JSONL: decompressed once into the data cache, where the index's offsets point
-        return sources.plain_copy(f, copies[f.path], pinning.data_cache())
+        return pinning.plain_copy(f, copies[f.path])
 
     total = sum(f.rows for f in files) * per
     if options.max_rows:

@@ -131,7 +131,7 @@ def prepare(config_path, store_url, job, model, revision, input_path, fmt, text_
     refs = sources.resolve(source, **options.source_options())
     per = samples_per_row(options)
     files, local = pinning.pin_files(refs, options.max_rows, per)  # rows counted from exactly the bytes pinned
-    inputs.check_field(sources.head(files[0], local[0], 1000), what=source, **options.input_options())
+    inputs.check_field(inputs.head(files[0], local[0], 1000), what=source, **options.input_options())
     rows = sum(f.rows for f in files) * per
     if options.max_rows:
         rows = min(rows, options.max_rows)
