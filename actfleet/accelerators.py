@@ -1,6 +1,6 @@
 """Cloud TPU accelerator types: how many chips and how many hosts (TPU VMs) a type names.
 
-    chips("v5litepod-8") == 8     hosts("v5litepod-8") == 1     single_host("v5litepod-16") is False
+    chips("v5litepod-8") == 8     hosts("v5litepod-8") == 1     hosts("v5litepod-16") == 4
     chips("v4-8") == 4            hosts("v4-16") == 2
 
 The number after the dash counts TensorCores for v2, v3, v4 and v5p (two per chip from v4 on; v2/v3 chips
@@ -64,8 +64,3 @@ def hosts(accelerator_type: str) -> int:
     _, per_vm, most_on_one = _FAMILIES[fam]
     c = chips(accelerator_type)
     return 1 if c <= most_on_one else -(-c // per_vm)
-
-
-def single_host(accelerator_type: str) -> bool:
-    return hosts(accelerator_type) == 1
-
