@@ -46,11 +46,6 @@ def _parse(accelerator_type: str) -> tuple[str, int]:
     return m["family"], int(m["n"])
 
 
-def family(accelerator_type: str) -> str:
-    """'v5litepod-8' -> 'v5litepod'."""
-    return _parse(accelerator_type)[0]
-
-
 def chips(accelerator_type: str) -> int:
     """TPU chips in the slice: 'v4-8' -> 4, 'v5litepod-8' -> 8."""
     fam, n = _parse(accelerator_type)
