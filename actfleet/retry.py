@@ -23,9 +23,11 @@ T = TypeVar("T")
 
 
 def backoff(base: float, cap: float, multiplier: float = 2.0, *, jitter: bool = True,
-            rng: Callable[[float, float], float] = random.uniform) -> Iterator[float]:
+            rng: Callable[[float, float], float] | None = None) -> Iterator[float]:
     """The delays between tries: min(cap, base * multiplier**n) for n = 0, 1, ..., each drawn uniformly
-    below that bound with jitter (so that many clients that failed together do not retry together)."""
+    below that bound with jitter (so that many clients that failed together do not retry together).
+    rng(lo, hi) draws it (random.uniform, looked up when the first delay is drawn)."""
+    rng = rng or random.uniform
     bound = min(base, cap)
     while True:
         yield rng(0.0, bound) if jitter else bound
@@ -38,10 +40,10 @@ def retry(fn: Callable[[], T], *, attempts: int | None = None, deadline: float |
           should_stop: Callable[[], bool] = lambda: False,
           on_retry: Callable[[BaseException, float, int], None] | None = None,
           sleep: Callable[[float], None] | None = None, clock: Callable[[], float] = time.monotonic,
-          rng: Callable[[float, float], float] = random.uniform) -> T:
+          rng: Callable[[float, float], float] | None = None) -> T:
     """fn() with retries (see the module docstring). attempts counts calls (None: no limit); at least one of
     attempts and deadline bounds the loop. on_retry(error, delay, attempt number from 1) runs before each
-    sleep. sleep defaults to time.sleep, looked up at call time."""
+    sleep. sleep and rng (see backoff) default to time.sleep and random.uniform, looked up at call time."""
     if attempts is None and deadline is None:
         raise ValueError("retry: give attempts, a deadline or both")
     if attempts is not None and attempts < 1:

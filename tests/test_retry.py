@@ -113,3 +113,64 @@ def test_default_sleep_is_looked_up_when_called(monkeypatch):
     monkeypatch.setattr(time, "sleep", slept.append)
     retry(Flaky(E), attempts=2, base=0.25, jitter=False)
     assert slept == [0.25]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The callers keep their counts and delays
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_upload_with_retry_tries_six_times_and_never_retries_a_bad_key(monkeypatch):
+    import time
+
+    from actfleet.errors import InputError
+    from actfleet.worker.work_loop import upload_with_retry
+
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    monkeypatch.setattr("random.uniform", top)
+
+    class Store:
+        def __init__(self, *fails):
+            self.calls = Flaky(*fails)
+
+        def put(self, key, data):
+            return self.calls()
+
+    store = Store(*(OSError("503"),) * 10)
+    with pytest.raises(OSError):
+        upload_with_retry(store, "job/shards/x", b"")
+    assert store.calls.calls == 6 and slept == [0.5, 1.0, 2.0, 4.0, 8.0]
+    slept.clear()
+    store = Store(InputError("bad key"))
+    with pytest.raises(InputError):
+        upload_with_retry(store, "../x", b"")
+    assert store.calls.calls == 1 and slept == []
+    store = Store(OSError("a"), OSError("b"))
+    with pytest.raises(OSError, match="a"):
+        upload_with_retry(store, "k", b"", should_stop=lambda: True)
+    assert store.calls.calls == 1
+    assert upload_with_retry(Store(OSError("a"), OSError("b")), "k", b"") == 3
+
+
+def test_metadata_reads_retry_five_times_but_not_a_404(monkeypatch):
+    import time
+    import urllib.error
+    import urllib.request
+
+    from actfleet.errors import InputError
+    from actfleet.worker import multihost
+
+    slept, answers = [], []
+    monkeypatch.setattr(time, "sleep", slept.append)
+
+    def urlopen(req, timeout):
+        answers.append(req.full_url)
+        raise urllib.error.HTTPError(req.full_url, 503 if "busy" in req.full_url else 404, "x", {}, None)
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    monkeypatch.setenv("ACTFLEET_METADATA_URL", "http://metadata.test/attrs")
+    assert multihost.read_metadata("absent") is None and len(answers) == 1 and slept == []
+    with pytest.raises(InputError, match="cannot read instance metadata 'busy'"):
+        multihost.read_metadata("busy")
+    assert len(answers) == 6 and slept == pytest.approx([0.2, 0.4, 0.8, 1.6])
