@@ -169,3 +169,12 @@ def test_sources_inputs_pinning_import_one_way():
                 imported |= {a.name.rsplit(".", 1)[-1] for a in node.names}
         assert not imported & set(order[i + 1:]), (name, imported & set(order[i + 1:]))
 
+
+
+@pytest.mark.parametrize("ref, message", [("gs://", "no bucket"), ("gs://b/../d.jsonl", '".." is not allowed'),
+                                          ("gs://b/", "looks like gs://bucket/path/data.jsonl"),
+                                          ("gs://b/d.txt", "unknown dataset type")])
+def test_a_bad_gcs_reference_is_refused_before_any_request(ref, message):
+    with pytest.raises(InputError, match=message) as e:
+        sources.resolve(ref)
+    assert ref in str(e.value)

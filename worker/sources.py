@@ -100,6 +100,10 @@ def resolve(ref: str, *, split: str = "train", subset: str = "", revision: str =
     if ref.startswith("file://"):
         ref = ref[len("file://"):]
     if ref.startswith("gs://"):
+        from actfleet.store import parse_gs
+
+        if not parse_gs(ref, "--input")[1]:
+            raise InputError(f"--input {ref}: a dataset in a bucket looks like gs://bucket/path/data.jsonl")
         file_kind(ref)
         return [ref]
     if ref.startswith(HF_PREFIX):
