@@ -1,11 +1,14 @@
 """Benchmark: reading one unit of rows from a large JSONL file, at its start and at its end.
 
 Side by side, on the same 300,000-row file (unit of 1,000 rows), both through inputs.read_source_rows:
-  peer (no seek index)       parse the file from row 0 and keep rows [start, stop): O(offset)
+  peer (no seek index)       read the file from row 0, lines before the unit counted but not parsed,
+                             and keep rows [start, stop): O(offset)
   ours (seek index)          seek to the byte offset prepare recorded for the unit's first INDEX_EVERY-th
                              row, skip < INDEX_EVERY lines unparsed, parse the unit: O(unit)
-and the same for the file compressed with zstd (peer streams the compressed file from its start; ours reads
-the worker's decompressed copy, made once: the time to make it is printed apart). Printed, never asserted.
+and the same for the file compressed with zstd (peer streams and parses the compressed file from its start, as
+the removed single-file reader did; ours reads the worker's decompressed copy, made once: the time to make it
+is printed apart). Printed, never asserted. (docs/jobs.md's "before" column is that removed reader, which
+parsed every line from row 0.)
 
 Run: .venv/bin/python bench/read_unit.py [--rows 300000] [--unit 1000] [--repeats 3]
 """
