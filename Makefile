@@ -8,15 +8,19 @@ PY := $(VENV)/bin/python
 ACTFLEET := $(VENV)/bin/actfleet
 CONFIG ?= fleet.toml
 PYTEST_ARGS ?=
+# `make test LINT=1` runs `make lint` (ruff check + ruff format --check) before the tests. Off by default until
+# the tree has been through ruff once (then set it to 1 here).
+LINT ?= 0
 # Terraform reads no user CLI config and never phones home from our commands.
 export CHECKPOINT_DISABLE := 1
 
-.PHONY: help prereqs-python prereqs-cloud demo test test-fast synth plan deploy destroy reconcile status \
+.PHONY: help prereqs-python prereqs-cloud demo test test-fast lint synth plan deploy destroy reconcile status \
         export-hcl bench lock clean
 
 help:
 	@echo "make demo        run actfleet locally: tiny model, bundled dataset, 3 workers, chaos on"
-	@echo "make test        run the test suite (creates .venv and node_modules first)"
+	@echo "make test        run the test suite (creates .venv and node_modules first; LINT=1: make lint first)"
+	@echo "make lint        ruff check and ruff format --check (the pinned ruff of the test extra)"
 	@echo "make synth|plan|deploy|destroy   the cloud stacks, for CONFIG=$(CONFIG)"
 	@echo "make reconcile   one reconcile pass (run it on a timer; README 'Operations')"
 	@echo "make export-hcl  write the stacks as plain HCL (the exit path off cdktf)"
@@ -61,8 +65,12 @@ node_modules/.installed: package.json package-lock.json | prereqs-cloud
 demo: $(VENV)/.base
 	$(ACTFLEET) local --workers 3 --chaos 0.1 --out demo-out
 
-test: $(VENV)/.full node_modules/.installed
+test: $(VENV)/.full node_modules/.installed $(if $(filter 1,$(LINT)),lint)
 	PATH="$(CURDIR)/node_modules/.bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.full
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 test-fast: $(VENV)/.full node_modules/.installed
 	PATH="$(CURDIR)/node_modules/.bin:$$PATH" $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

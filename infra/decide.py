@@ -33,8 +33,9 @@ qr_state "ACTIVE" / node_state "READY", an exited one as node_state "PREEMPTED",
 
 Memory between passes (the controller's only state besides the cloud) is a `Remembered` per worker: when
 it entered its observed state (so limits count from there, not from the queued resource's creation), and
-the backoff of its failing creates. `with_history` (before deciding) and `remember` (after acting) are the
-pure halves; infra/reconcile.py loads and saves it next to the reconcile lock.
+the backoff of its failing creates. `settle` and `with_history` (before deciding: infra/plan.py runs them
+with decide) and `remember` (after acting) are the pure halves; infra/reconcile.py loads and saves it next
+to the reconcile lock.
 """
 
 from __future__ import annotations
@@ -45,22 +46,12 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 from actfleet.config import Config, Worker, zone_of
+# TPU state names and groups are defined once, in infra/tpu_states.py.
+from actfleet.infra.tpu_states import (NODE_BROKEN, NODE_CREATING, NODE_DELETING, NODE_GOING, NODE_PREEMPTED,
+                                       NODE_READY, NODE_STARTING, NODE_TERMINATED, QR_ACTIVE, QR_BROKEN,
+                                       QR_DELETING, QR_FAILED, QR_PROVISIONING, QR_SUSPENDING)
 
 FLEET_LABEL = "actfleet-fleet"
-
-# --- Queued-resource states (google.cloud.tpu_v2 QueuedResourceState.State names) -------------------
-QR_BROKEN = frozenset({"SUSPENDED", "FAILED"})  # hold quota, never recover: replace (deletes confirmed)
-QR_SUSPENDING = "SUSPENDING"  # waited for: Google advises never to force-delete during suspension
-QR_FAILED = "FAILED"
-QR_PROVISIONING = frozenset({"CREATING", "ACCEPTED", "PROVISIONING", "WAITING_FOR_RESOURCES"})
-QR_ACTIVE = "ACTIVE"
-QR_DELETING = "DELETING"
-
-# --- Node states (google.cloud.tpu_v2 Node.State names) ----------------------------------------------
-NODE_READY = "READY"
-NODE_BROKEN = frozenset({"PREEMPTED", "TERMINATED", "STOPPED"})  # spot TPUs never restart: replace
-NODE_STARTING = frozenset({"CREATING", "STARTING", "RESTARTING", "REPAIRING", "REIMAGING", "UNHIDING"})
-NODE_GOING = frozenset({"DELETING", "STOPPING", "HIDING"})
 
 # --- Action kinds ------------------------------------------------------------------------------------
 HEALTHY, PENDING, WAIT, REPORT = "healthy", "pending", "wait", "report"
@@ -218,7 +209,7 @@ def decide(
         zone = o.zone if o else zone_of(name)
         if zone in unreachable_zones:
             actions.append(Action(name, zone, WAIT, f"zone {zone} could not be observed; left alone"))
-        elif o and (o.qr_state == QR_DELETING or o.node_state == "DELETING"):
+        elif o and (o.qr_state == QR_DELETING or o.node_state == NODE_DELETING):
             actions.append(Action(name, zone, WAIT, "being deleted"))
         elif o and o.qr_state == QR_SUSPENDING:
             actions.append(Action(name, zone, WAIT, "queued resource SUSPENDING: waited for, never force-deleted"))
@@ -270,12 +261,12 @@ def _decide_desired(w: Worker, o: Observed | None, now: float, policy: Policy,
             return backoff_wait(f"queued resource FAILED: {err['code']}: {err['message']}")
         return act(REPLACE, f"queued resource FAILED: {err['code']}: {err['message']}", error=err, cause=ERROR)
     if qr in QR_BROKEN:
-        preempted = node == "PREEMPTED" or o.initiator == "SERVICE"
-        return act(REPLACE, f"queued resource {qr}" + (" (preempted)" if preempted and node != "PREEMPTED" else
+        preempted = node == NODE_PREEMPTED or o.initiator == "SERVICE"
+        return act(REPLACE, f"queued resource {qr}" + (" (preempted)" if preempted and node != NODE_PREEMPTED else
                                                        f", node {node}" if node else ""),
                    cause=PREEMPTION if preempted else ERROR)
     if node in NODE_BROKEN:
-        return act(REPLACE, f"node {node}", cause=PREEMPTION if node in ("PREEMPTED", "TERMINATED") else ERROR)
+        return act(REPLACE, f"node {node}", cause=PREEMPTION if node in (NODE_PREEMPTED, NODE_TERMINATED) else ERROR)
     if qr == QR_DELETING or node in NODE_GOING:
         return act(WAIT, f"{'queued resource' if qr == QR_DELETING else 'node'} "
                          f"{qr if qr == QR_DELETING else node}; recreated once it is gone")
@@ -369,8 +360,12 @@ def classify(code: str, message: str = "") -> str:
 
 
 def failure(code: str, message: str, cls: str | None = None) -> dict:
-    """{"code", "message", "class"}: how a failure travels in actions, the report and the memory."""
-    return {"code": code, "message": message, "class": cls or classify(code, message)}
+    """{"code", "message", "class"}: how a failure travels in actions, the report and the memory. The class
+    is one of ERROR_CLASSES (the report's JSON schema lists the same)."""
+    cls = cls or classify(code, message)
+    if cls not in ERROR_CLASSES:
+        raise ValueError(f"error class {cls!r} is not one of {', '.join(ERROR_CLASSES)}")
+    return {"code": code, "message": message, "class": cls}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -384,7 +379,7 @@ def phase(o: Observed | None) -> str:
     lived node entering REPAIRING starts a fresh clock."""
     if o is None or (o.qr_state is None and o.node_state is None):
         return "absent"
-    if o.qr_state in QR_PROVISIONING or (o.qr_state in (None, QR_ACTIVE) and o.node_state == "CREATING"):
+    if o.qr_state in QR_PROVISIONING or (o.qr_state in (None, QR_ACTIVE) and o.node_state == NODE_CREATING):
         return "provisioning"
     return f"{o.qr_state or '-'}/{o.node_state or '-'}"
 

@@ -9,7 +9,8 @@
             state file itself: no terraform process), the workers' own records in the job's store (boot
             and heartbeat rules), whether the job is complete (`reconcile.watch_job`), and the memory the
             last pass left (when each worker entered its state; the backoff of failing creates).
-- decide:   infra/decide.py, pure.
+- decide:   infra/plan.py (settle -> history -> decide, pure), the plan `actfleet status` also shows: it
+            reads the same inputs through observe_inputs below.
 - act:      delete orphans through the TPU API (deletes confirmed); then, only if a worker must be created,
             replaced or removed, exactly ONE `terraform apply` of the fleet stack carrying every -replace=
             of the pass. A pass with nothing to do runs no terraform and never imports cdktf.
@@ -40,12 +41,13 @@ from typing import Any, Callable
 from actfleet.config import Config, zone_of
 from actfleet.errors import ActfleetError
 from actfleet.formatting import iso_utc, one_line
-from actfleet.infra.decide import (APPLY_KINDS, CREATE, DELETE_ORPHAN, QR_ACTIVE, REPLACE, WAIT, Action, Liveness,
-                                   Policy, Remembered, WorkRecord, decide, failure, needs_apply, remember, settle,
-                                   with_history)
+from actfleet.infra.decide import (APPLY_KINDS, CREATE, DELETE_ORPHAN, ERROR_CLASSES, KINDS, REPLACE, WAIT, Action,
+                                   Liveness, Observed, Policy, Remembered, WorkRecord, failure, needs_apply, remember)
 from actfleet.infra.lock import LockHeld, ReconcileLock, lock_location
 from actfleet.infra.observe import FleetView, observe_fleet, observed_from
+from actfleet.infra.plan import plan
 from actfleet.infra.terraform_layout import FLEET, WORKERS, state_location, worker_address
+from actfleet.infra.tpu_states import QR_ACTIVE
 
 SCHEMA_ID = "actfleet.reconcile/v1"
 
@@ -129,12 +131,10 @@ def _action_dict(a: Action) -> dict[str, Any]:
 # ever added; a breaking change gets a new SCHEMA_ID.
 _ERROR = {"type": ["object", "null"], "required": ["code", "message", "class"],
           "properties": {"code": {"type": "string"}, "message": {"type": "string"},
-                         "class": {"enum": ["permission", "invalid-argument", "quota", "boot", "stalled",
-                                            "unknown"]}}}
+                         "class": {"enum": list(ERROR_CLASSES)}}}
 _ACTION = {"type": "object", "required": ["worker", "zone", "kind", "reason", "error", "next_attempt", "cause"],
            "properties": {"worker": {"type": "string"}, "zone": {"type": "string"},
-                          "kind": {"enum": ["healthy", "pending", "wait", "report", "create", "replace", "remove",
-                                            "delete-orphan"]},
+                          "kind": {"enum": list(KINDS)},
                           "reason": {"type": "string"}, "error": _ERROR,
                           "next_attempt": {"type": ["string", "null"]},
                           "cause": {"enum": [None, "preemption", "error"]}}}
@@ -217,40 +217,24 @@ def _observe_decide_act(cfg: Config, report: PassReport, api, clock, lock: Recon
     # -- observe ------------------------------------------------------------------------------------
     managed = managed_workers(cfg)
     report.managed = sorted(managed)
-    zones = sorted(set(cfg.fleet.zones) | {zone_of(n) for n in managed if zone_of(n)})
-    report.zones = zones
-    if api is None:
-        from actfleet.infra.tpu_api import TpuApi
+    report.zones = fleet_zones(cfg, managed)
+    inputs = observe_inputs(cfg, api, managed=managed)
+    api, view = inputs.api, inputs.view
+    report.unreachable, report.observe_seconds = inputs.unreachable, view.seconds
+    report.api_calls, report.confirmed = inputs.api_calls, inputs.confirmed
+    report.job, report.workers = inputs.job, inputs.workers
+    report.errors.extend(inputs.errors)
 
-        api = TpuApi.from_config(cfg.fleet)
-    history, memory_error = load_memory(cfg)
-    if memory_error:
-        report.errors.append(memory_error)
-    view: FleetView = observe_fleet(api, zones)
-    calls_before = api.calls
-    observed, unreachable = _confirm_missing(api, cfg, view, managed, history, report)
-    report.unreachable, report.observe_seconds = unreachable, view.seconds
-    report.api_calls = view.api_calls + api.calls - calls_before
-    for zone, message in unreachable.items():
-        report.errors.append(f"zone {zone} could not be observed, left alone: {message}")
-    job_complete = _job_complete(cfg, report)
-    liveness = read_liveness(cfg, job_complete if report.job["watched"] else None)
-    if liveness is not None:
-        report.workers = {"judged": liveness.judged and liveness.error is None, "records": len(liveness.records),
-                          "error": liveness.error}
-        if liveness.error:
-            report.errors.append(f"{liveness.error}: boot and heartbeat not judged, nothing replaced on that ground")
-
-    # -- decide -------------------------------------------------------------------------------------
+    # -- decide (infra/plan.py: the same plan `actfleet status` shows) --------------------------------
     now = clock()
     policy = Policy.from_config(cfg)
     if retry_now:
         policy = replace(policy, retry_now=True)
-    unreachable_zones = frozenset(unreachable)
-    history = settle(history, observed, policy, unreachable_zones)
-    observed = with_history(observed, history, now)
-    actions = decide(cfg.fleet.workers, observed, now, policy, unreachable_zones=unreachable_zones,
-                     job_complete=job_complete, managed=managed, liveness=liveness, history=history)
+    unreachable, job_complete = inputs.unreachable, inputs.job_complete
+    p = plan(cfg.fleet.workers, inputs.observed, now, policy, history=inputs.history,
+             unreachable_zones=frozenset(unreachable), managed=managed, job_complete=job_complete,
+             liveness=inputs.liveness)
+    actions, history, observed = p.actions, p.history, p.observed
     report.actions = actions
     acting = [a for a in actions if a.acts]
     _count_restarts(report, history)
@@ -301,15 +285,82 @@ def _observe_decide_act(cfg: Config, report: PassReport, api, clock, lock: Recon
 # ----------------------------------------------------------------------------------------------------
 
 
-def _confirm_missing(api, cfg: Config, view: FleetView, managed: frozenset[str],
-                     history: dict[str, Remembered], report: PassReport):
+@dataclass
+class Inputs:
+    """What a pass reads before it plans (the observe step). reconcile and `actfleet status` both read them
+    through observe_inputs, so both plan (infra/plan.py) on the same facts."""
+
+    api: Any  # the TpuApi observed through (reconcile acts through it)
+    managed: frozenset[str]  # as passed in (Terraform's state)
+    zones: list[str]  # the configured zones and those of managed workers
+    view: FleetView  # the lists as they came
+    observed: dict[str, Observed]  # the lists, with what confirming GETs found
+    unreachable: dict[str, str]  # zone -> error (lists or confirming GETs failed)
+    confirmed: list[str]  # left out of a listing, found by a GET
+    api_calls: int
+    history: dict[str, Remembered]  # the memory the last pass saved ({} if none or unreadable)
+    job: dict[str, Any]  # {"watched", "complete", "error"}
+    job_complete: bool
+    liveness: Liveness | None  # the job's worker records (None: boot and heartbeat rules off)
+    workers: dict[str, Any]  # {"judged", "records", "error"}
+    errors: list[str]  # what could not be read, one line each (the pass reports them)
+
+
+def fleet_zones(cfg: Config, managed: frozenset[str]) -> list[str]:
+    """The zones a pass observes: the configured ones, and those of workers Terraform still manages."""
+    return sorted(set(cfg.fleet.zones) | {zone_of(n) for n in managed if zone_of(n)})
+
+
+def observe_inputs(cfg: Config, api=None, *, managed: frozenset[str], read_job: bool = True) -> Inputs:
+    """List every zone, confirm with GETs what a listing left out, and read the memory, whether the job is
+    complete and the workers' records. Reads only. `managed` is Terraform's state (managed_workers: its
+    caller decides what an unreadable state means). `read_job=False` (`status --no-job`) reads nothing of
+    the job: it is then treated as unreadable (not complete, boot and heartbeat not judged) and said so."""
+    zones = fleet_zones(cfg, managed)
+    if api is None:
+        from actfleet.infra.tpu_api import TpuApi
+
+        api = TpuApi.from_config(cfg.fleet)
+    errors: list[str] = []
+    history, memory_error = load_memory(cfg)
+    if memory_error:
+        errors.append(memory_error)
+    view: FleetView = observe_fleet(api, zones)
+    calls_before = api.calls
+    observed, unreachable, confirmed = confirm_missing(api, cfg, view, managed, history)
+    api_calls = view.api_calls + api.calls - calls_before
+    for zone, message in unreachable.items():
+        errors.append(f"zone {zone} could not be observed, left alone: {message}")
+    job: dict[str, Any] = {"watched": False, "complete": None, "error": None}
+    if read_job:
+        job_complete = _job_complete(cfg, job)
+        liveness = read_liveness(cfg, job_complete if job["watched"] else None)
+    else:
+        not_read = f"job {cfg.job.name} in {cfg.job.store} not read (--no-job)"
+        job.update(watched=cfg.reconcile.watch_job, error=not_read if cfg.reconcile.watch_job else None)
+        job_complete = False
+        liveness = Liveness(judged=False, error=not_read) if _liveness_rules_on(cfg) else None
+    workers: dict[str, Any] = {"judged": False, "records": 0, "error": None}
+    if liveness is not None:
+        workers = {"judged": liveness.judged and liveness.error is None, "records": len(liveness.records),
+                   "error": liveness.error}
+        if liveness.error:
+            errors.append(f"{liveness.error}: boot and heartbeat not judged, nothing replaced on that ground")
+    return Inputs(api, managed, zones, view, observed, unreachable, confirmed, api_calls, history, job,
+                  job_complete, liveness, workers, errors)
+
+
+def confirm_missing(api, cfg: Config, view: FleetView, managed: frozenset[str],
+                    history: dict[str, Remembered]):
     """A listing can leave a resource out while a GET still finds it. Before anything is replaced for
     being gone, GET it: a desired worker whose queued resource is ACTIVE without a listed node, or that is
     absent from the lists although Terraform holds it or the last pass saw it. Returns (observed,
-    unreachable) with what the GETs found; a zone whose GETs fail is left alone like an unlisted one."""
+    unreachable, confirmed) with what the GETs found; a zone whose GETs fail is left alone like an unlisted
+    one; confirmed names the workers whose node only a GET found."""
     from actfleet.infra.tpu_api import QueuedResource
 
     observed, unreachable = dict(view.observed), dict(view.unreachable)
+    confirmed: list[str] = []
     todo = []
     for w in cfg.fleet.workers:
         if w.zone in unreachable:
@@ -320,7 +371,7 @@ def _confirm_missing(api, cfg: Config, view: FleetView, managed: frozenset[str],
         elif o is None and (w.name in managed or history.get(w.name, Remembered()).phase not in ("", "absent")):
             todo.append((w, None))
     if not todo:
-        return observed, unreachable
+        return observed, unreachable, confirmed
 
     def confirm(item):
         w, qr = item
@@ -340,16 +391,20 @@ def _confirm_missing(api, cfg: Config, view: FleetView, managed: frozenset[str],
         if node is not None or (qr is not None and w.name not in observed):
             observed[w.name] = observed_from(qr if isinstance(qr, QueuedResource) else None, node, w.zone)
             if node is not None:
-                report.confirmed.append(w.name)
+                confirmed.append(w.name)
     for zone in set(unreachable) - set(view.unreachable):  # judged nothing in it: leave it all alone
         observed = {n: o for n, o in observed.items() if o.zone != zone}
-    return observed, unreachable
+    return observed, unreachable, confirmed
+
+
+def _liveness_rules_on(cfg: Config) -> bool:
+    return bool(cfg.reconcile.boot_timeout_minutes or cfg.reconcile.heartbeat_timeout_minutes)
 
 
 def read_liveness(cfg: Config, job_complete: bool | None = None) -> Liveness | None:
     """The job's worker records, as the boot and heartbeat rules read them (the same records `actfleet
     status` shows: actfleet.worker.work_queue.read_worker_records). None when both rules are off."""
-    if not cfg.reconcile.boot_timeout_minutes and not cfg.reconcile.heartbeat_timeout_minutes:
+    if not _liveness_rules_on(cfg):
         return None
     try:
         from actfleet.store import open_store
@@ -453,20 +508,21 @@ def _delete_through_api(api, actions: list[Action], view: FleetView, report: Pas
             report.errors.append(f"could not delete {name}: {e}")
 
 
-def _job_complete(cfg: Config, report: PassReport) -> bool:
-    """Whether the job's work queue says every unit is done (only when reconcile.watch_job)."""
+def _job_complete(cfg: Config, job: dict[str, Any]) -> bool:
+    """Whether the job's work queue says every unit is done (only when reconcile.watch_job); `job` (the
+    report's {"watched", "complete", "error"}) is filled in."""
     if not cfg.reconcile.watch_job:
         return False
-    report.job["watched"] = True
+    job["watched"] = True
     try:
         from actfleet.worker.work_queue import job_complete
         from actfleet.store import open_store
 
         complete = job_complete(open_store(cfg.job.store), cfg.job.name)
     except Exception as e:  # an unreadable queue never scales the fleet down; it is reported
-        report.job["error"] = f"could not read job {cfg.job.name} in {cfg.job.store}: {one_line(e)}"
+        job["error"] = f"could not read job {cfg.job.name} in {cfg.job.store}: {one_line(e)}"
         return False
-    report.job["complete"] = complete
+    job["complete"] = complete
     return complete
 
 
@@ -519,5 +575,5 @@ def terraform_apply(cfg: Config, *, replace: list[str], targets: list[str], dest
 
 
 
-__all__ = ["PassReport", "reconcile_pass", "terraform_apply", "managed_workers",
+__all__ = ["PassReport", "reconcile_pass", "terraform_apply", "managed_workers", "observe_inputs", "Inputs",
            "REPORT_JSON_SCHEMA", "CONVERGED", "REPAIRED", "PLANNED", "LOCKED", "FAILED", "SCHEMA_ID"]

@@ -20,6 +20,8 @@ import base64
 import os
 from pathlib import Path
 
+from actfleet.quiet import quiet_cdktf_bindings
+
 # jsii prints a banner about the Node.js version on every start; the pinned toolchain is deliberate.
 os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "18,20")
 os.environ.setdefault("JSII_SILENCE_WARNING_DEPRECATED_NODE_VERSION", "1")
@@ -36,6 +38,10 @@ from actfleet.infra.startup_script import config_object_name, startup_script, wo
 from actfleet.infra.synth_inputs import actfleet_command
 from actfleet.infra.terraform_layout import (BASE, FLEET, WORKERS, gcs_backend_prefix, local_state_file,
                                              state_dir as default_state_dir)
+
+# typeguard 4 (the saelens extra's) warns ~20 times a synth that it cannot check jsii's protocols: dropped
+# before any binding is called (their argument checks are what warns).
+quiet_cdktf_bindings()
 
 # The worker's service account: conditional grants on the bucket only (infra/bucket_access.py), and these two,
 # the only project-level grants (a VM cannot write its own logs and metrics otherwise).

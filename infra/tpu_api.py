@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
 
 from actfleet.errors import ActfleetError, InputError, PrerequisiteError
 from actfleet.formatting import one_line
+from actfleet.infra.tpu_states import QR_BROKEN, QR_DELETING, QR_SUSPENDING
 from actfleet.retry import backoff, retry
 
 if TYPE_CHECKING:
@@ -61,12 +62,9 @@ class QueuedResource:
     error_message: str = ""
 
 
-# Queued-resource states (google.cloud.tpu_v2 QueuedResourceState.State names) a delete or create treats
-# specially: SUSPENDING is waited for, never force-deleted (Google's advice, recorded in axlearn's TPU code);
-# FAILED and SUSPENDED hold quota until deleted, and a delete of one can get stuck, so it is re-deleted.
-QR_SUSPENDING = "SUSPENDING"
-QR_STUCK = frozenset({"FAILED", "SUSPENDED"})
-QR_DELETING = "DELETING"
+# Queued-resource states (infra/tpu_states.py) a delete or create treats specially: SUSPENDING is waited
+# for, never force-deleted (Google's advice, recorded in axlearn's TPU code); FAILED and SUSPENDED (QR_BROKEN)
+# hold quota until deleted, and a delete of one can get stuck, so it is re-deleted.
 DELETE_ATTEMPTS = 4  # deletes sent to one queued resource that stays FAILED/SUSPENDED before giving up
 
 
@@ -197,7 +195,7 @@ class TpuApi:
         path = self.qr_path(zone, qr_id)
         message = _parse_request(request, path)
         existing = self._settled_queued_resource(zone, qr_id)
-        if existing is not None and _raw_state(existing) in QR_STUCK:
+        if existing is not None and _raw_state(existing) in QR_BROKEN:
             self.delete_queued_resource(zone, qr_id, force=True)
             existing = None
         if existing is not None:

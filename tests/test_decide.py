@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from actfleet.config import Worker
 from actfleet.infra.decide import (ACTING_KINDS, APPLY_KINDS, CREATE, DELETE_ORPHAN, HEALTHY, KINDS, PENDING, REMOVE,
                                    REPLACE, REPORT, WAIT, Action, Liveness, Observed, Policy, Remembered, WorkRecord,
-                                   classify, decide, needs_apply, phase, remember, settle, with_history)
+                                   classify, decide, failure, needs_apply, phase, remember, settle, with_history)
+from actfleet.infra.decide import ERROR_CLASSES
 
 NOW = 1_000_000.0
 POLICY = Policy(fleet_id="acts", provision_timeout_s=600, on_provision_timeout="report")
@@ -222,6 +223,40 @@ def test_preemptions_and_errors_are_counted_apart():
 ])
 def test_errors_are_classified(code, message, cls):
     assert classify(code, message) == cls
+    assert cls in ERROR_CLASSES
+
+
+def test_a_failure_class_outside_error_classes_is_refused():
+    assert failure("STALLED", "last heartbeat 20 min ago", "stalled")["class"] == "stalled"
+    with pytest.raises(ValueError, match="'stale' is not one of permission, invalid-argument"):
+        failure("STALLED", "last heartbeat 20 min ago", "stale")
+    # the report's JSON schema lists the same classes and kinds
+    from actfleet.infra.reconcile import REPORT_JSON_SCHEMA
+
+    action = REPORT_JSON_SCHEMA["properties"]["actions"]["items"]
+    assert action["properties"]["error"]["properties"]["class"]["enum"] == list(ERROR_CLASSES)
+    assert action["properties"]["kind"]["enum"] == list(KINDS)
+
+
+def test_tpu_state_names_are_the_apis_and_defined_once():
+    """infra/tpu_states.py names states as google.cloud.tpu_v2 spells them, and no other infra module
+    defines its own (tests/fakes/tpu_server.py, the fake, uses the proto enums themselves)."""
+    import re
+    from pathlib import Path
+
+    from google.cloud.tpu_v2 import Node, QueuedResourceState
+
+    from actfleet.infra import tpu_states
+
+    names = {k: v for k, v in vars(tpu_states).items() if k.startswith(("QR_", "NODE_"))}
+    for const, value in names.items():
+        enum = QueuedResourceState.State if const.startswith("QR_") else Node.State
+        for state in (value if isinstance(value, frozenset) else {value}):
+            assert state in enum.__members__, (const, state)
+    infra = Path(tpu_states.__file__).parent
+    for path in infra.rglob("*.py"):
+        if path.name != "tpu_states.py":
+            assert not re.findall(r"^(?:QR|NODE)_[A-Z_]+ *=", path.read_text(), re.M), path
 
 
 def test_unreachable_zone_is_left_alone_while_other_zones_are_judged():

@@ -2,14 +2,16 @@
 
     worker  zone  queued resource  node  health  units  tokens  shards  last heartbeat
 
-`health` is what reconcile would make of the worker right now (decide(): healthy, pending, replace,
-create, wait, report, delete-orphan). Totals and throughput go underneath. Works with what exists: the
-fleet alone (no job prepared yet, or no store reachable), the job alone (TPU API unreachable), or both.
+`health` is the action reconcile plans for the worker right now (healthy, pending, wait, report, create,
+replace, remove, delete-orphan): the same plan (infra/plan.py) on the same inputs (infra/reconcile.py:
+observe_inputs). Totals and throughput go underneath. Works with what exists: the fleet alone (no job
+prepared yet, or no store reachable), the job alone (TPU API unreachable), or both.
 `--watch SECONDS` redraws in place (rich Live); `--json` prints one document (schema
 "actfleet.status/v1", docs/operations.md).
 
-It reads only: the TPU API's lists and the job's small JSON records. It never imports cdktf, Terraform,
-JAX or torch, so it starts in about a second.
+It reads only: the TPU API's lists (and the GETs reconcile would confirm with), the job's small JSON
+records, reconcile's memory and Terraform's state document. It never imports cdktf, Terraform, JAX or
+torch, so it starts in about a second.
 """
 
 from __future__ import annotations
@@ -43,17 +45,27 @@ class Snapshot:
     job: dict[str, Any] | None = None  # totals from actfleet.worker.work_queue.job_progress, or None
     job_error: str | None = None
     throughput: dict[str, Any] = field(default_factory=dict)
+    # How `health` was planned: whether it was (planned), and the inputs it was planned on, as reconcile's
+    # report shows them (managed: Terraform's state; job; workers: the worker records; confirmed: found by
+    # a GET; errors: what could not be read, and so was treated as reconcile treats it).
+    plan: dict[str, Any] = field(default_factory=lambda: {"planned": False, "managed": None, "job": None,
+                                                          "workers": None, "confirmed": [], "errors": []})
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": SCHEMA_ID, "fleet": self.fleet, "taken_at": iso_utc(self.taken_at),
                 "workers": self.rows, "unreachable": self.unreachable, "fleet_error": self.fleet_error,
-                "job": self.job, "job_error": self.job_error, "throughput": self.throughput}
+                "job": self.job, "job_error": self.job_error, "throughput": self.throughput, "plan": self.plan}
 
 
 def take_snapshot(cfg: Config, *, api=None, store=None, job_name: str | None = None, with_job: bool = True,
                   now: float | None = None) -> Snapshot:
-    """Observe the fleet and read the job's progress (each optional, each failing on its own)."""
-    from actfleet.infra.decide import Policy, decide
+    """Observe the fleet and plan it as reconcile would, and read the job's progress (each optional, each
+    failing on its own). The plan is reconcile's own (infra/plan.py) on the inputs reconcile reads
+    (observe_inputs: the same zones, confirming GETs, memory, Terraform's managed set, job-complete and
+    worker records); `job_name` (`--job`) changes the progress shown, not the job the plan reads."""
+    from actfleet.infra.decide import Policy
+    from actfleet.infra.plan import plan
+    from actfleet.infra.reconcile import managed_workers, observe_inputs
 
     now = time.time() if now is None else now
     snap = Snapshot(fleet=cfg.fleet.id, taken_at=now)
@@ -69,10 +81,11 @@ def take_snapshot(cfg: Config, *, api=None, store=None, job_name: str | None = N
         row(w.name, w.zone)["desired"] = True
 
     def observe():
-        from actfleet.infra.observe import observe_fleet
-        from actfleet.infra.tpu_api import TpuApi
-
-        return observe_fleet(api or TpuApi.from_config(cfg.fleet), cfg.fleet.zones)
+        try:
+            managed, not_planned = managed_workers(cfg), None
+        except ActfleetError as e:  # reconcile fails on this too: show the cloud, plan nothing
+            managed, not_planned = frozenset(), f"not planned: reconcile cannot plan either: {e}"
+        return observe_inputs(cfg, api, managed=managed, read_job=with_job), not_planned
 
     def progress():
         from actfleet.worker.work_queue import job_progress
@@ -84,9 +97,10 @@ def take_snapshot(cfg: Config, *, api=None, store=None, job_name: str | None = N
         fleet_f = pool.submit(observe)
         job_f = pool.submit(progress) if with_job else None
         try:
-            view = fleet_f.result()
+            inputs, not_planned = fleet_f.result()
         except Exception as e:  # no credentials, API down: show the job anyway
-            view, snap.fleet_error = None, one_line(e, 400)
+            inputs, snap.fleet_error = None, one_line(e, 400)
+            snap.plan["errors"].append("not planned: the fleet could not be observed")
         progress_result = None
         if job_f is not None:
             try:
@@ -94,30 +108,23 @@ def take_snapshot(cfg: Config, *, api=None, store=None, job_name: str | None = N
             except Exception as e:
                 snap.job_error = one_line(e, 400)
 
-    if view is not None:
-        snap.unreachable = dict(view.unreachable)
-        # What reconcile would decide: the same memory (time in state, backoff) and worker records.
-        from actfleet.infra.decide import Liveness, WorkRecord, with_history
-        from actfleet.infra.reconcile import load_memory
-
-        history = load_memory(cfg)[0]
-        liveness = None
-        if progress_result is not None:
-            liveness = Liveness({n: WorkRecord(wp.last_heartbeat, wp.state) for n, wp in progress_result.workers.items()
-                                 if wp.last_heartbeat is not None},
-                                judged=progress_result.prepared and not progress_result.complete)
-        elif snap.job_error is not None:
-            liveness = Liveness(judged=False, error=snap.job_error)
-        actions = decide(cfg.fleet.workers, with_history(view.observed, history, now), now, Policy.from_config(cfg),
-                         unreachable_zones=frozenset(view.unreachable), liveness=liveness, history=history)
-        for a in actions:
-            r = row(a.worker, a.zone)
-            r["health"], r["reason"] = a.kind, a.reason
-        for name, o in view.observed.items():
+    if inputs is not None:
+        snap.unreachable = dict(inputs.unreachable)
+        snap.plan.update(planned=not_planned is None, managed=None if not_planned else sorted(inputs.managed),
+                         job=inputs.job, workers=inputs.workers, confirmed=inputs.confirmed,
+                         errors=([not_planned] if not_planned else []) + inputs.errors)
+        if not_planned is None:
+            p = plan(cfg.fleet.workers, inputs.observed, now, Policy.from_config(cfg), history=inputs.history,
+                     unreachable_zones=frozenset(inputs.unreachable), managed=inputs.managed,
+                     job_complete=inputs.job_complete, liveness=inputs.liveness)
+            for a in p.actions:
+                r = row(a.worker, a.zone)
+                r["health"], r["reason"] = a.kind, a.reason
+        for name, o in inputs.observed.items():
             if name in rows:
                 r = rows[name]
                 r["qr_state"], r["node_state"] = o.qr_state, o.node_state
-                node = view.nodes.get(name)
+                node = inputs.view.nodes.get(name)
                 r["node_health"] = (node.health or None) if node else None
 
     if progress_result is not None:
@@ -243,7 +250,7 @@ def render(snap: Snapshot):
     from rich.text import Text
 
     styles = {"healthy": "green", "pending": "cyan", "wait": "yellow", "report": "bold yellow",
-              "create": "red", "replace": "bold red", "delete-orphan": "magenta"}
+              "create": "red", "replace": "bold red", "remove": "red", "delete-orphan": "magenta"}
     table = Table(title=f"fleet {snap.fleet} at {iso_utc(snap.taken_at)}", title_justify="left", box=None,
                   header_style="bold", pad_edge=False)
     for col, just in (("worker", "left"), ("zone", "left"), ("queued resource", "left"), ("node", "left"),
@@ -263,6 +270,9 @@ def render(snap: Snapshot):
         lines.append("unreachable zones: " + "; ".join(f"{z}: {m}" for z, m in snap.unreachable.items()))
     if snap.fleet_error:
         lines.append(f"fleet: could not be observed: {snap.fleet_error}")
+    elif snap.plan["errors"]:  # unreachable zones are on their own line above
+        lines.extend(f"plan: {e}" for e in snap.plan["errors"] if not e.startswith(tuple(
+            f"zone {z} " for z in snap.unreachable)))
     if snap.job is not None:
         j = snap.job
         if not j["prepared"]:

@@ -10,7 +10,6 @@ problems), 2 bad input (a changed dataset, a missing job, bad options).
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from actfleet.config import JobConfig, resolve_path
 from actfleet.errors import ConfigError, InputError
 from actfleet.job_options import (DEFAULT_LEASE_SECONDS, DEFAULT_UNIT_ROWS, DTYPES, FORMATS, LONG_INPUTS, POSITIONS,
                                   JobOptions)
+from actfleet.quiet import log_to_stderr
 from actfleet.worker import work_queue as q
 from actfleet.worker.commands.flags import POSITIONS_HELP, SHARD_MB_HELP, reading_options
 from actfleet.worker.engine_extractor import EngineExtractor, samples_per_row
@@ -187,8 +187,7 @@ def work(config_path, store_url, job, worker_id, lease_seconds, drain_seconds, q
     from actfleet.worker import multihost
     from actfleet.worker.work_loop import Worker, install_sigterm
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
+    log_to_stderr()  # actfleet's records from INFO, other libraries' from WARNING
     t = _target(config_path, store_url, job)
     spec = q.read_job(t.store, t.job)
     worker_id = q.check_worker_id(worker_id) if worker_id else q.default_worker_id()
