@@ -1,6 +1,6 @@
 """Cloud TPU accelerator types: how many chips and how many hosts (TPU VMs) a type names.
 
-    chips("v5litepod-8") == 8     hosts("v5litepod-8") == 1     single_host("v5litepod-16") is False
+    chips("v5litepod-8") == 8     hosts("v5litepod-8") == 1     hosts("v5litepod-16") == 4
     chips("v4-8") == 4            hosts("v4-16") == 2
 
 The number after the dash counts TensorCores for v2, v3, v4 and v5p (two per chip from v4 on; v2/v3 chips
@@ -46,11 +46,6 @@ def _parse(accelerator_type: str) -> tuple[str, int]:
     return m["family"], int(m["n"])
 
 
-def family(accelerator_type: str) -> str:
-    """'v5litepod-8' -> 'v5litepod'."""
-    return _parse(accelerator_type)[0]
-
-
 def chips(accelerator_type: str) -> int:
     """TPU chips in the slice: 'v4-8' -> 4, 'v5litepod-8' -> 8."""
     fam, n = _parse(accelerator_type)
@@ -64,8 +59,3 @@ def hosts(accelerator_type: str) -> int:
     _, per_vm, most_on_one = _FAMILIES[fam]
     c = chips(accelerator_type)
     return 1 if c <= most_on_one else -(-c // per_vm)
-
-
-def single_host(accelerator_type: str) -> bool:
-    return hosts(accelerator_type) == 1
-

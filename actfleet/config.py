@@ -267,6 +267,14 @@ def _store_url(v):
         raise _Bad('must be a path, "file://..." or "gs://bucket/prefix"')
     if "://" in v and not (v.startswith("file://") or v.startswith("gs://")):
         raise _Bad('must be a path, "file://..." or "gs://bucket/prefix"')
+    if v.startswith("gs://"):
+        from actfleet.errors import InputError
+        from actfleet.store import parse_gs
+
+        try:
+            parse_gs(v)
+        except InputError as e:
+            raise _Bad(str(e).partition(": ")[2]) from None
     return v
 
 

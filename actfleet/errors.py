@@ -9,7 +9,6 @@ Exit codes (README "Exit codes"):
 
 from __future__ import annotations
 
-EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
 EXIT_MISSING_PREREQ = 3

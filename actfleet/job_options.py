@@ -243,7 +243,7 @@ class JobOptions:
             raise ValueError(f"tokens_field {self.tokens_field!r}: pre-tokenized rows need format text")
 
     def input_options(self) -> dict[str, Any]:
-        """How the dataset is read into rows: the keyword arguments of actfleet.worker.inputs.read_rows/count_rows."""
+        """How the dataset is read into rows: the keyword arguments of actfleet.worker.inputs.read_source_rows."""
         return {"format": self.format, "text_field": self.text_field, "messages_field": self.messages_field,
                 "tokens_field": self.tokens_field, "arc_augmentations": self.arc_augmentations,
                 "arc_seed": self.arc_seed}

@@ -42,6 +42,7 @@ from typing import Iterator
 from urllib.parse import urlparse
 
 from actfleet.errors import ActfleetError, InputError
+from actfleet.retry import retry
 
 
 class NotFound(ActfleetError):
@@ -56,14 +57,27 @@ class StoreBusy(ActfleetError):
     """A local key's lock was held for longer than LOCK_WAIT_S (its holder is stalled): nothing was written."""
 
 
+def parse_gs(url: str, what: str = "") -> tuple[str, str]:
+    """"gs://bucket/some/key/" -> ("bucket", "some/key"): the one parser of gs:// URLs (the key, an object name
+    or a prefix, has no leading or trailing "/"; it may be ""). InputError, naming `what` (e.g. 'store') and the
+    URL, for a URL that is not gs://, has no bucket, or has a ".." segment (a key must not climb out of the
+    prefix a grant or a store is scoped to)."""
+    culprit = f'{what} "{url}"' if what else f'"{url}"'
+    if not url.startswith("gs://"):
+        raise InputError(f"{culprit}: not a gs:// URL")
+    bucket, _, key = url[len("gs://"):].partition("/")
+    if not bucket:
+        raise InputError(f'{culprit}: no bucket (a GCS URL looks like "gs://bucket/prefix")')
+    key = key.strip("/")
+    if ".." in key.split("/"):
+        raise InputError(f'{culprit}: ".." is not allowed in a GCS object name or prefix')
+    return bucket, key
+
+
 def open_store(url: str) -> "Store":
     """A path, "file:///abs/path" or "gs://bucket/prefix" -> the Store rooted there."""
     if url.startswith("gs://"):
-        rest = url[len("gs://"):]
-        bucket, _, prefix = rest.partition("/")
-        if not bucket:
-            raise InputError(f'store "{url}": a GCS store URL looks like "gs://bucket/prefix"')
-        return GcsStore(bucket, prefix.strip("/"))
+        return GcsStore(*parse_gs(url, "store"))
     if url.startswith("file://"):
         parsed = urlparse(url)
         if parsed.netloc not in ("", "localhost"):
@@ -169,17 +183,12 @@ class LocalStore(Store):
         name = hashlib.sha256(key.encode()).hexdigest()[:32]
         fd = os.open(lock_dir / name, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            deadline, delay = time.monotonic() + LOCK_WAIT_S, 0.001
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise StoreBusy(f"{self.url}/{key}: its lock has been held for over {LOCK_WAIT_S:.0f} s "
-                                        f"(a stalled writer?); nothing was written") from None
-                    time.sleep(delay)
-                    delay = min(delay * 2, 0.05)
+            try:  # polls 1, 2, 4 ... 50 ms apart
+                retry(lambda: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB), deadline=LOCK_WAIT_S, base=0.001,
+                      cap=0.05, jitter=False, retryable=(BlockingIOError,))
+            except BlockingIOError:
+                raise StoreBusy(f"{self.url}/{key}: its lock has been held for over {LOCK_WAIT_S:.0f} s "
+                                f"(a stalled writer?); nothing was written") from None
             yield
         finally:
             os.close(fd)  # closing releases the flock (also when the process is killed)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from actfleet.config import Config
 from actfleet.errors import ConfigError
 from actfleet.infra.startup_script import config_object_name
-from actfleet.store import join
+from actfleet.store import join, parse_gs
 
 LIST_ROLE = "roles/storage.objectViewer"
 READ_ROLE = "roles/storage.objectViewer"
@@ -44,8 +44,8 @@ def _in_bucket(url: str, bucket: str) -> str | None:
     """The object name (or prefix) of a gs:// URL in `bucket`; None for another bucket or a non-gs URL."""
     if not url.startswith("gs://"):
         return None
-    found, _, name = url[len("gs://"):].partition("/")
-    return name.strip("/") if found == bucket else None
+    found, name = parse_gs(url)
+    return name if found == bucket else None
 
 
 def object_prefix_condition(bucket: str, prefixes: list[str]) -> str:

@@ -537,11 +537,11 @@ def managed_workers(cfg: Config) -> frozenset[str]:
     where = state_location(cfg, FLEET)
     try:
         if where.startswith("gs://"):
-            from actfleet.store import NotFound, open_store
+            from actfleet.store import NotFound, open_store, parse_gs
 
-            root, _, key = where.rpartition("/")
+            bucket, key = parse_gs(where, "Terraform state")
             try:
-                data = open_store(root).read(key)[0]
+                data = open_store(f"gs://{bucket}").read(key)[0]
             except NotFound:
                 return frozenset()
         else:

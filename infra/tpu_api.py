@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
 from actfleet.errors import ActfleetError, InputError, PrerequisiteError
 from actfleet.formatting import one_line
 from actfleet.infra.tpu_states import QR_BROKEN, QR_DELETING, QR_SUSPENDING
+from actfleet.retry import backoff, retry
 
 if TYPE_CHECKING:
     from actfleet.config import FleetConfig
@@ -346,14 +347,13 @@ class TpuApi:
                 return
 
     def _call(self, what: str, fn: Callable[[], T], *, missing_ok: bool = False, conflict_ok: bool = False) -> T:
-        """Run one API request with retries. `what` names the resource for error messages."""
+        """Run one API request with retries (actfleet.retry: 429, 5xx, timeouts and dropped connections).
+        `what` names the resource for error messages."""
         import requests
         from google.api_core import exceptions as gexc
-        from google.api_core.retry import exponential_sleep_generator
         from google.auth import exceptions as auth_exc
 
-        delays = exponential_sleep_generator(self.initial_backoff, self.max_backoff, 2.0)  # jittered
-        for attempt in range(self.retries + 1):
+        def attempt() -> T:
             with self._count_lock:
                 self._calls += 1
             try:
@@ -368,24 +368,26 @@ class TpuApi:
                 raise ActfleetError(_api_error_line(what, e)) from None
             except (gexc.TooManyRequests, gexc.InternalServerError, gexc.BadGateway, gexc.ServiceUnavailable,
                     gexc.GatewayTimeout, gexc.DeadlineExceeded) as e:
-                last = _api_error_line(what, e)
+                raise _Transient(_api_error_line(what, e)) from None
             except gexc.GoogleAPICallError as e:
                 raise ActfleetError(_api_error_line(what, e)) from None
             except (requests.exceptions.ConnectionError, requests.exceptions.Timeout, auth_exc.TransportError) as e:
-                last = f"TPU API: {what}: cannot reach {self.endpoint or 'tpu.googleapis.com'}: {one_line(e)}"
+                raise _Transient(f"TPU API: {what}: cannot reach {self.endpoint or 'tpu.googleapis.com'}: "
+                                 f"{one_line(e)}") from None
             except auth_exc.RefreshError as e:
                 raise ActfleetError(f"TPU API: {what}: the credentials could not be refreshed: {one_line(e)} "
                                     "(run `gcloud auth application-default login`)") from None
-            if attempt < self.retries:
-                time.sleep(next(delays))
-        raise ActfleetError(f"{last} (gave up after {self.retries + 1} attempts)")
+
+        try:
+            return retry(attempt, attempts=self.retries + 1, base=self.initial_backoff, cap=self.max_backoff,
+                         retryable=(_Transient,))
+        except _Transient as e:
+            raise ActfleetError(f"{e} (gave up after {self.retries + 1} attempts)") from None
 
     def _wait(self, operation, what: str) -> None:
         """Poll a long-running operation until it is done; raise its error, if it ended in one."""
-        from google.api_core.retry import exponential_sleep_generator
-
         client = self._client()
-        delays = exponential_sleep_generator(0.1, 5.0, 1.5)
+        delays = _poll_delays()
         started = time.monotonic()
         deadline = started + self.operation_timeout
         while not operation.done:
@@ -415,6 +417,10 @@ class TpuApi:
         if where is not None:
             raise ActfleetError(f"TPU API: queued resource {path} already exists with a different request "
                                 f"(differs at {where}): delete it first, or let reconcile replace it")
+
+
+class _Transient(Exception):
+    """A request failed in a way another try may not (429, 5xx, timeout, dropped connection): its message."""
 
 
 class _AlreadyExists(Exception):
@@ -460,9 +466,8 @@ def _parse_request(request: dict, path: str):
 
 
 def _poll_delays():
-    from google.api_core.retry import exponential_sleep_generator
-
-    return exponential_sleep_generator(0.1, 5.0, 1.5)
+    """Between polls of a resource or operation that is settling (not a failure, so no retry())."""
+    return backoff(0.1, 5.0, 1.5)
 
 
 def _raw_state(qr) -> str:

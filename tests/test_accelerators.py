@@ -18,7 +18,6 @@ from actfleet import accelerators
 def test_chips_and_hosts(accelerator, chips, hosts):
     assert accelerators.chips(accelerator) == chips
     assert accelerators.hosts(accelerator) == hosts
-    assert accelerators.single_host(accelerator) == (hosts == 1)
 
 
 @pytest.mark.parametrize("bad", ["v5e-8", "v4", "tpu-v4-8", "v4-0", "v7x-8"])

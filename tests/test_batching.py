@@ -13,7 +13,12 @@ import numpy as np
 import pytest
 
 from actfleet.worker import batching
-from actfleet.worker.batching import plan, row_buckets, rows_per_batch
+from actfleet.worker.batching import bucket_rows, plan, rows_per_batch
+
+
+def row_buckets(*, per_batch: int, n_devices: int = 1) -> list[int]:
+    """Every batch size (rows) a plan can use with this full batch: the fixed set the shapes come from."""
+    return sorted({bucket_rows(n, per_batch=per_batch, n_devices=n_devices) for n in range(1, per_batch + 1)})
 
 
 def lognormal_lengths(seed: int, rows: int, median: float, cap: int) -> list[int]:

@@ -111,6 +111,9 @@ def test_layers_all_keeps_a_marker_for_the_extractor(tmp_path):
     (with_line("storage", "soft_delete_days = 3"), "storage.soft_delete_days = 3: must be 0 (soft delete off)"),
     (GOOD.replace("layers = [3, 1]", "layers = []"), 'job.layers = []: site kind "resid_post" needs layers'),
     (with_line("job", 'sites = ["resid"]'), 'job.sites = [\'resid\']: has "resid"'),
+    # a gs:// store with no bucket, or climbing out of its prefix (actfleet.store.parse_gs)
+    (with_line("job", 'store = "gs://"'), 'job.store = "gs://": no bucket'),
+    (with_line("job", 'store = "gs://b/../x"'), 'job.store = "gs://b/../x": ".." is not allowed'),
     # not TOML at all
     (GOOD + "\nthis is = = not toml\n", "not valid TOML"),
     (with_line("fleet", 'accelerator_type = "v9z-8"'), 'fleet.accelerator_type = "v9z-8": not a Cloud TPU'),

@@ -62,14 +62,14 @@ def test_extract_writes_shards_summary_and_engine_bits(tmp_path, model, dataset)
     assert sorted(set(got["sample_ids"].tolist())) == [i for i in range(14) if i not in (3, 8, 11)]
 
     # The same bits as Engine.run over the same consecutive blocks of 5 rows (what a fleet unit does).
-    from actfleet.worker import inputs
     from actfleet.job_options import JobOptions
     from actfleet.worker.engine import Engine
+    from tests.read_input import read_rows
 
     engine = Engine(JobOptions(model=str(model), sites=tuple(summary["sites"]), max_seq=40, store_dtype="float32"))
     want = []
     for start in range(0, 14, 5):
-        want += list(engine.run(inputs.read_rows(str(dataset), tokenizer=engine.tokenizer, start=start, stop=start + 5)))
+        want += list(engine.run(read_rows(str(dataset), tokenizer=engine.tokenizer, start=start, stop=start + 5)))
     sids = np.concatenate([b.sample_ids for b in want])
     pos = np.concatenate([b.positions for b in want])
     order = np.lexsort((pos, sids))

@@ -147,3 +147,38 @@ def test_verify_flags_a_unit_computed_from_other_bytes(tmp_path):
     rep = verify(store, "job")
     assert [(p.kind, p.unit) for p in rep.problems] == [("mixed-input", 1)]
 
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.jsonl.zst"])
+def test_a_cache_file_edited_in_place_is_never_read(tmp_path, monkeypatch, name):
+    """The data cache is content-addressed and checked on use: a cache file whose bytes no longer match the
+    sha256 it is named by is made again from the source, or, when the source changed too, refused. For
+    compressed JSONL the decompressed copy workers seek in is checked the same way."""
+    import zstandard
+
+    from actfleet.worker import inputs, sources
+
+    monkeypatch.setenv("ACTFLEET_DATA_CACHE", str(tmp_path / "cache"))
+    plain = "".join(json.dumps({"text": t}) + "\n" for t in TEXTS).encode()
+    src = tmp_path / name
+    src.write_bytes(zstandard.ZstdCompressor().compress(plain) if name.endswith(".zst") else plain)
+    (f,), _ = pinning.pin_files([str(src)])
+
+    def texts():
+        return [r[1] for r in inputs.read_source_rows([f], pinning.pinned_file, start=0, stop=len(TEXTS))]
+
+    want = texts()
+    assert want == [t or None for t in TEXTS]
+    copy = pinning.pinned_file(f)  # what a worker seeks in: the plain JSONL bytes, named by their sha256
+    assert copy.read_bytes() == plain and copy.name == f"{f.plain_sha256 or f.sha256}.jsonl"
+    # An edit in place, same length: a reader trusting the name would now read "THE fox".
+    copy.write_bytes(copy.read_bytes().replace(b"the fox", b"THE fox"))
+    assert texts() == want
+    assert pinning.pinned_file(f).read_bytes() == plain  # made again from the (unchanged) source
+    # The cache file and the source both edited: nothing holds the pinned bytes any more, so it is refused.
+    for cached in (tmp_path / "cache" / "sha256").iterdir():
+        cached.write_bytes(cached.read_bytes()[:-1] + b"!")
+    src.write_bytes(src.read_bytes() + b"\n")
+    with pytest.raises(InputError, match="changed since prepare"):
+        texts()
+    assert sources.fingerprint([f]) == f.sha256  # the pin itself is what job.json says, unchanged

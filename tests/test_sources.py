@@ -1,8 +1,10 @@
 """Inputs of many files (directories, globs, compressed JSONL, save_to_disk, hub datasets offline): which files,
 in which order, and reading any row range from the recorded seek index, equal to reading everything."""
 
+import ast
 import gzip
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,15 +13,16 @@ import pytest
 from actfleet.errors import InputError
 from actfleet.worker import inputs, pinning, sources
 from tests.hub_layout import make_hub_dataset, offline
+from tests.read_input import read_rows
 
 
 def jsonl_bytes(rows):
     return b"".join((r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n" for r in rows)
 
 
-def describe_all(refs, cache):
+def describe_all(refs):
     files, local = pinning.pin_files(refs)
-    copies = {f.path: sources.plain_copy(f, p, cache) for f, p in zip(files, local)}
+    copies = {f.path: pinning.plain_copy(f, p) for f, p in zip(files, local)}
     return files, lambda f: copies[f.path]
 
 
@@ -45,14 +48,15 @@ def test_directory_and_glob_read_any_range_like_everything(tmp_path, data_dir):
     refs = sources.resolve(str(data_dir))
     assert [r.rsplit("/", 1)[-1] for r in refs] == ["a.jsonl.gz", "b.jsonl.zst", "d.jsonl", "c.parquet"]  # sorted paths
     assert sources.resolve(str(data_dir / "*.jsonl*")) == [r for r in refs if ".jsonl" in r]
-    files, local = describe_all(refs, tmp_path / "cache")
+    files, local = describe_all(refs)
     assert [f.rows for f in files] == [5, 2300, 2500, 10]
     assert files[1].index == [0, *files[1].index[1:]] and len(files[1].index) == 3  # offsets every 1000 rows
     assert files[3].index == [3, 3, 3, 1]  # parquet row groups
-    everything = [r for ref in refs for r in inputs.records(ref)]
+    # every record, each file read from its start (compressed JSONL streamed from the original file)
+    everything = [r for f, ref in zip(files, refs) for r in inputs.head(f, Path(ref), f.rows)]
     assert len(everything) == 4815 and everything[2] == (None, "bad JSON")
     for lo, hi in [(0, 5), (3, 7), (1000, 1003), (2304, 2306), (4804, 4815), (4000, 4810), (0, 4815)]:
-        assert list(sources.records(files, lo, hi, local)) == everything[lo:hi], (lo, hi)
+        assert list(inputs.records(files, lo, hi, local)) == everything[lo:hi], (lo, hi)
 
 
 def test_jsonl_unit_is_read_from_its_offset(tmp_path):
@@ -66,8 +70,8 @@ def test_jsonl_unit_is_read_from_its_offset(tmp_path):
     old, new = b'{"text": "r10"}\n', b'{"a":1}\n{"b":2}\n'
     assert len(old) == len(new)
     path.write_bytes(data.replace(old, new, 1))
-    assert [r["text"] for r, _ in sources.read_range(f, path, 2000, 2003)] == ["r2000", "r2001", "r2002"]
-    assert [r for r, _ in sources.read_range(f, path, 9, 12)] == [{"text": "r9"}, {"a": 1}, {"b": 2}]
+    assert [r["text"] for r, _ in inputs.read_range(f, path, 2000, 2003)] == ["r2000", "r2001", "r2002"]
+    assert [r for r, _ in inputs.read_range(f, path, 9, 12)] == [{"text": "r9"}, {"a": 1}, {"b": 2}]
 
 
 def test_save_to_disk_dataset_and_dataset_dict(tmp_path):
@@ -77,12 +81,12 @@ def test_save_to_disk_dataset_and_dataset_dict(tmp_path):
     ds.save_to_disk(str(tmp_path / "one"), num_shards=3)
     refs = sources.resolve(str(tmp_path / "one"))
     assert len(refs) > 1 and all(r.endswith(".arrow") for r in refs)  # several Arrow shards, in state.json order
-    files, local = describe_all(refs, tmp_path / "c")
+    files, local = describe_all(refs)
     rows = list(inputs.read_source_rows(files, local, start=2, stop=6))
     assert rows == [(i, f"t{i}", None) for i in range(2, 6)]
     DatasetDict({"train": ds, "test": ds.select(range(2))}).save_to_disk(str(tmp_path / "dict"))
     refs = sources.resolve(str(tmp_path / "dict"), split="test")
-    files, local = describe_all(refs, tmp_path / "c")
+    files, local = describe_all(refs)
     assert [r[1] for r in inputs.read_source_rows(files, local, start=0, stop=2)] == ["t0", "t1"]
     with pytest.raises(InputError, match="without split 'validation'.*train, test"):
         sources.resolve(str(tmp_path / "dict"), split="validation")
@@ -133,17 +137,44 @@ def test_a_field_no_row_has_names_the_fields_present(tmp_path):
     path.write_bytes(jsonl_bytes([{"body": "x", "id": 1}, b"garbage", {"body": "y", "id": 2}]))
     (f,), (local,) = pinning.pin_files([str(path)])
     with pytest.raises(InputError, match="--text-field text: no row of d.jsonl has field 'text'; its rows have 'body', 'id'"):
-        inputs.check_field(sources.head(f, local, 1000), what="d.jsonl")
-    inputs.check_field(sources.head(f, local, 1000), text_field="body")
+        inputs.check_field(inputs.head(f, local, 1000), what="d.jsonl")
+    inputs.check_field(inputs.head(f, local, 1000), text_field="body")
     with pytest.raises(InputError, match="--tokens-field input_ids"):
-        inputs.check_field(sources.head(f, local, 1000), tokens_field="input_ids")
+        inputs.check_field(inputs.head(f, local, 1000), tokens_field="input_ids")
 
 
 def test_tokens_field_rows_and_bad_ids(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_bytes(jsonl_bytes([{"input_ids": [1, 2, 3]}, {"other": 1}, {"input_ids": []}, {"input_ids": [4, "x"]}]))
-    rows = inputs.read_rows(str(path), tokens_field="input_ids")
+    rows = read_rows(str(path), tokens_field="input_ids")
     assert [next(rows), next(rows), next(rows)] == [(0, [1, 2, 3], None), (1, None, "missing field 'input_ids'"),
                                                     (2, None, "empty text")]
     with pytest.raises(InputError, match="row 3: field 'input_ids' is not a list of token ids"):
         next(rows)
+
+
+def test_sources_inputs_pinning_import_one_way():
+    """sources (which files) <- inputs (reading local copies) <- pinning (which copies): no module imports one
+    below it, at the top or inside a function."""
+    worker = Path(__file__).resolve().parents[1] / "worker"
+    order = ["sources", "inputs", "pinning"]
+    for i, name in enumerate(order):
+        tree = ast.parse((worker / f"{name}.py").read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported |= {node.module.rsplit(".", 1)[-1]} | {f"{node.module}.{a.name}".rsplit(".", 1)[-1]
+                                                               for a in node.names}
+            elif isinstance(node, ast.Import):
+                imported |= {a.name.rsplit(".", 1)[-1] for a in node.names}
+        assert not imported & set(order[i + 1:]), (name, imported & set(order[i + 1:]))
+
+
+
+@pytest.mark.parametrize("ref, message", [("gs://", "no bucket"), ("gs://b/../d.jsonl", '".." is not allowed'),
+                                          ("gs://b/", "looks like gs://bucket/path/data.jsonl"),
+                                          ("gs://b/d.txt", "unknown dataset type")])
+def test_a_bad_gcs_reference_is_refused_before_any_request(ref, message):
+    with pytest.raises(InputError, match=message) as e:
+        sources.resolve(ref)
+    assert ref in str(e.value)

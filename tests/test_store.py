@@ -9,7 +9,7 @@ import pytest
 
 from actfleet.errors import InputError
 from tests.fakes.gcs_server import FakeGcs, fake_gcs  # noqa: F401  (fixture)
-from actfleet.store import GcsStore, LocalStore, NotFound, PreconditionFailed, open_store
+from actfleet.store import GcsStore, LocalStore, NotFound, PreconditionFailed, open_store, parse_gs
 
 
 @pytest.fixture(params=["local", "gcs"])
@@ -115,6 +115,27 @@ def test_open_store_urls(tmp_path):
             open_store(bad)
     with pytest.raises(InputError):
         LocalStore(tmp_path).read("../escape")
+
+
+@pytest.mark.parametrize("url, want", [
+    ("gs://b", ("b", "")), ("gs://b/", ("b", "")), ("gs://b/p/q/", ("b", "p/q")), ("gs://b//x.jsonl", ("b", "x.jsonl")),
+    ("gs://my-acts/runs/job/job.json", ("my-acts", "runs/job/job.json")), ("gs://b/a..b/c", ("b", "a..b/c")),
+])
+def test_parse_gs(url, want):
+    assert parse_gs(url) == want
+
+
+@pytest.mark.parametrize("url, message", [
+    ("gs://", "no bucket"), ("gs:///x", "no bucket"), ("gs://b/../x", '".."'), ("gs://b/p/..", '".."'),
+    ("s3://b/x", "not a gs:// URL"), ("/local/path", "not a gs:// URL"),
+])
+def test_parse_gs_refuses_with_one_line_naming_the_url(url, message):
+    with pytest.raises(InputError, match=message) as e:
+        parse_gs(url, "store")
+    assert str(e.value).startswith(f'store "{url}"') and "\n" not in str(e.value)
+    if url.startswith("gs://"):
+        with pytest.raises(InputError, match=message):
+            open_store(url)
 
 
 # ---------------------------------------------------------------------------------------------------

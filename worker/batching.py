@@ -7,7 +7,7 @@ fraction of computed tokens.
 
 Shapes come from a small fixed set, so a run compiles a handful of programs and a job a bounded number
 (each once per machine: the persistent compilation cache keeps them). The last batch of a run is shrunk to
-the fewest rows in `row_buckets`: per device, every count up to 16, then 8 steps per doubling (18, 20, ..,
+the fewest rows among the allowed sizes (`bucket_rows`): per device, every count up to 16, then 8 steps per doubling (18, 20, ..,
 32, 36, 40, .., 64, ...), i.e. 16 + 8 * log2(per_batch / 16) sizes at most per row length. Its empty rows
 are fewer than 1/8 of its own rows (the step is at most 1/16 of the next power of two), where rounding
 to eighths of a full batch wasted up to 7/8 of a small run's compute (18 rows -> 24 of 64).
@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MIN_ROW = 128
-STEPS_PER_DOUBLING = 8  # row-count buckets between two powers of two (see row_buckets)
+STEPS_PER_DOUBLING = 8  # row-count buckets between two powers of two (see bucket_rows)
 
 
 @dataclass(frozen=True)
@@ -52,11 +52,6 @@ def bucket_rows(n: int, *, per_batch: int, n_devices: int = 1) -> int:
     per_device = -(-n // n_devices)
     step = max(1, next_pow2(per_device) // (2 * STEPS_PER_DOUBLING))
     return min(per_batch, -(-per_device // step) * step * n_devices)
-
-
-def row_buckets(*, per_batch: int, n_devices: int = 1) -> list[int]:
-    """Every batch size (rows) a plan can use with this full batch: the fixed set the shapes come from."""
-    return sorted({bucket_rows(n, per_batch=per_batch, n_devices=n_devices) for n in range(1, per_batch + 1)})
 
 
 def plan(lengths: list[int], *, batch_tokens: int, n_devices: int = 1) -> list[PlannedBatch]:

@@ -25,9 +25,9 @@ class EngineExtractor:
             self.files = [sources.DataFile.from_json(d) for d in spec.input_files]
         else:  # a job.json from before multi-file inputs: its one file, pinned now and indexed once here
             local = pinning.pinned_input(spec.input, pinning.InputPin(spec.fingerprint, spec.input_generation))
-            self.files = [sources.describe(spec.input, local, sources.file_kind(spec.input), spec.fingerprint,
-                                           spec.input_generation)]
-            self._copies[0] = sources.plain_copy(self.files[0], local, pinning.data_cache())
+            self.files = [inputs.describe(spec.input, local, sources.file_kind(spec.input), spec.fingerprint,
+                                          spec.input_generation)]
+            self._copies[0] = pinning.plain_copy(self.files[0], local)
         self._pinned_local = list(pinned.local) if pinned is not None else None
         if len(self.files) == 1:  # one file: checked before any unit is claimed, as always
             self._local(self.files[0])
@@ -47,7 +47,7 @@ class EngineExtractor:
         i = self.files.index(f)
         if i not in self._copies:
             if self._pinned_local:  # the copy this process pinned (and hashed) the file from
-                self._copies[i] = self._sources.plain_copy(f, self._pinned_local[i], self._pinning.data_cache())
+                self._copies[i] = self._pinning.plain_copy(f, self._pinned_local[i])
             else:
                 self._copies[i] = self._pinning.pinned_file(f)
         return self._copies[i]
@@ -100,11 +100,13 @@ def shard_metadata(options: JobOptions, engine, model_pin: dict | None) -> dict[
                                resolved_revision=pin.get("revision"))
 
 
-def count_input_rows(path: str, options: JobOptions) -> int:
-    """The job's sample count: the dataset's rows as these options read them (ARC augmentations included)."""
-    from actfleet.worker import inputs
+def count_input_rows(ref: str, options: JobOptions) -> int:
+    """The job's sample count: the input's rows as these options read them (ARC augmentations included), as
+    prepare counts them."""
+    from actfleet.worker import pinning, sources
 
-    return inputs.count_rows(path, **options.input_options())
+    files, _ = pinning.pin_files(sources.resolve(ref, **options.source_options()))
+    return sum(f.rows for f in files) * samples_per_row(options)
 
 
 def samples_per_row(options: JobOptions) -> int:

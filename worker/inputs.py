@@ -1,87 +1,59 @@
-"""Dataset rows -> rendered texts: `(sample_id, text, None)`, or `(sample_id, None, reason)` for a bad row.
+"""Reading a job's data files from local copies: each file's rows and seek index (prepare), any range of its
+records (workers), and the rows they render to: `(sample_id, text, None)`, or `(sample_id, None, reason)` for a
+bad row. Which files make up an input is actfleet.worker.sources; which local copies are read (the pinned bytes)
+is actfleet.worker.pinning. This module reads only the local files it is given.
 
-Files: JSONL (one JSON object per line; also .jsonl.gz, .jsonl.zst), Parquet, CSV and `datasets` Arrow files;
-which files make up an input, and reading a range of them cheaply, is actfleet.worker.sources. Formats:
+Files: JSONL (one JSON object per line; also .jsonl.gz, .jsonl.zst), Parquet, CSV and `datasets` Arrow files.
+What prepare records per file so that a worker reads a range without reading what precedes it (`DataFile.index`):
+  jsonl       the byte offset of every INDEX_EVERY-th line: a unit seeks, skips < INDEX_EVERY lines unparsed;
+  jsonl.gz    the same offsets, in the decompressed stream: compressed streams cannot seek, so a worker
+  jsonl.zst   reads a decompressed copy (made once per machine in the data cache) and seeks in that;
+  parquet     rows per row group: a unit reads only the row groups that hold its rows;
+  arrow       nothing (an Arrow file is memory-mapped through `datasets`; slicing it is free);
+  csv         nothing: quoted newlines make byte offsets unsafe, so CSV is still read from its start.
+
+Formats:
   text  the string in `text_field` (or, with `tokens_field`, the list of token ids in that field);
   chat  the list of {"role", "content"} in `messages_field`, rendered with the tokenizer's chat template;
   arc   an ARC task per row (the row itself, or a JSON object in `text_field`), rendered by actfleet.worker.arc;
         with `arc_augmentations` A, task t yields sample ids t*(A+1) .. t*(A+1)+A (augmentation 0 = as given).
 
-Every physical row is a sample id, bad or not, so ids are stable and the work queue can split the file by
+Every physical row is a sample id, bad or not, so ids are stable and the work queue can split the input by
 id. Malformed rows (bad JSON, missing or non-string field, empty text, invalid messages or grid) are
 returned with a reason, never raised (a tokens field holding something other than token ids is bad input and
-raises: it means the wrong field, not one bad row). JSONL, Parquet and CSV are read here with the standard library and
-pyarrow rather than `datasets`: `datasets` aborts the whole file on one bad JSON line and copies the file
-into its Arrow cache, while we must count bad lines and stream (`datasets` does resolve hub datasets and
-memory-map the Arrow files of save_to_disk directories, in sources).
+raises: it means the wrong field, not one bad row). JSONL, Parquet and CSV are read here with the standard
+library and pyarrow rather than `datasets`: `datasets` aborts the whole file on one bad JSON line and copies the
+file into its Arrow cache, while we must count bad lines and stream (`datasets` does resolve hub datasets, in
+sources, and memory-maps the Arrow files of save_to_disk directories, here).
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
+import io
 import json
+from itertools import islice
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from actfleet.errors import InputError
-from actfleet.hashing import sha256_file
 from actfleet.worker import arc
+from actfleet.worker.sources import DataFile
 
 FORMATS = ("text", "chat", "arc")
+INDEX_EVERY = 1000  # JSONL rows between recorded byte offsets: a unit parses at most this many extra lines
 Row = tuple[int, "str | None", "str | None"]
-
-
-def file_kind(path: str) -> str:
-    from actfleet.worker.sources import file_kind as kind
-
-    return kind(path)
-
-
-def local_file(path: str) -> Path:
-    """A local path for `path`; a gs:// object is downloaded once per object generation into the cache, so
-    a replaced object is fetched again instead of read stale. (Fleet workers read the job's pinned bytes
-    through worker/pinning.py instead.)"""
-    if path.startswith("file://"):
-        path = path[len("file://"):]
-    if not path.startswith("gs://"):
-        p = Path(path)
-        if not p.is_file():
-            raise InputError(f"{path}: no such dataset file")
-        return p
-    from google.cloud import storage
-
-    bucket, _, name = path[len("gs://"):].partition("/")
-    from actfleet.worker.pinning import data_cache
-
-    try:
-        blob = storage.Client().bucket(bucket).get_blob(name)
-        if blob is None:
-            raise InputError(f"{path}: no such dataset object")
-        dest = data_cache() / hashlib.sha256(path.encode()).hexdigest()[:16] / str(blob.generation) / Path(name).name
-        if not dest.is_file():
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(dest.name + ".part")
-            blob.download_to_filename(str(tmp))  # this generation: a replacement since the lookup fails it
-            tmp.replace(dest)
-    except InputError:
-        raise
-    except Exception as e:
-        raise InputError(f"{path}: cannot download the dataset ({type(e).__name__}: {e})") from None
-    return dest
-
-
-def fingerprint(path: str) -> str:
-    """sha256 of the dataset file's bytes."""
-    return sha256_file(local_file(path))
+Record = tuple[Any, "str | None"]  # (dict | None, reason a row is bad | None), one per physical row
 
 
 # ----------------------------------------------------------------------------------------------------
-# Records: (record index, dict | None, reason | None), one per physical row
+# Records of one local file
 # ----------------------------------------------------------------------------------------------------
 
 
-def parse_jsonl_line(line: bytes) -> tuple[Any, str | None]:
+def parse_jsonl_line(line: bytes) -> Record:
     """One JSONL line -> (record, None) or (None, reason): a bad line is counted, never fatal."""
     if not line.strip():
         return None, "blank line"
@@ -92,34 +64,7 @@ def parse_jsonl_line(line: bytes) -> tuple[Any, str | None]:
     return (rec, None) if isinstance(rec, dict) else (None, "not a JSON object")
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[Any, str | None]]:
-    with open(path, "rb") as f:
-        for line in f:
-            yield parse_jsonl_line(line)
-
-
-def _parquet_records(path: Path) -> Iterator[tuple[Any, str | None]]:
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:
-        raise InputError(f"{path}: not a readable Parquet file ({e})") from None
-    for batch in pf.iter_batches(batch_size=1024):
-        for rec in batch.to_pylist():
-            yield rec, None
-
-
-def _parquet_rows(path: Path) -> int:
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.ParquetFile(path).metadata.num_rows
-    except Exception as e:
-        raise InputError(f"{path}: not a readable Parquet file ({e})") from None
-
-
-def _csv_records(path: Path) -> Iterator[tuple[Any, str | None]]:
+def csv_records(path: Path) -> Iterator[Record]:
     with open(path, newline="", encoding="utf-8", errors="replace") as f:
         reader = csv.DictReader(f)
         for rec in reader:
@@ -129,31 +74,133 @@ def _csv_records(path: Path) -> Iterator[tuple[Any, str | None]]:
                 yield rec, None
 
 
-def records(path: str) -> Iterator[tuple[Any, str | None]]:
-    """Every record of one dataset file, in order (compressed JSONL and Arrow files included)."""
-    from actfleet.worker import sources
+def open_text_stream(local: Path, kind: str):
+    """A binary stream of the decompressed bytes."""
+    if kind == "jsonl.gz":
+        return gzip.open(local, "rb")
+    if kind == "jsonl.zst":
+        import zstandard
 
-    kind = file_kind(path)
-    local = local_file(path)
-    if kind == "jsonl":
-        return _jsonl_records(local)
-    if kind == "parquet":
-        return _parquet_records(local)
-    if kind == "csv":
-        return _csv_records(local)
-    if kind == "arrow":
-        return sources.read_range(sources.DataFile(path, kind, 1 << 62, ""), local, 0, 1 << 62)
-    return _compressed_jsonl_records(local, kind)
+        return zstandard.ZstdDecompressor().stream_reader(open(local, "rb"), closefd=True)
+    return open(local, "rb")
 
 
-def _compressed_jsonl_records(local: Path, kind: str) -> Iterator[tuple[Any, str | None]]:
-    import io
+def describe(path: str, local: Path, kind: str, sha256: str, generation: int | None = None) -> DataFile:
+    """Count the rows of a local copy and build its seek index, in one pass over its bytes (for compressed
+    JSONL, hashing the decompressed bytes in the same pass: the worker's decompressed copy is checked
+    against that hash)."""
+    index: list[int] = []
+    plain = ""
+    if kind.startswith("jsonl"):
+        rows = offset = 0
+        digest = hashlib.sha256() if kind != "jsonl" else None
+        with open_text_stream(local, kind) as raw:
+            stream = raw if kind == "jsonl" else io.BufferedReader(raw, 1 << 20)
+            for line in stream:
+                if rows % INDEX_EVERY == 0:
+                    index.append(offset)
+                offset += len(line)
+                rows += 1
+                if digest is not None:
+                    digest.update(line)
+        plain = digest.hexdigest() if digest is not None else ""
+    elif kind == "parquet":
+        import pyarrow.parquet as pq
 
-    from actfleet.worker import sources
+        try:
+            meta = pq.ParquetFile(local).metadata
+        except Exception as e:
+            raise InputError(f"{path}: not a readable Parquet file ({e})") from None
+        index = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        rows = meta.num_rows
+    elif kind == "arrow":
+        rows = _arrow_table(local, path).num_rows
+    else:
+        rows = sum(1 for _ in csv_records(local))
+    return DataFile(path=path, kind=kind, rows=rows, sha256=sha256, generation=generation, index=index,
+                    plain_sha256=plain)
 
-    with sources.open_text_stream(local, kind) as raw:
-        for line in io.BufferedReader(raw, 1 << 20):
-            yield parse_jsonl_line(line)
+
+def read_range(f: DataFile, local: Path, lo: int, hi: int) -> Iterator[Record]:
+    """Records [lo, hi) of one file from its local copy (compressed JSONL: its decompressed copy, which the
+    index's offsets address)."""
+    if f.kind.startswith("jsonl"):
+        k = lo // INDEX_EVERY if f.index else 0
+        with open(local, "rb") as fh:
+            fh.seek(f.index[k] if f.index else 0)
+            row = k * INDEX_EVERY if f.index else 0
+            for line in fh:
+                if row >= hi:
+                    return
+                if row >= lo:
+                    yield parse_jsonl_line(line)
+                row += 1
+        return
+    if f.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(local)
+        sizes = f.index or [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
+        base = 0
+        for g, n in enumerate(sizes):
+            if base + n > lo and base < hi:
+                table = pf.read_row_group(g)
+                a, b = max(lo - base, 0), min(hi - base, n)
+                for rec in table.slice(a, b - a).to_pylist():
+                    yield rec, None
+            base += n
+        return
+    if f.kind == "arrow":
+        table = _arrow_table(local, f.path)
+        for rec in table.slice(lo, hi - lo).to_pylist():
+            yield rec, None
+        return
+    yield from islice(csv_records(local), lo, hi)
+
+
+def head(f: DataFile, local: Path, n: int) -> Iterator[Record]:
+    """The first n records of a file, read from its start (compressed JSONL is streamed, not decompressed
+    to disk): for checks at prepare time."""
+    if f.kind.startswith("jsonl"):
+        with open_text_stream(local, f.kind) as raw:
+            for line in islice(io.BufferedReader(raw, 1 << 20) if f.kind != "jsonl" else raw, n):
+                yield parse_jsonl_line(line)
+        return
+    yield from read_range(f, local, 0, min(n, f.rows))
+
+
+def _arrow_table(local: Path, path: str):
+    """A `datasets` Arrow file (save_to_disk's data-*.arrow), memory-mapped: slicing reads only the slice."""
+    from datasets import Dataset
+
+    try:
+        return Dataset.from_file(str(local)).data.table
+    except Exception as e:
+        raise InputError(f"{path}: not a readable Arrow dataset file ({type(e).__name__}: {e})") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Records [start, stop) across a job's files
+# ----------------------------------------------------------------------------------------------------
+
+
+def segments(files: list[DataFile], start: int, stop: int) -> list[tuple[int, int, int]]:
+    """(file number, first row in it, stop row in it) covering the job's rows [start, stop)."""
+    out, base = [], 0
+    for i, f in enumerate(files):
+        lo, hi = max(start, base), min(stop, base + f.rows)
+        if lo < hi:
+            out.append((i, lo - base, hi - base))
+        base += f.rows
+    return out
+
+
+def records(files: list[DataFile], start: int, stop: int, local: Callable[[DataFile], Path]) -> Iterator[Record]:
+    """One (record, reason) per row in [start, stop), reading each file only around its range. `local` gives
+    the local copy of a file (a pinned one for workers; for compressed JSONL, its decompressed copy)."""
+    for i, lo, hi in segments(files, start, stop):
+        f = files[i]
+        yield from read_range(f, local(f), lo, hi)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -221,20 +268,14 @@ def render_tokens(rec: dict, field: str, index: int) -> tuple["list[int] | None"
     return (list(value), None) if value else (None, "empty text")
 
 
-def read_rows(path: str, **options) -> Iterator[Row]:
-    """Rows of one dataset file with sample ids in [start, stop), in order; every id in range appears exactly
-    once. Options: those of `render_rows`."""
-    return render_rows(((i, rec, reason) for i, (rec, reason) in enumerate(records(path))), **options)
-
-
 def read_source_rows(files, local, *, start: int, stop: int, **options) -> Iterator[Row]:
-    """`read_rows` over a job's data files (actfleet.worker.sources.DataFile), reading only around
-    [start, stop): `local(file)` gives each file's local copy."""
-    from actfleet.worker import sources
-
+    """Rows (sample id, text or token ids, reason) with sample ids in [start, stop), in order, over a job's data
+    files (actfleet.worker.sources.DataFile), reading only around the range: `local(file)` gives each file's
+    local copy (actfleet.worker.pinning.pinned_file for a worker). Every id in range appears exactly once.
+    Options: those of `render_rows`."""
     per = options.get("arc_augmentations", 0) + 1 if options.get("format", "text") == "arc" else 1
     first, last = start // per, -(-stop // per)
-    recs = sources.records(files, first, last, local)
+    recs = records(files, first, last, local)
     return render_rows(((first + i, rec, reason) for i, (rec, reason) in enumerate(recs)), start=start, stop=stop,
                        **options)
 
@@ -299,12 +340,3 @@ def check_field(recs, *, format: str = "text", text_field: str = "text", message
         flag = "--tokens-field" if tokens_field else ("--text-field" if format == "text" else "--messages-field")
         raise InputError(f"{flag} {field}: no row of {what} has field {field!r}; its rows have "
                          f"{', '.join(repr(k) for k in list(seen)[:20])}")
-
-
-def count_rows(path: str, *, format: str = "text", arc_augmentations: int = 0, **_reading) -> int:
-    """How many sample ids read_rows yields for the whole file (bad rows included)."""
-    from actfleet.worker import sources
-
-    kind, local = file_kind(path), local_file(path)
-    n = sources.describe(path, local, kind, "").rows  # JSONL: lines are rows, good or bad: none is parsed
-    return n * (arc_augmentations + 1 if format == "arc" else 1)

@@ -43,7 +43,7 @@ def pin_job_inputs(options: JobOptions, source: str) -> JobInputs:
     check_lengths(options, model_dir)
     per = samples_per_row(options)
     files, local = pinning.pin_files(refs, options.max_rows, per)
-    inputs.check_field(sources.head(files[0], local[0], 1000), what=source, **options.input_options())
+    inputs.check_field(inputs.head(files[0], local[0], 1000), what=source, **options.input_options())
     rows = sum(f.rows for f in files) * per
     if options.max_rows:
         rows = min(rows, options.max_rows)

@@ -69,8 +69,9 @@ def check(path: Path, ref: str | None = None) -> None:
 def _download_gcs(url: str) -> Path:
     from google.cloud import storage
 
-    bucket_name, _, prefix = url[len("gs://"):].partition("/")
-    prefix = prefix.strip("/")
+    from actfleet.store import parse_gs
+
+    bucket_name, prefix = parse_gs(url, "model")
     try:
         client = storage.Client()
         blobs = [b for b in client.list_blobs(bucket_name, prefix=prefix + "/" if prefix else "")

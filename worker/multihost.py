@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from actfleet.errors import InputError
+from actfleet.retry import retry
 
 log = logging.getLogger("actfleet.multihost")
 
@@ -140,18 +141,20 @@ def read_metadata(key: str, *, attempts: int = 5) -> str | None:
     """One instance metadata attribute (None if the VM has none by that name), as the bootstrap reads them."""
     base = os.environ.get("ACTFLEET_METADATA_URL") or METADATA_URL
     req = urllib.request.Request(f"{base.rstrip('/')}/{key}", headers={"Metadata-Flavor": "Google"})
-    for i in range(attempts):
+
+    def get() -> str | None:
         try:
             with urllib.request.urlopen(req, timeout=5) as r:
                 return r.read().decode()
         except urllib.error.HTTPError as e:
             if e.code == 404:
                 return None
-            err: Exception = e
-        except OSError as e:  # connection refused or reset while the metadata server starts
-            err = e
-        time.sleep(min(2.0, 0.2 * 2 ** i))
-    raise InputError(f"multi-host: cannot read instance metadata {key!r} from {base} ({err})")
+            raise
+
+    try:  # an HTTP error, or the connection refused or reset while the metadata server starts: again
+        return retry(get, attempts=attempts, base=0.2, cap=2.0, jitter=False, retryable=(OSError,))
+    except OSError as err:
+        raise InputError(f"multi-host: cannot read instance metadata {key!r} from {base} ({err})") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -173,6 +176,18 @@ def initialize(role: SliceRole, *, heartbeat_seconds: int = 100, init_timeout_se
              jax.device_count())
 
 
+def distributed_kv_client():
+    """The key-value store client that jax.distributed.initialize made. The public jax.distributed (jax 0.10:
+    initialize, is_initialized, shutdown) does not expose it, and jax.experimental.multihost_utils reads it
+    from the same private module; its broadcasts are device collectives, which a follower waiting for the
+    next unit (as long as the leader waits for a lease) must not sit in. So this is the one private import."""
+    from jax._src.distributed import global_state
+
+    if global_state.client is None:
+        raise RuntimeError("multi-host: jax.distributed is not initialized (no key-value store client)")
+    return global_state.client
+
+
 class Channel:
     """Leader -> followers messages, numbered, through the distributed runtime's key-value store (no device
     collective, so a follower may wait for the next unit as long as the leader waits for a lease)."""
@@ -181,11 +196,7 @@ class Channel:
     KEEP = 4096  # messages kept: followers trail the leader by a few (every step is a collective)
 
     def __init__(self, client=None):
-        if client is None:
-            from jax._src.distributed import global_state  # the client jax.distributed.initialize made
-
-            client = global_state.client
-        self.client, self.seq = client, 0
+        self.client, self.seq = client if client is not None else distributed_kv_client(), 0
 
     def send(self, kind: str, **info: Any) -> None:
         self.client.key_value_set(f"{self.PREFIX}{self.seq}", json.dumps({"kind": kind, **info}))

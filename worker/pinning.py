@@ -4,7 +4,10 @@
 hashed) and the model's resolved revision with the sha256 of every file it loads. Every worker then reads:
 - the dataset from a content-addressed local copy (`{data cache}/sha256/<hash><suffix>`), made from the
   pinned GCS generation or from the local file and hashed while it is copied; a copy whose hash differs
-  from the job's is refused, so an edit of the original while the job runs never reaches a unit;
+  from the job's is refused, so an edit of the original while the job runs never reaches a unit. The data
+  cache is this one directory of files named by their sha256 (a compressed JSONL file's decompressed copy,
+  which workers seek in, too), and a file's bytes are hashed again whenever a process first uses it: a
+  cache file edited in place is deleted and made again from the source, or refused if the source changed;
 - the model from the directory its reference resolves to (a gs:// prefix is cached per object
   generation, a hub id at the pinned commit), after checking every file's hash against the job's.
 
@@ -29,7 +32,7 @@ from pathlib import Path
 
 from actfleet.errors import InputError
 from actfleet.hashing import sha256_file
-from actfleet.worker import model_files
+from actfleet.worker import inputs, model_files, sources
 
 # The files a model directory is loaded from (the same patterns the hub download fetches).
 MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".jinja")
@@ -58,8 +61,6 @@ def pin_input(path: str) -> tuple[Path, InputPin]:
         blob = _gcs_blob(path, bucket, name, generation=None)
         local, digest = _fetch_to_cache(path, blob.download_to_file, _suffix(name), expect=None)
         return local, InputPin(digest, int(blob.generation))
-    from actfleet.worker import sources
-
     local = sources.hub_download(path) if path.startswith(sources.HF_PREFIX) else _local(path)
     try:
         return local, InputPin(sha256_file(local))
@@ -71,15 +72,13 @@ def pinned_input(path: str, pin: InputPin) -> Path:
     """The content-addressed local copy of exactly the pinned dataset bytes; InputError if the source no
     longer holds them (edited, replaced, or a GCS generation that is gone)."""
     suffix = _suffix(path)
-    cached = data_cache() / "sha256" / f"{pin.sha256}{suffix}"
-    if cached.is_file():
-        return cached  # written only after its hash was checked; nothing writes it in place
+    cached = _cached(pin.sha256, suffix)
+    if cached is not None:
+        return cached
     if path.startswith("gs://"):
         bucket, name = _gcs_parts(path)
         blob = _gcs_blob(path, bucket, name, generation=pin.generation)
         return _fetch_to_cache(path, blob.download_to_file, suffix, expect=pin.sha256)[0]
-    from actfleet.worker import sources
-
     # A hub file is named at its commit; its bytes are still checked, as a local file's are.
     local = sources.hub_download(path) if path.startswith(sources.HF_PREFIX) else _local(path)
 
@@ -94,30 +93,68 @@ def pin_files(refs: list[str], max_rows: int = 0, per: int = 1) -> tuple[list, l
     """For prepare: pin each data file and describe it (rows and seek index, actfleet.worker.sources), in
     order; with max_rows, only the files holding the first max_rows rows (`per` samples per row).
     (files, the local paths prepare read them from)."""
-    from actfleet.worker import sources
-
     files, locals_, rows = [], [], 0
     for ref in refs:
         if max_rows and rows * per >= max_rows:
             break
+        kind = sources.file_kind(ref)
         local, pin = pin_input(ref)
-        f = sources.describe(ref, local, sources.file_kind(ref), pin.sha256, pin.generation)
+        f = inputs.describe(ref, local, kind, pin.sha256, pin.generation)
         files.append(f)
         locals_.append(local)
         rows += f.rows
     return files, locals_
 
 
-def pinned_file(f) -> Path:
-    """For a worker: a local copy of exactly the pinned bytes of one data file (a sources.DataFile), in the
-    form its seek index addresses (compressed JSONL decompressed once into the data cache)."""
-    from actfleet.worker import sources
+def pinned_file(f: sources.DataFile) -> Path:
+    """For a worker: a local copy of exactly the pinned bytes of one data file, in the form its seek index
+    addresses (compressed JSONL: its decompressed copy, the compressed one fetched only to make it)."""
+    if _compressed(f) and f.plain_sha256:
+        cached = _cached(f.plain_sha256, ".jsonl")
+        if cached is not None:
+            return cached
+    return plain_copy(f, pinned_input(f.path, InputPin(f.sha256, f.generation)))
 
-    return sources.plain_copy(f, pinned_input(f.path, InputPin(f.sha256, f.generation)), data_cache())
+
+def plain_copy(f: sources.DataFile, local: Path) -> Path:
+    """For compressed JSONL: its decompressed bytes in the data cache, which the index's offsets address
+    (made once per machine, checked against f.plain_sha256 when prepare recorded it). Other kinds: `local`."""
+    if not _compressed(f):
+        return local
+    if f.plain_sha256:
+        cached = _cached(f.plain_sha256, ".jsonl")
+        if cached is not None:
+            return cached
+
+    def decompress(out) -> None:
+        with inputs.open_text_stream(local, f.kind) as src:
+            while chunk := src.read(1 << 22):
+                out.write(chunk)
+
+    return _fetch_to_cache(f.path, decompress, ".jsonl", expect=f.plain_sha256 or None)[0]
+
+
+def _compressed(f: sources.DataFile) -> bool:
+    return f.kind not in ("jsonl", "parquet", "arrow", "csv")
+
+
+def _cached(sha256: str, suffix: str) -> Path | None:
+    """The cache file named `sha256`, if it is there and still holds those bytes. One whose bytes differ (an
+    edit in place, a bad disk) is deleted, so that it is made again from the source: never trusted by name."""
+    cached = data_cache() / "sha256" / f"{sha256}{suffix}"
+    try:
+        found = sha256_file(cached)
+    except FileNotFoundError:
+        return None
+    if found == sha256:
+        return cached
+    cached.unlink(missing_ok=True)  # a reader that opened it keeps its descriptor; the next one refetches
+    return None
 
 
 def _fetch_to_cache(path: str, write, suffix: str, expect: str | None) -> tuple[Path, str]:
-    """Write the source into a temporary file, hash it, and rename it to its content address."""
+    """Write the source into a temporary file, hash it, and rename it to its content address (the only
+    way a file enters the data cache)."""
     root = data_cache() / "sha256"
     root.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=root, prefix=".fetch-")
@@ -175,8 +212,10 @@ def _suffix(name: str) -> str:
 
 
 def _gcs_parts(path: str) -> tuple[str, str]:
-    bucket, _, name = path[len("gs://"):].partition("/")
-    if not bucket or not name:
+    from actfleet.store import parse_gs
+
+    bucket, name = parse_gs(path, "dataset")
+    if not name:
         raise InputError(f"{path}: a dataset in a bucket looks like gs://bucket/path/data.jsonl")
     return bucket, name
 

@@ -1,5 +1,4 @@
-"""Where a job's rows come from: a dataset reference resolved to an ordered list of data files (the manifest),
-and reading any range of rows from it at a cost proportional to the range, not to its offset.
+"""Where a job's rows come from: a dataset reference resolved to an ordered list of data files (the manifest).
 
 A reference (`--input`, `[job] input`) is one of:
   a file           .jsonl .jsonl.gz .jsonl.zst .parquet .csv .arrow (local, file:// or gs://)
@@ -10,34 +9,23 @@ A reference (`--input`, `[job] input`) is one of:
                    data files at the commit --revision resolves to (huggingface_hub; HF_HUB_OFFLINE reads its
                    cache). Files are named hf://datasets/<id>@<commit>/<path> so a worker fetches exactly them.
 
-Rows are numbered across the files in order. Prepare records per file what a worker needs to read a range
-without reading what precedes it (`DataFile.index`):
-  jsonl       the byte offset of every INDEX_EVERY-th line: a unit seeks, skips < INDEX_EVERY lines unparsed;
-  jsonl.gz    the same offsets, in the decompressed stream: compressed streams cannot seek, so a worker
-  jsonl.zst   decompresses its pinned copy once into its data cache (one pass per worker, not per unit) and
-              seeks in that;
-  parquet     rows per row group: a unit reads only the row groups that hold its rows;
-  arrow       nothing (an Arrow file is memory-mapped through `datasets`; slicing it is free);
-  csv         nothing: quoted newlines make byte offsets unsafe, so CSV is still read from its start.
+Rows are numbered across the files in order. The layers, each importing only those above it:
+  sources   (here) a reference -> file references; `DataFile`, what prepare records of each file;
+  inputs    reading a local copy of files: rows and seek index (`describe`), any range of records, rendering;
+  pinning   what a job pins, and the one content-addressed data cache its workers read from.
 """
 
 from __future__ import annotations
 
 import glob as globmod
-import gzip
 import hashlib
-import io
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any, Callable, Iterator
 
 from actfleet.errors import InputError
-
-INDEX_EVERY = 1000  # JSONL rows between recorded byte offsets: a unit parses at most this many extra lines
 
 # suffix -> kind, longest suffixes first
 KINDS = ((".jsonl.gz", "jsonl.gz"), (".ndjson.gz", "jsonl.gz"), (".json.gz", "jsonl.gz"),
@@ -66,22 +54,29 @@ def file_kind(path: str) -> str:
 
 @dataclass(frozen=True)
 class DataFile:
-    """One data file of a job's input, as prepare pinned it."""
+    """One data file of a job's input, as prepare pinned it (actfleet.worker.inputs.describe makes it)."""
 
     path: str  # local absolute path, gs://bucket/name, or hf://datasets/<id>@<commit>/<path in the repo>
     kind: str
     rows: int
     sha256: str
     generation: int | None = None  # the GCS generation prepare hashed (gs:// only)
-    index: list[int] = field(default_factory=list)  # see the module docstring
+    index: list[int] = field(default_factory=list)  # what a range read starts from: see inputs.describe
+    # compressed JSONL: the sha256 of its decompressed bytes, the copy a worker seeks in ("" when unknown:
+    # a job.json from before it was recorded)
+    plain_sha256: str = ""
 
     def to_json(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.plain_sha256:
+            del d["plain_sha256"]  # job.json unchanged for the files that have none
+        return d
 
     @staticmethod
     def from_json(d: dict) -> "DataFile":
         return DataFile(path=str(d["path"]), kind=str(d["kind"]), rows=int(d["rows"]), sha256=str(d["sha256"]),
-                        generation=d.get("generation"), index=[int(x) for x in d.get("index") or []])
+                        generation=d.get("generation"), index=[int(x) for x in d.get("index") or []],
+                        plain_sha256=str(d.get("plain_sha256") or ""))
 
 
 def fingerprint(files: list[DataFile]) -> str:
@@ -105,6 +100,10 @@ def resolve(ref: str, *, split: str = "train", subset: str = "", revision: str =
     if ref.startswith("file://"):
         ref = ref[len("file://"):]
     if ref.startswith("gs://"):
+        from actfleet.store import parse_gs
+
+        if not parse_gs(ref, "--input")[1]:
+            raise InputError(f"--input {ref}: a dataset in a bucket looks like gs://bucket/path/data.jsonl")
         file_kind(ref)
         return [ref]
     if ref.startswith(HF_PREFIX):
@@ -238,157 +237,3 @@ def hub_download(path: str) -> Path:
         return Path(hf_hub_download(repo, filename, repo_type="dataset", revision=commit))
     except Exception as e:
         raise InputError(f"dataset {path}: cannot fetch it ({type(e).__name__}: {e})") from None
-
-
-# ----------------------------------------------------------------------------------------------------
-# Describing one file: rows and the seek index (prepare)
-# ----------------------------------------------------------------------------------------------------
-
-
-def open_text_stream(local: Path, kind: str):
-    """A binary stream of the decompressed bytes."""
-    if kind == "jsonl.gz":
-        return gzip.open(local, "rb")
-    if kind == "jsonl.zst":
-        import zstandard
-
-        return zstandard.ZstdDecompressor().stream_reader(open(local, "rb"), closefd=True)
-    return open(local, "rb")
-
-
-def describe(path: str, local: Path, kind: str, sha256: str, generation: int | None = None) -> DataFile:
-    """Count the rows of a local copy and build its seek index (one pass over its bytes)."""
-    index: list[int] = []
-    if kind.startswith("jsonl"):
-        rows = offset = 0
-        with open_text_stream(local, kind) as raw:
-            stream = raw if kind == "jsonl" else io.BufferedReader(raw, 1 << 20)
-            for line in stream:
-                if rows % INDEX_EVERY == 0:
-                    index.append(offset)
-                offset += len(line)
-                rows += 1
-    elif kind == "parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            meta = pq.ParquetFile(local).metadata
-        except Exception as e:
-            raise InputError(f"{path}: not a readable Parquet file ({e})") from None
-        index = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-        rows = meta.num_rows
-    elif kind == "arrow":
-        rows = _arrow_table(local, path).num_rows
-    else:
-        from actfleet.worker.inputs import _csv_records
-
-        rows = sum(1 for _ in _csv_records(local))
-    return DataFile(path=path, kind=kind, rows=rows, sha256=sha256, generation=generation, index=index)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Reading records [start, stop) across the files (workers)
-# ----------------------------------------------------------------------------------------------------
-
-Record = tuple[Any, "str | None"]  # (dict | None, reason a row is bad | None)
-
-
-def segments(files: list[DataFile], start: int, stop: int) -> list[tuple[int, int, int]]:
-    """(file number, first row in it, stop row in it) covering the job's rows [start, stop)."""
-    out, base = [], 0
-    for i, f in enumerate(files):
-        lo, hi = max(start, base), min(stop, base + f.rows)
-        if lo < hi:
-            out.append((i, lo - base, hi - base))
-        base += f.rows
-    return out
-
-
-def records(files: list[DataFile], start: int, stop: int, local: Callable[[DataFile], Path]) -> Iterator[Record]:
-    """One (record, reason) per row in [start, stop), reading each file only around its range. `local` gives
-    the local copy of a file (a pinned one for workers; for compressed JSONL, its decompressed copy)."""
-    for i, lo, hi in segments(files, start, stop):
-        f = files[i]
-        yield from read_range(f, local(f), lo, hi)
-
-
-def read_range(f: DataFile, local: Path, lo: int, hi: int) -> Iterator[Record]:
-    from actfleet.worker import inputs
-
-    if f.kind.startswith("jsonl"):
-        # `local` holds the plain lines (plain_copy decompresses .gz/.zst), which the offsets address
-        k = lo // INDEX_EVERY if f.index else 0
-        with open(local, "rb") as fh:
-            fh.seek(f.index[k] if f.index else 0)
-            row = k * INDEX_EVERY if f.index else 0
-            for line in fh:
-                if row >= hi:
-                    return
-                if row >= lo:
-                    yield inputs.parse_jsonl_line(line)
-                row += 1
-        return
-    if f.kind == "parquet":
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(local)
-        sizes = f.index or [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
-        base = 0
-        for g, n in enumerate(sizes):
-            if base + n > lo and base < hi:
-                table = pf.read_row_group(g)
-                a, b = max(lo - base, 0), min(hi - base, n)
-                for rec in table.slice(a, b - a).to_pylist():
-                    yield rec, None
-            base += n
-        return
-    if f.kind == "arrow":
-        table = _arrow_table(local, f.path)
-        for rec in table.slice(lo, hi - lo).to_pylist():
-            yield rec, None
-        return
-    from itertools import islice
-
-    yield from islice(inputs._csv_records(local), lo, hi)
-
-
-def head(f: DataFile, local: Path, n: int) -> Iterator[Record]:
-    """The first n records of a file, read from its start (compressed JSONL is streamed, not decompressed
-    to disk): for checks at prepare time."""
-    from itertools import islice
-
-    from actfleet.worker import inputs
-
-    if f.kind.startswith("jsonl"):
-        with open_text_stream(local, f.kind) as raw:
-            for line in islice(io.BufferedReader(raw, 1 << 20) if f.kind != "jsonl" else raw, n):
-                yield inputs.parse_jsonl_line(line)
-        return
-    yield from read_range(f, local, 0, min(n, f.rows))
-
-
-def _arrow_table(local: Path, path: str):
-    """A `datasets` Arrow file (save_to_disk's data-*.arrow), memory-mapped: slicing reads only the slice."""
-    from datasets import Dataset
-
-    try:
-        return Dataset.from_file(str(local)).data.table
-    except Exception as e:
-        raise InputError(f"{path}: not a readable Arrow dataset file ({type(e).__name__}: {e})") from None
-
-
-def plain_copy(f: DataFile, local: Path, cache: Path) -> Path:
-    """For compressed JSONL: its decompressed bytes in the data cache (made once per worker, atomically),
-    which the index's offsets address. Other kinds: `local` itself."""
-    if f.kind in ("jsonl", "parquet", "arrow", "csv"):
-        return local
-    out = cache / "plain" / f"{f.sha256}.jsonl"
-    if out.is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    with open_text_stream(local, f.kind) as src, open(tmp, "wb") as dst:
-        while chunk := src.read(1 << 22):
-            dst.write(chunk)
-    os.replace(tmp, out)
-    return out

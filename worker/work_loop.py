@@ -84,20 +84,14 @@ class Stop(Exception):
 
 def upload_with_retry(store: Store, key: str, data: bytes, *, attempts: int = 6, base: float = 0.5,
                       cap: float = 20.0, should_stop: Callable[[], bool] = lambda: False) -> int:
-    """store.put with jittered exponential backoff ("full jitter"); raises the last error after `attempts`."""
-    for i in range(attempts):
-        try:
-            return store.put(key, data)
-        except InputError:
-            raise  # a bad key: retrying cannot help
-        except Exception as e:  # network, 5xx after the client's own retries, disk full...
-            err = e
-        if i == attempts - 1 or should_stop():
-            raise err
-        delay = random.uniform(0, min(cap, base * 2 ** i))
-        log.warning("upload of %s failed (%s); retrying in %.1fs", key, err, delay)
-        time.sleep(delay)
-    raise AssertionError("unreachable")
+    """store.put with jittered exponential backoff ("full jitter", actfleet.retry); raises the last error after
+    `attempts`, or at once for a bad key (InputError: retrying cannot help). Any other error is retried:
+    network, 5xx after the client's own retries, disk full..."""
+    from actfleet.retry import retry
+
+    return retry(lambda: store.put(key, data), attempts=attempts, base=base, cap=cap, fatal=(InputError,),
+                 should_stop=should_stop, on_retry=lambda err, delay, _n: log.warning(
+                     "upload of %s failed (%s); retrying in %.1fs", key, err, delay))
 
 
 class _LeaseKeeper(threading.Thread):
