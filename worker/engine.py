@@ -202,6 +202,8 @@ class Engine:
         tokenizer = _in_thread(_load_tokenizer, self.model_dir)
         try:
             self.sites = site_names.resolve(options.sites, self.config.layers)
+            if hasattr(self.config, "check_sites"):  # a family without some site kinds (GPT-NeoX's resid_mid)
+                self.config.check_sites(self.sites)
         except ValueError as e:
             raise InputError(f"model {model_ref}: {e}") from None
         if not self.sites:
