@@ -278,3 +278,88 @@ def test_gpt2_checkpoint_saved_from_the_base_model_loads(tmp_path, models):
     a = list(Engine(JobOptions(model=str(d), sites=site, compute_dtype="float32")).run(rows))
     b = list(Engine(JobOptions(model=str(models["gpt2"]), sites=site, compute_dtype="float32")).run(rows))
     assert a[0].acts[site[0]].tobytes() == b[0].acts[site[0]].tobytes()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The commands end to end on the new families (subprocesses, the real CLI)
+# ----------------------------------------------------------------------------------------------------
+
+
+def actfleet(*args, cwd):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ACTFLEET_JAX_CACHE=str(cwd / "jaxcache"))
+    return subprocess.run([sys.executable, "-c", "from actfleet.cli import main; main()", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture()
+def dataset(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    return path
+
+
+@pytest.mark.parametrize("name", ["gpt2", "pythia-parallel"])
+def test_extract_command_matches_transformers(models, name, tmp_path, dataset):
+    from actfleet.worker.reader import load
+
+    out = tmp_path / "out"
+    r = actfleet("extract", "--model", str(models[name]), "--input", str(dataset), "--out", str(out), "--layers",
+                 "0,2", "--sites", "resid_post,mlp_post,embed", "--positions", "all", "--store-dtype", "float32",
+                 "--compute-dtype", "float32", "--unit-rows", "4", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    got = load(str(out))
+    ids = [np.asarray(got["token_ids"][got["sample_ids"] == i]) for i in range(len(TEXTS))]
+    ref = hf_reference(models[name], ids)
+    for site in ("hook_embed", "blocks.0.hook_resid_post", "blocks.2.mlp.hook_post", "blocks.2.hook_resid_post"):
+        for i in range(len(TEXTS)):
+            a, b = got[site][got["sample_ids"] == i], ref[i][site]
+            assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b), (site, i)
+
+
+def test_extract_command_refuses_resid_mid_of_a_parallel_model_exit_2(models, tmp_path, dataset):
+    r = actfleet("extract", "--model", str(models["pythia-parallel"]), "--input", str(dataset), "--out",
+                 str(tmp_path / "o"), "--layers", "1", "--sites", "resid_mid", cwd=tmp_path)
+    assert r.returncode == 2 and "hook_resid_mid" in r.stderr and "parallel" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_prepare_work_and_export_saelens_on_gpt2(models, tmp_path, dataset):
+    import datasets
+
+    store = tmp_path / "bucket"
+    r = actfleet("prepare", "--store", str(store), "--job", "g", "--model", str(models["gpt2"]), "--input",
+                 str(dataset), "--layers", "1", "--sites", "resid_post", "--positions", "all", "--store-dtype",
+                 "float32", "--compute-dtype", "float32", "--unit-rows", "4", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    w = actfleet("work", "--store", str(store), "--job", "g", "--worker-id", "w0", "--json", cwd=tmp_path)
+    assert w.returncode == 0, w.stderr
+    assert json.loads(w.stdout)["job_complete"]
+    e = actfleet("export", "saelens", str(store / "g"), str(tmp_path / "cache"), "--site",
+                 "blocks.1.hook_resid_post", "--context-size", "8", "--json", cwd=tmp_path)
+    assert e.returncode == 0, e.stderr
+    summary = json.loads(e.stdout)
+    assert summary["d_in"] == 64 and summary["windows"] > 0
+    ds = datasets.load_from_disk(str(tmp_path / "cache"))
+    ds.set_format("numpy")
+    acts, tokens = ds["blocks.1.hook_resid_post"][:], ds["token_ids"][:]
+    # Each exported window is transformers' resid_post at the tokens it came with: a consecutive run of one
+    # row (found by its tokens) in the reference of the whole row.
+    engine_ids = [np.asarray(x) for x in _tokenize(models["gpt2"], TEXTS)]
+    ref = hf_reference(models["gpt2"], engine_ids)
+    assert acts.shape[1:] == (8, 64)
+    for window, toks in zip(acts, tokens):
+        spots = [(i, o) for i, ids in enumerate(engine_ids) for o in range(len(ids) - 7)
+                 if (ids[o:o + 8] == toks).all()]
+        assert spots, toks
+        wants = [ref[i]["blocks.1.hook_resid_post"][o:o + 8] for i, o in spots]  # repeated texts: several spots
+        assert min(np.linalg.norm(window - w) / np.linalg.norm(w) for w in wants) <= 1e-4
+
+
+def _tokenize(model_dir, texts):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)(texts)["input_ids"]
