@@ -363,3 +363,53 @@ def _tokenize(model_dir, texts):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_dir)(texts)["input_ids"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Against TransformerLens's own hooks (the names SAEs are trained on), unprocessed as SAELens loads them
+# ----------------------------------------------------------------------------------------------------
+
+
+def tl_reference(name, model_dir, token_lists):
+    tl = pytest.importorskip("transformer_lens")
+    from transformer_lens.pretrained import weight_conversions as wc
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    c = hf.config
+    if name == "gpt2":
+        cfg = tl.HookedTransformerConfig(
+            d_model=c.n_embd, d_head=c.n_embd // c.n_head, n_layers=c.n_layer, n_ctx=c.n_positions,
+            n_heads=c.n_head, d_mlp=4 * c.n_embd, d_vocab=c.vocab_size, act_fn=c.activation_function,
+            eps=c.layer_norm_epsilon, normalization_type="LN", positional_embedding_type="standard",
+            original_architecture="GPT2LMHeadModel", device="cpu", dtype=torch.float32)
+        state = wc.convert_gpt2_weights(hf, cfg)
+    else:
+        hd = c.hidden_size // c.num_attention_heads
+        cfg = tl.HookedTransformerConfig(
+            d_model=c.hidden_size, d_head=hd, n_layers=c.num_hidden_layers, n_ctx=c.max_position_embeddings,
+            n_heads=c.num_attention_heads, d_mlp=c.intermediate_size, d_vocab=c.vocab_size, act_fn=c.hidden_act,
+            eps=c.layer_norm_eps, normalization_type="LN", positional_embedding_type="rotary",
+            rotary_dim=int(hd * c.rope_parameters["partial_rotary_factor"]),
+            rotary_base=c.rope_parameters["rope_theta"], rotary_adjacent_pairs=False,
+            parallel_attn_mlp=c.use_parallel_residual, original_architecture="GPTNeoXForCausalLM",
+            device="cpu", dtype=torch.float32)
+        state = wc.convert_neox_weights(hf, cfg)
+    model = tl.HookedTransformer(cfg)
+    model.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False, center_unembed=False,
+                                      fold_value_biases=False, refactor_factored_attn_matrices=False)
+    out = []
+    for ids in token_lists:
+        with torch.no_grad():
+            _, cache = model.run_with_cache(torch.tensor(np.asarray(ids, np.int64)[None]))
+        out.append({k: v[0].reshape(len(ids), -1).numpy() for k, v in cache.items()})
+    return out
+
+
+@pytest.mark.parametrize("name", ["gpt2", "pythia-parallel", "pythia-sequential"])
+def test_float32_matches_transformer_lens_hooks(models, name):
+    engine, cat, acts = extract(models[name], "float32")
+    ref = tl_reference(name, models[name], [engine.tokenize([t])[0] for t in TEXTS])
+    worst = worst_errors(engine, cat, acts, ref)
+    print(name, {k: f"{v:.1e}" for k, v in worst.items()})
+    assert max(worst.values()) < 1e-4, worst
