@@ -413,3 +413,17 @@ def test_float32_matches_transformer_lens_hooks(models, name):
     worst = worst_errors(engine, cat, acts, ref)
     print(name, {k: f"{v:.1e}" for k, v in worst.items()})
     assert max(worst.values()) < 1e-4, worst
+
+
+def test_activations_are_transformers_own():
+    """Each activation name means transformers' function (gelu exact, gelu_new and gelu_pytorch_tanh the tanh
+    approximation): on tiny models the difference hides under 1e-4, so check the functions themselves."""
+    import jax.numpy as jnp
+    from transformers.activations import ACT2FN
+
+    from actfleet.worker.models.common import ACTIVATIONS
+
+    x = np.linspace(-6, 6, 2001, dtype=np.float32)
+    for name, fn in ACTIVATIONS.items():
+        want = ACT2FN[name](torch.tensor(x)).numpy()
+        np.testing.assert_allclose(np.asarray(fn(jnp.asarray(x))), want, rtol=1e-6, atol=1e-6, err_msg=name)
