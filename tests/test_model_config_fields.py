@@ -65,7 +65,7 @@ def test_a_refused_field_is_refused_by_name(model_type, field):
     ("gpt_neox", "hidden_act", "tanh"),
     ("llama", "rope_parameters", {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}),
     ("qwen2", "rope_parameters", {"rope_type": "longrope", "rope_theta": 1e4}),
-    ("gpt_neox", "rope_parameters", {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}),
+    ("gpt_neox", "rope_parameters", {"rope_type": "proportional", "rope_theta": 1e4}),
 ])
 def test_honoured_fields_refuse_values_not_computed(model_type, field, value):
     config = default_config(model_type)

@@ -36,12 +36,14 @@ LLAMA = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=224, num_hidden
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
 # gpt2's ratios (d_mlp 4 d_model, head_dim 64 -> 16 here); pythia-70m's (rotary_pct 0.25, d_mlp 4 d_model).
+YARN_ROPE = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32}
 GPT2 = dict(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=512, bos_token_id=317, eos_token_id=317)
 NEOX = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
             max_position_embeddings=512, rotary_pct=0.25, tie_word_embeddings=False)
 
 MODELS = {
     "llama3-rope": ("LlamaConfig", "LlamaForCausalLM", dict(LLAMA, rope_parameters=LLAMA3_ROPE)),
+    "llama-yarn": ("LlamaConfig", "LlamaForCausalLM", dict(LLAMA, rope_parameters=YARN_ROPE)),
     "llama-bias-gelu": ("LlamaConfig", "LlamaForCausalLM",
                         dict(LLAMA, attention_bias=True, mlp_bias=True, hidden_act="gelu")),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", GPT2),
@@ -225,6 +227,20 @@ def test_llama3_frequencies_are_transformers_own():
     assert ((got < plain) & (got > plain / 8)).any()  # and some smoothed between
 
 
+def test_yarn_frequencies_and_scale_are_transformers_own():
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from actfleet.worker.models.common import attention_scaling, inv_freq, rope_from_hf
+
+    for rope in (YARN_ROPE, {**YARN_ROPE, "mscale": 0.7, "mscale_all_dim": 0.5, "beta_fast": 16, "truncate": False}):
+        config = LlamaConfig(**dict(LLAMA, rope_parameters=rope))
+        want, scale = ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")
+        _, scaling = rope_from_hf("llama", config.to_dict())
+        np.testing.assert_allclose(inv_freq(16, 10000.0, scaling), want.numpy(), rtol=1e-6)
+        assert attention_scaling(scaling) == pytest.approx(scale, rel=1e-12) and scale != 1.0
+
+
 def test_gpt2_resid_pre_adds_positions_and_pythia_parallel_has_no_resid_mid(models):
     engine, cat, acts = extract(models["gpt2"], "float32")
     from safetensors.numpy import load_file
@@ -240,7 +256,7 @@ def test_gpt2_resid_pre_adds_positions_and_pythia_parallel_has_no_resid_mid(mode
 
 @pytest.mark.parametrize("field,value,what", [
     ("rope_parameters", {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}, "rope_type='dynamic'"),
-    ("rope_parameters", {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0}, "rope_type='yarn'"),
+    ("rope_parameters", {"rope_type": "longrope", "rope_theta": 10000.0}, "rope_type='longrope'"),
     ("hidden_act", "gelu_fast", "hidden_act='gelu_fast'"),
 ])
 def test_llama_refuses_what_it_does_not_compute(tmp_path, field, value, what):

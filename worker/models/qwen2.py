@@ -32,7 +32,7 @@ from flax import nnx
 
 from actfleet import sites as site_names
 from actfleet.worker.attention import attention
-from actfleet.worker.models.common import ACTIVATIONS, check_activation, inv_freq, rope_from_hf
+from actfleet.worker.models.common import ACTIVATIONS, attention_scaling, check_activation, inv_freq, rope_from_hf
 from actfleet.worker.models.sharding import param
 
 FAMILY = "qwen2/llama/mistral/qwen3"
@@ -117,7 +117,7 @@ class Config:
 
 def rope(x, positions, theta, scaling: tuple = ()):
     """x: [B, T, N, hd]; rotate-half RoPE as in transformers (cos/sin computed in float32, cast to x's dtype).
-    `scaling` (common.rope_from_hf) rescales the frequencies (llama3, linear)."""
+    `scaling` (common.rope_from_hf) rescales the frequencies (llama3, linear, yarn; yarn also cos and sin)."""
     hd = x.shape[-1]
     if scaling:
         freq = jnp.asarray(inv_freq(hd, theta, scaling))
@@ -125,7 +125,10 @@ def rope(x, positions, theta, scaling: tuple = ()):
         freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
     freqs = positions.astype(jnp.float32)[..., None] * freq  # [B, T, hd/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    if attention_scaling(scaling) != 1.0:
+        cos, sin = cos * attention_scaling(scaling), sin * attention_scaling(scaling)
+    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
     x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
