@@ -227,6 +227,19 @@ def test_llama3_frequencies_are_transformers_own():
     assert ((got < plain) & (got > plain / 8)).any()  # and some smoothed between
 
 
+def test_linear_frequencies_are_transformers_own():
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from actfleet.worker.models.common import attention_scaling, inv_freq, rope_from_hf
+
+    config = LlamaConfig(**dict(LLAMA, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}))
+    want, scale = ROPE_INIT_FUNCTIONS["linear"](config, "cpu")
+    _, scaling = rope_from_hf("llama", config.to_dict())
+    np.testing.assert_allclose(inv_freq(16, 10000.0, scaling), want.numpy(), rtol=1e-6)
+    assert scaling == ("linear", 4.0) and attention_scaling(scaling) == scale == 1.0
+
+
 def test_yarn_frequencies_and_scale_are_transformers_own():
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
