@@ -456,3 +456,44 @@ def test_activations_are_transformers_own():
     for name, fn in ACTIVATIONS.items():
         want = ACT2FN[name](torch.tensor(x)).numpy()
         np.testing.assert_allclose(np.asarray(fn(jnp.asarray(x))), want, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+MP_CHILD = r"""
+import json, sys
+import numpy as np
+from actfleet.job_options import JobOptions
+from actfleet.worker.engine import Engine
+spec = json.loads(sys.argv[1])
+out = {}
+for model_dir in spec["models"]:
+    runs = []
+    for n in (1, 2, 4):
+        engine = Engine(JobOptions(model=model_dir, sites=tuple(spec["sites"]), positions="all",
+                                   compute_dtype="float32", store_dtype="float32", batch_tokens=512,
+                                   model_parallel=n), attn_block=32)
+        batches = list(engine.run([(i, t, None) for i, t in enumerate(spec["texts"])]))
+        key = np.concatenate([b.sample_ids * 100000 + b.positions for b in batches])
+        order = np.argsort(key)
+        runs.append({s: np.concatenate([b.acts[s] for b in batches])[order] for s in engine.sites})
+    out[model_dir] = max(float(np.abs(r[s] - runs[0][s]).max() / np.abs(runs[0][s]).max())
+                         for r in runs[1:] for s in runs[0])
+print(json.dumps(out))
+"""
+
+
+def test_gpt2_and_pythia_split_over_devices_store_the_same_rows(models):
+    """Heads and MLP units split 2 and 4 ways over 4 host devices (LayerNorm and positions replicated):
+    every site equals the unsplit run's up to float32 reduction order."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    spec = {"models": [str(models["gpt2"]), str(models["pythia-parallel"])], "texts": TEXTS,
+            "sites": ["blocks.2.hook_resid_post", "blocks.1.attn.hook_z", "blocks.1.mlp.hook_post"]}
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-c", MP_CHILD, json.dumps(spec)], env=env, capture_output=True, text=True,
+                       timeout=600, cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    worst = json.loads(r.stdout.strip().splitlines()[-1])
+    assert max(worst.values()) < 1e-5, worst
