@@ -46,6 +46,8 @@ MODELS = {
     "llama-yarn": ("LlamaConfig", "LlamaForCausalLM", dict(LLAMA, rope_parameters=YARN_ROPE)),
     "llama-bias-gelu": ("LlamaConfig", "LlamaForCausalLM",
                         dict(LLAMA, attention_bias=True, mlp_bias=True, hidden_act="gelu")),
+    # Qwen3's attention_bias biases o_proj as well as q/k/v (as Llama's)
+    "qwen3-bias": ("Qwen3Config", "Qwen3ForCausalLM", dict(LLAMA, head_dim=24, attention_bias=True)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", GPT2),
     "pythia-parallel": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(NEOX, use_parallel_residual=True)),
     "pythia-sequential": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(NEOX, use_parallel_residual=False)),
@@ -73,7 +75,7 @@ def build(path, name, seed=0, tok=None, **overrides):
 def parts(model):
     """Per family: (embedding, layers, and per layer the modules the hooks sit on)."""
     kind = model.config.model_type
-    if kind == "llama":
+    if kind in ("llama", "qwen3"):
         base = model.model
         return base.embed_tokens, [dict(layer=l, ln1=l.input_layernorm, o=l.self_attn.o_proj, attn=l.self_attn,
                                         ln2=l.post_attention_layernorm, up=l.mlp.gate_proj, down=l.mlp.down_proj,
