@@ -39,8 +39,8 @@ from actfleet.worker.engine import Engine
 # no block twice (one host copy per distinct block, not per device).
 read = []
 original_read_block = convert.read_block
-def counting_read_block(tensor, split, order, sizes, index, dtype):
-    block = original_read_block(tensor, split, order, sizes, index, dtype)
+def counting_read_block(tensor, split, order, sizes, index, dtype, fixed=None):
+    block = original_read_block(tensor, split, order, sizes, index, dtype, fixed)
     read.append((block.nbytes, int(np.prod([sizes[n] for n in order])) * block.itemsize))
     return block
 convert.read_block = counting_read_block

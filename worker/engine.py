@@ -48,6 +48,7 @@ from actfleet.errors import InputError
 from actfleet.job_options import JobOptions
 from actfleet.worker import batching, compile_cache, convert, model_files
 from actfleet.worker.models import family_for, sharding
+from actfleet.worker.models.config_check import UnsupportedConfig
 from actfleet.worker.shards import STORE_DTYPES
 
 Row = tuple[int, "str | list[int] | None", "str | None"]  # (sample id, text or token ids, skip reason)
@@ -190,6 +191,8 @@ class Engine:
         self.family = family_for(hf_config["model_type"])
         try:
             self.config = self.family.Config.from_hf(hf_config)
+        except UnsupportedConfig as e:  # names the field and why: nothing to add
+            raise InputError(f"model {model_ref}: {e}") from None
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(f"model {model_ref}: config.json lacks or garbles {e}") from None
         check_lengths(options, self.model_dir, self.config)
@@ -199,6 +202,8 @@ class Engine:
         tokenizer = _in_thread(_load_tokenizer, self.model_dir)
         try:
             self.sites = site_names.resolve(options.sites, self.config.layers)
+            if hasattr(self.config, "check_sites"):  # a family without some site kinds (GPT-NeoX's resid_mid)
+                self.config.check_sites(self.sites)
         except ValueError as e:
             raise InputError(f"model {model_ref}: {e}") from None
         if not self.sites:

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from actfleet.worker.models import qwen2
+from actfleet.worker.models import gpt2, gpt_neox, qwen2
 
 # Llama/Mistral/Qwen3 are Qwen2 with different switches (no QKV bias, per-head q/k norm), see qwen2.Config.
 FAMILIES: dict[str, ModuleType] = {"qwen2": qwen2, "llama": qwen2, "mistral": qwen2, "qwen3": qwen2}
+FAMILIES["gpt2"] = gpt2
+FAMILIES["gpt_neox"] = gpt_neox  # Pythia
 
 
 def family_for(model_type: str) -> ModuleType:

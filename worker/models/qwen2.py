@@ -1,7 +1,9 @@
 """The Qwen2 / Qwen2.5 decoder as Flax NNX modules: Config, RMSNorm, Embedding, Attention, MLP, DecoderLayer, Decoder.
 
 Llama, Mistral and Qwen3 are the same network with switches: `qkv_bias` (Qwen2 has it, Llama/Mistral/Qwen3
-do not) and `qk_norm` (Qwen3's per-head RMSNorm on q and k before RoPE). Numerics follow `transformers`:
+do not unless `attention_bias`), `o_bias` (Llama/Qwen3 `attention_bias`: o_proj too), `mlp_bias` (Llama),
+`act` (`hidden_act`), `rope_scaling` (Llama 3.1's "llama3", "linear") and `qk_norm` (Qwen3's per-head
+RMSNorm on q and k before RoPE). Each switch left at its default adds no operation. Numerics follow `transformers`:
 RMSNorm in float32 then cast back, RoPE "rotate half" with the frequency table in float32.
 
 Activations are captured under TransformerLens names (actfleet.sites) and the network runs only up to
@@ -13,10 +15,11 @@ map to mesh axes through sharding.RULES). Projections are stored [in, out] with 
     layers[i].ln1.weight, ln2.weight [embed]
     layers[i].attn.wq [embed, heads, head_dim]     bq [heads, head_dim]       (bias: qkv_bias only)
     layers[i].attn.wk, wv [embed, kv_heads, head_dim]   bk, bv [kv_heads, head_dim]
-    layers[i].attn.wo [heads, head_dim, embed]
+    layers[i].attn.wo [heads, head_dim, embed]      bo [embed]                 (o_bias only)
     layers[i].attn.q_norm.weight, k_norm.weight [head_dim]                    (qk_norm only)
     layers[i].mlp.w_gate, w_up [embed, mlp]    w_down [mlp, embed]
-actfleet.worker.convert maps each to its Hugging Face tensor.
+    layers[i].mlp.b_gate, b_up [mlp]           b_down [embed]                            (mlp_bias only)
+actfleet.worker.convert maps each to its Hugging Face tensor through LAYOUTS below.
 """
 
 from __future__ import annotations
@@ -29,7 +32,31 @@ from flax import nnx
 
 from actfleet import sites as site_names
 from actfleet.worker.attention import attention
+from actfleet.worker.models.common import ACTIVATIONS, attention_scaling, check_activation, inv_freq, rope_from_hf
 from actfleet.worker.models.sharding import param
+
+FAMILY = "qwen2/llama/mistral/qwen3"
+
+# Every field of the transformers config classes this module serves (Qwen2Config, Qwen3Config, LlamaConfig,
+# MistralConfig, plus PretrainedConfig's own), and what from_hf does with it. tests/test_model_config_fields.py
+# fails when transformers grows a field that is not here.
+_IRRELEVANT = (
+    # PretrainedConfig's own: bookkeeping, output switches, task heads
+    "_name_or_path", "architectures", "chunk_size_feed_forward", "dtype", "id2label", "is_encoder_decoder",
+    "label2id", "model_type", "output_attentions", "output_hidden_states", "problem_type", "return_dict",
+    "transformers_version",
+    # token ids, caching, training-only settings and the LM head (never run here)
+    "bos_token_id", "eos_token_id", "pad_token_id", "use_cache", "attention_dropout", "initializer_range",
+    "tie_word_embeddings", "pretraining_tp",  # pretraining_tp: a sliced matmul, the same numbers
+)
+_HONOURED = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
+    "rope_parameters", "rope_scaling", "rope_theta", "attention_bias", "mlp_bias",
+    # Sliding-window attention (Mistral, Qwen2 use_sliding_window): computed in worker/attention.py.
+    "sliding_window", "use_sliding_window", "max_window_layers", "layer_types",
+)
+CONFIG_FIELDS: dict[str, str] = {**{f: "irrelevant" for f in _IRRELEVANT}, **{f: "honoured" for f in _HONOURED}}
 
 
 @dataclass(frozen=True)
@@ -47,24 +74,31 @@ class Config:
     tie: bool = True
     qkv_bias: bool = True
     qk_norm: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    act: str = "silu"
+    rope_scaling: tuple = ()  # common.rope_from_hf: () for plain RoPE
 
     @staticmethod
     def from_hf(c: dict) -> "Config":
-        """From a Hugging Face config.json dict (qwen2, qwen3, llama, mistral)."""
+        """From a Hugging Face config.json dict (qwen2, qwen3, llama, mistral); UnsupportedConfig naming the
+        field for what this code does not compute."""
         kind = c.get("model_type", "qwen2")
-        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-            raise ValueError(f"rope scaling {rope.get('rope_type') or rope.get('type')!r} is not supported")
-        theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
+        theta, scaling = rope_from_hf(FAMILY, c)
+        act = check_activation(kind, "hidden_act", c.get("hidden_act", "silu"))
+        # Which config fields each transformers class reads: Qwen2 always biases q/k/v (never o_proj) and
+        # has no attention_bias; Llama and Qwen3 bias all four projections with it; Mistral has neither.
+        attn_bias = bool(c.get("attention_bias", False)) if kind in ("llama", "qwen3") else False
+        mlp_bias = bool(c.get("mlp_bias", False)) if kind == "llama" else False
         heads = c["num_attention_heads"]
         return Config(
             vocab=c["vocab_size"], hidden=c["hidden_size"], intermediate=c["intermediate_size"],
             layers=c["num_hidden_layers"], heads=heads, kv_heads=c.get("num_key_value_heads") or heads,
-            head_dim=c.get("head_dim") or c["hidden_size"] // heads, rope_theta=float(theta),
+            head_dim=c.get("head_dim") or c["hidden_size"] // heads, rope_theta=theta,
             rms_eps=float(c.get("rms_norm_eps", 1e-6)), max_pos=int(c.get("max_position_embeddings", 32768)),
             tie=bool(c.get("tie_word_embeddings", False)),
-            qkv_bias=kind == "qwen2" or bool(c.get("attention_bias", False)),
-            qk_norm=kind == "qwen3",
+            qkv_bias=kind == "qwen2" or attn_bias, o_bias=attn_bias, mlp_bias=mlp_bias, act=act,
+            rope_scaling=scaling, qk_norm=kind == "qwen3",
         )
 
     def site_width(self, kind: str) -> int:
@@ -81,13 +115,20 @@ class Config:
 # ----------------------------------------------------------------------------------------------------
 
 
-def rope(x, positions, theta):
-    """x: [B, T, N, hd]; rotate-half RoPE as in transformers (cos/sin computed in float32, cast to x's dtype)."""
+def rope(x, positions, theta, scaling: tuple = ()):
+    """x: [B, T, N, hd]; rotate-half RoPE as in transformers (cos/sin computed in float32, cast to x's dtype).
+    `scaling` (common.rope_from_hf) rescales the frequencies (llama3, linear, yarn; yarn also cos and sin)."""
     hd = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
+    if scaling:
+        freq = jnp.asarray(inv_freq(hd, theta, scaling))
+    else:
+        freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    freqs = positions.astype(jnp.float32)[..., None] * freq  # [B, T, hd/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    if attention_scaling(scaling) != 1.0:
+        cos, sin = cos * attention_scaling(scaling), sin * attention_scaling(scaling)
+    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
     x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
@@ -123,6 +164,8 @@ class Attention(nnx.Module):
         self.wk = param((d, k, hd), ("embed", "kv_heads", "head_dim"), dtype)
         self.wv = param((d, k, hd), ("embed", "kv_heads", "head_dim"), dtype)
         self.wo = param((h, hd, d), ("heads", "head_dim", "embed"), dtype)
+        if cfg.o_bias:
+            self.bo = param((d,), ("embed",), dtype)
         if cfg.qkv_bias:
             self.bq = param((h, hd), ("heads", "head_dim"), dtype)
             self.bk = param((k, hd), ("kv_heads", "head_dim"), dtype)
@@ -141,9 +184,11 @@ class Attention(nnx.Module):
             q, k, v = q + self.bq[...], k + self.bk[...], v + self.bv[...]
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+        q = rope(q, positions, cfg.rope_theta, cfg.rope_scaling)
+        k = rope(k, positions, cfg.rope_theta, cfg.rope_scaling)
         z = attention(q, k, v, segment_ids, positions, block=attn_block)
-        return z, jnp.einsum("bthk,hkd->btd", z, self.wo[...])
+        out = jnp.einsum("bthk,hkd->btd", z, self.wo[...])
+        return z, (out + self.bo[...] if cfg.o_bias else out)
 
 
 class MLP(nnx.Module):
@@ -151,12 +196,21 @@ class MLP(nnx.Module):
         self.w_gate = param((cfg.hidden, cfg.intermediate), ("embed", "mlp"), dtype)
         self.w_up = param((cfg.hidden, cfg.intermediate), ("embed", "mlp"), dtype)
         self.w_down = param((cfg.intermediate, cfg.hidden), ("mlp", "embed"), dtype)
+        if cfg.mlp_bias:
+            self.b_gate = param((cfg.intermediate,), ("mlp",), dtype)
+            self.b_up = param((cfg.intermediate,), ("mlp",), dtype)
+            self.b_down = param((cfg.hidden,), ("embed",), dtype)
+        self.bias, self.act = cfg.mlp_bias, cfg.act
 
     def __call__(self, x):
-        """x: [B, T, D] (already normalized) -> (gate pre-activation, silu(gate) * up, out)."""
-        pre = x @ self.w_gate[...]
-        post = jax.nn.silu(pre) * (x @ self.w_up[...])
-        return pre, post, post @ self.w_down[...]
+        """x: [B, T, D] (already normalized) -> (gate pre-activation, act(gate) * up, out)."""
+        if not self.bias:
+            pre = x @ self.w_gate[...]
+            post = ACTIVATIONS[self.act](pre) * (x @ self.w_up[...])
+            return pre, post, post @ self.w_down[...]
+        pre = x @ self.w_gate[...] + self.b_gate[...]
+        post = ACTIVATIONS[self.act](pre) * (x @ self.w_up[...] + self.b_up[...])
+        return pre, post, post @ self.w_down[...] + self.b_down[...]
 
 
 class DecoderLayer(nnx.Module):
@@ -200,3 +254,43 @@ class Decoder(nnx.Module):
             x, found = self.layers[i](x, segment_ids, positions, attn_block, want)
             captured.update({site_names.name(k, i): v for k, v in found.items()})
         return captured
+
+
+# ----------------------------------------------------------------------------------------------------
+# The checkpoint layout (actfleet.worker.convert)
+# ----------------------------------------------------------------------------------------------------
+
+HF_LAYER = "model.layers.{i}."
+BASE_PREFIX = "model."  # a checkpoint saved from the bare LlamaModel/Qwen2Model lacks it
+# our parameter path (under layers.{i}. for layer params) -> (HF name, split, order).
+# split: the checkpoint tensor's axes, each a tuple of dimension names whose product is its length;
+# order: our axes as names. "h"/"k" heads/kv heads, "e" head_dim, "d" hidden, "f" intermediate, "v" vocab.
+LAYOUTS: dict[str, tuple] = {
+    "embed.table": ("model.embed_tokens.weight", (("v",), ("d",)), "vd"),
+    "ln1.weight": ("input_layernorm.weight", (("d",),), "d"),
+    "ln2.weight": ("post_attention_layernorm.weight", (("d",),), "d"),
+    "attn.wq": ("self_attn.q_proj.weight", (("h", "e"), ("d",)), "dhe"),
+    "attn.wk": ("self_attn.k_proj.weight", (("k", "e"), ("d",)), "dke"),
+    "attn.wv": ("self_attn.v_proj.weight", (("k", "e"), ("d",)), "dke"),
+    "attn.bq": ("self_attn.q_proj.bias", (("h", "e"),), "he"),
+    "attn.bk": ("self_attn.k_proj.bias", (("k", "e"),), "ke"),
+    "attn.bv": ("self_attn.v_proj.bias", (("k", "e"),), "ke"),
+    "attn.wo": ("self_attn.o_proj.weight", (("d",), ("h", "e")), "hed"),
+    "attn.bo": ("self_attn.o_proj.bias", (("d",),), "d"),
+    "attn.q_norm.weight": ("self_attn.q_norm.weight", (("e",),), "e"),
+    "attn.k_norm.weight": ("self_attn.k_norm.weight", (("e",),), "e"),
+    "mlp.w_gate": ("mlp.gate_proj.weight", (("f",), ("d",)), "df"),
+    "mlp.w_up": ("mlp.up_proj.weight", (("f",), ("d",)), "df"),
+    "mlp.w_down": ("mlp.down_proj.weight", (("d",), ("f",)), "fd"),
+    "mlp.b_gate": ("mlp.gate_proj.bias", (("f",),), "f"),
+    "mlp.b_up": ("mlp.up_proj.bias", (("f",),), "f"),
+    "mlp.b_down": ("mlp.down_proj.bias", (("d",),), "d"),
+}
+# Checkpoint tensors no site needs: the LM head, the final norm (after the last layer's resid_post), and the
+# rotary buffers older checkpoints carry.
+UNUSED = (r"lm_head\.weight", r"model\.norm\.weight", r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+def sizes(cfg: Config) -> dict[str, int]:
+    return {"v": cfg.vocab, "d": cfg.hidden, "h": cfg.heads, "k": cfg.kv_heads, "e": cfg.head_dim,
+            "f": cfg.intermediate}

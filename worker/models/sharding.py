@@ -13,6 +13,7 @@ each (XLA's SPMD partitioner inserts it); the batch's rows are split over `data`
     kv_heads  key/value heads (wk, wv, bk, bv)              model (replicated when kv_heads % N != 0)
     head_dim  within a head                                 replicated
     mlp       the MLP's hidden units (d_mlp)                model
+    pos       learned position embeddings' rows (GPT-2)     replicated (small, and gathered from)
     batch     rows of a packed batch                        data
 """
 
@@ -34,6 +35,7 @@ RULES: Mapping[str, str | None] = {
     "kv_heads": "model",
     "head_dim": None,
     "mlp": "model",
+    "pos": None,
 }
 
 
