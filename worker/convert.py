@@ -13,6 +13,7 @@ reshaped (`split`: each checkpoint axis as a tuple of our sizes' names) and tran
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Callable
@@ -67,12 +68,12 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
     return {name: single for name in tensors}
 
 
-def hf_source(path: tuple) -> tuple[str, tuple[tuple[str, ...], ...], str]:
+def hf_source(path: tuple, layouts=LAYOUTS) -> tuple[str, tuple[tuple[str, ...], ...], str]:
     """Our parameter path, e.g. ("layers", 3, "attn", "wq"), -> (HF tensor name, split, order)."""
     if path[0] == "layers":
-        hf, split, order = LAYOUTS[".".join(map(str, path[2:]))]
+        hf, split, order = layouts[".".join(map(str, path[2:]))]
         return f"model.layers.{path[1]}.{hf}", split, order
-    return LAYOUTS[".".join(map(str, path))]
+    return layouts[".".join(map(str, path))]
 
 
 def read_block(tensor: np.ndarray, split, order: str, sizes: dict[str, int], index: tuple[slice, ...], dtype):
@@ -106,6 +107,8 @@ def load_state(model_dir: str | Path, cfg: Config, abstract_state, sharding_of: 
     opened: dict[Path, dict] = {}
     sizes = {"v": cfg.vocab, "d": cfg.hidden, "h": cfg.heads, "k": cfg.kv_heads, "e": cfg.head_dim,
              "f": cfg.intermediate}
+    # Interim (engineer `families` makes this module generic): a family module with its own LAYOUTS.
+    layouts = getattr(importlib.import_module(type(cfg).__module__), "LAYOUTS", LAYOUTS)
 
     def tensor(name: str, split) -> np.ndarray:
         if name not in files:
@@ -124,7 +127,7 @@ def load_state(model_dir: str | Path, cfg: Config, abstract_state, sharding_of: 
 
     flat = []
     for path, variable in nnx.to_flat_state(abstract_state):
-        name, split, order = hf_source(path)
+        name, split, order = hf_source(path, layouts)
         src = tensor(name, split)
         shape, dtype = variable.get_value().shape, variable.get_value().dtype
         assert shape == tuple(sizes[n] for n in order), (path, shape, order)

@@ -1,0 +1,205 @@
+"""Gemma 2 and Gemma 3 (text) agree with transformers at every site kind, sliding and global layers, float32
+and bfloat16, on packed rows of mixed lengths longer than the sliding window; and run through `extract` and
+`prepare` / `work` / `export saelens`.
+
+The tiny models are built with transformers' own config classes at small sizes with the real checkpoints'
+shape ratios (heads * head_dim != hidden_size as in gemma-2-2b, query_pre_attn_scalar != head_dim as in
+gemma-2-27b, intermediate 4x hidden, grouped-query attention), a sliding window of 16 tokens, a soft-cap low
+enough to bend the scores, weights wide enough that the attention is far from uniform, and every norm's w
+moved away from 0 so a missing (1 + w) shows.
+
+Reference hooks (transformers' modules; TransformerLens's names): resid_pre is the layer's input; ln1 / ln2
+are input_layernorm's / pre_feedforward_layernorm's input / rms; attn_z is o_proj's input; attn_out is
+post_attention_layernorm's output and mlp_out post_feedforward_layernorm's (what is added to the residual, as
+TL's Gemma 2 hooks, after ln1_post / ln2_post); resid_mid is pre_feedforward_layernorm's input; mlp_pre
+gate_proj's output, mlp_post down_proj's input; resid_post the layer's output; hook_embed embed_tokens's
+output (after the sqrt(d) scale, as TL's W_E which has it folded in).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from actfleet import sites as site_names  # noqa: E402
+from actfleet.demo.tiny_model import make_tiny_model  # noqa: E402
+from tests.test_model_parity import TEXTS, extract_all, worst_relative_error  # noqa: E402
+
+WINDOW = 16
+# Long inputs (well past the window, several attention blocks) next to 1-token ones, in one batch.
+LONG_TEXTS = TEXTS + ["The quick brown fox jumps over the lazy dog. " * 12, "0: 1 2\n1: 3 4\n" * 20]
+
+SHAPES = {
+    # gemma-2-2b's ratios scaled down: 8 heads x 256 = 2048 != 2304 hidden, 4 kv heads, d_mlp 4x hidden.
+    # Layers: sliding, global, sliding (Gemma 2's default even/odd pattern).
+    "gemma2": dict(vocab_size=320, hidden_size=72, intermediate_size=288, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW,
+                   attn_logit_softcapping=2.0, final_logit_softcapping=30.0, max_position_embeddings=1024,
+                   initializer_range=0.15),
+    # gemma-3-4b's ratios (8 heads, 4 kv heads, head_dim 256, hidden 2560; linear rope scaling 8 on global
+    # layers); an explicit layer pattern: sliding, global, sliding, sliding.
+    "gemma3": dict(vocab_size=320, hidden_size=80, intermediate_size=320, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=20, sliding_window=WINDOW,
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
+                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                    "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}},
+                   max_position_embeddings=1024, initializer_range=0.15),
+}
+
+
+def make_gemma(root, family: str, seed: int = 0, **overrides):
+    """A tiny random Gemma 2 / Gemma 3 text model saved as safetensors with the tiny tokenizer; returns its dir."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+
+    tiny = make_tiny_model(root / "tok")
+    torch.manual_seed(seed)
+    kwargs = {**SHAPES[family], **overrides}
+    if family == "gemma2":
+        model = Gemma2ForCausalLM(Gemma2Config(**kwargs))
+    else:
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**kwargs))
+    with torch.no_grad():  # transformers initialises Gemma's norm weights to 0 (a scale of 1): move them
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    out = root / family
+    model.save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tiny / f).exists():
+            shutil.copy(tiny / f, out / f)
+    return out
+
+
+def hf_reference_gemma(model_dir, token_lists):
+    """Per sample, alone: {site: [T, width]} from forward hooks on transformers' float32 eager model."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    eps = model.config.rms_norm_eps
+    caps: dict = {}
+
+    def keep(name):
+        def hook(module, args, out):
+            caps[name] = (out[0] if isinstance(out, tuple) else out)[0].numpy()
+        return hook
+
+    def keep_input(name, then=lambda x: x):
+        def hook(module, args, kwargs):
+            caps[name] = then(args[0] if args else kwargs["hidden_states"])[0].numpy()
+        return hook
+
+    def normalized(x):  # TransformerLens RMSNorm.hook_normalized: float32, before the weight
+        x = x.to(torch.float32)
+        return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+
+    model.model.embed_tokens.register_forward_hook(keep("hook_embed"))
+    for i, layer in enumerate(model.model.layers):
+        name = lambda kind: site_names.name(kind, i)  # noqa: E731
+        layer.register_forward_pre_hook(keep_input(name("resid_pre")), with_kwargs=True)
+        layer.input_layernorm.register_forward_pre_hook(keep_input(name("ln1"), normalized), with_kwargs=True)
+        layer.self_attn.o_proj.register_forward_pre_hook(keep_input(name("attn_z")), with_kwargs=True)
+        layer.post_attention_layernorm.register_forward_hook(keep(name("attn_out")))
+        layer.pre_feedforward_layernorm.register_forward_pre_hook(keep_input(name("resid_mid")), with_kwargs=True)
+        layer.pre_feedforward_layernorm.register_forward_pre_hook(keep_input(name("ln2"), normalized),
+                                                                  with_kwargs=True)
+        layer.mlp.gate_proj.register_forward_hook(keep(name("mlp_pre")))
+        layer.mlp.down_proj.register_forward_pre_hook(keep_input(name("mlp_post")), with_kwargs=True)
+        layer.post_feedforward_layernorm.register_forward_hook(keep(name("mlp_out")))
+        layer.register_forward_hook(keep(name("resid_post")))
+    out = []
+    for ids in token_lists:
+        caps.clear()
+        with torch.no_grad():
+            hs = model(torch.tensor(np.asarray(ids, np.int64)[None]), output_hidden_states=True).hidden_states
+        np.testing.assert_array_equal(caps["hook_embed"], hs[0][0].numpy())
+        for i in range(len(model.model.layers) - 1):
+            np.testing.assert_array_equal(caps[site_names.name("resid_post", i)], hs[i + 1][0].numpy())
+            # what the hooks call attn_out / mlp_out is exactly what the residual adds
+            np.testing.assert_allclose(caps[site_names.name("resid_pre", i)] + caps[site_names.name("attn_out", i)],
+                                       caps[site_names.name("resid_mid", i)], rtol=1e-6, atol=1e-6)
+        out.append(dict(caps))
+    return out
+
+
+def per_site_errors(engine, texts, cat, acts, ref) -> dict[str, float]:
+    """The worst relative L2 error of each site over every token."""
+    worst = {}
+    for site in engine.sites:
+        for sid in range(len(texts)):
+            sel = cat["sample_ids"] == sid
+            got, want = acts[site][sel], ref[sid][site]
+            err = np.linalg.norm(got - want, axis=-1) / np.maximum(np.linalg.norm(want, axis=-1), 1e-6)
+            worst[site] = max(worst.get(site, 0.0), float(err.max()))
+    return worst
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_float32_matches_transformers_at_every_site(tmp_path, family):
+    model_dir = make_gemma(tmp_path, family)
+    engine, batches, cat, acts = extract_all(model_dir, LONG_TEXTS, compute_dtype="float32", store_dtype="float32",
+                                             batch_tokens=512, attn_block=16)
+    cfg = engine.config
+    assert cfg.sliding and len(cfg.sliding) < cfg.layers and cfg.sliding_window == WINDOW
+    assert (cfg.softcap is not None) == (family == "gemma2") and cfg.qk_norm == (family == "gemma3")
+    assert len(batches) >= 2 and any(b.padded_tokens < b.computed_tokens for b in batches)
+    lengths = [len(ids) for ids in engine.tokenize(LONG_TEXTS)]
+    assert max(lengths) > 4 * WINDOW and min(lengths) == 1
+    ref = hf_reference_gemma(model_dir, engine.tokenize(LONG_TEXTS))
+    errors = per_site_errors(engine, LONG_TEXTS, cat, acts, ref)
+    assert set(errors) == set(engine.sites)
+    assert max(errors.values()) < 1e-4, {s: e for s, e in errors.items() if e >= 1e-4}
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_bfloat16_within_stated_bound(tmp_path, family):
+    """bf16 compute and storage: each stored vector within 5% (relative L2) of float32 transformers."""
+    model_dir = make_gemma(tmp_path, family, seed=1)
+    engine, _, cat, acts = extract_all(model_dir, LONG_TEXTS, compute_dtype="bfloat16", store_dtype="bfloat16",
+                                       batch_tokens=1024, attn_block=32)
+    ref = hf_reference_gemma(model_dir, engine.tokenize(LONG_TEXTS))
+    err = worst_relative_error(engine, LONG_TEXTS, cat, acts, ref)
+    assert 1e-4 < err < 0.05
+
+
+def test_config_pattern_rope_and_refusals():
+    """from_hf reads the hub's config.json spellings (gemma-2-2b, gemma-3-1b/4b) and refuses by name."""
+    from actfleet.worker.models import family_for
+    from actfleet.worker.models.config_check import UnsupportedConfig
+
+    gemma = family_for("gemma2")
+    g2 = dict(model_type="gemma2", vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+              num_attention_heads=8, num_key_value_heads=4, head_dim=256, rope_theta=10000.0,
+              query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping=50.0,
+              final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh")
+    c = gemma.Config.from_hf(g2)
+    assert c.sliding == tuple(range(0, 26, 2)) and c.window(0) == 4096 and c.window(1) is None
+    assert c.softcap == 50.0 and c.query_scale == 256 ** -0.5 and c.rope_global == (10000.0, 1.0)
+    g3 = dict(model_type="gemma3_text", vocab_size=262144, hidden_size=2560, intermediate_size=10240,
+              num_hidden_layers=34, num_attention_heads=8, num_key_value_heads=4, head_dim=256, rope_theta=1e6,
+              rope_local_base_freq=10000.0, rope_scaling={"factor": 8.0, "rope_type": "linear"},
+              sliding_window=1024, sliding_window_pattern=6, query_pre_attn_scalar=256,
+              attn_logit_softcapping=None)
+    c = family_for("gemma3_text").Config.from_hf(g3)
+    assert [i for i in range(34) if i not in c.sliding] == [5, 11, 17, 23, 29]
+    assert c.rope_of(0) == (10000.0, 1.0) and c.rope_of(5) == (1e6, 8.0) and c.qk_norm and c.softcap is None
+    for field, value in (("hidden_activation", "relu"), ("attention_bias", True),
+                         ("use_bidirectional_attention", True), ("rope_scaling", {"rope_type": "yarn", "factor": 2}),
+                         ("layer_types", ["full_attention"])):
+        with pytest.raises(UnsupportedConfig, match=f"config.json {field}="):
+            gemma.Config.from_hf({**g3, field: value})
+
+
+def test_config_fields_cover_the_config_classes():
+    from transformers import Gemma2Config, Gemma3TextConfig
+
+    from actfleet.worker.models import gemma
+
+    for cls in (Gemma2Config, Gemma3TextConfig):
+        missing = set(cls().to_dict()) - set(gemma.CONFIG_FIELDS)
+        assert not missing, (cls.__name__, missing)
+    assert set(gemma.CONFIG_FIELDS.values()) <= {"honoured", "irrelevant", "refused"}
