@@ -203,3 +203,120 @@ def test_config_fields_cover_the_config_classes():
         missing = set(cls().to_dict()) - set(gemma.CONFIG_FIELDS)
         assert not missing, (cls.__name__, missing)
     assert set(gemma.CONFIG_FIELDS.values()) <= {"honoured", "irrelevant", "refused"}
+
+
+def test_gemma2_matches_transformer_lens_hooks(tmp_path):
+    """The same sites from TransformerLens's own Gemma 2 (HookedTransformer built offline from the config,
+    weights through TL's convert_gemma_weights, nothing folded or centred: what SAELens loads)."""
+    pytest.importorskip("transformer_lens")
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions.gemma import convert_gemma_weights
+    from transformers import AutoModelForCausalLM
+
+    model_dir = make_gemma(tmp_path, "gemma2", seed=2)
+    engine, _, cat, acts = extract_all(model_dir, LONG_TEXTS, compute_dtype="float32", store_dtype="float32",
+                                       batch_tokens=512, attn_block=16)
+    c = json.loads((model_dir / "config.json").read_text())
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    cfg = HookedTransformerConfig(
+        d_model=c["hidden_size"], d_head=c["head_dim"], n_heads=c["num_attention_heads"],
+        n_key_value_heads=c["num_key_value_heads"], d_mlp=c["intermediate_size"], n_layers=c["num_hidden_layers"],
+        n_ctx=c["max_position_embeddings"], eps=c["rms_norm_eps"], d_vocab=c["vocab_size"],
+        act_fn="gelu_pytorch_tanh", normalization_type="RMS", rotary_base=10000.0,
+        positional_embedding_type="rotary", use_attn_scale=True, attn_scale=c["query_pre_attn_scalar"] ** 0.5,
+        window_size=c["sliding_window"], use_local_attn=True,
+        attn_types=["local" if t == "sliding_attention" else "global" for t in c["layer_types"]],
+        attn_scores_soft_cap=c["attn_logit_softcapping"], output_logits_soft_cap=c["final_logit_softcapping"],
+        gated_mlp=True, final_rms=True, use_normalization_before_and_after=True,
+        original_architecture="Gemma2ForCausalLM", dtype=torch.float32, device="cpu")
+    tl = HookedTransformer(cfg)
+    tl.load_state_dict(convert_gemma_weights(hf, cfg), strict=False)
+    tl.eval()
+    ref = []
+    for ids in engine.tokenize(LONG_TEXTS):
+        with torch.no_grad():
+            _, cache = tl.run_with_cache(torch.tensor(np.asarray(ids, np.int64)[None]))
+        ref.append({s: cache[s][0].reshape(len(ids), -1).numpy() for s in engine.sites})
+    errors = per_site_errors(engine, LONG_TEXTS, cat, acts, ref)
+    assert max(errors.values()) < 1e-4, {s: e for s, e in errors.items() if e >= 1e-4}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Through the commands: extract (Gemma 2); prepare / work / export saelens (Gemma 3)
+# ---------------------------------------------------------------------------------------------------
+
+
+def cli(*args, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ACTFLEET_JAX_CACHE=str(tmp_path / "jaxcache"))
+    r = subprocess.run([sys.executable, "-c", "from actfleet.cli import main; main()", *args], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout) if "--json" in args else r
+
+
+def dataset(tmp_path, texts):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+def tokenize(model_dir, texts):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return [tok(t)["input_ids"] for t in texts]
+
+
+@pytest.mark.slow
+def test_gemma2_extract_end_to_end(tmp_path):
+    from actfleet.worker.reader import load
+
+    model_dir = make_gemma(tmp_path, "gemma2", seed=3)
+    texts = LONG_TEXTS[1:6] + LONG_TEXTS[-2:]
+    sites = ("hook_embed", "blocks.1.hook_resid_post", "blocks.0.hook_attn_out", "blocks.2.mlp.hook_post")
+    cli("extract", "--model", str(model_dir), "--input", str(dataset(tmp_path, texts)), "--out", str(tmp_path / "out"),
+        "--sites", ",".join(sites), "--positions", "all", "--unit-rows", "3", "--store-dtype", "float32",
+        "--compute-dtype", "float32", "--json", tmp_path=tmp_path)
+    got = load(str(tmp_path / "out"))
+    ids = tokenize(model_dir, texts)
+    ref = hf_reference_gemma(model_dir, ids)
+    for sid, want in enumerate(ref):
+        sel = got["sample_ids"] == sid
+        np.testing.assert_array_equal(got["token_ids"][sel], ids[sid])
+        for site in sites:
+            err = np.linalg.norm(got[site][sel] - want[site], axis=-1) / np.linalg.norm(want[site], axis=-1)
+            assert err.max() < 1e-4, (sid, site, err.max())
+
+
+@pytest.mark.slow
+def test_gemma3_prepare_work_export_saelens(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    model_dir = make_gemma(tmp_path, "gemma3", seed=4)
+    texts = LONG_TEXTS[1:6] + LONG_TEXTS[-2:]
+    site, ctx = "blocks.1.hook_resid_post", 8
+    store = tmp_path / "bucket"
+    info = cli("prepare", "--store", str(store), "--job", "g3", "--model", str(model_dir), "--input",
+               str(dataset(tmp_path, texts)), "--sites", site, "--positions", "all", "--store-dtype", "float32",
+               "--compute-dtype", "float32", "--unit-rows", "3", "--json", tmp_path=tmp_path)
+    assert info["units"] == 3
+    res = cli("work", "--store", str(store), "--job", "g3", "--worker-id", "w0", "--json", tmp_path=tmp_path)
+    assert res["job_complete"]
+    summary = cli("export", "saelens", str(store / "g3"), str(tmp_path / "export"), "--site", site,
+                  "--context-size", str(ctx), "--json", tmp_path=tmp_path)
+    ds = datasets.load_from_disk(str(tmp_path / "export"))
+    ds.set_format("numpy")
+    acts, tok = ds[site][:], ds["token_ids"][:]
+    # Every window of every sample exactly once, each equal to transformers' activations at its tokens.
+    ids = tokenize(model_dir, texts)
+    ref = hf_reference_gemma(model_dir, ids)
+    windows = [(tuple(s[k: k + ctx]), r[site][k: k + ctx]) for s, r in zip(ids, ref) for k in range(0, len(s) - ctx + 1, ctx)]
+    assert summary["windows"] == len(ds) == len(windows)
+    for w in range(len(ds)):
+        candidates = [a for t, a in windows if t == tuple(tok[w])]
+        assert candidates, tok[w]
+        err = min(float((np.linalg.norm(acts[w] - a, axis=-1) / np.linalg.norm(a, axis=-1)).max()) for a in candidates)
+        assert err < 1e-4
