@@ -52,8 +52,11 @@ SHAPES = {
 }
 
 
-def make_gemma(root, family: str, seed: int = 0, **overrides):
-    """A tiny random Gemma 2 / Gemma 3 text model saved as safetensors with the tiny tokenizer; returns its dir."""
+def make_gemma(root, family: str, seed: int = 0, hub_spelling: bool = False, **overrides):
+    """A tiny random Gemma 2 / Gemma 3 text model saved as safetensors with the tiny tokenizer; returns its dir.
+    `hub_spelling`: config.json rewritten as the hub's checkpoints spell it (transformers 4.x: no layer_types,
+    rope_theta / rope_local_base_freq / rope_scaling, Gemma 3's sliding_window_pattern), which transformers
+    and actfleet must both turn into the same layer pattern and RoPE tables."""
     from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
 
     tiny = make_tiny_model(root / "tok")
@@ -69,6 +72,19 @@ def make_gemma(root, family: str, seed: int = 0, **overrides):
                 p.copy_(torch.randn_like(p) * 0.3)
     out = root / family
     model.save_pretrained(out)
+    if hub_spelling:
+        c = json.loads((out / "config.json").read_text())
+        types, rope = c.pop("layer_types"), c.pop("rope_parameters")
+        if family == "gemma2":
+            assert types == ["sliding_attention", "full_attention"] * (len(types) // 2) + ["sliding_attention"] * (
+                len(types) % 2)
+            c["rope_theta"] = rope["rope_theta"]
+        else:
+            pattern = 2  # layers 1, 3 global: differs from the explicit pattern in SHAPES
+            c.update(sliding_window_pattern=pattern, rope_local_base_freq=rope["sliding_attention"]["rope_theta"],
+                     rope_theta=rope["full_attention"]["rope_theta"],
+                     rope_scaling={k: v for k, v in rope["full_attention"].items() if k != "rope_theta"})
+        (out / "config.json").write_text(json.dumps(c))
     for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (tiny / f).exists():
             shutil.copy(tiny / f, out / f)
@@ -138,14 +154,17 @@ def per_site_errors(engine, texts, cat, acts, ref) -> dict[str, float]:
     return worst
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
-def test_float32_matches_transformers_at_every_site(tmp_path, family):
-    model_dir = make_gemma(tmp_path, family)
+@pytest.mark.parametrize("family,hub_spelling", [("gemma2", False), ("gemma3", False), ("gemma2", True),
+                                                 ("gemma3", True)], ids=["gemma2", "gemma3", "gemma2-hub", "gemma3-hub"])
+def test_float32_matches_transformers_at_every_site(tmp_path, family, hub_spelling):
+    model_dir = make_gemma(tmp_path, family, hub_spelling=hub_spelling)
     engine, batches, cat, acts = extract_all(model_dir, LONG_TEXTS, compute_dtype="float32", store_dtype="float32",
                                              batch_tokens=512, attn_block=16)
     cfg = engine.config
     assert cfg.sliding and len(cfg.sliding) < cfg.layers and cfg.sliding_window == WINDOW
     assert (cfg.softcap is not None) == (family == "gemma2") and cfg.qk_norm == (family == "gemma3")
+    if family == "gemma3":
+        assert cfg.sliding == ((0, 2) if hub_spelling else (0, 2, 3)) and cfg.rope_global == (1e6, 8.0)
     assert len(batches) >= 2 and any(b.padded_tokens < b.computed_tokens for b in batches)
     lengths = [len(ids) for ids in engine.tokenize(LONG_TEXTS)]
     assert max(lengths) > 4 * WINDOW and min(lengths) == 1
