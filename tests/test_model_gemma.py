@@ -57,15 +57,21 @@ def make_gemma(root, family: str, seed: int = 0, hub_spelling: bool = False, **o
     `hub_spelling`: config.json rewritten as the hub's checkpoints spell it (transformers 4.x: no layer_types,
     rope_theta / rope_local_base_freq / rope_scaling, Gemma 3's sliding_window_pattern), which transformers
     and actfleet must both turn into the same layer pattern and RoPE tables."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3ForCausalLM,
+                              Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig)
 
     tiny = make_tiny_model(root / "tok")
     torch.manual_seed(seed)
-    kwargs = {**SHAPES[family], **overrides}
+    kwargs = {**SHAPES["gemma3" if family == "gemma3-multimodal" else family], **overrides}
     if family == "gemma2":
         model = Gemma2ForCausalLM(Gemma2Config(**kwargs))
-    else:
+    elif family == "gemma3":
         model = Gemma3ForCausalLM(Gemma3TextConfig(**kwargs))
+    else:  # gemma-3-4b's form: a vision tower and projector (never read) next to the text tower
+        vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                    image_size=28, patch_size=14)
+        model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=Gemma3TextConfig(**kwargs),
+                                                            vision_config=vision, mm_tokens_per_image=4))
     with torch.no_grad():  # transformers initialises Gemma's norm weights to 0 (a scale of 1): move them
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -93,10 +99,13 @@ def make_gemma(root, family: str, seed: int = 0, hub_spelling: bool = False, **o
 
 def hf_reference_gemma(model_dir, token_lists):
     """Per sample, alone: {site: [T, width]} from forward hooks on transformers' float32 eager model."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, Gemma3ForConditionalGeneration
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
-    eps = model.config.rms_norm_eps
+    multimodal = json.loads((model_dir / "config.json").read_text())["model_type"] == "gemma3"
+    auto = Gemma3ForConditionalGeneration if multimodal else AutoModelForCausalLM
+    model = auto.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    base = model.model.language_model if multimodal else model.model
+    eps = base.config.rms_norm_eps
     caps: dict = {}
 
     def keep(name):
@@ -113,8 +122,8 @@ def hf_reference_gemma(model_dir, token_lists):
         x = x.to(torch.float32)
         return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
 
-    model.model.embed_tokens.register_forward_hook(keep("hook_embed"))
-    for i, layer in enumerate(model.model.layers):
+    base.embed_tokens.register_forward_hook(keep("hook_embed"))
+    for i, layer in enumerate(base.layers):
         name = lambda kind: site_names.name(kind, i)  # noqa: E731
         layer.register_forward_pre_hook(keep_input(name("resid_pre")), with_kwargs=True)
         layer.input_layernorm.register_forward_pre_hook(keep_input(name("ln1"), normalized), with_kwargs=True)
@@ -133,7 +142,7 @@ def hf_reference_gemma(model_dir, token_lists):
         with torch.no_grad():
             hs = model(torch.tensor(np.asarray(ids, np.int64)[None]), output_hidden_states=True).hidden_states
         np.testing.assert_array_equal(caps["hook_embed"], hs[0][0].numpy())
-        for i in range(len(model.model.layers) - 1):
+        for i in range(len(base.layers) - 1):
             np.testing.assert_array_equal(caps[site_names.name("resid_post", i)], hs[i + 1][0].numpy())
             # what the hooks call attn_out / mlp_out is exactly what the residual adds
             np.testing.assert_allclose(caps[site_names.name("resid_pre", i)] + caps[site_names.name("attn_out", i)],
@@ -155,15 +164,16 @@ def per_site_errors(engine, texts, cat, acts, ref) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("family,hub_spelling", [("gemma2", False), ("gemma3", False), ("gemma2", True),
-                                                 ("gemma3", True)], ids=["gemma2", "gemma3", "gemma2-hub", "gemma3-hub"])
+                                                 ("gemma3", True), ("gemma3-multimodal", False)],
+                         ids=["gemma2", "gemma3", "gemma2-hub", "gemma3-hub", "gemma3-multimodal"])
 def test_float32_matches_transformers_at_every_site(tmp_path, family, hub_spelling):
     model_dir = make_gemma(tmp_path, family, hub_spelling=hub_spelling)
     engine, batches, cat, acts = extract_all(model_dir, LONG_TEXTS, compute_dtype="float32", store_dtype="float32",
                                              batch_tokens=512, attn_block=16)
     cfg = engine.config
     assert cfg.sliding and len(cfg.sliding) < cfg.layers and cfg.sliding_window == WINDOW
-    assert (cfg.softcap is not None) == (family == "gemma2") and cfg.qk_norm == (family == "gemma3")
-    if family == "gemma3":
+    assert (cfg.softcap is not None) == (family == "gemma2") and cfg.qk_norm == (family != "gemma2")
+    if family != "gemma2":
         assert cfg.sliding == ((0, 2) if hub_spelling else (0, 2, 3)) and cfg.rope_global == (1e6, 8.0)
     assert len(batches) >= 2 and any(b.padded_tokens < b.computed_tokens for b in batches)
     lengths = [len(ids) for ids in engine.tokenize(LONG_TEXTS)]
@@ -206,6 +216,15 @@ def test_config_pattern_rope_and_refusals():
     c = family_for("gemma3_text").Config.from_hf(g3)
     assert [i for i in range(34) if i not in c.sliding] == [5, 11, 17, 23, 29]
     assert c.rope_of(0) == (10000.0, 1.0) and c.rope_of(5) == (1e6, 8.0) and c.qk_norm and c.softcap is None
+    # gemma-3-4b-pt's config.json: the multimodal wrapper, text_config holding only what differs from the defaults
+    g3mm = {"model_type": "gemma3", "mm_tokens_per_image": 256, "vision_config": {"hidden_size": 1152},
+            "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                            "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                            "sliding_window": 1024}}
+    mm = family_for("gemma3").Config.from_hf(g3mm)
+    same = ("hidden", "intermediate", "layers", "heads", "kv_heads", "head_dim", "query_scale", "softcap",
+            "sliding_window", "sliding", "rope_local", "rope_global", "qk_norm", "gelu_tanh")
+    assert {k: getattr(mm, k) for k in same} == {k: getattr(c, k) for k in same}
     for field, value in (("hidden_activation", "relu"), ("attention_bias", True),
                          ("use_bidirectional_attention", True), ("rope_scaling", {"rope_type": "yarn", "factor": 2}),
                          ("layer_types", ["full_attention"])):
@@ -216,12 +235,14 @@ def test_config_pattern_rope_and_refusals():
 def test_config_fields_cover_the_config_classes():
     from transformers import Gemma2Config, Gemma3TextConfig
 
-    from actfleet.worker.models import gemma
+    from transformers import Gemma3Config
 
-    for cls in (Gemma2Config, Gemma3TextConfig):
-        missing = set(cls().to_dict()) - set(gemma.CONFIG_FIELDS)
+    from actfleet.worker.models import gemma, gemma3_mm
+
+    for cls, module in ((Gemma2Config, gemma), (Gemma3TextConfig, gemma), (Gemma3Config, gemma3_mm)):
+        missing = set(cls().to_dict()) - set(module.CONFIG_FIELDS)
         assert not missing, (cls.__name__, missing)
-    assert set(gemma.CONFIG_FIELDS.values()) <= {"honoured", "irrelevant", "refused"}
+        assert set(module.CONFIG_FIELDS.values()) <= {"honoured", "irrelevant", "refused"}
 
 
 def test_gemma2_matches_transformer_lens_hooks(tmp_path):

@@ -68,11 +68,11 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
     return {name: single for name in tensors}
 
 
-def hf_source(path: tuple, layouts=LAYOUTS) -> tuple[str, tuple[tuple[str, ...], ...], str]:
+def hf_source(path: tuple, layouts=LAYOUTS, hf_layer="model.layers.{i}.") -> tuple[str, tuple[tuple[str, ...], ...], str]:
     """Our parameter path, e.g. ("layers", 3, "attn", "wq"), -> (HF tensor name, split, order)."""
     if path[0] == "layers":
         hf, split, order = layouts[".".join(map(str, path[2:]))]
-        return f"model.layers.{path[1]}.{hf}", split, order
+        return hf_layer.format(i=path[1]) + hf, split, order
     return layouts[".".join(map(str, path))]
 
 
@@ -108,7 +108,8 @@ def load_state(model_dir: str | Path, cfg: Config, abstract_state, sharding_of: 
     sizes = {"v": cfg.vocab, "d": cfg.hidden, "h": cfg.heads, "k": cfg.kv_heads, "e": cfg.head_dim,
              "f": cfg.intermediate}
     # Interim (engineer `families` makes this module generic): a family module with its own LAYOUTS.
-    layouts = getattr(importlib.import_module(type(cfg).__module__), "LAYOUTS", LAYOUTS)
+    family = importlib.import_module(type(cfg).__module__)
+    layouts, hf_layer = getattr(family, "LAYOUTS", LAYOUTS), getattr(family, "HF_LAYER", "model.layers.{i}.")
 
     def tensor(name: str, split) -> np.ndarray:
         if name not in files:
@@ -127,7 +128,7 @@ def load_state(model_dir: str | Path, cfg: Config, abstract_state, sharding_of: 
 
     flat = []
     for path, variable in nnx.to_flat_state(abstract_state):
-        name, split, order = hf_source(path, layouts)
+        name, split, order = hf_source(path, layouts, hf_layer)
         src = tensor(name, split)
         shape, dtype = variable.get_value().shape, variable.get_value().dtype
         assert shape == tuple(sizes[n] for n in order), (path, shape, order)
