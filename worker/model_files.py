@@ -14,7 +14,7 @@ from pathlib import Path
 from actfleet.errors import InputError
 
 # actfleet.worker.models.FAMILIES, listed here so checking a directory imports no JAX (a test keeps them equal).
-SUPPORTED_MODEL_TYPES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("gemma2", "gemma3", "gemma3_text", "gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3")
 
 
 def cache_root() -> Path:

@@ -78,6 +78,14 @@ class Config:
     mlp_bias: bool = False
     act: str = "silu"
     rope_scaling: tuple = ()  # common.rope_from_hf: () for plain RoPE
+    # Sliding-window attention: the window (None: every layer attends to its whole sequence) and the layers
+    # that use it (see sliding_layers).
+    sliding_window: int | None = None
+    sliding: tuple[int, ...] = ()
+
+    def window(self, layer: int) -> int | None:
+        """Layer `layer`'s attention window, or None for full attention."""
+        return self.sliding_window if layer in self.sliding else None
 
     @staticmethod
     def from_hf(c: dict) -> "Config":
@@ -99,6 +107,7 @@ class Config:
             tie=bool(c.get("tie_word_embeddings", False)),
             qkv_bias=kind == "qwen2" or attn_bias, o_bias=attn_bias, mlp_bias=mlp_bias, act=act,
             rope_scaling=scaling, qk_norm=kind == "qwen3",
+            **sliding_layers(c, kind),
         )
 
     def site_width(self, kind: str) -> int:
@@ -108,6 +117,33 @@ class Config:
         if kind in ("mlp_pre", "mlp_post"):
             return self.intermediate
         return self.hidden
+
+
+def sliding_layers(c: dict, kind: str) -> dict:
+    """Config.sliding_window / sliding from config.json, as transformers decides them. Mistral: `sliding_window`
+    on every layer (MistralModel ignores layer_types). Qwen2/Qwen3: the window only with `use_sliding_window`;
+    the sliding layers are `layer_types`' "sliding_attention" entries when config.json has them, else layers
+    i >= max_window_layers (Qwen2Config.__post_init__). Llama has no sliding window."""
+    n = c["num_hidden_layers"]
+    if kind == "mistral":
+        window = c.get("sliding_window")
+        layers = tuple(range(n))
+    elif kind in ("qwen2", "qwen3"):
+        window = c.get("sliding_window", 4096) if c.get("use_sliding_window", False) else None
+        types = c.get("layer_types")
+        if types is not None:
+            if len(types) != n or not set(types) <= {"full_attention", "sliding_attention"}:
+                raise ValueError(f"layer_types {types!r}: want {n} of 'full_attention'/'sliding_attention'")
+            layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+        else:
+            layers = tuple(range(int(c.get("max_window_layers", 28)), n))
+    else:
+        window, layers = None, ()
+    if window is None or not layers:
+        return {}
+    if int(window) < 1:
+        raise ValueError(f"sliding_window {window!r}: must be a positive number of tokens")
+    return {"sliding_window": int(window), "sliding": layers}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -157,9 +193,10 @@ class Embedding(nnx.Module):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: Config, dtype):
+    def __init__(self, cfg: Config, dtype, window: int | None = None):
         d, h, k, hd = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim
         self.cfg = cfg
+        self.window = window
         self.wq = param((d, h, hd), ("embed", "heads", "head_dim"), dtype)
         self.wk = param((d, k, hd), ("embed", "kv_heads", "head_dim"), dtype)
         self.wv = param((d, k, hd), ("embed", "kv_heads", "head_dim"), dtype)
@@ -186,7 +223,7 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = rope(q, positions, cfg.rope_theta, cfg.rope_scaling)
         k = rope(k, positions, cfg.rope_theta, cfg.rope_scaling)
-        z = attention(q, k, v, segment_ids, positions, block=attn_block)
+        z = attention(q, k, v, segment_ids, positions, block=attn_block, window=self.window)
         out = jnp.einsum("bthk,hkd->btd", z, self.wo[...])
         return z, (out + self.bo[...] if cfg.o_bias else out)
 
@@ -214,9 +251,9 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: Config, dtype):
+    def __init__(self, cfg: Config, dtype, window: int | None = None):
         self.ln1 = RMSNorm(cfg.hidden, cfg.rms_eps, dtype)
-        self.attn = Attention(cfg, dtype)
+        self.attn = Attention(cfg, dtype, window)
         self.ln2 = RMSNorm(cfg.hidden, cfg.rms_eps, dtype)
         self.mlp = MLP(cfg, dtype)
 
@@ -240,7 +277,7 @@ class Decoder(nnx.Module):
 
     def __init__(self, cfg: Config, n_layers: int, dtype=jnp.float32):
         self.embed = Embedding(cfg.vocab, cfg.hidden, dtype)
-        self.layers = nnx.List([DecoderLayer(cfg, dtype) for _ in range(n_layers)])
+        self.layers = nnx.List([DecoderLayer(cfg, dtype, cfg.window(i)) for i in range(n_layers)])
 
     def __call__(self, token_ids, segment_ids, positions, *, sites: tuple[str, ...], attn_block: int = 512) -> dict:
         """Run on packed rows [B, T]; returns {site: [B, T, width]} in the parameters' dtype (the ln1/ln2
