@@ -1,7 +1,7 @@
 """The options a job pins, defined once: `JobOptions`, its defaults, its allowed values and its JSON form.
 
 Everything that changes the stored bits or rows is a field here. fleet.toml's [job] table
-(actfleet.config) produces one, `actfleet prepare` writes one into job.json (actfleet.worker.work_queue.JobSpec),
+(actfleet.config) produces one, `actfleet prepare` writes one into job.json (actfleet.work_queue.JobSpec),
 `actfleet extract` builds one from its flags, and the engine (actfleet.worker.engine.Engine) runs with one.
 The command-line defaults and choices are read from here.
 """

@@ -251,9 +251,9 @@ def _write_unit_record(out: Path, record: dict, written: list[dict]) -> None:
 def _resume_state(out: Path, run_key: dict, overwrite: bool) -> dict[int, dict]:
     """The finished units' records to keep (resuming), after deleting what must go; InputError if --out holds
     another run's shards."""
-    from actfleet.worker.shards import shard_unit_part
+    from actfleet.work_queue import SHARD_SUFFIX, shard_unit_part
 
-    shard_files = list(out.glob("*.safetensors")) if out.exists() else []
+    shard_files = list(out.glob("*" + SHARD_SUFFIX)) if out.exists() else []
     state = out / STATE
     if overwrite:
         for f in shard_files + [out / SUMMARY] + (list(state.glob("*")) if state.exists() else []):

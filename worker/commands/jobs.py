@@ -24,7 +24,7 @@ from actfleet.config import JobConfig, resolve_path
 from actfleet.errors import ConfigError, InputError
 from actfleet.job_options import (DEFAULT_LEASE_SECONDS, DEFAULT_UNIT_ROWS, DTYPES, FORMATS, LONG_INPUTS, POSITIONS,
                                   JobOptions)
-from actfleet.worker import work_queue as q
+from actfleet import work_queue as q
 from actfleet.worker.commands.flags import POSITIONS_HELP, SHARD_MB_HELP, reading_options
 from actfleet.worker.engine_extractor import EngineExtractor, samples_per_row
 from actfleet.store import Store, open_store
