@@ -2,7 +2,7 @@
 help, where it applies), and `JobOptions`, the options a job pins, validated from that table.
 
 Everything that changes the stored bits or rows is a JobOptions field. fleet.toml's [job] table
-(actfleet.config) produces one, `actfleet prepare` writes one into job.json (actfleet.worker.work_queue.JobSpec),
+(actfleet.config) produces one, `actfleet prepare` writes one into job.json (actfleet.work_queue.JobSpec),
 `actfleet extract` builds one from its flags, and the engine (actfleet.worker.engine.Engine) runs with one.
 fleet.toml's [job] schema, the flags of `extract` and `prepare` (actfleet.worker.commands.flags) and the shard
 metadata strings (actfleet.worker.shards.job_metadata) are generated from the table.

@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from actfleet.worker import work_queue as q  # noqa: E402
+from actfleet import work_queue as q  # noqa: E402
 from actfleet.job_options import JobOptions  # noqa: E402
 from actfleet.hashing import sha256_file  # noqa: E402
 from actfleet.worker.engine_extractor import EngineExtractor, count_input_rows  # noqa: E402

@@ -403,12 +403,12 @@ def _liveness_rules_on(cfg: Config) -> bool:
 
 def read_liveness(cfg: Config, job_complete: bool | None = None) -> Liveness | None:
     """The job's worker records, as the boot and heartbeat rules read them (the same records `actfleet
-    status` shows: actfleet.worker.work_queue.read_worker_records). None when both rules are off."""
+    status` shows: actfleet.work_queue.read_worker_records). None when both rules are off."""
     if not _liveness_rules_on(cfg):
         return None
     try:
         from actfleet.store import open_store
-        from actfleet.worker.work_queue import job_complete as complete_, job_key, read_worker_records
+        from actfleet.work_queue import job_complete as complete_, job_key, read_worker_records
 
         store = open_store(cfg.job.store)
         if store.generation(job_key(cfg.job.name)) is None:
@@ -515,7 +515,7 @@ def _job_complete(cfg: Config, job: dict[str, Any]) -> bool:
         return False
     job["watched"] = True
     try:
-        from actfleet.worker.work_queue import job_complete
+        from actfleet.work_queue import job_complete
         from actfleet.store import open_store
 
         complete = job_complete(open_store(cfg.job.store), cfg.job.name)

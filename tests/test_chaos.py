@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakes import standin_extractor as sx
-from actfleet.worker import work_queue as q
+from actfleet import work_queue as q
 from actfleet.store import open_store
 from actfleet.worker.verify import verify
 

@@ -41,7 +41,7 @@ from tests.fakes import standin_extractor as sx
 from tests.fakes.gcs_server import fake_gcs  # noqa: F401  (fixture)
 from tests.test_chaos import REPO, Proc, actfleet_argv, assert_bitwise_equal, standin_worker
 from actfleet.store import open_store
-from actfleet.worker import work_queue as q
+from actfleet import work_queue as q
 from actfleet.worker.shards import read_tensors
 from actfleet.worker.verify import verify
 from actfleet.worker.work_loop import Worker

@@ -10,7 +10,7 @@ import pytest
 
 from actfleet.errors import InputError
 from actfleet.job_options import JobOptions
-from actfleet.worker import work_queue as q
+from actfleet import work_queue as q
 from actfleet.worker.commands.extract import JOB, STATE, OutStore, _lock, _resume_state
 
 OPTIONS = JobOptions(model="m", shard_mb=0.01)

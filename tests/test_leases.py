@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakes.gcs_server import fake_gcs  # noqa: F401  (fixture)
-from actfleet.worker import work_queue as q
+from actfleet import work_queue as q
 from actfleet.store import open_store
 
 REPO = Path(__file__).resolve().parents[1]

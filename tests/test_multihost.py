@@ -22,7 +22,7 @@ import pytest
 from actfleet.errors import InputError
 from actfleet.store import open_store
 from actfleet.worker import multihost
-from actfleet.worker import work_queue as q
+from actfleet import work_queue as q
 from actfleet.worker.verify import verify
 from actfleet.worker.work_loop import Worker
 from tests.fakes import standin_extractor as sx

@@ -19,7 +19,7 @@ from google.cloud import storage
 from actfleet.errors import InputError
 from actfleet.store import open_store
 from actfleet.worker import pinning
-from actfleet.worker import work_queue as q
+from actfleet import work_queue as q
 from actfleet.worker.verify import verify
 from tests.fakes.gcs_server import fake_gcs  # noqa: F401  (fixture)
 

@@ -27,7 +27,7 @@ from actfleet.infra.reconcile import MEMORY_SCHEMA, memory_location, reconcile_p
 from actfleet.infra.terraform_layout import FLEET, state_location
 from actfleet.infra.tpu_api import Node, QueuedResource, ZoneError, ZoneView
 from actfleet.store import open_store
-from actfleet.worker.work_queue import WorkerProgress, done_key, prepare, worker_key
+from actfleet.work_queue import WorkerProgress, done_key, prepare, worker_key
 
 NOW = 2_000_000_000.0
 A, B, C = "us-central1-a", "us-central1-b", "us-central1-c"  # C: not configured, only managed names live there

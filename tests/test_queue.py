@@ -1,4 +1,4 @@
-"""prepare, claim/commit and progress through the public functions of worker/work_queue.py, on a real
+"""prepare, claim/commit and progress through the public functions of actfleet/work_queue.py, on a real
 filesystem store (the GCS store runs the same contract in test_store.py and test_leases.py)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from actfleet.errors import InputError
-from actfleet.worker import work_queue as q
+from actfleet import work_queue as q
 from actfleet.store import open_store
 from tests.fakes.gcs_server import fake_gcs  # noqa: F401  (fixture)
 
@@ -81,6 +81,37 @@ def test_claim_commit_until_done_and_progress(store):
     assert p.complete and p.units_done == 4 and p.rows_done == 10 and p.tokens == 20 and p.shards == 4
     assert p.workers["w1"].units_done == 4
     assert q.job_complete(store, "j")
+
+
+def test_the_key_helpers_spell_the_documented_layout_and_parse_it_back(store):
+    """The layout of docs/jobs.md, literally (the helpers are the only code that spells it), and each
+    listing prefix lists that job's records of that kind only (a neighbouring job "jx" holds every kind too)."""
+    assert (q.job_key("j"), q.unit_key("j", 42), q.lease_key("j", 42), q.done_key("j", 42), q.worker_key("j", "w1")) \
+        == ("j/job.json", "j/units/000042.json", "j/leases/000042", "j/done/000042", "j/workers/w1.json")
+    assert q.shard_key("j", 42, 3, "a2-5f1c9a2b") == "j/shards/000042-0003.a2-5f1c9a2b.safetensors"
+    assert q.shard_key("j", 42, 3) == "j/shards/000042-0003.safetensors"
+    for job in ("j", "jx"):
+        spec, _ = prep(store, job=job)
+        lease = q.claim(store, job, 0, "w1", 60)
+        assert q.commit(store, lease, record(lease, spec, store=store), 60)
+        q.claim(store, job, 1, "w1", 60)
+        q.write_worker_record(store, job, q.WorkerProgress("w1"))
+    assert list(store.list(q.units_prefix("j"))) == [q.unit_key("j", u) for u in range(4)]
+    assert list(store.list(q.done_prefix("j"))) == [q.done_key("j", 0)]
+    assert list(store.list(q.leases_prefix("j"))) == [q.lease_key("j", 1)]
+    assert list(store.list(q.workers_prefix("j"))) == [q.worker_key("j", "w1")]
+    shards = list(store.list(q.shards_prefix("j")))
+    assert len(shards) == 1 and shards[0].startswith("j/shards/")
+    assert [q.unit_of(k) for k in (q.unit_key("j", 7), q.lease_key("j", 7), q.done_key("j", 7))] == [7, 7, 7]
+    assert q.unit_of("j/done/notes") is None
+    assert q.parse_shard_name(q.shard_key("j", 7, 2, "a3-0123abcd")) == (7, 2, "a3-0123abcd")
+    assert q.parse_shard_name(q.shard_key("j", 7, 2)) == (7, 2, None)
+    assert q.parse_shard_name("j/shards/000007-0002.a3-XYZ.safetensors") is None  # not an attempt tag
+    name = q.job_relative("j", shards[0])
+    assert name.startswith("shards/") and q.in_job("j", name) == shards[0]
+    assert q.read_done(store, "j", 0).shards[0].name == name  # as done records list shards
+    with pytest.raises(ValueError, match="not a key of job"):
+        q.job_relative("j", q.done_key("jx", 0))
 
 
 def test_a_second_commit_of_a_unit_is_refused(store):

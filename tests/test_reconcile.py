@@ -226,7 +226,7 @@ def test_watch_reads_fleet_toml_again_every_pass_and_skips_a_pass_whose_config_i
 from actfleet.infra.qr_request import queued_resource_request  # noqa: E402
 from actfleet.infra.terraform import TerraformError  # noqa: E402
 from actfleet.infra.terraform_layout import worker_address  # noqa: E402
-from actfleet.worker import work_queue as q  # noqa: E402
+from actfleet import work_queue as q  # noqa: E402
 
 
 class Provisioners:

@@ -324,7 +324,7 @@ def test_watch_runs_a_pass_every_interval_as_json_lines(fleet):
 
 
 def test_complete_job_scales_the_fleet_to_zero(fleet):
-    from actfleet.worker.work_queue import DoneRecord, claim, commit, prepare
+    from actfleet.work_queue import DoneRecord, claim, commit, prepare
     from actfleet.store import open_store
 
     fleet.fresh()

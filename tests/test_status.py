@@ -17,7 +17,7 @@ from actfleet.infra.commands.status import take_snapshot
 from actfleet.infra.tpu_api import TpuApi
 from tests.conftest import write_fleet_toml
 from tests.fakes.tpu_server import FakeTpuServer
-from actfleet.worker.work_queue import DoneRecord, ShardInfo, WorkerProgress, claim, commit, prepare, write_worker_record
+from actfleet.work_queue import DoneRecord, ShardInfo, WorkerProgress, claim, commit, prepare, write_worker_record
 from actfleet.store import open_store
 
 ROOT = Path(__file__).resolve().parents[1]

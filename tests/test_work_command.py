@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load as load_safetensors
 
-from actfleet.worker import work_queue as q
+from actfleet import work_queue as q
 from actfleet.store import open_store
 
 REPO = Path(__file__).resolve().parents[1]

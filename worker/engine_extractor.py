@@ -5,7 +5,7 @@ engine, input reader and shard writer, loaded once per worker process; plus the 
 from __future__ import annotations
 
 from actfleet.job_options import JobOptions
-from actfleet.worker import work_queue as q
+from actfleet import work_queue as q
 
 
 class EngineExtractor:

@@ -21,8 +21,8 @@ needs a float32 or a `.view(np.uint16)` then `.view(torch.bfloat16)`).
 `shuffled_batches` is a seeded, deterministic shuffled stream across shards that splits its work into
 disjoint parts (DataLoader workers x ranks); `ActivationDataset` is the same stream as a torch
 IterableDataset. This module imports numpy, safetensors' format code (worker/shards.py: numpy and
-ml_dtypes) and nothing else at import time: google-cloud-storage only for gs://, torch only for
-ActivationDataset.
+ml_dtypes), the queue protocol's names (actfleet/work_queue.py: standard library) and nothing else at
+import time: google-cloud-storage only for gs://, torch only for ActivationDataset.
 """
 
 from __future__ import annotations
@@ -36,9 +36,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from actfleet import work_queue as q
 from actfleet.worker.shards import _DTYPES, INDEX_TENSORS, ShardFormatError, open_file
-
-SUFFIX = ".safetensors"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -66,28 +65,28 @@ def open_source(location: str) -> Source:
         job = _job_shards(store, location)
         if job is not None:
             return job
-        return Source(store, [k for k in store.list("") if k.endswith(SUFFIX)], location)
+        return Source(store, [k for k in store.list("") if k.endswith(q.SHARD_SUFFIX)], location)
     path = Path(location[len("file://"):] if location.startswith("file://") else location)
     if path.is_file():
         return Source(None, [str(path)], location)
     if not path.is_dir():
         raise FileNotFoundError(f"{location}: no such shard file or directory")
-    if (path / "job.json").is_file():
+    if (path / q.JOB_FILE).is_file():
         from actfleet.store import LocalStore
 
         job = _job_shards(LocalStore(path), location)
         if job is not None:
             return job
-    return Source(None, sorted(str(f) for f in path.rglob("*" + SUFFIX) if not f.name.startswith(".")), location)
+    shards = sorted(str(f) for f in path.rglob("*" + q.SHARD_SUFFIX) if not f.name.startswith("."))
+    return Source(None, shards, location)
 
 
 def _job_shards(store, location: str) -> Source | None:
     """The committed shards of the job rooted at `store`, or None if there is no job.json there."""
     from actfleet.store import NotFound
-    from actfleet.worker import work_queue as q
 
-    try:
-        spec = q.JobSpec.from_json(store.read("job.json")[0], f"{location}/job.json")
+    try:  # the store's root is the job's: its keys are relative to the job (job "")
+        spec = q.JobSpec.from_json(store.read(q.job_key(""))[0], f"{location}/{q.JOB_FILE}")
     except NotFound:
         return None
     with ThreadPoolExecutor(max_workers=16) as pool:  # done records are small: latency, not bandwidth

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import mmap
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import ml_dtypes
 import numpy as np
 
 from actfleet.job_options import SHARD, applying
+from actfleet.work_queue import shard_name  # shard names and keys are the queue protocol's
 
 FORMAT = "actfleet-activations"
 FORMAT_VERSION = "1"
@@ -135,36 +135,6 @@ def open_file(path: str | Path, names=None) -> tuple[dict[str, np.ndarray], dict
 # ----------------------------------------------------------------------------------------------------
 # Shards of stored tokens
 # ----------------------------------------------------------------------------------------------------
-
-
-SUFFIX = ".safetensors"
-ATTEMPT_RE = re.compile(r"a[0-9]+-[0-9a-f]{8}")
-
-
-def shard_name(unit: int, part: int, attempt: str | None = None) -> str:
-    """Deterministic in (unit, part) and, in a fleet job, the attempt that wrote it ("a2-5f1c9a2b": the
-    lease's attempt number and nonce). An attempt only ever writes its own names, so an attempt that lost
-    its lease (stalled, then resumed) can never overwrite the shards another attempt committed; the done
-    record names the committing attempt's shards and the rest are garbage for `verify --clean`."""
-    return f"{unit:06d}-{part:04d}{'.' + attempt if attempt else ''}{SUFFIX}"
-
-
-def _parse_name(key: str) -> tuple[int, int, str | None] | None:
-    name = key.rsplit("/", 1)[-1]
-    if not name.endswith(SUFFIX):
-        return None
-    stem, _, attempt = name[: -len(SUFFIX)].partition(".")
-    unit, _, part = stem.partition("-")
-    if not (unit.isdigit() and part.isdigit()) or (attempt and not ATTEMPT_RE.fullmatch(attempt)):
-        return None
-    return int(unit), int(part), attempt or None
-
-
-def shard_unit_part(key: str) -> tuple[int, int] | None:
-    """(unit, part) of a shard name made by shard_name, or of a key ending in one; None for anything else."""
-    parsed = _parse_name(key)
-    return parsed[:2] if parsed else None
-
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from actfleet.errors import ActfleetError
-from actfleet.worker import work_queue as q
-from actfleet.worker.shards import ShardFormatError, shard_rows, shard_unit_part
-from actfleet.store import NotFound, PreconditionFailed, Store, join
+from actfleet import work_queue as q
+from actfleet.worker.shards import ShardFormatError, shard_rows
+from actfleet.store import NotFound, PreconditionFailed, Store
 
 
 
@@ -86,14 +86,14 @@ def verify(store: Store, job: str, *, clean: bool = False, now: float | None = N
                            f"that is {-(-spec.rows // max(1, spec.unit_rows))} units")
 
     # 1. unit records and done records
-    unit_keys = set(store.list(join(job, "units") + "/"))
+    unit_keys = set(store.list(q.units_prefix(job)))
     for unit in range(spec.units):
         if q.unit_key(job, unit) not in unit_keys:
             problem("missing-unit", f"unit {unit}: unit record {q.unit_key(job, unit)} is missing", unit)
-    done_keys = list(store.list(join(job, "done") + "/"))
+    done_keys = list(store.list(q.done_prefix(job)))
     records: dict[int, q.DoneRecord] = {}
     for key in done_keys:
-        unit = q._unit_of(key)
+        unit = q.unit_of(key)
         if unit is None or not 0 <= unit < spec.units:
             problem("bad-record", f"{key}: done record for a unit the job does not have", key=key)
             continue
@@ -103,8 +103,8 @@ def verify(store: Store, job: str, *, clean: bool = False, now: float | None = N
             problem("bad-record", f"{key}: {e}", unit, key)
     bad_units = {p.unit for p in rep.problems if p.kind == "bad-record" and p.unit is not None}
     live = {}
-    for key in store.list(join(job, "leases") + "/"):
-        unit = q._unit_of(key)
+    for key in store.list(q.leases_prefix(job)):
+        unit = q.unit_of(key)
         lease = q.read_lease(store, job, unit) if unit is not None else None
         if lease is not None:
             live[unit] = lease
@@ -129,7 +129,7 @@ def verify(store: Store, job: str, *, clean: bool = False, now: float | None = N
             problem("mixed-model", f"unit {unit}: computed with model files sha256 {rec.model_sha256[:12] or '?'}..., "
                                    f"the job pinned {spec.model_sha256[:12] or 'none'}...", unit)
         for s in rec.shards:
-            if shard_unit_part(s.name) is None or shard_unit_part(s.name)[0] != unit:
+            if q.shard_unit_part(s.name) is None or q.shard_unit_part(s.name)[0] != unit:
                 problem("bad-record", f"unit {unit}: lists shard {s.name} of another unit", unit)
             if s.name in listed:
                 problem("bad-record", f"shard {s.name} is listed by units {listed[s.name]} and {unit}", unit)
@@ -142,7 +142,7 @@ def verify(store: Store, job: str, *, clean: bool = False, now: float | None = N
         tokens = 0
         pairs: list[np.ndarray] = []
         for s in rec.shards:
-            key = join(job, s.name)
+            key = q.in_job(job, s.name)
             try:
                 blob, _ = store.read(key)
             except NotFound:
@@ -212,10 +212,10 @@ def verify(store: Store, job: str, *, clean: bool = False, now: float | None = N
     # unit not done yet are kept (a stalled attempt may still commit them), and so are all shards of a unit
     # whose done record is unreadable.
     candidates = []
-    for key in store.list(join(job, "shards") + "/"):
-        if key[len(job) + 1:] in listed:
+    for key in store.list(q.shards_prefix(job)):
+        if q.job_relative(job, key) in listed:
             continue
-        up = shard_unit_part(key)
+        up = q.shard_unit_part(key)
         unit = up[0] if up else None
         if unit in bad_units:
             rep.kept.append({"key": key, "reason": f"unit {unit}'s done record is unreadable: its shards are kept "

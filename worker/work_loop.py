@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 from actfleet.errors import InputError
-from actfleet.worker import work_queue as q
+from actfleet import work_queue as q
 from actfleet.store import Store
 
 if TYPE_CHECKING:
@@ -329,7 +329,7 @@ class Worker:
                     self.on_event("uploading", {"unit": unit, "part": shard.part})
                     upload_with_retry(self.store, key, shard.data, attempts=self.upload_attempts,
                                       should_stop=should_stop)
-                    stats.shards.append(q.ShardInfo(name=key[len(self.spec.job) + 1:], bytes=len(shard.data),
+                    stats.shards.append(q.ShardInfo(name=q.job_relative(self.spec.job, key), bytes=len(shard.data),
                                                     sha256=hashlib.sha256(shard.data).hexdigest(),
                                                     tokens=shard.tokens))
             except BaseException as e:

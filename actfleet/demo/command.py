@@ -70,7 +70,7 @@ RANDOM_LABEL = "RANDOM WEIGHTS (tiny demo model: the activations mean nothing)"
 def local(workers, chaos, seed, model, input_path, out, job, layers, sites, unit_rows, lease_seconds, as_json):
     """Run the whole system on this machine: tiny model, bundled dataset, N workers, chaos, verify."""
     from actfleet.demo.process_fleet import Chaos, ProcessFleet, local_workers, popen_logged
-    from actfleet.worker import work_queue as q
+    from actfleet import work_queue as q
     from actfleet.store import open_store
 
     dataset = Path(input_path).resolve() if input_path else BUNDLED_DATASET
@@ -204,12 +204,12 @@ class _Run:
     started: float
     tokens_at_start: int
     seconds: float = 0.0
-    progress: object = None  # the latest actfleet.worker.work_queue.JobProgress
+    progress: object = None  # the latest actfleet.work_queue.JobProgress
 
 
 def _supervise(fleet, monkey, store, job, run: _Run, view) -> None:
     """Observe -> decide -> act every tick until the job is complete and every worker has been removed."""
-    from actfleet.worker import work_queue as q
+    from actfleet import work_queue as q
 
     last_tick = time.monotonic()
     last_status = 0.0
@@ -383,7 +383,9 @@ def _table(fleet, run: _Run):
 
 def _summary(report, run: _Run, fleet, store_dir: Path, job: str, model_dir: Path, random_weights: bool,
              dataset: Path, workers: int) -> dict:
-    shards_dir = store_dir / job / "shards"
+    from actfleet import work_queue as q
+
+    shards_dir = store_dir / q.shards_prefix(job)  # a local store: keys are paths under its root
     tokens_this_run = report.tokens - run.tokens_at_start
     kills = sum(1 for e in fleet.events if e.kind == "chaos-kill")
     return {

@@ -42,7 +42,7 @@ class Snapshot:
     rows: list[dict[str, Any]] = field(default_factory=list)
     unreachable: dict[str, str] = field(default_factory=dict)
     fleet_error: str | None = None
-    job: dict[str, Any] | None = None  # totals from actfleet.worker.work_queue.job_progress, or None
+    job: dict[str, Any] | None = None  # totals from actfleet.work_queue.job_progress, or None
     job_error: str | None = None
     throughput: dict[str, Any] = field(default_factory=dict)
     # How `health` was planned: whether it was (planned), and the inputs it was planned on, as reconcile's
@@ -88,7 +88,7 @@ def take_snapshot(cfg: Config, *, api=None, store=None, job_name: str | None = N
         return observe_inputs(cfg, api, managed=managed, read_job=with_job), not_planned
 
     def progress():
-        from actfleet.worker.work_queue import job_progress
+        from actfleet.work_queue import job_progress
         from actfleet.store import open_store
 
         return job_progress(store or open_store(cfg.job.store), job_name or cfg.job.name, now=now)
@@ -150,10 +150,9 @@ def _open(cfg: Config):
 def _job_throughput(store, job: str, tokens: int) -> dict[str, Any]:
     """Tokens per second over the job so far: from the first unit's start to the last commit (done records
     carry committed_at and the attempt's seconds)."""
-    from actfleet.worker.work_queue import DoneRecord
-    from actfleet.store import join
+    from actfleet.work_queue import DoneRecord, done_prefix
 
-    keys = list(store.list(join(job, "done") + "/"))
+    keys = list(store.list(done_prefix(job)))
 
     def read(key):
         try:

@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     times. Each event line carries its job."""
     import sys
 
-    from actfleet.worker import work_queue as q
+    from actfleet import work_queue as q
     from actfleet.store import open_store
     from actfleet.worker.work_loop import Worker, install_sigterm
 

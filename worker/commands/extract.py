@@ -34,7 +34,7 @@ from actfleet.cli import json_option
 from actfleet.errors import ActfleetError, InputError
 from actfleet.job_options import EXTRACT, JobOptions
 from actfleet.store import LocalStore, Store
-from actfleet.worker import work_queue as q
+from actfleet import work_queue as q
 from actfleet.worker.commands.flags import job_options, options_from_flags
 
 SUMMARY = "summary.json"
@@ -54,7 +54,7 @@ class OutStore(Store):
         self.url = str(self.records.root)
 
     def _route(self, key: str) -> tuple[LocalStore, str]:
-        from actfleet.worker.shards import shard_name, shard_unit_part
+        from actfleet.work_queue import shard_name, shard_unit_part
 
         parts = key.split("/")
         up = shard_unit_part(key)
@@ -243,7 +243,7 @@ def _lock(out: Path) -> int:
 def _resume_state(out: Path, store: OutStore, overwrite: bool, wanted: dict) -> dict[int, q.DoneRecord]:
     """The done units to keep (resuming), after deleting what must go; InputError if --out holds another
     run's shards. `wanted`: what this run reads and how, compared with the job.json already there."""
-    from actfleet.worker.shards import shard_unit_part
+    from actfleet.work_queue import shard_unit_part
 
     shard_files = list(out.glob("*.safetensors"))
     queue_dir = out / STATE / JOB
@@ -292,7 +292,7 @@ def _resume_state(out: Path, store: OutStore, overwrite: bool, wanted: dict) -> 
 
 def _shard_entry(s: q.ShardInfo) -> dict:
     """summary.json's entry for a shard: its file name in --out (no attempt tag), bytes, sha256, tokens."""
-    from actfleet.worker.shards import shard_name, shard_unit_part
+    from actfleet.work_queue import shard_name, shard_unit_part
 
     return {"name": shard_name(*shard_unit_part(s.name)), "bytes": s.bytes, "sha256": s.sha256, "tokens": s.tokens}
 

@@ -23,7 +23,7 @@ from actfleet.config import JobConfig, resolve_path
 from actfleet.errors import ConfigError, InputError
 from actfleet.job_options import DEFAULT_LEASE_SECONDS, DEFAULT_UNIT_ROWS, PREPARE, JobOptions
 from actfleet.quiet import log_to_stderr
-from actfleet.worker import work_queue as q
+from actfleet import work_queue as q
 from actfleet.worker.commands.flags import job_options
 from actfleet.worker.engine_extractor import EngineExtractor
 from actfleet.store import Store, open_store

@@ -1,4 +1,9 @@
-"""The work queue: a job's layout in the store, prepare, leases, commit and progress (docs/jobs.md).
+"""The work queue protocol: a job's layout in the store, prepare, leases, commit and progress (docs/jobs.md).
+
+Shared ground: the worker wing writes these records and the infra wing (reconcile, status) reads them, so
+the protocol lives here, importing only shared ground. Every key of the layout below is built and parsed by
+the helpers of this module; nothing else spells "done/" or a shard name. The shard *format* (header,
+tensors) is worker/shards.py's; only the shards' names and keys are the protocol's.
 
 Layout under `{store}/{job}/` (docs/jobs.md):
 
@@ -46,36 +51,108 @@ FORMAT_VERSION = 1
 # ----------------------------------------------------------------------------------------------------
 
 
+# The layout's names (relative to the job's root), each spelled once.
+JOB_FILE = "job.json"
+UNITS, LEASES, DONE, SHARDS, WORKERS = "units", "leases", "done", "shards", "workers"
+
+
 def job_key(job: str) -> str:
-    return join(job, "job.json")
+    return join(job, JOB_FILE)
 
 
 def unit_key(job: str, unit: int) -> str:
-    return join(job, "units", f"{unit:06d}.json")
+    return join(job, UNITS, f"{unit:06d}.json")
 
 
 def lease_key(job: str, unit: int) -> str:
-    return join(job, "leases", f"{unit:06d}")
+    return join(job, LEASES, f"{unit:06d}")
 
 
 def done_key(job: str, unit: int) -> str:
-    return join(job, "done", f"{unit:06d}")
+    return join(job, DONE, f"{unit:06d}")
 
 
 def shard_key(job: str, unit: int, part: int, attempt: str | None = None) -> str:
-    from actfleet.worker.shards import shard_name  # the format's module (numpy, ml_dtypes): only when needed
-
-    return join(job, "shards", shard_name(unit, part, attempt))
+    return join(job, SHARDS, shard_name(unit, part, attempt))
 
 
 def worker_key(job: str, worker: str) -> str:
-    return join(job, "workers", f"{worker}.json")
+    return join(job, WORKERS, f"{worker}.json")
 
 
-def _unit_of(key: str) -> int | None:
+# Listing prefixes: store.list(done_prefix(job)) lists every done record of the job and nothing else (stores
+# list by plain prefix: the trailing "/" keeps "done/" from matching a sibling like "done-old/").
+def units_prefix(job: str) -> str:
+    return join(job, UNITS) + "/"
+
+
+def leases_prefix(job: str) -> str:
+    return join(job, LEASES) + "/"
+
+
+def done_prefix(job: str) -> str:
+    return join(job, DONE) + "/"
+
+
+def shards_prefix(job: str) -> str:
+    return join(job, SHARDS) + "/"
+
+
+def workers_prefix(job: str) -> str:
+    return join(job, WORKERS) + "/"
+
+
+def in_job(job: str, name: str) -> str:
+    """The store key of `name`, a key relative to the job's root (as done records list shards)."""
+    return join(job, name)
+
+
+def job_relative(job: str, key: str) -> str:
+    """The inverse of in_job: `key` relative to the job's root ("j/shards/x" -> "shards/x")."""
+    root = join(job)
+    prefix = root + "/" if root else ""
+    if not key.startswith(prefix):
+        raise ValueError(f"{key!r} is not a key of job {job!r}")
+    return key[len(prefix):]
+
+
+def unit_of(key: str) -> int | None:
     """The unit number in ".../leases/000042", ".../done/000042" or ".../units/000042.json"."""
     name = key.rsplit("/", 1)[-1].split(".", 1)[0]
     return int(name) if name.isdigit() else None
+
+
+# Shard names: part 3 of unit 42 is "000042-0003.safetensors", and as written by a fleet attempt
+# "000042-0003.a2-5f1c9a2b.safetensors" (the lease's attempt number and nonce: Lease.tag).
+SHARD_SUFFIX = ".safetensors"
+ATTEMPT_RE = re.compile(r"a[0-9]+-[0-9a-f]{8}")
+
+
+def shard_name(unit: int, part: int, attempt: str | None = None) -> str:
+    """Deterministic in (unit, part) and, in a fleet job, the attempt that wrote it ("a2-5f1c9a2b": the
+    lease's attempt number and nonce). An attempt only ever writes its own names, so an attempt that lost
+    its lease (stalled, then resumed) can never overwrite the shards another attempt committed; the done
+    record names the committing attempt's shards and the rest are garbage for `verify --clean`."""
+    return f"{unit:06d}-{part:04d}{'.' + attempt if attempt else ''}{SHARD_SUFFIX}"
+
+
+def parse_shard_name(key: str) -> tuple[int, int, str | None] | None:
+    """(unit, part, attempt or None) of a shard name made by shard_name, or of a key ending in one; None
+    for anything else (a temporary upload, a stray file)."""
+    name = key.rsplit("/", 1)[-1]
+    if not name.endswith(SHARD_SUFFIX):
+        return None
+    stem, _, attempt = name[: -len(SHARD_SUFFIX)].partition(".")
+    unit, _, part = stem.partition("-")
+    if not (unit.isdigit() and part.isdigit()) or (attempt and not ATTEMPT_RE.fullmatch(attempt)):
+        return None
+    return int(unit), int(part), attempt or None
+
+
+def shard_unit_part(key: str) -> tuple[int, int] | None:
+    """(unit, part) of a shard name made by shard_name, or of a key ending in one; None for anything else."""
+    parsed = parse_shard_name(key)
+    return parsed[:2] if parsed else None
 
 
 # Worker ids name lease holders, worker records (workers/{id}.json) and, on a fleet, the TPU node: the TPU
@@ -362,7 +439,7 @@ def release(store: Store, lease: Lease) -> None:
 
 def done_units(store: Store, job: str) -> set[int]:
     """Units with a done record (as keys; a stray done/000099 of a 3-unit job is listed too)."""
-    return {u for k in store.list(join(job, "done") + "/") if (u := _unit_of(k)) is not None}
+    return {u for k in store.list(done_prefix(job)) if (u := unit_of(k)) is not None}
 
 
 def all_done(spec: "JobSpec", done: set[int]) -> bool:
@@ -371,7 +448,7 @@ def all_done(spec: "JobSpec", done: set[int]) -> bool:
 
 
 def leased_units(store: Store, job: str) -> set[int]:
-    return {u for k in store.list(join(job, "leases") + "/") if (u := _unit_of(k)) is not None}
+    return {u for k in store.list(leases_prefix(job)) if (u := unit_of(k)) is not None}
 
 
 @dataclass
@@ -510,7 +587,7 @@ def commit(store: Store, lease: Lease, record: DoneRecord, lease_seconds: float)
     then nothing is committed by us."""
     lease = renew(store, lease, lease_seconds)  # never commit on a lost or expired lease
     for s in record.shards:  # e.g. removed by `verify --clean` while we were stalled
-        size = store.size(join(lease.job, s.name))
+        size = store.size(in_job(lease.job, s.name))
         if size != s.bytes:
             release(store, lease)
             raise ShardsMissing(f"unit {lease.unit}: shard {s.name} is {'missing' if size is None else f'{size} bytes'}"
@@ -590,7 +667,7 @@ def read_worker_records(store: Store, job: str) -> dict[str, WorkerProgress]:
         except (ActfleetError, KeyError, TypeError):
             return None
 
-    records = _read_many(store, store.list(join(job, "workers") + "/"), parse)
+    records = _read_many(store, store.list(workers_prefix(job)), parse)
     return {r.worker: r for r in records if r is not None and isinstance(r.worker, str)}
 
 
@@ -623,9 +700,9 @@ def job_progress(store: Store, job: str, now: float | None = None) -> JobProgres
             rec = DoneRecord.from_json(data, key)
         except ActfleetError:
             return False
-        return rec if 0 <= rec.unit < spec.units and rec.unit == _unit_of(key) else False
+        return rec if 0 <= rec.unit < spec.units and rec.unit == unit_of(key) else False
 
-    parsed = _read_many(store, store.list(join(job, "done") + "/"), parse_done)
+    parsed = _read_many(store, store.list(done_prefix(job)), parse_done)
     done = [r for r in parsed if r is not False]
     p.bad_records = len(parsed) - len(done)
     done_set = set()
@@ -644,8 +721,8 @@ def job_progress(store: Store, job: str, now: float | None = None) -> JobProgres
         w.tokens += r.tokens
         w.shards += len(r.shards)
         w.bytes += sum(s.bytes for s in r.shards)
-    leases = _read_many(store, (k for k in store.list(join(job, "leases") + "/")
-                                if _unit_of(k) not in done_set),
+    leases = _read_many(store, (k for k in store.list(leases_prefix(job))
+                                if unit_of(k) not in done_set),
                         lambda data, key: Lease.parse(data, 0, key))
     p.units_leased = sum(1 for lease in leases if lease.expires > now)
     # Counters come from done records (authoritative); liveness from each worker's own record.
