@@ -333,7 +333,7 @@ def dataset(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("name", ["gpt2", "pythia-parallel"])
+@pytest.mark.parametrize("name", ["llama3-rope", "gpt2", "pythia-parallel"])
 def test_extract_command_matches_transformers(models, name, tmp_path, dataset):
     from actfleet.worker.reader import load
 
@@ -358,11 +358,12 @@ def test_extract_command_refuses_resid_mid_of_a_parallel_model_exit_2(models, tm
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
-def test_prepare_work_and_export_saelens_on_gpt2(models, tmp_path, dataset):
+@pytest.mark.parametrize("name", ["llama3-rope", "gpt2", "pythia-parallel"])
+def test_prepare_work_and_export_saelens(models, name, tmp_path, dataset):
     import datasets
 
     store = tmp_path / "bucket"
-    r = actfleet("prepare", "--store", str(store), "--job", "g", "--model", str(models["gpt2"]), "--input",
+    r = actfleet("prepare", "--store", str(store), "--job", "g", "--model", str(models[name]), "--input",
                  str(dataset), "--layers", "1", "--sites", "resid_post", "--positions", "all", "--store-dtype",
                  "float32", "--compute-dtype", "float32", "--unit-rows", "4", "--json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -379,8 +380,8 @@ def test_prepare_work_and_export_saelens_on_gpt2(models, tmp_path, dataset):
     acts, tokens = ds["blocks.1.hook_resid_post"][:], ds["token_ids"][:]
     # Each exported window is transformers' resid_post at the tokens it came with: a consecutive run of one
     # row (found by its tokens) in the reference of the whole row.
-    engine_ids = [np.asarray(x) for x in _tokenize(models["gpt2"], TEXTS)]
-    ref = hf_reference(models["gpt2"], engine_ids)
+    engine_ids = [np.asarray(x) for x in _tokenize(models[name], TEXTS)]
+    ref = hf_reference(models[name], engine_ids)
     assert acts.shape[1:] == (8, 64)
     for window, toks in zip(acts, tokens):
         spots = [(i, o) for i, ids in enumerate(engine_ids) for o in range(len(ids) - 7)
