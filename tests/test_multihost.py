@@ -24,7 +24,7 @@ from actfleet.store import open_store
 from actfleet.worker import multihost
 from actfleet.worker import work_queue as q
 from actfleet.worker.verify import verify
-from actfleet.worker.work_loop import Worker
+from actfleet.worker.work_loop import PreparedUnit, Worker
 from tests.fakes import standin_extractor as sx
 from tests.fakes.metadata_server import serve_attributes
 from tests.test_chaos import Proc, actfleet_argv, unit_tensors
@@ -118,6 +118,13 @@ class Counting:
     def rows(self, start, stop):
         return [(i, "x", None) for i in range(start, stop)]
 
+    def prepare(self, start, stop):
+        rows = self.rows(start, stop)
+        return PreparedUnit(start, stop, rows, rows, len(rows))
+
+    def run_stream(self, units):
+        return sx.stream_units(self.run, (u.work for u in units))
+
     def run(self, rows):
         unit = rows[0][0] // 10
         self.steps[unit] = 0
@@ -155,12 +162,14 @@ def test_followers_take_exactly_the_leaders_engine_steps():
 
     t = threading.Thread(target=follower)
     t.start()
-    assert len(list(leader.run(leader.rows(0, 10)))) == 10  # a whole unit
-    for i, _ in enumerate(leader.run(leader.rows(10, 20))):  # the work loop stops early (lease lost)
+    assert len(list(leader.run_stream([leader.prepare(0, 10)]))) == 10  # a whole unit
+    stream = leader.run_stream([leader.prepare(10, 20)])
+    for i, _ in enumerate(stream):  # the work loop stops early (lease lost)
         if i == 1:
             break
+    stream.close()
     with pytest.raises(Broken):  # an engine step fails on both hosts (a collective's peer is gone): both end
-        list(leader.run(leader.rows(20, 30)))
+        list(leader.run_stream([leader.prepare(20, 30)]))
     t.join(timeout=30)
     assert got == {"broken": True}
     assert sorted(broken) == [("follower", 2, 3, "engine error"), ("leader", 2, 3, "engine error")]
@@ -174,7 +183,7 @@ def test_a_follower_stops_with_the_leader():
     got: dict = {}
     t = threading.Thread(target=lambda: got.update(r=multihost.follow(multihost.Channel(kv), follower_inner)))
     t.start()
-    assert len(list(leader.run(leader.rows(30, 34)))) == 4
+    assert len(list(leader.run_stream([leader.prepare(30, 34)]))) == 4
     leader.channel.send("stop", job_complete=True)
     t.join(timeout=30)
     assert (got["r"].units, got["r"].steps, got["r"].aborted, got["r"].job_complete) == (1, 4, 0, True)

@@ -6,7 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from actfleet.worker.engine import Batch
+from actfleet.worker.samples import Batch
 from actfleet.worker.reader import iter_batches, load, shard_metadata
 from actfleet.worker.shards import (ShardFormatError, ShardWriter, read_tensors, safetensors_bytes, shard_bytes,
                                     shard_index, shard_name, shard_unit_part)

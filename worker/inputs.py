@@ -27,9 +27,9 @@ from typing import Any, Iterator
 from actfleet.errors import InputError
 from actfleet.hashing import sha256_file
 from actfleet.worker import arc
+from actfleet.worker.samples import Row
 
 FORMATS = ("text", "chat", "arc")
-Row = tuple[int, "str | None", "str | None"]
 
 
 def file_kind(path: str) -> str:
