@@ -123,7 +123,9 @@ class Counting:
         return PreparedUnit(start, stop, rows, rows, len(rows))
 
     def run_stream(self, units):
-        return sx.stream_units(self.run, (u.work for u in units))
+        for k, unit in enumerate(units):  # unit after unit: each step is one row
+            for row in self.run(unit.work):
+                yield k, row
 
     def run(self, rows):
         unit = rows[0][0] // 10
@@ -346,24 +348,25 @@ def test_a_lost_host_lets_the_slices_unit_expire_and_be_taken_over(tiny, tmp_pat
                 p.p.kill()
                 p.p.wait()
     store = open_store(str(store_dir))
-    # The unit the slice died in (the one of the kill, or the next if the slice finished that one first): its
-    # lease is left to expire, never released, and it is not done.
+    # The units the slice held when it died (the one of the kill, or the next if the slice finished that one
+    # first, and the one it had already claimed and prepared to stream next): their leases are left to
+    # expire, never released, and none of them is done.
     left = [lease for u in range(3) if (lease := q.read_lease(store, "j", u)) is not None]
-    assert [(x.worker, x.attempt) for x in left] == [("slice-a", 1)], left
-    unit, stale = left[0].unit, left[0]
-    assert q.read_done(store, "j", unit) is None
+    assert left and all((x.worker, x.attempt) == ("slice-a", 1) for x in left), left
+    assert all(q.read_done(store, "j", x.unit) is None for x in left)
 
     rescue = Proc(actfleet_argv("work", "--store", str(store_dir), "--job", "j", "--worker-id", "rescue",
                                 "--lease-seconds", "2", "--json"), env=env(2, root))
     assert rescue.p.wait(timeout=600) == 0, "\n".join(rescue.lines[-30:])
     assert result(rescue)["job_complete"]
-    taken = q.read_done(store, "j", unit)
-    assert taken.worker == "rescue" and taken.attempt == 2
-    dead_tag = f".a1-{stale.nonce[:8]}."
-    for u in range(3):  # every done record lists one attempt's shards, none of the dead attempt's
+    for stale in left:
+        taken = q.read_done(store, "j", stale.unit)
+        assert taken.worker == "rescue" and taken.attempt == 2
+    dead_tags = [f".a1-{stale.nonce[:8]}." for stale in left]
+    for u in range(3):  # every done record lists one attempt's shards, none of a dead attempt's
         rec = q.read_done(store, "j", u)
         tags = {s.name.split(".")[1] for s in rec.shards}
         assert len(tags) == 1 and tags.pop().startswith(f"a{rec.attempt}-")
-        assert not any(dead_tag in s.name for s in rec.shards)
+        assert not any(tag in s.name for s in rec.shards for tag in dead_tags)
     rep = verify(store, "j", clean=True)  # the dead attempt's uploaded parts are garbage
     assert rep.ok, rep.problems

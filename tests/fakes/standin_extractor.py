@@ -87,10 +87,17 @@ class StandinWriter:
 
 
 def stream_units(run, units):
-    """A fake's run_stream from its per-unit run: (unit index, batch), one unit after the other."""
+    """A fake's run_stream from its per-unit run: (unit index, batch). Like the real runner
+    (worker/runner.py), each batch is held back until the next one exists, so the next unit is taken from
+    `units` before the previous unit's last batch is yielded."""
+    pending = None
     for k, unit in enumerate(units):
         for batch in run(unit):
-            yield k, batch
+            if pending is not None:
+                yield pending
+            pending = (k, batch)
+    if pending is not None:
+        yield pending
 
 
 @dataclass
