@@ -17,8 +17,6 @@ plan is a pure function of them); the same rows give the same bits.
 from __future__ import annotations
 
 import json
-import threading
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -26,6 +24,7 @@ from actfleet import sites as site_names
 from actfleet.errors import InputError
 from actfleet.job_options import JobOptions
 from actfleet.worker import compile_cache, model_files
+from actfleet.worker.background import in_thread
 from actfleet.worker.models import family_for
 from actfleet.worker.preparer import Prepared, Preparer, TokenRow
 from actfleet.worker.runner import Runner
@@ -50,20 +49,6 @@ def _load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_dir)
-
-
-def _in_thread(fn, *args) -> Future:
-    """fn(*args) in a daemon thread; its result or exception comes out of the Future."""
-    fut: Future = Future()
-
-    def target():
-        try:
-            fut.set_result(fn(*args))
-        except BaseException as e:
-            fut.set_exception(e)
-
-    threading.Thread(target=target, name=fn.__name__, daemon=True).start()
-    return fut
 
 
 class Engine:
@@ -91,7 +76,7 @@ class Engine:
         self.vocab_size = int(hf_config.get("vocab_size") or 0)
         self.random_weights = bool(hf_config.get("actfleet_random_weights", False))
         # transformers (and the torch it imports) loads in a thread while the weights load here: start-up time.
-        tokenizer = _in_thread(_load_tokenizer, self.model_dir)
+        tokenizer = in_thread(_load_tokenizer, self.model_dir)
         try:
             self.sites = site_names.resolve(options.sites, self.config.layers)
         except ValueError as e:

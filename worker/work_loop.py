@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol
 
 from actfleet.errors import InputError
 from actfleet.worker import work_queue as q
+from actfleet.worker.background import in_thread
 from actfleet.worker.samples import Batch, Row
 from actfleet.store import Store
 
@@ -281,7 +282,7 @@ class Worker:
 
         def start_prefetch() -> None:
             if prefetch and not ahead:
-                ahead.append(_in_thread(claim_next, [run for i, run in live.items() if i < newest - 1]))
+                ahead.append(in_thread(claim_next, [run for i, run in live.items() if i < newest - 1]))
 
         def units() -> Iterator[PreparedUnit]:
             nonlocal newest
@@ -370,20 +371,6 @@ class Worker:
             raise
         self.on_event("computing", {"unit": unit, "rows": len(prepared.rows)})
         return _UnitRun(self, lease, keeper, prepared)
-
-
-def _in_thread(fn, *args) -> Future:
-    """fn(*args) in a daemon thread; its result or exception comes out of the Future."""
-    fut: Future = Future()
-
-    def target():
-        try:
-            fut.set_result(fn(*args))
-        except BaseException as e:
-            fut.set_exception(e)
-
-    threading.Thread(target=target, name=fn.__name__, daemon=True).start()
-    return fut
 
 
 class _UnitRun:
