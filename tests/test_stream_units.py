@@ -14,6 +14,19 @@ from actfleet.worker.work_loop import Worker
 from tests.fakes import standin_extractor as sx
 
 
+def runner_order(run, units):
+    """(unit index, batch) in the real runner's order (worker/runner.py): each batch is held back until the
+    next one exists, so the next unit is taken before the previous unit's last batch is yielded."""
+    pending = None
+    for k, unit in enumerate(units):
+        for batch in run(unit):
+            if pending is not None:
+                yield pending
+            pending = (k, batch)
+    if pending is not None:
+        yield pending
+
+
 class Recording(sx.StandinExtractor):
     """The stand-in, logging when each unit is prepared, taken by the stream, and each batch yielded."""
 
@@ -43,7 +56,7 @@ class Recording(sx.StandinExtractor):
                 yield u
 
         seen: dict[int, int] = {}
-        for k, batch in super().run_stream(taking()):
+        for k, batch in runner_order(self.run, (u.rows for u in taking())):
             seen[k] = seen.get(k, 0) + 1
             self.note("batch", taken[k].start, seen[k] == taken[k].batches)
             yield k, batch

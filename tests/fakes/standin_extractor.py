@@ -87,17 +87,12 @@ class StandinWriter:
 
 
 def stream_units(run, units):
-    """A fake's run_stream from its per-unit run: (unit index, batch). Like the real runner
-    (worker/runner.py), each batch is held back until the next one exists, so the next unit is taken from
-    `units` before the previous unit's last batch is yielded."""
-    pending = None
+    """A fake's run_stream from its per-unit run: (unit index, batch), one unit after the other (the real
+    runner also takes the next unit before the previous one's last batch is out: tests/test_stream_units.py
+    covers that order)."""
     for k, unit in enumerate(units):
         for batch in run(unit):
-            if pending is not None:
-                yield pending
-            pending = (k, batch)
-    if pending is not None:
-        yield pending
+            yield k, batch
 
 
 @dataclass
