@@ -171,6 +171,9 @@ class Worker:
     # The next unit is claimed and prepared when the current one has this many batches left to yield: time
     # for the host work while the device still has some of this unit to compute.
     prefetch_batches: int = 2
+    # False: one unit at a time, each committed before the next is claimed (`extract --max-tokens`, which stops
+    # after the unit in which the stored tokens reach the limit, must not have claimed the next one already).
+    stream_units: bool = True
     _stop_at: float | None = field(default=None, init=False)  # monotonic deadline once SIGTERM arrived
     record: q.WorkerProgress = field(init=False)
 
@@ -214,7 +217,7 @@ class Worker:
                 # timeout (at least one lease, config.py) must never mistake a waiting worker for a stalled one.
                 self.draining.wait(min(nxt.wait_seconds + random.uniform(0, 0.5), self.lease_seconds / 3))
                 continue
-            for committed, tokens in self._stream(nxt.lease):
+            for committed, tokens in self._stream(nxt.lease, prefetch=self.stream_units):
                 if committed:
                     result.units_committed += 1
                     result.tokens += tokens

@@ -161,7 +161,7 @@ def extract(out_dir, overwrite, as_json, **flags):
         bar = progress.add_task("rows", total=spec.rows, completed=sum(r.stop - r.start for r in done.values()),
                                 rate="-")
         extractor = _ProgressExtractor(engine_extractor, progress, bar, started)
-        worker = Worker(store, spec, extractor, WORKER)
+        worker = Worker(store, spec, extractor, WORKER, stream_units=not max_tokens)
 
         def on_event(kind: str, info: dict) -> None:
             nonlocal stored, stopped_at_max_tokens
