@@ -48,10 +48,10 @@ def child(model_dir: str, n: int, rows: int, length: int, dtype: str) -> dict:
     engine = Engine(JobOptions(model=model_dir, sites=("blocks.*.hook_resid_post",), positions="all",
                                compute_dtype=dtype, store_dtype="bfloat16", batch_tokens=rows * length,
                                model_parallel=n))
-    jax.block_until_ready(engine.params)
+    jax.block_until_ready(engine.runner.params)
     load_s = time.perf_counter() - t
     params: dict[str, int] = {}
-    for _, variable in nnx.to_flat_state(engine.params):
+    for _, variable in nnx.to_flat_state(engine.runner.params):
         for shard in variable.get_value().addressable_shards:
             params[str(shard.device)] = params.get(str(shard.device), 0) + shard.data.nbytes
     rng = np.random.default_rng(0)
@@ -67,11 +67,11 @@ def child(model_dir: str, n: int, rows: int, length: int, dtype: str) -> dict:
             if key not in seen:
                 seen.add(key)
                 live[str(shard.device)] = live.get(str(shard.device), 0) + shard.data.nbytes
-    z = engine._put_batch(np.zeros((rows // engine.mesh.shape["data"] * engine.mesh.shape["data"] or 1, length),
+    z = engine.runner.put_batch(np.zeros((rows // engine.runner.data_devices * engine.runner.data_devices or 1, length),
                                    np.int32))
-    mem = engine._step.lower(engine.params, z, z, z).compile().memory_analysis()
-    stats = [d.memory_stats() or {} for d in engine.devices]
-    return {"n": n, "mesh": dict(engine.mesh.shape), "params": params, "live": live,
+    mem = engine.runner.step.lower(engine.runner.params, z, z, z).compile().memory_analysis()
+    stats = [d.memory_stats() or {} for d in engine.runner.devices]
+    return {"n": n, "mesh": dict(engine.runner.mesh.shape), "params": params, "live": live,
             "temp": getattr(mem, "temp_size_in_bytes", None),
             "peak": [s.get("peak_bytes_in_use") for s in stats], "host_rss": resource.getrusage(
                 resource.RUSAGE_SELF).ru_maxrss * 1024, "load_s": load_s, "run_s": run_s, "stored": stored}

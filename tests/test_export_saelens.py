@@ -19,7 +19,7 @@ import pytest
 from actfleet.errors import InputError
 from actfleet.store import open_store
 from actfleet import work_queue as q
-from actfleet.worker.engine import Batch
+from actfleet.worker.samples import Batch
 from actfleet.worker.export import export_saelens
 from actfleet.worker.shards import ShardWriter
 from tests.fakes.gcs_server import fake_gcs  # noqa: F401  (fixture)

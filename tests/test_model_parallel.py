@@ -59,7 +59,7 @@ for name, model_dir, n in spec["runs"]:
     arrays.update({s: np.concatenate([b.acts[s] for b in batches]) for s in engine.sites})
     np.savez(f"{spec['out']}/{name}-{n}.npz", **arrays)
     per_device, total, all_params = {}, 0, 0
-    for path, variable in __import__("flax").nnx.to_flat_state(engine.params):
+    for path, variable in __import__("flax").nnx.to_flat_state(engine.runner.params):
         value = variable.get_value()
         all_params += value.nbytes
         if path[0] != "layers":
@@ -67,9 +67,9 @@ for name, model_dir, n in spec["runs"]:
         total += value.nbytes
         for shard in value.addressable_shards:
             per_device[str(shard.device)] = per_device.get(str(shard.device), 0) + shard.data.nbytes
-    z = engine._put_batch(np.zeros((4, 64), np.int32))
-    hlo = engine._step.lower(engine.params, z, z, z).compile().as_text()
-    report[f"{name}-{n}"] = {"mesh": dict(engine.mesh.shape), "layer_bytes": total, "per_device": per_device,
+    z = engine.runner.put_batch(np.zeros((4, 64), np.int32))
+    hlo = engine.runner.step.lower(engine.runner.params, z, z, z).compile().as_text()
+    report[f"{name}-{n}"] = {"mesh": dict(engine.runner.mesh.shape), "layer_bytes": total, "per_device": per_device,
                              "sites": list(engine.sites), "param_bytes": all_params,
                              "read_bytes": sum(b for b, _ in reads),
                              "largest_split_read": max([b / full for b, full in reads if b < full], default=None),

@@ -157,6 +157,28 @@ def test_same_rows_same_bits(tmp_path):
         assert x.acts["blocks.1.hook_resid_post"].tobytes() == y.acts["blocks.1.hook_resid_post"].tobytes()
 
 
+def test_a_stream_of_units_gives_each_unit_its_own_bits(tmp_path):
+    """run_stream over several prepared units (the work loop's cross-unit stream) yields, per unit, exactly
+    the batches `run` gives that unit alone: same bits, same row accounting (windows too)."""
+    model_dir = make_tiny_model(tmp_path / "m", seed=5)
+    for extra in ({}, {"context_size": 16}):
+        engine = Engine(JobOptions(model=str(model_dir), sites=("blocks.1.hook_resid_post",), batch_tokens=256,
+                                   **extra), attn_block=32)
+        units = [[(u * 100 + i, t, None) for i, t in enumerate(TEXTS)] for u in range(4)]
+        units[1] = [(100, None, "bad json")]  # a unit with nothing to compute between units that compute
+        alone = [list(engine.run(rows)) for rows in units]
+        streamed: list[list] = [[] for _ in units]
+        for k, batch in engine.run_stream(engine.prepare(rows) for rows in units):
+            streamed[k].append(batch)
+        assert [len(b) for b in streamed] == [len(b) for b in alone] and len(streamed[1]) == 1 < len(streamed[2])
+        for got, want in zip(streamed, alone):
+            assert sum(b.rows for b in got) == sum(b.rows for b in want)
+            for x, y in zip(got, want):
+                np.testing.assert_array_equal(x.sample_ids, y.sample_ids)
+                assert (x.rows, x.skipped) == (y.rows, y.skipped)
+                assert x.acts["blocks.1.hook_resid_post"].tobytes() == y.acts["blocks.1.hook_resid_post"].tobytes()
+
+
 def test_blockwise_attention_matches_dense():
     import jax
     import jax.numpy as jnp

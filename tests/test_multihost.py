@@ -24,7 +24,7 @@ from actfleet.store import open_store
 from actfleet.worker import multihost
 from actfleet import work_queue as q
 from actfleet.worker.verify import verify
-from actfleet.worker.work_loop import Worker
+from actfleet.worker.work_loop import PreparedUnit, Worker
 from tests.fakes import standin_extractor as sx
 from tests.fakes.metadata_server import serve_attributes
 from tests.test_chaos import Proc, actfleet_argv, unit_tensors
@@ -118,6 +118,15 @@ class Counting:
     def rows(self, start, stop):
         return [(i, "x", None) for i in range(start, stop)]
 
+    def prepare(self, start, stop):
+        rows = self.rows(start, stop)
+        return PreparedUnit(start, stop, rows, rows, len(rows))
+
+    def run_stream(self, units):
+        for k, unit in enumerate(units):  # unit after unit: each step is one row
+            for row in self.run(unit.work):
+                yield k, row
+
     def run(self, rows):
         unit = rows[0][0] // 10
         self.steps[unit] = 0
@@ -155,12 +164,14 @@ def test_followers_take_exactly_the_leaders_engine_steps():
 
     t = threading.Thread(target=follower)
     t.start()
-    assert len(list(leader.run(leader.rows(0, 10)))) == 10  # a whole unit
-    for i, _ in enumerate(leader.run(leader.rows(10, 20))):  # the work loop stops early (lease lost)
+    assert len(list(leader.run_stream([leader.prepare(0, 10)]))) == 10  # a whole unit
+    stream = leader.run_stream([leader.prepare(10, 20)])
+    for i, _ in enumerate(stream):  # the work loop stops early (lease lost)
         if i == 1:
             break
+    stream.close()
     with pytest.raises(Broken):  # an engine step fails on both hosts (a collective's peer is gone): both end
-        list(leader.run(leader.rows(20, 30)))
+        list(leader.run_stream([leader.prepare(20, 30)]))
     t.join(timeout=30)
     assert got == {"broken": True}
     assert sorted(broken) == [("follower", 2, 3, "engine error"), ("leader", 2, 3, "engine error")]
@@ -174,7 +185,7 @@ def test_a_follower_stops_with_the_leader():
     got: dict = {}
     t = threading.Thread(target=lambda: got.update(r=multihost.follow(multihost.Channel(kv), follower_inner)))
     t.start()
-    assert len(list(leader.run(leader.rows(30, 34)))) == 4
+    assert len(list(leader.run_stream([leader.prepare(30, 34)]))) == 4
     leader.channel.send("stop", job_complete=True)
     t.join(timeout=30)
     assert (got["r"].units, got["r"].steps, got["r"].aborted, got["r"].job_complete) == (1, 4, 0, True)
@@ -337,24 +348,25 @@ def test_a_lost_host_lets_the_slices_unit_expire_and_be_taken_over(tiny, tmp_pat
                 p.p.kill()
                 p.p.wait()
     store = open_store(str(store_dir))
-    # The unit the slice died in (the one of the kill, or the next if the slice finished that one first): its
-    # lease is left to expire, never released, and it is not done.
+    # The units the slice held when it died (the one of the kill, or the next if the slice finished that one
+    # first, and the one it had already claimed and prepared to stream next): their leases are left to
+    # expire, never released, and none of them is done.
     left = [lease for u in range(3) if (lease := q.read_lease(store, "j", u)) is not None]
-    assert [(x.worker, x.attempt) for x in left] == [("slice-a", 1)], left
-    unit, stale = left[0].unit, left[0]
-    assert q.read_done(store, "j", unit) is None
+    assert left and all((x.worker, x.attempt) == ("slice-a", 1) for x in left), left
+    assert all(q.read_done(store, "j", x.unit) is None for x in left)
 
     rescue = Proc(actfleet_argv("work", "--store", str(store_dir), "--job", "j", "--worker-id", "rescue",
                                 "--lease-seconds", "2", "--json"), env=env(2, root))
     assert rescue.p.wait(timeout=600) == 0, "\n".join(rescue.lines[-30:])
     assert result(rescue)["job_complete"]
-    taken = q.read_done(store, "j", unit)
-    assert taken.worker == "rescue" and taken.attempt == 2
-    dead_tag = f".a1-{stale.nonce[:8]}."
-    for u in range(3):  # every done record lists one attempt's shards, none of the dead attempt's
+    for stale in left:
+        taken = q.read_done(store, "j", stale.unit)
+        assert taken.worker == "rescue" and taken.attempt == 2
+    dead_tags = [f".a1-{stale.nonce[:8]}." for stale in left]
+    for u in range(3):  # every done record lists one attempt's shards, none of a dead attempt's
         rec = q.read_done(store, "j", u)
         tags = {s.name.split(".")[1] for s in rec.shards}
         assert len(tags) == 1 and tags.pop().startswith(f"a{rec.attempt}-")
-        assert not any(dead_tag in s.name for s in rec.shards)
+        assert not any(tag in s.name for s in rec.shards for tag in dead_tags)
     rep = verify(store, "j", clean=True)  # the dead attempt's uploaded parts are garbage
     assert rep.ok, rep.problems

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from actfleet.work_queue import shard_name, shard_unit_part
-from actfleet.worker.engine import Batch
+from actfleet.worker.samples import Batch
 from actfleet.worker.reader import iter_batches, load, shard_metadata
 from actfleet.worker.shards import (ShardFormatError, ShardWriter, read_tensors, safetensors_bytes, shard_bytes,
                                     shard_index)

@@ -4,7 +4,7 @@ traced to its source row and position."""
 import numpy as np
 import pytest
 
-from actfleet.worker.engine import cut_windows
+from actfleet.worker.preparer import cut_windows
 
 BOS, SEP = 1, 2
 

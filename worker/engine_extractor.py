@@ -4,8 +4,12 @@ engine, input reader and shard writer, loaded once per worker process; plus the 
 
 from __future__ import annotations
 
+from typing import Iterable, Iterator
+
 from actfleet.job_options import JobOptions
 from actfleet import work_queue as q
+from actfleet.worker.samples import Batch, Row
+from actfleet.worker.work_loop import PreparedUnit
 
 
 class EngineExtractor:
@@ -59,7 +63,16 @@ class EngineExtractor:
         return self._inputs.read_source_rows(self.files, self._local, start=start, stop=stop,
                                              tokenizer=self.engine.tokenizer, **self.o.input_options())
 
-    def run(self, rows):
+    def prepare(self, start: int, stop: int) -> PreparedUnit:
+        rows = list(self.rows(start, stop))
+        prepared = self.engine.prepare(rows)
+        return PreparedUnit(start, stop, rows, prepared, prepared.batches)
+
+    def run_stream(self, units: Iterable[PreparedUnit]) -> Iterator[tuple[int, Batch]]:
+        return self.engine.run_stream(u.work for u in units)
+
+    def run(self, rows: list[Row]) -> Iterator[Batch]:
+        """One row list's Batches, alone (bench/pipeline.py's forward-only side)."""
         return self.engine.run(rows)
 
     def shard_writer(self, unit: int):
@@ -74,7 +87,7 @@ class _ShardSink:
         o = spec.options
         self.writer = shards_mod.ShardWriter(
             shard_mb=o.shard_mb, model=o.model, revision=o.revision, job=spec.job, unit=unit, sites=engine.sites,
-            store_dtype=o.store_dtype, random_weights=getattr(engine, "random_weights", False),
+            store_dtype=o.store_dtype, random_weights=engine.random_weights,
             on_shard=lambda shard: self.out.append(shard), extra_metadata=meta)  # self.out is swapped for a fresh list on each take
 
     def add(self, batch) -> list:

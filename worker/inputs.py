@@ -40,11 +40,11 @@ from typing import Any, Callable, Iterator
 
 from actfleet.errors import InputError
 from actfleet.worker import arc
+from actfleet.worker.samples import Row
 from actfleet.worker.sources import DataFile
 
 FORMATS = ("text", "chat", "arc")
 INDEX_EVERY = 1000  # JSONL rows between recorded byte offsets: a unit parses at most this many extra lines
-Row = tuple[int, "str | None", "str | None"]
 Record = tuple[Any, "str | None"]  # (dict | None, reason a row is bad | None), one per physical row
 
 

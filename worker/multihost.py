@@ -10,10 +10,12 @@ ONE worker of the queue, named after the slice's node:
   across all the slice's devices (collectives need every host).
 
 The leader tells the followers what to do through the distributed runtime's key-value store (messages
-numbered 0, 1, 2, ...): "start" or "done" (the job was already complete), "unit" (start, stop), then one
-"go" before each step of the engine's batch iterator, or "abort" when the unit stops early (lease lost,
-drain deadline), and finally "stop". Per-step permission keeps the hosts' device programs matched exactly:
-a follower never dispatches a batch the leader will not.
+numbered 0, 1, 2, ...): "start" or "done" (the job was already complete); per device stream (units back to
+back, worker/work_loop.py) "stream", then one "go" before each step of the stream's batch iterator, and
+inside the step where the stream takes its next unit, "unit" (start, stop) or "end" (no more units); "abort"
+when the work loop stops the stream early (drain deadline, every unit abandoned); and finally "stop".
+Per-step permission keeps the hosts' device programs matched exactly: a follower never dispatches a batch
+the leader will not, and takes each unit at the same step.
 
 Failures. A dead or hung host stops the collectives. Depending on how it went, the others see an error
 (gloo: "Connection closed by peer") or block in them. An engine error on a slice ends the process at once
@@ -43,7 +45,7 @@ import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from actfleet.errors import InputError
 from actfleet.retry import retry
@@ -301,7 +303,6 @@ class LeaderExtractor:
                  on_broken: Callable[[int, int, BaseException], None] = exit_broken):
         self.inner, self.channel, self.progress, self.unit_rows = inner, channel, progress, unit_rows
         self.on_broken = on_broken
-        self._range: tuple[int, int] | None = None
 
     def fingerprint(self) -> str:
         return self.inner.fingerprint()
@@ -312,22 +313,28 @@ class LeaderExtractor:
     def shard_writer(self, unit: int):
         return self.inner.shard_writer(unit)
 
-    def rows(self, start: int, stop: int):
-        self._range = (start, stop)
-        return self.inner.rows(start, stop)
+    def prepare(self, start: int, stop: int):
+        return self.inner.prepare(start, stop)
 
-    def run(self, rows) -> Iterator[Any]:
-        if self._range is None:
-            raise RuntimeError("LeaderExtractor.run before rows(): the followers would not know the unit")
-        (start, stop), self._range = self._range, None
-        unit = start // self.unit_rows
-        self.channel.send("unit", unit=unit, start=start, stop=stop)
-        return self._steps(unit, self.inner.run(rows))
+    def run_stream(self, units: Iterable[Any]) -> Iterator[tuple[int, Any]]:
+        current = [-1]  # the unit the stream last took (for the broken-slice report)
 
-    def _steps(self, unit: int, batches: Iterator[Any]) -> Iterator[Any]:
+        def announced():
+            # The stream takes each unit inside one of its steps; the followers' streams take theirs at the
+            # same step, reading this message.
+            for u in units:
+                current[0] = u.start // self.unit_rows
+                self.channel.send("unit", unit=current[0], start=u.start, stop=u.stop)
+                yield u
+            self.channel.send("end")
+
+        return self._steps(current, self.inner.run_stream(announced()))
+
+    def _steps(self, current: list[int], batches: Iterator[Any]) -> Iterator[Any]:
+        self.channel.send("stream")
         i = 0
         while True:
-            self.channel.send("go", unit=unit, step=i)
+            self.channel.send("go", step=i)
             i += 1
             with self.progress.step():
                 try:
@@ -335,12 +342,12 @@ class LeaderExtractor:
                 except StopIteration:
                     return
                 except Exception as e:
-                    self.on_broken(unit, i - 1, e)  # ends the process (the followers end on theirs)
+                    self.on_broken(current[0], i - 1, e)  # ends the process (the followers end on theirs)
                     raise
             try:
                 yield batch
             except GeneratorExit:  # the work loop stopped early: the followers must stop at this step too
-                self.channel.send("abort", unit=unit, step=i)
+                self.channel.send("abort", step=i)
                 raise
 
 
@@ -362,20 +369,30 @@ def follow(channel: Channel, extractor, on_event: Callable[[str, dict], None] = 
         if kind == "stop":
             result.job_complete = bool(msg.get("job_complete"))
             return result
-        if kind != "unit":
-            raise RuntimeError(f"slice protocol: expected a unit or stop, got {msg}")
-        unit = msg["unit"]
-        rows = list(extractor.rows(msg["start"], msg["stop"]))
-        on_event("following", {"unit": unit, "rows": len(rows)})
-        batches = extractor.run(rows)
+        if kind != "stream":
+            raise RuntimeError(f"slice protocol: expected a stream or stop, got {msg}")
+        current = [-1]
+
+        def units():
+            # Read inside the stream's step, where the leader's stream took the unit.
+            while (msg := channel.recv())["kind"] == "unit":
+                current[0] = msg["unit"]
+                result.units += 1
+                on_event("following", {"unit": msg["unit"]})
+                yield extractor.prepare(msg["start"], msg["stop"])
+            if msg["kind"] != "end":
+                raise RuntimeError(f"slice protocol: expected a unit or end, got {msg}")
+
+        batches = extractor.run_stream(units())
         step = 0
         while True:
             msg = channel.recv()
-            if msg.get("unit") != unit or msg["kind"] not in ("go", "abort") or msg.get("step") != step:
-                raise RuntimeError(f"slice protocol: at unit {unit} step {step}, got {msg}")
+            if msg["kind"] not in ("go", "abort") or msg.get("step") != step:
+                raise RuntimeError(f"slice protocol: at step {step}, got {msg}")
             if msg["kind"] == "abort":
                 result.aborted += 1
-                on_event("aborted", {"unit": unit, "step": step})
+                on_event("aborted", {"unit": current[0], "step": step})
+                batches.close()
                 break
             step += 1
             try:
@@ -383,8 +400,7 @@ def follow(channel: Channel, extractor, on_event: Callable[[str, dict], None] = 
             except StopIteration:
                 break
             except Exception as e:  # a collective whose peer is gone, most likely: the slice is over
-                on_broken(unit, step - 1, e)
+                on_broken(current[0], step - 1, e)
                 raise
             result.steps += 1
-            on_event("computed", {"unit": unit, "step": step - 1})
-        result.units += 1
+            on_event("computed", {"unit": current[0], "step": step - 1})

@@ -27,11 +27,12 @@ import numpy as np
 
 from actfleet.job_options import SHARD, applying
 from actfleet.work_queue import shard_name  # shard names and keys are the queue protocol's
+from actfleet.worker.samples import Batch
 
 FORMAT = "actfleet-activations"
 FORMAT_VERSION = "1"
 INDEX_TENSORS = ("sample_ids", "token_ids", "positions")
-SOURCE_TENSORS = ("source_rows", "source_positions")  # context windows only (actfleet.worker.engine)
+SOURCE_TENSORS = ("source_rows", "source_positions")  # context windows only (actfleet.worker.preparer)
 
 _DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -265,16 +266,16 @@ class ShardWriter:
         self._pieces: list[dict[str, np.ndarray]] = []
         self._rows = 0
 
-    def add(self, batch) -> None:
+    def add(self, batch: Batch) -> None:
         n = len(batch.sample_ids)
         if n == 0:
             return
         if self.rows_per_shard is None:
-            index = 16 + (12 if getattr(batch, "source_rows", None) is not None else 0)
+            index = 16 + (12 if batch.source_rows is not None else 0)
             row = index + sum(batch.acts[s].shape[1] * STORE_DTYPES[self.store_dtype].itemsize for s in self.sites)
             self.rows_per_shard = max(1, self.shard_bytes_target // row)
         piece = {"sample_ids": batch.sample_ids, "token_ids": batch.token_ids, "positions": batch.positions}
-        if getattr(batch, "source_rows", None) is not None:
+        if batch.source_rows is not None:
             piece.update(source_rows=batch.source_rows, source_positions=batch.source_positions)
         piece.update((s, batch.acts[s]) for s in self.sites)
         self._pieces.append(piece)

@@ -1,18 +1,24 @@
 """`actfleet work`: claim a unit, extract it, upload its shards, commit; repeat until the job is done.
 
-One unit at a time flows through three stages joined by queues of fixed depth, so memory stays bounded
-whatever the dataset size and a slow store slows the device loop down instead of piling up bytes:
+Each unit flows through three stages joined by queues of fixed depth, so memory stays bounded whatever the
+dataset size and a slow store slows the device loop down instead of piling up bytes:
 
-    device loop (engine.run over the unit's rows) --batches--> serializer (ShardWriter) --shards--> uploader
+    device loop (extractor.run_stream) --batches--> serializer (ShardWriter) --shards--> uploader -> commit
 
-A heartbeat thread renews the unit's lease (generation-matched) and writes this worker's record. If the
-lease is lost, the unit stops and nothing is committed. If an upload still fails after retries with
-jittered backoff, the unit is abandoned (lease released) and never marked done. The done record is created
-only after every shard is uploaded.
+The device loop is one stream across units: a few batches before the current unit's end, the next unit is
+claimed and prepared (rows read, tokenized, planned) in a background thread, and the stream launches its
+first batch before the current unit's last one is collected, so the device does not drain at unit
+boundaries. At most three units are held at once (one finishing its uploads, one computing, one prepared).
 
-SIGTERM (a spot TPU's ~30 s notice): stop claiming; keep going on the current unit only while it can still
-commit before `drain_seconds` have passed, else abandon it (release the lease so another worker takes it
-at once), then exit 0.
+Exactly once: a unit's done record is created only after every batch of it went through its serializer and
+every shard was uploaded. A heartbeat thread per unit renews its lease (generation-matched) and writes this
+worker's record; if a lease is lost, that unit's remaining batches are discarded and nothing of it is
+committed (the other units carry on). If an upload still fails after retries with jittered backoff, the unit
+is abandoned (lease released) and never marked done.
+
+SIGTERM (a spot TPU's ~30 s notice): stop claiming (a unit already claimed and prepared still runs); keep
+going only while the units held can still commit before `drain_seconds` have passed, else abandon them
+(release the leases so another worker takes them at once), then exit 0.
 """
 
 from __future__ import annotations
@@ -26,10 +32,13 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol
 
 from actfleet.errors import InputError
 from actfleet import work_queue as q
+from actfleet.worker.background import in_thread
+from actfleet.worker.samples import Batch, Row
 from actfleet.store import Store
 
 if TYPE_CHECKING:
@@ -37,7 +46,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("actfleet.work")
 
-Row = tuple[int, "str | None", "str | None"]  # (sample_id, text, skip_reason)
+
+@dataclass
+class PreparedUnit:
+    """One unit made ready for the device by the extractor's host side."""
+
+    start: int
+    stop: int
+    rows: list[Row]  # the unit's input rows (the done record's skip reasons come from them)
+    work: Any  # the extractor's own prepared form: only its run_stream reads it
+    batches: int  # how many Batches run_stream yields for this unit
 
 
 class UnitExtractor(Protocol):
@@ -49,11 +67,12 @@ class UnitExtractor(Protocol):
     def model_sha256(self) -> str:
         """The digest of the model files it loaded (worker/pinning.py; "" when the job pins no model)."""
 
-    def rows(self, start: int, stop: int) -> Iterator[Row]:
-        """The unit's input rows, sample ids start..stop-1."""
+    def prepare(self, start: int, stop: int) -> PreparedUnit:
+        """Read rows start..stop-1 and prepare them: host work only (it runs while another unit computes)."""
 
-    def run(self, rows: list[Row]) -> Iterator[Any]:
-        """Batches of stored tokens (numpy token_ids, sample_ids, positions, acts) for these rows."""
+    def run_stream(self, units: Iterable[PreparedUnit]) -> Iterator[tuple[int, Batch]]:
+        """(index in `units`, Batch) for the units in order, taking the next unit from `units` before the
+        previous one's last batch is yielded (every batch of the units before it has been)."""
 
     def shard_writer(self, unit: int) -> "ShardSink":
         """A fresh serializer for one unit."""
@@ -62,7 +81,7 @@ class UnitExtractor(Protocol):
 class ShardSink(Protocol):
     """Shards come out in part order, each with the token count its writer already knows."""
 
-    def add(self, batch: Any) -> "list[Shard]":
+    def add(self, batch: Batch) -> "list[Shard]":
         """Take a batch; return the shards that are now complete."""
 
     def finish(self) -> "list[Shard]":
@@ -148,6 +167,13 @@ class Worker:
     # Whether the compute makes progress (a multi-host slice: no engine step stalled); the lease is renewed
     # only while it does (actfleet.worker.multihost).
     healthy: Callable[[], bool] = lambda: True
+    max_units: int | None = None  # claim at most this many units (None: until the job is done)
+    # The next unit is claimed and prepared when the current one has this many batches left to yield: time
+    # for the host work while the device still has some of this unit to compute.
+    prefetch_batches: int = 2
+    # False: one unit at a time, each committed before the next is claimed (`extract --max-tokens`, which stops
+    # after the unit in which the stored tokens reach the limit, must not have claimed the next one already).
+    stream_units: bool = True
     _stop_at: float | None = field(default=None, init=False)  # monotonic deadline once SIGTERM arrived
     record: q.WorkerProgress = field(init=False)
 
@@ -156,11 +182,13 @@ class Worker:
         self.offset = zlib.crc32(self.worker_id.encode()) % max(1, self.spec.units)
         self.draining = threading.Event()
         self._pinned: dict[str, str] | None = None
+        self._claimed = 0
+        self._record_lock = threading.Lock()  # units finish in their own threads
 
     # -- signals --------------------------------------------------------------------------------------
 
     def request_stop(self) -> None:
-        """SIGTERM: stop claiming; the current unit gets until drain_seconds from now."""
+        """SIGTERM: stop claiming; the units held get until drain_seconds from now."""
         if not self.draining.is_set():
             self._stop_at = time.monotonic() + self.drain_seconds
             self.draining.set()
@@ -169,13 +197,16 @@ class Worker:
     def _past_deadline(self) -> bool:
         return self._stop_at is not None and time.monotonic() >= self._stop_at
 
+    def _stop_claiming(self) -> bool:
+        return self.draining.is_set() or (self.max_units is not None and self._claimed >= self.max_units)
+
     # -- the loop -------------------------------------------------------------------------------------
 
     def run(self) -> WorkResult:
         result = WorkResult()
         self._pins()
         self._write_record("idle")
-        while not self.draining.is_set():
+        while not self._stop_claiming():
             nxt = q.next_unit(self.store, self.spec, self.worker_id, self.lease_seconds, offset=self.offset)
             if nxt.all_done:
                 result.job_complete = True
@@ -186,12 +217,12 @@ class Worker:
                 # timeout (at least one lease, config.py) must never mistake a waiting worker for a stalled one.
                 self.draining.wait(min(nxt.wait_seconds + random.uniform(0, 0.5), self.lease_seconds / 3))
                 continue
-            committed, tokens = self._process(nxt.lease)
-            if committed:
-                result.units_committed += 1
-                result.tokens += tokens
-            else:
-                result.units_abandoned += 1
+            for committed, tokens in self._stream(nxt.lease, prefetch=self.stream_units):
+                if committed:
+                    result.units_committed += 1
+                    result.tokens += tokens
+                else:
+                    result.units_abandoned += 1
         result.stopped_by_signal = self.draining.is_set()
         self._write_record("stopped" if result.stopped_by_signal else "finished")
         return result
@@ -206,163 +237,304 @@ class Worker:
         return self._pinned
 
     def _write_record(self, state: str, unit: int | None = None) -> None:
-        self.record.state, self.record.current_unit = state, unit
+        with self._record_lock:
+            self.record.state, self.record.current_unit = state, unit
         try:
             q.write_worker_record(self.store, self.spec.job, self.record)
         except Exception as e:
             log.warning("worker record write failed: %s", e)
 
     def _process(self, lease: q.Lease) -> tuple[bool, int]:
-        """One unit: (committed, tokens). Never raises for a lost lease or a failed upload: abandons."""
-        job, unit = self.spec.job, lease.unit
-        start, stop = self.spec.unit_range(unit)
-        t0 = time.monotonic()
+        """One unit alone (nothing prefetched): (committed, tokens). Abandons on a lost lease or failed upload."""
+        return self._stream(lease, prefetch=False)[0]
+
+    def _stream(self, first: q.Lease, *, prefetch: bool = True) -> list[tuple[bool, int]]:
+        """Units through one device stream, starting with `first` and going on with every next unit that can
+        be claimed at once (none free, a signal, or max_units ends it): (committed, tokens) per unit."""
+        live: dict[int, _UnitRun] = {0: self._open(first)}  # by index in the stream, until finished
+        newest = 0
+        ahead: list[Future] = []  # the next unit being claimed and prepared (at most one at a time)
+        outcomes: list[tuple[bool, int]] = []
+        fatal: list[BaseException] = []  # errors that stop the worker, raised once every unit has finished
+
+        def close_before(k: int) -> None:
+            for i, run in live.items():
+                if i < k:
+                    run.close()
+
+        def reap() -> None:
+            for i in [i for i, run in live.items() if run.closed and run.finished.is_set()]:
+                run = live.pop(i)
+                outcomes.append(run.outcome)
+                if run.error is not None:
+                    fatal.append(run.error)
+
+        def claim_next(older: list[_UnitRun]) -> "_UnitRun | None":
+            for run in older:  # bounds the units held: one finishing, one computing, this one
+                run.finished.wait()
+            if self._stop_claiming():
+                return None
+            nxt = q.next_unit(self.store, self.spec, self.worker_id, self.lease_seconds, offset=self.offset)
+            return None if nxt.lease is None else self._open(nxt.lease)
+
+        def start_prefetch() -> None:
+            if prefetch and not ahead:
+                ahead.append(in_thread(claim_next, [run for i, run in live.items() if i < newest - 1]))
+
+        def units() -> Iterator[PreparedUnit]:
+            nonlocal newest
+            while True:
+                run = live[newest]
+                if run.prepared.batches <= self.prefetch_batches:
+                    start_prefetch()
+                yield run.prepared
+                close_before(newest)  # the stream has yielded every batch of the units before this one
+                if not prefetch:
+                    return
+                start_prefetch()  # a no-op unless the loop never asked for it
+                try:
+                    nxt = ahead.pop().result()
+                except BaseException as e:  # raised once the units already running have finished
+                    fatal.append(e)
+                    return
+                if nxt is None:
+                    return
+                newest += 1
+                live[newest] = nxt
+
+        gen = units()
+        stream = self.extractor.run_stream(gen)
+        error: BaseException | None = None
+        try:
+            for k, batch in stream:
+                close_before(k)
+                run = live[k]
+                run.feed(batch)
+                if k == newest and run.prepared.batches - run.received <= self.prefetch_batches:
+                    start_prefetch()
+                reap()
+                if fatal or self._past_deadline():
+                    break
+                if not ahead and all(r.stopping() for i, r in live.items() if i >= k):
+                    break  # every unit still computing is being abandoned: stop computing for nothing
+        except BaseException as e:  # the device stream failed: the units it was computing are abandoned
+            error = e
+        finally:
+            stream.close()
+            gen.close()
+        if ahead:  # claimed but never streamed (the loop stopped early): give it back
+            try:
+                nxt = ahead.pop().result()
+            except BaseException as e:
+                fatal.append(e)
+                nxt = None
+            if nxt is not None:
+                nxt.abort("stopped before it was computed")
+                live[newest + 1] = nxt
+        for run in live.values():
+            if error is not None and not run.closed:
+                run.fail(error)
+            elif not run.complete():
+                run.abort("stopped early")
+            run.close()
+        for run in live.values():
+            run.finished.wait()
+        reap()
+        self._write_record("idle")
+        if error is not None and (not isinstance(error, Exception) or isinstance(error, InputError)):
+            fatal.insert(0, error)  # a fatal error is raised even when no unit was left to take it
+        elif error is not None:
+            log.warning("device stream failed: %s: %s", type(error).__name__, error)
+        if fatal:
+            raise fatal[0]
+        return outcomes
+
+    def _open(self, lease: q.Lease) -> "_UnitRun":
+        """Start a claimed unit: its lease keeper, its serializer and uploader, its rows read and prepared."""
+        self._claimed += 1
+        unit = lease.unit
         self._write_record("working", unit)
-        keeper = _LeaseKeeper(self.store, lease, self.lease_seconds, self.record, job, self.healthy)
+        keeper = _LeaseKeeper(self.store, lease, self.lease_seconds, self.record, self.spec.job, self.healthy)
         keeper.start()
         self.on_event("claimed", {"unit": unit, "attempt": lease.attempt})
+        start, stop = self.spec.unit_range(unit)
         try:
-            stats = self._extract_and_upload(unit, start, stop, keeper, lease.tag)
-            if keeper.lost.is_set():
-                raise Stop("lease lost")
-            if self._past_deadline():
-                raise Stop("drain deadline")
-            record = q.DoneRecord(unit=unit, start=start, stop=stop, worker=self.worker_id, attempt=lease.attempt,
-                                  rows_stored=len(stats.stored_ids), tokens=stats.tokens,
-                                  skipped=stats.skipped(start, stop), shards=stats.shards,
-                                  committed_at=time.time(), seconds=round(time.monotonic() - t0, 3),
-                                  computed_tokens=stats.computed, padded_tokens=stats.padded,
-                                  truncated=stats.truncated,
-                                  **self._pins())
-            self.on_event("committing", {"unit": unit})
-            lease = keeper.stop()
-            committed = q.commit(self.store, lease, record, self.lease_seconds)
-            if committed:
-                self.record.units_done += 1
-                self.record.tokens += stats.tokens
-                self.record.shards += len(stats.shards)
-                self.record.bytes += sum(s.bytes for s in stats.shards)
-            self.on_event("committed" if committed else "already-done", {"unit": unit, "tokens": stats.tokens})
-            self._write_record("idle")
-            return True, stats.tokens if committed else 0
-        except (Stop, q.LeaseLost, q.ShardsMissing) as e:
-            lease = keeper.stop()
-            # Abandon cleanly, so the next worker need not wait for expiry. Generation-matched: a lease
-            # someone else took over is never deleted.
-            q.release(self.store, lease)
-            log.warning("unit %d abandoned: %s", unit, e)
-            self.on_event("abandoned", {"unit": unit, "reason": str(e)})
-            self._write_record("idle")
-            return False, 0
+            prepared = self.extractor.prepare(start, stop)
         except InputError:
-            # Bad input (a pinned file changed, a token id outside the vocabulary...): every retry would fail
-            # the same way, so stop this worker (exit 2, one line) instead of abandoning and reclaiming forever.
-            q.release(self.store, keeper.stop())
+            q.release(self.store, keeper.stop())  # every retry would fail the same way: stop this worker
             raise
         except BaseException:
             keeper.stop()
             raise
+        self.on_event("computing", {"unit": unit, "rows": len(prepared.rows)})
+        return _UnitRun(self, lease, keeper, prepared)
 
-    def _extract_and_upload(self, unit: int, start: int, stop: int, keeper: _LeaseKeeper,
-                            attempt: str) -> "_UnitStats":
-        """The three-stage pipeline for one unit, writing this attempt's shard names. Raises Stop when the
-        unit must be abandoned."""
-        stats = _UnitStats()
-        batches: queue_mod.Queue = queue_mod.Queue(maxsize=self.queue_depth)
-        shards: queue_mod.Queue = queue_mod.Queue(maxsize=self.queue_depth)
-        failure: list[BaseException] = []
-        abort = threading.Event()
-        done_token = object()
 
-        def should_stop() -> bool:
-            return abort.is_set() or keeper.lost.is_set() or self._past_deadline()
+class _UnitRun:
+    """One claimed unit on its way to a commit: its batches go through its own serializer and uploader
+    threads; once its input is closed, a finishing thread commits it (or abandons it)."""
 
-        def fail(e: BaseException) -> None:
-            """A stage failed: remember why, and stop the other stages."""
-            failure.append(e)
-            abort.set()
-
-        def put(qu: queue_mod.Queue, item) -> bool:
-            """Blocking put that gives up when the unit is stopping (backpressure without deadlock)."""
-            while True:
-                try:
-                    qu.put(item, timeout=0.1)
-                    return True
-                except queue_mod.Full:
-                    if should_stop():
-                        return False
-
-        def get(qu: queue_mod.Queue):
-            while True:
-                try:
-                    return qu.get(timeout=0.1)
-                except queue_mod.Empty:
-                    if should_stop():
-                        return done_token
-
-        def serializer():
-            try:
-                writer = self.extractor.shard_writer(unit)
-                while (batch := get(batches)) is not done_token:
-                    stats.count(batch)
-                    for shard in writer.add(batch):
-                        if not put(shards, shard):
-                            return
-                if should_stop():
-                    return
-                for shard in writer.finish():
-                    if not put(shards, shard):
-                        return
-            except BaseException as e:
-                fail(e)
-            finally:
-                put(shards, done_token)
-
-        def uploader():
-            try:
-                while (shard := get(shards)) is not done_token:
-                    if shard.unit != unit:
-                        raise ValueError(f"the shard writer for unit {unit} made {shard.name}")
-                    key = q.shard_key(self.spec.job, unit, shard.part, attempt)
-                    if should_stop():
-                        return
-                    self.on_event("uploading", {"unit": unit, "part": shard.part})
-                    upload_with_retry(self.store, key, shard.data, attempts=self.upload_attempts,
-                                      should_stop=should_stop)
-                    stats.shards.append(q.ShardInfo(name=q.job_relative(self.spec.job, key), bytes=len(shard.data),
-                                                    sha256=hashlib.sha256(shard.data).hexdigest(),
-                                                    tokens=shard.tokens))
-            except BaseException as e:
-                fail(e)
-
-        threads = [threading.Thread(target=serializer, name="serializer", daemon=True),
-                   threading.Thread(target=uploader, name="uploader", daemon=True)]
-        for t in threads:
+    def __init__(self, worker: Worker, lease: q.Lease, keeper: _LeaseKeeper, prepared: PreparedUnit):
+        self.w, self.lease, self.keeper, self.prepared = worker, lease, keeper, prepared
+        self.unit = lease.unit
+        self.t0 = time.monotonic()
+        self.stats = _UnitStats(rows=prepared.rows)
+        self.batches: queue_mod.Queue = queue_mod.Queue(maxsize=worker.queue_depth)
+        self.shards: queue_mod.Queue = queue_mod.Queue(maxsize=worker.queue_depth)
+        self.failure: list[BaseException] = []
+        self.aborted = threading.Event()
+        self.abort_reason = "aborted"
+        self.received = 0  # batches fed so far
+        self.closed = False
+        self.finished = threading.Event()
+        self.outcome: tuple[bool, int] = (False, 0)
+        self.error: BaseException | None = None  # fatal: the worker stops (raised by Worker._stream)
+        self.threads = [threading.Thread(target=self._serializer, name=f"serializer-{self.unit}", daemon=True),
+                        threading.Thread(target=self._uploader, name=f"uploader-{self.unit}", daemon=True)]
+        for t in self.threads:
             t.start()
-        rows = list(self.extractor.rows(start, stop))
-        stats.rows = rows
-        self.on_event("computing", {"unit": unit, "rows": len(rows)})
+
+    # -- stopping -------------------------------------------------------------------------------------
+
+    def stopping(self) -> bool:
+        return self.aborted.is_set() or self.keeper.lost.is_set() or self.w._past_deadline()
+
+    def complete(self) -> bool:
+        return self.received >= self.prepared.batches
+
+    def fail(self, e: BaseException) -> None:
+        """A stage failed: remember why, and stop the other stages."""
+        self.failure.append(e)
+        self.aborted.set()
+
+    def abort(self, reason: str) -> None:
+        self.abort_reason = reason
+        self.aborted.set()
+
+    def _put(self, qu: queue_mod.Queue, item) -> bool:
+        """Blocking put that gives up when the unit is stopping (backpressure without deadlock)."""
+        while True:
+            try:
+                qu.put(item, timeout=0.1)
+                return True
+            except queue_mod.Full:
+                if self.stopping():
+                    return False
+
+    def _get(self, qu: queue_mod.Queue):
+        while True:
+            try:
+                return qu.get(timeout=0.1)
+            except queue_mod.Empty:
+                if self.stopping():
+                    return _DONE
+
+    # -- stages ---------------------------------------------------------------------------------------
+
+    def feed(self, batch: Batch) -> None:
+        """One batch from the device stream; dropped once the unit is being abandoned."""
+        self.received += 1
+        if not self.stopping():
+            self._put(self.batches, batch)
+
+    def close(self) -> None:
+        """No more batches: finish (commit or abandon) in the background. Idempotent."""
+        if not self.closed:
+            self.closed = True
+            threading.Thread(target=self._finish, name=f"finish-{self.unit}", daemon=True).start()
+
+    def _serializer(self):
         try:
-            for batch in self.extractor.run(rows):
-                if should_stop() or not put(batches, batch):
-                    break
+            writer = self.w.extractor.shard_writer(self.unit)
+            while (batch := self._get(self.batches)) is not _DONE:
+                self.stats.count(batch)
+                for shard in writer.add(batch):
+                    if not self._put(self.shards, shard):
+                        return
+            if self.stopping():
+                return
+            for shard in writer.finish():
+                if not self._put(self.shards, shard):
+                    return
         except BaseException as e:
-            fail(e)
+            self.fail(e)
         finally:
-            put(batches, done_token)
-            for t in threads:
-                t.join()
-        if failure and (not isinstance(failure[0], Exception) or isinstance(failure[0], InputError)):
-            raise failure[0]
-        if failure:
-            raise Stop(f"{type(failure[0]).__name__}: {failure[0]}")
-        if keeper.lost.is_set():
+            self._put(self.shards, _DONE)
+
+    def _uploader(self):
+        w, job, unit = self.w, self.w.spec.job, self.unit
+        try:
+            while (shard := self._get(self.shards)) is not _DONE:
+                if shard.unit != unit:
+                    raise ValueError(f"the shard writer for unit {unit} made {shard.name}")
+                key = q.shard_key(job, unit, shard.part, self.lease.tag)
+                if self.stopping():
+                    return
+                w.on_event("uploading", {"unit": unit, "part": shard.part})
+                upload_with_retry(w.store, key, shard.data, attempts=w.upload_attempts, should_stop=self.stopping)
+                self.stats.shards.append(q.ShardInfo(name=q.job_relative(job, key), bytes=len(shard.data),
+                                                     sha256=hashlib.sha256(shard.data).hexdigest(),
+                                                     tokens=shard.tokens))
+        except BaseException as e:
+            self.fail(e)
+
+    def _check(self) -> None:
+        """Raise Stop (or the fatal error) unless every batch and shard of the unit went through."""
+        if self.failure and (not isinstance(self.failure[0], Exception) or isinstance(self.failure[0], InputError)):
+            raise self.failure[0]
+        if self.failure:
+            raise Stop(f"{type(self.failure[0]).__name__}: {self.failure[0]}")
+        if self.keeper.lost.is_set():
             raise Stop("lease lost")
-        if self._past_deadline():
+        if self.w._past_deadline():
             raise Stop("drain deadline")
-        if abort.is_set():
-            raise Stop("aborted")
-        return stats
+        if self.aborted.is_set():
+            raise Stop(self.abort_reason)
+
+    def _finish(self) -> None:
+        w, unit, stats, keeper = self.w, self.unit, self.stats, self.keeper
+        try:
+            self._put(self.batches, _DONE)
+            for t in self.threads:
+                t.join()
+            self._check()
+            record = q.DoneRecord(unit=unit, start=self.prepared.start, stop=self.prepared.stop, worker=w.worker_id,
+                                  attempt=self.lease.attempt, rows_stored=len(stats.stored_ids), tokens=stats.tokens,
+                                  skipped=stats.skipped(self.prepared.start, self.prepared.stop),
+                                  shards=stats.shards, committed_at=time.time(),
+                                  seconds=round(time.monotonic() - self.t0, 3), computed_tokens=stats.computed,
+                                  padded_tokens=stats.padded, truncated=stats.truncated, **w._pins())
+            w.on_event("committing", {"unit": unit})
+            lease = keeper.stop()
+            committed = q.commit(w.store, lease, record, w.lease_seconds)
+            if committed:
+                with w._record_lock:
+                    w.record.units_done += 1
+                    w.record.tokens += stats.tokens
+                    w.record.shards += len(stats.shards)
+                    w.record.bytes += sum(s.bytes for s in stats.shards)
+            w.on_event("committed" if committed else "already-done", {"unit": unit, "tokens": stats.tokens})
+            self.outcome = (True, stats.tokens if committed else 0)
+        except (Stop, q.LeaseLost, q.ShardsMissing) as e:
+            lease = keeper.stop()
+            # Abandon cleanly, so the next worker need not wait for expiry. Generation-matched: a lease
+            # someone else took over is never deleted.
+            q.release(w.store, lease)
+            log.warning("unit %d abandoned: %s", unit, e)
+            w.on_event("abandoned", {"unit": unit, "reason": str(e)})
+        except InputError as e:
+            # Bad input (a pinned file changed, a token id outside the vocabulary...): every retry would fail
+            # the same way, so stop this worker (exit 2, one line) instead of abandoning and reclaiming forever.
+            q.release(w.store, keeper.stop())
+            self.error = e
+        except BaseException as e:
+            keeper.stop()
+            self.error = e
+        finally:
+            self.finished.set()
+
+
+_DONE = object()  # the end of a stage's queue
 
 
 @dataclass
@@ -376,15 +548,13 @@ class _UnitStats:
     truncated: int = 0
     shards: list[q.ShardInfo] = field(default_factory=list)
 
-    def count(self, batch: Any) -> None:
-        ids = batch.sample_ids
-        self.tokens += int(len(ids))
-        rows = getattr(batch, "source_rows", None)  # context windows: the input rows behind the tokens
-        self.stored_ids.update(int(i) for i in set((ids if rows is None else rows).tolist()))
-        self.computed += int(getattr(batch, "computed_tokens", 0) or 0)
-        self.padded += int(getattr(batch, "padded_tokens", 0) or 0)
-        self.truncated += int(getattr(batch, "truncated", 0) or 0)
-        for sid, reason in (getattr(batch, "skipped", None) or {}).items():
+    def count(self, batch: Batch) -> None:
+        self.tokens += batch.stored_tokens
+        self.stored_ids |= batch.stored_rows()  # context windows: the input rows behind the tokens
+        self.computed += batch.computed_tokens
+        self.padded += batch.padded_tokens
+        self.truncated += batch.truncated
+        for sid, reason in batch.skipped.items():
             self.engine_skips[int(sid)] = str(reason)
 
     def skipped(self, start: int, stop: int) -> dict[str, list[int]]:

@@ -27,22 +27,14 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save
 
+from actfleet.worker.samples import Batch
 from actfleet.worker.shards import Shard
+from actfleet.worker.work_loop import PreparedUnit
 
 D = 8
 SITES = ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post")
 PROCESS_NONCE = secrets.token_hex(8)  # a restarted worker process is a new nonce
 _ATTEMPTS = itertools.count(1)  # shard writers made in this process (one per unit attempt), over all extractors
-
-
-@dataclass
-class Batch:
-    token_ids: np.ndarray
-    sample_ids: np.ndarray
-    positions: np.ndarray
-    acts: dict
-    computed_tokens: int = 0
-    padded_tokens: int = 0
 
 
 def write_dataset(path: Path, n: int, *, bad_every: int = 0, empty_every: int = 0) -> Path:
@@ -94,6 +86,15 @@ class StandinWriter:
         return shard
 
 
+def stream_units(run, units):
+    """A fake's run_stream from its per-unit run: (unit index, batch), one unit after the other (the real
+    runner also takes the next unit before the previous one's last batch is out: tests/test_stream_units.py
+    covers that order)."""
+    for k, unit in enumerate(units):
+        for batch in run(unit):
+            yield k, batch
+
+
 @dataclass
 class StandinExtractor:
     path: Path
@@ -120,6 +121,14 @@ class StandinExtractor:
                 except (json.JSONDecodeError, KeyError, TypeError):
                     yield i, None, "malformed JSON"
 
+    def prepare(self, start: int, stop: int) -> PreparedUnit:
+        rows = list(self.rows(start, stop))
+        texts = sum(1 for r in rows if r[1] is not None)
+        return PreparedUnit(start, stop, rows, rows, batches=-(-texts // self.batch_rows))
+
+    def run_stream(self, units):
+        return stream_units(self.run, (u.rows for u in units))
+
     def run(self, rows):
         rows = [r for r in rows if r[1] is not None]
         for k in range(0, len(rows), self.batch_rows):
@@ -136,7 +145,8 @@ class StandinExtractor:
             pos_a = np.array(pos, dtype=np.int32)
             acts = {site: np.sin(np.outer(tok_a + 0.5 * pos_a, np.arange(1, D + 1)) * (li + 1)).astype(np.float32)
                     for li, site in enumerate(SITES)}
-            yield Batch(tok_a, np.array(sid, dtype=np.int64), pos_a, acts, computed_tokens=len(tok), padded_tokens=0)
+            yield Batch(tok_a, np.array(sid, dtype=np.int64), pos_a, acts, rows=len(chunk), computed_tokens=len(tok),
+                        padded_tokens=0)
 
     def shard_writer(self, unit: int, *attempt, **attempt_kw) -> StandinWriter:
         """A fresh writer for one attempt at `unit`. Whatever else the loop passes (the lease's attempt, its

@@ -161,7 +161,7 @@ def extract(out_dir, overwrite, as_json, **flags):
         bar = progress.add_task("rows", total=spec.rows, completed=sum(r.stop - r.start for r in done.values()),
                                 rate="-")
         extractor = _ProgressExtractor(engine_extractor, progress, bar, started)
-        worker = Worker(store, spec, extractor, WORKER)
+        worker = Worker(store, spec, extractor, WORKER, stream_units=not max_tokens)
 
         def on_event(kind: str, info: dict) -> None:
             nonlocal stored, stopped_at_max_tokens
@@ -210,14 +210,14 @@ class _ProgressExtractor:
     def model_sha256(self) -> str:
         return self.inner.model_sha256()
 
-    def rows(self, start: int, stop: int):
-        return self.inner.rows(start, stop)
+    def prepare(self, start: int, stop: int):
+        return self.inner.prepare(start, stop)
 
     def shard_writer(self, unit: int):
         return self.inner.shard_writer(unit)
 
-    def run(self, rows):
-        for batch in self.inner.run(rows):
+    def run_stream(self, units):
+        for k, batch in self.inner.run_stream(units):
             self.stats.update(rows=batch.rows, computed=batch.computed_tokens - batch.padded_tokens)
             secs = max(1e-9, time.perf_counter() - self.started)
             # Rows/s and the input tokens computed per second: the stored tokens say little (1 per row with
@@ -225,7 +225,7 @@ class _ProgressExtractor:
             self.progress.update(self.bar, advance=batch.rows,
                                  rate=f"{self.stats['rows'] / secs:,.1f} rows/s, "
                                       f"{self.stats['computed'] / secs:,.0f} tok/s computed")
-            yield batch
+            yield k, batch
 
 
 def _lock(out: Path) -> int:
