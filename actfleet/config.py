@@ -433,7 +433,7 @@ def parse(raw: dict[str, Any], source: str = "<memory>") -> Config:
     if f["zones"] is not None:
         for zone, count in sorted(f["zones"].items()):
             if not zone.startswith(f["region"] + "-"):
-                raise bad(f"fleet.zones", {zone: count}, f'zone "{zone}" is not in region "{f["region"]}"')
+                raise bad("fleet.zones", {zone: count}, f'zone "{zone}" is not in region "{f["region"]}"')
             workers += [Worker.make(f["region"], zone, i) for i in range(count)]
     else:
         for name in f["workers"]:

@@ -168,9 +168,9 @@ def main() -> None:
     import torch
     from transformers import AutoModel
 
+    from actfleet.demo.tiny_model import make_tiny_model
     from actfleet.job_options import JobOptions
     from actfleet.worker.engine import Engine
-    from actfleet.demo.tiny_model import make_tiny_model
 
     if a.threads:
         torch.set_num_threads(a.threads)

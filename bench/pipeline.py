@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from actfleet import work_queue as q  # noqa: E402
-from actfleet.job_options import JobOptions  # noqa: E402
 from actfleet.hashing import sha256_file  # noqa: E402
-from actfleet.worker.engine_extractor import EngineExtractor, count_input_rows  # noqa: E402
+from actfleet.job_options import JobOptions  # noqa: E402
 from actfleet.store import open_store  # noqa: E402
+from actfleet.worker.engine_extractor import EngineExtractor, count_input_rows  # noqa: E402
 from actfleet.worker.work_loop import Worker  # noqa: E402
 
 WORDS = ("the model reads tokens and writes activations to shards in a bucket while spot machines come and go "

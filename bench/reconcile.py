@@ -24,13 +24,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import contextlib  # noqa: E402
+import urllib.request  # noqa: E402
+
 from actfleet.config import parse  # noqa: E402
 from actfleet.infra.decide import Policy, decide  # noqa: E402
 from actfleet.infra.observe import merge, observe_fleet  # noqa: E402
 from actfleet.infra.reconcile import reconcile_pass  # noqa: E402
 from actfleet.infra.tpu_api import TpuApi, ZoneError, ZoneView  # noqa: E402
-import contextlib  # noqa: E402
-import urllib.request  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

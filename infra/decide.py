@@ -46,10 +46,24 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 from actfleet.config import Config, Worker, zone_of
+
 # TPU state names and groups are defined once, in infra/tpu_states.py.
-from actfleet.infra.tpu_states import (NODE_BROKEN, NODE_CREATING, NODE_DELETING, NODE_GOING, NODE_PREEMPTED,
-                                       NODE_READY, NODE_STARTING, NODE_TERMINATED, QR_ACTIVE, QR_BROKEN,
-                                       QR_DELETING, QR_FAILED, QR_PROVISIONING, QR_SUSPENDING)
+from actfleet.infra.tpu_states import (
+    NODE_BROKEN,
+    NODE_CREATING,
+    NODE_DELETING,
+    NODE_GOING,
+    NODE_PREEMPTED,
+    NODE_READY,
+    NODE_STARTING,
+    NODE_TERMINATED,
+    QR_ACTIVE,
+    QR_BROKEN,
+    QR_DELETING,
+    QR_FAILED,
+    QR_PROVISIONING,
+    QR_SUSPENDING,
+)
 
 FLEET_LABEL = "actfleet-fleet"
 

@@ -41,8 +41,24 @@ from typing import Any, Callable
 from actfleet.config import Config, zone_of
 from actfleet.errors import ActfleetError
 from actfleet.formatting import iso_utc, one_line
-from actfleet.infra.decide import (APPLY_KINDS, CREATE, DELETE_ORPHAN, ERROR_CLASSES, KINDS, REPLACE, WAIT, Action,
-                                   Liveness, Observed, Policy, Remembered, WorkRecord, failure, needs_apply, remember)
+from actfleet.infra.decide import (
+    APPLY_KINDS,
+    CREATE,
+    DELETE_ORPHAN,
+    ERROR_CLASSES,
+    KINDS,
+    REPLACE,
+    WAIT,
+    Action,
+    Liveness,
+    Observed,
+    Policy,
+    Remembered,
+    WorkRecord,
+    failure,
+    needs_apply,
+    remember,
+)
 from actfleet.infra.lock import LockHeld, ReconcileLock, lock_location
 from actfleet.infra.observe import FleetView, observe_fleet, observed_from
 from actfleet.infra.plan import plan
@@ -408,7 +424,8 @@ def read_liveness(cfg: Config, job_complete: bool | None = None) -> Liveness | N
         return None
     try:
         from actfleet.store import open_store
-        from actfleet.work_queue import job_complete as complete_, job_key, read_worker_records
+        from actfleet.work_queue import job_complete as complete_
+        from actfleet.work_queue import job_key, read_worker_records
 
         store = open_store(cfg.job.store)
         if store.generation(job_key(cfg.job.name)) is None:
@@ -515,8 +532,8 @@ def _job_complete(cfg: Config, job: dict[str, Any]) -> bool:
         return False
     job["watched"] = True
     try:
-        from actfleet.work_queue import job_complete
         from actfleet.store import open_store
+        from actfleet.work_queue import job_complete
 
         complete = job_complete(open_store(cfg.job.store), cfg.job.name)
     except Exception as e:  # an unreadable queue never scales the fleet down; it is reported

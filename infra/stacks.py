@@ -27,8 +27,18 @@ os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "18,20")
 os.environ.setdefault("JSII_SILENCE_WARNING_DEPRECATED_NODE_VERSION", "1")
 os.environ.setdefault("JSII_SILENCE_WARNING_UNTESTED_NODE_VERSION", "1")
 
-from cdktf import (App, DataResource, GcsBackend, LocalBackend, LocalExecProvisioner,  # noqa: E402
-                   TerraformIterator, TerraformLocal, TerraformOutput, TerraformStack, Token)
+from cdktf import (  # noqa: E402
+    App,
+    DataResource,
+    GcsBackend,
+    LocalBackend,
+    LocalExecProvisioner,
+    TerraformIterator,
+    TerraformLocal,
+    TerraformOutput,
+    TerraformStack,
+    Token,
+)
 from constructs import Construct  # noqa: E402
 
 from actfleet.config import Config, Worker
@@ -36,8 +46,8 @@ from actfleet.infra.bucket_access import worker_grants
 from actfleet.infra.qr_request import SCOPES, queued_resource_request, worker_labels
 from actfleet.infra.startup_script import config_object_name, startup_script, worker_metadata, worker_unit
 from actfleet.infra.synth_inputs import actfleet_command
-from actfleet.infra.terraform_layout import (BASE, FLEET, WORKERS, gcs_backend_prefix, local_state_file,
-                                             state_dir as default_state_dir)
+from actfleet.infra.terraform_layout import BASE, FLEET, WORKERS, gcs_backend_prefix, local_state_file
+from actfleet.infra.terraform_layout import state_dir as default_state_dir
 
 # typeguard 4 (the saelens extra's) warns ~20 times a synth that it cannot check jsii's protocols: dropped
 # before any binding is called (their argument checks are what warns).
@@ -87,10 +97,15 @@ class BaseStack(TerraformStack):
         from cdktf_cdktf_provider_google.project_iam_member import ProjectIamMember
         from cdktf_cdktf_provider_google.provider import GoogleProvider
         from cdktf_cdktf_provider_google.service_account import ServiceAccount
-        from cdktf_cdktf_provider_google.storage_bucket import (StorageBucket, StorageBucketSoftDeletePolicy,
-                                                                StorageBucketVersioning)
-        from cdktf_cdktf_provider_google.storage_bucket_iam_member import (StorageBucketIamMember,
-                                                                           StorageBucketIamMemberCondition)
+        from cdktf_cdktf_provider_google.storage_bucket import (
+            StorageBucket,
+            StorageBucketSoftDeletePolicy,
+            StorageBucketVersioning,
+        )
+        from cdktf_cdktf_provider_google.storage_bucket_iam_member import (
+            StorageBucketIamMember,
+            StorageBucketIamMemberCondition,
+        )
         from cdktf_cdktf_provider_google.storage_bucket_object import StorageBucketObject
 
         fleet, storage = config.fleet, config.storage
@@ -187,9 +202,12 @@ class FleetStack(TerraformStack):
         resource.override_logical_id(WORKERS)
 
     def _vm(self, config: Config, refs: dict[str, str]) -> None:
-        from cdktf_cdktf_provider_google_beta.google_tpu_v2_vm import (GoogleTpuV2Vm, GoogleTpuV2VmNetworkConfig,
-                                                                       GoogleTpuV2VmSchedulingConfig,
-                                                                       GoogleTpuV2VmServiceAccount)
+        from cdktf_cdktf_provider_google_beta.google_tpu_v2_vm import (
+            GoogleTpuV2Vm,
+            GoogleTpuV2VmNetworkConfig,
+            GoogleTpuV2VmSchedulingConfig,
+            GoogleTpuV2VmServiceAccount,
+        )
         from cdktf_cdktf_provider_google_beta.provider import GoogleBetaProvider
 
         fleet = config.fleet

@@ -45,6 +45,7 @@ from typing import Iterable, Mapping
 from actfleet.config import Config
 from actfleet.errors import EXIT_BAD_INPUT, ActfleetError, PrerequisiteError
 from actfleet.infra.terraform_layout import FLEET, STACK_NAMES
+
 INIT_MARKER = ".terraform/actfleet-init-done"
 SUMMARY_LIMIT = 800  # characters of error summary kept on the one line
 

@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from actfleet.worker.attention import NEG_INF, attention
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakes import standin_extractor as sx
 from actfleet import work_queue as q
 from actfleet.store import open_store
 from actfleet.worker.verify import verify
+from tests.fakes import standin_extractor as sx
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,6 +102,7 @@ import random  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
+
 from actfleet.worker.shards import read_tensors  # noqa: E402  (reads bfloat16, which safetensors.numpy cannot)
 
 PHASES = ("claimed", "computing", "uploading", "committing")
@@ -219,8 +220,8 @@ def test_chaos_with_the_real_engine_on_a_tiny_model(tmp_path):
                             + "\n" for _ in range(96)))
     env = {"ACTFLEET_JAX_CACHE": str(tmp_path / "jax-cache")}  # restarted workers reuse compiled programs
     stores = {name: tmp_path / name for name in ("reference", "chaos")}
-    from actfleet.job_options import JobOptions
     from actfleet.hashing import sha256_file
+    from actfleet.job_options import JobOptions
     from actfleet.worker.engine_extractor import count_input_rows
 
     opts = JobOptions(model=str(model), sites=("blocks.0.hook_resid_post", "blocks.1.hook_resid_post"),

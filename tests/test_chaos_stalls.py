@@ -37,14 +37,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.fakes import standin_extractor as sx
-from tests.fakes.gcs_server import fake_gcs  # noqa: F401  (fixture)
-from tests.test_chaos import REPO, Proc, actfleet_argv, assert_bitwise_equal, standin_worker
-from actfleet.store import open_store
 from actfleet import work_queue as q
+from actfleet.store import open_store
 from actfleet.worker.shards import read_tensors
 from actfleet.worker.verify import verify
 from actfleet.worker.work_loop import Worker
+from tests.fakes import standin_extractor as sx
+from tests.fakes.gcs_server import fake_gcs  # noqa: F401  (fixture)
+from tests.test_chaos import REPO, Proc, actfleet_argv, assert_bitwise_equal, standin_worker
 
 STALL_PHASES = ("computing", "uploading", "committing")
 # Problems a verify may report while workers run: units not done yet, garbage (without --clean). Anything
@@ -631,8 +631,8 @@ def test_chaos_with_stalls_and_the_real_engine_matches_extract(tmp_path):
     2 SIGKILLs, while `actfleet verify --clean` loops; then verify passes and every stored row (token id and
     each site, per sample and position) is bit-identical to `actfleet extract` over the same unit size."""
     from actfleet.demo.tiny_model import make_tiny_model
-    from actfleet.job_options import JobOptions
     from actfleet.hashing import sha256_file
+    from actfleet.job_options import JobOptions
     from actfleet.worker.engine_extractor import count_input_rows
     from actfleet.worker.reader import load
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from actfleet import config
-from actfleet.errors import ConfigError, EXIT_BAD_INPUT
+from actfleet.errors import EXIT_BAD_INPUT, ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

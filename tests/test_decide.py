@@ -9,10 +9,34 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from actfleet.config import Worker
-from actfleet.infra.decide import (ACTING_KINDS, APPLY_KINDS, CREATE, DELETE_ORPHAN, HEALTHY, KINDS, PENDING, REMOVE,
-                                   REPLACE, REPORT, WAIT, Action, Liveness, Observed, Policy, Remembered, WorkRecord,
-                                   classify, decide, failure, needs_apply, phase, remember, settle, with_history)
-from actfleet.infra.decide import ERROR_CLASSES
+from actfleet.infra.decide import (
+    ACTING_KINDS,
+    APPLY_KINDS,
+    CREATE,
+    DELETE_ORPHAN,
+    ERROR_CLASSES,
+    HEALTHY,
+    KINDS,
+    PENDING,
+    REMOVE,
+    REPLACE,
+    REPORT,
+    WAIT,
+    Action,
+    Liveness,
+    Observed,
+    Policy,
+    Remembered,
+    WorkRecord,
+    classify,
+    decide,
+    failure,
+    needs_apply,
+    phase,
+    remember,
+    settle,
+    with_history,
+)
 
 NOW = 1_000_000.0
 POLICY = Policy(fleet_id="acts", provision_timeout_s=600, on_provision_timeout="report")

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from actfleet import work_queue as q
 from actfleet.errors import ActfleetError
 from actfleet.store import open_store
-from actfleet import work_queue as q
 from actfleet.worker.verify import verify
 from tests.fakes import standin_extractor as sx
 from tests.fakes.gcs_server import fake_gcs  # noqa: F401  (fixture)

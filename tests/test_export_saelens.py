@@ -16,11 +16,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from actfleet import work_queue as q
 from actfleet.errors import InputError
 from actfleet.store import open_store
-from actfleet import work_queue as q
-from actfleet.worker.samples import Batch
 from actfleet.worker.export import export_saelens
+from actfleet.worker.samples import Batch
 from actfleet.worker.shards import ShardWriter
 from tests.fakes.gcs_server import fake_gcs  # noqa: F401  (fixture)
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from actfleet.worker.reader import load
 from actfleet.demo.tiny_model import make_tiny_model
+from actfleet.worker.reader import load
 
 ROOT = Path(__file__).resolve().parent.parent
 

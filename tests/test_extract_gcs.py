@@ -12,9 +12,9 @@ import pytest
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
-from tests.fakes.gcs_server import fake_gcs  # noqa: F401  (fixture)
-from actfleet.worker.reader import load, shard_metadata
 from actfleet.demo.tiny_model import make_tiny_model
+from actfleet.worker.reader import load, shard_metadata
+from tests.fakes.gcs_server import fake_gcs  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 

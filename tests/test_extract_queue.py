@@ -8,9 +8,9 @@ import time
 
 import pytest
 
+from actfleet import work_queue as q
 from actfleet.errors import InputError
 from actfleet.job_options import JobOptions
-from actfleet import work_queue as q
 from actfleet.worker.commands.extract import JOB, STATE, OutStore, _lock, _resume_state
 
 OPTIONS = JobOptions(model="m", shard_mb=0.01)

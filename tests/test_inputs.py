@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from actfleet.errors import InputError
 from actfleet.demo.tiny_model import make_tiny_model
+from actfleet.errors import InputError
 from actfleet.worker import sources
 from tests.read_input import count_rows, pin, read_rows
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from actfleet import sites
+from actfleet import work_queue as q
 from actfleet.errors import ActfleetError
 from actfleet.job_options import DEFAULTS, JobOptions
-from actfleet import work_queue as q
 
 
 def test_json_form_round_trips_and_fills_defaults():

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakes.gcs_server import fake_gcs  # noqa: F401  (fixture)
 from actfleet import work_queue as q
 from actfleet.store import open_store
+from tests.fakes.gcs_server import fake_gcs  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 CLAIMERS, UNITS, LEASE_S = 16, 200, 1.0

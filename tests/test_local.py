@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from actfleet.infra.decide import CREATE, REMOVE, REPLACE
 from actfleet.demo.process_fleet import Chaos, ProcessFleet, local_workers, popen_logged
+from actfleet.infra.decide import CREATE, REMOVE, REPLACE
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from actfleet.infra.lock import LOCK_KEY, LockHeld, LockInfo, ReconcileLock
-from tests.fakes.gcs_server import fake_gcs  # noqa: F401  (pytest fixture)
 from actfleet.store import open_store
+from tests.fakes.gcs_server import fake_gcs  # noqa: F401  (pytest fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -77,17 +77,17 @@ def parts(model):
     kind = model.config.model_type
     if kind in ("llama", "qwen3"):
         base = model.model
-        return base.embed_tokens, [dict(layer=l, ln1=l.input_layernorm, o=l.self_attn.o_proj, attn=l.self_attn,
-                                        ln2=l.post_attention_layernorm, up=l.mlp.gate_proj, down=l.mlp.down_proj,
-                                        mlp=l.mlp) for l in base.layers]
+        return base.embed_tokens, [dict(layer=b, ln1=b.input_layernorm, o=b.self_attn.o_proj, attn=b.self_attn,
+                                        ln2=b.post_attention_layernorm, up=b.mlp.gate_proj, down=b.mlp.down_proj,
+                                        mlp=b.mlp) for b in base.layers]
     if kind == "gpt2":
         base = model.transformer
-        return base.wte, [dict(layer=l, ln1=l.ln_1, o=l.attn.c_proj, attn=l.attn, ln2=l.ln_2, up=l.mlp.c_fc,
-                               down=l.mlp.c_proj, mlp=l.mlp) for l in base.h]
+        return base.wte, [dict(layer=b, ln1=b.ln_1, o=b.attn.c_proj, attn=b.attn, ln2=b.ln_2, up=b.mlp.c_fc,
+                               down=b.mlp.c_proj, mlp=b.mlp) for b in base.h]
     base = model.gpt_neox
-    return base.embed_in, [dict(layer=l, ln1=l.input_layernorm, o=l.attention.dense, attn=l.attention,
-                                ln2=l.post_attention_layernorm, up=l.mlp.dense_h_to_4h, down=l.mlp.dense_4h_to_h,
-                                mlp=l.mlp) for l in base.layers]
+    return base.embed_in, [dict(layer=b, ln1=b.input_layernorm, o=b.attention.dense, attn=b.attention,
+                                ln2=b.post_attention_layernorm, up=b.mlp.dense_h_to_4h, down=b.mlp.dense_4h_to_h,
+                                mlp=b.mlp) for b in base.layers]
 
 
 def hf_reference(model_dir, token_lists):

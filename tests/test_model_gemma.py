@@ -57,8 +57,15 @@ def make_gemma(root, family: str, seed: int = 0, hub_spelling: bool = False, **o
     `hub_spelling`: config.json rewritten as the hub's checkpoints spell it (transformers 4.x: no layer_types,
     rope_theta / rope_local_base_freq / rope_scaling, Gemma 3's sliding_window_pattern), which transformers
     and actfleet must both turn into the same layer pattern and RoPE tables."""
-    from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3ForCausalLM,
-                              Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig)
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        Gemma3Config,
+        Gemma3ForCausalLM,
+        Gemma3ForConditionalGeneration,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
 
     tiny = make_tiny_model(root / "tok")
     torch.manual_seed(seed)
@@ -233,9 +240,7 @@ def test_config_pattern_rope_and_refusals():
 
 
 def test_config_fields_cover_the_config_classes():
-    from transformers import Gemma2Config, Gemma3TextConfig
-
-    from transformers import Gemma3Config
+    from transformers import Gemma2Config, Gemma3Config, Gemma3TextConfig
 
     from actfleet.worker.models import gemma, gemma3_mm
 

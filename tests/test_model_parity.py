@@ -17,10 +17,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from actfleet import sites as site_names  # noqa: E402
-from actfleet.worker.attention import NEG_INF, attention  # noqa: E402
-from actfleet.job_options import JobOptions  # noqa: E402
-from actfleet.worker.engine import Engine  # noqa: E402
 from actfleet.demo.tiny_model import make_tiny_model  # noqa: E402
+from actfleet.job_options import JobOptions  # noqa: E402
+from actfleet.worker.attention import NEG_INF, attention  # noqa: E402
+from actfleet.worker.engine import Engine  # noqa: E402
 
 
 def reference_attention(q, k, v, segment_ids, positions):
@@ -303,12 +303,13 @@ def test_sites_of_every_width_reach_the_shards_and_resid_pre_is_the_previous_res
     """Default dtypes (bfloat16), every site kind: resid_pre of layer L is resid_post of L - 1 (hook_embed for
     L = 0) bit for bit; d_mlp- and heads*head_dim-wide sites keep their widths through the engine's gather,
     ShardWriter and the reader; an all-skipped run's empty batch has the same widths."""
-    from actfleet.worker.reader import load
-    from actfleet.worker.shards import ShardWriter
+    import shutil
 
     # Qwen3 shape with head_dim 24: attn_z is 4 x 24 = 96 wide next to d_model 64 and d_mlp 96 + 32.
     from transformers import Qwen3Config, Qwen3ForCausalLM
-    import shutil
+
+    from actfleet.worker.reader import load
+    from actfleet.worker.shards import ShardWriter
 
     tiny = make_tiny_model(tmp_path / "tok")
     torch.manual_seed(1)

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from actfleet import work_queue as q
 from actfleet.errors import InputError
 from actfleet.store import open_store
 from actfleet.worker import multihost
-from actfleet import work_queue as q
 from actfleet.worker.verify import verify
 from actfleet.worker.work_loop import PreparedUnit, Worker
 from tests.fakes import standin_extractor as sx

@@ -16,10 +16,10 @@ import pytest
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
+from actfleet import work_queue as q
 from actfleet.errors import InputError
 from actfleet.store import open_store
 from actfleet.worker import pinning
-from actfleet import work_queue as q
 from actfleet.worker.verify import verify
 from tests.fakes.gcs_server import fake_gcs  # noqa: F401  (fixture)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from actfleet.errors import InputError
 from actfleet import work_queue as q
+from actfleet.errors import InputError
 from actfleet.store import open_store
 from tests.fakes.gcs_server import fake_gcs  # noqa: F401  (fixture)
 
@@ -148,9 +148,9 @@ def test_progress_before_prepare_and_with_live_leases(store):
 
 import threading  # noqa: E402
 
-from tests.fakes import standin_extractor as sx  # noqa: E402
 from actfleet.worker.verify import verify  # noqa: E402
 from actfleet.worker.work_loop import Worker  # noqa: E402
+from tests.fakes import standin_extractor as sx  # noqa: E402
 
 
 def standin_job(tmp_path, store, rows=30, unit_rows=10):

@@ -15,8 +15,8 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
 from actfleet.store import PreconditionFailed
-from actfleet.worker.samples import Batch
 from actfleet.worker.reader import ShardFile, iter_batches, load, open_source, shuffled_batches
+from actfleet.worker.samples import Batch
 from actfleet.worker.shards import ShardWriter, parse_header
 from tests.fakes.gcs_server import fake_gcs  # noqa: F401  (fixture)
 

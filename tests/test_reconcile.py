@@ -20,9 +20,9 @@ from actfleet.infra.lock import LOCK_KEY, ReconcileLock
 from actfleet.infra.reconcile import REPORT_JSON_SCHEMA, managed_workers, reconcile_pass
 from actfleet.infra.terraform_layout import FLEET, state_location
 from actfleet.infra.tpu_api import TpuApi
+from actfleet.store import open_store
 from tests.conftest import write_fleet_toml
 from tests.fakes.tpu_server import FakeTpuServer
-from actfleet.store import open_store
 
 A = "us-central1-a"
 ACTFLEET = str(Path(sys.executable).parent / "actfleet")
@@ -223,10 +223,10 @@ def test_watch_reads_fleet_toml_again_every_pass_and_skips_a_pass_whose_config_i
 # Real states and real failures (issue 15): a controlled clock, the fake TPU API, real stores
 # ----------------------------------------------------------------------------------------------------
 
+from actfleet import work_queue as q  # noqa: E402
 from actfleet.infra.qr_request import queued_resource_request  # noqa: E402
 from actfleet.infra.terraform import TerraformError  # noqa: E402
 from actfleet.infra.terraform_layout import worker_address  # noqa: E402
-from actfleet import work_queue as q  # noqa: E402
 
 
 class Provisioners:

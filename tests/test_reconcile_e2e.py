@@ -324,8 +324,8 @@ def test_watch_runs_a_pass_every_interval_as_json_lines(fleet):
 
 
 def test_complete_job_scales_the_fleet_to_zero(fleet):
-    from actfleet.work_queue import DoneRecord, claim, commit, prepare
     from actfleet.store import open_store
+    from actfleet.work_queue import DoneRecord, claim, commit, prepare
 
     fleet.fresh()
     store = open_store(str(fleet.tmp / "store"))

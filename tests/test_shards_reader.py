@@ -7,10 +7,16 @@ import numpy as np
 import pytest
 
 from actfleet.work_queue import shard_name, shard_unit_part
-from actfleet.worker.samples import Batch
 from actfleet.worker.reader import iter_batches, load, shard_metadata
-from actfleet.worker.shards import (ShardFormatError, ShardWriter, read_tensors, safetensors_bytes, shard_bytes,
-                                    shard_index)
+from actfleet.worker.samples import Batch
+from actfleet.worker.shards import (
+    ShardFormatError,
+    ShardWriter,
+    read_tensors,
+    safetensors_bytes,
+    shard_bytes,
+    shard_index,
+)
 
 SITES = ("hook_embed", "blocks.0.hook_resid_post")
 
@@ -103,7 +109,6 @@ def test_shard_index_refuses_what_is_not_a_shard():
 def test_writer_cuts_batches_into_the_bytes_of_their_concatenation(store_dtype):
     """The writer serializes row pieces straight into each shard (one copy); the bytes must be exactly those of
     shard_bytes over the concatenated rows, whatever the batch sizes and wherever the shard cuts fall."""
-    rng = np.random.default_rng(7)
     sizes = [1, 5, 2, 13, 1, 1, 8, 21, 3]  # rows per batch: cuts inside, at the edge of and across batches
     batches, start = [], 0
     for i, n in enumerate(sizes):

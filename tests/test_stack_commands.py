@@ -7,11 +7,10 @@ Every test shares one synth cache, so cdktf is imported once for the module (the
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest

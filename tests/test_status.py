@@ -15,10 +15,10 @@ import pytest
 from actfleet.config import load
 from actfleet.infra.commands.status import take_snapshot
 from actfleet.infra.tpu_api import TpuApi
+from actfleet.store import open_store
+from actfleet.work_queue import DoneRecord, ShardInfo, WorkerProgress, claim, commit, prepare, write_worker_record
 from tests.conftest import write_fleet_toml
 from tests.fakes.tpu_server import FakeTpuServer
-from actfleet.work_queue import DoneRecord, ShardInfo, WorkerProgress, claim, commit, prepare, write_worker_record
-from actfleet.store import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 ACTFLEET = str(Path(sys.executable).parent / "actfleet")

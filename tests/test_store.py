@@ -8,15 +8,15 @@ import os
 import pytest
 
 from actfleet.errors import InputError
+from actfleet.store import LocalStore, NotFound, PreconditionFailed, open_store, parse_gs
 from tests.fakes.gcs_server import FakeGcs, fake_gcs  # noqa: F401  (fixture)
-from actfleet.store import GcsStore, LocalStore, NotFound, PreconditionFailed, open_store, parse_gs
 
 
 @pytest.fixture(params=["local", "gcs"])
 def store(request, tmp_path):
     if request.param == "local":
         return open_store(str(tmp_path / "bucket"))
-    fake = request.getfixturevalue("fake_gcs")
+    request.getfixturevalue("fake_gcs")  # the fake GCS server the gs:// store talks to
     return open_store("gs://test-bucket/some/prefix")
 
 

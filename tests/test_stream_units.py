@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import threading
 
-from actfleet.store import open_store
 from actfleet import work_queue as q
+from actfleet.store import open_store
 from actfleet.worker.verify import verify
 from actfleet.worker.work_loop import Worker
 from tests.fakes import standin_extractor as sx

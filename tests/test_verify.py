@@ -3,16 +3,13 @@ standin_extractor.py) into a filesystem store, then damage the output in each wa
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import pytest
-
-from tests.fakes import standin_extractor as sx
 from actfleet import work_queue as q
 from actfleet.store import open_store
 from actfleet.worker.verify import verify
 from actfleet.worker.work_loop import Worker
+from tests.fakes import standin_extractor as sx
 
 
 def run_job(tmp_path: Path, rows=40, unit_rows=7, store=None, **dataset):

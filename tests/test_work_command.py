@@ -110,8 +110,8 @@ def test_a_changed_dataset_is_refused_by_prepare_and_work(tiny, tmp_path):
 
 
 def test_verify_exit_codes_and_one_line_errors(tmp_path):
-    from tests.fakes import standin_extractor as sx
     from actfleet.worker.work_loop import Worker
+    from tests.fakes import standin_extractor as sx
 
     data = sx.write_dataset(tmp_path / "d.jsonl", 12)
     store = open_store(str(tmp_path / "bucket"))

@@ -77,7 +77,7 @@ def attention(q, k, v, segment_ids, positions, *, block: int = 512, window: int 
             qpos = i * blk + jnp.arange(blk)
 
             def step(j, carry):
-                m, l, acc = carry
+                m, denom, acc = carry
                 kj, vj = kr[j], vr[j]
                 # Products in the inputs' dtype, accumulated in float32 (flash attention's recipe: bfloat16
                 # inputs use the matrix units); scores, softmax and the running sums stay float32.
@@ -91,15 +91,15 @@ def attention(q, k, v, segment_ids, positions, *, block: int = 512, window: int 
                 m_new = jnp.maximum(m, s.max(-1))
                 p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
                 corr = jnp.exp(m - m_new)
-                l = l * corr + p.sum(-1)
+                denom = denom * corr + p.sum(-1)
                 acc = acc * corr[..., None] + jnp.einsum("kgqs,skd->kgqd", p.astype(vj.dtype), vj,
                                                          preferred_element_type=jnp.float32)
-                return m_new, l, acc
+                return m_new, denom, acc
 
             init = (jnp.full((kvh, g, blk), NEG_INF, jnp.float32), jnp.zeros((kvh, g, blk), jnp.float32),
                     jnp.zeros((kvh, g, blk, hd), jnp.float32))
-            _, l, acc = jax.lax.fori_loop(first[i], i + 1, step, init)
-            out = acc / l[..., None]  # the diagonal is always unmasked, so l > 0
+            _, denom, acc = jax.lax.fori_loop(first[i], i + 1, step, init)
+            out = acc / denom[..., None]  # the diagonal is always unmasked, so denom > 0
             return out.transpose(2, 0, 1, 3)  # [blk, kvh, g, hd]
 
         return jax.lax.map(one_query_block, jnp.arange(nb))  # [nb, blk, kvh, g, hd]

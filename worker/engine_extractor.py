@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Iterable, Iterator
 
-from actfleet.job_options import JobOptions
 from actfleet import work_queue as q
+from actfleet.job_options import JobOptions
 from actfleet.worker.samples import Batch, Row
 from actfleet.worker.work_loop import PreparedUnit
 
@@ -20,7 +20,8 @@ class EngineExtractor:
     def __init__(self, spec: q.JobSpec, pinned=None):
         """`pinned`: the job_setup.JobInputs this process pinned the job from (`actfleet extract`): its model
         directory and local file copies are used as they are instead of being fetched and hashed again."""
-        from actfleet.worker import engine as eng, inputs, pinning, shards, sources
+        from actfleet.worker import engine as eng
+        from actfleet.worker import inputs, pinning, shards, sources
 
         self.spec, self.o, self._inputs, self._shards = spec, spec.options, inputs, shards
         self._pinning, self._sources, self._copies = pinning, sources, {}

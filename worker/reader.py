@@ -39,7 +39,6 @@ import numpy as np
 from actfleet import work_queue as q
 from actfleet.worker.shards import _DTYPES, INDEX_TENSORS, ShardFormatError, open_file
 
-
 # ----------------------------------------------------------------------------------------------------
 # Where the shards are
 # ----------------------------------------------------------------------------------------------------

@@ -27,11 +27,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from actfleet.errors import ActfleetError
 from actfleet import work_queue as q
-from actfleet.worker.shards import ShardFormatError, shard_rows
+from actfleet.errors import ActfleetError
 from actfleet.store import NotFound, PreconditionFailed, Store
-
+from actfleet.worker.shards import ShardFormatError, shard_rows
 
 
 @dataclass

@@ -31,15 +31,15 @@ import signal
 import threading
 import time
 import zlib
-from dataclasses import dataclass, field
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol
 
-from actfleet.errors import InputError
 from actfleet import work_queue as q
+from actfleet.errors import InputError
+from actfleet.store import Store
 from actfleet.worker.background import in_thread
 from actfleet.worker.samples import Batch, Row
-from actfleet.store import Store
 
 if TYPE_CHECKING:
     from actfleet.worker.shards import Shard

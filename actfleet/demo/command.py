@@ -69,8 +69,8 @@ RANDOM_LABEL = "RANDOM WEIGHTS (tiny demo model: the activations mean nothing)"
 @json_option
 def local(workers, chaos, seed, model, input_path, out, job, layers, sites, unit_rows, lease_seconds, as_json):
     """Run the whole system on this machine: tiny model, bundled dataset, N workers, chaos, verify."""
-    from actfleet.demo.process_fleet import Chaos, ProcessFleet, local_workers, popen_logged
     from actfleet import work_queue as q
+    from actfleet.demo.process_fleet import Chaos, ProcessFleet, local_workers, popen_logged
     from actfleet.store import open_store
 
     dataset = Path(input_path).resolve() if input_path else BUNDLED_DATASET

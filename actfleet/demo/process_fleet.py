@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from actfleet.config import Worker
-from actfleet.infra.decide import (CREATE, DELETE_ORPHAN, FLEET_LABEL, REMOVE, REPLACE, Action, Observed, Policy,
-                          decide)
+from actfleet.infra.decide import CREATE, DELETE_ORPHAN, FLEET_LABEL, REMOVE, REPLACE, Action, Observed, Policy, decide
 
 LOCAL_ZONE = "local"
 

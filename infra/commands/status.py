@@ -88,8 +88,8 @@ def take_snapshot(cfg: Config, *, api=None, store=None, job_name: str | None = N
         return observe_inputs(cfg, api, managed=managed, read_job=with_job), not_planned
 
     def progress():
-        from actfleet.work_queue import job_progress
         from actfleet.store import open_store
+        from actfleet.work_queue import job_progress
 
         return job_progress(store or open_store(cfg.job.store), job_name or cfg.job.name, now=now)
 

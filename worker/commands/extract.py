@@ -30,11 +30,11 @@ from pathlib import Path
 
 import click
 
+from actfleet import work_queue as q
 from actfleet.cli import json_option
 from actfleet.errors import ActfleetError, InputError
 from actfleet.job_options import EXTRACT, JobOptions
 from actfleet.store import LocalStore, Store
-from actfleet import work_queue as q
 from actfleet.worker.commands.flags import job_options, options_from_flags
 
 SUMMARY = "summary.json"
@@ -127,7 +127,14 @@ def extract(out_dir, overwrite, as_json, **flags):
 
     quiet_transformers()
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from actfleet.worker import compile_cache
     from actfleet.worker.job_setup import pin_job_inputs

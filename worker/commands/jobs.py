@@ -18,15 +18,15 @@ from pathlib import Path
 import click
 
 from actfleet import sites as site_names
+from actfleet import work_queue as q
 from actfleet.cli import config_option, json_option
 from actfleet.config import JobConfig, resolve_path
 from actfleet.errors import ConfigError, InputError
 from actfleet.job_options import DEFAULT_LEASE_SECONDS, DEFAULT_UNIT_ROWS, PREPARE, JobOptions
 from actfleet.quiet import log_to_stderr
-from actfleet import work_queue as q
+from actfleet.store import Store, open_store
 from actfleet.worker.commands.flags import job_options
 from actfleet.worker.engine_extractor import EngineExtractor
-from actfleet.store import Store, open_store
 
 
 @dataclass
