@@ -8,9 +8,9 @@ PY := $(VENV)/bin/python
 ACTFLEET := $(VENV)/bin/actfleet
 CONFIG ?= fleet.toml
 PYTEST_ARGS ?=
-# `make test LINT=1` runs `make lint` (ruff check + ruff format --check) before the tests. Off by default until
-# the tree has been through ruff once (then set it to 1 here).
-LINT ?= 0
+# `make test` runs `make lint` (ruff check + ruff format --check, config in pyproject.toml) before the tests;
+# `make test LINT=0` skips it.
+LINT ?= 1
 # Terraform reads no user CLI config and never phones home from our commands.
 export CHECKPOINT_DISABLE := 1
 
@@ -19,7 +19,7 @@ export CHECKPOINT_DISABLE := 1
 
 help:
 	@echo "make demo        run actfleet locally: tiny model, bundled dataset, 3 workers, chaos on"
-	@echo "make test        run the test suite (creates .venv and node_modules first; LINT=1: make lint first)"
+	@echo "make test        run the test suite (creates .venv and node_modules first; make lint first, LINT=0: not)"
 	@echo "make lint        ruff check and ruff format --check (the pinned ruff of the test extra)"
 	@echo "make synth|plan|deploy|destroy   the cloud stacks, for CONFIG=$(CONFIG)"
 	@echo "make reconcile   one reconcile pass (run it on a timer; README 'Operations')"

@@ -21,8 +21,7 @@ def main() -> None:
         sys.exit(e.exit_code)
     from actfleet.infra.stacks import build_app  # after the config is known good: this import takes 15-25 s
 
-    app = build_app(config, state_dir=state_dir(config), config_text=config_text(config),
-                    actfleet=actfleet_command())
+    app = build_app(config, state_dir=state_dir(config), config_text=config_text(config), actfleet=actfleet_command())
     app.synth()
 
 

@@ -41,8 +41,10 @@ class UnknownAccelerator(ValueError):
 def _parse(accelerator_type: str) -> tuple[str, int]:
     m = _TYPE_RE.fullmatch(accelerator_type)
     if not m or m["family"] not in _FAMILIES or int(m["n"]) < 1:
-        raise UnknownAccelerator(f'"{accelerator_type}": not a Cloud TPU accelerator type actfleet knows '
-                                 f'(families: {", ".join(FAMILIES)}; e.g. "v5litepod-8", "v4-8")')
+        raise UnknownAccelerator(
+            f'"{accelerator_type}": not a Cloud TPU accelerator type actfleet knows '
+            f'(families: {", ".join(FAMILIES)}; e.g. "v5litepod-8", "v4-8")'
+        )
     return m["family"], int(m["n"])
 
 

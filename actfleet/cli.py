@@ -32,8 +32,8 @@ export     actfleet.worker.commands.export:export     Write shards in a trainer'
 local      actfleet.demo.command:local                Run the whole system on this machine (the demo).
 """
 COMMANDS: dict[str, tuple[str, str]] = {
-    name: (target, help_text) for name, target, help_text in
-    (line.split(None, 2) for line in _TABLE.strip().splitlines() if line.strip())
+    name: (target, help_text)
+    for name, target, help_text in (line.split(None, 2) for line in _TABLE.strip().splitlines() if line.strip())
 }
 
 
@@ -96,8 +96,13 @@ def main(argv: list[str] | None = None) -> None:
 
 def config_option(f):
     """`--config PATH` (falls back to $ACTFLEET_CONFIG, then ./fleet.toml)."""
-    return click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-                        help="fleet.toml to use (default: $ACTFLEET_CONFIG, then ./fleet.toml).")(f)
+    return click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="fleet.toml to use (default: $ACTFLEET_CONFIG, then ./fleet.toml).",
+    )(f)
 
 
 def json_option(f):

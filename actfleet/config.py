@@ -225,7 +225,7 @@ def _zones(v):
         if not re.fullmatch(r"[a-z]+-[a-z]+[0-9]+-[a-z]", zone):
             raise _Bad(f'has zone "{zone}": zone names look like "us-central1-a"')
         if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= 10000:
-            raise _Bad(f'has {zone} = {count!r}: worker counts must be integers from 0 to 10000')
+            raise _Bad(f"has {zone} = {count!r}: worker counts must be integers from 0 to 10000")
         out[zone] = count
     return out
 
@@ -245,12 +245,17 @@ def _sites(v):
     if isinstance(v, str):
         v = [v]
     if not isinstance(v, list) or not v or not all(isinstance(x, str) for x in v):
-        raise _Bad("must be a non-empty list of site kinds (" + ", ".join(site_names.KINDS) + ") or names "
-                   'like "blocks.6.hook_resid_post"')
+        raise _Bad(
+            "must be a non-empty list of site kinds (" + ", ".join(site_names.KINDS) + ") or names "
+            'like "blocks.6.hook_resid_post"'
+        )
     for s in v:
         if s not in site_names.KINDS and not site_names.is_name(s, every_layer_ok=False):
-            raise _Bad(f'has "{s}": sites are kinds (' + ", ".join(site_names.KINDS) +
-                       ') or names like "blocks.6.hook_resid_post", "hook_embed"')
+            raise _Bad(
+                f'has "{s}": sites are kinds ('
+                + ", ".join(site_names.KINDS)
+                + ') or names like "blocks.6.hook_resid_post", "hook_embed"'
+            )
     return v
 
 
@@ -286,23 +291,28 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "region": Key(_string(r"[a-z]+-[a-z]+[0-9]+", 'a region like "us-central1"')),
         "zones": Key(_zones, None),
         "workers": Key(_worker_names, None),
-        "accelerator_type": Key(_string(r"v[0-9]+[a-z]*-[0-9]+", 'an accelerator type like "v5litepod-8"'),
-                                "v5litepod-8"),
-        "runtime_version": Key(_string(r"[a-z0-9][a-z0-9.-]*", 'a TPU runtime like "v2-alpha-tpuv5-lite"'),
-                               "v2-alpha-tpuv5-lite"),
+        "accelerator_type": Key(
+            _string(r"v[0-9]+[a-z]*-[0-9]+", 'an accelerator type like "v5litepod-8"'), "v5litepod-8"
+        ),
+        "runtime_version": Key(
+            _string(r"[a-z0-9][a-z0-9.-]*", 'a TPU runtime like "v2-alpha-tpuv5-lite"'), "v2-alpha-tpuv5-lite"
+        ),
         "mode": Key(_choice("queued", "vm"), "queued"),
         "spot": Key(_bool, True),
         "network": Key(_string(r"[a-zA-Z0-9/_.-]+", "a VPC network name or path"), "default"),
         "subnetwork": Key(_string(r"[a-zA-Z0-9/_.-]+", "a subnetwork name or path", empty_ok=True), ""),
-        "service_account": Key(_string(r"[a-z][a-z0-9-]{4,28}[a-z0-9]", "a service account id (6-30 of a-z, 0-9, -)",
-                                       empty_ok=True), ""),
-        "tpu_endpoint": Key(_string(r"https?://[^\s]+", 'an http(s) URL like "http://127.0.0.1:8470"',
-                                    empty_ok=True), ""),
+        "service_account": Key(
+            _string(r"[a-z][a-z0-9-]{4,28}[a-z0-9]", "a service account id (6-30 of a-z, 0-9, -)", empty_ok=True), ""
+        ),
+        "tpu_endpoint": Key(
+            _string(r"https?://[^\s]+", 'an http(s) URL like "http://127.0.0.1:8470"', empty_ok=True), ""
+        ),
     },
     "repo": {
         "url": Key(_string(r"(https://|file://|/)[^\s]+", "an https:// or file:// URL, or an absolute path")),
-        "commit": Key(_string(r"[0-9a-f]{40}", "a full 40-hex commit sha (never a branch or tag: VMs must run a "
-                                                "pinned commit)")),
+        "commit": Key(
+            _string(r"[0-9a-f]{40}", "a full 40-hex commit sha (never a branch or tag: VMs must run a pinned commit)")
+        ),
     },
     "storage": {
         "bucket": Key(_string(r"[a-z0-9][a-z0-9_.-]{1,61}[a-z0-9]", "a GCS bucket name (3-63 of a-z, 0-9, -, _, .)")),
@@ -368,8 +378,9 @@ def resolve_path(path: str | os.PathLike | None) -> Path:
 def load(path: str | os.PathLike | None = None) -> Config:
     p = resolve_path(path)
     if not p.is_file():
-        raise ConfigError(f"{p}: config file not found (pass --config, set {CONFIG_ENV}, or copy "
-                          f"fleet.example.toml to fleet.toml)")
+        raise ConfigError(
+            f"{p}: config file not found (pass --config, set {CONFIG_ENV}, or copy fleet.example.toml to fleet.toml)"
+        )
     try:
         raw = tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as e:
@@ -395,8 +406,9 @@ def parse(raw: dict[str, Any], source: str = "<memory>") -> Config:
 
     for section in raw:
         if section not in SCHEMA:
-            raise ConfigError(f"{source}: unknown section [{section}]{_suggest(section, SCHEMA)} "
-                              f"(sections: {', '.join(SCHEMA)})")
+            raise ConfigError(
+                f"{source}: unknown section [{section}]{_suggest(section, SCHEMA)} (sections: {', '.join(SCHEMA)})"
+            )
         if not isinstance(raw[section], dict):
             raise ConfigError(f"{source}: {section} must be a table [{section}]")
     for section in REQUIRED_SECTIONS:
@@ -408,8 +420,9 @@ def parse(raw: dict[str, Any], source: str = "<memory>") -> Config:
         given = raw.get(section, {})
         for k in given:
             if k not in keys:
-                raise ConfigError(f"{source}: unknown key {section}.{k}{_suggest(k, keys)} "
-                                  f"(allowed: {', '.join(keys)})")
+                raise ConfigError(
+                    f"{source}: unknown key {section}.{k}{_suggest(k, keys)} (allowed: {', '.join(keys)})"
+                )
         out = {}
         for k, spec in keys.items():
             if k in given:
@@ -427,8 +440,10 @@ def parse(raw: dict[str, Any], source: str = "<memory>") -> Config:
 
     # Cross-key rules.
     if (f["zones"] is None) == (f["workers"] is None):
-        raise ConfigError(f"{source}: fleet: set exactly one of fleet.zones (workers per zone) or fleet.workers "
-                          f"(an explicit list of names)")
+        raise ConfigError(
+            f"{source}: fleet: set exactly one of fleet.zones (workers per zone) or fleet.workers "
+            f"(an explicit list of names)"
+        )
     workers: list[Worker] = []
     if f["zones"] is not None:
         for zone, count in sorted(f["zones"].items()):
@@ -449,33 +464,56 @@ def parse(raw: dict[str, Any], source: str = "<memory>") -> Config:
         raise bad("fleet.accelerator_type", f["accelerator_type"], str(e).split(": ", 1)[1]) from None
     hb = rc["heartbeat_timeout_minutes"] * 60
     if 0 < hb < j["lease_seconds"]:
-        raise bad("reconcile.heartbeat_timeout_minutes", rc["heartbeat_timeout_minutes"],
-                  f"must be 0 (off) or at least job.lease_seconds ({j['lease_seconds']} s): workers write "
-                  f"their record every third of it")
+        raise bad(
+            "reconcile.heartbeat_timeout_minutes",
+            rc["heartbeat_timeout_minutes"],
+            f"must be 0 (off) or at least job.lease_seconds ({j['lease_seconds']} s): workers write "
+            f"their record every third of it",
+        )
     if st["backend"] == "gcs" and not st["bucket"]:
         raise ConfigError(f'{source}: state.bucket = "": required when state.backend = "gcs"')
     if s["soft_delete_days"] not in (0,) and s["soft_delete_days"] < 7:
-        raise bad("storage.soft_delete_days", s["soft_delete_days"],
-                  "must be 0 (soft delete off) or from 7 to 90 days (GCS's allowed retention)")
+        raise bad(
+            "storage.soft_delete_days",
+            s["soft_delete_days"],
+            "must be 0 (soft delete off) or from 7 to 90 days (GCS's allowed retention)",
+        )
     sites = site_names.expand(j["sites"], j["layers"], source)
 
     fleet = FleetConfig(
-        id=f["id"], project=f["project"], region=f["region"], workers=tuple(workers),
-        accelerator_type=f["accelerator_type"], runtime_version=f["runtime_version"], mode=f["mode"],
-        spot=f["spot"], network=f["network"], subnetwork=f["subnetwork"],
+        id=f["id"],
+        project=f["project"],
+        region=f["region"],
+        workers=tuple(workers),
+        accelerator_type=f["accelerator_type"],
+        runtime_version=f["runtime_version"],
+        mode=f["mode"],
+        spot=f["spot"],
+        network=f["network"],
+        subnetwork=f["subnetwork"],
         service_account=f["service_account"] or f"actfleet-{f['id']}"[:30].rstrip("-"),
         tpu_endpoint=f["tpu_endpoint"],
     )
     return Config(
         fleet=fleet,
         repo=RepoConfig(**values["repo"]),
-        storage=StorageConfig(bucket=s["bucket"], location=s["location"] or f["region"].upper(),
-                              soft_delete_days=s["soft_delete_days"], force_destroy=s["force_destroy"]),
-        state=StateConfig(backend=st["backend"], bucket=st["bucket"], prefix=st["prefix"] or f"actfleet/{f['id']}",
-                          path=st["path"]),
-        job=JobConfig(name=j["name"], store=j["store"] or f"gs://{s['bucket']}", input=j["input"],
-                      unit_rows=j["unit_rows"], lease_seconds=j["lease_seconds"],
-                      options=JobOptions(**{**{k: j[k] for k in KEYS}, "sites": sites})),
+        storage=StorageConfig(
+            bucket=s["bucket"],
+            location=s["location"] or f["region"].upper(),
+            soft_delete_days=s["soft_delete_days"],
+            force_destroy=s["force_destroy"],
+        ),
+        state=StateConfig(
+            backend=st["backend"], bucket=st["bucket"], prefix=st["prefix"] or f"actfleet/{f['id']}", path=st["path"]
+        ),
+        job=JobConfig(
+            name=j["name"],
+            store=j["store"] or f"gs://{s['bucket']}",
+            input=j["input"],
+            unit_rows=j["unit_rows"],
+            lease_seconds=j["lease_seconds"],
+            options=JobOptions(**{**{k: j[k] for k in KEYS}, "sites": sites}),
+        ),
         reconcile=ReconcileConfig(**rc),
         source=source,
     )

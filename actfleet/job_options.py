@@ -39,6 +39,7 @@ TOML, PREPARE, EXTRACT, JOB, SHARD = "toml", "prepare", "extract", "job", "shard
 """Where an option applies: fleet.toml's [job] table; a flag of `actfleet prepare` / `actfleet extract`;
 a JobOptions field (so job.json's options and the engine); a shard metadata string."""
 
+
 class BadValue(ValueError):
     """Raised by Option.check with the 'what is allowed' half of a message (each caller names the culprit)."""
 
@@ -72,8 +73,12 @@ class Option:
             if isinstance(value, bool) or not isinstance(value, int) or not self._in_range(value):
                 raise BadValue("must be an integer" + _range(self.lo, self.hi))
         elif t == "number":
-            if (isinstance(value, bool) or not isinstance(value, (int, float)) or value != value
-                    or not self._in_range(value)):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or value != value
+                or not self._in_range(value)
+            ):
                 raise BadValue("must be a number" + _range(self.lo, self.hi))
         elif t == "choice":
             if value not in self.choices:
@@ -107,78 +112,212 @@ _REVISION = r"[A-Za-z0-9._/-]+"
 _FIELD = r"\S+"
 TABLE: tuple[Option, ...] = (
     # Not extraction options: which job, where, what input, how it is cut (job.json pins these separately).
-    Option("name", "str", "default", where=(TOML,), pattern=r"[a-z0-9][a-z0-9._-]{0,62}",
-           allowed="a job name (a-z, 0-9, ., _, -; up to 63)"),
+    Option(
+        "name",
+        "str",
+        "default",
+        where=(TOML,),
+        pattern=r"[a-z0-9][a-z0-9._-]{0,62}",
+        allowed="a job name (a-z, 0-9, ., _, -; up to 63)",
+    ),
     Option("store", "store", "", where=(TOML,)),
-    Option("model", "str", "", "Model: a local dir, a gs:// prefix or a hub id (HF format, safetensors).",
-           pattern=r"\S+", allowed="a local path, gs://bucket/prefix or hub id", empty_ok=True, required=True),
-    Option("revision", "str", "main", "Hub revision (branch, tag or commit) of the model.", pattern=_REVISION,
-           allowed="a hub revision"),
-    Option("input", "str", "",
-           "Dataset: a file (.jsonl[.gz|.zst], .parquet, .csv, .arrow; local or gs://), a directory or glob of "
-           "them, a save_to_disk directory, or a hub dataset id (with --split, --subset, --dataset-revision).",
-           where=(TOML, PREPARE, EXTRACT), pattern=r"\S+",
-           allowed="a dataset file, directory, glob, gs:// URL or hub dataset id", required=True),
+    Option(
+        "model",
+        "str",
+        "",
+        "Model: a local dir, a gs:// prefix or a hub id (HF format, safetensors).",
+        pattern=r"\S+",
+        allowed="a local path, gs://bucket/prefix or hub id",
+        empty_ok=True,
+        required=True,
+    ),
+    Option(
+        "revision",
+        "str",
+        "main",
+        "Hub revision (branch, tag or commit) of the model.",
+        pattern=_REVISION,
+        allowed="a hub revision",
+    ),
+    Option(
+        "input",
+        "str",
+        "",
+        "Dataset: a file (.jsonl[.gz|.zst], .parquet, .csv, .arrow; local or gs://), a directory or glob of "
+        "them, a save_to_disk directory, or a hub dataset id (with --split, --subset, --dataset-revision).",
+        where=(TOML, PREPARE, EXTRACT),
+        pattern=r"\S+",
+        allowed="a dataset file, directory, glob, gs:// URL or hub dataset id",
+        required=True,
+    ),
     # Which rows (actfleet.worker.sources).
-    Option("split", "str", "train", "Hub dataset or saved DatasetDict: the split to read.",
-           pattern=r"[A-Za-z0-9_.-]+", allowed="a split name"),
-    Option("subset", "str", "", "Hub dataset: the subset (config name in its dataset card).",
-           pattern=r"[A-Za-z0-9_.-]+", allowed="a subset (config) name", empty_ok=True),
-    Option("dataset_revision", "str", "main",
-           "Hub dataset: branch, tag or commit; prepare pins the commit it resolves to. (--revision is the model's.)",
-           pattern=_REVISION, allowed="a hub revision"),
+    Option(
+        "split",
+        "str",
+        "train",
+        "Hub dataset or saved DatasetDict: the split to read.",
+        pattern=r"[A-Za-z0-9_.-]+",
+        allowed="a split name",
+    ),
+    Option(
+        "subset",
+        "str",
+        "",
+        "Hub dataset: the subset (config name in its dataset card).",
+        pattern=r"[A-Za-z0-9_.-]+",
+        allowed="a subset (config) name",
+        empty_ok=True,
+    ),
+    Option(
+        "dataset_revision",
+        "str",
+        "main",
+        "Hub dataset: branch, tag or commit; prepare pins the commit it resolves to. (--revision is the model's.)",
+        pattern=_REVISION,
+        allowed="a hub revision",
+    ),
     Option("max_rows", "int", 0, "Read only the first N rows (0 = all): a test-size run.", lo=0),
-    Option("max_tokens", "int", 0,
-           "Stop after the unit in which the stored tokens reach N (0 = no limit): a test-size run.",
-           where=(TOML, EXTRACT, JOB), lo=0),
+    Option(
+        "max_tokens",
+        "int",
+        0,
+        "Stop after the unit in which the stored tokens reach N (0 = no limit): a test-size run.",
+        where=(TOML, EXTRACT, JOB),
+        lo=0,
+    ),
     # How rows become samples.
-    Option("format", "choice", "text", "How rows are rendered: text, chat (a chat template) or arc.",
-           choices=FORMATS),
-    Option("text_field", "str", "text", "Field holding the text (format text).", pattern=_FIELD,
-           allowed="a field name"),
-    Option("messages_field", "str", "messages", "Field holding the chat messages (format chat).", pattern=_FIELD,
-           allowed="a field name"),
-    Option("tokens_field", "str", "",
-           "Pre-tokenized input: the field holding each row's token ids (e.g. input_ids); no tokenizer is run.",
-           pattern=_FIELD, allowed="a field name", empty_ok=True),
-    Option("context_size", "int", 0,
-           "Cut documents into windows of exactly N tokens, SAELens-style (0 = one sample per document).",
-           where=_ALL + (SHARD,), lo=0, hi=1 << 20),
-    Option("separator", "choice", "eos", "With --context-size: the token between documents joined in a window.",
-           where=_ALL + (SHARD,), choices=SEPARATORS),
-    Option("prepend_bos", "bool", True, "With --context-size: start every window with the BOS token.",
-           where=_ALL + (SHARD,)),
-    Option("concat", "bool", True,
-           "With --context-size: join documents into windows (--no-concat: each document is cut into its own "
-           "windows).", where=_ALL + (SHARD,)),
-    Option("arc_augmentations", "int", 0, "Augmented copies per ARC task (flips/rotations, colours, train order).",
-           lo=0, hi=64),
+    Option("format", "choice", "text", "How rows are rendered: text, chat (a chat template) or arc.", choices=FORMATS),
+    Option(
+        "text_field", "str", "text", "Field holding the text (format text).", pattern=_FIELD, allowed="a field name"
+    ),
+    Option(
+        "messages_field",
+        "str",
+        "messages",
+        "Field holding the chat messages (format chat).",
+        pattern=_FIELD,
+        allowed="a field name",
+    ),
+    Option(
+        "tokens_field",
+        "str",
+        "",
+        "Pre-tokenized input: the field holding each row's token ids (e.g. input_ids); no tokenizer is run.",
+        pattern=_FIELD,
+        allowed="a field name",
+        empty_ok=True,
+    ),
+    Option(
+        "context_size",
+        "int",
+        0,
+        "Cut documents into windows of exactly N tokens, SAELens-style (0 = one sample per document).",
+        where=_ALL + (SHARD,),
+        lo=0,
+        hi=1 << 20,
+    ),
+    Option(
+        "separator",
+        "choice",
+        "eos",
+        "With --context-size: the token between documents joined in a window.",
+        where=_ALL + (SHARD,),
+        choices=SEPARATORS,
+    ),
+    Option(
+        "prepend_bos",
+        "bool",
+        True,
+        "With --context-size: start every window with the BOS token.",
+        where=_ALL + (SHARD,),
+    ),
+    Option(
+        "concat",
+        "bool",
+        True,
+        "With --context-size: join documents into windows (--no-concat: each document is cut into its own windows).",
+        where=_ALL + (SHARD,),
+    ),
+    Option(
+        "arc_augmentations",
+        "int",
+        0,
+        "Augmented copies per ARC task (flips/rotations, colours, train order).",
+        lo=0,
+        hi=64,
+    ),
     Option("arc_seed", "int", 0, "Seed of the ARC augmentations.", lo=0),
     # What is captured and stored.
-    Option("sites", "sites", (site_names.name("resid_post", site_names.ALL_LAYERS),),
-           "Site kinds (" + ", ".join(site_names.KINDS) + ") or names like blocks.6.hook_resid_post, "
-           "comma-separated.", flag_default="resid_post"),
-    Option("layers", "layers", [], 'Layers for the site kinds: "0,5,11" or "all".', where=(TOML, PREPARE, EXTRACT),
-           flag_default="all"),
-    Option("positions", "choice", "non-special",
-           "Which tokens of each sample are stored: all; non-special (all but BOS/EOS/pad and other special "
-           "tokens); last (the final token only).", where=_ALL + (SHARD,), choices=POSITIONS),
-    Option("max_seq", "int", 0, "Longest input in tokens (0 = the model's context).", where=_ALL + (SHARD,),
-           lo=0, hi=1 << 20),
-    Option("long_inputs", "choice", "skip", "What to do with inputs longer than --max-seq (counted in summary.json).",
-           choices=LONG_INPUTS),
+    Option(
+        "sites",
+        "sites",
+        (site_names.name("resid_post", site_names.ALL_LAYERS),),
+        "Site kinds (" + ", ".join(site_names.KINDS) + ") or names like blocks.6.hook_resid_post, comma-separated.",
+        flag_default="resid_post",
+    ),
+    Option(
+        "layers",
+        "layers",
+        [],
+        'Layers for the site kinds: "0,5,11" or "all".',
+        where=(TOML, PREPARE, EXTRACT),
+        flag_default="all",
+    ),
+    Option(
+        "positions",
+        "choice",
+        "non-special",
+        "Which tokens of each sample are stored: all; non-special (all but BOS/EOS/pad and other special "
+        "tokens); last (the final token only).",
+        where=_ALL + (SHARD,),
+        choices=POSITIONS,
+    ),
+    Option(
+        "max_seq",
+        "int",
+        0,
+        "Longest input in tokens (0 = the model's context).",
+        where=_ALL + (SHARD,),
+        lo=0,
+        hi=1 << 20,
+    ),
+    Option(
+        "long_inputs",
+        "choice",
+        "skip",
+        "What to do with inputs longer than --max-seq (counted in summary.json).",
+        choices=LONG_INPUTS,
+    ),
     Option("batch_tokens", "int", 16384, "Tokens per device batch.", lo=16, hi=1 << 24),
-    Option("compute_dtype", "choice", "bfloat16", "Dtype of the forward pass (norms, softmax, scores: float32).",
-           where=_ALL + (SHARD,), choices=DTYPES),
-    Option("store_dtype", "choice", "bfloat16", "Dtype of the stored activations.", where=_ALL + (SHARD,),
-           choices=DTYPES),
+    Option(
+        "compute_dtype",
+        "choice",
+        "bfloat16",
+        "Dtype of the forward pass (norms, softmax, scores: float32).",
+        where=_ALL + (SHARD,),
+        choices=DTYPES,
+    ),
+    Option(
+        "store_dtype", "choice", "bfloat16", "Dtype of the stored activations.", where=_ALL + (SHARD,), choices=DTYPES
+    ),
     Option("shard_mb", "number", 512, "Approximate shard size in MiB (2**20 bytes).", lo=0.001, hi=8192),
-    Option("model_parallel", "int", 1,
-           "Devices that split one copy of the model (attention heads and MLP); must divide the device count, the "
-           "heads and the MLP size.", lo=1, hi=4096),
-    Option("unit_rows", "int", DEFAULT_UNIT_ROWS,
-           "Rows per work unit (extract: per engine run, exactly like a fleet job's unit_rows: same rows, same bits).",
-           where=(TOML, PREPARE, EXTRACT), lo=1),
+    Option(
+        "model_parallel",
+        "int",
+        1,
+        "Devices that split one copy of the model (attention heads and MLP); must divide the device count, the "
+        "heads and the MLP size.",
+        lo=1,
+        hi=4096,
+    ),
+    Option(
+        "unit_rows",
+        "int",
+        DEFAULT_UNIT_ROWS,
+        "Rows per work unit (extract: per engine run, exactly like a fleet job's unit_rows: same rows, same bits).",
+        where=(TOML, PREPARE, EXTRACT),
+        lo=1,
+    ),
     Option("lease_seconds", "int", DEFAULT_LEASE_SECONDS, where=(TOML,), lo=10, hi=86400),
 )
 OPTIONS: dict[str, Option] = {o.name: o for o in TABLE}
@@ -230,10 +369,8 @@ class JobOptions:
         for o in applying(JOB):
             value = getattr(self, o.name)
             if o.type == "sites":
-                if not isinstance(value, tuple) or not all(isinstance(s, str) and site_names.is_name(s)
-                                                           for s in value):
-                    raise ValueError(f"sites {value!r}: must be site names like hook_embed or "
-                                     f"blocks.6.hook_resid_post")
+                if not isinstance(value, tuple) or not all(isinstance(s, str) and site_names.is_name(s) for s in value):
+                    raise ValueError(f"sites {value!r}: must be site names like hook_embed or blocks.6.hook_resid_post")
                 continue
             try:
                 o.check(value)
@@ -244,9 +381,14 @@ class JobOptions:
 
     def input_options(self) -> dict[str, Any]:
         """How the dataset is read into rows: the keyword arguments of actfleet.worker.inputs.read_source_rows."""
-        return {"format": self.format, "text_field": self.text_field, "messages_field": self.messages_field,
-                "tokens_field": self.tokens_field, "arc_augmentations": self.arc_augmentations,
-                "arc_seed": self.arc_seed}
+        return {
+            "format": self.format,
+            "text_field": self.text_field,
+            "messages_field": self.messages_field,
+            "tokens_field": self.tokens_field,
+            "arc_augmentations": self.arc_augmentations,
+            "arc_seed": self.arc_seed,
+        }
 
     def source_options(self) -> dict[str, Any]:
         """How the input reference resolves to files: keyword arguments of actfleet.worker.sources.resolve."""

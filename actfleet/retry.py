@@ -22,8 +22,14 @@ from typing import Callable, Iterator, TypeVar
 T = TypeVar("T")
 
 
-def backoff(base: float, cap: float, multiplier: float = 2.0, *, jitter: bool = True,
-            rng: Callable[[float, float], float] | None = None) -> Iterator[float]:
+def backoff(
+    base: float,
+    cap: float,
+    multiplier: float = 2.0,
+    *,
+    jitter: bool = True,
+    rng: Callable[[float, float], float] | None = None,
+) -> Iterator[float]:
     """The delays between tries: min(cap, base * multiplier**n) for n = 0, 1, ..., each drawn uniformly
     below that bound with jitter (so that many clients that failed together do not retry together).
     rng(lo, hi) draws it (random.uniform, looked up when the first delay is drawn)."""
@@ -34,13 +40,23 @@ def backoff(base: float, cap: float, multiplier: float = 2.0, *, jitter: bool = 
         bound = min(bound * multiplier, cap)
 
 
-def retry(fn: Callable[[], T], *, attempts: int | None = None, deadline: float | None = None,
-          base: float = 0.5, cap: float = 20.0, multiplier: float = 2.0, jitter: bool = True,
-          retryable: tuple[type[BaseException], ...] = (Exception,), fatal: tuple[type[BaseException], ...] = (),
-          should_stop: Callable[[], bool] = lambda: False,
-          on_retry: Callable[[BaseException, float, int], None] | None = None,
-          sleep: Callable[[float], None] | None = None, clock: Callable[[], float] = time.monotonic,
-          rng: Callable[[float, float], float] | None = None) -> T:
+def retry(
+    fn: Callable[[], T],
+    *,
+    attempts: int | None = None,
+    deadline: float | None = None,
+    base: float = 0.5,
+    cap: float = 20.0,
+    multiplier: float = 2.0,
+    jitter: bool = True,
+    retryable: tuple[type[BaseException], ...] = (Exception,),
+    fatal: tuple[type[BaseException], ...] = (),
+    should_stop: Callable[[], bool] = lambda: False,
+    on_retry: Callable[[BaseException, float, int], None] | None = None,
+    sleep: Callable[[float], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    rng: Callable[[float, float], float] | None = None,
+) -> T:
     """fn() with retries (see the module docstring). attempts counts calls (None: no limit); at least one of
     attempts and deadline bounds the loop. on_retry(error, delay, attempt number from 1) runs before each
     sleep. sleep and rng (see backoff) default to time.sleep and random.uniform, looked up at call time."""
@@ -59,8 +75,11 @@ def retry(fn: Callable[[], T], *, attempts: int | None = None, deadline: float |
         except fatal:
             raise
         except retryable as e:
-            if ((attempts is not None and n >= attempts) or (deadline is not None and clock() - started >= deadline)
-                    or should_stop()):
+            if (
+                (attempts is not None and n >= attempts)
+                or (deadline is not None and clock() - started >= deadline)
+                or should_stop()
+            ):
                 raise
             delay = next(delays)
             if on_retry is not None:

@@ -81,8 +81,9 @@ def expand(sites: list[str] | tuple[str, ...], layers: list[int] | str, source: 
             if layers == "all":
                 out.append(name(s, ALL_LAYERS))
             elif not layers:
-                raise ConfigError(f'{source}: job.layers = []: site kind "{s}" needs layers, e.g. layers = [6, 12] '
-                                  f'or "all"')
+                raise ConfigError(
+                    f'{source}: job.layers = []: site kind "{s}" needs layers, e.g. layers = [6, 12] or "all"'
+                )
             else:
                 out += [name(s, layer) for layer in layers]
         else:

@@ -58,14 +58,14 @@ class StoreBusy(ActfleetError):
 
 
 def parse_gs(url: str, what: str = "") -> tuple[str, str]:
-    """"gs://bucket/some/key/" -> ("bucket", "some/key"): the one parser of gs:// URLs (the key, an object name
+    """ "gs://bucket/some/key/" -> ("bucket", "some/key"): the one parser of gs:// URLs (the key, an object name
     or a prefix, has no leading or trailing "/"; it may be ""). InputError, naming `what` (e.g. 'store') and the
     URL, for a URL that is not gs://, has no bucket, or has a ".." segment (a key must not climb out of the
     prefix a grant or a store is scoped to)."""
     culprit = f'{what} "{url}"' if what else f'"{url}"'
     if not url.startswith("gs://"):
         raise InputError(f"{culprit}: not a gs:// URL")
-    bucket, _, key = url[len("gs://"):].partition("/")
+    bucket, _, key = url[len("gs://") :].partition("/")
     if not bucket:
         raise InputError(f'{culprit}: no bucket (a GCS URL looks like "gs://bucket/prefix")')
     key = key.strip("/")
@@ -184,11 +184,19 @@ class LocalStore(Store):
         fd = os.open(lock_dir / name, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:  # polls 1, 2, 4 ... 50 ms apart
-                retry(lambda: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB), deadline=LOCK_WAIT_S, base=0.001,
-                      cap=0.05, jitter=False, retryable=(BlockingIOError,))
+                retry(
+                    lambda: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB),
+                    deadline=LOCK_WAIT_S,
+                    base=0.001,
+                    cap=0.05,
+                    jitter=False,
+                    retryable=(BlockingIOError,),
+                )
             except BlockingIOError:
-                raise StoreBusy(f"{self.url}/{key}: its lock has been held for over {LOCK_WAIT_S:.0f} s "
-                                f"(a stalled writer?); nothing was written") from None
+                raise StoreBusy(
+                    f"{self.url}/{key}: its lock has been held for over {LOCK_WAIT_S:.0f} s "
+                    f"(a stalled writer?); nothing was written"
+                ) from None
             yield
         finally:
             os.close(fd)  # closing releases the flock (also when the process is killed)
@@ -389,8 +397,7 @@ class GcsStore(Store):
             return b"", int(generation or 0)
         blob = self._blob(key)
         try:  # `end` is inclusive in google-cloud-storage (an HTTP Range header)
-            data = blob.download_as_bytes(start=start, end=end - 1, if_generation_match=generation,
-                                          retry=_gcs_retry())
+            data = blob.download_as_bytes(start=start, end=end - 1, if_generation_match=generation, retry=_gcs_retry())
         except gexc.NotFound:
             raise NotFound(f"{self.url}/{key}: not found") from None
         except gexc.PreconditionFailed:
@@ -413,8 +420,12 @@ class GcsStore(Store):
 
         blob = self._blob(key)
         try:
-            blob.upload_from_string(data, content_type="application/octet-stream",
-                                    if_generation_match=if_generation_match, retry=_gcs_retry())
+            blob.upload_from_string(
+                data,
+                content_type="application/octet-stream",
+                if_generation_match=if_generation_match,
+                retry=_gcs_retry(),
+            )
             return int(blob.generation)
         except gexc.PreconditionFailed:
             # A retried request whose first attempt did land answers 412 though the write is ours. Our
@@ -451,8 +462,7 @@ class GcsStore(Store):
         if isinstance(data, (bytes, bytearray, memoryview)):
             blob.upload_from_string(bytes(data), content_type="application/octet-stream", retry=_gcs_retry())
         else:
-            blob.upload_from_filename(os.fspath(data), content_type="application/octet-stream",
-                                      retry=_gcs_retry())
+            blob.upload_from_filename(os.fspath(data), content_type="application/octet-stream", retry=_gcs_retry())
         return int(blob.generation)
 
     def list(self, prefix: str) -> Iterator[str]:
@@ -460,6 +470,7 @@ class GcsStore(Store):
         if prefix.endswith("/") or (not prefix and self.prefix):
             full += "/"
         cut = len(self.prefix) + 1 if self.prefix else 0
-        names = [b.name[cut:] for b in self.client.list_blobs(self.bucket_name, prefix=full or None,
-                                                               retry=_gcs_retry())]
+        names = [
+            b.name[cut:] for b in self.client.list_blobs(self.bucket_name, prefix=full or None, retry=_gcs_retry())
+        ]
         return iter(sorted(names))

@@ -113,7 +113,7 @@ def job_relative(job: str, key: str) -> str:
     prefix = root + "/" if root else ""
     if not key.startswith(prefix):
         raise ValueError(f"{key!r} is not a key of job {job!r}")
-    return key[len(prefix):]
+    return key[len(prefix) :]
 
 
 def unit_of(key: str) -> int | None:
@@ -162,8 +162,10 @@ WORKER_ID_RE = re.compile(r"[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?")
 
 def check_worker_id(worker: str) -> str:
     if not WORKER_ID_RE.fullmatch(worker):
-        raise InputError(f"worker id {worker!r}: use lowercase letters, digits and hyphens, starting with a "
-                         f"letter and not ending with a hyphen, at most 63 characters (as TPU node names)")
+        raise InputError(
+            f"worker id {worker!r}: use lowercase letters, digits and hyphens, starting with a "
+            f"letter and not ending with a hyphen, at most 63 characters (as TPU node names)"
+        )
     return worker
 
 
@@ -252,9 +254,19 @@ def read_job(store: Store, job: str) -> JobSpec:
     return JobSpec.from_json(data, f"{store.url}/{job_key(job)}")
 
 
-def prepare(store: Store, job: str, *, input: str, fingerprint: str, rows: int, unit_rows: int,
-            options: JobOptions | dict, input_generation: int | None = None,
-            model_pin: dict | None = None, input_files: list | None = None) -> tuple[JobSpec, bool]:
+def prepare(
+    store: Store,
+    job: str,
+    *,
+    input: str,
+    fingerprint: str,
+    rows: int,
+    unit_rows: int,
+    options: JobOptions | dict,
+    input_generation: int | None = None,
+    model_pin: dict | None = None,
+    input_files: list | None = None,
+) -> tuple[JobSpec, bool]:
     """Create the job's units and job.json; (spec, created). Idempotent for the same input and options:
     preparing again (or concurrently) changes nothing. A different input or options is refused, never mixed.
     `options` may also be given in job.json's JSON form (missing keys take JobOptions' defaults)."""
@@ -265,9 +277,18 @@ def prepare(store: Store, job: str, *, input: str, fingerprint: str, rows: int, 
             options = JobOptions.from_json(options)
         except (TypeError, ValueError) as e:
             raise InputError(f"prepare: {e}") from None
-    spec = JobSpec(job=job, input=input, fingerprint=fingerprint, rows=rows, unit_rows=unit_rows,
-                   units=-(-rows // unit_rows), options=options, input_generation=input_generation,
-                   model_pin=model_pin, input_files=input_files)
+    spec = JobSpec(
+        job=job,
+        input=input,
+        fingerprint=fingerprint,
+        rows=rows,
+        unit_rows=unit_rows,
+        units=-(-rows // unit_rows),
+        options=options,
+        input_generation=input_generation,
+        model_pin=model_pin,
+        input_files=input_files,
+    )
     existing = _existing_job(store, job)
     if existing is not None:
         _refuse_if_different(store, existing, spec)
@@ -296,35 +317,46 @@ def _existing_job(store: Store, job: str) -> JobSpec | None:
 def _refuse_if_different(store: Store, existing: JobSpec, wanted: JobSpec) -> None:
     where = f"job {existing.job!r} in {store.url}"
     if existing.fingerprint != wanted.fingerprint:
-        raise InputError(f"{where} was prepared from a different dataset (sha256 {existing.fingerprint[:12]}..., "
-                         f"now {wanted.fingerprint[:12]}...): refusing to mix; use a new --job name")
+        raise InputError(
+            f"{where} was prepared from a different dataset (sha256 {existing.fingerprint[:12]}..., "
+            f"now {wanted.fingerprint[:12]}...): refusing to mix; use a new --job name"
+        )
     if existing.model_sha256 != wanted.model_sha256:
-        raise InputError(f"{where} was prepared with other model files (sha256 {existing.model_sha256[:12]}..., "
-                         f"now {wanted.model_sha256[:12]}...): refusing to mix; use a new --job name")
+        raise InputError(
+            f"{where} was prepared with other model files (sha256 {existing.model_sha256[:12]}..., "
+            f"now {wanted.model_sha256[:12]}...): refusing to mix; use a new --job name"
+        )
     for name in ("rows", "unit_rows"):
         if getattr(existing, name) != getattr(wanted, name):
-            raise InputError(f"{where} was prepared with {name}={getattr(existing, name)}, now "
-                             f"{getattr(wanted, name)}: refusing to mix; use a new --job name")
+            raise InputError(
+                f"{where} was prepared with {name}={getattr(existing, name)}, now "
+                f"{getattr(wanted, name)}: refusing to mix; use a new --job name"
+            )
     was, now = existing.options.to_json(), wanted.options.to_json()
     changed = sorted(k for k in was if was[k] != now[k])
     if changed:
         k = changed[0]
-        raise InputError(f"{where} was prepared with {k}={was[k]!r}, now {now[k]!r}: refusing to mix; "
-                         f"use a new --job name")
+        raise InputError(
+            f"{where} was prepared with {k}={was[k]!r}, now {now[k]!r}: refusing to mix; use a new --job name"
+        )
 
 
 def check_input(spec: JobSpec, fingerprint: str) -> None:
     """A worker refuses to process a job whose input changed since prepare."""
     if fingerprint != spec.fingerprint:
-        raise InputError(f"job {spec.job!r}: input {spec.input} changed since prepare (sha256 "
-                         f"{spec.fingerprint[:12]}..., now {fingerprint[:12]}...): refusing to mix")
+        raise InputError(
+            f"job {spec.job!r}: input {spec.input} changed since prepare (sha256 "
+            f"{spec.fingerprint[:12]}..., now {fingerprint[:12]}...): refusing to mix"
+        )
 
 
 def check_model(spec: JobSpec, model_sha256: str) -> None:
     """A worker refuses to process a job with model files other than those prepare pinned."""
     if model_sha256 != spec.model_sha256:
-        raise InputError(f"job {spec.job!r}: model {spec.options.model} has other files than at prepare (sha256 "
-                         f"{spec.model_sha256[:12] or 'none'}..., now {model_sha256[:12] or 'none'}...): refusing to mix")
+        raise InputError(
+            f"job {spec.job!r}: model {spec.options.model} has other files than at prepare (sha256 "
+            f"{spec.model_sha256[:12] or 'none'}..., now {model_sha256[:12] or 'none'}...): refusing to mix"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -363,13 +395,20 @@ class Lease:
     @staticmethod
     def parse(data: bytes, generation: int, what: str) -> "Lease":
         d = _load(data, what)
-        return Lease(job=d.get("job", ""), unit=int(d.get("unit", -1)), worker=str(d.get("worker", "?")),
-                     attempt=int(d.get("attempt", 1)), expires=float(d.get("expires", 0)),
-                     nonce=str(d.get("nonce", "")), generation=generation)
+        return Lease(
+            job=d.get("job", ""),
+            unit=int(d.get("unit", -1)),
+            worker=str(d.get("worker", "?")),
+            attempt=int(d.get("attempt", 1)),
+            expires=float(d.get("expires", 0)),
+            nonce=str(d.get("nonce", "")),
+            generation=generation,
+        )
 
 
-def claim(store: Store, job: str, unit: int, worker: str, lease_seconds: float, now: float | None = None
-          ) -> Lease | None:
+def claim(
+    store: Store, job: str, unit: int, worker: str, lease_seconds: float, now: float | None = None
+) -> Lease | None:
     """Take a free unit: create its lease only if absent. None if someone holds it."""
     now = time.time() if now is None else now
     lease = Lease(job, unit, worker, 1, now + lease_seconds, secrets.token_hex(8))
@@ -392,8 +431,7 @@ def read_lease(store: Store, job: str, unit: int) -> Lease | None:
         return Lease(job, unit, "?", 1, 0.0, "", gen)
 
 
-def take_over(store: Store, stale: Lease, worker: str, lease_seconds: float, now: float | None = None
-              ) -> Lease | None:
+def take_over(store: Store, stale: Lease, worker: str, lease_seconds: float, now: float | None = None) -> Lease | None:
     """Replace an expired lease, matching the stale record's generation: of several workers racing for
     it, exactly one wins. None if it is not expired or someone else got there first."""
     now = time.time() if now is None else now
@@ -414,8 +452,10 @@ def renew(store: Store, lease: Lease, lease_seconds: float, now: float | None = 
     past it (SIGSTOP, a long GC pause) must not carry on as if nothing happened."""
     now = time.time() if now is None else now
     if not lease.live(now):
-        raise LeaseLost(f"unit {lease.unit}: lease expired {now - lease.expires:.1f} s ago (this worker stalled "
-                        f"past it); abandoning the attempt")
+        raise LeaseLost(
+            f"unit {lease.unit}: lease expired {now - lease.expires:.1f} s ago (this worker stalled "
+            f"past it); abandoning the attempt"
+        )
     new = Lease(lease.job, lease.unit, lease.worker, lease.attempt, now + lease_seconds, lease.nonce)
     try:
         new.generation = store.replace(lease_key(lease.job, lease.unit), new.record(), lease.generation)
@@ -458,8 +498,9 @@ class NextUnit:
     wait_seconds: float  # when lease is None and not all_done: when the earliest lease expires
 
 
-def next_unit(store: Store, spec: JobSpec, worker: str, lease_seconds: float, *, offset: int = 0,
-              now: float | None = None) -> NextUnit:
+def next_unit(
+    store: Store, spec: JobSpec, worker: str, lease_seconds: float, *, offset: int = 0, now: float | None = None
+) -> NextUnit:
     """Claim a free unit, else take over an expired lease, else say how long to wait.
 
     Workers scan from different offsets (a hash of their id) so that many claimers starting together
@@ -552,8 +593,18 @@ class DoneRecord:
 
 def _wrong_types(rec: DoneRecord) -> str | None:
     """The first field of a parsed done record whose value is not of the type the format says, or None."""
-    ints = ("unit", "start", "stop", "attempt", "rows_stored", "tokens", "computed_tokens", "padded_tokens",
-            "truncated", "format_version")
+    ints = (
+        "unit",
+        "start",
+        "stop",
+        "attempt",
+        "rows_stored",
+        "tokens",
+        "computed_tokens",
+        "padded_tokens",
+        "truncated",
+        "format_version",
+    )
 
     def is_int(v) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
@@ -568,7 +619,8 @@ def _wrong_types(rec: DoneRecord) -> str | None:
         if not isinstance(getattr(rec, name), str):
             return name
     if not isinstance(rec.skipped, dict) or not all(
-            isinstance(k, str) and isinstance(v, list) and all(is_int(i) for i in v) for k, v in rec.skipped.items()):
+        isinstance(k, str) and isinstance(v, list) and all(is_int(i) for i in v) for k, v in rec.skipped.items()
+    ):
         return "skipped"
     for s in rec.shards:
         if not (isinstance(s.name, str) and is_int(s.bytes) and isinstance(s.sha256, str) and is_int(s.tokens)):
@@ -590,8 +642,10 @@ def commit(store: Store, lease: Lease, record: DoneRecord, lease_seconds: float)
         size = store.size(in_job(lease.job, s.name))
         if size != s.bytes:
             release(store, lease)
-            raise ShardsMissing(f"unit {lease.unit}: shard {s.name} is {'missing' if size is None else f'{size} bytes'}"
-                                f" (uploaded {s.bytes}); not committing")
+            raise ShardsMissing(
+                f"unit {lease.unit}: shard {s.name} is {'missing' if size is None else f'{size} bytes'}"
+                f" (uploaded {s.bytes}); not committing"
+            )
     try:
         store.create(done_key(lease.job, lease.unit), record.to_json())
         committed = True
@@ -660,6 +714,7 @@ def write_worker_record(store: Store, job: str, wp: WorkerProgress) -> None:
 def read_worker_records(store: Store, job: str) -> dict[str, WorkerProgress]:
     """Every worker's own record (read in parallel). A listing that fails raises; a record removed or torn
     since the listing is skipped (status and reconcile read the rest)."""
+
     def parse(data: bytes, key: str) -> WorkerProgress | None:
         try:
             d = _load(data, key)
@@ -695,6 +750,7 @@ def job_progress(store: Store, job: str, now: float | None = None) -> JobProgres
     except NotFound:
         return JobProgress(job=job, prepared=False)
     p = JobProgress(job=job, prepared=True, units_total=spec.units, rows=spec.rows)
+
     def parse_done(data: bytes, key: str) -> DoneRecord | bool:
         try:
             rec = DoneRecord.from_json(data, key)
@@ -721,9 +777,11 @@ def job_progress(store: Store, job: str, now: float | None = None) -> JobProgres
         w.tokens += r.tokens
         w.shards += len(r.shards)
         w.bytes += sum(s.bytes for s in r.shards)
-    leases = _read_many(store, (k for k in store.list(leases_prefix(job))
-                                if unit_of(k) not in done_set),
-                        lambda data, key: Lease.parse(data, 0, key))
+    leases = _read_many(
+        store,
+        (k for k in store.list(leases_prefix(job)) if unit_of(k) not in done_set),
+        lambda data, key: Lease.parse(data, 0, key),
+    )
     p.units_leased = sum(1 for lease in leases if lease.expires > now)
     # Counters come from done records (authoritative); liveness from each worker's own record.
     for name, rec in workers.items():

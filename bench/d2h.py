@@ -57,17 +57,26 @@ def main() -> None:
     rates = {
         "jax np.asarray": best_rate(np.asarray, make_jax, nbytes, a.reps),
         "jax copy_to_host_async + np.asarray": best_rate(jax_async, make_jax, nbytes, a.reps),
-        "jax per-site arrays, async": best_rate(lambda xs: [jax_async(x) for x in xs],
-                                                lambda: list(make_jax()), nbytes, a.reps),
+        "jax per-site arrays, async": best_rate(
+            lambda xs: [jax_async(x) for x in xs], lambda: list(make_jax()), nbytes, a.reps
+        ),
         "torch .cpu().numpy()": best_rate(lambda x: x.cpu().view(torch.int16).numpy(), make_torch, nbytes, a.reps),
         "torch pinned non_blocking": best_rate(
-            lambda x: (torch.empty(shape, dtype=torch.bfloat16, pin_memory=True).copy_(x, non_blocking=True),
-                       torch.cuda.synchronize()), make_torch, nbytes, a.reps),
+            lambda x: (
+                torch.empty(shape, dtype=torch.bfloat16, pin_memory=True).copy_(x, non_blocking=True),
+                torch.cuda.synchronize(),
+            ),
+            make_torch,
+            nbytes,
+            a.reps,
+        ),
     }
     print(f"{a.sites} x {a.tokens} x {a.hidden} bfloat16 = {nbytes / 1e9:.2f} GB per copy; jax {jax.devices()[0]}")
     for name, r in rates.items():
         print(f"  {name:40s} {r:6.1f} GB/s")
-    print(f"  ratio jax async / torch .cpu(): {rates['jax copy_to_host_async + np.asarray'] / rates['torch .cpu().numpy()']:.2f}x")
+    print(
+        f"  ratio jax async / torch .cpu(): {rates['jax copy_to_host_async + np.asarray'] / rates['torch .cpu().numpy()']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

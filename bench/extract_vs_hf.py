@@ -74,7 +74,7 @@ def run_hf(model, seqs, batch_rows: int, keep_layers):
     stored = 0
     with torch.inference_mode():
         for lo in range(0, len(seqs), batch_rows):
-            chunk = seqs[lo: lo + batch_rows]
+            chunk = seqs[lo : lo + batch_rows]
             width = max(len(s) for s in chunk)
             ids = torch.zeros((len(chunk), width), dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -94,8 +94,9 @@ def flops_per_pass(lengths, hidden, heads, kv_heads, intermediate, layers) -> fl
     """Useful forward FLOPs: 2 per multiply-add in the layers' matrix products, plus causal attention
     (QK^T and PV, 2 * 2 * head_dim * heads per visible key) over each sequence's own tokens."""
     hd = hidden // heads
-    per_token_matmul = 2 * layers * (hidden * (heads + 2 * kv_heads) * hd + heads * hd * hidden
-                                     + 3 * hidden * intermediate)
+    per_token_matmul = (
+        2 * layers * (hidden * (heads + 2 * kv_heads) * hd + heads * hd * hidden + 3 * hidden * intermediate)
+    )
     visible_keys = sum(n * (n + 1) / 2 for n in lengths)  # token i sees i+1 keys of its own sequence
     return per_token_matmul * sum(lengths) + 4 * heads * hd * layers * visible_keys
 
@@ -120,7 +121,7 @@ def matmul_peak(device: str, dtype) -> float:
         if device == "cuda":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
 
 
 def dense_attention(q, k, v, segment_ids, positions, *, block=None):
@@ -149,16 +150,24 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype, both sides")
-    ap.add_argument("--sites", choices=("all", "last"), default="all",
-                    help="resid_post of every layer, or of the last layer only (what an SAE on one layer needs)")
+    ap.add_argument(
+        "--sites",
+        choices=("all", "last"),
+        default="all",
+        help="resid_post of every layer, or of the last layer only (what an SAE on one layer needs)",
+    )
     ap.add_argument("--batch-tokens", type=int, default=4096, help="actfleet tokens per batch")
     ap.add_argument("--hf-batch", type=int, default=8, help="transformers rows per padded batch")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--repeat", type=int, default=2, help="timed passes per side (interleaved; best is reported)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workloads", default="mixed,equal")
-    ap.add_argument("--attention", choices=("blockwise", "dense"), default="blockwise",
-                    help="diagnostic: swap actfleet's blockwise attention for a dense masked S x S one")
+    ap.add_argument(
+        "--attention",
+        choices=("blockwise", "dense"),
+        default="blockwise",
+        help="diagnostic: swap actfleet's blockwise attention for a dense masked S x S one",
+    )
     a = ap.parse_args()
 
     if a.device == "cpu":
@@ -184,20 +193,41 @@ def main() -> None:
     tdtype = getattr(torch, a.dtype)
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        model_dir = make_tiny_model(Path(tmp) / f"qwen2.5-{a.shape}-shape", layers=layers, hidden=hidden,
-                                    heads=heads, kv_heads=kv_heads, intermediate=intermediate, vocab=a.vocab,
-                                    tie=True, max_pos=32768)
-        print(f"model: Qwen2.5-{a.shape} shape, {layers} layers, random weights, "
-              f"written in {time.perf_counter() - t:.1f} s")
+        model_dir = make_tiny_model(
+            Path(tmp) / f"qwen2.5-{a.shape}-shape",
+            layers=layers,
+            hidden=hidden,
+            heads=heads,
+            kv_heads=kv_heads,
+            intermediate=intermediate,
+            vocab=a.vocab,
+            tie=True,
+            max_pos=32768,
+        )
+        print(
+            f"model: Qwen2.5-{a.shape} shape, {layers} layers, random weights, "
+            f"written in {time.perf_counter() - t:.1f} s"
+        )
         keep_layers = list(range(layers)) if a.sites == "all" else [layers - 1]
         sites = tuple(f"blocks.{i}.hook_resid_post" for i in keep_layers)
-        engine = Engine(JobOptions(model=str(model_dir), sites=sites, positions="all", compute_dtype=a.dtype,
-                                   store_dtype="bfloat16", batch_tokens=a.batch_tokens, max_seq=a.max_len))
+        engine = Engine(
+            JobOptions(
+                model=str(model_dir),
+                sites=sites,
+                positions="all",
+                compute_dtype=a.dtype,
+                store_dtype="bfloat16",
+                batch_tokens=a.batch_tokens,
+                max_seq=a.max_len,
+            )
+        )
         hf = AutoModel.from_pretrained(model_dir, dtype=tdtype, attn_implementation="sdpa").to(tdev).eval()
         peak = matmul_peak(tdev, tdtype)
-        print(f"device {a.device} ({torch.cuda.get_device_name() if tdev == 'cuda' else 'host CPU'}); "
-              f"compute {a.dtype}; sites: resid_post x {len(keep_layers)} of {layers} layers; "
-              f"torch threads {torch.get_num_threads()}; jax devices {engine.devices}")
+        print(
+            f"device {a.device} ({torch.cuda.get_device_name() if tdev == 'cuda' else 'host CPU'}); "
+            f"compute {a.dtype}; sites: resid_post x {len(keep_layers)} of {layers} layers; "
+            f"torch threads {torch.get_num_threads()}; jax devices {engine.devices}"
+        )
         print(f"measured {a.dtype} matrix-product peak: {peak / 1e12:.1f} TFLOP/s")
 
         for kind in a.workloads.split(","):
@@ -214,14 +244,22 @@ def main() -> None:
             assert stored_af == stored_hf == sum(lengths)
             af, hfr = stored_af / t_af, stored_hf / t_hf
             flops = flops_per_pass(lengths, hidden, heads, kv_heads, intermediate, layers)
-            hf_pad = 1 - sum(lengths) / sum(max(lengths[i:i + a.hf_batch]) * len(lengths[i:i + a.hf_batch])
-                                            for i in range(0, len(lengths), a.hf_batch))
-            print(f"\n[{kind}] {a.rows} rows, {sum(lengths)} tokens, lengths median {int(np.median(lengths))} "
-                  f"max {max(lengths)}; {flops / sum(lengths) / 1e9:.2f} GFLOP per token")
-            print(f"  actfleet      {af:10.1f} tok/s  ({t_af:.2f} s; first pass incl. compile {warm_af:.1f} s); "
-                  f"padding {pad:.1%}; MFU {flops / t_af / peak:.1%}")
-            print(f"  transformers  {hfr:10.1f} tok/s  ({t_hf:.2f} s; first pass {warm_hf:.1f} s); "
-                  f"padding {hf_pad:.1%}; MFU {flops / t_hf / peak:.1%}")
+            hf_pad = 1 - sum(lengths) / sum(
+                max(lengths[i : i + a.hf_batch]) * len(lengths[i : i + a.hf_batch])
+                for i in range(0, len(lengths), a.hf_batch)
+            )
+            print(
+                f"\n[{kind}] {a.rows} rows, {sum(lengths)} tokens, lengths median {int(np.median(lengths))} "
+                f"max {max(lengths)}; {flops / sum(lengths) / 1e9:.2f} GFLOP per token"
+            )
+            print(
+                f"  actfleet      {af:10.1f} tok/s  ({t_af:.2f} s; first pass incl. compile {warm_af:.1f} s); "
+                f"padding {pad:.1%}; MFU {flops / t_af / peak:.1%}"
+            )
+            print(
+                f"  transformers  {hfr:10.1f} tok/s  ({t_hf:.2f} s; first pass {warm_hf:.1f} s); "
+                f"padding {hf_pad:.1%}; MFU {flops / t_hf / peak:.1%}"
+            )
             print(f"  ratio actfleet / transformers: {af / hfr:.2f}x")
 
 

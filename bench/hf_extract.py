@@ -39,7 +39,7 @@ def main() -> None:
     stored = 0
     with torch.inference_mode():
         for lo in range(0, len(ids), a.batch):
-            chunk = ids[lo: lo + a.batch]
+            chunk = ids[lo : lo + a.batch]
             width = max(len(s) for s in chunk)
             x = torch.zeros((len(chunk), width), dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -48,8 +48,10 @@ def main() -> None:
                 mask[r, : len(s)] = 1
             hs = model(input_ids=x, attention_mask=mask, output_hidden_states=True).hidden_states
             keep = mask.bool()
-            tensors = {f"blocks.{i}.hook_resid_post": hs[i + 1][keep].to(torch.bfloat16).contiguous()
-                       for i in range(len(hs) - 1)}
+            tensors = {
+                f"blocks.{i}.hook_resid_post": hs[i + 1][keep].to(torch.bfloat16).contiguous()
+                for i in range(len(hs) - 1)
+            }
             tensors["sample_ids"] = (torch.arange(lo, lo + len(chunk))[:, None].expand(-1, width))[keep].contiguous()
             tensors["positions"] = torch.arange(width)[None, :].expand(len(chunk), -1)[keep].contiguous()
             save_file(tensors, str(out / f"{lo // a.batch:06d}.safetensors"))

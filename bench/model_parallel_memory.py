@@ -45,9 +45,17 @@ def child(model_dir: str, n: int, rows: int, length: int, dtype: str) -> dict:
     from actfleet.worker.engine import Engine
 
     t = time.perf_counter()
-    engine = Engine(JobOptions(model=model_dir, sites=("blocks.*.hook_resid_post",), positions="all",
-                               compute_dtype=dtype, store_dtype="bfloat16", batch_tokens=rows * length,
-                               model_parallel=n))
+    engine = Engine(
+        JobOptions(
+            model=model_dir,
+            sites=("blocks.*.hook_resid_post",),
+            positions="all",
+            compute_dtype=dtype,
+            store_dtype="bfloat16",
+            batch_tokens=rows * length,
+            model_parallel=n,
+        )
+    )
     jax.block_until_ready(engine.runner.params)
     load_s = time.perf_counter() - t
     params: dict[str, int] = {}
@@ -67,14 +75,23 @@ def child(model_dir: str, n: int, rows: int, length: int, dtype: str) -> dict:
             if key not in seen:
                 seen.add(key)
                 live[str(shard.device)] = live.get(str(shard.device), 0) + shard.data.nbytes
-    z = engine.runner.put_batch(np.zeros((rows // engine.runner.data_devices * engine.runner.data_devices or 1, length),
-                                   np.int32))
+    z = engine.runner.put_batch(
+        np.zeros((rows // engine.runner.data_devices * engine.runner.data_devices or 1, length), np.int32)
+    )
     mem = engine.runner.step.lower(engine.runner.params, z, z, z).compile().memory_analysis()
     stats = [d.memory_stats() or {} for d in engine.runner.devices]
-    return {"n": n, "mesh": dict(engine.runner.mesh.shape), "params": params, "live": live,
-            "temp": getattr(mem, "temp_size_in_bytes", None),
-            "peak": [s.get("peak_bytes_in_use") for s in stats], "host_rss": resource.getrusage(
-                resource.RUSAGE_SELF).ru_maxrss * 1024, "load_s": load_s, "run_s": run_s, "stored": stored}
+    return {
+        "n": n,
+        "mesh": dict(engine.runner.mesh.shape),
+        "params": params,
+        "live": live,
+        "temp": getattr(mem, "temp_size_in_bytes", None),
+        "peak": [s.get("peak_bytes_in_use") for s in stats],
+        "host_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "load_s": load_s,
+        "run_s": run_s,
+        "stored": stored,
+    }
 
 
 def mib(x) -> str:
@@ -104,16 +121,42 @@ def main() -> None:
     if env.get("JAX_PLATFORMS", "cpu") == "cpu":
         env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={a.devices}")
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = make_tiny_model(Path(tmp) / "m", layers=a.layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
-                                    intermediate=intermediate, vocab=a.vocab, tie=True, max_pos=32768)
+        model_dir = make_tiny_model(
+            Path(tmp) / "m",
+            layers=a.layers,
+            hidden=hidden,
+            heads=heads,
+            kv_heads=kv_heads,
+            intermediate=intermediate,
+            vocab=a.vocab,
+            tie=True,
+            max_pos=32768,
+        )
         weights = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
-        print(f"model: Qwen2.5-{a.shape} shape, {a.layers} layers, vocab {a.vocab:,}; checkpoint {mib(weights)} MiB "
-              f"(float32); compute {a.dtype}; one batch of {a.rows} x {a.length} tokens, resid_post of every layer")
+        print(
+            f"model: Qwen2.5-{a.shape} shape, {a.layers} layers, vocab {a.vocab:,}; checkpoint {mib(weights)} MiB "
+            f"(float32); compute {a.dtype}; one batch of {a.rows} x {a.length} tokens, resid_post of every layer"
+        )
         results = []
         for n in [int(x) for x in a.splits.split(",")]:
-            r = subprocess.run([sys.executable, __file__, "--child", str(model_dir), str(n), "--rows", str(a.rows),
-                                "--length", str(a.length), "--dtype", a.dtype], env=env, capture_output=True,
-                               text=True)
+            r = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    str(model_dir),
+                    str(n),
+                    "--rows",
+                    str(a.rows),
+                    "--length",
+                    str(a.length),
+                    "--dtype",
+                    a.dtype,
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+            )
             if r.returncode:
                 print(f"N={n}: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
                 continue
@@ -121,15 +164,19 @@ def main() -> None:
     if not results:
         return
     base = max(results[0]["params"].values())
-    print(f"\n{'N':>3} {'mesh':>16} {'params/dev MiB':>15} {'vs N=1':>7} {'live/dev MiB':>13} {'step temp MiB':>14} "
-          f"{'peak/dev MiB':>13} {'host RSS MiB':>13} {'load s':>7} {'batch s':>8}")
+    print(
+        f"\n{'N':>3} {'mesh':>16} {'params/dev MiB':>15} {'vs N=1':>7} {'live/dev MiB':>13} {'step temp MiB':>14} "
+        f"{'peak/dev MiB':>13} {'host RSS MiB':>13} {'load s':>7} {'batch s':>8}"
+    )
     for r in results:
         p = max(r["params"].values())
         peaks = [x for x in r["peak"] if x is not None]
         mesh = f"data {r['mesh']['data']} x model {r['mesh']['model']}"
-        print(f"{r['n']:>3} {mesh:>16} {mib(p):>15} {p / base:>7.3f} {mib(max(r['live'].values())):>13} "
-              f"{mib(r['temp']):>14} {mib(max(peaks) if peaks else None):>13} {mib(r['host_rss']):>13} "
-              f"{r['load_s']:>7.1f} {r['run_s']:>8.1f}")
+        print(
+            f"{r['n']:>3} {mesh:>16} {mib(p):>15} {p / base:>7.3f} {mib(max(r['live'].values())):>13} "
+            f"{mib(r['temp']):>14} {mib(max(peaks) if peaks else None):>13} {mib(r['host_rss']):>13} "
+            f"{r['load_s']:>7.1f} {r['run_s']:>8.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -38,8 +38,10 @@ from actfleet.store import open_store  # noqa: E402
 from actfleet.worker.engine_extractor import EngineExtractor, count_input_rows  # noqa: E402
 from actfleet.worker.work_loop import Worker  # noqa: E402
 
-WORDS = ("the model reads tokens and writes activations to shards in a bucket while spot machines come and go "
-         "every row is stored exactly once").split()
+WORDS = (
+    "the model reads tokens and writes activations to shards in a bucket while spot machines come and go "
+    "every row is stored exactly once"
+).split()
 
 
 def write_texts(path: Path, rows: int, seed: int = 0) -> None:
@@ -51,8 +53,9 @@ def write_texts(path: Path, rows: int, seed: int = 0) -> None:
 
 
 def options(model: str, sites: list[str]) -> JobOptions:
-    return JobOptions(model=model, sites=tuple(sites), batch_tokens=4096, compute_dtype="float32",
-                      store_dtype="bfloat16", shard_mb=8)
+    return JobOptions(
+        model=model, sites=tuple(sites), batch_tokens=4096, compute_dtype="float32", store_dtype="bfloat16", shard_mb=8
+    )
 
 
 def forward_only(ex: EngineExtractor, spec: q.JobSpec) -> tuple[int, float, float]:
@@ -66,8 +69,15 @@ def forward_only(ex: EngineExtractor, spec: q.JobSpec) -> tuple[int, float, floa
 
 def pipeline(ex: EngineExtractor, spec_template: q.JobSpec, root: Path, tag: str) -> tuple[int, float, float]:
     store = open_store(str(root / tag))
-    spec, _ = q.prepare(store, spec_template.job, input=spec_template.input, fingerprint=spec_template.fingerprint,
-                        rows=spec_template.rows, unit_rows=spec_template.unit_rows, options=spec_template.options)
+    spec, _ = q.prepare(
+        store,
+        spec_template.job,
+        input=spec_template.input,
+        fingerprint=spec_template.fingerprint,
+        rows=spec_template.rows,
+        unit_rows=spec_template.unit_rows,
+        options=spec_template.options,
+    )
     t0, c0 = time.perf_counter(), time.process_time()
     result = Worker(store, spec, ex, "bench", lease_seconds=600).run()
     secs, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -89,21 +99,41 @@ def main(argv=None) -> None:
 
     with tempfile.TemporaryDirectory(prefix="actfleet-bench-") as tmp:
         root = Path(tmp)
-        model = args.model or str(make_tiny_model(root / "model", layers=args.layers, hidden=args.hidden,
-                                                  heads=max(2, args.hidden // 64), kv_heads=max(1, args.hidden // 128),
-                                                  intermediate=args.hidden * 4))
+        model = args.model or str(
+            make_tiny_model(
+                root / "model",
+                layers=args.layers,
+                hidden=args.hidden,
+                heads=max(2, args.hidden // 64),
+                kv_heads=max(1, args.hidden // 128),
+                intermediate=args.hidden * 4,
+            )
+        )
         data = root / "data.jsonl"
         write_texts(data, args.rows)
         fp = sha256_file(data)
-        print(f"model {model} ({'random weights' if not args.model else 'given'}), {args.rows} rows, "
-              f"units of {args.unit_rows}, repeat {args.repeat}, best of each side")
-        print(f"{'sites':<12} {'forward tok/s':>14} {'pipeline tok/s':>15} {'ratio':>7} {'tokens':>9}   (best of each side)")
-        for label, sites in (("one layer", [f"blocks.{args.layers - 1}.hook_resid_post"]),
-                             ("all layers", ["blocks.*.hook_resid_post"])):
+        print(
+            f"model {model} ({'random weights' if not args.model else 'given'}), {args.rows} rows, "
+            f"units of {args.unit_rows}, repeat {args.repeat}, best of each side"
+        )
+        print(
+            f"{'sites':<12} {'forward tok/s':>14} {'pipeline tok/s':>15} {'ratio':>7} {'tokens':>9}   (best of each side)"
+        )
+        for label, sites in (
+            ("one layer", [f"blocks.{args.layers - 1}.hook_resid_post"]),
+            ("all layers", ["blocks.*.hook_resid_post"]),
+        ):
             opts = options(model, sites)
             rows = count_input_rows(str(data), opts)
-            spec = q.JobSpec(job=f"bench-{label.replace(' ', '-')}", input=str(data), fingerprint=fp, rows=rows,
-                             unit_rows=args.unit_rows, units=-(-rows // args.unit_rows), options=opts)
+            spec = q.JobSpec(
+                job=f"bench-{label.replace(' ', '-')}",
+                input=str(data),
+                fingerprint=fp,
+                rows=rows,
+                unit_rows=args.unit_rows,
+                units=-(-rows // args.unit_rows),
+                options=opts,
+            )
             ex = EngineExtractor(spec)
             forward_only(ex, spec)  # warm-up: compile every shape both sides use
             fwd, pipe, cpu_f, cpu_p = [], [], [], []
@@ -122,9 +152,11 @@ def main(argv=None) -> None:
             f, p = max(fwd), max(pipe)
             med = statistics.median(b / a for a, b in zip(fwd, pipe))
             cpu_ratio = statistics.median(cpu_f) / statistics.median(cpu_p)
-            print(f"{label:<12} {f:>14,.0f} {p:>15,.0f} {p / f:>7.2f} {tok_f:>9,}   median paired ratio {med:.2f}, "
-                  f"CPU-time ratio {cpu_ratio:.2f}"
-                  f"   (runs: fwd {', '.join(f'{x:,.0f}' for x in fwd)}; pipe {', '.join(f'{x:,.0f}' for x in pipe)})")
+            print(
+                f"{label:<12} {f:>14,.0f} {p:>15,.0f} {p / f:>7.2f} {tok_f:>9,}   median paired ratio {med:.2f}, "
+                f"CPU-time ratio {cpu_ratio:.2f}"
+                f"   (runs: fwd {', '.join(f'{x:,.0f}' for x in fwd)}; pipe {', '.join(f'{x:,.0f}' for x in pipe)})"
+            )
 
 
 if __name__ == "__main__":

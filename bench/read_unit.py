@@ -56,12 +56,15 @@ def main() -> None:
         print(f"{'unit':>16} {'peer (from row 0)':>18} {'ours (seek)':>12} {'peer/ours':>10}")
         for start in (0, a.rows - a.unit):
             stop = start + a.unit
-            peer = best(lambda: list(inputs.read_source_rows([unindexed], lambda f: local, start=start, stop=stop)),
-                        a.repeats)
-            ours = best(lambda: list(inputs.read_source_rows([file], lambda f: local, start=start, stop=stop)),
-                        a.repeats)
-            assert list(inputs.read_source_rows([unindexed], lambda f: local, start=start, stop=stop)) == \
-                list(inputs.read_source_rows([file], lambda f: local, start=start, stop=stop))
+            peer = best(
+                lambda: list(inputs.read_source_rows([unindexed], lambda f: local, start=start, stop=stop)), a.repeats
+            )
+            ours = best(
+                lambda: list(inputs.read_source_rows([file], lambda f: local, start=start, stop=stop)), a.repeats
+            )
+            assert list(inputs.read_source_rows([unindexed], lambda f: local, start=start, stop=stop)) == list(
+                inputs.read_source_rows([file], lambda f: local, start=start, stop=stop)
+            )
             print(f"{f'{start:,}-{stop - 1:,}':>16} {peer:>17.4f}s {ours:>11.4f}s {peer / ours:>9.1f}x")
 
         import zstandard
@@ -80,10 +83,11 @@ def main() -> None:
 
         peer = best(streamed, a.repeats)
         assert streamed() == list(inputs.read_source_rows([zfile], lambda f: plain, start=start, stop=stop))
-        ours = best(lambda: list(inputs.read_source_rows([zfile], lambda f: plain, start=start, stop=stop)),
-                    a.repeats)
-        print(f"{'zst, last unit':>16} {peer:>17.4f}s {ours:>11.4f}s {peer / ours:>9.1f}x   "
-              f"(decompressed copy made once per worker: {made:.3f}s)")
+        ours = best(lambda: list(inputs.read_source_rows([zfile], lambda f: plain, start=start, stop=stop)), a.repeats)
+        print(
+            f"{'zst, last unit':>16} {peer:>17.4f}s {ours:>11.4f}s {peer / ours:>9.1f}x   "
+            f"(decompressed copy made once per worker: {made:.3f}s)"
+        )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,12 @@ ROOT = Path(__file__).resolve().parents[1]
 @contextlib.contextmanager
 def fake_tpu_process(page_size: int):
     """`python -m tests.fakes.tpu_server --port 0` in its own process; yields its URL."""
-    proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.tpu_server", "--port", "0",
-                             "--page-size", str(page_size)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.fakes.tpu_server", "--port", "0", "--page-size", str(page_size)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         yield proc.stdout.readline().strip()
     finally:
@@ -49,23 +53,33 @@ def fake_tpu_process(page_size: int):
 
 
 def control(url: str, name: str, body: dict) -> None:
-    req = urllib.request.Request(f"{url}/_fake/{name}", data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{url}/_fake/{name}",
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     urllib.request.urlopen(req, timeout=30).read()
 
 
 def config(workers: int, zones: int, state_dir: str, endpoint: str):
     letters = "abcdefghijklmnopqrstuvwxyz"[:zones]
-    per_zone = {f"us-central1-{c}": workers // zones + (1 if i < workers % zones else 0)
-                for i, c in enumerate(letters)}
-    return parse({
-        "fleet": {"id": "bench", "project": "fake-project", "region": "us-central1", "zones": per_zone,
-                  "tpu_endpoint": endpoint},
-        "repo": {"url": "https://example.com/actfleet.git", "commit": "c" * 40},
-        "storage": {"bucket": "bench-activations"},
-        "state": {"path": state_dir},
-        "job": {"model": "tiny", "input": "data.jsonl", "layers": [1]},
-    })
+    per_zone = {f"us-central1-{c}": workers // zones + (1 if i < workers % zones else 0) for i, c in enumerate(letters)}
+    return parse(
+        {
+            "fleet": {
+                "id": "bench",
+                "project": "fake-project",
+                "region": "us-central1",
+                "zones": per_zone,
+                "tpu_endpoint": endpoint,
+            },
+            "repo": {"url": "https://example.com/actfleet.git", "commit": "c" * 40},
+            "storage": {"bucket": "bench-activations"},
+            "state": {"path": state_dir},
+            "job": {"model": "tiny", "input": "data.jsonl", "layers": [1]},
+        }
+    )
 
 
 def timed(fn, repeats: int):
@@ -131,18 +145,28 @@ def main() -> None:
         t_ours_lat, _ = timed(ours, a.repeats)
         t_zones_lat, _ = timed(peer_zones, a.repeats)
 
-    print(f"reconcile benchmark: {a.workers} workers over {a.zones} zones, fake TPU API pages of {a.page_size}, "
-          f"median of {a.repeats}")
+    print(
+        f"reconcile benchmark: {a.workers} workers over {a.zones} zones, fake TPU API pages of {a.page_size}, "
+        f"median of {a.repeats}"
+    )
     print(f"  observe+decide (zones in parallel):   {t_ours * 1000:8.1f} ms  {calls_ours:5d} API calls")
     print(f"    of which decide():                  {t_decide * 1000:8.1f} ms")
-    print(f"  peer: same lists, zone after zone:    {t_zones * 1000:8.1f} ms  {calls_zones:5d} API calls  "
-          f"-> ours is {t_zones / t_ours:.1f}x faster")
-    print(f"  peer: one GET per worker:             {t_gets * 1000:8.1f} ms  {calls_gets:5d} API calls  "
-          f"-> ours is {t_gets / t_ours:.1f}x faster, {calls_gets / max(calls_ours, 1):.0f}x fewer calls")
-    print(f"  with {a.latency_ms:.0f} ms per API call: zones in parallel {t_ours_lat * 1000:.0f} ms, zone after zone "
-          f"{t_zones_lat * 1000:.0f} ms -> ours is {t_zones_lat / t_ours_lat:.1f}x faster")
-    print(f"  converged reconcile pass (lock, state, observe, decide; no terraform): {t_pass * 1000:.1f} ms, "
-          f"{report.api_calls} API calls")
+    print(
+        f"  peer: same lists, zone after zone:    {t_zones * 1000:8.1f} ms  {calls_zones:5d} API calls  "
+        f"-> ours is {t_zones / t_ours:.1f}x faster"
+    )
+    print(
+        f"  peer: one GET per worker:             {t_gets * 1000:8.1f} ms  {calls_gets:5d} API calls  "
+        f"-> ours is {t_gets / t_ours:.1f}x faster, {calls_gets / max(calls_ours, 1):.0f}x fewer calls"
+    )
+    print(
+        f"  with {a.latency_ms:.0f} ms per API call: zones in parallel {t_ours_lat * 1000:.0f} ms, zone after zone "
+        f"{t_zones_lat * 1000:.0f} ms -> ours is {t_zones_lat / t_ours_lat:.1f}x faster"
+    )
+    print(
+        f"  converged reconcile pass (lock, state, observe, decide; no terraform): {t_pass * 1000:.1f} ms, "
+        f"{report.api_calls} API calls"
+    )
 
 
 if __name__ == "__main__":

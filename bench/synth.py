@@ -60,8 +60,9 @@ def zones_for(workers: int) -> str:
 
 def timed_synth(config: Path, cache: Path) -> tuple[float, dict]:
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", PROBE, str(config), str(cache)], cwd=ROOT,
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, str(config), str(cache)], cwd=ROOT, capture_output=True, text=True, check=True
+    )
     return time.perf_counter() - start, json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -83,8 +84,10 @@ def main() -> None:
                 assert not cold_info["cached"] and hit_info["cached"], (cold_info, hit_info)
                 assert not hit_info["cdktf_imported"], "a cache hit imported cdktf"
                 best_cold, best_hit, info = min(best_cold, cold), min(best_hit, hit), cold_info
-        print(f"{workers:>8} {best_cold:>8.2f} {best_hit:>9.3f} {best_cold / best_hit:>7.0f}x "
-              f"{info['json_bytes'] / 1e6:>8.2f}  cache hit imports no cdktf")
+        print(
+            f"{workers:>8} {best_cold:>8.2f} {best_hit:>9.3f} {best_cold / best_hit:>7.0f}x "
+            f"{info['json_bytes'] / 1e6:>8.2f}  cache hit imports no cdktf"
+        )
 
 
 if __name__ == "__main__":

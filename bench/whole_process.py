@@ -37,8 +37,10 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-WORDS = ("the model reads tokens and writes activations to shards in a bucket while spot machines come and go "
-         "every row is stored exactly once").split()
+WORDS = (
+    "the model reads tokens and writes activations to shards in a bucket while spot machines come and go "
+    "every row is stored exactly once"
+).split()
 
 
 def write_texts(model_dir: Path, path: Path, rows: int, max_len: int, seed: int) -> list[int]:
@@ -68,13 +70,17 @@ def timed_run(cmd: list[str], env: dict) -> tuple[float, float, str]:
         err.seek(0)
         if proc.returncode:
             sys.exit(f"{' '.join(cmd[:4])}... failed ({proc.returncode}):\n{err.read().decode()[-3000:]}")
-        compiled = re.search(r"compilation: (\d+) programs compiled, (\d+) loaded from the cache.*, ([\d.]+) s",
-                             err.read().decode())
+        compiled = re.search(
+            r"compilation: (\d+) programs compiled, (\d+) loaded from the cache.*, ([\d.]+) s", err.read().decode()
+        )
         stdout = out.read().decode()
         if compiled:  # actfleet's stderr line: carry it in the summary we print from
             summary = json.loads(stdout.strip().splitlines()[-1])
-            summary["compile"] = {"compiled": int(compiled[1]), "cache_hits": int(compiled[2]),
-                                  "compile_seconds": float(compiled[3])}
+            summary["compile"] = {
+                "compiled": int(compiled[1]),
+                "cache_hits": int(compiled[2]),
+                "compile_seconds": float(compiled[3]),
+            }
             stdout = json.dumps(summary)
         return secs, usage.ru_utime + usage.ru_stime, stdout
 
@@ -89,9 +95,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", help="reuse (or create here) the model directory; default: a temporary one")
     ap.add_argument("--actfleet-args", default="", help="extra `actfleet extract` flags (experiments)")
-    ap.add_argument("--baseline", metavar="PYTHONPATH",
-                    help="also time, cold, the actfleet package found on this PYTHONPATH (e.g. the code before a "
-                         "change, assembled as actfleet/ with worker/ infra/ bootstrap/ inside)")
+    ap.add_argument(
+        "--baseline",
+        metavar="PYTHONPATH",
+        help="also time, cold, the actfleet package found on this PYTHONPATH (e.g. the code before a "
+        "change, assembled as actfleet/ with worker/ infra/ bootstrap/ inside)",
+    )
     a = ap.parse_args()
 
     from actfleet.demo.tiny_model import make_tiny_model
@@ -102,14 +111,25 @@ def main() -> None:
         root = Path(tmp)
         model = Path(a.model) if a.model else root / "model"
         if not (model / "config.json").is_file():
-            make_tiny_model(model, layers=a.layers, hidden=896, heads=14, kv_heads=2, intermediate=4864,
-                            vocab=151936, tie=True, max_pos=32768)
+            make_tiny_model(
+                model,
+                layers=a.layers,
+                hidden=896,
+                heads=14,
+                kv_heads=2,
+                intermediate=4864,
+                vocab=151936,
+                tie=True,
+                max_pos=32768,
+            )
         layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
         data = root / "data.jsonl"
         lengths = write_texts(model, data, a.rows, a.max_len, a.seed)
-        print(f"model: Qwen2.5-0.5B shape, {layers} layers, random weights; {a.rows} rows, {sum(lengths)} tokens, "
-              f"lengths median {int(np.median(lengths))} max {max(lengths)}; resid_post x {layers}, float32 "
-              f"compute, bfloat16 stored; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
+        print(
+            f"model: Qwen2.5-0.5B shape, {layers} layers, random weights; {a.rows} rows, {sum(lengths)} tokens, "
+            f"lengths median {int(np.median(lengths))} max {max(lengths)}; resid_post x {layers}, float32 "
+            f"compute, bfloat16 stored; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start"
+        )
 
         times: dict[str, list[float]] = {"transformers": [], "actfleet cold": [], "actfleet warm": []}
         if a.baseline:
@@ -120,15 +140,54 @@ def main() -> None:
             cache = root / f"jax-cache-{r}"  # empty: the cold run compiles everything, the warm run reuses it
             af_env = dict(env, ACTFLEET_JAX_CACHE=str(cache))
             out = root / "out"
-            cmd = [*actfleet, "extract", "--model", str(model), "--input", str(data), "--out", str(out),
-                   "--overwrite", "--compute-dtype", "float32", "--store-dtype", "bfloat16", "--positions", "all",
-                   "--sites", "resid_post", "--layers", "all", "--json", *a.actfleet_args.split()]
-            runs = [("transformers", [sys.executable, str(HERE / "hf_extract.py"), str(model), str(data),
-                                      str(root / "hf-out"), "--batch", str(a.hf_batch)], env),
-                    ("actfleet cold", cmd, af_env), ("actfleet warm", cmd, af_env)]
+            cmd = [
+                *actfleet,
+                "extract",
+                "--model",
+                str(model),
+                "--input",
+                str(data),
+                "--out",
+                str(out),
+                "--overwrite",
+                "--compute-dtype",
+                "float32",
+                "--store-dtype",
+                "bfloat16",
+                "--positions",
+                "all",
+                "--sites",
+                "resid_post",
+                "--layers",
+                "all",
+                "--json",
+                *a.actfleet_args.split(),
+            ]
+            runs = [
+                (
+                    "transformers",
+                    [
+                        sys.executable,
+                        str(HERE / "hf_extract.py"),
+                        str(model),
+                        str(data),
+                        str(root / "hf-out"),
+                        "--batch",
+                        str(a.hf_batch),
+                    ],
+                    env,
+                ),
+                ("actfleet cold", cmd, af_env),
+                ("actfleet warm", cmd, af_env),
+            ]
             if a.baseline:
-                runs.append(("baseline cold", cmd, dict(af_env, PYTHONPATH=a.baseline,
-                                                        ACTFLEET_JAX_CACHE=str(root / f"jax-cache-base-{r}"))))
+                runs.append(
+                    (
+                        "baseline cold",
+                        cmd,
+                        dict(af_env, PYTHONPATH=a.baseline, ACTFLEET_JAX_CACHE=str(root / f"jax-cache-base-{r}")),
+                    )
+                )
             if r % 2:  # alternate who goes first (the warm run must follow its cold run)
                 runs = runs[1:] + runs[:1]
             for name, c, e in runs:
@@ -139,24 +198,37 @@ def main() -> None:
                 summary = json.loads(stdout.strip().splitlines()[-1])
                 info[name] = summary
                 assert summary["stored_tokens"] == sum(lengths), (name, summary["stored_tokens"], sum(lengths))
-            print(f"  repeat {r}: " + ", ".join(f"{k} {v[-1]:.1f} s (CPU {cpu[k][-1]:.1f} s)" for k, v in times.items()), flush=True)
+            print(
+                f"  repeat {r}: " + ", ".join(f"{k} {v[-1]:.1f} s (CPU {cpu[k][-1]:.1f} s)" for k, v in times.items()),
+                flush=True,
+            )
 
         print(f"\n{'side':<15} {'best s':>8} {'median s':>9} {'tok/s (best)':>13} {'CPU s (median)':>15}   runs (wall)")
         for name, v in times.items():
-            print(f"{name:<15} {min(v):>8.1f} {statistics.median(v):>9.1f} {sum(lengths) / min(v):>13.1f} "
-                  f"{statistics.median(cpu[name]):>15.1f}   " + ", ".join(f"{x:.1f}" for x in v))
+            print(
+                f"{name:<15} {min(v):>8.1f} {statistics.median(v):>9.1f} {sum(lengths) / min(v):>13.1f} "
+                f"{statistics.median(cpu[name]):>15.1f}   " + ", ".join(f"{x:.1f}" for x in v)
+            )
         hf = times["transformers"]
         for name in [k for k in times if k != "transformers"]:
             paired = sorted(h / x for h, x in zip(hf, times[name]))
-            print(f"ratio transformers / {name}: {min(hf) / min(times[name]):.2f}x best vs best, "
-                  f"{statistics.median(paired):.2f}x median of paired runs ({', '.join(f'{p:.2f}' for p in paired)}); "
-                  f"CPU time {statistics.median(cpu['transformers']) / statistics.median(cpu[name]):.2f}x")
+            print(
+                f"ratio transformers / {name}: {min(hf) / min(times[name]):.2f}x best vs best, "
+                f"{statistics.median(paired):.2f}x median of paired runs ({', '.join(f'{p:.2f}' for p in paired)}); "
+                f"CPU time {statistics.median(cpu['transformers']) / statistics.median(cpu[name]):.2f}x"
+            )
         for name in [k for k in times if k != "transformers"]:
             s = info[name]
             c = s.get("compile", {})
-            print(f"{name}: padding {s['padding_fraction']:.1%}, loop {s['seconds']:.1f} s"
-                  + (f", programs compiled {c.get('compiled')}, cache hits {c.get('cache_hits')}, "
-                     f"compile {c.get('compile_seconds')} s" if c else ""))
+            print(
+                f"{name}: padding {s['padding_fraction']:.1%}, loop {s['seconds']:.1f} s"
+                + (
+                    f", programs compiled {c.get('compiled')}, cache hits {c.get('cache_hits')}, "
+                    f"compile {c.get('compile_seconds')} s"
+                    if c
+                    else ""
+                )
+            )
 
 
 if __name__ == "__main__":

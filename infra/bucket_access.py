@@ -33,7 +33,7 @@ BUCKET_TYPE = "storage.googleapis.com/Bucket"
 
 @dataclass(frozen=True)
 class Grant:
-    name: str          # the construct id suffix: worker-<name>
+    name: str  # the construct id suffix: worker-<name>
     role: str
     title: str
     description: str
@@ -50,8 +50,9 @@ def _in_bucket(url: str, bucket: str) -> str | None:
 
 def object_prefix_condition(bucket: str, prefixes: list[str]) -> str:
     # resource.name of an object is projects/_/buckets/B/objects/NAME; JSON strings are valid CEL literals.
-    return " || ".join(f"resource.name.startsWith({json.dumps(f'projects/_/buckets/{bucket}/objects/{p}')})"
-                       for p in prefixes)
+    return " || ".join(
+        f"resource.name.startsWith({json.dumps(f'projects/_/buckets/{bucket}/objects/{p}')})" for p in prefixes
+    )
 
 
 def job_prefix(config: Config) -> str | None:
@@ -77,20 +78,36 @@ def worker_grants(config: Config) -> list[Grant]:
     bucket, config_name = config.storage.bucket, config_object_name(config)
     write = job_prefix(config)
     if write is not None and (config_name.startswith(write) or write.startswith(config_name)):
-        raise ConfigError(f"job.name = {config.job.name!r} with job.store = {config.job.store!r}: the workers' "
-                          f"writable prefix gs://{bucket}/{write} would hold the fleet config "
-                          f"gs://{bucket}/{config_name}; choose another job name or store prefix")
+        raise ConfigError(
+            f"job.name = {config.job.name!r} with job.store = {config.job.store!r}: the workers' "
+            f"writable prefix gs://{bucket}/{write} would hold the fleet config "
+            f"gs://{bucket}/{config_name}; choose another job name or store prefix"
+        )
     grants = [
-        Grant("list", LIST_ROLE, "list object names",
-              "storage.objects.list is checked on the bucket, never on an object name; objects are never of "
-              "this type, so this grants no reads",
-              f'resource.type == "{BUCKET_TYPE}"'),
-        Grant("read", READ_ROLE, "read the config and the job inputs",
-              "the fleet config, the dataset and the model files; nothing else is readable outside the job prefix",
-              object_prefix_condition(bucket, read_prefixes(config))),
+        Grant(
+            "list",
+            LIST_ROLE,
+            "list object names",
+            "storage.objects.list is checked on the bucket, never on an object name; objects are never of "
+            "this type, so this grants no reads",
+            f'resource.type == "{BUCKET_TYPE}"',
+        ),
+        Grant(
+            "read",
+            READ_ROLE,
+            "read the config and the job inputs",
+            "the fleet config, the dataset and the model files; nothing else is readable outside the job prefix",
+            object_prefix_condition(bucket, read_prefixes(config)),
+        ),
     ]
     if write is not None:
-        grants.append(Grant("write", WRITE_ROLE, "write the job prefix",
-                            f"leases, worker records and shards of job {config.job.name!r} only",
-                            object_prefix_condition(bucket, [write])))
+        grants.append(
+            Grant(
+                "write",
+                WRITE_ROLE,
+                "write the job prefix",
+                f"leases, worker records and shards of job {config.job.name!r} only",
+                object_prefix_condition(bucket, [write]),
+            )
+        )
     return grants

@@ -213,8 +213,10 @@ def decide(
     scaling_to_zero = job_complete and policy.scale_to_zero
     wanted = [] if scaling_to_zero else list(desired)
     wanted_names = {w.name for w in wanted}
-    actions = [_decide_desired(w, observed.get(w.name), now, policy, unreachable_zones, liveness,
-                               history.get(w.name)) for w in wanted]
+    actions = [
+        _decide_desired(w, observed.get(w.name), now, policy, unreachable_zones, liveness, history.get(w.name))
+        for w in wanted
+    ]
 
     why_undesired = "job complete: scaling to zero" if scaling_to_zero else "no longer in the config"
     undesired = sorted(({n for n, o in observed.items() if _ours(o, policy)} | managed) - wanted_names)
@@ -231,39 +233,66 @@ def decide(
             where = f" ({_state(o)})" if o else " (already gone from the cloud)"
             actions.append(Action(name, zone, REMOVE, why_undesired + "; Terraform destroys it" + where))
         else:
-            actions.append(Action(name, zone, DELETE_ORPHAN,
-                                  f"labelled {FLEET_LABEL}={policy.fleet_id} but not desired and not in "
-                                  f"Terraform's state ({_state(o)}): it holds quota"))
+            actions.append(
+                Action(
+                    name,
+                    zone,
+                    DELETE_ORPHAN,
+                    f"labelled {FLEET_LABEL}={policy.fleet_id} but not desired and not in "
+                    f"Terraform's state ({_state(o)}): it holds quota",
+                )
+            )
     return actions
 
 
-def _decide_desired(w: Worker, o: Observed | None, now: float, policy: Policy,
-                    unreachable_zones: frozenset[str], liveness: Liveness | None,
-                    h: Remembered | None) -> Action:
+def _decide_desired(
+    w: Worker,
+    o: Observed | None,
+    now: float,
+    policy: Policy,
+    unreachable_zones: frozenset[str],
+    liveness: Liveness | None,
+    h: Remembered | None,
+) -> Action:
     def act(kind: str, reason: str, **kw) -> Action:
         return Action(w.name, w.zone, kind, reason, **kw)
 
     def backing_off() -> bool:
-        return (h is not None and h.attempts > 0 and h.next_attempt is not None and now < h.next_attempt
-                and not policy.retry_now)
+        return (
+            h is not None
+            and h.attempts > 0
+            and h.next_attempt is not None
+            and now < h.next_attempt
+            and not policy.retry_now
+        )
 
     def backoff_wait(what: str) -> Action:
         err = h.error or {}
         why = f" ({err.get('code', '?')}: {err.get('message', '')})" if err else ""
-        return act(WAIT, f"{what}; create failed {h.attempts} time{'s' if h.attempts > 1 else ''}{why}; "
-                         f"next attempt at {_iso(h.next_attempt)}", error=h.error, next_attempt=h.next_attempt)
+        return act(
+            WAIT,
+            f"{what}; create failed {h.attempts} time{'s' if h.attempts > 1 else ''}{why}; "
+            f"next attempt at {_iso(h.next_attempt)}",
+            error=h.error,
+            next_attempt=h.next_attempt,
+        )
 
     if w.zone in unreachable_zones:
         return act(WAIT, f"zone {w.zone} could not be observed; left alone this pass")
     if o is None or (o.qr_state is None and o.node_state is None):
         if backing_off():
             return backoff_wait("absent")
-        retry = f" (retrying a create that failed {h.attempts} time{'s' if h.attempts > 1 else ''})" \
-            if h is not None and h.attempts else ""
+        retry = (
+            f" (retrying a create that failed {h.attempts} time{'s' if h.attempts > 1 else ''})"
+            if h is not None and h.attempts
+            else ""
+        )
         return act(CREATE, "desired but absent from the cloud" + retry, error=h.error if retry else None)
     if not _ours(o, policy):
-        return act(REPORT, f"a resource named {w.name} exists without label {FLEET_LABEL}={policy.fleet_id}: "
-                           f"not ours, left alone")
+        return act(
+            REPORT,
+            f"a resource named {w.name} exists without label {FLEET_LABEL}={policy.fleet_id}: not ours, left alone",
+        )
     qr, node = o.qr_state, o.node_state
 
     if qr == QR_SUSPENDING:
@@ -276,23 +305,32 @@ def _decide_desired(w: Worker, o: Observed | None, now: float, policy: Policy,
         return act(REPLACE, f"queued resource FAILED: {err['code']}: {err['message']}", error=err, cause=ERROR)
     if qr in QR_BROKEN:
         preempted = node == NODE_PREEMPTED or o.initiator == "SERVICE"
-        return act(REPLACE, f"queued resource {qr}" + (" (preempted)" if preempted and node != NODE_PREEMPTED else
-                                                       f", node {node}" if node else ""),
-                   cause=PREEMPTION if preempted else ERROR)
+        return act(
+            REPLACE,
+            f"queued resource {qr}"
+            + (" (preempted)" if preempted and node != NODE_PREEMPTED else f", node {node}" if node else ""),
+            cause=PREEMPTION if preempted else ERROR,
+        )
     if node in NODE_BROKEN:
         return act(REPLACE, f"node {node}", cause=PREEMPTION if node in (NODE_PREEMPTED, NODE_TERMINATED) else ERROR)
     if qr == QR_DELETING or node in NODE_GOING:
-        return act(WAIT, f"{'queued resource' if qr == QR_DELETING else 'node'} "
-                         f"{qr if qr == QR_DELETING else node}; recreated once it is gone")
+        return act(
+            WAIT,
+            f"{'queued resource' if qr == QR_DELETING else 'node'} "
+            f"{qr if qr == QR_DELETING else node}; recreated once it is gone",
+        )
 
     if qr in QR_PROVISIONING or (qr in (None, QR_ACTIVE) and node in NODE_STARTING):
-        return _provisioning(w, o, now, policy, f"queued resource {qr}" if qr in QR_PROVISIONING
-                             else f"node {node}")
+        return _provisioning(w, o, now, policy, f"queued resource {qr}" if qr in QR_PROVISIONING else f"node {node}")
     if qr == QR_ACTIVE and node is None:
         # Reconcile confirms with a GET before it gets here: a node missing from one listing is not gone.
         if o.since is not None and now - o.since > policy.node_grace_s:
-            return act(REPLACE, "queued resource ACTIVE but its node is gone", cause=ERROR,
-                       error=failure("NODE_GONE", "the queued resource is ACTIVE but has no node"))
+            return act(
+                REPLACE,
+                "queued resource ACTIVE but its node is gone",
+                cause=ERROR,
+                error=failure("NODE_GONE", "the queued resource is ACTIVE but has no node"),
+            )
         return act(PENDING, "queued resource ACTIVE, node not listed yet")
     if qr in (None, QR_ACTIVE) and node == NODE_READY:
         return _ready(w, o, now, policy, liveness)
@@ -307,23 +345,33 @@ def _ready(w: Worker, o: Observed, now: float, policy: Policy, liveness: Livenes
     if liveness is None or not liveness.judged:
         return Action(w.name, w.zone, HEALTHY, ready)
     rec = liveness.records.get(w.name)
-    wrote = rec is not None and rec.last_heartbeat is not None and (o.created is None or
-                                                                    rec.last_heartbeat >= o.created)
+    wrote = (
+        rec is not None and rec.last_heartbeat is not None and (o.created is None or rec.last_heartbeat >= o.created)
+    )
     if not wrote:
         if policy.boot_timeout_s > 0 and o.since is not None and now - o.since > policy.boot_timeout_s:
-            return Action(w.name, w.zone, REPLACE,
-                          f"never started work: READY for {_minutes(now - o.since)} with no worker record since "
-                          f"the node was created (boot timeout {_minutes(policy.boot_timeout_s)})", cause=ERROR,
-                          error=failure("BOOT_TIMEOUT", "no worker record since the node was created", "boot"))
+            return Action(
+                w.name,
+                w.zone,
+                REPLACE,
+                f"never started work: READY for {_minutes(now - o.since)} with no worker record since "
+                f"the node was created (boot timeout {_minutes(policy.boot_timeout_s)})",
+                cause=ERROR,
+                error=failure("BOOT_TIMEOUT", "no worker record since the node was created", "boot"),
+            )
         return Action(w.name, w.zone, PENDING, ready + ", worker not started yet")
     if rec.state == "finished":
         return Action(w.name, w.zone, HEALTHY, ready + ", worker finished")
     age = now - rec.last_heartbeat
     if policy.heartbeat_timeout_s > 0 and age > policy.heartbeat_timeout_s:
-        return Action(w.name, w.zone, REPLACE,
-                      f"stalled: last heartbeat {_minutes(age)} ago (heartbeat timeout "
-                      f"{_minutes(policy.heartbeat_timeout_s)})", cause=ERROR,
-                      error=failure("STALLED", f"last heartbeat {_minutes(age)} ago", "stalled"))
+        return Action(
+            w.name,
+            w.zone,
+            REPLACE,
+            f"stalled: last heartbeat {_minutes(age)} ago (heartbeat timeout {_minutes(policy.heartbeat_timeout_s)})",
+            cause=ERROR,
+            error=failure("STALLED", f"last heartbeat {_minutes(age)} ago", "stalled"),
+        )
     return Action(w.name, w.zone, HEALTHY, ready)
 
 
@@ -333,7 +381,7 @@ def _provisioning(w: Worker, o: Observed, now: float, policy: Policy, what: str)
     waited = f"{what} for {_minutes(now - o.since)}, over the {_minutes(policy.provision_timeout_s)} limit"
     if policy.on_provision_timeout == "replace":
         return Action(w.name, w.zone, REPLACE, waited, cause=ERROR)
-    return Action(w.name, w.zone, REPORT, waited + " (on_provision_timeout = \"report\")")
+    return Action(w.name, w.zone, REPORT, waited + ' (on_provision_timeout = "report")')
 
 
 def _ours(o: Observed, policy: Policy) -> bool:
@@ -364,11 +412,23 @@ def classify(code: str, message: str = "") -> str:
     text = f"{code} {message}".lower()
     if "permission" in text or "forbidden" in text or "403" in code:
         return "permission"
-    if "quota" in text or "exhausted" in text or "capacity" in text or "stockout" in text \
-            or "not enough resources" in text or "429" in code:
+    if (
+        "quota" in text
+        or "exhausted" in text
+        or "capacity" in text
+        or "stockout" in text
+        or "not enough resources" in text
+        or "429" in code
+    ):
         return "quota"
-    if "invalid" in text or "not offered" in text or "not supported" in text or "failed precondition" in text \
-            or "failed_precondition" in text or "400" in code:
+    if (
+        "invalid" in text
+        or "not offered" in text
+        or "not supported" in text
+        or "failed precondition" in text
+        or "failed_precondition" in text
+        or "400" in code
+    ):
         return "invalid-argument"
     return "unknown"
 
@@ -398,8 +458,9 @@ def phase(o: Observed | None) -> str:
     return f"{o.qr_state or '-'}/{o.node_state or '-'}"
 
 
-def with_history(observed: Mapping[str, Observed], history: Mapping[str, Remembered],
-                 now: float) -> dict[str, Observed]:
+def with_history(
+    observed: Mapping[str, Observed], history: Mapping[str, Remembered], now: float
+) -> dict[str, Observed]:
     """`observed` with each `since` set to when the worker entered its phase: remembered when the phase is
     unchanged; else now, except a first sighting while provisioning, which counts from the creation time
     the API gave (a resource starts in that phase)."""
@@ -417,8 +478,12 @@ def with_history(observed: Mapping[str, Observed], history: Mapping[str, Remembe
     return out
 
 
-def settle(history: Mapping[str, Remembered], observed: Mapping[str, Observed], policy: Policy,
-           unreachable_zones: frozenset[str] = frozenset()) -> dict[str, Remembered]:
+def settle(
+    history: Mapping[str, Remembered],
+    observed: Mapping[str, Observed],
+    policy: Policy,
+    unreachable_zones: frozenset[str] = frozenset(),
+) -> dict[str, Remembered]:
     """Judge the creates the last acting pass asked for, from what is observed now: one that left the
     worker absent or FAILED failed (the backoff grows); one that left anything else took (it resets)."""
     out = dict(history)
@@ -434,17 +499,31 @@ def settle(history: Mapping[str, Remembered], observed: Mapping[str, Observed], 
             else:
                 err = h.pending_error or failure("UNKNOWN", "the create did not take effect")
             attempts = h.attempts + 1
-            out[name] = dataclasses.replace(h, attempts=attempts, last_attempt=None, pending_error=None,
-                                            next_attempt=h.last_attempt + policy.backoff(attempts),
-                                            error=err, errors=h.errors + 1)
+            out[name] = dataclasses.replace(
+                h,
+                attempts=attempts,
+                last_attempt=None,
+                pending_error=None,
+                next_attempt=h.last_attempt + policy.backoff(attempts),
+                error=err,
+                errors=h.errors + 1,
+            )
         else:
-            out[name] = dataclasses.replace(h, attempts=0, next_attempt=None, last_attempt=None,
-                                            pending_error=None, error=None)
+            out[name] = dataclasses.replace(
+                h, attempts=0, next_attempt=None, last_attempt=None, pending_error=None, error=None
+            )
     return out
 
 
-def remember(history: Mapping[str, Remembered], observed: Mapping[str, Observed], actions: Sequence[Action],
-             now: float, *, acted: bool, apply_errors: Mapping[str, dict] | None = None) -> dict[str, Remembered]:
+def remember(
+    history: Mapping[str, Remembered],
+    observed: Mapping[str, Observed],
+    actions: Sequence[Action],
+    now: float,
+    *,
+    acted: bool,
+    apply_errors: Mapping[str, dict] | None = None,
+) -> dict[str, Remembered]:
     """The memory after a pass: each observed worker's phase and since (from with_history), and, when the
     pass acted, the creates it asked for (judged by settle() next pass) and the replacements it counted.
     Workers neither desired nor observed are forgotten."""
@@ -456,9 +535,13 @@ def remember(history: Mapping[str, Remembered], observed: Mapping[str, Observed]
         o, a = observed.get(name), by_name.get(name)
         h = dataclasses.replace(h, phase=phase(o), since=o.since if o is not None else None)
         if acted and a is not None and a.kind in (CREATE, REPLACE):
-            h = dataclasses.replace(h, last_attempt=now, pending_error=apply_errors.get(name),
-                                    preemptions=h.preemptions + (a.cause == PREEMPTION),
-                                    errors=h.errors + (a.cause == ERROR))
+            h = dataclasses.replace(
+                h,
+                last_attempt=now,
+                pending_error=apply_errors.get(name),
+                preemptions=h.preemptions + (a.cause == PREEMPTION),
+                errors=h.errors + (a.cause == ERROR),
+            )
         out[name] = h
     return out
 

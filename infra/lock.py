@@ -74,8 +74,10 @@ class LockInfo:
 
     def describe(self, now: float | None = None) -> str:
         now = time.time() if now is None else now
-        return (f"{self.holder} (pid {self.pid}, since {iso_utc(self.since)}, {max(0, now - self.since):.0f} s ago; "
-                f"expires {iso_utc(self.expires)}; {self.command})")
+        return (
+            f"{self.holder} (pid {self.pid}, since {iso_utc(self.since)}, {max(0, now - self.since):.0f} s ago; "
+            f"expires {iso_utc(self.expires)}; {self.command})"
+        )
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -105,8 +107,15 @@ def lock_location(cfg: Config) -> tuple[Store, str]:
 
 
 class ReconcileLock:
-    def __init__(self, store: Store, key: str = LOCK_KEY, *, ttl_s: float = DEFAULT_TTL_S,
-                 clock: Callable[[], float] = time.time, command: str | None = None):
+    def __init__(
+        self,
+        store: Store,
+        key: str = LOCK_KEY,
+        *,
+        ttl_s: float = DEFAULT_TTL_S,
+        clock: Callable[[], float] = time.time,
+        command: str | None = None,
+    ):
         self.store, self.key, self.ttl_s, self.clock = store, key, ttl_s, clock
         self.command = command or " ".join(["actfleet"] + sys.argv[1:])[:200]
         self.where = f"{store.url.rstrip('/')}/{key}"
@@ -131,9 +140,16 @@ class ReconcileLock:
     def _record(self) -> tuple[bytes, LockInfo]:
         now = self.clock()
         host = socket.gethostname()
-        info = LockInfo(holder=f"{_user()}@{host}", host=host, pid=os.getpid(), pid_start=_pid_start(os.getpid()),
-                        since=self._info.since if self._info else now, expires=now + self.ttl_s,
-                        command=self.command, nonce=secrets.token_hex(8))
+        info = LockInfo(
+            holder=f"{_user()}@{host}",
+            host=host,
+            pid=os.getpid(),
+            pid_start=_pid_start(os.getpid()),
+            since=self._info.since if self._info else now,
+            expires=now + self.ttl_s,
+            command=self.command,
+            nonce=secrets.token_hex(8),
+        )
         return json.dumps(info.to_json(), sort_keys=True).encode(), info
 
     def try_acquire(self) -> bool:
@@ -213,8 +229,10 @@ class ReconcileLock:
             raise LockLost(f"reconcile lock {self.where} is not held by this pass; not acting")
         margin = self.ttl_s * CHECK_MARGIN
         if self.clock() > info.expires - margin:
-            raise LockLost(f"reconcile lock {self.where}: this pass's own record expires at {iso_utc(info.expires)} "
-                           f"(renewals failed); another pass may hold it now; not acting")
+            raise LockLost(
+                f"reconcile lock {self.where}: this pass's own record expires at {iso_utc(info.expires)} "
+                f"(renewals failed); another pass may hold it now; not acting"
+            )
 
     # -- staleness and renewal ------------------------------------------------------------------------
 
@@ -270,5 +288,3 @@ def _user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return str(os.getuid())
-
-

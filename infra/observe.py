@@ -73,11 +73,15 @@ def observed_from(qr: "QueuedResource | None", node: "Node | None", zone: str) -
     (infra/decide.py) replaces it with when the worker entered its state."""
     assert qr is not None or node is not None
     name = qr.name if qr is not None else node.name
-    return Observed(name=name, zone=zone, qr_state=qr.state if qr else None,
-                    node_state=node.state if node else None,
-                    labels=dict((qr.labels if qr else None) or (node.labels if node else {})),
-                    since=qr.create_time if qr is not None else node.create_time,
-                    created=node.create_time if node is not None else None,
-                    initiator=qr.state_initiator if qr is not None else "",
-                    error_code=qr.error_code if qr is not None else "",
-                    error_message=qr.error_message if qr is not None else "")
+    return Observed(
+        name=name,
+        zone=zone,
+        qr_state=qr.state if qr else None,
+        node_state=node.state if node else None,
+        labels=dict((qr.labels if qr else None) or (node.labels if node else {})),
+        since=qr.create_time if qr is not None else node.create_time,
+        created=node.create_time if node is not None else None,
+        initiator=qr.state_initiator if qr is not None else "",
+        error_code=qr.error_code if qr is not None else "",
+        error_message=qr.error_message if qr is not None else "",
+    )

@@ -36,15 +36,33 @@ class Plan:
         return {a.worker: a for a in self.actions}
 
 
-def plan(desired: Sequence[Worker], observed: Mapping[str, Observed], now: float, policy: Policy, *,
-         history: Mapping[str, Remembered], unreachable_zones: frozenset[str] = frozenset(),
-         managed: Iterable[str] = (), job_complete: bool = False, liveness: Liveness | None = None) -> Plan:
+def plan(
+    desired: Sequence[Worker],
+    observed: Mapping[str, Observed],
+    now: float,
+    policy: Policy,
+    *,
+    history: Mapping[str, Remembered],
+    unreachable_zones: frozenset[str] = frozenset(),
+    managed: Iterable[str] = (),
+    job_complete: bool = False,
+    liveness: Liveness | None = None,
+) -> Plan:
     """Judge the last pass's creates (settle), count time in state from the memory (with_history), then
     decide. `observed` is the raw observation (each `since` the API's creation time)."""
     history = settle(history, observed, policy, unreachable_zones)
     observed = with_history(observed, history, now)
-    actions = decide(desired, observed, now, policy, unreachable_zones=unreachable_zones,
-                     job_complete=job_complete, managed=managed, liveness=liveness, history=history)
+    actions = decide(
+        desired,
+        observed,
+        now,
+        policy,
+        unreachable_zones=unreachable_zones,
+        job_complete=job_complete,
+        managed=managed,
+        liveness=liveness,
+        history=history,
+    )
     return Plan(actions, history, observed)
 
 

@@ -41,8 +41,9 @@ def node_spec(config: Config, worker: Worker, metadata: dict[str, str]) -> dict:
     }
 
 
-def queued_resource_request(config: Config, worker: Worker, *, script: str | None = None,
-                            unit: str | None = None) -> dict:
+def queued_resource_request(
+    config: Config, worker: Worker, *, script: str | None = None, unit: str | None = None
+) -> dict:
     """The QueuedResource body for `worker` (its id is the worker name, passed separately to the API)."""
     metadata = worker_metadata(config, worker, script=script, unit=unit)
     request: dict = {"tpu": {"nodeSpec": [node_spec(config, worker, metadata)]}}

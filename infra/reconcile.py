@@ -86,8 +86,16 @@ class PassReport:
     observe_seconds: float = 0.0
     managed: list[str] = field(default_factory=list)  # workers in Terraform's state before the pass
     job: dict[str, Any] = field(default_factory=lambda: {"watched": False, "complete": None, "error": None})
-    terraform: dict[str, Any] = field(default_factory=lambda: {
-        "ran": False, "command": None, "replace": [], "targets": [], "seconds": 0.0, "error": None})
+    terraform: dict[str, Any] = field(
+        default_factory=lambda: {
+            "ran": False,
+            "command": None,
+            "replace": [],
+            "targets": [],
+            "seconds": 0.0,
+            "error": None,
+        }
+    )
     # Deleted through the TPU API: orphans, and broken resources Terraform's state does not hold.
     api_deletes: dict[str, Any] = field(default_factory=lambda: {"deleted": [], "failed": {}})
     lock: dict[str, Any] | None = None  # who held the lock this pass (us), and whom we took it over from
@@ -119,8 +127,12 @@ class PassReport:
             "exit_code": self.exit_code,
             "lock": self.lock,
             "locked_by": self.locked_by,
-            "observe": {"zones": self.zones, "unreachable": self.unreachable, "api_calls": self.api_calls,
-                        "seconds": round(self.observe_seconds, 3)},
+            "observe": {
+                "zones": self.zones,
+                "unreachable": self.unreachable,
+                "api_calls": self.api_calls,
+                "seconds": round(self.observe_seconds, 3),
+            },
             "managed": self.managed,
             "job": self.job,
             "workers": self.workers,
@@ -145,22 +157,51 @@ def _action_dict(a: Action) -> dict[str, Any]:
 
 # The --json report, as a JSON Schema (docs/operations.md explains each field). Stable: fields are only
 # ever added; a breaking change gets a new SCHEMA_ID.
-_ERROR = {"type": ["object", "null"], "required": ["code", "message", "class"],
-          "properties": {"code": {"type": "string"}, "message": {"type": "string"},
-                         "class": {"enum": list(ERROR_CLASSES)}}}
-_ACTION = {"type": "object", "required": ["worker", "zone", "kind", "reason", "error", "next_attempt", "cause"],
-           "properties": {"worker": {"type": "string"}, "zone": {"type": "string"},
-                          "kind": {"enum": list(KINDS)},
-                          "reason": {"type": "string"}, "error": _ERROR,
-                          "next_attempt": {"type": ["string", "null"]},
-                          "cause": {"enum": [None, "preemption", "error"]}}}
+_ERROR = {
+    "type": ["object", "null"],
+    "required": ["code", "message", "class"],
+    "properties": {"code": {"type": "string"}, "message": {"type": "string"}, "class": {"enum": list(ERROR_CLASSES)}},
+}
+_ACTION = {
+    "type": "object",
+    "required": ["worker", "zone", "kind", "reason", "error", "next_attempt", "cause"],
+    "properties": {
+        "worker": {"type": "string"},
+        "zone": {"type": "string"},
+        "kind": {"enum": list(KINDS)},
+        "reason": {"type": "string"},
+        "error": _ERROR,
+        "next_attempt": {"type": ["string", "null"]},
+        "cause": {"enum": [None, "preemption", "error"]},
+    },
+}
 REPORT_JSON_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": SCHEMA_ID,
     "type": "object",
-    "required": ["schema", "fleet", "config", "dry_run", "started_at", "seconds", "outcome", "exit_code", "lock",
-                 "locked_by", "observe", "managed", "job", "workers", "counts", "actions", "restarts", "confirmed",
-                 "terraform", "api_deletes", "errors"],
+    "required": [
+        "schema",
+        "fleet",
+        "config",
+        "dry_run",
+        "started_at",
+        "seconds",
+        "outcome",
+        "exit_code",
+        "lock",
+        "locked_by",
+        "observe",
+        "managed",
+        "job",
+        "workers",
+        "counts",
+        "actions",
+        "restarts",
+        "confirmed",
+        "terraform",
+        "api_deletes",
+        "errors",
+    ],
     "properties": {
         "schema": {"const": SCHEMA_ID},
         "fleet": {"type": "string"},
@@ -171,12 +212,20 @@ REPORT_JSON_SCHEMA: dict[str, Any] = {
         "outcome": {"enum": [CONVERGED, REPAIRED, PLANNED, LOCKED, FAILED]},
         "exit_code": {"enum": [0, 1]},
         "lock": {"type": ["object", "null"]},
-        "locked_by": {"type": ["object", "null"],
-                      "required": ["holder", "host", "pid", "since", "expires", "command", "describe"]},
-        "observe": {"type": "object", "required": ["zones", "unreachable", "api_calls", "seconds"],
-                    "properties": {"zones": {"type": "array", "items": {"type": "string"}},
-                                   "unreachable": {"type": "object", "additionalProperties": {"type": "string"}},
-                                   "api_calls": {"type": "integer"}, "seconds": {"type": "number"}}},
+        "locked_by": {
+            "type": ["object", "null"],
+            "required": ["holder", "host", "pid", "since", "expires", "command", "describe"],
+        },
+        "observe": {
+            "type": "object",
+            "required": ["zones", "unreachable", "api_calls", "seconds"],
+            "properties": {
+                "zones": {"type": "array", "items": {"type": "string"}},
+                "unreachable": {"type": "object", "additionalProperties": {"type": "string"}},
+                "api_calls": {"type": "integer"},
+                "seconds": {"type": "number"},
+            },
+        },
         "managed": {"type": "array", "items": {"type": "string"}},
         "job": {"type": "object", "required": ["watched", "complete", "error"]},
         "workers": {"type": "object", "required": ["judged", "records", "error"]},
@@ -184,20 +233,35 @@ REPORT_JSON_SCHEMA: dict[str, Any] = {
         "confirmed": {"type": "array", "items": {"type": "string"}},
         "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
         "actions": {"type": "array", "items": _ACTION},
-        "terraform": {"type": "object", "required": ["ran", "command", "replace", "targets", "seconds", "error"],
-                      "properties": {"ran": {"type": "boolean"}, "command": {"enum": [None, "apply", "destroy"]},
-                                     "replace": {"type": "array", "items": {"type": "string"}},
-                                     "targets": {"type": "array", "items": {"type": "string"}},
-                                     "seconds": {"type": "number"}, "error": {"type": ["string", "null"]}}},
+        "terraform": {
+            "type": "object",
+            "required": ["ran", "command", "replace", "targets", "seconds", "error"],
+            "properties": {
+                "ran": {"type": "boolean"},
+                "command": {"enum": [None, "apply", "destroy"]},
+                "replace": {"type": "array", "items": {"type": "string"}},
+                "targets": {"type": "array", "items": {"type": "string"}},
+                "seconds": {"type": "number"},
+                "error": {"type": ["string", "null"]},
+            },
+        },
         "api_deletes": {"type": "object", "required": ["deleted", "failed"]},
         "errors": {"type": "array", "items": {"type": "string"}},
     },
 }
 
 
-def reconcile_pass(cfg: Config, *, dry_run: bool = False, wait_for_lock: bool = False,
-                   lock: ReconcileLock | None = None, api=None, clock: Callable[[], float] = time.time,
-                   apply: Callable[..., None] | None = None, retry_now: bool = False) -> PassReport:
+def reconcile_pass(
+    cfg: Config,
+    *,
+    dry_run: bool = False,
+    wait_for_lock: bool = False,
+    lock: ReconcileLock | None = None,
+    api=None,
+    clock: Callable[[], float] = time.time,
+    apply: Callable[..., None] | None = None,
+    retry_now: bool = False,
+) -> PassReport:
     """One pass. `api` (a TpuApi), `lock`, `apply` and `clock` can be injected (tests, benchmarks); by
     default they come from the config. `retry_now` ignores the backoff of failing creates this pass.
     Never raises for expected failures: they are in the report."""
@@ -215,8 +279,12 @@ def reconcile_pass(cfg: Config, *, dry_run: bool = False, wait_for_lock: bool = 
                 report.locked_by = e.info.to_json() | {"describe": e.info.describe()}
                 return report
             try:
-                report.lock = {"holder": lock.info.holder, "pid": lock.info.pid, "where": lock.where,
-                               "took_over_from": lock.took_over.to_json() if lock.took_over else None}
+                report.lock = {
+                    "holder": lock.info.holder,
+                    "pid": lock.info.pid,
+                    "where": lock.where,
+                    "took_over_from": lock.took_over.to_json() if lock.took_over else None,
+                }
                 _observe_decide_act(cfg, report, api, clock, lock, apply, retry_now)
             finally:
                 lock.release()
@@ -228,8 +296,15 @@ def reconcile_pass(cfg: Config, *, dry_run: bool = False, wait_for_lock: bool = 
     return report
 
 
-def _observe_decide_act(cfg: Config, report: PassReport, api, clock, lock: ReconcileLock | None,
-                        apply: Callable[..., None] | None, retry_now: bool = False) -> None:
+def _observe_decide_act(
+    cfg: Config,
+    report: PassReport,
+    api,
+    clock,
+    lock: ReconcileLock | None,
+    apply: Callable[..., None] | None,
+    retry_now: bool = False,
+) -> None:
     # -- observe ------------------------------------------------------------------------------------
     managed = managed_workers(cfg)
     report.managed = sorted(managed)
@@ -247,9 +322,17 @@ def _observe_decide_act(cfg: Config, report: PassReport, api, clock, lock: Recon
     if retry_now:
         policy = replace(policy, retry_now=True)
     unreachable, job_complete = inputs.unreachable, inputs.job_complete
-    p = plan(cfg.fleet.workers, inputs.observed, now, policy, history=inputs.history,
-             unreachable_zones=frozenset(unreachable), managed=managed, job_complete=job_complete,
-             liveness=inputs.liveness)
+    p = plan(
+        cfg.fleet.workers,
+        inputs.observed,
+        now,
+        policy,
+        history=inputs.history,
+        unreachable_zones=frozenset(unreachable),
+        managed=managed,
+        job_complete=job_complete,
+        liveness=inputs.liveness,
+    )
     actions, history, observed = p.actions, p.history, p.observed
     report.actions = actions
     acting = [a for a in actions if a.acts]
@@ -274,15 +357,22 @@ def _observe_decide_act(cfg: Config, report: PassReport, api, clock, lock: Recon
     if needs_apply(actions):
         lock.check()
         scaling_to_zero = job_complete and cfg.reconcile.scale_to_zero_when_done
-        replace_ = [worker_address(a.worker, cfg.fleet.mode) for a in actions
-                    if a.worker in managed and a.kind in (CREATE, REPLACE)]
+        replace_ = [
+            worker_address(a.worker, cfg.fleet.mode)
+            for a in actions
+            if a.worker in managed and a.kind in (CREATE, REPLACE)
+        ]
         # With a zone unreachable, or a worker backing off (Terraform would recreate a tainted one), the
         # apply touches only what this pass decided: nothing in an unseen zone, nothing not yet due.
         holding = any(a.kind == WAIT and a.next_attempt is not None for a in actions)
-        targets = [worker_address(a.worker, cfg.fleet.mode) for a in actions if a.kind in APPLY_KINDS] \
-            if (unreachable or holding) and not scaling_to_zero else []
-        report.terraform.update(ran=True, replace=replace_, targets=targets,
-                                command="destroy" if scaling_to_zero else "apply")
+        targets = (
+            [worker_address(a.worker, cfg.fleet.mode) for a in actions if a.kind in APPLY_KINDS]
+            if (unreachable or holding) and not scaling_to_zero
+            else []
+        )
+        report.terraform.update(
+            ran=True, replace=replace_, targets=targets, command="destroy" if scaling_to_zero else "apply"
+        )
         t0 = time.perf_counter()
         try:
             (apply or terraform_apply)(cfg, replace=replace_, targets=targets, destroy=scaling_to_zero)
@@ -358,16 +448,32 @@ def observe_inputs(cfg: Config, api=None, *, managed: frozenset[str], read_job: 
         liveness = Liveness(judged=False, error=not_read) if _liveness_rules_on(cfg) else None
     workers: dict[str, Any] = {"judged": False, "records": 0, "error": None}
     if liveness is not None:
-        workers = {"judged": liveness.judged and liveness.error is None, "records": len(liveness.records),
-                   "error": liveness.error}
+        workers = {
+            "judged": liveness.judged and liveness.error is None,
+            "records": len(liveness.records),
+            "error": liveness.error,
+        }
         if liveness.error:
             errors.append(f"{liveness.error}: boot and heartbeat not judged, nothing replaced on that ground")
-    return Inputs(api, managed, zones, view, observed, unreachable, confirmed, api_calls, history, job,
-                  job_complete, liveness, workers, errors)
+    return Inputs(
+        api,
+        managed,
+        zones,
+        view,
+        observed,
+        unreachable,
+        confirmed,
+        api_calls,
+        history,
+        job,
+        job_complete,
+        liveness,
+        workers,
+        errors,
+    )
 
 
-def confirm_missing(api, cfg: Config, view: FleetView, managed: frozenset[str],
-                    history: dict[str, Remembered]):
+def confirm_missing(api, cfg: Config, view: FleetView, managed: frozenset[str], history: dict[str, Remembered]):
     """A listing can leave a resource out while a GET still finds it. Before anything is replaced for
     being gone, GET it: a desired worker whose queued resource is ACTIVE without a listed node, or that is
     absent from the lists although Terraform holds it or the last pass saw it. Returns (observed,
@@ -434,8 +540,10 @@ def read_liveness(cfg: Config, job_complete: bool | None = None) -> Liveness | N
             return Liveness(judged=False)  # complete: workers have nothing left to do
         records = read_worker_records(store, cfg.job.name)
     except Exception as e:  # an unreadable store never replaces anything: it is reported
-        return Liveness(judged=False, error=f"worker records of job {cfg.job.name} in {cfg.job.store} "
-                                            f"could not be read: {one_line(e)}")
+        return Liveness(
+            judged=False,
+            error=f"worker records of job {cfg.job.name} in {cfg.job.store} could not be read: {one_line(e)}",
+        )
     return Liveness({name: WorkRecord(r.last_heartbeat, r.state) for name, r in records.items()})
 
 
@@ -481,8 +589,11 @@ def _count_restarts(report: PassReport, history: dict[str, Remembered]) -> None:
     for h in history.values():
         if h.error:
             by_class[h.error.get("class", "unknown")] += 1
-    report.restarts = {"preemptions": sum(h.preemptions for h in history.values()),
-                       "errors": sum(h.errors for h in history.values()), "by_class": dict(sorted(by_class.items()))}
+    report.restarts = {
+        "preemptions": sum(h.preemptions for h in history.values()),
+        "errors": sum(h.errors for h in history.values()),
+        "by_class": dict(sorted(by_class.items())),
+    }
 
 
 # A provisioner's failure as Terraform prints it: terraform_data.workers["NAME"] (local-exec): actfleet: TPU
@@ -576,8 +687,9 @@ def managed_workers(cfg: Config) -> frozenset[str]:
     return frozenset(names)
 
 
-def terraform_apply(cfg: Config, *, replace: list[str], targets: list[str], destroy: bool,
-                    stream: bool = False) -> None:
+def terraform_apply(
+    cfg: Config, *, replace: list[str], targets: list[str], destroy: bool, stream: bool = False
+) -> None:
     """The act step's one terraform run on the fleet stack (synthesized through the cache, initialised
     once; infra/terraform.py). Raises ActfleetError with Terraform's error summary on failure. Waits up
     to a minute for Terraform's state lock (an `actfleet deploy` may be finishing)."""
@@ -590,7 +702,18 @@ def terraform_apply(cfg: Config, *, replace: list[str], targets: list[str], dest
         tf.apply(replace=replace, targets=targets)
 
 
-
-
-__all__ = ["PassReport", "reconcile_pass", "terraform_apply", "managed_workers", "observe_inputs", "Inputs",
-           "REPORT_JSON_SCHEMA", "CONVERGED", "REPAIRED", "PLANNED", "LOCKED", "FAILED", "SCHEMA_ID"]
+__all__ = [
+    "PassReport",
+    "reconcile_pass",
+    "terraform_apply",
+    "managed_workers",
+    "observe_inputs",
+    "Inputs",
+    "REPORT_JSON_SCHEMA",
+    "CONVERGED",
+    "REPAIRED",
+    "PLANNED",
+    "LOCKED",
+    "FAILED",
+    "SCHEMA_ID",
+]

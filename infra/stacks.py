@@ -115,7 +115,8 @@ class BaseStack(TerraformStack):
         GoogleProvider(self, "google", project=fleet.project, region=fleet.region)
 
         bucket = StorageBucket(
-            self, "activations",
+            self,
+            "activations",
             name=storage.bucket,
             location=storage.location,
             uniform_bucket_level_access=True,
@@ -123,12 +124,14 @@ class BaseStack(TerraformStack):
             # Activations are reproducible and large: no versions, and soft delete only as configured.
             versioning=StorageBucketVersioning(enabled=False),
             soft_delete_policy=StorageBucketSoftDeletePolicy(
-                retention_duration_seconds=storage.soft_delete_days * 86400),
+                retention_duration_seconds=storage.soft_delete_days * 86400
+            ),
             force_destroy=storage.force_destroy,
             labels=fleet.labels,
         )
         account = ServiceAccount(
-            self, "worker",
+            self,
+            "worker",
             account_id=fleet.service_account,
             display_name=f"actfleet workers of fleet {fleet.id}",
             description="Attached to actfleet TPU VMs; no keys are ever created for it.",
@@ -136,16 +139,33 @@ class BaseStack(TerraformStack):
         member = f"serviceAccount:{account.email}"
         for grant in grants:
             StorageBucketIamMember(
-                self, f"worker-{grant.name}", bucket=bucket.name, role=grant.role, member=member,
-                condition=StorageBucketIamMemberCondition(title=grant.title, description=grant.description,
-                                                          expression=tf_literal(grant.expression)))
+                self,
+                f"worker-{grant.name}",
+                bucket=bucket.name,
+                role=grant.role,
+                member=member,
+                condition=StorageBucketIamMemberCondition(
+                    title=grant.title, description=grant.description, expression=tf_literal(grant.expression)
+                ),
+            )
         for role in PROJECT_ROLES:
-            ProjectIamMember(self, f"worker-{role.split('/')[1].replace('.', '-').lower()}",
-                             project=fleet.project, role=role, member=member)
+            ProjectIamMember(
+                self,
+                f"worker-{role.split('/')[1].replace('.', '-').lower()}",
+                project=fleet.project,
+                role=role,
+                member=member,
+            )
         if config_text is not None:
             # Workers read the fleet config from here at boot (metadata `actfleet-config` points at it).
-            StorageBucketObject(self, "fleet-config", bucket=bucket.name, name=config_object_name(config),
-                                content=tf_text(config_text), content_type="application/toml")
+            StorageBucketObject(
+                self,
+                "fleet-config",
+                bucket=bucket.name,
+                name=config_object_name(config),
+                content=tf_text(config_text),
+                content_type="application/toml",
+            )
         TerraformOutput(self, "bucket", value=bucket.name)
         TerraformOutput(self, "service_account_email", value=account.email)
 
@@ -187,16 +207,19 @@ class FleetStack(TerraformStack):
         request = {**endpoint, "ACTFLEET_TPU_REQUEST": "${jsonencode(self.input.request)}"}
         where = "--project ${self.input.project} --zone ${self.input.zone} --id ${self.input.id}"
         resource = DataResource(
-            self, WORKERS,
+            self,
+            WORKERS,
             for_each=each,
             input=Token.as_any_map(each.value),
             # A changed request cannot be applied to a live queued resource: replace the worker.
             triggers_replace={"request_sha256": "${sha256(jsonencode(each.value.request))}"},
             provisioners=[
-                LocalExecProvisioner(type="local-exec", environment=request,
-                                     command=f"{actfleet} tpu create-qr {where}"),
-                LocalExecProvisioner(type="local-exec", when="destroy", environment=endpoint,
-                                     command=f"{actfleet} tpu delete-qr {where}"),
+                LocalExecProvisioner(
+                    type="local-exec", environment=request, command=f"{actfleet} tpu create-qr {where}"
+                ),
+                LocalExecProvisioner(
+                    type="local-exec", when="destroy", environment=endpoint, command=f"{actfleet} tpu delete-qr {where}"
+                ),
             ],
         )
         resource.override_logical_id(WORKERS)
@@ -215,8 +238,8 @@ class FleetStack(TerraformStack):
         workers = {
             w.name: {
                 "zone": w.zone,
-                "metadata": tf_literal_tree(worker_metadata(config, w, script="", unit="")) | {
-                    "startup-script": refs["script"], "actfleet-unit": refs["unit"]},
+                "metadata": tf_literal_tree(worker_metadata(config, w, script="", unit=""))
+                | {"startup-script": refs["script"], "actfleet-unit": refs["unit"]},
                 "labels": worker_labels(config, w),
             }
             for w in fleet.workers
@@ -224,7 +247,8 @@ class FleetStack(TerraformStack):
         workers_map = TerraformLocal(self, "worker_specs", workers)
         each = TerraformIterator.from_map(workers_map.as_any_map)
         vm = GoogleTpuV2Vm(
-            self, WORKERS,
+            self,
+            WORKERS,
             for_each=each,
             name=each.key,
             zone=each.get_string("zone"),
@@ -232,8 +256,9 @@ class FleetStack(TerraformStack):
             runtime_version=fleet.runtime_version,
             scheduling_config=GoogleTpuV2VmSchedulingConfig(spot=fleet.spot),
             service_account=GoogleTpuV2VmServiceAccount(email=fleet.service_account_email, scope=list(SCOPES)),
-            network_config=GoogleTpuV2VmNetworkConfig(network=fleet.network, subnetwork=fleet.subnetwork or None,
-                                                      enable_external_ips=True),
+            network_config=GoogleTpuV2VmNetworkConfig(
+                network=fleet.network, subnetwork=fleet.subnetwork or None, enable_external_ips=True
+            ),
             metadata=each.get_map("metadata"),
             labels=each.get_map("labels"),
             description=f"actfleet worker of fleet {fleet.id}",
@@ -248,8 +273,14 @@ def _escaped_request(config: Config, worker: Worker, refs: dict[str, str]) -> di
     return request
 
 
-def build_app(config: Config, outdir: str | Path | None = None, *, state_dir: Path | None = None,
-              config_text: str | None = None, actfleet: str | None = None) -> App:
+def build_app(
+    config: Config,
+    outdir: str | Path | None = None,
+    *,
+    state_dir: Path | None = None,
+    config_text: str | None = None,
+    actfleet: str | None = None,
+) -> App:
     """Both stacks in one app. `outdir=None` lets the cdktf CLI choose (cdktf.json / main.py)."""
     state_dir = Path(state_dir) if state_dir is not None else default_state_dir(config)
     app = App(outdir=str(outdir)) if outdir is not None else App()

@@ -41,8 +41,9 @@ def config_url(config: Config) -> str:
     return f"gs://{config.storage.bucket}/{config_object_name(config)}"
 
 
-def worker_metadata(config: Config, worker: Worker, *, script: str | None = None,
-                    unit: str | None = None) -> dict[str, str]:
+def worker_metadata(
+    config: Config, worker: Worker, *, script: str | None = None, unit: str | None = None
+) -> dict[str, str]:
     """The metadata attributes of one worker. `script`/`unit` default to the files in bootstrap/; the stack
     passes references to one shared copy instead so the synthesized JSON does not repeat them per worker."""
     return {

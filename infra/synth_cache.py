@@ -40,10 +40,18 @@ PRUNE_AFTER_SECONDS = 86400
 
 _INFRA = Path(__file__).resolve().parent
 # Everything whose content changes the synthesized JSON (the bootstrap files are read as package data).
-SYNTH_SOURCES = (tuple(_INFRA / name for name in ("stacks.py", "terraform_layout.py", "synth_inputs.py",
-                                                  "qr_request.py", "startup_script.py", "synth_cache.py",
-                                                  "bucket_access.py"))
-                 + tuple(bootstrap_dir() / name for name in BOOTSTRAP_FILES))
+SYNTH_SOURCES = tuple(
+    _INFRA / name
+    for name in (
+        "stacks.py",
+        "terraform_layout.py",
+        "synth_inputs.py",
+        "qr_request.py",
+        "startup_script.py",
+        "synth_cache.py",
+        "bucket_access.py",
+    )
+) + tuple(bootstrap_dir() / name for name in BOOTSTRAP_FILES)
 PINNED_PACKAGES = ("cdktf", "cdktf-cdktf-provider-google", "cdktf-cdktf-provider-google-beta")
 
 
@@ -92,9 +100,18 @@ def synth(config: Config, *, cache_dir: str | os.PathLike | None = None, force: 
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
     try:
         _synth_into(config, tmp)
-        (tmp / "actfleet-synth.json").write_text(json.dumps({
-            "key": key, "config": config.source, "mode": config.fleet.mode,
-            "workers": len(config.fleet.workers), "synthesized_at": time.time()}, indent=1))
+        (tmp / "actfleet-synth.json").write_text(
+            json.dumps(
+                {
+                    "key": key,
+                    "config": config.source,
+                    "mode": config.fleet.mode,
+                    "workers": len(config.fleet.workers),
+                    "synthesized_at": time.time(),
+                },
+                indent=1,
+            )
+        )
         if force and final.exists():
             shutil.rmtree(final)
         try:
@@ -111,14 +128,18 @@ def synth(config: Config, *, cache_dir: str | os.PathLike | None = None, force: 
 def _synth_into(config: Config, outdir: Path) -> None:
     from actfleet.infra.stacks import build_app  # the expensive import (jsii + provider bindings)
 
-    app = build_app(config, outdir, state_dir=state_dir(config), config_text=config_text(config),
-                    actfleet=actfleet_command())
+    app = build_app(
+        config, outdir, state_dir=state_dir(config), config_text=config_text(config), actfleet=actfleet_command()
+    )
     app.synth()
 
 
 def prune(root: Path, *, keep: int, protect: Path, min_age: float = PRUNE_AFTER_SECONDS) -> None:
-    entries = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                     key=lambda p: p.stat().st_mtime, reverse=True)
+    entries = sorted(
+        (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
     now = time.time()
     for old in entries[keep:]:
         if old != protect and now - old.stat().st_mtime > min_age:

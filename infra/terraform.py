@@ -75,15 +75,27 @@ class Plan:
         return bool(self.add or self.change or self.destroy)
 
     def as_dict(self) -> dict:
-        return {"changes": self.changes, "add": self.add, "change": self.change, "destroy": self.destroy,
-                "replace": list(self.replace)}
+        return {
+            "changes": self.changes,
+            "add": self.add,
+            "change": self.change,
+            "destroy": self.destroy,
+            "replace": list(self.replace),
+        }
 
 
 class Terraform:
     """One stack directory (holding cdk.tf.json) and the terraform commands that act on it."""
 
-    def __init__(self, stack_dir: str | os.PathLike, env: Mapping[str, str] | None = None, *,
-                 stream: bool = False, lock_timeout: str = "0s", plugin_cache: Path | None = None):
+    def __init__(
+        self,
+        stack_dir: str | os.PathLike,
+        env: Mapping[str, str] | None = None,
+        *,
+        stream: bool = False,
+        lock_timeout: str = "0s",
+        plugin_cache: Path | None = None,
+    ):
         self.dir = Path(stack_dir).resolve()
         if not (self.dir / "cdk.tf.json").is_file():
             raise ActfleetError(f"{self.dir}: no cdk.tf.json here (run `actfleet synth` first)")
@@ -108,8 +120,9 @@ class Terraform:
             marker.parent.mkdir(exist_ok=True)
             marker.write_text("initialized by actfleet\n")
 
-    def plan(self, *, replace: Iterable[str] = (), targets: Iterable[str] = (), destroy: bool = False,
-             save: bool = True) -> Plan:
+    def plan(
+        self, *, replace: Iterable[str] = (), targets: Iterable[str] = (), destroy: bool = False, save: bool = True
+    ) -> Plan:
         """Plan, save it (a file of its own in the stack dir, so concurrent plans never swap files) and
         summarise it from `terraform show -json`. Remove the file with `discard(plan)` when done."""
         args = ["plan", "-input=false", "-no-color", f"-lock-timeout={self.lock_timeout}"]
@@ -138,8 +151,14 @@ class Terraform:
         if plan.plan_file is not None:
             plan.plan_file.unlink(missing_ok=True)
 
-    def apply(self, *, replace: Iterable[str] = (), targets: Iterable[str] = (),
-              plan_file: str | os.PathLike | None = None, auto_approve: bool = True) -> str:
+    def apply(
+        self,
+        *,
+        replace: Iterable[str] = (),
+        targets: Iterable[str] = (),
+        plan_file: str | os.PathLike | None = None,
+        auto_approve: bool = True,
+    ) -> str:
         """`terraform apply` with every `replace` address in one run, or apply a saved plan."""
         args = ["apply", "-input=false", "-no-color", f"-lock-timeout={self.lock_timeout}"]
         if plan_file is not None:
@@ -167,8 +186,16 @@ class Terraform:
     def run(self, *args: str, stream: bool | None = None) -> str:
         """`terraform <args>` in the stack dir: its stdout, or TerraformError with the error summary."""
         stream = self.stream if stream is None else stream
-        proc = subprocess.Popen([self.binary, *args], cwd=self.dir, env=self.env, text=True, errors="replace",
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [self.binary, *args],
+            cwd=self.dir,
+            env=self.env,
+            text=True,
+            errors="replace",
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         err: list[str] = []
         drain = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)
         drain.start()  # stderr drained concurrently so neither pipe can fill and stall terraform
@@ -182,9 +209,11 @@ class Terraform:
         drain.join()
         stdout, stderr = "".join(out), "".join(err)
         if rc != 0:
-            raise TerraformError(f"terraform {args[0]} failed in {self.name} stack: "
-                                 f"{error_summary(stderr if 'Error: ' in stderr else stderr + stdout)}",
-                                 output=stderr + stdout)
+            raise TerraformError(
+                f"terraform {args[0]} failed in {self.name} stack: "
+                f"{error_summary(stderr if 'Error: ' in stderr else stderr + stdout)}",
+                output=stderr + stdout,
+            )
         return stdout
 
 
@@ -193,8 +222,16 @@ class Terraform:
 # ----------------------------------------------------------------------------------------------------
 
 
-def stack(config: Config, name: str, *, cache_dir: str | os.PathLike | None = None, init: bool = True,
-          stream: bool = False, env: Mapping[str, str] | None = None, lock_timeout: str = "0s") -> Terraform:
+def stack(
+    config: Config,
+    name: str,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    init: bool = True,
+    stream: bool = False,
+    env: Mapping[str, str] | None = None,
+    lock_timeout: str = "0s",
+) -> Terraform:
     """Stack `name` ("base" | "fleet") of `config`: synthesized through the cache, initialised once."""
     if name not in STACK_NAMES:
         raise ActfleetError(f"--stack {name!r}: must be one of {', '.join(STACK_NAMES)}", exit_code=EXIT_BAD_INPUT)
@@ -202,8 +239,13 @@ def stack(config: Config, name: str, *, cache_dir: str | os.PathLike | None = No
     from actfleet.infra.synth_cache import synth  # a cache hit imports no cdktf; a miss pays for it once
 
     synthesized = synth(config, cache_dir=cache_dir)
-    tf = Terraform(synthesized.stack_dir(name), env, stream=stream, lock_timeout=lock_timeout,
-                   plugin_cache=synthesized.dir.parent / ".plugins")
+    tf = Terraform(
+        synthesized.stack_dir(name),
+        env,
+        stream=stream,
+        lock_timeout=lock_timeout,
+        plugin_cache=synthesized.dir.parent / ".plugins",
+    )
     if init:
         tf.init()
     return tf
@@ -222,8 +264,9 @@ def fleet_stack(config: Config, **kwargs) -> Terraform:
 def terraform_binary() -> str:
     found = shutil.which(os.environ.get("ACTFLEET_TERRAFORM", "terraform"))
     if not found:
-        raise PrerequisiteError("terraform not found on PATH: install Terraform >= 1.5 "
-                                "(https://developer.hashicorp.com/terraform/install)")
+        raise PrerequisiteError(
+            "terraform not found on PATH: install Terraform >= 1.5 (https://developer.hashicorp.com/terraform/install)"
+        )
     return found
 
 

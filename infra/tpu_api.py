@@ -101,11 +101,20 @@ class ZoneError:
 class TpuApi:
     """One project's TPU API. Thread-safe: each thread gets its own underlying client."""
 
-    def __init__(self, project: str, endpoint: str = "", *, retries: int = DEFAULT_RETRIES,
-                 timeout: float = DEFAULT_TIMEOUT, initial_backoff: float = 0.5, max_backoff: float = 16.0,
-                 operation_timeout: float = DEFAULT_OPERATION_TIMEOUT, page_size: int = 0,
-                 on_wait: Callable[[str, float], None] | None = None,
-                 on_note: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        project: str,
+        endpoint: str = "",
+        *,
+        retries: int = DEFAULT_RETRIES,
+        timeout: float = DEFAULT_TIMEOUT,
+        initial_backoff: float = 0.5,
+        max_backoff: float = 16.0,
+        operation_timeout: float = DEFAULT_OPERATION_TIMEOUT,
+        page_size: int = 0,
+        on_wait: Callable[[str, float], None] | None = None,
+        on_note: Callable[[str], None] | None = None,
+    ):
         self.project = project
         self.endpoint = endpoint.rstrip("/")
         self.retries = retries
@@ -177,8 +186,9 @@ class TpuApi:
         """The node, or None when it does not exist."""
         path = self.node_path(zone, node_id)
         client = self._client()
-        raw = self._call(f"node {path}", lambda: client.get_node(name=path, retry=None, timeout=self.timeout),
-                         missing_ok=True)
+        raw = self._call(
+            f"node {path}", lambda: client.get_node(name=path, retry=None, timeout=self.timeout), missing_ok=True
+        )
         return None if raw is None else _node(raw, zone)
 
     # -------------------------------------------------------------- act
@@ -203,10 +213,17 @@ class TpuApi:
             return False
         client = self._client()
         try:
-            op = self._call(f"queued resource {path}", lambda: client.create_queued_resource(
-                request=cloud_tpu.CreateQueuedResourceRequest(
-                    parent=self.parent(zone), queued_resource_id=qr_id, queued_resource=message),
-                retry=None, timeout=self.timeout), conflict_ok=True)
+            op = self._call(
+                f"queued resource {path}",
+                lambda: client.create_queued_resource(
+                    request=cloud_tpu.CreateQueuedResourceRequest(
+                        parent=self.parent(zone), queued_resource_id=qr_id, queued_resource=message
+                    ),
+                    retry=None,
+                    timeout=self.timeout,
+                ),
+                conflict_ok=True,
+            )
         except _AlreadyExists:
             # Someone (or our own retried request) created it between our get and create.
             existing = self._get_raw_queued_resource(zone, qr_id)
@@ -227,8 +244,13 @@ class TpuApi:
         what = f"queued resource {path}"
 
         def send():
-            return self._delete(what, lambda client: client.delete_queued_resource(
-                request={"name": path, "force": force}, retry=None, timeout=self.timeout), wait=wait)
+            return self._delete(
+                what,
+                lambda client: client.delete_queued_resource(
+                    request={"name": path, "force": force}, retry=None, timeout=self.timeout
+                ),
+                wait=wait,
+            )
 
         if not wait:
             return send()
@@ -243,8 +265,10 @@ class TpuApi:
             state = _raw_state(raw)
             if state != QR_DELETING and state != QR_SUSPENDING:
                 if sent >= DELETE_ATTEMPTS:
-                    raise ActfleetError(f"TPU API: {what}: still {state} after {sent} deletes (stuck: delete it "
-                                        "in the console, or ask Google support)")
+                    raise ActfleetError(
+                        f"TPU API: {what}: still {state} after {sent} deletes (stuck: delete it "
+                        "in the console, or ask Google support)"
+                    )
                 if sent:
                     self._note(what, f"still {state} after a delete: deleting it again")
                 sent += 1
@@ -283,8 +307,9 @@ class TpuApi:
     def delete_node(self, zone: str, node_id: str, *, wait: bool = True) -> bool:
         """Delete a node and wait until it is gone. Returns False when it was already gone."""
         path = self.node_path(zone, node_id)
-        return self._delete(f"node {path}", lambda client: client.delete_node(
-            name=path, retry=None, timeout=self.timeout), wait=wait)
+        return self._delete(
+            f"node {path}", lambda client: client.delete_node(name=path, retry=None, timeout=self.timeout), wait=wait
+        )
 
     def _delete(self, what: str, request: Callable[[Any], Any], *, wait: bool) -> bool:
         """One delete: `request(client)` with retries; False when already gone (404), else True once its
@@ -313,8 +338,9 @@ class TpuApi:
             # A loopback fake or emulator: no credentials to send.
             from google.auth.credentials import AnonymousCredentials
 
-            return tpu_v2.TpuClient(transport="rest", client_options={"api_endpoint": self.endpoint},
-                                    credentials=AnonymousCredentials())
+            return tpu_v2.TpuClient(
+                transport="rest", client_options={"api_endpoint": self.endpoint}, credentials=AnonymousCredentials()
+            )
         options = {"api_endpoint": self.endpoint} if self.endpoint else None
         try:
             # Application default credentials (gcloud auth application-default login, or the VM's account).
@@ -323,16 +349,20 @@ class TpuApi:
             from google.auth.exceptions import DefaultCredentialsError
 
             if isinstance(e, DefaultCredentialsError):
-                raise PrerequisiteError("TPU API: no Google Cloud credentials found: run `gcloud auth "
-                                        "application-default login` (actfleet never uses key files)") from None
+                raise PrerequisiteError(
+                    "TPU API: no Google Cloud credentials found: run `gcloud auth "
+                    "application-default login` (actfleet never uses key files)"
+                ) from None
             raise
 
     def _get_raw_queued_resource(self, zone: str, qr_id: str):
         path = self.qr_path(zone, qr_id)
         client = self._client()
-        return self._call(f"queued resource {path}",
-                          lambda: client.get_queued_resource(name=path, retry=None, timeout=self.timeout),
-                          missing_ok=True)
+        return self._call(
+            f"queued resource {path}",
+            lambda: client.get_queued_resource(name=path, retry=None, timeout=self.timeout),
+            missing_ok=True,
+        )
 
     def _pages(self, what: str, method: Callable, zone: str):
         token = ""
@@ -366,21 +396,35 @@ class TpuApi:
                 if conflict_ok:
                     raise _AlreadyExists() from None
                 raise ActfleetError(_api_error_line(what, e)) from None
-            except (gexc.TooManyRequests, gexc.InternalServerError, gexc.BadGateway, gexc.ServiceUnavailable,
-                    gexc.GatewayTimeout, gexc.DeadlineExceeded) as e:
+            except (
+                gexc.TooManyRequests,
+                gexc.InternalServerError,
+                gexc.BadGateway,
+                gexc.ServiceUnavailable,
+                gexc.GatewayTimeout,
+                gexc.DeadlineExceeded,
+            ) as e:
                 raise _Transient(_api_error_line(what, e)) from None
             except gexc.GoogleAPICallError as e:
                 raise ActfleetError(_api_error_line(what, e)) from None
             except (requests.exceptions.ConnectionError, requests.exceptions.Timeout, auth_exc.TransportError) as e:
-                raise _Transient(f"TPU API: {what}: cannot reach {self.endpoint or 'tpu.googleapis.com'}: "
-                                 f"{one_line(e)}") from None
+                raise _Transient(
+                    f"TPU API: {what}: cannot reach {self.endpoint or 'tpu.googleapis.com'}: {one_line(e)}"
+                ) from None
             except auth_exc.RefreshError as e:
-                raise ActfleetError(f"TPU API: {what}: the credentials could not be refreshed: {one_line(e)} "
-                                    "(run `gcloud auth application-default login`)") from None
+                raise ActfleetError(
+                    f"TPU API: {what}: the credentials could not be refreshed: {one_line(e)} "
+                    "(run `gcloud auth application-default login`)"
+                ) from None
 
         try:
-            return retry(attempt, attempts=self.retries + 1, base=self.initial_backoff, cap=self.max_backoff,
-                         retryable=(_Transient,))
+            return retry(
+                attempt,
+                attempts=self.retries + 1,
+                base=self.initial_backoff,
+                cap=self.max_backoff,
+                retryable=(_Transient,),
+            )
         except _Transient as e:
             raise ActfleetError(f"{e} (gave up after {self.retries + 1} attempts)") from None
 
@@ -394,16 +438,20 @@ class TpuApi:
             if self.on_wait is not None:
                 self.on_wait(what, time.monotonic() - started)
             if time.monotonic() > deadline:
-                raise ActfleetError(f"TPU API: {what}: operation {operation.name} still running after "
-                                    f"{self.operation_timeout:.0f} s")
+                raise ActfleetError(
+                    f"TPU API: {what}: operation {operation.name} still running after {self.operation_timeout:.0f} s"
+                )
             time.sleep(next(delays))
             name = operation.name
-            operation = self._call(f"operation {name}", lambda: client.get_operation(
-                request={"name": name}, retry=None, timeout=self.timeout))
+            operation = self._call(
+                f"operation {name}",
+                lambda: client.get_operation(request={"name": name}, retry=None, timeout=self.timeout),
+            )
         if operation.HasField("error"):
             err = operation.error
-            raise ActfleetError(f"TPU API: {what}: operation {operation.name} failed: {err.code} "
-                                f"{one_line(err.message)}")
+            raise ActfleetError(
+                f"TPU API: {what}: operation {operation.name} failed: {err.code} {one_line(err.message)}"
+            )
 
     def _check_same(self, path: str, request: dict, existing) -> None:
         from google.cloud.tpu_v2.types import cloud_tpu
@@ -415,8 +463,10 @@ class TpuApi:
         have = json_format.MessageToDict(cloud_tpu.QueuedResource.pb(existing))
         where = _first_difference(wanted, have)
         if where is not None:
-            raise ActfleetError(f"TPU API: queued resource {path} already exists with a different request "
-                                f"(differs at {where}): delete it first, or let reconcile replace it")
+            raise ActfleetError(
+                f"TPU API: queued resource {path} already exists with a different request "
+                f"(differs at {where}): delete it first, or let reconcile replace it"
+            )
 
 
 class _Transient(Exception):
@@ -441,8 +491,9 @@ def _parse_request(request: dict, path: str):
     try:
         message = cloud_tpu.QueuedResource.from_json(json.dumps(request), ignore_unknown_fields=False)
     except Exception as e:  # json_format.ParseError: unknown field, wrong type, bad enum
-        raise InputError(f"queued resource {path}: the request is not a valid TPU v2 QueuedResource: "
-                         f"{one_line(e)}") from None
+        raise InputError(
+            f"queued resource {path}: the request is not a valid TPU v2 QueuedResource: {one_line(e)}"
+        ) from None
     # Catch here what the service would refuse later with a less obvious message.
     parent = path.rsplit("/queuedResources/", 1)[0]
     specs = list(message.tpu.node_spec)
@@ -450,8 +501,10 @@ def _parse_request(request: dict, path: str):
         raise InputError(f"queued resource {path}: the request has no tpu.nodeSpec entries")
     for i, spec in enumerate(specs):
         if spec.parent != parent:
-            raise InputError(f'queued resource {path}: tpu.nodeSpec[{i}].parent = "{spec.parent}": must be '
-                             f'"{parent}" (the same project and zone)')
+            raise InputError(
+                f'queued resource {path}: tpu.nodeSpec[{i}].parent = "{spec.parent}": must be '
+                f'"{parent}" (the same project and zone)'
+            )
         if not spec.node_id and not spec.multislice_params.node_id_prefix:
             raise InputError(f"queued resource {path}: tpu.nodeSpec[{i}] needs a nodeId")
         if not spec.node.accelerator_type and not spec.node.accelerator_config.topology:
@@ -574,5 +627,3 @@ def _first_difference(wanted: Any, have: Any, where: str = "", exact: bool = Fal
 
 
 _EXACT_MAPS = frozenset({"labels", "metadata"})
-
-

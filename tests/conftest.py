@@ -43,23 +43,46 @@ def _toml_value(v) -> str:
     raise TypeError(f"no TOML for {v!r}")
 
 
-def write_fleet_toml(path: Path, *, id: str = "acts", zones: dict | None = None, state: Path | str | None = None,
-                     commit: str = "0123456789abcdef" * 2 + "01234567", bucket: str | None = None,
-                     fleet: dict | None = None, job: dict | None = None, reconcile: dict | None = None) -> Path:
+def write_fleet_toml(
+    path: Path,
+    *,
+    id: str = "acts",
+    zones: dict | None = None,
+    state: Path | str | None = None,
+    commit: str = "0123456789abcdef" * 2 + "01234567",
+    bucket: str | None = None,
+    fleet: dict | None = None,
+    job: dict | None = None,
+    reconcile: dict | None = None,
+) -> Path:
     """A complete, valid fleet.toml: project "fake-project" in us-central1, the given zones, a pinned commit,
     local state under `state`, and a [job]; `fleet`, `job` and `reconcile` add or override keys."""
     tables = {
-        "fleet": {"id": id, "project": "fake-project", "region": "us-central1",
-                  "zones": zones or {"us-central1-a": 1}, **(fleet or {})},
+        "fleet": {
+            "id": id,
+            "project": "fake-project",
+            "region": "us-central1",
+            "zones": zones or {"us-central1-a": 1},
+            **(fleet or {}),
+        },
         "repo": {"url": "https://github.com/example/actfleet.git", "commit": commit},
         "storage": {"bucket": bucket or f"fake-project-{id}"},
         "state": {"path": str(state)} if state is not None else {},
-        "job": {"model": "Qwen/Qwen2.5-0.5B", "input": f"gs://fake-project-{id}/data.jsonl", "layers": [6],
-                **(job or {})},
+        "job": {
+            "model": "Qwen/Qwen2.5-0.5B",
+            "input": f"gs://fake-project-{id}/data.jsonl",
+            "layers": [6],
+            **(job or {}),
+        },
         "reconcile": reconcile or {},
     }
-    path.write_text("".join(f"[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in keys.items())
-                            for name, keys in tables.items() if keys))
+    path.write_text(
+        "".join(
+            f"[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in keys.items())
+            for name, keys in tables.items()
+            if keys
+        )
+    )
     return path
 
 

@@ -20,8 +20,9 @@ configs:
 """
 
 
-def make_hub_dataset(cache: Path, repo: str, commit: str, files: dict[str, bytes], branch: str = "main",
-                     card: str = CARD) -> Path:
+def make_hub_dataset(
+    cache: Path, repo: str, commit: str, files: dict[str, bytes], branch: str = "main", card: str = CARD
+) -> Path:
     """Write files (path in the repo -> bytes) as the snapshot of `commit`, with `branch` pointing at it."""
     root = cache / ("datasets--" + repo.replace("/", "--"))
     snap = root / "snapshots" / commit

@@ -22,7 +22,7 @@ def dense(q, k, v, segment_ids, *, window=None, softcap=None, scale=None):
     g = h // k.shape[2]
     k = jnp.repeat(k, g, axis=2).astype(jnp.float32)
     v = jnp.repeat(v, g, axis=2).astype(jnp.float32)
-    s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k) * (hd ** -0.5 if scale is None else scale)
+    s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k) * (hd**-0.5 if scale is None else scale)
     if softcap is not None:
         s = jnp.tanh(s / softcap) * softcap
     idx = jnp.arange(t)
@@ -39,17 +39,25 @@ def packed(t=96):
     seg, pos = np.zeros((2, t), np.int32), np.zeros((2, t), np.int32)
     at = 0
     for s, n in enumerate((40, 1, 50), start=1):
-        seg[0, at: at + n], pos[0, at: at + n] = s, np.arange(n)
+        seg[0, at : at + n], pos[0, at : at + n] = s, np.arange(n)
         at += n
     pos[0, at:] = np.arange(t - at)
     seg[1], pos[1] = 1, np.arange(t)
     return jnp.asarray(seg), jnp.asarray(pos)
 
 
-@pytest.mark.parametrize("window,softcap,scale", [
-    (16, None, None), (1, None, None), (23, None, None), (1000, None, None),  # whole blocks, self only, ragged, wide
-    (None, 1.5, None), (None, None, 0.37), (13, 2.0, 0.2),
-])
+@pytest.mark.parametrize(
+    "window,softcap,scale",
+    [
+        (16, None, None),
+        (1, None, None),
+        (23, None, None),
+        (1000, None, None),  # whole blocks, self only, ragged, wide
+        (None, 1.5, None),
+        (None, None, 0.37),
+        (13, 2.0, 0.2),
+    ],
+)
 def test_options_match_dense(window, softcap, scale):
     rng = np.random.default_rng(0)
     b, t, h, kvh, hd = 2, 96, 4, 2, 8
@@ -64,7 +72,8 @@ def test_options_match_dense(window, softcap, scale):
         assert changed == 0.0 if window == 1000 else changed > 1e-2
         for block in (16, 128):  # six blocks walked by the loop; one block for the whole row (no loop)
             got = jax.jit(lambda *a: attention(*a, block=block, window=window, softcap=softcap, scale=scale))(
-                q, k, v, seg, pos)
+                q, k, v, seg, pos
+            )
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
@@ -77,7 +86,7 @@ def test_key_blocks_outside_the_window_are_never_read():
     v = v.at[:, :blk].set(jnp.nan)
     seg, pos = jnp.ones((1, t), jnp.int32), jnp.arange(t, dtype=jnp.int32)[None]
     out = np.asarray(jax.jit(lambda *a: attention(*a, block=blk, window=blk))(q, k, v, seg, pos))
-    assert np.isnan(out[0, :blk]).all() and np.isfinite(out[0, 2 * blk:]).all()
+    assert np.isnan(out[0, :blk]).all() and np.isfinite(out[0, 2 * blk :]).all()
     full = np.asarray(jax.jit(lambda *a: attention(*a, block=blk))(q, k, v, seg, pos))
     assert np.isnan(full).all()  # without the window every query reads block 0: the probe can fail
 
@@ -91,7 +100,7 @@ def test_defaults_compile_the_same_program():
     def hlo(**kw):
         return jax.jit(lambda *a: attention(*a, block=16, **kw)).lower(spec, spec, spec, ids, ids).as_text()
 
-    assert hlo() == hlo(window=None, softcap=None, scale=None) == hlo(scale=8 ** -0.5)
+    assert hlo() == hlo(window=None, softcap=None, scale=None) == hlo(scale=8**-0.5)
     assert "tanh" not in hlo() and "tanh" in hlo(softcap=2.0)
     assert hlo(window=8) != hlo()
 
@@ -127,9 +136,19 @@ def test_sliding_window_models_match_transformers(tmp_path, family):
     from tests.test_model_gemma import LONG_TEXTS
     from tests.test_model_parity import extract_all, hf_reference, worst_relative_error
 
-    common = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                  sliding_window=WINDOW, initializer_range=0.1)
+    common = dict(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        sliding_window=WINDOW,
+        initializer_range=0.1,
+    )
     torch.manual_seed(0)
     if family == "mistral":
         model, sliding = MistralForCausalLM(MistralConfig(**common)), (0, 1, 2)
@@ -143,8 +162,9 @@ def test_sliding_window_models_match_transformers(tmp_path, family):
         config = json.loads((model_dir / "config.json").read_text())
         del config["layer_types"]
         (model_dir / "config.json").write_text(json.dumps(config))
-    engine, _, cat, acts = extract_all(model_dir, LONG_TEXTS, compute_dtype="float32", store_dtype="float32",
-                                       batch_tokens=512, attn_block=16)
+    engine, _, cat, acts = extract_all(
+        model_dir, LONG_TEXTS, compute_dtype="float32", store_dtype="float32", batch_tokens=512, attn_block=16
+    )
     assert engine.config.sliding == sliding and engine.config.sliding_window == WINDOW
     assert max(len(ids) for ids in engine.tokenize(LONG_TEXTS)) > 4 * WINDOW
     ref = hf_reference(model_dir, engine.tokenize(LONG_TEXTS))

@@ -33,9 +33,13 @@ def padding(lengths, batches) -> float:
 @pytest.mark.parametrize("n_devices", [1, 4])
 def test_shapes_come_from_the_fixed_set_whatever_the_length_mix(n_devices):
     batch_tokens, max_seq = 16384, 2048
-    allowed = {(r, p) for p in (128, 256, 512, 1024, 2048)
-               for r in row_buckets(per_batch=rows_per_batch(p, batch_tokens=batch_tokens, n_devices=n_devices),
-                                    n_devices=n_devices)}
+    allowed = {
+        (r, p)
+        for p in (128, 256, 512, 1024, 2048)
+        for r in row_buckets(
+            per_batch=rows_per_batch(p, batch_tokens=batch_tokens, n_devices=n_devices), n_devices=n_devices
+        )
+    }
     # The set's size is a constant of (batch_tokens, max_seq, devices): per row length, every per-device
     # count up to 16 and 8 per doubling above, plus the full batch.
     for p in (128, 256, 512, 1024, 2048):
@@ -86,8 +90,16 @@ def test_padding_stays_small_on_mixed_lengths():
 
 
 def test_bucket_edges():
-    assert [batching.bucket_rows(n, per_batch=64) for n in (1, 16, 17, 18, 19, 33, 63, 64)] == \
-        [1, 16, 18, 18, 20, 36, 64, 64]
+    assert [batching.bucket_rows(n, per_batch=64) for n in (1, 16, 17, 18, 19, 33, 63, 64)] == [
+        1,
+        16,
+        18,
+        18,
+        20,
+        36,
+        64,
+        64,
+    ]
     assert [batching.bucket_rows(n, per_batch=48, n_devices=4) for n in (1, 4, 5, 47)] == [4, 4, 8, 48]
     assert row_buckets(per_batch=6) == [1, 2, 3, 4, 5, 6]
 
@@ -105,9 +117,27 @@ def test_a_second_process_compiles_nothing(tmp_path):
 
     def extract(out: str) -> dict:
         """The `compilation:` line extract prints on stderr, as numbers."""
-        r = subprocess.run([sys.executable, "-c", "from actfleet.cli import main; main()", "extract", "--model",
-                            str(model), "--input", str(data), "--out", str(tmp_path / out), "--unit-rows", "5",
-                            "--json"], env=env, capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from actfleet.cli import main; main()",
+                "extract",
+                "--model",
+                str(model),
+                "--input",
+                str(data),
+                "--out",
+                str(tmp_path / out),
+                "--unit-rows",
+                "5",
+                "--json",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode == 0, r.stderr
         m = re.search(r"compilation: (\d+) programs compiled, (\d+) loaded from the cache", r.stderr)
         assert m, r.stderr

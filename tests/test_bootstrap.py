@@ -36,10 +36,17 @@ APT_LOCK = "-o DPkg::Lock::Timeout=600"
 
 
 def git(repo: Path, *args: str) -> str:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com", "GIT_CONFIG_NOSYSTEM": "1"}
-    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True,
-                          env=env).stdout.strip()
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.com",
+        "GIT_CONFIG_NOSYSTEM": "1",
+    }
+    return subprocess.run(
+        ["git", "-C", str(repo), *args], check=True, capture_output=True, text=True, env=env
+    ).stdout.strip()
 
 
 def executable(path: Path, text: str) -> Path:
@@ -135,8 +142,7 @@ else:
 
 
 def python_standin(path: Path, body: str, state: Path, **fmt) -> Path:
-    return executable(path, f"#!{sys.executable}\n" + STANDIN_PRELUDE.format(state=str(state))
-                      + body.format(**fmt))
+    return executable(path, f"#!{sys.executable}\n" + STANDIN_PRELUDE.format(state=str(state)) + body.format(**fmt))
 
 
 @pytest.fixture
@@ -168,7 +174,9 @@ def vm(tmp_path):
     image_bin.mkdir()
     uv_standin = python_standin(state / "uv-standin", UV, state, real_python=sys.executable)
     python_standin(image_bin / "python3", PYTHON3, state, uv_standin=str(uv_standin))
-    apt = executable(state / "apt-get", f"""#!/usr/bin/env bash
+    apt = executable(
+        state / "apt-get",
+        f"""#!/usr/bin/env bash
 # Stands in for apt-get: records calls; `install` finds the dpkg lock held the first time when asked to.
 echo "apt-get $*" >> {log}
 if [[ " $* " == *" install "* ]]; then
@@ -180,15 +188,21 @@ if [[ " $* " == *" install "* ]]; then
   [[ " $* " == *" python3-pip "* ]] && touch {state}/image-has-pip
 fi
 true
-""")
-    useradd = executable(state / "useradd", f"""#!/usr/bin/env bash
+""",
+    )
+    useradd = executable(
+        state / "useradd",
+        f"""#!/usr/bin/env bash
 # Stands in for useradd: records the call and adds the passwd line the real one would.
 echo "useradd $*" >> {log}
 mkdir -p "$ACTFLEET_ROOT/etc"
 echo "${{@: -1}}:x:999:999::/var/lib/actfleet:/usr/sbin/nologin" >> "$ACTFLEET_ROOT/etc/passwd"
-""")
+""",
+    )
     active = state / "unit-active"
-    systemctl = executable(state / "systemctl", f"""#!/usr/bin/env bash
+    systemctl = executable(
+        state / "systemctl",
+        f"""#!/usr/bin/env bash
 # Stands in for systemctl: records calls; the worker unit is "active" once restarted or started; starting the
 # bootstrap unit runs its ExecStart (synchronously: the test waits for what systemd would run in the background).
 echo "systemctl $*" >> {log}
@@ -202,15 +216,18 @@ case "$1" in
     rc=0; $exec_start || rc=$?
     echo "bootstrap exited $rc" >> {log};;
 esac
-""")
+""",
+    )
     metadata = tmp_path / "metadata"
     metadata.mkdir()
-    config = parse({
-        "fleet": {"id": "acts", "project": "my-project", "region": "us-central1", "zones": {"us-central1-a": 1}},
-        "repo": {"url": str(repo), "commit": first},
-        "storage": {"bucket": "my-project-acts"},
-        "job": {"name": "resid", "model": "m", "input": "i", "layers": [1]},
-    })
+    config = parse(
+        {
+            "fleet": {"id": "acts", "project": "my-project", "region": "us-central1", "zones": {"us-central1-a": 1}},
+            "repo": {"url": str(repo), "commit": first},
+            "storage": {"bucket": "my-project-acts"},
+            "job": {"name": "resid", "model": "m", "input": "i", "layers": [1]},
+        }
+    )
     for key, value in worker_metadata(config, config.fleet.workers[0]).items():
         (metadata / key).write_text(value)
     (metadata / "actfleet-config").write_text(str(config_file))  # a path stands in for gs://
@@ -223,11 +240,19 @@ esac
         def run(self, env_changes=None, **metadata_changes):
             for key, value in metadata_changes.items():
                 (metadata / key).write_text(value)
-            env = {**os.environ, "PATH": f"{image_bin}:{os.environ['PATH']}",
-                   "ACTFLEET_ROOT": str(self.root), "ACTFLEET_METADATA_DIR": str(metadata),
-                   "ACTFLEET_APT_GET": str(apt), "ACTFLEET_SYSTEMCTL": str(systemctl),
-                   "ACTFLEET_USERADD": str(useradd), "ACTFLEET_ATTEMPTS": "3", "ACTFLEET_RETRY_DELAY": "0",
-                   "GIT_CONFIG_NOSYSTEM": "1", **(env_changes or {})}
+            env = {
+                **os.environ,
+                "PATH": f"{image_bin}:{os.environ['PATH']}",
+                "ACTFLEET_ROOT": str(self.root),
+                "ACTFLEET_METADATA_DIR": str(metadata),
+                "ACTFLEET_APT_GET": str(apt),
+                "ACTFLEET_SYSTEMCTL": str(systemctl),
+                "ACTFLEET_USERADD": str(useradd),
+                "ACTFLEET_ATTEMPTS": "3",
+                "ACTFLEET_RETRY_DELAY": "0",
+                "GIT_CONFIG_NOSYSTEM": "1",
+                **(env_changes or {}),
+            }
             for name in ("ACTFLEET_PYTHON", "ACTFLEET_PIP", "VIRTUAL_ENV", "UV_PYTHON_INSTALL_DIR"):
                 env.pop(name, None)  # nothing of this machine's Python set-up may leak into the "VM"
             return subprocess.run(["bash", str(STARTUP)], env=env, capture_output=True, text=True, timeout=120)
@@ -272,8 +297,11 @@ def unit_file(path: Path) -> dict[str, dict[str, list[str]]]:
     return sections
 
 
-WORKER_START = ["systemctl daemon-reload", "systemctl enable actfleet-worker.service",
-                "systemctl restart actfleet-worker.service"]
+WORKER_START = [
+    "systemctl daemon-reload",
+    "systemctl enable actfleet-worker.service",
+    "systemctl restart actfleet-worker.service",
+]
 BOOT_START = ["systemctl daemon-reload", "systemctl start --no-block actfleet-bootstrap.service"]
 
 
@@ -293,8 +321,10 @@ def test_first_boot_sets_up_and_second_boot_is_a_no_op(vm):
     assert f"ACTFLEET_CONFIG={root}/etc/actfleet/fleet.toml\n" in env
     unit = (root / "etc/systemd/system/actfleet-worker.service").read_text()
     assert "@ROOT@" not in unit
-    assert f"ExecStart={root}/opt/actfleet/venv/bin/actfleet work --config ${{ACTFLEET_CONFIG}} " \
-           f"--worker-id ${{ACTFLEET_WORKER}}" in unit
+    assert (
+        f"ExecStart={root}/opt/actfleet/venv/bin/actfleet work --config ${{ACTFLEET_CONFIG}} "
+        f"--worker-id ${{ACTFLEET_WORKER}}" in unit
+    )
     assert "Restart=on-failure" in unit and "StandardOutput=journal" in unit
     python = f"{root}/opt/actfleet/python/cpython-{PINNED_PYTHON}-linux-x86_64-gnu/bin/python3"
     assert vm.calls() == [
@@ -307,7 +337,9 @@ def test_first_boot_sets_up_and_second_boot_is_a_no_op(vm):
         f"uv pip install -q --python {venv}/bin/python --no-deps --no-build-isolation {src}",
         "useradd --system --user-group --no-create-home --home-dir /var/lib/actfleet --shell /usr/sbin/nologin "
         "actfleet",
-        *WORKER_START, "bootstrap exited 0"]
+        *WORKER_START,
+        "bootstrap exited 0",
+    ]
     assert "apt-get" not in first.stderr and vm.calls("apt-get") == []  # nothing was missing
 
     before, n = snapshot(root), len(vm.calls())
@@ -316,20 +348,28 @@ def test_first_boot_sets_up_and_second_boot_is_a_no_op(vm):
     assert "nothing to do" in second.stderr
     assert snapshot(root) == before  # no file rewritten, no reinstall, no second user
     # The bootstrap unit is started again; it finds everything in place and leaves the worker running.
-    assert vm.calls()[n:] == ["systemctl start --no-block actfleet-bootstrap.service",
-                              "systemctl is-active --quiet actfleet-worker.service", "bootstrap exited 0"]
+    assert vm.calls()[n:] == [
+        "systemctl start --no-block actfleet-bootstrap.service",
+        "systemctl is-active --quiet actfleet-worker.service",
+        "bootstrap exited 0",
+    ]
 
 
 def test_the_images_python_310_never_runs_actfleet(vm):
     """The image's python3 is 3.10 (below actfleet's and jax's floor): the venv gets the pinned 3.11+."""
     vm.image_has_pip()
-    assert subprocess.run(["python3", "--version"], capture_output=True, text=True,
-                          env={"PATH": str(vm.root.parent / "image-bin")}).stdout == "Python 3.10.12\n"
+    assert (
+        subprocess.run(
+            ["python3", "--version"], capture_output=True, text=True, env={"PATH": str(vm.root.parent / "image-bin")}
+        ).stdout
+        == "Python 3.10.12\n"
+    )
     result = vm.run()
     assert result.returncode == 0, result.stderr
     venv_python = vm.root / "opt/actfleet/venv/bin/python"
-    version = subprocess.run([str(venv_python), "-c", "import sys; print(*sys.version_info[:2])"],
-                             capture_output=True, text=True, check=True).stdout.split()
+    version = subprocess.run(
+        [str(venv_python), "-c", "import sys; print(*sys.version_info[:2])"], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert tuple(map(int, version)) >= (3, 11)
     cfg = (vm.root / "opt/actfleet/venv/pyvenv.cfg").read_text()
     assert f"{vm.root}/opt/actfleet/python/cpython-{PINNED_PYTHON}" in cfg  # uv's managed CPython, not the image's
@@ -343,8 +383,10 @@ def test_an_image_without_pip_gets_it_from_apt_waiting_for_a_held_lock(vm):
     result = vm.run({"ACTFLEET_TEST_FAIL_ONCE": "apt lock"})
     assert result.returncode == 0, result.stderr
     apt = vm.calls("apt-get")
-    assert apt == [f"apt-get {APT_LOCK} update -q",
-                   f"apt-get {APT_LOCK} install -yq --no-install-recommends python3-pip"] * 2
+    assert (
+        apt
+        == [f"apt-get {APT_LOCK} update -q", f"apt-get {APT_LOCK} install -yq --no-install-recommends python3-pip"] * 2
+    )
     assert "attempt 1 failed (exit 100): retrying" in result.stderr
     assert vm.calls()[-1] == "bootstrap exited 0" and (vm.root / "opt/actfleet/venv/bin/actfleet").exists()
     assert vm.calls()[-4:-1] == WORKER_START
@@ -385,8 +427,10 @@ def test_bad_input_inside_the_unit_is_not_retried(vm):
     result = vm.run(**{"actfleet-config": "ftp://example.com/fleet.toml"})
     assert "actfleet-config = 'ftp://example.com/fleet.toml'" in result.stderr
     assert "attempt 1: bad input (exit 2): not retrying" in result.stderr
-    assert vm.calls()[-1] == "bootstrap exited 2" and vm.calls("uv").count(f"uv python install --no-bin "
-                                                                             f"{PINNED_PYTHON}") == 1
+    assert (
+        vm.calls()[-1] == "bootstrap exited 2"
+        and vm.calls("uv").count(f"uv python install --no-bin {PINNED_PYTHON}") == 1
+    )
 
 
 def test_a_stopped_unit_is_started_without_reinstalling(vm):
@@ -396,9 +440,12 @@ def test_a_stopped_unit_is_started_without_reinstalling(vm):
     vm.stop_unit()
     result = vm.run()
     assert result.returncode == 0, result.stderr
-    assert vm.calls()[n:] == ["systemctl start --no-block actfleet-bootstrap.service",
-                              "systemctl is-active --quiet actfleet-worker.service",
-                              "systemctl enable --now actfleet-worker.service", "bootstrap exited 0"]
+    assert vm.calls()[n:] == [
+        "systemctl start --no-block actfleet-bootstrap.service",
+        "systemctl is-active --quiet actfleet-worker.service",
+        "systemctl enable --now actfleet-worker.service",
+        "bootstrap exited 0",
+    ]
 
 
 def test_a_new_pinned_commit_is_checked_out_installed_and_restarted(vm):
@@ -417,8 +464,10 @@ def test_a_new_pinned_commit_is_checked_out_installed_and_restarted(vm):
         f"uv venv -q --python {python} {venv}",
         f"uv pip sync -q --python {venv}/bin/python --require-hashes {src}/bootstrap/requirements-tpu.txt",
         f"uv pip install -q --python {venv}/bin/python --no-deps --no-build-isolation {src}",
-        "systemctl enable actfleet-worker.service", "systemctl restart actfleet-worker.service",
-        "bootstrap exited 0"]
+        "systemctl enable actfleet-worker.service",
+        "systemctl restart actfleet-worker.service",
+        "bootstrap exited 0",
+    ]
 
 
 @pytest.mark.parametrize("ref", ["main", "v1", "HEAD", "0123456", "0123456789ABCDEF0123456789ABCDEF01234567"])
@@ -482,7 +531,8 @@ def test_the_worker_runs_unprivileged_under_systemd_hardening(vm):
     installed = unit_file(vm.root / "etc/systemd/system/actfleet-worker.service")["Service"]
     assert installed["User"] == ["actfleet"]
     assert (vm.root / "etc/passwd").read_text().splitlines() == [
-        "actfleet:x:999:999::/var/lib/actfleet:/usr/sbin/nologin"]
+        "actfleet:x:999:999::/var/lib/actfleet:/usr/sbin/nologin"
+    ]
     for path in ("etc/actfleet/fleet.toml", "etc/actfleet/worker.env"):  # readable by the worker, not writable
         assert stat.S_IMODE((vm.root / path).stat().st_mode) == 0o644
 
@@ -506,10 +556,13 @@ def test_the_script_is_valid_bash_and_the_metadata_carries_bootstrap_verbatim():
     assert subprocess.run(["bash", "-n", str(STARTUP)]).returncode == 0
     code = [line for line in STARTUP.read_text().splitlines() if not line.lstrip().startswith("#")]
     assert not [line for line in code if re.search(r"\|\s*(ba)?sh\b", line)]  # nothing piped into a shell
-    config = parse({
-        "fleet": {"id": "acts", "project": "my-project", "region": "us-central1", "zones": {"us-central1-a": 1}},
-        "repo": {"url": "https://example.com/r.git", "commit": "a" * 40},
-        "storage": {"bucket": "my-project-acts"}, "job": {"model": "m", "input": "i", "layers": [1]},
-    })
+    config = parse(
+        {
+            "fleet": {"id": "acts", "project": "my-project", "region": "us-central1", "zones": {"us-central1-a": 1}},
+            "repo": {"url": "https://example.com/r.git", "commit": "a" * 40},
+            "storage": {"bucket": "my-project-acts"},
+            "job": {"model": "m", "input": "i", "layers": [1]},
+        }
+    )
     md = worker_metadata(config, config.fleet.workers[0])
     assert md["startup-script"] == STARTUP.read_text() and md["actfleet-unit"] == UNIT.read_text()

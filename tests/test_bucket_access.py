@@ -19,20 +19,32 @@ BUCKET = "my-project-acts"
 # The permissions of the predefined roles that matter here (Cloud Storage IAM roles reference).
 ROLE_PERMISSIONS = {
     "roles/storage.objectViewer": {"storage.objects.get", "storage.objects.list"},
-    "roles/storage.objectUser": {"storage.objects.create", "storage.objects.delete", "storage.objects.get",
-                                 "storage.objects.list", "storage.objects.update"},
+    "roles/storage.objectUser": {
+        "storage.objects.create",
+        "storage.objects.delete",
+        "storage.objects.get",
+        "storage.objects.list",
+        "storage.objects.update",
+    },
 }
 LIST = "storage.objects.list"
 
 
 def config(**job):
-    return parse({
-        "fleet": {"id": "acts", "project": "my-project", "region": "us-central1", "zones": {"us-central1-a": 1}},
-        "repo": {"url": "https://example.com/r.git", "commit": "a" * 40},
-        "storage": {"bucket": BUCKET},
-        "job": {"name": "resid", "model": "Qwen/Qwen2.5-0.5B", "input": f"gs://{BUCKET}/data/d.jsonl",
-                "layers": [1], **job},
-    })
+    return parse(
+        {
+            "fleet": {"id": "acts", "project": "my-project", "region": "us-central1", "zones": {"us-central1-a": 1}},
+            "repo": {"url": "https://example.com/r.git", "commit": "a" * 40},
+            "storage": {"bucket": BUCKET},
+            "job": {
+                "name": "resid",
+                "model": "Qwen/Qwen2.5-0.5B",
+                "input": f"gs://{BUCKET}/data/d.jsonl",
+                "layers": [1],
+                **job,
+            },
+        }
+    )
 
 
 def allowed(grants, permission: str, obj: str | None = None) -> bool:
@@ -41,17 +53,24 @@ def allowed(grants, permission: str, obj: str | None = None) -> bool:
         resource = {"name": f"projects/_/buckets/{BUCKET}", "type": "storage.googleapis.com/Bucket"}
     else:
         resource = {"name": f"projects/_/buckets/{BUCKET}/objects/{obj}", "type": "storage.googleapis.com/Object"}
-    activation = {"resource": celtypes.MapType({celtypes.StringType(k): celtypes.StringType(v)
-                                                for k, v in resource.items()})}
+    activation = {
+        "resource": celtypes.MapType({celtypes.StringType(k): celtypes.StringType(v) for k, v in resource.items()})
+    }
     env = celpy.Environment()
-    return any(permission in ROLE_PERMISSIONS[g.role]
-               and bool(env.program(env.compile(g.expression)).evaluate(activation)) for g in grants)
+    return any(
+        permission in ROLE_PERMISSIONS[g.role] and bool(env.program(env.compile(g.expression)).evaluate(activation))
+        for g in grants
+    )
 
 
 def test_workers_write_only_their_job_and_read_only_config_and_inputs():
     grants = worker_grants(config())
-    for key in ("resid/job.json", "resid/leases/000001", "resid/workers/tpu-us-central1-a-0.json",
-                "resid/shards/000001-0.safetensors"):
+    for key in (
+        "resid/job.json",
+        "resid/leases/000001",
+        "resid/workers/tpu-us-central1-a-0.json",
+        "resid/shards/000001-0.safetensors",
+    ):
         assert allowed(grants, "storage.objects.create", key) and allowed(grants, "storage.objects.delete", key)
     # The config every worker fetches at boot, the dataset: readable, never writable.
     for key in ("actfleet/acts/fleet.toml", "data/d.jsonl"):
@@ -59,8 +78,12 @@ def test_workers_write_only_their_job_and_read_only_config_and_inputs():
         assert not allowed(grants, "storage.objects.create", key) and not allowed(grants, "storage.objects.update", key)
         assert not allowed(grants, "storage.objects.delete", key)
     # Another job's shards, another fleet's config, a sibling that merely starts like the job's name.
-    for key in ("other/shards/000001-0.safetensors", "actfleet/other/fleet.toml", "resid-old/job.json",
-                "data/other.jsonl"):
+    for key in (
+        "other/shards/000001-0.safetensors",
+        "actfleet/other/fleet.toml",
+        "resid-old/job.json",
+        "data/other.jsonl",
+    ):
         assert not allowed(grants, "storage.objects.get", key)
         assert not allowed(grants, "storage.objects.create", key)
 
@@ -90,8 +113,11 @@ def test_a_store_in_another_bucket_gets_no_write_grant_here():
 
 
 def test_a_job_prefix_that_would_hold_the_fleet_config_is_refused():
-    with pytest.raises(ConfigError, match=r"job.name = 'actfleet' .* would hold the fleet config "
-                                          r"gs://my-project-acts/actfleet/acts/fleet.toml"):
+    with pytest.raises(
+        ConfigError,
+        match=r"job.name = 'actfleet' .* would hold the fleet config "
+        r"gs://my-project-acts/actfleet/acts/fleet.toml",
+    ):
         worker_grants(config(name="actfleet"))
 
 

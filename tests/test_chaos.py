@@ -29,8 +29,14 @@ class Proc:
     """A subprocess whose output lines are collected by a thread, with a wait-for-line helper."""
 
     def __init__(self, argv: list[str], env: dict | None = None):
-        self.p = subprocess.Popen(argv, cwd=REPO, env={**os.environ, **(env or {})},
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.p = subprocess.Popen(
+            argv,
+            cwd=REPO,
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self.lines: list[str] = []
         self.cond = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
@@ -61,15 +67,28 @@ class Proc:
 
 
 def standin_worker(store_url, job, worker, data, delay, lease_s, drain_s) -> Proc:
-    return Proc([sys.executable, "-m", "tests.fakes.standin_extractor", store_url, job, worker, str(data),
-                 str(delay), str(lease_s), str(drain_s)])
+    return Proc(
+        [
+            sys.executable,
+            "-m",
+            "tests.fakes.standin_extractor",
+            store_url,
+            job,
+            worker,
+            str(data),
+            str(delay),
+            str(lease_s),
+            str(drain_s),
+        ]
+    )
 
 
 def prepare_standin(tmp_path, rows=40, unit_rows=20):
     data = sx.write_dataset(tmp_path / "data.jsonl", rows)
     store = open_store(str(tmp_path / "bucket"))
-    q.prepare(store, "job", input=str(data), fingerprint=sx.fingerprint(data), rows=rows, unit_rows=unit_rows,
-              options={})
+    q.prepare(
+        store, "job", input=str(data), fingerprint=sx.fingerprint(data), rows=rows, unit_rows=unit_rows, options={}
+    )
     return store, data
 
 
@@ -137,7 +156,7 @@ def run_chaos(start_worker, *, workers: int, kills: int, seed: int) -> dict:
             for name in sorted(live, key=lambda _: rng.random()):
                 proc = live[name]
                 with proc.cond:
-                    new = proc.lines[seen[name]:]
+                    new = proc.lines[seen[name] :]
                     seen[name] = len(proc.lines)
                 if any(line.startswith(phase + " ") for line in new):
                     victim = name
@@ -190,12 +209,14 @@ def test_chaos_over_the_standin_extractor(tmp_path):
     stores = {}
     for name in ("reference", "chaos"):
         stores[name] = open_store(str(tmp_path / name))
-        q.prepare(stores[name], "job", input=str(data), fingerprint=sx.fingerprint(data), rows=120, unit_rows=4,
-                  options={})
+        q.prepare(
+            stores[name], "job", input=str(data), fingerprint=sx.fingerprint(data), rows=120, unit_rows=4, options={}
+        )
     ref = standin_worker(stores["reference"].url, "job", "ref", data, 0.0, 30, 25)
     assert ref.p.wait(timeout=300) == 0
-    killed = run_chaos(lambda name: standin_worker(stores["chaos"].url, "job", name, data, 0.01, 1.0, 25),
-                       workers=4, kills=20, seed=7)
+    killed = run_chaos(
+        lambda name: standin_worker(stores["chaos"].url, "job", name, data, 0.01, 1.0, 25), workers=4, kills=20, seed=7
+    )
     assert sum(killed.values()) == 20 and all(killed.values()), killed
     rep = verify(stores["chaos"], "job", clean=True)  # killed attempts leave garbage; nothing else may be wrong
     assert rep.ok, rep.problems
@@ -216,27 +237,48 @@ def test_chaos_with_the_real_engine_on_a_tiny_model(tmp_path):
     data = tmp_path / "data.jsonl"
     rng = random.Random(11)
     words = "the fox grid answer shard token lease unit worker bucket".split()
-    data.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))})
-                            + "\n" for _ in range(96)))
+    data.write_text(
+        "".join(
+            json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))}) + "\n"
+            for _ in range(96)
+        )
+    )
     env = {"ACTFLEET_JAX_CACHE": str(tmp_path / "jax-cache")}  # restarted workers reuse compiled programs
     stores = {name: tmp_path / name for name in ("reference", "chaos")}
     from actfleet.hashing import sha256_file
     from actfleet.job_options import JobOptions
     from actfleet.worker.engine_extractor import count_input_rows
 
-    opts = JobOptions(model=str(model), sites=("blocks.0.hook_resid_post", "blocks.1.hook_resid_post"),
-                      positions="non-special", compute_dtype="bfloat16", store_dtype="bfloat16",
-                      shard_mb=0.002)  # tiny shards: several parts per unit
+    opts = JobOptions(
+        model=str(model),
+        sites=("blocks.0.hook_resid_post", "blocks.1.hook_resid_post"),
+        positions="non-special",
+        compute_dtype="bfloat16",
+        store_dtype="bfloat16",
+        shard_mb=0.002,
+    )  # tiny shards: several parts per unit
     for path in stores.values():
-        q.prepare(open_store(str(path)), "job", input=str(data), fingerprint=sha256_file(data),
-                  rows=count_input_rows(str(data), opts), unit_rows=3, options=opts)
-    ref = Proc(actfleet_argv("work", "--store", str(stores["reference"]), "--job", "job", "--worker-id", "ref"),
-               env=env)
+        q.prepare(
+            open_store(str(path)),
+            "job",
+            input=str(data),
+            fingerprint=sha256_file(data),
+            rows=count_input_rows(str(data), opts),
+            unit_rows=3,
+            options=opts,
+        )
+    ref = Proc(
+        actfleet_argv("work", "--store", str(stores["reference"]), "--job", "job", "--worker-id", "ref"), env=env
+    )
     assert ref.p.wait(timeout=600) == 0, "\n".join(ref.lines[-20:])
 
     def start(name: str) -> Proc:
-        return Proc(actfleet_argv("work", "--store", str(stores["chaos"]), "--job", "job", "--worker-id", name,
-                                  "--lease-seconds", "2"), env=env)
+        return Proc(
+            actfleet_argv(
+                "work", "--store", str(stores["chaos"]), "--job", "job", "--worker-id", name, "--lease-seconds", "2"
+            ),
+            env=env,
+        )
 
     killed = run_chaos(start, workers=4, kills=20, seed=5)
     assert sum(killed.values()) == 20 and all(killed.values()), killed

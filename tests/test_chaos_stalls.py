@@ -98,16 +98,16 @@ def tail(proc: Proc, n: int = 40) -> str:
 
 def prepare_jobs(store, data: Path, jobs, rows: int, unit_rows: int) -> None:
     for job in jobs:
-        q.prepare(store, job, input=str(data), fingerprint=sx.fingerprint(data), rows=rows, unit_rows=unit_rows,
-                  options={})
+        q.prepare(
+            store, job, input=str(data), fingerprint=sx.fingerprint(data), rows=rows, unit_rows=unit_rows, options={}
+        )
 
 
 def reference_store(tmp_path: Path, data: Path, rows: int, unit_rows: int):
     """An uninterrupted in-process run of the same rows and unit size: job "ref" in its own store."""
     ref = open_store(str(tmp_path / "reference"))
     prepare_jobs(ref, data, ["ref"], rows, unit_rows)
-    result = Worker(ref, q.read_job(ref, "ref"), sx.StandinExtractor(data, worker="ref"), "ref",
-                    lease_seconds=30).run()
+    result = Worker(ref, q.read_job(ref, "ref"), sx.StandinExtractor(data, worker="ref"), "ref", lease_seconds=30).run()
     assert result.job_complete
     return ref
 
@@ -133,8 +133,9 @@ def assert_job_is_one_clean_run(store, job: str, ref, units: int) -> None:
         stamps = attempt_stamps(store, job, unit)
         assert len(stamps) <= 1, f"{job} unit {unit}: the done record mixes attempts' shards: {sorted(stamps)}"
         for stamp in stamps:
-            assert stamp.split("/")[0] == rec.worker, (f"{job} unit {unit}: committed by {rec.worker} but its "
-                                                       f"shards were written by attempt {stamp}")
+            assert stamp.split("/")[0] == rec.worker, (
+                f"{job} unit {unit}: committed by {rec.worker} but its shards were written by attempt {stamp}"
+            )
     assert_bitwise_equal(store, ref, job, units, job_b="ref")
 
 
@@ -178,9 +179,10 @@ class VerifyLoop(threading.Thread):
                 first.setdefault((job, p["kind"], p["message"]), p.get("unit"))
             lines = [f"{job}: {kind}: {message}" for (job, kind, message) in first]
             job, unit = next((job, unit) for (job, _, _), unit in first.items())
-            raise AssertionError(f"verify --clean saw a broken done unit while workers ran "
-                                 f"({len(self.bad)} sightings):\n" + "\n".join(lines[:10])
-                                 + f"\n{job} unit {unit}: {explain(job, unit)}")
+            raise AssertionError(
+                f"verify --clean saw a broken done unit while workers ran "
+                f"({len(self.bad)} sightings):\n" + "\n".join(lines[:10]) + f"\n{job} unit {unit}: {explain(job, unit)}"
+            )
         assert self.passes > 0
 
 
@@ -192,9 +194,14 @@ def cli_verify(store_url: str, env: dict | None = None):
     """`actfleet verify --clean --json` as a subprocess (exit 1 just means problems, e.g. units not done)."""
 
     def once(job: str) -> dict:
-        r = subprocess.run(actfleet_argv("verify", "--store", store_url, "--job", job, "--clean", "--json"),
-                           cwd=REPO, env={**os.environ, **(env or {})},
-                           capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            actfleet_argv("verify", "--store", store_url, "--job", job, "--clean", "--json"),
+            cwd=REPO,
+            env={**os.environ, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         if r.returncode not in (0, 1) or not r.stdout.strip():
             raise RuntimeError(f"actfleet verify --clean exited {r.returncode}: {r.stderr.strip()[-2000:]}")
         return json.loads(r.stdout)
@@ -221,12 +228,15 @@ class StallChaos:
 
     def story(self, store, job: str | None, unit: int | None) -> str:
         """Who committed a unit, what the scheduler did to workers on it, and each one's events on it."""
+
         def on_it(info: dict) -> bool:
             return info.get("unit") == unit and info.get("job", job) == job
 
         rec = q.read_done(store, job, unit) if job is not None and unit is not None else None
-        out = [f"done record by {rec.worker if rec else None}, shards {[s.name for s in rec.shards] if rec else []}",
-               "actions: " + "; ".join(f"{a} {v} at {e}" for a, v, e in self.log if on_it(e))]
+        out = [
+            f"done record by {rec.worker if rec else None}, shards {[s.name for s in rec.shards] if rec else []}",
+            "actions: " + "; ".join(f"{a} {v} at {e}" for a, v, e in self.log if on_it(e)),
+        ]
         for name, proc in self.procs.items():
             with proc.cond:
                 mine = [line for line in proc.lines if on_it(event(line)[1])]
@@ -235,9 +245,18 @@ class StallChaos:
         return "\n".join(out)
 
 
-def run_stall_chaos(start_worker, *, workers: int, stops: int, kills: int, lease_s: float, seed: int,
-                    max_stopped: int = 2, stall: tuple[float, float] = (2.0, 3.0),
-                    then_sigterm: bool = False) -> StallChaos:
+def run_stall_chaos(
+    start_worker,
+    *,
+    workers: int,
+    stops: int,
+    kills: int,
+    lease_s: float,
+    seed: int,
+    max_stopped: int = 2,
+    stall: tuple[float, float] = (2.0, 3.0),
+    then_sigterm: bool = False,
+) -> StallChaos:
     """Keep `workers` processes running. In a seeded order of `stops` stops and `kills` kills, the k-th
     action hits the first worker (in a seeded order) that is not stopped and reaches phase
     STALL_PHASES[k % 3] from then on, after a short seeded delay: a stop SIGSTOPs it for a seeded
@@ -274,7 +293,7 @@ def run_stall_chaos(start_worker, *, workers: int, stops: int, kills: int, lease
         for name in sorted(live, key=lambda _: rng.random()):
             proc = live[name]
             with proc.cond:
-                new = proc.lines[seen[name]:]
+                new = proc.lines[seen[name] :]
                 seen[name] = len(proc.lines)
             if "<eof>" in new:
                 assert proc.p.wait(timeout=60) == 0, f"{name} failed:\n{tail(proc)}"
@@ -505,8 +524,9 @@ def test_clean_racing_a_claim_never_deletes_the_new_attempts_shards(tmp_path):
     try:
         assert procs and present, "the hook ran and part 0 of A's attempt was in the store"
         gone = [k for k in present if store.generation(k) is None]
-        assert not gone, (f"verify --clean deleted {gone}, a shard of the attempt holding a live lease "
-                          f"(cleaned: {rep.cleaned})")
+        assert not gone, (
+            f"verify --clean deleted {gone}, a shard of the attempt holding a live lease (cleaned: {rep.cleaned})"
+        )
     finally:
         for a in procs:
             a.p.send_signal(signal.SIGCONT)
@@ -551,15 +571,22 @@ def test_a_commit_stalled_after_its_checks_loses_no_shard_to_clean(tmp_path):
         assert q.take_over(store, lease, "worker-b", 30.0) is not None  # B now holds the unit
         reports.append(verify(store, "job", clean=True))
 
-    a = Worker(CreateHook(store, q.done_key("job", 0), stall_past_the_lease), q.read_job(store, "job"),
-               sx.StandinExtractor(data, worker="worker-a"), "worker-a", lease_seconds=1.0)
+    a = Worker(
+        CreateHook(store, q.done_key("job", 0), stall_past_the_lease),
+        q.read_job(store, "job"),
+        sx.StandinExtractor(data, worker="worker-a"),
+        "worker-a",
+        lease_seconds=1.0,
+    )
     result = a.run()
     assert reports, "A's commit reached the done record"
     rec = q.read_done(store, "job", 0)
     assert rec is not None and rec.worker == "worker-a" and result.units_committed == 1  # A's create landed
     gone = [s.name for s in rec.shards if store.generation(f"job/{s.name}") is None]
-    assert not gone, (f"verify --clean deleted {gone}, shards of the attempt whose done record then landed "
-                      f"(cleaned {reports[0].cleaned}, kept {getattr(reports[0], 'kept', None)})")
+    assert not gone, (
+        f"verify --clean deleted {gone}, shards of the attempt whose done record then landed "
+        f"(cleaned {reports[0].cleaned}, kept {getattr(reports[0], 'kept', None)})"
+    )
     q.release(store, q.read_lease(store, "job", 0))  # B's lease (B itself never ran)
     assert_job_is_one_clean_run(store, "job", ref, 1)
 
@@ -594,16 +621,26 @@ def test_chaos_with_stalls_over_the_standin(tmp_path, kind, request):
     try:
         chaos = run_stall_chaos(
             lambda name: standin_worker(store.url, ",".join(names), name, data, 0.2, LEASE_S, 25),
-            workers=4, stops=25, kills=4, lease_s=LEASE_S, seed=23, then_sigterm=True)
-        finishers = [started(standin_worker(store.url, ",".join(names), f"finisher-{i}", data, 0.0, LEASE_S, 25))
-                     for i in range(2)]
+            workers=4,
+            stops=25,
+            kills=4,
+            lease_s=LEASE_S,
+            seed=23,
+            then_sigterm=True,
+        )
+        finishers = [
+            started(standin_worker(store.url, ",".join(names), f"finisher-{i}", data, 0.0, LEASE_S, 25))
+            for i in range(2)
+        ]
         for f in finishers:
             assert f.p.wait(timeout=300) == 0, tail(f)
     finally:
         loop.stopped.set()
     loop.finish(lambda job, unit: chaos.story(store, job, unit))
-    print(f"stops {chaos.stops} kills {chaos.kills} zombie abandons {len(chaos.abandoned())} "
-          f"verify passes {loop.passes} cleaned {len(loop.cleaned)}; last action in {chaos.log[-1][2].get('job')}")
+    print(
+        f"stops {chaos.stops} kills {chaos.kills} zombie abandons {len(chaos.abandoned())} "
+        f"verify passes {loop.passes} cleaned {len(loop.cleaned)}; last action in {chaos.log[-1][2].get('job')}"
+    )
     assert sum(chaos.stops.values()) == 25 and all(chaos.stops.values()), (chaos.stops, chaos.log[-1])
     assert sum(chaos.kills.values()) == 4, chaos.kills
     assert chaos.abandoned(), "no resumed worker ever found its lease lost: the stalls made no zombie"
@@ -618,8 +655,11 @@ def test_chaos_with_stalls_over_the_standin(tmp_path, kind, request):
 
 def job_rows(store, job: str, units: int) -> dict[str, np.ndarray]:
     """Every row the job stores (through its done records), sorted by (sample_id, position)."""
-    parts = [read_tensors(store.read(f"{job}/{s.name}")[0])[0]
-             for u in range(units) for s in q.read_done(store, job, u).shards]
+    parts = [
+        read_tensors(store.read(f"{job}/{s.name}")[0])[0]
+        for u in range(units)
+        for s in q.read_done(store, job, u).shards
+    ]
     out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     order = np.lexsort((out["positions"], out["sample_ids"]))
     return {k: v[order] for k, v in out.items()}
@@ -640,30 +680,84 @@ def test_chaos_with_stalls_and_the_real_engine_matches_extract(tmp_path):
     data = tmp_path / "data.jsonl"
     rng = random.Random(11)
     words = "the fox grid answer shard token lease unit worker bucket".split()
-    data.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))})
-                            + "\n" for _ in range(3000)))  # 1,000 units: enough work to outlast the stalls
+    data.write_text(
+        "".join(
+            json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))}) + "\n"
+            for _ in range(3000)
+        )
+    )  # 1,000 units: enough work to outlast the stalls
     env = {"ACTFLEET_JAX_CACHE": str(tmp_path / "jax-cache")}  # restarted workers reuse compiled programs
-    opts = JobOptions(model=str(model), sites=("blocks.0.hook_resid_post", "blocks.1.hook_resid_post"),
-                      positions="non-special", compute_dtype="bfloat16", store_dtype="bfloat16",
-                      shard_mb=0.002)  # tiny shards: several parts per unit
+    opts = JobOptions(
+        model=str(model),
+        sites=("blocks.0.hook_resid_post", "blocks.1.hook_resid_post"),
+        positions="non-special",
+        compute_dtype="bfloat16",
+        store_dtype="bfloat16",
+        shard_mb=0.002,
+    )  # tiny shards: several parts per unit
     unit_rows = 3
     store_dir = tmp_path / "bucket"
     store = open_store(str(store_dir))
-    spec, _ = q.prepare(store, "job", input=str(data), fingerprint=sha256_file(data),
-                        rows=count_input_rows(str(data), opts), unit_rows=unit_rows, options=opts)
+    spec, _ = q.prepare(
+        store,
+        "job",
+        input=str(data),
+        fingerprint=sha256_file(data),
+        rows=count_input_rows(str(data), opts),
+        unit_rows=unit_rows,
+        options=opts,
+    )
 
     # The same rows through `actfleet extract`, with every option the job pinned (first: it warms the cache).
     out = tmp_path / "extract"
     o = spec.options
-    e = subprocess.run(actfleet_argv(
-        "extract", "--model", o.model, "--revision", o.revision, "--input", str(data), "--out", str(out),
-        "--format", o.format, "--text-field", o.text_field, "--messages-field", o.messages_field,
-        "--arc-augmentations", str(o.arc_augmentations), "--arc-seed", str(o.arc_seed),
-        "--sites", ",".join(o.sites), "--positions",
-        o.positions, "--compute-dtype", o.compute_dtype, "--store-dtype", o.store_dtype, "--max-seq",
-        str(o.max_seq), "--long-inputs", o.long_inputs, "--batch-tokens", str(o.batch_tokens), "--shard-mb",
-        str(o.shard_mb), "--unit-rows", str(spec.unit_rows), "--json"),
-        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, **env})
+    e = subprocess.run(
+        actfleet_argv(
+            "extract",
+            "--model",
+            o.model,
+            "--revision",
+            o.revision,
+            "--input",
+            str(data),
+            "--out",
+            str(out),
+            "--format",
+            o.format,
+            "--text-field",
+            o.text_field,
+            "--messages-field",
+            o.messages_field,
+            "--arc-augmentations",
+            str(o.arc_augmentations),
+            "--arc-seed",
+            str(o.arc_seed),
+            "--sites",
+            ",".join(o.sites),
+            "--positions",
+            o.positions,
+            "--compute-dtype",
+            o.compute_dtype,
+            "--store-dtype",
+            o.store_dtype,
+            "--max-seq",
+            str(o.max_seq),
+            "--long-inputs",
+            o.long_inputs,
+            "--batch-tokens",
+            str(o.batch_tokens),
+            "--shard-mb",
+            str(o.shard_mb),
+            "--unit-rows",
+            str(spec.unit_rows),
+            "--json",
+        ),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **env},
+    )
     assert e.returncode == 0, e.stderr[-3000:]
     summary = json.loads(e.stdout)
 
@@ -671,14 +765,25 @@ def test_chaos_with_stalls_and_the_real_engine_matches_extract(tmp_path):
     loop.start()
     try:
         chaos = run_stall_chaos(
-            lambda name: Proc(actfleet_argv("work", "--store", str(store_dir), "--job", "job", "--worker-id", name,
-                                            "--lease-seconds", "2"), env=env),
-            workers=4, stops=6, kills=2, lease_s=2.0, seed=31)
+            lambda name: Proc(
+                actfleet_argv(
+                    "work", "--store", str(store_dir), "--job", "job", "--worker-id", name, "--lease-seconds", "2"
+                ),
+                env=env,
+            ),
+            workers=4,
+            stops=6,
+            kills=2,
+            lease_s=2.0,
+            seed=31,
+        )
     finally:
         loop.stopped.set()
     loop.finish(lambda job, unit: chaos.story(store, job, unit))
-    print(f"stops {chaos.stops} kills {chaos.kills} zombie abandons {len(chaos.abandoned())} "
-          f"verify passes {loop.passes} cleaned {len(loop.cleaned)}; last action on unit {chaos.log[-1][2].get('unit')}")
+    print(
+        f"stops {chaos.stops} kills {chaos.kills} zombie abandons {len(chaos.abandoned())} "
+        f"verify passes {loop.passes} cleaned {len(loop.cleaned)}; last action on unit {chaos.log[-1][2].get('unit')}"
+    )
     assert sum(chaos.stops.values()) == 6 and all(chaos.stops.values()), (chaos.stops, chaos.log)
     assert sum(chaos.kills.values()) == 2, chaos.kills
 

@@ -52,7 +52,8 @@ def test_good_config_expands_workers_sites_and_defaults(tmp_path):
     assert len(c.fleet.workers) == 12
     assert c.fleet.workers[0] == config.Worker("tpu-us-central1-a-0", "us-central1-a", 0)
     assert [w.name for w in c.fleet.workers if w.zone == "us-central1-c"] == [
-        f"tpu-us-central1-c-{i}" for i in range(4)]
+        f"tpu-us-central1-c-{i}" for i in range(4)
+    ]
     assert c.fleet.zones == ("us-central1-a", "us-central1-b", "us-central1-c")
     assert c.fleet.mode == "queued" and c.fleet.spot is True
     assert c.fleet.service_account_email == "actfleet-acts@my-project-1.iam.gserviceaccount.com"
@@ -65,11 +66,15 @@ def test_good_config_expands_workers_sites_and_defaults(tmp_path):
 
 
 def test_explicit_worker_list(tmp_path):
-    text = GOOD.replace('zones = { "us-central1-a" = 4, "us-central1-b" = 4, "us-central1-c" = 4 }',
-                        'workers = ["tpu-us-central1-b-7", "tpu-us-central1-a-0"]')
+    text = GOOD.replace(
+        'zones = { "us-central1-a" = 4, "us-central1-b" = 4, "us-central1-c" = 4 }',
+        'workers = ["tpu-us-central1-b-7", "tpu-us-central1-a-0"]',
+    )
     c = load_text(tmp_path, text)
     assert [(w.name, w.zone, w.index) for w in c.fleet.workers] == [
-        ("tpu-us-central1-b-7", "us-central1-b", 7), ("tpu-us-central1-a-0", "us-central1-a", 0)]
+        ("tpu-us-central1-b-7", "us-central1-b", 7),
+        ("tpu-us-central1-a-0", "us-central1-a", 0),
+    ]
 
 
 def test_site_kinds_and_full_names_mix(tmp_path):
@@ -83,48 +88,61 @@ def test_layers_all_keeps_a_marker_for_the_extractor(tmp_path):
     assert c.job.options.sites == ("blocks.*.hook_resid_post",)
 
 
-@pytest.mark.parametrize("text, expected", [
-    # unknown key, with a suggestion
-    (with_line("fleet", 'zone = "us-central1-a"'), 'unknown key fleet.zone (did you mean "zones"?)'),
-    # unknown section
-    (GOOD + "\n[fleets]\n", 'unknown section [fleets] (did you mean "fleet"?)'),
-    # bad choice
-    (with_line("fleet", 'mode = "spot"'), 'fleet.mode = "spot": must be one of "queued", "vm"'),
-    # wrong type
-    (with_line("fleet", 'spot = "yes"'), 'fleet.spot = "yes": must be true or false'),
-    (with_line("job", 'unit_rows = 0'), "job.unit_rows = 0: must be an integer >= 1"),
-    (with_line("job", 'batch_tokens = 1.5'), "job.batch_tokens = 1.5: must be an integer from 16 to 16777216"),
-    # pattern
-    (GOOD.replace('commit = "0123456789abcdef0123456789abcdef01234567"', 'commit = "main"'),
-     'repo.commit = "main": must be a full 40-hex commit sha'),
-    (GOOD.replace('bucket = "my-acts"', 'bucket = "My_Bucket!"'), 'storage.bucket = "My_Bucket!": must be a GCS'),
-    # zone table content
-    (GOOD.replace('"us-central1-c" = 4', '"us-central1-c" = -1'),
-     'fleet.zones = { "us-central1-a" = 4, "us-central1-b" = 4, "us-central1-c" = -1 }: has us-central1-c = -1'),
-    (GOOD.replace('"us-central1-c" = 4', '"europe-west4-a" = 1'), 'zone "europe-west4-a" is not in region'),
-    # required keys and sections
-    (GOOD.replace('model = "Qwen/Qwen2.5-0.5B"\n', ""), "missing required key job.model"),
-    (GOOD.split("[job]")[0], "missing section [job]"),
-    # cross-key rules
-    (with_line("fleet", 'workers = ["tpu-us-central1-a-0"]'), "set exactly one of fleet.zones"),
-    (with_line("state", 'backend = "gcs"', GOOD + "\n[state]\n"), 'state.bucket = "": required when'),
-    (with_line("storage", "soft_delete_days = 3"), "storage.soft_delete_days = 3: must be 0 (soft delete off)"),
-    (GOOD.replace("layers = [3, 1]", "layers = []"), 'job.layers = []: site kind "resid_post" needs layers'),
-    (with_line("job", 'sites = ["resid"]'), 'job.sites = [\'resid\']: has "resid"'),
-    # a gs:// store with no bucket, or climbing out of its prefix (actfleet.store.parse_gs)
-    (with_line("job", 'store = "gs://"'), 'job.store = "gs://": no bucket'),
-    (with_line("job", 'store = "gs://b/../x"'), 'job.store = "gs://b/../x": ".." is not allowed'),
-    # not TOML at all
-    (GOOD + "\nthis is = = not toml\n", "not valid TOML"),
-    (with_line("fleet", 'accelerator_type = "v9z-8"'), 'fleet.accelerator_type = "v9z-8": not a Cloud TPU'),
-    # the boot and heartbeat rules
-    (with_line("reconcile", "boot_timeout_minutes = -1", GOOD + "\n[reconcile]\n"),
-     "reconcile.boot_timeout_minutes = -1: must be a number of minutes from 0 (off)"),
-    (with_line("reconcile", 'heartbeat_timeout_minutes = "15"', GOOD + "\n[reconcile]\n"),
-     'reconcile.heartbeat_timeout_minutes = "15": must be a number of minutes'),
-    (with_line("reconcile", "heartbeat_timeout_minutes = 2.5", GOOD + "\n[reconcile]\n"),
-     "reconcile.heartbeat_timeout_minutes = 2.5: must be 0 (off) or at least job.lease_seconds (300 s)"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # unknown key, with a suggestion
+        (with_line("fleet", 'zone = "us-central1-a"'), 'unknown key fleet.zone (did you mean "zones"?)'),
+        # unknown section
+        (GOOD + "\n[fleets]\n", 'unknown section [fleets] (did you mean "fleet"?)'),
+        # bad choice
+        (with_line("fleet", 'mode = "spot"'), 'fleet.mode = "spot": must be one of "queued", "vm"'),
+        # wrong type
+        (with_line("fleet", 'spot = "yes"'), 'fleet.spot = "yes": must be true or false'),
+        (with_line("job", "unit_rows = 0"), "job.unit_rows = 0: must be an integer >= 1"),
+        (with_line("job", "batch_tokens = 1.5"), "job.batch_tokens = 1.5: must be an integer from 16 to 16777216"),
+        # pattern
+        (
+            GOOD.replace('commit = "0123456789abcdef0123456789abcdef01234567"', 'commit = "main"'),
+            'repo.commit = "main": must be a full 40-hex commit sha',
+        ),
+        (GOOD.replace('bucket = "my-acts"', 'bucket = "My_Bucket!"'), 'storage.bucket = "My_Bucket!": must be a GCS'),
+        # zone table content
+        (
+            GOOD.replace('"us-central1-c" = 4', '"us-central1-c" = -1'),
+            'fleet.zones = { "us-central1-a" = 4, "us-central1-b" = 4, "us-central1-c" = -1 }: has us-central1-c = -1',
+        ),
+        (GOOD.replace('"us-central1-c" = 4', '"europe-west4-a" = 1'), 'zone "europe-west4-a" is not in region'),
+        # required keys and sections
+        (GOOD.replace('model = "Qwen/Qwen2.5-0.5B"\n', ""), "missing required key job.model"),
+        (GOOD.split("[job]")[0], "missing section [job]"),
+        # cross-key rules
+        (with_line("fleet", 'workers = ["tpu-us-central1-a-0"]'), "set exactly one of fleet.zones"),
+        (with_line("state", 'backend = "gcs"', GOOD + "\n[state]\n"), 'state.bucket = "": required when'),
+        (with_line("storage", "soft_delete_days = 3"), "storage.soft_delete_days = 3: must be 0 (soft delete off)"),
+        (GOOD.replace("layers = [3, 1]", "layers = []"), 'job.layers = []: site kind "resid_post" needs layers'),
+        (with_line("job", 'sites = ["resid"]'), "job.sites = ['resid']: has \"resid\""),
+        # a gs:// store with no bucket, or climbing out of its prefix (actfleet.store.parse_gs)
+        (with_line("job", 'store = "gs://"'), 'job.store = "gs://": no bucket'),
+        (with_line("job", 'store = "gs://b/../x"'), 'job.store = "gs://b/../x": ".." is not allowed'),
+        # not TOML at all
+        (GOOD + "\nthis is = = not toml\n", "not valid TOML"),
+        (with_line("fleet", 'accelerator_type = "v9z-8"'), 'fleet.accelerator_type = "v9z-8": not a Cloud TPU'),
+        # the boot and heartbeat rules
+        (
+            with_line("reconcile", "boot_timeout_minutes = -1", GOOD + "\n[reconcile]\n"),
+            "reconcile.boot_timeout_minutes = -1: must be a number of minutes from 0 (off)",
+        ),
+        (
+            with_line("reconcile", 'heartbeat_timeout_minutes = "15"', GOOD + "\n[reconcile]\n"),
+            'reconcile.heartbeat_timeout_minutes = "15": must be a number of minutes',
+        ),
+        (
+            with_line("reconcile", "heartbeat_timeout_minutes = 2.5", GOOD + "\n[reconcile]\n"),
+            "reconcile.heartbeat_timeout_minutes = 2.5: must be 0 (off) or at least job.lease_seconds (300 s)",
+        ),
+    ],
+)
 def test_bad_config_is_one_line_naming_key_value_and_rule(tmp_path, text, expected):
     with pytest.raises(ConfigError) as e:
         load_text(tmp_path, text)
@@ -167,11 +185,26 @@ def test_replace_gives_a_changed_copy(tmp_path):
 
 
 # Multi-host slices (v4-16, v5litepod-16, v6e-256, v5p-32) run as one worker since worker/multihost.py.
-@pytest.mark.parametrize("accelerator", ["v4-8", "v5p-8", "v5litepod-1", "v5litepod-4", "v5litepod-8", "v6e-8",
-                                         "v4-16", "v5litepod-16", "v6e-256", "v5p-32"])
+@pytest.mark.parametrize(
+    "accelerator",
+    [
+        "v4-8",
+        "v5p-8",
+        "v5litepod-1",
+        "v5litepod-4",
+        "v5litepod-8",
+        "v6e-8",
+        "v4-16",
+        "v5litepod-16",
+        "v6e-256",
+        "v5p-32",
+    ],
+)
 def test_single_host_and_multi_host_types_are_accepted(tmp_path, accelerator):
-    assert load_text(tmp_path, with_line("fleet", f'accelerator_type = "{accelerator}"')).fleet.accelerator_type \
+    assert (
+        load_text(tmp_path, with_line("fleet", f'accelerator_type = "{accelerator}"')).fleet.accelerator_type
         == accelerator
+    )
 
 
 def test_boot_and_heartbeat_timeouts_take_fractions_and_default_to_30_and_15(tmp_path):
@@ -191,8 +224,13 @@ def test_cli_reports_bad_config_on_stderr_with_exit_2(tmp_path):
     p = tmp_path / "fleet.toml"
     p.write_text(with_line("fleet", 'mode = "spot"'))
     env = {**os.environ, "ACTFLEET_CONFIG": str(p)}
-    r = subprocess.run([sys.executable, "-c", "from actfleet.cli import main; main()", "status"],
-                       capture_output=True, text=True, env=env, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-c", "from actfleet.cli import main; main()", "status"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert r.returncode == 2, r.stderr
     assert r.stdout == ""
     lines = r.stderr.strip().splitlines()

@@ -66,8 +66,13 @@ def records(heartbeat_ago=None, state="working"):
 
 
 def backing_off(attempts=2, due_in=300.0):
-    return {A0.name: Remembered(attempts=attempts, next_attempt=NOW + due_in,
-                                error={"code": "PERMISSION_DENIED", "message": "no", "class": "permission"})}
+    return {
+        A0.name: Remembered(
+            attempts=attempts,
+            next_attempt=NOW + due_in,
+            error={"code": "PERMISSION_DENIED", "message": "no", "class": "permission"},
+        )
+    }
 
 
 # One row per rule: (id, observation of A0 or None, policy changes, expected kind, words in the reason,
@@ -78,74 +83,221 @@ TABLE = [
     ("vm mode: node only, ready -> healthy", obs(None, "READY"), {}, HEALTHY, "READY"),
     ("qr suspending -> wait, never force-deleted", obs("SUSPENDING", "PREEMPTED"), {}, WAIT, "never force-deleted"),
     ("qr suspended -> replace", obs("SUSPENDED", None), {}, REPLACE, "SUSPENDED"),
-    ("qr suspended by the service -> replace, a preemption", obs("SUSPENDED", None, initiator="SERVICE"), {},
-     REPLACE, "preempted", {}, {"cause": "preemption"}),
-    ("qr failed -> replace, its reason told", obs("FAILED", None, error_code="PERMISSION_DENIED",
-                                                  error_message="tpu.nodes.create denied"), {}, REPLACE,
-     "PERMISSION_DENIED: tpu.nodes.create denied", {},
-     {"cause": "error", "error": {"code": "PERMISSION_DENIED", "message": "tpu.nodes.create denied",
-                                  "class": "permission"}}),
+    (
+        "qr suspended by the service -> replace, a preemption",
+        obs("SUSPENDED", None, initiator="SERVICE"),
+        {},
+        REPLACE,
+        "preempted",
+        {},
+        {"cause": "preemption"},
+    ),
+    (
+        "qr failed -> replace, its reason told",
+        obs("FAILED", None, error_code="PERMISSION_DENIED", error_message="tpu.nodes.create denied"),
+        {},
+        REPLACE,
+        "PERMISSION_DENIED: tpu.nodes.create denied",
+        {},
+        {
+            "cause": "error",
+            "error": {"code": "PERMISSION_DENIED", "message": "tpu.nodes.create denied", "class": "permission"},
+        },
+    ),
     ("qr failed without a reason -> replace", obs("FAILED", None), {}, REPLACE, "FAILED"),
-    ("node preempted -> replace, a preemption", obs("ACTIVE", "PREEMPTED"), {}, REPLACE, "PREEMPTED", {},
-     {"cause": "preemption"}),
+    (
+        "node preempted -> replace, a preemption",
+        obs("ACTIVE", "PREEMPTED"),
+        {},
+        REPLACE,
+        "PREEMPTED",
+        {},
+        {"cause": "preemption"},
+    ),
     ("node terminated -> replace", obs("ACTIVE", "TERMINATED"), {}, REPLACE, "TERMINATED"),
     ("vm mode: node preempted -> replace", obs(None, "PREEMPTED"), {}, REPLACE, "PREEMPTED"),
     ("accepted, young -> pending", obs("ACCEPTED", None), {}, PENDING, "ACCEPTED"),
     ("provisioning, young -> pending", obs("PROVISIONING", None), {}, PENDING, "PROVISIONING"),
     ("waiting for resources, young -> pending", obs("WAITING_FOR_RESOURCES", None), {}, PENDING, "WAITING"),
-    ("waiting, unknown age -> pending", dataclasses.replace(obs("WAITING_FOR_RESOURCES", None), since=None), {},
-     PENDING, "WAITING"),
-    ("waiting past limit, policy report -> report", obs("WAITING_FOR_RESOURCES", None, age=601), {}, REPORT,
-     "over the 10 min limit"),
-    ("waiting past limit, policy replace -> replace", obs("WAITING_FOR_RESOURCES", None, age=601),
-     {"on_provision_timeout": "replace"}, REPLACE, "over the 10 min limit"),
-    ("node creating past limit, policy replace -> replace", obs("ACTIVE", "CREATING", age=601),
-     {"on_provision_timeout": "replace"}, REPLACE, "node CREATING"),
-    ("long-lived node just entered REPAIRING -> pending, not over the limit",
-     obs("ACTIVE", "REPAIRING", age=30, created=NOW - 10 * DAY), {"on_provision_timeout": "replace"}, PENDING,
-     "REPAIRING"),
-    ("REPAIRING for longer than the limit -> report", obs("ACTIVE", "REPAIRING", age=601), {}, REPORT,
-     "node REPAIRING for 10 min"),
+    (
+        "waiting, unknown age -> pending",
+        dataclasses.replace(obs("WAITING_FOR_RESOURCES", None), since=None),
+        {},
+        PENDING,
+        "WAITING",
+    ),
+    (
+        "waiting past limit, policy report -> report",
+        obs("WAITING_FOR_RESOURCES", None, age=601),
+        {},
+        REPORT,
+        "over the 10 min limit",
+    ),
+    (
+        "waiting past limit, policy replace -> replace",
+        obs("WAITING_FOR_RESOURCES", None, age=601),
+        {"on_provision_timeout": "replace"},
+        REPLACE,
+        "over the 10 min limit",
+    ),
+    (
+        "node creating past limit, policy replace -> replace",
+        obs("ACTIVE", "CREATING", age=601),
+        {"on_provision_timeout": "replace"},
+        REPLACE,
+        "node CREATING",
+    ),
+    (
+        "long-lived node just entered REPAIRING -> pending, not over the limit",
+        obs("ACTIVE", "REPAIRING", age=30, created=NOW - 10 * DAY),
+        {"on_provision_timeout": "replace"},
+        PENDING,
+        "REPAIRING",
+    ),
+    (
+        "REPAIRING for longer than the limit -> report",
+        obs("ACTIVE", "REPAIRING", age=601),
+        {},
+        REPORT,
+        "node REPAIRING for 10 min",
+    ),
     ("active, node not listed yet -> pending", obs("ACTIVE", None, age=5), {}, PENDING, "not listed yet"),
     ("active, node gone for long -> replace", obs("ACTIVE", None, age=500), {}, REPLACE, "node is gone"),
     ("qr deleting -> wait", obs("DELETING", "READY"), {}, WAIT, "DELETING"),
     ("node stopping -> wait", obs("ACTIVE", "STOPPING"), {}, WAIT, "STOPPING"),
     ("unknown state -> report", obs("STATE_UNSPECIFIED", None), {}, REPORT, "unexpected"),
-    ("same name without our label -> report", obs("ACTIVE", "READY", labels={"actfleet-fleet": "other"}), {},
-     REPORT, "not ours"),
+    (
+        "same name without our label -> report",
+        obs("ACTIVE", "READY", labels={"actfleet-fleet": "other"}),
+        {},
+        REPORT,
+        "not ours",
+    ),
     # The boot and heartbeat rules (the job's worker records)
-    ("ready, records not judged (job not prepared/complete) -> healthy", ready(age=2 * DAY), {}, HEALTHY, "READY",
-     {"liveness": Liveness(judged=False)}),
-    ("ready, no record yet, within the boot timeout -> pending", ready(age=29 * 60), {}, PENDING,
-     "worker not started yet", {"liveness": records()}),
-    ("ready, no record past the boot timeout -> replace: never started work", ready(age=31 * 60), {}, REPLACE,
-     "never started work", {"liveness": records()}, {"cause": "error"}),
-    ("ready, only a past life's record past the boot timeout -> replace", ready(age=31 * 60, created_ago=40 * 60),
-     {}, REPLACE, "never started work", {"liveness": records(heartbeat_ago=50 * 60)}),
-    ("ready, fractional boot timeout -> replace", ready(age=45), {"boot_timeout_s": 0.5 * 60}, REPLACE,
-     "never started work", {"liveness": records()}),
-    ("ready, boot timeout 0 = off -> pending", ready(age=DAY), {"boot_timeout_s": 0}, PENDING, "not started",
-     {"liveness": records()}),
-    ("ready, fresh heartbeat -> healthy", ready(age=DAY), {}, HEALTHY, "READY",
-     {"liveness": records(heartbeat_ago=60)}),
-    ("ready, heartbeat older than the timeout -> replace: stalled", ready(age=DAY), {}, REPLACE, "stalled",
-     {"liveness": records(heartbeat_ago=16 * 60)}, {"error": {"code": "STALLED", "message": "last heartbeat 16 min ago",
-                                                             "class": "stalled"}}),
-    ("ready, heartbeat timeout 0 = off -> healthy", ready(age=DAY), {"heartbeat_timeout_s": 0}, HEALTHY, "READY",
-     {"liveness": records(heartbeat_ago=DAY)}),
-    ("ready, worker finished long ago -> healthy", ready(age=DAY), {}, HEALTHY, "finished",
-     {"liveness": records(heartbeat_ago=DAY, state="finished")}),
-    ("ready, store unreadable -> healthy, never replaced on that ground", ready(age=DAY), {}, HEALTHY,
-     "unreadable", {"liveness": Liveness(judged=False, error="boom")}),
+    (
+        "ready, records not judged (job not prepared/complete) -> healthy",
+        ready(age=2 * DAY),
+        {},
+        HEALTHY,
+        "READY",
+        {"liveness": Liveness(judged=False)},
+    ),
+    (
+        "ready, no record yet, within the boot timeout -> pending",
+        ready(age=29 * 60),
+        {},
+        PENDING,
+        "worker not started yet",
+        {"liveness": records()},
+    ),
+    (
+        "ready, no record past the boot timeout -> replace: never started work",
+        ready(age=31 * 60),
+        {},
+        REPLACE,
+        "never started work",
+        {"liveness": records()},
+        {"cause": "error"},
+    ),
+    (
+        "ready, only a past life's record past the boot timeout -> replace",
+        ready(age=31 * 60, created_ago=40 * 60),
+        {},
+        REPLACE,
+        "never started work",
+        {"liveness": records(heartbeat_ago=50 * 60)},
+    ),
+    (
+        "ready, fractional boot timeout -> replace",
+        ready(age=45),
+        {"boot_timeout_s": 0.5 * 60},
+        REPLACE,
+        "never started work",
+        {"liveness": records()},
+    ),
+    (
+        "ready, boot timeout 0 = off -> pending",
+        ready(age=DAY),
+        {"boot_timeout_s": 0},
+        PENDING,
+        "not started",
+        {"liveness": records()},
+    ),
+    (
+        "ready, fresh heartbeat -> healthy",
+        ready(age=DAY),
+        {},
+        HEALTHY,
+        "READY",
+        {"liveness": records(heartbeat_ago=60)},
+    ),
+    (
+        "ready, heartbeat older than the timeout -> replace: stalled",
+        ready(age=DAY),
+        {},
+        REPLACE,
+        "stalled",
+        {"liveness": records(heartbeat_ago=16 * 60)},
+        {"error": {"code": "STALLED", "message": "last heartbeat 16 min ago", "class": "stalled"}},
+    ),
+    (
+        "ready, heartbeat timeout 0 = off -> healthy",
+        ready(age=DAY),
+        {"heartbeat_timeout_s": 0},
+        HEALTHY,
+        "READY",
+        {"liveness": records(heartbeat_ago=DAY)},
+    ),
+    (
+        "ready, worker finished long ago -> healthy",
+        ready(age=DAY),
+        {},
+        HEALTHY,
+        "finished",
+        {"liveness": records(heartbeat_ago=DAY, state="finished")},
+    ),
+    (
+        "ready, store unreadable -> healthy, never replaced on that ground",
+        ready(age=DAY),
+        {},
+        HEALTHY,
+        "unreadable",
+        {"liveness": Liveness(judged=False, error="boom")},
+    ),
     # Backoff of failing creates
-    ("absent, its creates failing, not due -> wait with the next attempt", None, {}, WAIT, "next attempt at",
-     {"history": backing_off()}, {"next_attempt": NOW + 300}),
-    ("absent, backoff over -> create", None, {}, CREATE, "retrying a create that failed 2 times",
-     {"history": backing_off(due_in=-1)}),
-    ("absent, not due, --retry-now -> create", None, {"retry_now": True}, CREATE, "retrying",
-     {"history": backing_off()}),
-    ("qr failed again, not due -> wait", obs("FAILED", None, error_code="RESOURCE_EXHAUSTED", error_message="quota"),
-     {}, WAIT, "FAILED: RESOURCE_EXHAUSTED: quota", {"history": backing_off()}),
+    (
+        "absent, its creates failing, not due -> wait with the next attempt",
+        None,
+        {},
+        WAIT,
+        "next attempt at",
+        {"history": backing_off()},
+        {"next_attempt": NOW + 300},
+    ),
+    (
+        "absent, backoff over -> create",
+        None,
+        {},
+        CREATE,
+        "retrying a create that failed 2 times",
+        {"history": backing_off(due_in=-1)},
+    ),
+    (
+        "absent, not due, --retry-now -> create",
+        None,
+        {"retry_now": True},
+        CREATE,
+        "retrying",
+        {"history": backing_off()},
+    ),
+    (
+        "qr failed again, not due -> wait",
+        obs("FAILED", None, error_code="RESOURCE_EXHAUSTED", error_message="quota"),
+        {},
+        WAIT,
+        "FAILED: RESOURCE_EXHAUSTED: quota",
+        {"history": backing_off()},
+    ),
 ]
 
 
@@ -153,8 +305,9 @@ TABLE = [
 def test_decide_table(case):
     _, observed, changes, kind, words, *more = case
     kwargs, fields = (more + [{}, {}])[:2]
-    actions = decide([A0], {A0.name: observed} if observed else {}, NOW, dataclasses.replace(POLICY, **changes),
-                     **kwargs)
+    actions = decide(
+        [A0], {A0.name: observed} if observed else {}, NOW, dataclasses.replace(POLICY, **changes), **kwargs
+    )
     assert [(a.worker, a.zone, a.kind) for a in actions] == [(A0.name, A0.zone, kind)], actions[0].reason
     assert words in actions[0].reason
     for k, v in fields.items():
@@ -198,13 +351,17 @@ def test_a_failed_create_backs_off_5_min_doubling_to_an_hour():
     history: dict = {}
     now = NOW
     for attempt in range(1, 5):
-        history = remember(history, {}, create, now, acted=True,
-                           apply_errors={A0.name: {"code": "PERMISSION_DENIED", "message": "denied",
-                                                   "class": "permission"}})
+        history = remember(
+            history,
+            {},
+            create,
+            now,
+            acted=True,
+            apply_errors={A0.name: {"code": "PERMISSION_DENIED", "message": "denied", "class": "permission"}},
+        )
         history = settle(history, {}, POLICY)  # next pass: still absent -> that create failed
         h = history[A0.name]
-        assert (h.attempts, h.next_attempt, h.error["class"]) == (attempt, now + POLICY.backoff(attempt),
-                                                                  "permission")
+        assert (h.attempts, h.next_attempt, h.error["class"]) == (attempt, now + POLICY.backoff(attempt), "permission")
         assert decide([A0], {}, h.next_attempt - 1, POLICY, history=history)[0].kind == WAIT
         now = h.next_attempt
         assert decide([A0], {}, now, POLICY, history=history)[0].kind == CREATE
@@ -216,8 +373,14 @@ def test_a_failed_create_backs_off_5_min_doubling_to_an_hour():
 
 def test_a_create_whose_queued_resource_failed_takes_its_reason():
     history = remember({}, {}, [Action(A0.name, A0.zone, CREATE, "absent")], NOW, acted=True)
-    failed = {A0.name: obs("FAILED", None, error_code="INVALID_ARGUMENT",
-                           error_message="accelerator type v5litepod-8 is not offered in us-central1-b")}
+    failed = {
+        A0.name: obs(
+            "FAILED",
+            None,
+            error_code="INVALID_ARGUMENT",
+            error_message="accelerator type v5litepod-8 is not offered in us-central1-b",
+        )
+    }
     h = settle(history, failed, POLICY)[A0.name]
     assert h.attempts == 1 and h.error["class"] == "invalid-argument" and "not offered" in h.error["message"]
 
@@ -231,20 +394,25 @@ def test_a_dry_run_or_unseen_zone_judges_no_create():
 
 def test_preemptions_and_errors_are_counted_apart():
     history: dict = {}
-    for a in (Action(A0.name, A0.zone, REPLACE, "node PREEMPTED", cause="preemption"),
-              Action(A0.name, A0.zone, REPLACE, "node PREEMPTED", cause="preemption"),
-              Action(A0.name, A0.zone, REPLACE, "stalled", cause="error")):
+    for a in (
+        Action(A0.name, A0.zone, REPLACE, "node PREEMPTED", cause="preemption"),
+        Action(A0.name, A0.zone, REPLACE, "node PREEMPTED", cause="preemption"),
+        Action(A0.name, A0.zone, REPLACE, "stalled", cause="error"),
+    ):
         history = remember(history, {A0.name: obs("ACTIVE", "READY")}, [a], NOW, acted=True)
     assert (history[A0.name].preemptions, history[A0.name].errors) == (2, 1)
 
 
-@pytest.mark.parametrize("code, message, cls", [
-    ("PERMISSION_DENIED", "Permission 'tpu.nodes.create' denied", "permission"),
-    ("INVALID_ARGUMENT", "Accelerator type v5litepod-8 is not offered in zone us-central1-b", "invalid-argument"),
-    ("RESOURCE_EXHAUSTED", "Quota 'TPUV5sLitepodPerProjectPerZoneForTPUAPI' exceeded", "quota"),
-    ("UNKNOWN", "There is no more capacity in the zone", "quota"),
-    ("INTERNAL", "something broke", "unknown"),
-])
+@pytest.mark.parametrize(
+    "code, message, cls",
+    [
+        ("PERMISSION_DENIED", "Permission 'tpu.nodes.create' denied", "permission"),
+        ("INVALID_ARGUMENT", "Accelerator type v5litepod-8 is not offered in zone us-central1-b", "invalid-argument"),
+        ("RESOURCE_EXHAUSTED", "Quota 'TPUV5sLitepodPerProjectPerZoneForTPUAPI' exceeded", "quota"),
+        ("UNKNOWN", "There is no more capacity in the zone", "quota"),
+        ("INTERNAL", "something broke", "unknown"),
+    ],
+)
 def test_errors_are_classified(code, message, cls):
     assert classify(code, message) == cls
     assert cls in ERROR_CLASSES
@@ -275,7 +443,7 @@ def test_tpu_state_names_are_the_apis_and_defined_once():
     names = {k: v for k, v in vars(tpu_states).items() if k.startswith(("QR_", "NODE_"))}
     for const, value in names.items():
         enum = QueuedResourceState.State if const.startswith("QR_") else Node.State
-        for state in (value if isinstance(value, frozenset) else {value}):
+        for state in value if isinstance(value, frozenset) else {value}:
             assert state in enum.__members__, (const, state)
     infra = Path(tpu_states.__file__).parent
     for path in infra.rglob("*.py"):
@@ -294,16 +462,25 @@ def test_orphan_with_our_label_is_deleted_and_foreign_resources_are_ignored():
     orphan = obs("ACTIVE", "READY", name="tpu-us-central1-a-9")
     foreign = obs("ACTIVE", "READY", name="tpu-us-central1-a-8", labels={"team": "x"})
     unlabelled_other_fleet = obs("ACTIVE", "READY", name="tpu-us-central1-a-7", labels={"actfleet-fleet": "b"})
-    observed = {A0.name: obs("ACTIVE", "READY"), orphan.name: orphan, foreign.name: foreign,
-                unlabelled_other_fleet.name: unlabelled_other_fleet}
+    observed = {
+        A0.name: obs("ACTIVE", "READY"),
+        orphan.name: orphan,
+        foreign.name: foreign,
+        unlabelled_other_fleet.name: unlabelled_other_fleet,
+    }
     actions = decide([A0], observed, NOW, POLICY)
     assert [(a.worker, a.kind) for a in actions] == [(A0.name, HEALTHY), (orphan.name, DELETE_ORPHAN)]
 
 
 def test_worker_removed_from_config_is_removed_by_terraform_not_deleted_as_orphan():
     gone = obs("ACTIVE", "READY", name="tpu-us-central1-a-5")
-    actions = decide([A0], {A0.name: obs("ACTIVE", "READY"), gone.name: gone}, NOW, POLICY,
-                     managed={A0.name, gone.name, "tpu-us-central1-b-4"})
+    actions = decide(
+        [A0],
+        {A0.name: obs("ACTIVE", "READY"), gone.name: gone},
+        NOW,
+        POLICY,
+        managed={A0.name, gone.name, "tpu-us-central1-b-4"},
+    )
     assert [(a.worker, a.zone, a.kind) for a in actions] == [
         (A0.name, A0.zone, HEALTHY),
         (gone.name, "us-central1-a", REMOVE),
@@ -316,8 +493,9 @@ def test_job_complete_scales_to_zero_only_when_configured():
     observed = {A0.name: obs("ACTIVE", "READY"), B1.name: obs("ACTIVE", "READY", name=B1.name, zone=B1.zone)}
     keep = decide([A0, B1], observed, NOW, POLICY, job_complete=True, managed={A0.name, B1.name})
     assert {a.kind for a in keep} == {HEALTHY}
-    zero = decide([A0, B1], observed, NOW, dataclasses.replace(POLICY, scale_to_zero=True), job_complete=True,
-                  managed={A0.name})
+    zero = decide(
+        [A0, B1], observed, NOW, dataclasses.replace(POLICY, scale_to_zero=True), job_complete=True, managed={A0.name}
+    )
     assert [(a.worker, a.kind) for a in zero] == [(A0.name, REMOVE), (B1.name, DELETE_ORPHAN)]
     assert all("scaling to zero" in a.reason or "holds quota" in a.reason for a in zero)
 
@@ -328,33 +506,77 @@ def test_undesired_resource_already_deleting_is_waited_for():
 
 
 def cfg_raw() -> dict:
-    return {"fleet": {"id": "acts", "project": "my-project", "region": "us-central1",
-                      "zones": {"us-central1-a": 1}},
-            "repo": {"url": "https://example.com/r.git", "commit": "0" * 40},
-            "storage": {"bucket": "bkt-acts"}, "job": {"model": "m", "input": "i", "layers": [1]}}
+    return {
+        "fleet": {"id": "acts", "project": "my-project", "region": "us-central1", "zones": {"us-central1-a": 1}},
+        "repo": {"url": "https://example.com/r.git", "commit": "0" * 40},
+        "storage": {"bucket": "bkt-acts"},
+        "job": {"model": "m", "input": "i", "layers": [1]},
+    }
 
 
 def test_policy_from_config_reads_reconcile_section():
     from actfleet.config import parse
-    cfg = parse({**cfg_raw(),
-                 "reconcile": {"provision_timeout_minutes": 7, "on_provision_timeout": "replace",
-                               "scale_to_zero_when_done": True}})
+
+    cfg = parse(
+        {
+            **cfg_raw(),
+            "reconcile": {
+                "provision_timeout_minutes": 7,
+                "on_provision_timeout": "replace",
+                "scale_to_zero_when_done": True,
+            },
+        }
+    )
     fractional = parse({**cfg_raw(), "reconcile": {"boot_timeout_minutes": 0.5, "heartbeat_timeout_minutes": 7.5}})
-    assert (Policy.from_config(fractional).boot_timeout_s, Policy.from_config(fractional).heartbeat_timeout_s) == \
-        (30.0, 450.0)
-    assert Policy.from_config(cfg) == Policy(fleet_id="acts", provision_timeout_s=420.0,
-                                              on_provision_timeout="replace", scale_to_zero=True,
-                                              boot_timeout_s=1800.0, heartbeat_timeout_s=900.0)
+    assert (Policy.from_config(fractional).boot_timeout_s, Policy.from_config(fractional).heartbeat_timeout_s) == (
+        30.0,
+        450.0,
+    )
+    assert Policy.from_config(cfg) == Policy(
+        fleet_id="acts",
+        provision_timeout_s=420.0,
+        on_provision_timeout="replace",
+        scale_to_zero=True,
+        boot_timeout_s=1800.0,
+        heartbeat_timeout_s=900.0,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
 # Properties
 # ----------------------------------------------------------------------------------------------------
 
-QR_STATES = [None, "CREATING", "ACCEPTED", "PROVISIONING", "FAILED", "DELETING", "ACTIVE", "SUSPENDING",
-             "SUSPENDED", "WAITING_FOR_RESOURCES", "STATE_UNSPECIFIED"]
-NODE_STATES = [None, "CREATING", "READY", "RESTARTING", "REIMAGING", "DELETING", "REPAIRING", "STOPPED",
-               "STOPPING", "STARTING", "PREEMPTED", "TERMINATED", "HIDING", "HIDDEN", "UNHIDING", "UNKNOWN"]
+QR_STATES = [
+    None,
+    "CREATING",
+    "ACCEPTED",
+    "PROVISIONING",
+    "FAILED",
+    "DELETING",
+    "ACTIVE",
+    "SUSPENDING",
+    "SUSPENDED",
+    "WAITING_FOR_RESOURCES",
+    "STATE_UNSPECIFIED",
+]
+NODE_STATES = [
+    None,
+    "CREATING",
+    "READY",
+    "RESTARTING",
+    "REIMAGING",
+    "DELETING",
+    "REPAIRING",
+    "STOPPED",
+    "STOPPING",
+    "STARTING",
+    "PREEMPTED",
+    "TERMINATED",
+    "HIDING",
+    "HIDDEN",
+    "UNHIDING",
+    "UNKNOWN",
+]
 ZONES = ["us-central1-a", "us-central1-b", "us-central1-c"]
 
 
@@ -373,9 +595,12 @@ def worlds(draw):
         observed[w.name] = Observed(w.name, w.zone, qr, node, labels, since)
     managed = frozenset(w.name for w in draw(st.sets(st.sampled_from(names), max_size=12)))
     unreachable = frozenset(draw(st.sets(st.sampled_from(ZONES), max_size=1)))
-    policy = Policy(fleet_id="acts", provision_timeout_s=draw(st.sampled_from([60.0, 3600.0])),
-                    on_provision_timeout=draw(st.sampled_from(["report", "replace"])),
-                    scale_to_zero=draw(st.booleans()))
+    policy = Policy(
+        fleet_id="acts",
+        provision_timeout_s=draw(st.sampled_from([60.0, 3600.0])),
+        on_provision_timeout=draw(st.sampled_from(["report", "replace"])),
+        scale_to_zero=draw(st.booleans()),
+    )
     return desired, observed, managed, unreachable, policy, draw(st.booleans())
 
 
@@ -403,7 +628,7 @@ def test_every_desired_worker_gets_exactly_one_action(world):
     assert len(names) == len(set(names)), "one action per name"
     assert all(a.kind in KINDS and a.reason for a in actions)
     if not (done and policy.scale_to_zero):
-        assert names[:len(desired)] == [w.name for w in desired]
+        assert names[: len(desired)] == [w.name for w in desired]
     # Anything acted upon is either desired, managed by Terraform or labelled ours.
     for a in actions:
         if a.acts and a.kind not in (CREATE, REPLACE):
@@ -418,8 +643,12 @@ def test_a_healthy_worker_is_never_replaced_or_removed(world):
     by_name = {a.worker: a for a in actions}
     for w in desired:
         o = observed.get(w.name)
-        healthy = (o is not None and o.labels.get("actfleet-fleet") == "acts"
-                   and o.qr_state in (None, "ACTIVE") and o.node_state == "READY")
+        healthy = (
+            o is not None
+            and o.labels.get("actfleet-fleet") == "acts"
+            and o.qr_state in (None, "ACTIVE")
+            and o.node_state == "READY"
+        )
         if healthy and not (done and policy.scale_to_zero):
             assert by_name[w.name].kind == (WAIT if w.zone in unreachable else HEALTHY)
 
@@ -430,12 +659,18 @@ def test_a_worker_heartbeating_on_a_ready_node_is_never_replaced(world, heartbea
     desired, observed, managed, unreachable, policy, done = world
     observed = {n: dataclasses.replace(o, created=NOW - DAY) for n, o in observed.items()}
     liveness = Liveness({w.name: WorkRecord(NOW - heartbeat_age, "working") for w in desired})
-    by_name = {a.worker: a for a in decide(desired, observed, NOW, policy, unreachable, done, managed,
-                                           liveness=liveness)}
+    by_name = {
+        a.worker: a for a in decide(desired, observed, NOW, policy, unreachable, done, managed, liveness=liveness)
+    }
     for w in desired:
         o = observed.get(w.name)
-        if o is not None and o.labels.get("actfleet-fleet") == "acts" and o.qr_state in (None, "ACTIVE") \
-                and o.node_state == "READY" and not (done and policy.scale_to_zero):
+        if (
+            o is not None
+            and o.labels.get("actfleet-fleet") == "acts"
+            and o.qr_state in (None, "ACTIVE")
+            and o.node_state == "READY"
+            and not (done and policy.scale_to_zero)
+        ):
             assert by_name[w.name].kind == (WAIT if w.zone in unreachable else HEALTHY)
 
 

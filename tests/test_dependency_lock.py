@@ -24,10 +24,20 @@ BOOTSTRAP = ROOT / "bootstrap"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PYTHON = (BOOTSTRAP / "python-version").read_text().strip()
 # The VM the lock is for: the pinned CPython on x86_64 Linux (what `make lock` passes to uv).
-VM_ENV = {**default_environment(), "python_version": ".".join(PYTHON.split(".")[:2]), "python_full_version": PYTHON,
-          "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64",
-          "implementation_name": "cpython", "platform_python_implementation": "CPython", "os_name": "posix"}
-ENTRY = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>\S+)(?P<hashes>(?: +--hash=sha256:[0-9a-f]{64})+) *$")
+VM_ENV = {
+    **default_environment(),
+    "python_version": ".".join(PYTHON.split(".")[:2]),
+    "python_full_version": PYTHON,
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "platform_machine": "x86_64",
+    "implementation_name": "cpython",
+    "platform_python_implementation": "CPython",
+    "os_name": "posix",
+}
+ENTRY = re.compile(
+    r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>\S+)(?P<hashes>(?: +--hash=sha256:[0-9a-f]{64})+) *$"
+)
 
 
 def parse_lock(path: Path) -> dict[str, Version]:
@@ -109,8 +119,11 @@ def test_the_lock_is_for_the_pinned_python_and_pulls_no_torch(lock):
 def test_uv_is_pinned_with_hashes():
     pins = parse_lock(BOOTSTRAP / "requirements-uv.txt")
     assert list(pins) == ["uv"]
-    (wanted,) = [Requirement(line) for line in (BOOTSTRAP / "requirements-uv.in").read_text().splitlines()
-                 if line.strip() and not line.startswith("#")]
+    (wanted,) = [
+        Requirement(line)
+        for line in (BOOTSTRAP / "requirements-uv.in").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert str(wanted.specifier) == f"=={pins['uv']}"  # the .in names the exact version the lock has
 
 
@@ -122,4 +135,5 @@ def test_a_loosened_or_unhashed_pin_is_refused(tmp_path):
         with pytest.raises(AssertionError, match="not an exact pin with hashes"):
             parse_lock(path)
     assert check_against_lock([Requirement("numpy>=3")], {"numpy": Version("2.4.6")}) == [
-        "numpy>=3: the lock pins 2.4.6"]
+        "numpy>=3: the lock pins 2.4.6"
+    ]

@@ -28,8 +28,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def prep(store, rows=10, unit_rows=5):
-    spec, _ = q.prepare(store, "job", input="data.jsonl", fingerprint="ab" * 32, rows=rows, unit_rows=unit_rows,
-                        options={"model": "standin"})
+    spec, _ = q.prepare(
+        store,
+        "job",
+        input="data.jsonl",
+        fingerprint="ab" * 32,
+        rows=rows,
+        unit_rows=unit_rows,
+        options={"model": "standin"},
+    )
     return spec
 
 
@@ -47,10 +54,20 @@ def done_record(lease, spec, keys: list[str], store) -> q.DoneRecord:
     shards = []
     for key in keys:
         data, _ = store.read(key)
-        shards.append(q.ShardInfo(key[len("job/"):], len(data), "0" * 64, 1))
-    return q.DoneRecord(unit=lease.unit, start=start, stop=stop, worker=lease.worker, attempt=lease.attempt,
-                        rows_stored=0, tokens=len(keys), skipped={}, shards=shards, committed_at=time.time(),
-                        seconds=1.0)
+        shards.append(q.ShardInfo(key[len("job/") :], len(data), "0" * 64, 1))
+    return q.DoneRecord(
+        unit=lease.unit,
+        start=start,
+        stop=stop,
+        worker=lease.worker,
+        attempt=lease.attempt,
+        rows_stored=0,
+        tokens=len(keys),
+        skipped={},
+        shards=shards,
+        committed_at=time.time(),
+        seconds=1.0,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -103,7 +120,7 @@ def test_an_attempt_that_lost_its_lease_cannot_touch_the_committed_shards(tmp_pa
     with pytest.raises(q.LeaseLost):
         q.commit(store, zombie, done_record(zombie, spec, [theirs], store), 60)
     assert store.read(mine)[0] == b"winner's bytes"
-    assert q.read_done(store, "job", 0).shards[0].name == mine[len("job/"):]
+    assert q.read_done(store, "job", 0).shards[0].name == mine[len("job/") :]
 
 
 def test_clean_deletes_only_unlisted_shards_of_done_units_by_generation_and_says_why(tmp_path):
@@ -184,9 +201,15 @@ def test_stray_done_keys_do_not_make_a_job_complete(tmp_path):
     assert not progress.complete and progress.units_done == 0 and progress.bad_records == 3
 
 
-@pytest.mark.parametrize("field, value", [("tokens", "many"), ("shards", [{"name": 5, "bytes": "x", "sha256": 1,
-                                                                           "tokens": 0}]),
-                                          ("skipped", ["not", "a", "dict"]), ("start", None)])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("tokens", "many"),
+        ("shards", [{"name": 5, "bytes": "x", "sha256": 1, "tokens": 0}]),
+        ("skipped", ["not", "a", "dict"]),
+        ("start", None),
+    ],
+)
 def test_a_corrupt_done_record_is_one_line_and_clean_keeps_its_shards(tmp_path, field, value):
     store, spec, _ = run_job(tmp_path, rows=10, unit_rows=5)
     shards = [f"job/{s.name}" for s in q.read_done(store, "job", 1).shards]
@@ -197,8 +220,13 @@ def test_a_corrupt_done_record_is_one_line_and_clean_keeps_its_shards(tmp_path, 
     rep = verify(store, "job", clean=True)
     assert any(p.kind == "bad-record" and p.unit == 1 for p in rep.problems)
     assert rep.cleaned == [] and all(store.generation(k) is not None for k in shards)
-    p = subprocess.run([sys.executable, "-c", "from actfleet.cli import main; main()", "verify", "--store",
-                        store.url, "--job", "job"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-c", "from actfleet.cli import main; main()", "verify", "--store", store.url, "--job", "job"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert [line for line in p.stderr.splitlines() if "bad-record" in line and "000001" in line]
 
@@ -212,11 +240,33 @@ def test_a_corrupt_done_record_is_one_line_and_clean_keeps_its_shards(tmp_path, 
 def test_a_bad_worker_id_is_refused_with_exit_2(tmp_path, bad):
     data = sx.write_dataset(tmp_path / "data.jsonl", 4)
     store = open_store(str(tmp_path / "bucket"))
-    q.prepare(store, "job", input=str(data), fingerprint=sx.fingerprint(data), rows=4, unit_rows=2,
-              options={"model": "standin"})
-    p = subprocess.run([sys.executable, "-c", "from actfleet.cli import main; main()", "work", "--store",
-                        str(tmp_path / "bucket"), "--job", "job", "--worker-id", bad], cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
+    q.prepare(
+        store,
+        "job",
+        input=str(data),
+        fingerprint=sx.fingerprint(data),
+        rows=4,
+        unit_rows=2,
+        options={"model": "standin"},
+    )
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from actfleet.cli import main; main()",
+            "work",
+            "--store",
+            str(tmp_path / "bucket"),
+            "--job",
+            "job",
+            "--worker-id",
+            bad,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 2, p.stderr
     assert p.stderr.strip().count("\n") == 0 and "worker id" in p.stderr
     assert list(store.list("job/workers/")) == [] and list(store.list("job/leases/")) == []

@@ -19,8 +19,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def actfleet(*args, cwd=None):
     env = dict(os.environ, ACTFLEET_JAX_CACHE=str(Path(cwd or ".").resolve() / "jaxcache"))
-    return subprocess.run([sys.executable, "-c", "from actfleet.cli import main; main()", *args], cwd=cwd or ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", "from actfleet.cli import main; main()", *args],
+        cwd=cwd or ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +48,28 @@ def dataset(tmp_path):
 @pytest.mark.slow
 def test_extract_writes_shards_summary_and_engine_bits(tmp_path, model, dataset):
     out = tmp_path / "out"
-    args = ["extract", "--model", str(model), "--input", str(dataset), "--out", str(out), "--layers", "0,1",
-            "--sites", "resid_post,mlp_out", "--max-seq", "40", "--unit-rows", "5", "--shard-mb", "0.01",
-            "--store-dtype", "float32", "--json"]
+    args = [
+        "extract",
+        "--model",
+        str(model),
+        "--input",
+        str(dataset),
+        "--out",
+        str(out),
+        "--layers",
+        "0,1",
+        "--sites",
+        "resid_post,mlp_out",
+        "--max-seq",
+        "40",
+        "--unit-rows",
+        "5",
+        "--shard-mb",
+        "0.01",
+        "--store-dtype",
+        "float32",
+        "--json",
+    ]
     r = actfleet(*args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     summary = json.loads((out / "summary.json").read_text())
@@ -82,8 +107,9 @@ def test_extract_writes_shards_summary_and_engine_bits(tmp_path, model, dataset)
     assert again.returncode == 2 and "options.positions" in again.stderr and "--overwrite" in again.stderr
     again = actfleet(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
-    assert {k: v for k, v in json.loads(again.stdout).items() if k != "seconds"} == \
-        {k: v for k, v in summary.items() if k != "seconds"}
+    assert {k: v for k, v in json.loads(again.stdout).items() if k != "seconds"} == {
+        k: v for k, v in summary.items() if k != "seconds"
+    }
     again = actfleet(*args, "--overwrite", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert [s["sha256"] for s in json.loads(again.stdout)["shards"]] == [s["sha256"] for s in summary["shards"]]
@@ -92,8 +118,25 @@ def test_extract_writes_shards_summary_and_engine_bits(tmp_path, model, dataset)
 @pytest.mark.slow
 def test_truncate_and_last_position(tmp_path, model, dataset):
     out = tmp_path / "out"
-    r = actfleet("extract", "--model", str(model), "--input", str(dataset), "--out", str(out), "--layers", "1",
-                 "--max-seq", "40", "--long-inputs", "truncate", "--positions", "last", "--json", cwd=tmp_path)
+    r = actfleet(
+        "extract",
+        "--model",
+        str(model),
+        "--input",
+        str(dataset),
+        "--out",
+        str(out),
+        "--layers",
+        "1",
+        "--max-seq",
+        "40",
+        "--long-inputs",
+        "truncate",
+        "--positions",
+        "last",
+        "--json",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["truncated"] == 1 and summary["rows_stored"] == 12
@@ -102,13 +145,16 @@ def test_truncate_and_last_position(tmp_path, model, dataset):
     assert got["positions"][got["sample_ids"] == 11].tolist() == [39]
 
 
-@pytest.mark.parametrize("damage,message", [
-    (lambda d: (d / "config.json").unlink(), "config.json is missing"),
-    (lambda d: (d / "config.json").write_text("{not json"), "config.json is corrupt"),
-    (lambda d: (d / "model.safetensors").unlink(), "model.safetensors is missing"),
-    (lambda d: (d / "tokenizer.json").unlink(), "tokenizer.json is missing"),
-    (lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 4), "unreadable"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda d: (d / "config.json").unlink(), "config.json is missing"),
+        (lambda d: (d / "config.json").write_text("{not json"), "config.json is corrupt"),
+        (lambda d: (d / "model.safetensors").unlink(), "model.safetensors is missing"),
+        (lambda d: (d / "tokenizer.json").unlink(), "tokenizer.json is missing"),
+        (lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 4), "unreadable"),
+    ],
+)
 def test_broken_model_dir_is_one_line_exit_2(tmp_path, dataset, damage, message):
     model = make_tiny_model(tmp_path / "m")
     damage(model)
@@ -119,23 +165,46 @@ def test_broken_model_dir_is_one_line_exit_2(tmp_path, dataset, damage, message)
 
 
 def test_missing_dataset_is_exit_2(tmp_path, model):
-    r = actfleet("extract", "--model", str(model), "--input", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o"))
+    r = actfleet(
+        "extract", "--model", str(model), "--input", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")
+    )
     assert r.returncode == 2 and "no such dataset file" in r.stderr
 
 
 def test_a_text_field_no_row_has_is_exit_2_naming_the_fields(tmp_path, model, dataset):
-    r = actfleet("extract", "--model", str(model), "--input", str(dataset), "--out", str(tmp_path / "o"),
-                 "--text-field", "body", cwd=tmp_path)
+    r = actfleet(
+        "extract",
+        "--model",
+        str(model),
+        "--input",
+        str(dataset),
+        "--out",
+        str(tmp_path / "o"),
+        "--text-field",
+        "body",
+        cwd=tmp_path,
+    )
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines() == [
-        f"actfleet: --text-field body: no row of {dataset} has field 'body'; its rows have 'text'"], r.stderr
+        f"actfleet: --text-field body: no row of {dataset} has field 'body'; its rows have 'text'"
+    ], r.stderr
     assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("flag", ["--max-seq", "--context-size"])
 def test_lengths_above_the_model_context_are_exit_2(tmp_path, model, dataset, flag):
-    r = actfleet("extract", "--model", str(model), "--input", str(dataset), "--out", str(tmp_path / "o"),
-                 flag, "65", cwd=tmp_path)
+    r = actfleet(
+        "extract",
+        "--model",
+        str(model),
+        "--input",
+        str(dataset),
+        "--out",
+        str(tmp_path / "o"),
+        flag,
+        "65",
+        cwd=tmp_path,
+    )
     assert r.returncode == 2 and f"{flag} 65: longer than the model's context (64 tokens)" in r.stderr, r.stderr
 
 
@@ -153,14 +222,33 @@ def test_ctrl_c_then_rerun_resumes_from_committed_units(tmp_path, model):
 
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"text": f"row {i} " + "word " * (i % 5)}) + "\n" for i in range(60)))
-    args = ["extract", "--model", str(model), "--input", str(data), "--layers", "1", "--unit-rows", "1",
-            "--shard-mb", "0.001", "--store-dtype", "float32"]
+    args = [
+        "extract",
+        "--model",
+        str(model),
+        "--input",
+        str(data),
+        "--layers",
+        "1",
+        "--unit-rows",
+        "1",
+        "--shard-mb",
+        "0.001",
+        "--store-dtype",
+        "float32",
+    ]
     whole = actfleet(*args, "--out", str(tmp_path / "whole"), "--json", cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr
     out = tmp_path / "out"
     env = dict(os.environ, ACTFLEET_JAX_CACHE=str(tmp_path / "jaxcache"))
-    p = subprocess.Popen([sys.executable, "-c", "from actfleet.cli import main; main()", *args, "--out", str(out)],
-                         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", "from actfleet.cli import main; main()", *args, "--out", str(out)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 240
     done = out / ".extract" / "extract" / "done"  # the local queue's done records (extract.py, "Layout")
     while not (done / "000003").exists():  # a few units in, then Ctrl-C
@@ -185,8 +273,20 @@ def test_ctrl_c_then_rerun_resumes_from_committed_units(tmp_path, model):
 
 @pytest.mark.slow
 def test_max_rows_and_max_tokens_make_test_size_runs(tmp_path, model, dataset):
-    base = ["extract", "--model", str(model), "--input", str(dataset), "--layers", "1", "--max-seq", "40",
-            "--unit-rows", "2", "--json"]
+    base = [
+        "extract",
+        "--model",
+        str(model),
+        "--input",
+        str(dataset),
+        "--layers",
+        "1",
+        "--max-seq",
+        "40",
+        "--unit-rows",
+        "2",
+        "--json",
+    ]
     r = actfleet(*base, "--out", str(tmp_path / "rows"), "--max-rows", "9", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)

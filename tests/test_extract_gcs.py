@@ -20,10 +20,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def actfleet(*args, tmp: Path):
-    env = dict(os.environ, ACTFLEET_JAX_CACHE=str(tmp / "jaxcache"), ACTFLEET_MODEL_CACHE=str(tmp / "models"),
-               ACTFLEET_DATA_CACHE=str(tmp / "data"))
-    return subprocess.run([sys.executable, "-c", "from actfleet.cli import main; main()", *args], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ,
+        ACTFLEET_JAX_CACHE=str(tmp / "jaxcache"),
+        ACTFLEET_MODEL_CACHE=str(tmp / "models"),
+        ACTFLEET_DATA_CACHE=str(tmp / "data"),
+    )
+    return subprocess.run(
+        [sys.executable, "-c", "from actfleet.cli import main; main()", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def upload_dir(bucket, src: Path, prefix: str) -> None:
@@ -34,21 +44,41 @@ def upload_dir(bucket, src: Path, prefix: str) -> None:
 
 @pytest.mark.slow
 def test_model_dataset_and_shards_from_gcs_match_local(tmp_path, fake_gcs):  # noqa: F811
-    bucket = storage.Client(project="test", credentials=AnonymousCredentials(),
-                            client_options={"api_endpoint": fake_gcs.url}).bucket("acts")
+    bucket = storage.Client(
+        project="test", credentials=AnonymousCredentials(), client_options={"api_endpoint": fake_gcs.url}
+    ).bucket("acts")
     model = make_tiny_model(tmp_path / "tiny", max_pos=64)
     upload_dir(bucket, model, "models/tiny")
     data = tmp_path / "rows.jsonl"
-    data.write_text("".join(json.dumps({"text": f"row {i}: " + "ipsum " * (1 + i % 4)}) + "\n" for i in range(9))
-                    + "not json\n")
+    data.write_text(
+        "".join(json.dumps({"text": f"row {i}: " + "ipsum " * (1 + i % 4)}) + "\n" for i in range(9)) + "not json\n"
+    )
     bucket.blob("datasets/rows.jsonl").upload_from_filename(str(data))
 
     common = ["--layers", "1", "--store-dtype", "float32", "--json"]
-    remote = actfleet("extract", "--model", "gs://acts/models/tiny", "--input", "gs://acts/datasets/rows.jsonl",
-                      "--out", str(tmp_path / "from-gcs"), *common, tmp=tmp_path)
+    remote = actfleet(
+        "extract",
+        "--model",
+        "gs://acts/models/tiny",
+        "--input",
+        "gs://acts/datasets/rows.jsonl",
+        "--out",
+        str(tmp_path / "from-gcs"),
+        *common,
+        tmp=tmp_path,
+    )
     assert remote.returncode == 0, remote.stderr
-    local = actfleet("extract", "--model", str(model), "--input", str(data), "--out", str(tmp_path / "from-disk"),
-                     *common, tmp=tmp_path)
+    local = actfleet(
+        "extract",
+        "--model",
+        str(model),
+        "--input",
+        str(data),
+        "--out",
+        str(tmp_path / "from-disk"),
+        *common,
+        tmp=tmp_path,
+    )
     assert local.returncode == 0, local.stderr
     summary = json.loads(remote.stdout)
     assert summary["rows"] == 10 and summary["skipped"] == {"bad JSON": 1}
@@ -71,11 +101,20 @@ def test_model_dataset_and_shards_from_gcs_match_local(tmp_path, fake_gcs):  # n
 
 
 def test_missing_model_prefix_is_one_line(tmp_path, fake_gcs):  # noqa: F811
-    storage.Client(project="test", credentials=AnonymousCredentials(),
-                   client_options={"api_endpoint": fake_gcs.url}).bucket("acts").blob("x").upload_from_string(b"")
+    storage.Client(
+        project="test", credentials=AnonymousCredentials(), client_options={"api_endpoint": fake_gcs.url}
+    ).bucket("acts").blob("x").upload_from_string(b"")
     (tmp_path / "d.jsonl").write_text('{"text": "a"}\n')
-    r = actfleet("extract", "--model", "gs://acts/models/none", "--input", str(tmp_path / "d.jsonl"),
-                 "--out", str(tmp_path / "out"), tmp=tmp_path)
+    r = actfleet(
+        "extract",
+        "--model",
+        "gs://acts/models/none",
+        "--input",
+        str(tmp_path / "d.jsonl"),
+        "--out",
+        str(tmp_path / "out"),
+        tmp=tmp_path,
+    )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].endswith("model gs://acts/models/none: no objects under that prefix")
     assert len(r.stderr.strip().splitlines()) == 1
@@ -85,8 +124,9 @@ def test_a_model_object_named_with_dotdot_is_refused_and_nothing_lands_outside(t
     from actfleet.errors import InputError
     from actfleet.worker import model_files
 
-    bucket = storage.Client(project="test", credentials=AnonymousCredentials(),
-                            client_options={"api_endpoint": fake_gcs.url}).bucket("acts")
+    bucket = storage.Client(
+        project="test", credentials=AnonymousCredentials(), client_options={"api_endpoint": fake_gcs.url}
+    ).bucket("acts")
     bucket.blob("models/m/config.json").upload_from_string(b"{}")
     bucket.blob("models/m/../../escaped.txt").upload_from_string(b"planted")
     monkeypatch.setenv("ACTFLEET_MODEL_CACHE", str(tmp_path / "cache" / "models"))

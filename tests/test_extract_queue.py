@@ -17,8 +17,14 @@ OPTIONS = JobOptions(model="m", shard_mb=0.01)
 
 
 def wanted(options=OPTIONS):
-    return {"input": "d.jsonl", "input_sha256": "0" * 64, "rows": 6, "unit_rows": 2, "model_sha256": "",
-            "options": options.to_json()}
+    return {
+        "input": "d.jsonl",
+        "input_sha256": "0" * 64,
+        "rows": 6,
+        "unit_rows": 2,
+        "model_sha256": "",
+        "options": options.to_json(),
+    }
 
 
 def prepared(out):
@@ -36,10 +42,22 @@ def commit_unit(store, unit, parts=2):
         data = f"unit {unit} part {part}".encode()
         key = q.shard_key(JOB, unit, part, lease.tag)
         store.put(key, data)
-        shards.append(q.ShardInfo(name=key[len(JOB) + 1:], bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
-                                  tokens=1))
-    rec = q.DoneRecord(unit=unit, start=2 * unit, stop=2 * unit + 2, worker="extract", attempt=lease.attempt,
-                       rows_stored=2, tokens=parts, skipped={}, shards=shards, committed_at=time.time(), seconds=0.1)
+        shards.append(
+            q.ShardInfo(name=key[len(JOB) + 1 :], bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), tokens=1)
+        )
+    rec = q.DoneRecord(
+        unit=unit,
+        start=2 * unit,
+        stop=2 * unit + 2,
+        worker="extract",
+        attempt=lease.attempt,
+        rows_stored=2,
+        tokens=parts,
+        skipped={},
+        shards=shards,
+        committed_at=time.time(),
+        seconds=0.1,
+    )
     assert q.commit(store, lease, rec, 60)
 
 

@@ -44,8 +44,9 @@ def show_json(tf: Terraform) -> dict:
 
 
 def write_config(dir: Path, *, workers_per_zone: int = WORKERS_PER_ZONE, fleet: dict | None = None) -> Path:
-    return write_fleet_toml(dir / "fleet.toml", zones={z: workers_per_zone for z in ZONES}, state=dir / "state",
-                            fleet=fleet)
+    return write_fleet_toml(
+        dir / "fleet.toml", zones={z: workers_per_zone for z in ZONES}, state=dir / "state", fleet=fleet
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +74,11 @@ def qr_creates(fake, qr_id=None):
 
 
 def qr_deletes(fake, qr_id=None):
-    return [c for c in fake.calls(method="DELETE", path=r"/queuedResources/") if c.status == 200
-            and (qr_id is None or c.resource == qr_id)]
+    return [
+        c
+        for c in fake.calls(method="DELETE", path=r"/queuedResources/")
+        if c.status == 200 and (qr_id is None or c.resource == qr_id)
+    ]
 
 
 def test_fleet_lifecycle_against_fake_tpu_api(env):
@@ -106,8 +110,11 @@ def test_fleet_lifecycle_against_fake_tpu_api(env):
     inputs = {r["index"]: r["values"]["input"] for r in state["values"]["root_module"]["resources"]}
     for w in cfg.fleet.workers:
         assert inputs[w.name]["request"] == queued_resource_request(cfg, w)
-        assert (inputs[w.name]["project"], inputs[w.name]["zone"], inputs[w.name]["id"]) == \
-               ("fake-project", w.zone, w.name)
+        assert (inputs[w.name]["project"], inputs[w.name]["zone"], inputs[w.name]["id"]) == (
+            "fake-project",
+            w.zone,
+            w.name,
+        )
 
     # A second plain apply changes nothing and calls no mutating API.
     fake.clear_calls()
@@ -180,8 +187,10 @@ def test_error_summary_reads_terraform_diagnostics():
         Warning: something harmless
         """)
     boxed = "\n".join(("╷" if not line else "│ " + line) for line in plain.splitlines()[2:]) + "\n╵\n"
-    expected = ('Error: local-exec provisioner error (terraform_data.workers["w"]): '
-                "Error running command 'x': exit status 1. Output: actfleet: TPU API: 403 denied")
+    expected = (
+        'Error: local-exec provisioner error (terraform_data.workers["w"]): '
+        "Error running command 'x': exit status 1. Output: actfleet: TPU API: 403 denied"
+    )
     assert error_summary(plain) == expected
     assert error_summary(boxed) == expected
     assert error_summary("plain failure\nlast words\n") == "plain failure last words"

@@ -20,8 +20,7 @@ from tests.fakes.gcs_server import FakeGcs, fake_gcs  # noqa: F401  (fixture)
 
 
 def client_for(url: str) -> storage.Client:
-    return storage.Client(project="test", credentials=AnonymousCredentials(),
-                          client_options={"api_endpoint": url})
+    return storage.Client(project="test", credentials=AnonymousCredentials(), client_options={"api_endpoint": url})
 
 
 def test_ours_enforces_generation_preconditions(fake_gcs):

@@ -17,13 +17,16 @@ def test_json_form_round_trips_and_fills_defaults():
     assert JobOptions.from_json({}) == DEFAULTS and JobOptions.from_json({"model": "m"}).revision == "main"
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"positions": "first"}, "positions 'first': use one of all, non-special, last"),
-    ({"store_dtype": "float16"}, "store_dtype 'float16'"),
-    ({"batch_tokens": 0}, "batch_tokens 0: must be an integer from 16 to 16777216"),  # was >= 1 (one bound)
-    ({"shard_mb": 0}, "shard_mb 0: must be a number from 0.001 to 8192"),  # was > 0 (one bound)
-    ({"sites": ("resid_post",)}, "must be site names"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"positions": "first"}, "positions 'first': use one of all, non-special, last"),
+        ({"store_dtype": "float16"}, "store_dtype 'float16'"),
+        ({"batch_tokens": 0}, "batch_tokens 0: must be an integer from 16 to 16777216"),  # was >= 1 (one bound)
+        ({"shard_mb": 0}, "shard_mb 0: must be a number from 0.001 to 8192"),  # was > 0 (one bound)
+        ({"sites": ("resid_post",)}, "must be site names"),
+    ],
+)
 def test_bad_values_are_refused(changes, message):
     with pytest.raises(ValueError, match=message):
         JobOptions(**changes)
@@ -43,10 +46,16 @@ def test_site_names_parse_expand_resolve_and_sort():
     assert sites.parse("blocks.*.hook_resid_post") == ("*", "resid_post") and sites.parse("blocks.6") is None
     assert sites.name("attn_out", 3) == "blocks.3.hook_attn_out" and sites.name("embed") == "hook_embed"
     assert sites.expand(["resid_post", "embed"], [10, 2]) == (
-        "hook_embed", "blocks.2.hook_resid_post", "blocks.10.hook_resid_post")
+        "hook_embed",
+        "blocks.2.hook_resid_post",
+        "blocks.10.hook_resid_post",
+    )
     assert sites.expand(["mlp_out"], "all") == ("blocks.*.hook_mlp_out",)
     assert sites.resolve(["blocks.*.hook_attn_out", "hook_embed"], 2) == (
-        "hook_embed", "blocks.0.hook_attn_out", "blocks.1.hook_attn_out")
+        "hook_embed",
+        "blocks.0.hook_attn_out",
+        "blocks.1.hook_attn_out",
+    )
     with pytest.raises(ValueError, match="the model has layers 0..1"):
         sites.resolve(["blocks.2.hook_resid_post"], 2)
     assert sites.layers_needed(["hook_embed", "blocks.4.hook_mlp_out"]) == 5 and sites.layers_needed([]) == 0
@@ -54,11 +63,18 @@ def test_site_names_parse_expand_resolve_and_sort():
 
 def test_every_layer_kind_has_its_transformer_lens_name():
     # Literal TransformerLens hook names (HookedTransformer.hook_dict keys for block 3), not derived from HOOKS.
-    tl = {"resid_pre": "blocks.3.hook_resid_pre", "resid_mid": "blocks.3.hook_resid_mid",
-          "resid_post": "blocks.3.hook_resid_post", "attn_out": "blocks.3.hook_attn_out",
-          "mlp_out": "blocks.3.hook_mlp_out", "ln1": "blocks.3.ln1.hook_normalized",
-          "ln2": "blocks.3.ln2.hook_normalized", "attn_z": "blocks.3.attn.hook_z", "mlp_pre": "blocks.3.mlp.hook_pre",
-          "mlp_post": "blocks.3.mlp.hook_post"}
+    tl = {
+        "resid_pre": "blocks.3.hook_resid_pre",
+        "resid_mid": "blocks.3.hook_resid_mid",
+        "resid_post": "blocks.3.hook_resid_post",
+        "attn_out": "blocks.3.hook_attn_out",
+        "mlp_out": "blocks.3.hook_mlp_out",
+        "ln1": "blocks.3.ln1.hook_normalized",
+        "ln2": "blocks.3.ln2.hook_normalized",
+        "attn_z": "blocks.3.attn.hook_z",
+        "mlp_pre": "blocks.3.mlp.hook_pre",
+        "mlp_post": "blocks.3.mlp.hook_post",
+    }
     assert set(sites.LAYER_KINDS) == set(tl)
     for kind, name in tl.items():
         assert sites.name(kind, 3) == name and sites.parse(name) == (3, kind)

@@ -16,8 +16,12 @@ WINGS = ("actfleet.infra", "actfleet.worker", "actfleet.demo")
 
 
 # Folder -> import package (pyproject's package-dir), to name a file's package and resolve relative imports.
-PACKAGE_DIRS = {"actfleet": "actfleet", "infra": "actfleet.infra", "worker": "actfleet.worker",
-                "bootstrap": "actfleet.bootstrap"}
+PACKAGE_DIRS = {
+    "actfleet": "actfleet",
+    "infra": "actfleet.infra",
+    "worker": "actfleet.worker",
+    "bootstrap": "actfleet.bootstrap",
+}
 
 
 def package_of(path: Path) -> str:
@@ -58,15 +62,19 @@ def test_shared_ground_imports_no_wing(path):
 @pytest.mark.parametrize("path", sorted((REPO / "infra").rglob("*.py")), ids=lambda p: str(p.relative_to(REPO)))
 def test_infra_imports_nothing_of_the_worker_wing(path):
     found = imports_of(path, "actfleet.worker")
-    assert found == [], (f"{path.relative_to(REPO)} imports {found}: the fleet wing must not depend on the worker "
-                         f"wing (move what both need to shared ground, as actfleet/work_queue.py)")
+    assert found == [], (
+        f"{path.relative_to(REPO)} imports {found}: the fleet wing must not depend on the worker "
+        f"wing (move what both need to shared ground, as actfleet/work_queue.py)"
+    )
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "worker").rglob("*.py")), ids=lambda p: str(p.relative_to(REPO)))
 def test_worker_imports_nothing_of_the_infra_wing(path):
     found = imports_of(path, "actfleet.infra")
-    assert found == [], (f"{path.relative_to(REPO)} imports {found}: the worker wing must not depend on the fleet "
-                         f"wing (a TPU VM runs the worker without it)")
+    assert found == [], (
+        f"{path.relative_to(REPO)} imports {found}: the worker wing must not depend on the fleet "
+        f"wing (a TPU VM runs the worker without it)"
+    )
 
 
 def test_the_import_reader_sees_lazy_and_relative_imports(tmp_path, monkeypatch):
@@ -75,10 +83,16 @@ def test_the_import_reader_sees_lazy_and_relative_imports(tmp_path, monkeypatch)
     monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
     src = tmp_path / "infra" / "commands" / "x.py"
     src.parent.mkdir(parents=True)
-    src.write_text("def f():\n    from actfleet.worker.shards import Shard\n"
-                   "from ...worker import reader\nfrom actfleet import worker\nfrom .. import decide\n")
-    assert imports_of(src, "actfleet.worker") == ["actfleet.worker", "actfleet.worker.reader",
-                                                  "actfleet.worker.shards", "actfleet.worker.shards.Shard"]
+    src.write_text(
+        "def f():\n    from actfleet.worker.shards import Shard\n"
+        "from ...worker import reader\nfrom actfleet import worker\nfrom .. import decide\n"
+    )
+    assert imports_of(src, "actfleet.worker") == [
+        "actfleet.worker",
+        "actfleet.worker.reader",
+        "actfleet.worker.shards",
+        "actfleet.worker.shards.Shard",
+    ]
     assert "actfleet.infra.decide" in imported_modules(src)
 
 

@@ -46,9 +46,19 @@ def claimer_main(store_url: str, job: str, worker: str, out: str, seed: int) -> 
             abandoned += 1
             continue
         start, stop = spec.unit_range(lease.unit)
-        rec = q.DoneRecord(unit=lease.unit, start=start, stop=stop, worker=worker, attempt=lease.attempt,
-                           rows_stored=stop - start, tokens=1, skipped={}, shards=[], committed_at=time.time(),
-                           seconds=0.0)
+        rec = q.DoneRecord(
+            unit=lease.unit,
+            start=start,
+            stop=stop,
+            worker=worker,
+            attempt=lease.attempt,
+            rows_stored=stop - start,
+            tokens=1,
+            skipped={},
+            shards=[],
+            committed_at=time.time(),
+            seconds=0.0,
+        )
         try:
             if q.commit(store, lease, rec, LEASE_S):
                 committed.append(lease.unit)
@@ -63,10 +73,13 @@ def run_contention(store_url: str, tmp_path: Path, env: dict) -> None:
     procs = []
     for i in range(CLAIMERS):
         out = tmp_path / f"claimer-{i}.json"
-        code = (f"from tests.test_leases import claimer_main; "
-                f"claimer_main({store_url!r}, 'race', 'w{i}', {str(out)!r}, {i})")
-        procs.append((out, subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env,
-                                            stderr=subprocess.PIPE, text=True)))
+        code = (
+            f"from tests.test_leases import claimer_main; "
+            f"claimer_main({store_url!r}, 'race', 'w{i}', {str(out)!r}, {i})"
+        )
+        procs.append(
+            (out, subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True))
+        )
     committed = []
     stats = {"abandoned": 0, "takeovers": 0}
     for out, p in procs:

@@ -34,8 +34,10 @@ def sleeper(seconds: float = 60.0, code: int = 0):
 
     def spawn(worker, incarnation, log_path):
         started.append((worker.name, incarnation))
-        script = f"import sys, time; print('{worker.name} #{incarnation}', flush=True); time.sleep({seconds}); " \
-                 f"sys.exit({code})"
+        script = (
+            f"import sys, time; print('{worker.name} #{incarnation}', flush=True); time.sleep({seconds}); "
+            f"sys.exit({code})"
+        )
         return popen_logged([sys.executable, "-c", script], log_path)
 
     return spawn, started
@@ -140,8 +142,9 @@ def test_a_worker_that_finished_because_the_job_is_done_is_not_restarted(fleet_o
 def test_stop_all_terminates_every_worker_and_kills_those_that_ignore_sigterm(fleet_of):
     def spawn(worker, incarnation, log_path):
         ignore = "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); " if worker.index == 0 else ""
-        return popen_logged([sys.executable, "-c", ignore + "print('up', flush=True); import time; time.sleep(60)"],
-                            log_path)
+        return popen_logged(
+            [sys.executable, "-c", ignore + "print('up', flush=True); import time; time.sleep(60)"], log_path
+        )
 
     fleet = fleet_of(2, spawn)
     fleet.stop_grace_s = 1.0
@@ -194,8 +197,15 @@ def actfleet(*args: str, pythonpath: tuple[str, ...] = (), **kw) -> subprocess.P
     env.pop("ACTFLEET_CONFIG", None)
     if pythonpath:  # only a test's own blockers (base_install_only); actfleet comes from the installed package
         env["PYTHONPATH"] = os.pathsep.join(pythonpath)
-    return subprocess.Popen([sys.executable, "-c", "from actfleet.cli import main; main()", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-c", "from actfleet.cli import main; main()", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def small_dataset(tmp_path: Path, rows: int) -> Path:
@@ -230,9 +240,11 @@ def base_install_only(tmp_path: Path) -> str:
     (d / "sitecustomize.py").write_text(
         "import sys\n"
         "for name in ('torch', 'cdktf', 'jsii', 'cdktf_cdktf_provider_google', 'cdktf_cdktf_provider_google_beta'):\n"
-        "    sys.modules[name] = None\n")
-    probe = subprocess.run([sys.executable, "-c", "import torch"], env={**os.environ, "PYTHONPATH": str(d)},
-                           capture_output=True, text=True)
+        "    sys.modules[name] = None\n"
+    )
+    probe = subprocess.run(
+        [sys.executable, "-c", "import torch"], env={**os.environ, "PYTHONPATH": str(d)}, capture_output=True, text=True
+    )
     assert probe.returncode != 0 and "torch" in probe.stderr  # the blocker is in effect
     return str(d)
 
@@ -245,8 +257,25 @@ def test_local_with_chaos_verifies_and_its_summary_matches_the_shards_on_disk(tm
     out = tmp_path / "out"
     # 0.6 per busy second: a 20-row unit takes about a second here, so kills (and restarts) are all but
     # certain (at 0.3 about one run in twenty saw none); every incarnation still commits a unit first.
-    p = actfleet("local", "--workers", "3", "--chaos", "0.6", "--seed", "3", "--input", str(data), "--unit-rows",
-                 "20", "--lease-seconds", "6", "--out", str(out), "--json", pythonpath=(base_install_only(tmp_path),))
+    p = actfleet(
+        "local",
+        "--workers",
+        "3",
+        "--chaos",
+        "0.6",
+        "--seed",
+        "3",
+        "--input",
+        str(data),
+        "--unit-rows",
+        "20",
+        "--lease-seconds",
+        "6",
+        "--out",
+        str(out),
+        "--json",
+        pythonpath=(base_install_only(tmp_path),),
+    )
     stdout, stderr = p.communicate(timeout=600)
     assert p.returncode == 0, stderr[-3000:]
     s = json.loads(stdout)
@@ -267,8 +296,9 @@ def test_local_with_chaos_verifies_and_its_summary_matches_the_shards_on_disk(tm
     sites = [k for k in acts if k.startswith("blocks.")]
     assert sites and all(acts[k].shape[0] == len(ids) for k in sites)
     # ... and the one-line snippet the summary prints works as shown
-    snippet = subprocess.run([sys.executable, "-c", s["load_snippet"]], cwd=REPO, capture_output=True, text=True,
-                             timeout=120)
+    snippet = subprocess.run(
+        [sys.executable, "-c", s["load_snippet"]], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert snippet.returncode == 0 and "sample_ids" in snippet.stdout, snippet.stderr
     assert not processes_mentioning(str(out))  # every worker was stopped
 
@@ -323,8 +353,9 @@ def test_workers_that_cannot_start_end_the_run_with_their_error_instead_of_resta
     model = make_tiny_model(tmp_path / "broken-weights", seed=0)
     (model / "model.safetensors").write_bytes(b"not a safetensors file")
     out = tmp_path / "out"
-    p = actfleet("local", "--workers", "2", "--model", str(model), "--input", str(small_dataset(tmp_path, 20)),
-                 "--out", str(out))
+    p = actfleet(
+        "local", "--workers", "2", "--model", str(model), "--input", str(small_dataset(tmp_path, 20)), "--out", str(out)
+    )
     _, stderr = p.communicate(timeout=600)
     assert p.returncode in (1, 2), stderr[-3000:]
     last = stderr.strip().splitlines()[-1]
@@ -341,7 +372,11 @@ def test_the_printed_load_command_runs_without_the_venv_on_path(tmp_path):
     from actfleet.worker.shards import ShardWriter
 
     class B:
-        sample_ids, token_ids, positions = np.array([0, 0], np.int64), np.array([5, 6], np.int32), np.arange(2, dtype=np.int32)
+        sample_ids, token_ids, positions = (
+            np.array([0, 0], np.int64),
+            np.array([5, 6], np.int32),
+            np.arange(2, dtype=np.int32),
+        )
         acts = {"blocks.0.hook_resid_post": np.ones((2, 4), np.float32)}
 
     w = ShardWriter(shard_mb=1, model="m", revision="r", job="j", unit=0, sites=list(B.acts), store_dtype="float32")
@@ -351,9 +386,16 @@ def test_the_printed_load_command_runs_without_the_venv_on_path(tmp_path):
     for s in w.close():
         (shards / s.name).write_bytes(s.data)
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    bare = subprocess.run(["bash", "-c", f"python3 -c {json.dumps(_snippet(shards))}"], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    bare = subprocess.run(
+        ["bash", "-c", f"python3 -c {json.dumps(_snippet(shards))}"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bare.returncode != 0  # what the old printed line did here
-    ours = subprocess.run(["bash", "-c", load_command(shards)], env=env, cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120)
+    ours = subprocess.run(
+        ["bash", "-c", load_command(shards)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert ours.returncode == 0 and "sample_ids" in ours.stdout and "(2, 4)" in ours.stdout, ours.stderr

@@ -84,8 +84,16 @@ def test_lock_of_a_killed_holder_is_taken_over(tmp_path):
 
 def plant(store, **changes) -> None:
     now = time.time()
-    rec = dict(holder="ops@elsewhere", host="elsewhere.example", pid=1, pid_start="", since=now - 10,
-               expires=now + 300, command="actfleet reconcile", nonce="n")
+    rec = dict(
+        holder="ops@elsewhere",
+        host="elsewhere.example",
+        pid=1,
+        pid_start="",
+        since=now - 10,
+        expires=now + 300,
+        command="actfleet reconcile",
+        nonce="n",
+    )
     rec.update(changes)
     store.create(LOCK_KEY, json.dumps(rec).encode())
 
@@ -174,10 +182,12 @@ def test_lock_location_follows_the_state_backend(tmp_path):
     from actfleet.config import parse
 
     def cfg(**extra):
-        raw = {"fleet": {"id": "acts", "project": "my-project", "region": "us-central1",
-                         "zones": {"us-central1-a": 1}},
-               "repo": {"url": "https://example.com/r.git", "commit": "0" * 40},
-               "storage": {"bucket": "bkt-acts"}, "job": {"model": "m", "input": "i", "layers": [1]}}
+        raw = {
+            "fleet": {"id": "acts", "project": "my-project", "region": "us-central1", "zones": {"us-central1-a": 1}},
+            "repo": {"url": "https://example.com/r.git", "commit": "0" * 40},
+            "storage": {"bucket": "bkt-acts"},
+            "job": {"model": "m", "input": "i", "layers": [1]},
+        }
         raw.update(extra)
         return parse(raw)
 

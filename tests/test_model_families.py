@@ -25,27 +25,60 @@ from actfleet.errors import InputError  # noqa: E402
 from actfleet.job_options import JobOptions  # noqa: E402
 from actfleet.worker.engine import Engine  # noqa: E402
 
-TEXTS = ["a", "The quick brown fox jumps over the lazy dog. " * 9, "7", "Example 1\ninput 2x2\n0: 1 2\n1: 3 4",
-         "x y", "hello world " * 30, "z"]
+TEXTS = [
+    "a",
+    "The quick brown fox jumps over the lazy dog. " * 9,
+    "7",
+    "Example 1\ninput 2x2\n0: 1 2\n1: 3 4",
+    "x y",
+    "hello world " * 30,
+    "z",
+]
 VOCAB = 320  # the tiny tokenizer's (actfleet.demo.tiny_model)
 
 # Llama-3.1-8B's ratios (GQA 4:1, d_mlp 3.5 d_model) at d_model 64; head_dim 16 puts RoPE wavelengths in all three
 # of llama3's bands for original_max_position_embeddings 32 (< the long inputs' ~100 tokens).
-LLAMA = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=224, num_hidden_layers=3, num_attention_heads=4,
-             num_key_value_heads=1, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False)
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+LLAMA = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=224,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
 # gpt2's ratios (d_mlp 4 d_model, head_dim 64 -> 16 here); pythia-70m's (rotary_pct 0.25, d_mlp 4 d_model).
 YARN_ROPE = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32}
 GPT2 = dict(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=512, bos_token_id=317, eos_token_id=317)
-NEOX = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-            max_position_embeddings=512, rotary_pct=0.25, tie_word_embeddings=False)
+NEOX = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=256,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=512,
+    rotary_pct=0.25,
+    tie_word_embeddings=False,
+)
 
 MODELS = {
     "llama3-rope": ("LlamaConfig", "LlamaForCausalLM", dict(LLAMA, rope_parameters=LLAMA3_ROPE)),
     "llama-yarn": ("LlamaConfig", "LlamaForCausalLM", dict(LLAMA, rope_parameters=YARN_ROPE)),
-    "llama-bias-gelu": ("LlamaConfig", "LlamaForCausalLM",
-                        dict(LLAMA, attention_bias=True, mlp_bias=True, hidden_act="gelu")),
+    "llama-bias-gelu": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(LLAMA, attention_bias=True, mlp_bias=True, hidden_act="gelu"),
+    ),
     # Qwen3's attention_bias biases o_proj as well as q/k/v (as Llama's)
     "qwen3-bias": ("Qwen3Config", "Qwen3ForCausalLM", dict(LLAMA, head_dim=24, attention_bias=True)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", GPT2),
@@ -77,17 +110,48 @@ def parts(model):
     kind = model.config.model_type
     if kind in ("llama", "qwen3"):
         base = model.model
-        return base.embed_tokens, [dict(layer=b, ln1=b.input_layernorm, o=b.self_attn.o_proj, attn=b.self_attn,
-                                        ln2=b.post_attention_layernorm, up=b.mlp.gate_proj, down=b.mlp.down_proj,
-                                        mlp=b.mlp) for b in base.layers]
+        return base.embed_tokens, [
+            dict(
+                layer=b,
+                ln1=b.input_layernorm,
+                o=b.self_attn.o_proj,
+                attn=b.self_attn,
+                ln2=b.post_attention_layernorm,
+                up=b.mlp.gate_proj,
+                down=b.mlp.down_proj,
+                mlp=b.mlp,
+            )
+            for b in base.layers
+        ]
     if kind == "gpt2":
         base = model.transformer
-        return base.wte, [dict(layer=b, ln1=b.ln_1, o=b.attn.c_proj, attn=b.attn, ln2=b.ln_2, up=b.mlp.c_fc,
-                               down=b.mlp.c_proj, mlp=b.mlp) for b in base.h]
+        return base.wte, [
+            dict(
+                layer=b,
+                ln1=b.ln_1,
+                o=b.attn.c_proj,
+                attn=b.attn,
+                ln2=b.ln_2,
+                up=b.mlp.c_fc,
+                down=b.mlp.c_proj,
+                mlp=b.mlp,
+            )
+            for b in base.h
+        ]
     base = model.gpt_neox
-    return base.embed_in, [dict(layer=b, ln1=b.input_layernorm, o=b.attention.dense, attn=b.attention,
-                                ln2=b.post_attention_layernorm, up=b.mlp.dense_h_to_4h, down=b.mlp.dense_4h_to_h,
-                                mlp=b.mlp) for b in base.layers]
+    return base.embed_in, [
+        dict(
+            layer=b,
+            ln1=b.input_layernorm,
+            o=b.attention.dense,
+            attn=b.attention,
+            ln2=b.post_attention_layernorm,
+            up=b.mlp.dense_h_to_4h,
+            down=b.mlp.dense_4h_to_h,
+            mlp=b.mlp,
+        )
+        for b in base.layers
+    ]
 
 
 def hf_reference(model_dir, token_lists):
@@ -101,11 +165,13 @@ def hf_reference(model_dir, token_lists):
     def keep(name):
         def hook(module, args, out):
             caps[name] = (out[0] if isinstance(out, tuple) else out)[0].numpy()
+
         return hook
 
     def keep_input(name, then=lambda x: x):
         def hook(module, args, kwargs):
             caps[name] = then(args[0] if args else kwargs["hidden_states"])[0].numpy()
+
         return hook
 
     def normalized(norm):
@@ -115,6 +181,7 @@ def hf_reference(model_dir, token_lists):
                 x = x - x.mean(-1, keepdim=True)
                 return x / (x.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
             return x / (x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon).sqrt()
+
         return f
 
     embed.register_forward_hook(keep("hook_embed"))
@@ -152,14 +219,24 @@ def hf_reference(model_dir, token_lists):
 
 def sites_of(model_dir):
     parallel = json.loads((model_dir / "config.json").read_text()).get("use_parallel_residual", False)
-    return ("hook_embed", *(f"blocks.*.{hook}" for kind, hook in site_names.HOOKS.items()
-                            if not (parallel and kind == "resid_mid")))
+    return (
+        "hook_embed",
+        *(f"blocks.*.{hook}" for kind, hook in site_names.HOOKS.items() if not (parallel and kind == "resid_mid")),
+    )
 
 
 def extract(model_dir, dtype, batch_tokens=512, attn_block=32):
-    engine = Engine(JobOptions(model=str(model_dir), sites=sites_of(model_dir), positions="all",
-                               compute_dtype=dtype, store_dtype=dtype, batch_tokens=batch_tokens),
-                    attn_block=attn_block)
+    engine = Engine(
+        JobOptions(
+            model=str(model_dir),
+            sites=sites_of(model_dir),
+            positions="all",
+            compute_dtype=dtype,
+            store_dtype=dtype,
+            batch_tokens=batch_tokens,
+        ),
+        attn_block=attn_block,
+    )
     batches = list(engine.run([(i, t, None) for i, t in enumerate(TEXTS)]))
     assert len(batches) >= 2 and any(b.padded_tokens < b.computed_tokens for b in batches)  # packed, padded
     cat = {k: np.concatenate([getattr(b, k) for b in batches]) for k in ("sample_ids", "positions", "token_ids")}
@@ -261,19 +338,23 @@ def test_gpt2_resid_pre_adds_positions_and_pythia_parallel_has_no_resid_mid(mode
     from safetensors.numpy import load_file
 
     wpe = load_file(models["gpt2"] / "model.safetensors")["transformer.wpe.weight"]
-    np.testing.assert_allclose(acts["blocks.0.hook_resid_pre"], acts["hook_embed"] + wpe[cat["positions"]],
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        acts["blocks.0.hook_resid_pre"], acts["hook_embed"] + wpe[cat["positions"]], rtol=1e-6, atol=1e-6
+    )
     with pytest.raises(InputError, match="hook_resid_mid.*parallel"):
         Engine(JobOptions(model=str(models["pythia-parallel"]), sites=("blocks.1.hook_resid_mid",)))
     # sequential Pythia has it
     Engine(JobOptions(model=str(models["pythia-sequential"]), sites=("blocks.1.hook_resid_mid",)))
 
 
-@pytest.mark.parametrize("field,value,what", [
-    ("rope_parameters", {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}, "rope_type='dynamic'"),
-    ("rope_parameters", {"rope_type": "longrope", "rope_theta": 10000.0}, "rope_type='longrope'"),
-    ("hidden_act", "gelu_fast", "hidden_act='gelu_fast'"),
-])
+@pytest.mark.parametrize(
+    "field,value,what",
+    [
+        ("rope_parameters", {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}, "rope_type='dynamic'"),
+        ("rope_parameters", {"rope_type": "longrope", "rope_theta": 10000.0}, "rope_type='longrope'"),
+        ("hidden_act", "gelu_fast", "hidden_act='gelu_fast'"),
+    ],
+)
 def test_llama_refuses_what_it_does_not_compute(tmp_path, field, value, what):
     d = build(tmp_path / "m", "llama-bias-gelu")
     config = json.loads((d / "config.json").read_text())
@@ -322,8 +403,14 @@ def actfleet(*args, cwd):
     import sys
 
     env = dict(os.environ, ACTFLEET_JAX_CACHE=str(cwd / "jaxcache"))
-    return subprocess.run([sys.executable, "-c", "from actfleet.cli import main; main()", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-c", "from actfleet.cli import main; main()", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.fixture()
@@ -338,9 +425,28 @@ def test_extract_command_matches_transformers(models, name, tmp_path, dataset):
     from actfleet.worker.reader import load
 
     out = tmp_path / "out"
-    r = actfleet("extract", "--model", str(models[name]), "--input", str(dataset), "--out", str(out), "--layers",
-                 "0,2", "--sites", "resid_post,mlp_post,embed", "--positions", "all", "--store-dtype", "float32",
-                 "--compute-dtype", "float32", "--unit-rows", "4", cwd=tmp_path)
+    r = actfleet(
+        "extract",
+        "--model",
+        str(models[name]),
+        "--input",
+        str(dataset),
+        "--out",
+        str(out),
+        "--layers",
+        "0,2",
+        "--sites",
+        "resid_post,mlp_post,embed",
+        "--positions",
+        "all",
+        "--store-dtype",
+        "float32",
+        "--compute-dtype",
+        "float32",
+        "--unit-rows",
+        "4",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     got = load(str(out))
     ids = [np.asarray(got["token_ids"][got["sample_ids"] == i]) for i in range(len(TEXTS))]
@@ -352,8 +458,20 @@ def test_extract_command_matches_transformers(models, name, tmp_path, dataset):
 
 
 def test_extract_command_refuses_resid_mid_of_a_parallel_model_exit_2(models, tmp_path, dataset):
-    r = actfleet("extract", "--model", str(models["pythia-parallel"]), "--input", str(dataset), "--out",
-                 str(tmp_path / "o"), "--layers", "1", "--sites", "resid_mid", cwd=tmp_path)
+    r = actfleet(
+        "extract",
+        "--model",
+        str(models["pythia-parallel"]),
+        "--input",
+        str(dataset),
+        "--out",
+        str(tmp_path / "o"),
+        "--layers",
+        "1",
+        "--sites",
+        "resid_mid",
+        cwd=tmp_path,
+    )
     assert r.returncode == 2 and "hook_resid_mid" in r.stderr and "parallel" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
@@ -363,15 +481,47 @@ def test_prepare_work_and_export_saelens(models, name, tmp_path, dataset):
     import datasets
 
     store = tmp_path / "bucket"
-    r = actfleet("prepare", "--store", str(store), "--job", "g", "--model", str(models[name]), "--input",
-                 str(dataset), "--layers", "1", "--sites", "resid_post", "--positions", "all", "--store-dtype",
-                 "float32", "--compute-dtype", "float32", "--unit-rows", "4", "--json", cwd=tmp_path)
+    r = actfleet(
+        "prepare",
+        "--store",
+        str(store),
+        "--job",
+        "g",
+        "--model",
+        str(models[name]),
+        "--input",
+        str(dataset),
+        "--layers",
+        "1",
+        "--sites",
+        "resid_post",
+        "--positions",
+        "all",
+        "--store-dtype",
+        "float32",
+        "--compute-dtype",
+        "float32",
+        "--unit-rows",
+        "4",
+        "--json",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     w = actfleet("work", "--store", str(store), "--job", "g", "--worker-id", "w0", "--json", cwd=tmp_path)
     assert w.returncode == 0, w.stderr
     assert json.loads(w.stdout)["job_complete"]
-    e = actfleet("export", "saelens", str(store / "g"), str(tmp_path / "cache"), "--site",
-                 "blocks.1.hook_resid_post", "--context-size", "8", "--json", cwd=tmp_path)
+    e = actfleet(
+        "export",
+        "saelens",
+        str(store / "g"),
+        str(tmp_path / "cache"),
+        "--site",
+        "blocks.1.hook_resid_post",
+        "--context-size",
+        "8",
+        "--json",
+        cwd=tmp_path,
+    )
     assert e.returncode == 0, e.stderr
     summary = json.loads(e.stdout)
     assert summary["d_in"] == 64 and summary["windows"] > 0
@@ -384,10 +534,11 @@ def test_prepare_work_and_export_saelens(models, name, tmp_path, dataset):
     ref = hf_reference(models[name], engine_ids)
     assert acts.shape[1:] == (8, 64)
     for window, toks in zip(acts, tokens):
-        spots = [(i, o) for i, ids in enumerate(engine_ids) for o in range(len(ids) - 7)
-                 if (ids[o:o + 8] == toks).all()]
+        spots = [
+            (i, o) for i, ids in enumerate(engine_ids) for o in range(len(ids) - 7) if (ids[o : o + 8] == toks).all()
+        ]
         assert spots, toks
-        wants = [ref[i]["blocks.1.hook_resid_post"][o:o + 8] for i, o in spots]  # repeated texts: several spots
+        wants = [ref[i]["blocks.1.hook_resid_post"][o : o + 8] for i, o in spots]  # repeated texts: several spots
         assert min(np.linalg.norm(window - w) / np.linalg.norm(w) for w in wants) <= 1e-4
 
 
@@ -411,25 +562,54 @@ def tl_reference(name, model_dir, token_lists):
     c = hf.config
     if name == "gpt2":
         cfg = tl.HookedTransformerConfig(
-            d_model=c.n_embd, d_head=c.n_embd // c.n_head, n_layers=c.n_layer, n_ctx=c.n_positions,
-            n_heads=c.n_head, d_mlp=4 * c.n_embd, d_vocab=c.vocab_size, act_fn=c.activation_function,
-            eps=c.layer_norm_epsilon, normalization_type="LN", positional_embedding_type="standard",
-            original_architecture="GPT2LMHeadModel", device="cpu", dtype=torch.float32)
+            d_model=c.n_embd,
+            d_head=c.n_embd // c.n_head,
+            n_layers=c.n_layer,
+            n_ctx=c.n_positions,
+            n_heads=c.n_head,
+            d_mlp=4 * c.n_embd,
+            d_vocab=c.vocab_size,
+            act_fn=c.activation_function,
+            eps=c.layer_norm_epsilon,
+            normalization_type="LN",
+            positional_embedding_type="standard",
+            original_architecture="GPT2LMHeadModel",
+            device="cpu",
+            dtype=torch.float32,
+        )
         state = wc.convert_gpt2_weights(hf, cfg)
     else:
         hd = c.hidden_size // c.num_attention_heads
         cfg = tl.HookedTransformerConfig(
-            d_model=c.hidden_size, d_head=hd, n_layers=c.num_hidden_layers, n_ctx=c.max_position_embeddings,
-            n_heads=c.num_attention_heads, d_mlp=c.intermediate_size, d_vocab=c.vocab_size, act_fn=c.hidden_act,
-            eps=c.layer_norm_eps, normalization_type="LN", positional_embedding_type="rotary",
+            d_model=c.hidden_size,
+            d_head=hd,
+            n_layers=c.num_hidden_layers,
+            n_ctx=c.max_position_embeddings,
+            n_heads=c.num_attention_heads,
+            d_mlp=c.intermediate_size,
+            d_vocab=c.vocab_size,
+            act_fn=c.hidden_act,
+            eps=c.layer_norm_eps,
+            normalization_type="LN",
+            positional_embedding_type="rotary",
             rotary_dim=int(hd * c.rope_parameters["partial_rotary_factor"]),
-            rotary_base=c.rope_parameters["rope_theta"], rotary_adjacent_pairs=False,
-            parallel_attn_mlp=c.use_parallel_residual, original_architecture="GPTNeoXForCausalLM",
-            device="cpu", dtype=torch.float32)
+            rotary_base=c.rope_parameters["rope_theta"],
+            rotary_adjacent_pairs=False,
+            parallel_attn_mlp=c.use_parallel_residual,
+            original_architecture="GPTNeoXForCausalLM",
+            device="cpu",
+            dtype=torch.float32,
+        )
         state = wc.convert_neox_weights(hf, cfg)
     model = tl.HookedTransformer(cfg)
-    model.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False, center_unembed=False,
-                                      fold_value_biases=False, refactor_factored_attn_matrices=False)
+    model.load_and_process_state_dict(
+        state,
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+        refactor_factored_attn_matrices=False,
+    )
     out = []
     for ids in token_lists:
         with torch.no_grad():
@@ -492,11 +672,20 @@ def test_gpt2_and_pythia_split_over_devices_store_the_same_rows(models):
     import sys
     from pathlib import Path
 
-    spec = {"models": [str(models["gpt2"]), str(models["pythia-parallel"])], "texts": TEXTS,
-            "sites": ["blocks.2.hook_resid_post", "blocks.1.attn.hook_z", "blocks.1.mlp.hook_post"]}
+    spec = {
+        "models": [str(models["gpt2"]), str(models["pythia-parallel"])],
+        "texts": TEXTS,
+        "sites": ["blocks.2.hook_resid_post", "blocks.1.attn.hook_z", "blocks.1.mlp.hook_post"],
+    }
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    r = subprocess.run([sys.executable, "-c", MP_CHILD, json.dumps(spec)], env=env, capture_output=True, text=True,
-                       timeout=600, cwd=Path(__file__).resolve().parent.parent)
+    r = subprocess.run(
+        [sys.executable, "-c", MP_CHILD, json.dumps(spec)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     worst = json.loads(r.stdout.strip().splitlines()[-1])
     assert max(worst.values()) < 1e-5, worst

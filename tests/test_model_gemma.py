@@ -37,18 +37,41 @@ LONG_TEXTS = TEXTS + ["The quick brown fox jumps over the lazy dog. " * 12, "0: 
 SHAPES = {
     # gemma-2-2b's ratios scaled down: 8 heads x 256 = 2048 != 2304 hidden, 4 kv heads, d_mlp 4x hidden.
     # Layers: sliding, global, sliding (Gemma 2's default even/odd pattern).
-    "gemma2": dict(vocab_size=320, hidden_size=72, intermediate_size=288, num_hidden_layers=3, num_attention_heads=4,
-                   num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW,
-                   attn_logit_softcapping=2.0, final_logit_softcapping=30.0, max_position_embeddings=1024,
-                   initializer_range=0.15),
+    "gemma2": dict(
+        vocab_size=320,
+        hidden_size=72,
+        intermediate_size=288,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=24,
+        sliding_window=WINDOW,
+        attn_logit_softcapping=2.0,
+        final_logit_softcapping=30.0,
+        max_position_embeddings=1024,
+        initializer_range=0.15,
+    ),
     # gemma-3-4b's ratios (8 heads, 4 kv heads, head_dim 256, hidden 2560; linear rope scaling 8 on global
     # layers); an explicit layer pattern: sliding, global, sliding, sliding.
-    "gemma3": dict(vocab_size=320, hidden_size=80, intermediate_size=320, num_hidden_layers=4, num_attention_heads=4,
-                   num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=20, sliding_window=WINDOW,
-                   layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
-                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                                    "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}},
-                   max_position_embeddings=1024, initializer_range=0.15),
+    "gemma3": dict(
+        vocab_size=320,
+        hidden_size=80,
+        intermediate_size=320,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=20,
+        sliding_window=WINDOW,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        },
+        max_position_embeddings=1024,
+        initializer_range=0.15,
+    ),
 }
 
 
@@ -75,10 +98,17 @@ def make_gemma(root, family: str, seed: int = 0, hub_spelling: bool = False, **o
     elif family == "gemma3":
         model = Gemma3ForCausalLM(Gemma3TextConfig(**kwargs))
     else:  # gemma-3-4b's form: a vision tower and projector (never read) next to the text tower
-        vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                    image_size=28, patch_size=14)
-        model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=Gemma3TextConfig(**kwargs),
-                                                            vision_config=vision, mm_tokens_per_image=4))
+        vision = SiglipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        )
+        model = Gemma3ForConditionalGeneration(
+            Gemma3Config(text_config=Gemma3TextConfig(**kwargs), vision_config=vision, mm_tokens_per_image=4)
+        )
     with torch.no_grad():  # transformers initialises Gemma's norm weights to 0 (a scale of 1): move them
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -90,13 +120,17 @@ def make_gemma(root, family: str, seed: int = 0, hub_spelling: bool = False, **o
         types, rope = c.pop("layer_types"), c.pop("rope_parameters")
         if family == "gemma2":
             assert types == ["sliding_attention", "full_attention"] * (len(types) // 2) + ["sliding_attention"] * (
-                len(types) % 2)
+                len(types) % 2
+            )
             c["rope_theta"] = rope["rope_theta"]
         else:
             pattern = 2  # layers 1, 3 global: differs from the explicit pattern in SHAPES
-            c.update(sliding_window_pattern=pattern, rope_local_base_freq=rope["sliding_attention"]["rope_theta"],
-                     rope_theta=rope["full_attention"]["rope_theta"],
-                     rope_scaling={k: v for k, v in rope["full_attention"].items() if k != "rope_theta"})
+            c.update(
+                sliding_window_pattern=pattern,
+                rope_local_base_freq=rope["sliding_attention"]["rope_theta"],
+                rope_theta=rope["full_attention"]["rope_theta"],
+                rope_scaling={k: v for k, v in rope["full_attention"].items() if k != "rope_theta"},
+            )
         (out / "config.json").write_text(json.dumps(c))
     for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (tiny / f).exists():
@@ -118,11 +152,13 @@ def hf_reference_gemma(model_dir, token_lists):
     def keep(name):
         def hook(module, args, out):
             caps[name] = (out[0] if isinstance(out, tuple) else out)[0].numpy()
+
         return hook
 
     def keep_input(name, then=lambda x: x):
         def hook(module, args, kwargs):
             caps[name] = then(args[0] if args else kwargs["hidden_states"])[0].numpy()
+
         return hook
 
     def normalized(x):  # TransformerLens RMSNorm.hook_normalized: float32, before the weight
@@ -137,8 +173,7 @@ def hf_reference_gemma(model_dir, token_lists):
         layer.self_attn.o_proj.register_forward_pre_hook(keep_input(name("attn_z")), with_kwargs=True)
         layer.post_attention_layernorm.register_forward_hook(keep(name("attn_out")))
         layer.pre_feedforward_layernorm.register_forward_pre_hook(keep_input(name("resid_mid")), with_kwargs=True)
-        layer.pre_feedforward_layernorm.register_forward_pre_hook(keep_input(name("ln2"), normalized),
-                                                                  with_kwargs=True)
+        layer.pre_feedforward_layernorm.register_forward_pre_hook(keep_input(name("ln2"), normalized), with_kwargs=True)
         layer.mlp.gate_proj.register_forward_hook(keep(name("mlp_pre")))
         layer.mlp.down_proj.register_forward_pre_hook(keep_input(name("mlp_post")), with_kwargs=True)
         layer.post_feedforward_layernorm.register_forward_hook(keep(name("mlp_out")))
@@ -152,8 +187,12 @@ def hf_reference_gemma(model_dir, token_lists):
         for i in range(len(base.layers) - 1):
             np.testing.assert_array_equal(caps[site_names.name("resid_post", i)], hs[i + 1][0].numpy())
             # what the hooks call attn_out / mlp_out is exactly what the residual adds
-            np.testing.assert_allclose(caps[site_names.name("resid_pre", i)] + caps[site_names.name("attn_out", i)],
-                                       caps[site_names.name("resid_mid", i)], rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(
+                caps[site_names.name("resid_pre", i)] + caps[site_names.name("attn_out", i)],
+                caps[site_names.name("resid_mid", i)],
+                rtol=1e-6,
+                atol=1e-6,
+            )
         out.append(dict(caps))
     return out
 
@@ -170,13 +209,16 @@ def per_site_errors(engine, texts, cat, acts, ref) -> dict[str, float]:
     return worst
 
 
-@pytest.mark.parametrize("family,hub_spelling", [("gemma2", False), ("gemma3", False), ("gemma2", True),
-                                                 ("gemma3", True), ("gemma3-multimodal", False)],
-                         ids=["gemma2", "gemma3", "gemma2-hub", "gemma3-hub", "gemma3-multimodal"])
+@pytest.mark.parametrize(
+    "family,hub_spelling",
+    [("gemma2", False), ("gemma3", False), ("gemma2", True), ("gemma3", True), ("gemma3-multimodal", False)],
+    ids=["gemma2", "gemma3", "gemma2-hub", "gemma3-hub", "gemma3-multimodal"],
+)
 def test_float32_matches_transformers_at_every_site(tmp_path, family, hub_spelling):
     model_dir = make_gemma(tmp_path, family, hub_spelling=hub_spelling)
-    engine, batches, cat, acts = extract_all(model_dir, LONG_TEXTS, compute_dtype="float32", store_dtype="float32",
-                                             batch_tokens=512, attn_block=16)
+    engine, batches, cat, acts = extract_all(
+        model_dir, LONG_TEXTS, compute_dtype="float32", store_dtype="float32", batch_tokens=512, attn_block=16
+    )
     cfg = engine.config
     assert cfg.sliding and len(cfg.sliding) < cfg.layers and cfg.sliding_window == WINDOW
     assert (cfg.softcap is not None) == (family == "gemma2") and cfg.qk_norm == (family != "gemma2")
@@ -195,8 +237,9 @@ def test_float32_matches_transformers_at_every_site(tmp_path, family, hub_spelli
 def test_bfloat16_within_stated_bound(tmp_path, family):
     """bf16 compute and storage: each stored vector within 5% (relative L2) of float32 transformers."""
     model_dir = make_gemma(tmp_path, family, seed=1)
-    engine, _, cat, acts = extract_all(model_dir, LONG_TEXTS, compute_dtype="bfloat16", store_dtype="bfloat16",
-                                       batch_tokens=1024, attn_block=32)
+    engine, _, cat, acts = extract_all(
+        model_dir, LONG_TEXTS, compute_dtype="bfloat16", store_dtype="bfloat16", batch_tokens=1024, attn_block=32
+    )
     ref = hf_reference_gemma(model_dir, engine.tokenize(LONG_TEXTS))
     err = worst_relative_error(engine, LONG_TEXTS, cat, acts, ref)
     assert 1e-4 < err < 0.05
@@ -208,33 +251,84 @@ def test_config_pattern_rope_and_refusals():
     from actfleet.worker.models.config_check import UnsupportedConfig
 
     gemma = family_for("gemma2")
-    g2 = dict(model_type="gemma2", vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-              num_attention_heads=8, num_key_value_heads=4, head_dim=256, rope_theta=10000.0,
-              query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping=50.0,
-              final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh")
+    g2 = dict(
+        model_type="gemma2",
+        vocab_size=256000,
+        hidden_size=2304,
+        intermediate_size=9216,
+        num_hidden_layers=26,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=256,
+        rope_theta=10000.0,
+        query_pre_attn_scalar=256,
+        sliding_window=4096,
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+        hidden_activation="gelu_pytorch_tanh",
+    )
     c = gemma.Config.from_hf(g2)
     assert c.sliding == tuple(range(0, 26, 2)) and c.window(0) == 4096 and c.window(1) is None
-    assert c.softcap == 50.0 and c.query_scale == 256 ** -0.5 and c.rope_global == (10000.0, 1.0)
-    g3 = dict(model_type="gemma3_text", vocab_size=262144, hidden_size=2560, intermediate_size=10240,
-              num_hidden_layers=34, num_attention_heads=8, num_key_value_heads=4, head_dim=256, rope_theta=1e6,
-              rope_local_base_freq=10000.0, rope_scaling={"factor": 8.0, "rope_type": "linear"},
-              sliding_window=1024, sliding_window_pattern=6, query_pre_attn_scalar=256,
-              attn_logit_softcapping=None)
+    assert c.softcap == 50.0 and c.query_scale == 256**-0.5 and c.rope_global == (10000.0, 1.0)
+    g3 = dict(
+        model_type="gemma3_text",
+        vocab_size=262144,
+        hidden_size=2560,
+        intermediate_size=10240,
+        num_hidden_layers=34,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=256,
+        rope_theta=1e6,
+        rope_local_base_freq=10000.0,
+        rope_scaling={"factor": 8.0, "rope_type": "linear"},
+        sliding_window=1024,
+        sliding_window_pattern=6,
+        query_pre_attn_scalar=256,
+        attn_logit_softcapping=None,
+    )
     c = family_for("gemma3_text").Config.from_hf(g3)
     assert [i for i in range(34) if i not in c.sliding] == [5, 11, 17, 23, 29]
     assert c.rope_of(0) == (10000.0, 1.0) and c.rope_of(5) == (1e6, 8.0) and c.qk_norm and c.softcap is None
     # gemma-3-4b-pt's config.json: the multimodal wrapper, text_config holding only what differs from the defaults
-    g3mm = {"model_type": "gemma3", "mm_tokens_per_image": 256, "vision_config": {"hidden_size": 1152},
-            "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
-                            "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
-                            "sliding_window": 1024}}
+    g3mm = {
+        "model_type": "gemma3",
+        "mm_tokens_per_image": 256,
+        "vision_config": {"hidden_size": 1152},
+        "text_config": {
+            "hidden_size": 2560,
+            "intermediate_size": 10240,
+            "model_type": "gemma3_text",
+            "num_hidden_layers": 34,
+            "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+            "sliding_window": 1024,
+        },
+    }
     mm = family_for("gemma3").Config.from_hf(g3mm)
-    same = ("hidden", "intermediate", "layers", "heads", "kv_heads", "head_dim", "query_scale", "softcap",
-            "sliding_window", "sliding", "rope_local", "rope_global", "qk_norm", "gelu_tanh")
+    same = (
+        "hidden",
+        "intermediate",
+        "layers",
+        "heads",
+        "kv_heads",
+        "head_dim",
+        "query_scale",
+        "softcap",
+        "sliding_window",
+        "sliding",
+        "rope_local",
+        "rope_global",
+        "qk_norm",
+        "gelu_tanh",
+    )
     assert {k: getattr(mm, k) for k in same} == {k: getattr(c, k) for k in same}
-    for field, value in (("hidden_activation", "relu"), ("attention_bias", True),
-                         ("use_bidirectional_attention", True), ("rope_scaling", {"rope_type": "yarn", "factor": 2}),
-                         ("layer_types", ["full_attention"])):
+    for field, value in (
+        ("hidden_activation", "relu"),
+        ("attention_bias", True),
+        ("use_bidirectional_attention", True),
+        ("rope_scaling", {"rope_type": "yarn", "factor": 2}),
+        ("layer_types", ["full_attention"]),
+    ):
         with pytest.raises(UnsupportedConfig, match=f"config.json {field}="):
             gemma.Config.from_hf({**g3, field: value})
 
@@ -259,21 +353,39 @@ def test_gemma2_matches_transformer_lens_hooks(tmp_path):
     from transformers import AutoModelForCausalLM
 
     model_dir = make_gemma(tmp_path, "gemma2", seed=2)
-    engine, _, cat, acts = extract_all(model_dir, LONG_TEXTS, compute_dtype="float32", store_dtype="float32",
-                                       batch_tokens=512, attn_block=16)
+    engine, _, cat, acts = extract_all(
+        model_dir, LONG_TEXTS, compute_dtype="float32", store_dtype="float32", batch_tokens=512, attn_block=16
+    )
     c = json.loads((model_dir / "config.json").read_text())
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
     cfg = HookedTransformerConfig(
-        d_model=c["hidden_size"], d_head=c["head_dim"], n_heads=c["num_attention_heads"],
-        n_key_value_heads=c["num_key_value_heads"], d_mlp=c["intermediate_size"], n_layers=c["num_hidden_layers"],
-        n_ctx=c["max_position_embeddings"], eps=c["rms_norm_eps"], d_vocab=c["vocab_size"],
-        act_fn="gelu_pytorch_tanh", normalization_type="RMS", rotary_base=10000.0,
-        positional_embedding_type="rotary", use_attn_scale=True, attn_scale=c["query_pre_attn_scalar"] ** 0.5,
-        window_size=c["sliding_window"], use_local_attn=True,
+        d_model=c["hidden_size"],
+        d_head=c["head_dim"],
+        n_heads=c["num_attention_heads"],
+        n_key_value_heads=c["num_key_value_heads"],
+        d_mlp=c["intermediate_size"],
+        n_layers=c["num_hidden_layers"],
+        n_ctx=c["max_position_embeddings"],
+        eps=c["rms_norm_eps"],
+        d_vocab=c["vocab_size"],
+        act_fn="gelu_pytorch_tanh",
+        normalization_type="RMS",
+        rotary_base=10000.0,
+        positional_embedding_type="rotary",
+        use_attn_scale=True,
+        attn_scale=c["query_pre_attn_scalar"] ** 0.5,
+        window_size=c["sliding_window"],
+        use_local_attn=True,
         attn_types=["local" if t == "sliding_attention" else "global" for t in c["layer_types"]],
-        attn_scores_soft_cap=c["attn_logit_softcapping"], output_logits_soft_cap=c["final_logit_softcapping"],
-        gated_mlp=True, final_rms=True, use_normalization_before_and_after=True,
-        original_architecture="Gemma2ForCausalLM", dtype=torch.float32, device="cpu")
+        attn_scores_soft_cap=c["attn_logit_softcapping"],
+        output_logits_soft_cap=c["final_logit_softcapping"],
+        gated_mlp=True,
+        final_rms=True,
+        use_normalization_before_and_after=True,
+        original_architecture="Gemma2ForCausalLM",
+        dtype=torch.float32,
+        device="cpu",
+    )
     tl = HookedTransformer(cfg)
     tl.load_state_dict(convert_gemma_weights(hf, cfg), strict=False)
     tl.eval()
@@ -297,8 +409,13 @@ def cli(*args, tmp_path):
     import sys
 
     env = dict(os.environ, ACTFLEET_JAX_CACHE=str(tmp_path / "jaxcache"))
-    r = subprocess.run([sys.executable, "-c", "from actfleet.cli import main; main()", *args], env=env,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", "from actfleet.cli import main; main()", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout) if "--json" in args else r
 
@@ -323,9 +440,27 @@ def test_gemma2_extract_end_to_end(tmp_path):
     model_dir = make_gemma(tmp_path, "gemma2", seed=3)
     texts = LONG_TEXTS[1:6] + LONG_TEXTS[-2:]
     sites = ("hook_embed", "blocks.1.hook_resid_post", "blocks.0.hook_attn_out", "blocks.2.mlp.hook_post")
-    cli("extract", "--model", str(model_dir), "--input", str(dataset(tmp_path, texts)), "--out", str(tmp_path / "out"),
-        "--sites", ",".join(sites), "--positions", "all", "--unit-rows", "3", "--store-dtype", "float32",
-        "--compute-dtype", "float32", "--json", tmp_path=tmp_path)
+    cli(
+        "extract",
+        "--model",
+        str(model_dir),
+        "--input",
+        str(dataset(tmp_path, texts)),
+        "--out",
+        str(tmp_path / "out"),
+        "--sites",
+        ",".join(sites),
+        "--positions",
+        "all",
+        "--unit-rows",
+        "3",
+        "--store-dtype",
+        "float32",
+        "--compute-dtype",
+        "float32",
+        "--json",
+        tmp_path=tmp_path,
+    )
     got = load(str(tmp_path / "out"))
     ids = tokenize(model_dir, texts)
     ref = hf_reference_gemma(model_dir, ids)
@@ -344,21 +479,53 @@ def test_gemma3_prepare_work_export_saelens(tmp_path):
     texts = LONG_TEXTS[1:6] + LONG_TEXTS[-2:]
     site, ctx = "blocks.1.hook_resid_post", 8
     store = tmp_path / "bucket"
-    info = cli("prepare", "--store", str(store), "--job", "g3", "--model", str(model_dir), "--input",
-               str(dataset(tmp_path, texts)), "--sites", site, "--positions", "all", "--store-dtype", "float32",
-               "--compute-dtype", "float32", "--unit-rows", "3", "--json", tmp_path=tmp_path)
+    info = cli(
+        "prepare",
+        "--store",
+        str(store),
+        "--job",
+        "g3",
+        "--model",
+        str(model_dir),
+        "--input",
+        str(dataset(tmp_path, texts)),
+        "--sites",
+        site,
+        "--positions",
+        "all",
+        "--store-dtype",
+        "float32",
+        "--compute-dtype",
+        "float32",
+        "--unit-rows",
+        "3",
+        "--json",
+        tmp_path=tmp_path,
+    )
     assert info["units"] == 3
     res = cli("work", "--store", str(store), "--job", "g3", "--worker-id", "w0", "--json", tmp_path=tmp_path)
     assert res["job_complete"]
-    summary = cli("export", "saelens", str(store / "g3"), str(tmp_path / "export"), "--site", site,
-                  "--context-size", str(ctx), "--json", tmp_path=tmp_path)
+    summary = cli(
+        "export",
+        "saelens",
+        str(store / "g3"),
+        str(tmp_path / "export"),
+        "--site",
+        site,
+        "--context-size",
+        str(ctx),
+        "--json",
+        tmp_path=tmp_path,
+    )
     ds = datasets.load_from_disk(str(tmp_path / "export"))
     ds.set_format("numpy")
     acts, tok = ds[site][:], ds["token_ids"][:]
     # Every window of every sample exactly once, each equal to transformers' activations at its tokens.
     ids = tokenize(model_dir, texts)
     ref = hf_reference_gemma(model_dir, ids)
-    windows = [(tuple(s[k: k + ctx]), r[site][k: k + ctx]) for s, r in zip(ids, ref) for k in range(0, len(s) - ctx + 1, ctx)]
+    windows = [
+        (tuple(s[k : k + ctx]), r[site][k : k + ctx]) for s, r in zip(ids, ref) for k in range(0, len(s) - ctx + 1, ctx)
+    ]
     assert summary["windows"] == len(ds) == len(windows)
     for w in range(len(ds)):
         candidates = [a for t, a in windows if t == tuple(tok[w])]

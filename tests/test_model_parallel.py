@@ -22,8 +22,14 @@ import pytest
 from actfleet.demo.tiny_model import make_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
-SITES = ["hook_embed", "blocks.*.hook_resid_pre", "blocks.*.hook_resid_post", "blocks.*.attn.hook_z",
-         "blocks.*.mlp.hook_post", "blocks.1.ln2.hook_normalized"]
+SITES = [
+    "hook_embed",
+    "blocks.*.hook_resid_pre",
+    "blocks.*.hook_resid_post",
+    "blocks.*.attn.hook_z",
+    "blocks.*.mlp.hook_post",
+    "blocks.1.ln2.hook_normalized",
+]
 TEXTS = ["a", "The quick brown fox jumps over the lazy dog. " * 6, "7", "x y", "hello world " * 12, "z"]
 
 CHILD = r"""
@@ -99,12 +105,27 @@ def runs(tmp_path_factory):
     # 4 query / 2 key-value heads: at N = 4 the key/value heads are replicated.
     few_kv = make_tiny_model(tmp / "few_kv", seed=8, layers=2, hidden=64, heads=4, kv_heads=2, intermediate=96)
     odd = make_tiny_model(tmp / "odd", seed=9, layers=1, hidden=48, heads=6, kv_heads=2, intermediate=96)
-    spec = {"out": str(tmp), "sites": SITES, "texts": TEXTS,
-            "runs": [("gqa", str(gqa), 1), ("gqa", str(gqa), 2), ("gqa", str(gqa), 4),
-                     ("few_kv", str(few_kv), 1), ("few_kv", str(few_kv), 4)],
-            "refused": [(str(odd), 4), (str(gqa), 3)]}
-    r = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], env=four_cpu_devices_env(), cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
+    spec = {
+        "out": str(tmp),
+        "sites": SITES,
+        "texts": TEXTS,
+        "runs": [
+            ("gqa", str(gqa), 1),
+            ("gqa", str(gqa), 2),
+            ("gqa", str(gqa), 4),
+            ("few_kv", str(few_kv), 1),
+            ("few_kv", str(few_kv), 4),
+        ],
+        "refused": [(str(odd), 4), (str(gqa), 3)],
+    }
+    r = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(spec)],
+        env=four_cpu_devices_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout.strip().splitlines()[-1])
     return tmp, report
@@ -197,9 +218,27 @@ def test_model_parallel_that_does_not_divide_the_devices_is_exit_2(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "hello"}\n')
     env = dict(os.environ, ACTFLEET_JAX_CACHE=str(tmp_path / "jaxcache"))
-    r = subprocess.run([sys.executable, "-c", "from actfleet.cli import main; main()", "extract", "--model", str(model),
-                        "--input", str(data), "--out", str(tmp_path / "o"), "--model-parallel", "2"],
-                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from actfleet.cli import main; main()",
+            "extract",
+            "--model",
+            str(model),
+            "--input",
+            str(data),
+            "--out",
+            str(tmp_path / "o"),
+            "--model-parallel",
+            "2",
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert "model_parallel 2 must divide the number of devices (1)" in lines[0]

@@ -29,7 +29,7 @@ def reference_attention(q, k, v, segment_ids, positions):
     g = h // k.shape[2]
     k = jnp.repeat(k, g, axis=2).astype(jnp.float32)
     v = jnp.repeat(v, g, axis=2).astype(jnp.float32)
-    s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k) * hd ** -0.5
+    s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k) * hd**-0.5
     idx = jnp.arange(t)
     mask = (idx[None, :] <= idx[:, None])[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
     s = jnp.where(mask[:, None], s, NEG_INF)
@@ -39,8 +39,15 @@ def reference_attention(q, k, v, segment_ids, positions):
 SITES = ("hook_embed", *(f"blocks.*.{hook}" for hook in site_names.HOOKS.values()))  # every kind, every layer
 
 # 1-token inputs next to long ones, so rows pack several sequences and span several attention blocks.
-TEXTS = ["a", "The quick brown fox jumps over the lazy dog. " * 9, "7", "Example 1\ninput 2x2\n0: 1 2\n1: 3 4",
-         "x y", "hello world " * 30, "z"]
+TEXTS = [
+    "a",
+    "The quick brown fox jumps over the lazy dog. " * 9,
+    "7",
+    "Example 1\ninput 2x2\n0: 1 2\n1: 3 4",
+    "x y",
+    "hello world " * 30,
+    "z",
+]
 
 
 def hf_reference(model_dir, token_lists):
@@ -53,11 +60,13 @@ def hf_reference(model_dir, token_lists):
     def keep(name):
         def hook(module, args, out):
             caps[name] = (out[0] if isinstance(out, tuple) else out)[0].numpy()
+
         return hook
 
     def keep_input(name, then=lambda x: x):
         def hook(module, args, kwargs):
             caps[name] = then(args[0] if args else kwargs["hidden_states"])[0].numpy()
+
         return hook
 
     def normalized(x):  # TransformerLens RMSNorm(Pre).hook_normalized: float32, before the weight
@@ -90,8 +99,12 @@ def hf_reference(model_dir, token_lists):
                 np.testing.assert_array_equal(caps[f"blocks.{i}.hook_resid_post"], hs[i + 1][0].numpy())
             np.testing.assert_array_equal(caps[f"blocks.{i}.hook_resid_pre"], hs[i][0].numpy())
             for ln, norm in (("ln1", layer.input_layernorm), ("ln2", layer.post_attention_layernorm)):
-                np.testing.assert_allclose(caps[f"blocks.{i}.{ln}.hook_normalized"] * norm.weight.detach().numpy(),
-                                           caps.pop(f"{i}.{ln}_out"), rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(
+                    caps[f"blocks.{i}.{ln}.hook_normalized"] * norm.weight.detach().numpy(),
+                    caps.pop(f"{i}.{ln}_out"),
+                    rtol=1e-5,
+                    atol=1e-6,
+                )
         np.testing.assert_array_equal(caps["hook_embed"], hs[0][0].numpy())
         out.append(dict(caps))
     return out
@@ -119,16 +132,21 @@ def worst_relative_error(engine, texts, cat, acts, ref):
     return worst
 
 
-@pytest.mark.parametrize("shape", [
-    dict(layers=2, heads=4, kv_heads=2, tie=True),  # GQA 2:1, tied embeddings
-    dict(layers=3, heads=4, kv_heads=1, tie=False),  # multi-query, untied
-    dict(layers=2, heads=2, kv_heads=2, hidden=32, intermediate=96, tie=True),  # plain multi-head
-], ids=["gqa2-tied", "mqa-untied", "mha"])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(layers=2, heads=4, kv_heads=2, tie=True),  # GQA 2:1, tied embeddings
+        dict(layers=3, heads=4, kv_heads=1, tie=False),  # multi-query, untied
+        dict(layers=2, heads=2, kv_heads=2, hidden=32, intermediate=96, tie=True),  # plain multi-head
+    ],
+    ids=["gqa2-tied", "mqa-untied", "mha"],
+)
 def test_float32_matches_transformers(tmp_path, shape):
     model_dir = make_tiny_model(tmp_path / "m", seed=3, **shape)
     # Small batches and attention blocks: several batches, packed rows, many key blocks per query block.
-    engine, batches, cat, acts = extract_all(model_dir, TEXTS, compute_dtype="float32", store_dtype="float32",
-                                             batch_tokens=512, attn_block=32)
+    engine, batches, cat, acts = extract_all(
+        model_dir, TEXTS, compute_dtype="float32", store_dtype="float32", batch_tokens=512, attn_block=32
+    )
     assert len(batches) >= 2 and any(b.padded_tokens < b.computed_tokens for b in batches)
     assert sum(b.rows for b in batches) == len(TEXTS)
     ref = hf_reference(model_dir, [engine.tokenize([t])[0] for t in TEXTS])
@@ -138,8 +156,9 @@ def test_float32_matches_transformers(tmp_path, shape):
 def test_bfloat16_within_stated_tolerance(tmp_path):
     """bf16 compute and storage: each stored vector within 5% (relative L2) of float32 transformers."""
     model_dir = make_tiny_model(tmp_path / "m", seed=4, layers=2)
-    engine, _, cat, acts = extract_all(model_dir, TEXTS, compute_dtype="bfloat16", store_dtype="bfloat16",
-                                       batch_tokens=1024, attn_block=64)
+    engine, _, cat, acts = extract_all(
+        model_dir, TEXTS, compute_dtype="bfloat16", store_dtype="bfloat16", batch_tokens=1024, attn_block=64
+    )
     ref = hf_reference(model_dir, [engine.tokenize([t])[0] for t in TEXTS])
     err = worst_relative_error(engine, TEXTS, cat, acts, ref)
     assert 1e-4 < err < 0.05  # really bf16 (not silently float32), and close
@@ -147,8 +166,9 @@ def test_bfloat16_within_stated_tolerance(tmp_path):
 
 def test_same_rows_same_bits(tmp_path):
     model_dir = make_tiny_model(tmp_path / "m", seed=5)
-    engine = Engine(JobOptions(model=str(model_dir), sites=("blocks.1.hook_resid_post",), batch_tokens=256),
-                    attn_block=32)
+    engine = Engine(
+        JobOptions(model=str(model_dir), sites=("blocks.1.hook_resid_post",), batch_tokens=256), attn_block=32
+    )
     rows = [(10 + i, t, None) for i, t in enumerate(TEXTS)]
     a, b = list(engine.run(rows)), list(engine.run(list(rows)))
     assert len(a) == len(b)
@@ -162,8 +182,10 @@ def test_a_stream_of_units_gives_each_unit_its_own_bits(tmp_path):
     the batches `run` gives that unit alone: same bits, same row accounting (windows too)."""
     model_dir = make_tiny_model(tmp_path / "m", seed=5)
     for extra in ({}, {"context_size": 16}):
-        engine = Engine(JobOptions(model=str(model_dir), sites=("blocks.1.hook_resid_post",), batch_tokens=256,
-                                   **extra), attn_block=32)
+        engine = Engine(
+            JobOptions(model=str(model_dir), sites=("blocks.1.hook_resid_post",), batch_tokens=256, **extra),
+            attn_block=32,
+        )
         units = [[(u * 100 + i, t, None) for i, t in enumerate(TEXTS)] for u in range(4)]
         units[1] = [(100, None, "bad json")]  # a unit with nothing to compute between units that compute
         alone = [list(engine.run(rows)) for rows in units]
@@ -191,7 +213,7 @@ def test_blockwise_attention_matches_dense():
     pos = np.zeros((b, t), np.int32)
     at = 0
     for s, n in enumerate((40, 1, 50), start=1):
-        seg[0, at: at + n], pos[0, at: at + n] = s, np.arange(n)
+        seg[0, at : at + n], pos[0, at : at + n] = s, np.arange(n)
         at += n
     pos[0, at:] = np.arange(t - at)
     seg[1], pos[1] = 1, np.arange(t)
@@ -225,8 +247,11 @@ def test_32k_context_never_materialises_s_by_s():
     def temp_bytes(t):
         spec = lambda n: jax.ShapeDtypeStruct((1, t, n, hd), jnp.bfloat16)  # noqa: E731
         ids = jax.ShapeDtypeStruct((1, t), jnp.int32)
-        compiled = jax.jit(lambda q, k, v, s, p: attention(q, k, v, s, p, block=512)).lower(
-            spec(h), spec(kvh), spec(kvh), ids, ids).compile()
+        compiled = (
+            jax.jit(lambda q, k, v, s, p: attention(q, k, v, s, p, block=512))
+            .lower(spec(h), spec(kvh), spec(kvh), ids, ids)
+            .compile()
+        )
         mem = compiled.memory_analysis()
         if mem is None:
             pytest.skip("this backend reports no memory analysis")
@@ -246,8 +271,17 @@ def test_other_families_are_a_config_away(tmp_path, family):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     tiny = make_tiny_model(tmp_path / "tok")
-    common = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    common = dict(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     if family == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(head_dim=24, **common))
@@ -261,8 +295,9 @@ def test_other_families_are_a_config_away(tmp_path, family):
     for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (tiny / f).exists():
             shutil.copy(tiny / f, tmp_path / "m" / f)
-    engine, _, cat, acts = extract_all(tmp_path / "m", TEXTS, compute_dtype="float32", store_dtype="float32",
-                                       batch_tokens=512, attn_block=32)
+    engine, _, cat, acts = extract_all(
+        tmp_path / "m", TEXTS, compute_dtype="float32", store_dtype="float32", batch_tokens=512, attn_block=32
+    )
     assert engine.config.qk_norm == (family == "qwen3") and not engine.config.qkv_bias
     ref = hf_reference(tmp_path / "m", [engine.tokenize([t])[0] for t in TEXTS])
     assert worst_relative_error(engine, TEXTS, cat, acts, ref) < 1e-4
@@ -313,12 +348,23 @@ def test_sites_of_every_width_reach_the_shards_and_resid_pre_is_the_previous_res
 
     tiny = make_tiny_model(tmp_path / "tok")
     torch.manual_seed(1)
-    Qwen3ForCausalLM(Qwen3Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, head_dim=24,
-                                 max_position_embeddings=512)).save_pretrained(tmp_path / "m")
+    Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=320,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=24,
+            max_position_embeddings=512,
+        )
+    ).save_pretrained(tmp_path / "m")
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny / f, tmp_path / "m" / f)
-    engine = Engine(JobOptions(model=str(tmp_path / "m"), sites=SITES, positions="all", batch_tokens=256), attn_block=32)
+    engine = Engine(
+        JobOptions(model=str(tmp_path / "m"), sites=SITES, positions="all", batch_tokens=256), attn_block=32
+    )
     widths = {"attn_z": 96, "mlp_pre": 128, "mlp_post": 128}
     writer = ShardWriter(shard_mb=0.05, model="m", revision="r", job="t", unit=0, sites=engine.sites)
     for b in engine.run([(i, t, None) for i, t in enumerate(TEXTS)]):

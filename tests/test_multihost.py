@@ -62,11 +62,19 @@ def test_role_from_the_tpu_vm_metadata(metadata_server):
     assert multihost.detect() is None  # a GCE VM that is not a TPU: no agent-worker-number (404)
     attrs.update({"agent-worker-number": "0", "worker-network-endpoints": "10.0.0.5"})
     assert multihost.detect() is None  # a single-host TPU VM
-    attrs.update({"agent-worker-number": "2",
-                  "worker-network-endpoints": "t-w-0.internal,t-w-1.internal,t-w-2.internal,t-w-3.internal"})
+    attrs.update(
+        {
+            "agent-worker-number": "2",
+            "worker-network-endpoints": "t-w-0.internal,t-w-1.internal,t-w-2.internal,t-w-3.internal",
+        }
+    )
     role = multihost.detect()
-    assert (role.coordinator, role.num_processes, role.process_id, role.source) == \
-        ("t-w-0.internal:8482", 4, 2, "tpu-metadata")
+    assert (role.coordinator, role.num_processes, role.process_id, role.source) == (
+        "t-w-0.internal:8482",
+        4,
+        2,
+        "tpu-metadata",
+    )
     # the older name:id:ip format, as jax's own TPU detection reads it
     attrs.update({"agent-worker-number": "0", "worker-network-endpoints": "a:0:10.1.0.2,a:1:10.1.0.3"})
     role = multihost.detect()
@@ -150,10 +158,12 @@ def test_followers_take_exactly_the_leaders_engine_steps():
         def record(unit, step, error):
             broken.append((who, unit, step, str(error)))
             raise Broken()  # stands in for the process exit
+
         return record
 
-    leader = multihost.LeaderExtractor(leader_inner, multihost.Channel(kv), multihost.Progress(60), unit_rows=10,
-                                       on_broken=on_broken("leader"))
+    leader = multihost.LeaderExtractor(
+        leader_inner, multihost.Channel(kv), multihost.Progress(60), unit_rows=10, on_broken=on_broken("leader")
+    )
     got: dict = {}
 
     def follower():
@@ -197,11 +207,19 @@ def test_the_lease_lapses_while_the_slice_makes_no_progress(tmp_path):
     uncommitted; while healthy the same unit commits."""
     data = sx.write_dataset(tmp_path / "d.jsonl", 8)
     store = open_store(str(tmp_path / "bucket"))
-    spec, _ = q.prepare(store, "job", input=str(data), fingerprint=sx.fingerprint(data), rows=8, unit_rows=8,
-                        options={})
+    spec, _ = q.prepare(
+        store, "job", input=str(data), fingerprint=sx.fingerprint(data), rows=8, unit_rows=8, options={}
+    )
     events = []
-    stalled = Worker(store, spec, sx.StandinExtractor(data, batch_rows=1, delay=0.2), "slice", lease_seconds=0.6,
-                     healthy=lambda: False, on_event=lambda kind, info: events.append(kind))
+    stalled = Worker(
+        store,
+        spec,
+        sx.StandinExtractor(data, batch_rows=1, delay=0.2),
+        "slice",
+        lease_seconds=0.6,
+        healthy=lambda: False,
+        on_event=lambda kind, info: events.append(kind),
+    )
     lease = q.next_unit(store, spec, "slice", 0.6).lease
     assert stalled._process(lease) == (False, 0)  # 8 batches x 0.2 s outlive the unrenewed 0.6 s lease
     assert "abandoned" in events and q.read_done(store, "job", 0) is None
@@ -246,31 +264,86 @@ def tiny(tmp_path_factory):
     words = "the fox grid answer shard token lease unit worker bucket".split()
     data = root / "data.jsonl"
     # 64-125 tokens a row, 4 rows of 128 a batch: two engine steps per unit of 8 rows.
-    data.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(20, 35)))})
-                            + "\n" for _ in range(24)))
+    data.write_text(
+        "".join(
+            json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(20, 35)))}) + "\n"
+            for _ in range(24)
+        )
+    )
     return root, model, data
 
 
-OPTIONS = ("--layers", "0,1", "--sites", "resid_post", "--positions", "all", "--store-dtype", "float32",
-           "--compute-dtype", "float32", "--batch-tokens", "512", "--unit-rows", "8")
+OPTIONS = (
+    "--layers",
+    "0,1",
+    "--sites",
+    "resid_post",
+    "--positions",
+    "all",
+    "--store-dtype",
+    "float32",
+    "--compute-dtype",
+    "float32",
+    "--batch-tokens",
+    "512",
+    "--unit-rows",
+    "8",
+)
 
 
 def env(devices: int, root: Path) -> dict:
-    return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
-            "ACTFLEET_JAX_CACHE": str(root / "jax-cache")}
+    return {
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_PLATFORMS": "cpu",
+        "ACTFLEET_JAX_CACHE": str(root / "jax-cache"),
+    }
 
 
 def prepare(store: Path, model: Path, data: Path) -> None:
-    p = Proc(actfleet_argv("prepare", "--store", str(store), "--job", "j", "--model", str(model), "--input",
-                           str(data), *OPTIONS, "--shard-mb", "0.01"))
+    p = Proc(
+        actfleet_argv(
+            "prepare",
+            "--store",
+            str(store),
+            "--job",
+            "j",
+            "--model",
+            str(model),
+            "--input",
+            str(data),
+            *OPTIONS,
+            "--shard-mb",
+            "0.01",
+        )
+    )
     assert p.p.wait(timeout=300) == 0, "\n".join(p.lines)
 
 
 def slice_processes(store: Path, root: Path, *extra: str) -> list[Proc]:
     port = free_port()
-    return [Proc(actfleet_argv("work", "--store", str(store), "--job", "j", "--worker-id", "slice-a",
-                               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id",
-                               str(i), "--json", *extra), env=env(2, root)) for i in (0, 1)]
+    return [
+        Proc(
+            actfleet_argv(
+                "work",
+                "--store",
+                str(store),
+                "--job",
+                "j",
+                "--worker-id",
+                "slice-a",
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+                "--json",
+                *extra,
+            ),
+            env=env(2, root),
+        )
+        for i in (0, 1)
+    ]
 
 
 def result(proc: Proc) -> dict:
@@ -296,8 +369,10 @@ def test_a_two_host_slice_stores_the_rows_of_one_process(tiny, tmp_path):
     assert list(q.read_worker_records(store, "j")) == ["slice-a"]
 
     out = tmp_path / "extract"  # one process, two devices, the same unit boundaries
-    e = Proc(actfleet_argv("extract", "--model", str(model), "--input", str(data), "--out", str(out), *OPTIONS),
-             env=env(2, root))
+    e = Proc(
+        actfleet_argv("extract", "--model", str(model), "--input", str(data), "--out", str(out), *OPTIONS),
+        env=env(2, root),
+    )
     assert e.p.wait(timeout=600) == 0, "\n".join(e.lines[-20:])
     from actfleet.worker.reader import load
 
@@ -325,8 +400,10 @@ def test_a_lost_host_lets_the_slices_unit_expire_and_be_taken_over(tiny, tmp_pat
     root, model, data = tiny
     store_dir = tmp_path / "bucket"
     prepare(store_dir, model, data)
-    timing = {"killed": ("--heartbeat-seconds", "4", "--stall-seconds", "600"),
-              "hung": ("--heartbeat-seconds", "600", "--stall-seconds", "8")}[mode]
+    timing = {
+        "killed": ("--heartbeat-seconds", "4", "--stall-seconds", "600"),
+        "hung": ("--heartbeat-seconds", "600", "--stall-seconds", "8"),
+    }[mode]
     leader, follower = slice_processes(store_dir, root, "--lease-seconds", "2", *timing)
     try:
         line = follower.wait_for(lambda s: s.startswith("computed "), timeout=600)
@@ -355,8 +432,12 @@ def test_a_lost_host_lets_the_slices_unit_expire_and_be_taken_over(tiny, tmp_pat
     assert left and all((x.worker, x.attempt) == ("slice-a", 1) for x in left), left
     assert all(q.read_done(store, "j", x.unit) is None for x in left)
 
-    rescue = Proc(actfleet_argv("work", "--store", str(store_dir), "--job", "j", "--worker-id", "rescue",
-                                "--lease-seconds", "2", "--json"), env=env(2, root))
+    rescue = Proc(
+        actfleet_argv(
+            "work", "--store", str(store_dir), "--job", "j", "--worker-id", "rescue", "--lease-seconds", "2", "--json"
+        ),
+        env=env(2, root),
+    )
     assert rescue.p.wait(timeout=600) == 0, "\n".join(rescue.lines[-30:])
     assert result(rescue)["job_complete"]
     for stale in left:

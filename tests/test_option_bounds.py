@@ -16,11 +16,13 @@ from actfleet.worker import shards
 from actfleet.worker.commands.extract import extract
 from actfleet.worker.commands.jobs import prepare
 
-BASE = {"fleet": {"id": "acts", "project": "my-project-1", "region": "us-central1", "zones": {"us-central1-a": 1}},
-        "repo": {"url": "https://github.com/example/actfleet.git", "commit": "0" * 40},
-        "storage": {"bucket": "my-acts"},
-        "job": {"model": "m", "input": "gs://my-acts/d.jsonl", "layers": [1]},
-        "reconcile": {"heartbeat_timeout_minutes": 0}}  # off: its cross-key rule with lease_seconds is not a bound
+BASE = {
+    "fleet": {"id": "acts", "project": "my-project-1", "region": "us-central1", "zones": {"us-central1-a": 1}},
+    "repo": {"url": "https://github.com/example/actfleet.git", "commit": "0" * 40},
+    "storage": {"bucket": "my-acts"},
+    "job": {"model": "m", "input": "gs://my-acts/d.jsonl", "layers": [1]},
+    "reconcile": {"heartbeat_timeout_minutes": 0},
+}  # off: its cross-key rule with lease_seconds is not a bound
 
 
 def cases():
@@ -49,8 +51,17 @@ CASES = list(cases())
 
 def test_every_bounded_option_is_covered():
     names = {o.name for o, _, _ in CASES}
-    assert {"shard_mb", "batch_tokens", "context_size", "max_seq", "model_parallel", "unit_rows",
-            "arc_augmentations", "positions", "separator"} <= names
+    assert {
+        "shard_mb",
+        "batch_tokens",
+        "context_size",
+        "max_seq",
+        "model_parallel",
+        "unit_rows",
+        "arc_augmentations",
+        "positions",
+        "separator",
+    } <= names
     # Each place an option applies is exercised below; the ones every command shares are the bulk.
     assert sum(1 for o, _, _ in CASES if {TOML, PREPARE, EXTRACT} <= set(o.where)) > 40
 

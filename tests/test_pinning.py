@@ -28,8 +28,14 @@ TEXTS = ["the fox", "a grid of numbers", "", "shards and leases", "one more row"
 
 
 def actfleet(*args, env=None):
-    return subprocess.run([sys.executable, "-c", "from actfleet.cli import main; main()", *args], cwd=REPO,
-                          env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-c", "from actfleet.cli import main; main()", *args],
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +52,24 @@ def dataset(path: Path, texts=TEXTS) -> Path:
 
 
 def prepare(store, model, data, *extra, env=None):
-    r = actfleet("prepare", "--store", str(store), "--job", "pin", "--model", str(model), "--input", str(data),
-                 "--layers", "0", "--unit-rows", "3", "--json", *extra, env=env)
+    r = actfleet(
+        "prepare",
+        "--store",
+        str(store),
+        "--job",
+        "pin",
+        "--model",
+        str(model),
+        "--input",
+        str(data),
+        "--layers",
+        "0",
+        "--unit-rows",
+        "3",
+        "--json",
+        *extra,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -60,8 +82,21 @@ def test_prepare_records_the_dataset_and_model_pins(tmp_path, models):
     assert spec.model_pin["sha256"] == info["model_sha256"] == pinning.model_pin(models[0]).sha256
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(spec.model_pin["files"])
     # the same dataset with another model is a different job, refused rather than mixed
-    r = actfleet("prepare", "--store", str(tmp_path / "bucket"), "--job", "pin", "--model", str(models[1]),
-                 "--input", str(data), "--layers", "0", "--unit-rows", "3")
+    r = actfleet(
+        "prepare",
+        "--store",
+        str(tmp_path / "bucket"),
+        "--job",
+        "pin",
+        "--model",
+        str(models[1]),
+        "--input",
+        str(data),
+        "--layers",
+        "0",
+        "--unit-rows",
+        "3",
+    )
     assert r.returncode == 2 and "model" in r.stderr and r.stderr.strip().count("\n") == 0
 
 
@@ -90,7 +125,11 @@ def test_a_dataset_edited_mid_job_never_reaches_a_unit(tmp_path, models, monkeyp
     monkeypatch.setenv("ACTFLEET_DATA_CACHE", str(tmp_path / "machine-1"))
     first = EngineExtractor(spec)
     dataset(data, [t.upper() + " edited" for t in TEXTS])  # the file changes while the job runs
-    assert [r[1] for r in first.rows(0, 3)] == ["the fox", "a grid of numbers", None]  # the pinned bytes (row 2 is empty)
+    assert [r[1] for r in first.rows(0, 3)] == [
+        "the fox",
+        "a grid of numbers",
+        None,
+    ]  # the pinned bytes (row 2 is empty)
     monkeypatch.setenv("ACTFLEET_DATA_CACHE", str(tmp_path / "machine-2"))
     with pytest.raises(InputError, match="changed since prepare"):
         EngineExtractor(spec)
@@ -108,11 +147,15 @@ def upload(bucket, src: Path, prefix: str) -> None:
 
 
 def test_a_replaced_gcs_dataset_and_model_are_refused(tmp_path, models, fake_gcs, monkeypatch):  # noqa: F811
-    bucket = storage.Client(project="test", credentials=AnonymousCredentials(),
-                            client_options={"api_endpoint": fake_gcs.url}).bucket("acts")
+    bucket = storage.Client(
+        project="test", credentials=AnonymousCredentials(), client_options={"api_endpoint": fake_gcs.url}
+    ).bucket("acts")
     upload(bucket, models[0], "models/m")
     bucket.blob("data/rows.jsonl").upload_from_filename(str(dataset(tmp_path / "d.jsonl")))
-    machine = {"ACTFLEET_DATA_CACHE": str(tmp_path / "prep-data"), "ACTFLEET_MODEL_CACHE": str(tmp_path / "prep-models")}
+    machine = {
+        "ACTFLEET_DATA_CACHE": str(tmp_path / "prep-data"),
+        "ACTFLEET_MODEL_CACHE": str(tmp_path / "prep-models"),
+    }
     info = prepare("gs://acts/store", "gs://acts/models/m", "gs://acts/data/rows.jsonl", env=machine)
     store = open_store("gs://acts/store")
     spec = q.read_job(store, "pin")
@@ -146,7 +189,6 @@ def test_verify_flags_a_unit_computed_from_other_bytes(tmp_path):
     store.replace(q.done_key("job", 1), json.dumps({**json.loads(data), "input_sha256": "cd" * 32}).encode(), gen)
     rep = verify(store, "job")
     assert [(p.kind, p.unit) for p in rep.problems] == [("mixed-input", 1)]
-
 
 
 @pytest.mark.parametrize("name", ["d.jsonl", "d.jsonl.zst"])

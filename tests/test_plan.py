@@ -33,31 +33,73 @@ NOW = 2_000_000_000.0
 A, B, C = "us-central1-a", "us-central1-b", "us-central1-c"  # C: not configured, only managed names live there
 OURS = {"actfleet-fleet": "pl", "managed-by": "actfleet"}
 JOB = "j1"
-QR_STATES = [None, "ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING", "CREATING", "ACTIVE", "ACTIVE",
-             "SUSPENDING", "SUSPENDED", "FAILED", "DELETING", "STATE_UNSPECIFIED"]
-NODE_STATES = [None, "CREATING", "READY", "READY", "REPAIRING", "PREEMPTED", "TERMINATED", "STOPPED",
-               "STOPPING", "DELETING", "UNKNOWN"]
+QR_STATES = [
+    None,
+    "ACCEPTED",
+    "WAITING_FOR_RESOURCES",
+    "PROVISIONING",
+    "CREATING",
+    "ACTIVE",
+    "ACTIVE",
+    "SUSPENDING",
+    "SUSPENDED",
+    "FAILED",
+    "DELETING",
+    "STATE_UNSPECIFIED",
+]
+NODE_STATES = [
+    None,
+    "CREATING",
+    "READY",
+    "READY",
+    "REPAIRING",
+    "PREEMPTED",
+    "TERMINATED",
+    "STOPPED",
+    "STOPPING",
+    "DELETING",
+    "UNKNOWN",
+]
 # What real workers mostly look like (healthy, on their way up, preempted), drawn as often as any pair.
-PAIRS = [("ACTIVE", "READY")] * 4 + [(None, "READY"), ("ACCEPTED", None), ("PROVISIONING", None),
-                                     ("ACTIVE", "CREATING"), ("SUSPENDING", "PREEMPTED"), ("SUSPENDED", "PREEMPTED"),
-                                     ("FAILED", None), ("ACTIVE", None), ("DELETING", "DELETING")]
+PAIRS = [("ACTIVE", "READY")] * 4 + [
+    (None, "READY"),
+    ("ACCEPTED", None),
+    ("PROVISIONING", None),
+    ("ACTIVE", "CREATING"),
+    ("SUSPENDING", "PREEMPTED"),
+    ("SUSPENDED", "PREEMPTED"),
+    ("FAILED", None),
+    ("ACTIVE", None),
+    ("DELETING", "DELETING"),
+]
 STATE_PAIRS = st.sampled_from(PAIRS) | st.tuples(st.sampled_from(QR_STATES), st.sampled_from(NODE_STATES))
 # A worker's own record: (its last heartbeat, seconds ago, -1 for none; its state)
-RECORDS = st.tuples(st.sampled_from([-1.0, 30.0, 200.0, 1000.0, 20_000.0]),
-                    st.sampled_from(["working", "working", "idle", "finished"]))
+RECORDS = st.tuples(
+    st.sampled_from([-1.0, 30.0, 200.0, 1000.0, 20_000.0]), st.sampled_from(["working", "working", "idle", "finished"])
+)
 NAMES = [f"tpu-{z}-{i}" for z in (A, B) for i in range(3)] + [f"tpu-{C}-0"]
 AGES = [0.0, 30.0, 200.0, 1000.0, 3000.0, 20_000.0]  # seconds: around every limit the policy has
 CREATED_AGES = AGES + [86_400.0] * 3  # often long-lived, so that heartbeats are this node's own
 
 
 def cfg_for(root: Path, *, scale_to_zero: bool, on_timeout: str):
-    return parse({"fleet": {"id": "pl", "project": "fake-project", "region": "us-central1", "zones": {A: 2, B: 2}},
-                  "repo": {"url": "https://example.com/r.git", "commit": "d" * 40},
-                  "storage": {"bucket": "pl-activations"}, "state": {"path": str(root / "state")},
-                  "job": {"name": JOB, "model": "m", "input": "i", "layers": [1], "store": str(root / "store")},
-                  "reconcile": {"watch_job": True, "scale_to_zero_when_done": scale_to_zero,
-                                "on_provision_timeout": on_timeout, "provision_timeout_minutes": 30,
-                                "boot_timeout_minutes": 10, "heartbeat_timeout_minutes": 5}})
+    return parse(
+        {
+            "fleet": {"id": "pl", "project": "fake-project", "region": "us-central1", "zones": {A: 2, B: 2}},
+            "repo": {"url": "https://example.com/r.git", "commit": "d" * 40},
+            "storage": {"bucket": "pl-activations"},
+            "state": {"path": str(root / "state")},
+            "job": {"name": JOB, "model": "m", "input": "i", "layers": [1], "store": str(root / "store")},
+            "reconcile": {
+                "watch_job": True,
+                "scale_to_zero_when_done": scale_to_zero,
+                "on_provision_timeout": on_timeout,
+                "provision_timeout_minutes": 30,
+                "boot_timeout_minutes": 10,
+                "heartbeat_timeout_minutes": 5,
+            },
+        }
+    )
 
 
 class MemoryApi:
@@ -75,8 +117,9 @@ class MemoryApi:
                 out[zone] = ZoneError("503 service unavailable")
                 continue
             res = [r for r in self.world["resources"].values() if r["zone"] == zone and not r["unlisted"]]
-            out[zone] = ZoneView(tuple(q for r in res if (q := self._qr(r))),
-                                 tuple(n for r in res if (n := self._node(r))))
+            out[zone] = ZoneView(
+                tuple(q for r in res if (q := self._qr(r))), tuple(n for r in res if (n := self._node(r)))
+            )
         return out
 
     def get_queued_resource(self, zone, name):
@@ -96,30 +139,49 @@ class MemoryApi:
     def _qr(r):
         if r["qr"] is None:
             return None
-        return QueuedResource(r["name"], r["zone"], r["qr"], r["initiator"], dict(r["labels"]),
-                              (r["name"],) if r["node"] else (), NOW - r["created_ago"],
-                              error_code=r["error_code"] if r["qr"] == "FAILED" else "",
-                              error_message="no capacity" if r["qr"] == "FAILED" else "")
+        return QueuedResource(
+            r["name"],
+            r["zone"],
+            r["qr"],
+            r["initiator"],
+            dict(r["labels"]),
+            (r["name"],) if r["node"] else (),
+            NOW - r["created_ago"],
+            error_code=r["error_code"] if r["qr"] == "FAILED" else "",
+            error_message="no capacity" if r["qr"] == "FAILED" else "",
+        )
 
     @staticmethod
     def _node(r):
         if r["node"] is None:
             return None
-        return Node(r["name"], r["zone"], r["node"], dict(r["labels"]), NOW - r["created_ago"],
-                    queued_resource=r["name"] if r["qr"] else "")
+        return Node(
+            r["name"],
+            r["zone"],
+            r["node"],
+            dict(r["labels"]),
+            NOW - r["created_ago"],
+            queued_resource=r["name"] if r["qr"] else "",
+        )
 
 
 @st.composite
 def resources(draw, name):
-    zone = name[len("tpu-"):].rsplit("-", 1)[0]
+    zone = name[len("tpu-") :].rsplit("-", 1)[0]
     qr, node = draw(STATE_PAIRS)
     if qr is None and node is None:
         return None
-    return {"name": name, "zone": zone, "qr": qr, "node": node,
-            "labels": draw(st.sampled_from([OURS, OURS, OURS, {"actfleet-fleet": "other"}])),
-            "created_ago": draw(st.sampled_from(CREATED_AGES)), "unlisted": draw(st.sampled_from([False, False, True])),
-            "initiator": draw(st.sampled_from(["USER", "SERVICE"])),
-            "error_code": draw(st.sampled_from(["", "RESOURCE_EXHAUSTED", "PERMISSION_DENIED"]))}
+    return {
+        "name": name,
+        "zone": zone,
+        "qr": qr,
+        "node": node,
+        "labels": draw(st.sampled_from([OURS, OURS, OURS, {"actfleet-fleet": "other"}])),
+        "created_ago": draw(st.sampled_from(CREATED_AGES)),
+        "unlisted": draw(st.sampled_from([False, False, True])),
+        "initiator": draw(st.sampled_from(["USER", "SERVICE"])),
+        "error_code": draw(st.sampled_from(["", "RESOURCE_EXHAUSTED", "PERMISSION_DENIED"])),
+    }
 
 
 @st.composite
@@ -134,7 +196,8 @@ def memories(draw):
         next_attempt=NOW + draw(st.sampled_from([-100.0, 100.0, 5000.0])) if attempts else None,
         last_attempt=NOW - draw(st.sampled_from(AGES)) if draw(st.booleans()) else None,
         pending_error=draw(st.sampled_from([None, failure("PERMISSION_DENIED", "no")])),
-        error=failure("RESOURCE_EXHAUSTED", "no capacity") if attempts else None)
+        error=failure("RESOURCE_EXHAUSTED", "no capacity") if attempts else None,
+    )
 
 
 @st.composite
@@ -149,8 +212,11 @@ def worlds(draw):
         "zones": {z: draw(st.sampled_from(["ok"] * 6 + ["lists fail", "gets fail"])) for z in (A, B, C)},
         "history": {n: draw(memories()) for n in draw(st.sets(st.sampled_from(NAMES)))},
         # None: no state yet; "corrupt": unreadable (reconcile cannot plan, and status must say so)
-        "managed": draw(st.sampled_from(["some"] * 6 + [None, "corrupt"]).flatmap(
-            lambda m: st.sets(st.sampled_from(NAMES)) if m == "some" else st.just(m))),
+        "managed": draw(
+            st.sampled_from(["some"] * 6 + [None, "corrupt"]).flatmap(
+                lambda m: st.sets(st.sampled_from(NAMES)) if m == "some" else st.just(m)
+            )
+        ),
         "job": draw(st.sampled_from(["absent", "running", "running", "complete"])),
         "records": {n: rec for n in NAMES if (rec := draw(st.none() | RECORDS)) is not None},
         "scale_to_zero": draw(st.booleans()),
@@ -164,20 +230,53 @@ def write_world(root: Path, world: dict):
     if world["managed"] is not None:
         path = Path(state_location(cfg, FLEET))
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("{not json" if world["managed"] == "corrupt" else json.dumps({"version": 4, "resources": [
-            {"mode": "managed", "type": "terraform_data", "name": "workers", "each": "map",
-             "instances": [{"index_key": n, "attributes": {}} for n in sorted(world["managed"])]}]}))
+        path.write_text(
+            "{not json"
+            if world["managed"] == "corrupt"
+            else json.dumps(
+                {
+                    "version": 4,
+                    "resources": [
+                        {
+                            "mode": "managed",
+                            "type": "terraform_data",
+                            "name": "workers",
+                            "each": "map",
+                            "instances": [{"index_key": n, "attributes": {}} for n in sorted(world["managed"])],
+                        }
+                    ],
+                }
+            )
+        )
     mem_store, mem_key = memory_location(cfg)
-    mem_store.put(mem_key, json.dumps({"schema": MEMORY_SCHEMA, "workers": {
-        n: h.to_json() for n, h in world["history"].items()}}).encode())
+    mem_store.put(
+        mem_key,
+        json.dumps(
+            {"schema": MEMORY_SCHEMA, "workers": {n: h.to_json() for n, h in world["history"].items()}}
+        ).encode(),
+    )
     store = open_store(cfg.job.store)
     if world["job"] != "absent":
         prepare(store, JOB, input="data.jsonl", fingerprint="f" * 64, rows=20, unit_rows=10, options={})
         for unit in range(2 if world["job"] == "complete" else 1):
-            store.put(done_key(JOB, unit), json.dumps({
-                "unit": unit, "start": unit * 10, "stop": unit * 10 + 10, "worker": NAMES[0], "attempt": 1,
-                "rows_stored": 10, "tokens": 5, "skipped": {}, "shards": [], "committed_at": NOW - 50,
-                "seconds": 1.0}).encode())
+            store.put(
+                done_key(JOB, unit),
+                json.dumps(
+                    {
+                        "unit": unit,
+                        "start": unit * 10,
+                        "stop": unit * 10 + 10,
+                        "worker": NAMES[0],
+                        "attempt": 1,
+                        "rows_stored": 10,
+                        "tokens": 5,
+                        "skipped": {},
+                        "shards": [],
+                        "committed_at": NOW - 50,
+                        "seconds": 1.0,
+                    }
+                ).encode(),
+            )
         for name, (ago, state) in world["records"].items():
             wp = WorkerProgress(name, state=state, last_heartbeat=None if ago < 0 else NOW - ago)
             store.put(worker_key(JOB, name), json.dumps(asdict(wp)).encode())
@@ -198,15 +297,32 @@ def verdicts_of_both(world: dict):
 
 
 def a_world(**kw):
-    world = {"resources": {}, "zones": {A: "ok", B: "ok", C: "ok"}, "history": {}, "managed": None,
-             "job": "absent", "records": {}, "scale_to_zero": False, "on_timeout": "report"}
+    world = {
+        "resources": {},
+        "zones": {A: "ok", B: "ok", C: "ok"},
+        "history": {},
+        "managed": None,
+        "job": "absent",
+        "records": {},
+        "scale_to_zero": False,
+        "on_timeout": "report",
+    }
     return world | kw
 
 
 def ready(name):
-    zone = name[len("tpu-"):].rsplit("-", 1)[0]
-    return {"name": name, "zone": zone, "qr": "ACTIVE", "node": "READY", "labels": OURS, "created_ago": 3000.0,
-            "unlisted": False, "initiator": "USER", "error_code": ""}
+    zone = name[len("tpu-") :].rsplit("-", 1)[0]
+    return {
+        "name": name,
+        "zone": zone,
+        "qr": "ACTIVE",
+        "node": "READY",
+        "labels": OURS,
+        "created_ago": 3000.0,
+        "unlisted": False,
+        "initiator": "USER",
+        "error_code": "",
+    }
 
 
 A0 = "tpu-us-central1-a-0"
@@ -225,7 +341,10 @@ def test_status_shows_for_every_worker_the_action_reconcile_plans(world):
         # The same inputs, read the same way, and the same lines about what could not be read.
         assert snap.plan["managed"] == report.managed
         assert (snap.plan["job"], snap.plan["workers"], snap.plan["confirmed"]) == (
-            report.job, report.workers, report.confirmed)
+            report.job,
+            report.workers,
+            report.confirmed,
+        )
         assert snap.plan["errors"] == report.errors
         assert snap.unreachable == report.unreachable
     else:  # Terraform's state is unreadable: reconcile fails, status says it cannot plan either
@@ -236,11 +355,11 @@ def test_status_shows_for_every_worker_the_action_reconcile_plans(world):
 # The two disagreements issue 21 found, as examples: status used to decide without settle, the managed set
 # or the job's completion.
 
+
 def test_a_create_that_did_not_take_backs_off_in_both():
     # The last pass asked for a-0's create; it is still absent: settle judges the create failed, so the
     # worker backs off (wait) rather than being created again at once.
-    world = a_world(history={"tpu-us-central1-a-0": Remembered(phase="absent", since=NOW - 60,
-                                                               last_attempt=NOW - 60)})
+    world = a_world(history={"tpu-us-central1-a-0": Remembered(phase="absent", since=NOW - 60, last_attempt=NOW - 60)})
     shown, planned, _, _ = verdicts_of_both(world)
     assert shown["tpu-us-central1-a-0"][0] == planned["tpu-us-central1-a-0"][0] == WAIT
     assert shown["tpu-us-central1-b-0"][0] == CREATE

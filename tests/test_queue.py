@@ -19,8 +19,9 @@ def store(tmp_path):
 
 
 def prep(store, job="j", rows=10, unit_rows=3, fingerprint="ab" * 32, options=OPTS):
-    return q.prepare(store, job, input="data.jsonl", fingerprint=fingerprint, rows=rows, unit_rows=unit_rows,
-                     options=options)
+    return q.prepare(
+        store, job, input="data.jsonl", fingerprint=fingerprint, rows=rows, unit_rows=unit_rows, options=options
+    )
 
 
 def test_prepare_writes_contiguous_units_and_is_idempotent(store):
@@ -32,12 +33,15 @@ def test_prepare_writes_contiguous_units_and_is_idempotent(store):
     assert not created and again == spec
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"fingerprint": "cd" * 32}, "different dataset"),
-    ({"rows": 11}, "rows=10, now 11"),
-    ({"unit_rows": 5}, "unit_rows=3, now 5"),
-    ({"options": {**OPTS, "positions": "last"}}, "positions='all', now 'last'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"fingerprint": "cd" * 32}, "different dataset"),
+        ({"rows": 11}, "rows=10, now 11"),
+        ({"unit_rows": 5}, "unit_rows=3, now 5"),
+        ({"options": {**OPTS, "positions": "last"}}, "positions='all', now 'last'"),
+    ],
+)
 def test_prepare_refuses_a_changed_job(store, change, message):
     prep(store)
     with pytest.raises(InputError, match=message):
@@ -58,10 +62,19 @@ def record(lease, spec, tokens=5, store=None):
     key = q.shard_key(lease.job, lease.unit, 0, lease.tag)
     if store is not None:
         store.put(key, b"s" * 100)
-    return q.DoneRecord(unit=lease.unit, start=start, stop=stop, worker=lease.worker, attempt=lease.attempt,
-                        rows_stored=stop - start, tokens=tokens, skipped={}, shards=[
-                            q.ShardInfo(key[len(lease.job) + 1:], 100, "0" * 64, tokens)],
-                        committed_at=0.0, seconds=1.0)
+    return q.DoneRecord(
+        unit=lease.unit,
+        start=start,
+        stop=stop,
+        worker=lease.worker,
+        attempt=lease.attempt,
+        rows_stored=stop - start,
+        tokens=tokens,
+        skipped={},
+        shards=[q.ShardInfo(key[len(lease.job) + 1 :], 100, "0" * 64, tokens)],
+        committed_at=0.0,
+        seconds=1.0,
+    )
 
 
 def test_claim_commit_until_done_and_progress(store):
@@ -86,8 +99,13 @@ def test_claim_commit_until_done_and_progress(store):
 def test_the_key_helpers_spell_the_documented_layout_and_parse_it_back(store):
     """The layout of docs/jobs.md, literally (the helpers are the only code that spells it), and each
     listing prefix lists that job's records of that kind only (a neighbouring job "jx" holds every kind too)."""
-    assert (q.job_key("j"), q.unit_key("j", 42), q.lease_key("j", 42), q.done_key("j", 42), q.worker_key("j", "w1")) \
-        == ("j/job.json", "j/units/000042.json", "j/leases/000042", "j/done/000042", "j/workers/w1.json")
+    assert (
+        q.job_key("j"),
+        q.unit_key("j", 42),
+        q.lease_key("j", 42),
+        q.done_key("j", 42),
+        q.worker_key("j", "w1"),
+    ) == ("j/job.json", "j/units/000042.json", "j/leases/000042", "j/done/000042", "j/workers/w1.json")
     assert q.shard_key("j", 42, 3, "a2-5f1c9a2b") == "j/shards/000042-0003.a2-5f1c9a2b.safetensors"
     assert q.shard_key("j", 42, 3) == "j/shards/000042-0003.safetensors"
     for job in ("j", "jx"):
@@ -155,8 +173,9 @@ from tests.fakes import standin_extractor as sx  # noqa: E402
 
 def standin_job(tmp_path, store, rows=30, unit_rows=10):
     data = sx.write_dataset(tmp_path / "data.jsonl", rows)
-    spec, _ = q.prepare(store, "job", input=str(data), fingerprint=sx.fingerprint(data), rows=rows,
-                        unit_rows=unit_rows, options={})
+    spec, _ = q.prepare(
+        store, "job", input=str(data), fingerprint=sx.fingerprint(data), rows=rows, unit_rows=unit_rows, options={}
+    )
     return spec, data
 
 

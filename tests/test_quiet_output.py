@@ -26,8 +26,10 @@ from tests.conftest import write_fleet_toml
 from tests.fakes.tpu_server import FakeTpuServer
 
 REPO = Path(__file__).resolve().parents[1]
-TYPEGUARD_TEXT = ("Typeguard cannot check the IResolvable protocol because it is a non-runtime protocol. If you "
-                  "would like to type check this protocol, please use @typing.runtime_checkable")
+TYPEGUARD_TEXT = (
+    "Typeguard cannot check the IResolvable protocol because it is a non-runtime protocol. If you "
+    "would like to type check this protocol, please use @typing.runtime_checkable"
+)
 
 # Line shapes actfleet itself writes to stderr (anything else is a foreign line).
 EVENT = r"[a-z][a-z-]* \{.*\}"  # work: one JSON event a line ("claimed {...}")
@@ -39,15 +41,27 @@ def foreign(stderr: str, *ours: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.strip() and not any(re.fullmatch(p, line) for p in ours)]
 
 
-def actfleet(*args: str, cwd: Path, env: dict | None = None, code: str = "from actfleet.cli import main; main()",
-             timeout: float = 600) -> subprocess.CompletedProcess:
+def actfleet(
+    *args: str,
+    cwd: Path,
+    env: dict | None = None,
+    code: str = "from actfleet.cli import main; main()",
+    timeout: float = 600,
+) -> subprocess.CompletedProcess:
     env = {**os.environ, **(env or {})}
     # As an operator runs it: conftest's JAX_PLATFORMS=cpu and TF_CPP_MIN_LOG_LEVEL=3 would hide what jax and
     # XLA print on a normal start (jax: at INFO, that it found no TPU).
     for name in ("ACTFLEET_CONFIG", "JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL"):
         env.pop(name, None)
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=timeout,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -66,12 +80,22 @@ def shown(*emit) -> list[str]:
 
 
 def test_the_typeguard_protocol_warning_is_dropped_from_the_bindings_only():
-    assert shown((TYPEGUARD_TEXT, "cdktf"), (TYPEGUARD_TEXT, "cdktf_cdktf_provider_google.storage_bucket"),
-                 (TYPEGUARD_TEXT, "cdktf_cdktf_provider_google_beta.google_tpu_v2_vm"),
-                 (TYPEGUARD_TEXT, "constructs")) == []
+    assert (
+        shown(
+            (TYPEGUARD_TEXT, "cdktf"),
+            (TYPEGUARD_TEXT, "cdktf_cdktf_provider_google.storage_bucket"),
+            (TYPEGUARD_TEXT, "cdktf_cdktf_provider_google_beta.google_tpu_v2_vm"),
+            (TYPEGUARD_TEXT, "constructs"),
+        )
+        == []
+    )
     # The same text from anyone else, another warning from the bindings, a look-alike package: all shown.
-    kept = [(TYPEGUARD_TEXT, "actfleet.infra.stacks"), ("deprecated: use X", "cdktf_cdktf_provider_google.provider"),
-            (TYPEGUARD_TEXT, "cdktfx"), ("Typeguard cannot check the Config type", "cdktf")]
+    kept = [
+        (TYPEGUARD_TEXT, "actfleet.infra.stacks"),
+        ("deprecated: use X", "cdktf_cdktf_provider_google.provider"),
+        (TYPEGUARD_TEXT, "cdktfx"),
+        ("Typeguard cannot check the Config type", "cdktf"),
+    ]
     assert shown(*kept) == [message for message, _ in kept]
 
 
@@ -115,8 +139,10 @@ def test_log_to_stderr_keeps_ours_from_info_and_libraries_from_warning(tmp_path)
     r = actfleet(cwd=tmp_path, code=code)
     assert r.returncode == 0, r.stderr
     assert [line.split(" ", 2)[2] for line in r.stderr.splitlines()] == [
-        "jax._src.xla_bridge WARNING library warning: shown", "transformers ERROR library error: shown",
-        "actfleet.work INFO our info: shown"]
+        "jax._src.xla_bridge WARNING library warning: shown",
+        "transformers ERROR library error: shown",
+        "actfleet.work INFO our info: shown",
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -143,13 +169,21 @@ WITH_A_DELIBERATE_WARNING = textwrap.dedent(f"""
 def test_a_first_reconcile_pass_prints_no_typeguard_line_and_our_warning_still_shows(tmp_path):
     needs_typeguard_3()
     with FakeTpuServer.start(port=0) as fake:
-        config = write_fleet_toml(tmp_path / "fleet.toml", id="quiet", zones={"us-central1-a": 1}, commit="c" * 40,
-                                  state=tmp_path / "state", bucket="quiet-activations",
-                                  job={"model": "tiny", "input": "data.jsonl", "layers": [1],
-                                       "store": str(tmp_path / "store")},
-                                  reconcile={"watch_job": True})
-        env = {"ACTFLEET_TPU_ENDPOINT": fake.url, "ACTFLEET_SYNTH_DIR": str(tmp_path / "synth"),
-               "CHECKPOINT_DISABLE": "1"}
+        config = write_fleet_toml(
+            tmp_path / "fleet.toml",
+            id="quiet",
+            zones={"us-central1-a": 1},
+            commit="c" * 40,
+            state=tmp_path / "state",
+            bucket="quiet-activations",
+            job={"model": "tiny", "input": "data.jsonl", "layers": [1], "store": str(tmp_path / "store")},
+            reconcile={"watch_job": True},
+        )
+        env = {
+            "ACTFLEET_TPU_ENDPOINT": fake.url,
+            "ACTFLEET_SYNTH_DIR": str(tmp_path / "synth"),
+            "CHECKPOINT_DISABLE": "1",
+        }
         r = actfleet("reconcile", "--config", str(config), cwd=tmp_path, env=env, code=WITH_A_DELIBERATE_WARNING)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "reconcile quiet: repaired - 1 create; terraform apply" in r.stdout  # it did synthesize and apply
@@ -158,7 +192,7 @@ def test_a_first_reconcile_pass_prints_no_typeguard_line_and_our_warning_still_s
         ours = [i for i, line in enumerate(lines) if DELIBERATE in line]
         assert len(ours) == 1 and "synth_cache.py" in lines[ours[0]], r.stderr
         # ... and nothing else: the warning's own source line aside, stderr is empty.
-        assert foreign("\n".join(lines[:ours[0]] + lines[ours[0] + 2:])) == [], r.stderr
+        assert foreign("\n".join(lines[: ours[0]] + lines[ours[0] + 2 :])) == [], r.stderr
 
         s = actfleet("status", "--config", str(config), cwd=tmp_path, env=env)
         assert s.returncode == 0 and "tpu-us-central1-a-0" in s.stdout, s.stdout + s.stderr
@@ -188,8 +222,23 @@ def jax_cache(tmp_path: Path) -> dict:
 def test_prepare_work_and_verify_print_only_our_lines(tiny, tmp_path):
     root, model, data = tiny
     store, env = str(tmp_path / "bucket"), jax_cache(tmp_path)
-    p = actfleet("prepare", "--store", store, "--job", "q", "--model", str(model), "--input", str(data),
-                 "--layers", "1", "--unit-rows", "5", cwd=tmp_path, env=env)
+    p = actfleet(
+        "prepare",
+        "--store",
+        store,
+        "--job",
+        "q",
+        "--model",
+        str(model),
+        "--input",
+        str(data),
+        "--layers",
+        "1",
+        "--unit-rows",
+        "5",
+        cwd=tmp_path,
+        env=env,
+    )
     assert p.returncode == 0 and foreign(p.stderr) == [], p.stderr
     w = actfleet("work", "--store", store, "--job", "q", "--worker-id", "w0", cwd=tmp_path, env=env)
     assert w.returncode == 0, w.stderr
@@ -202,13 +251,36 @@ def test_prepare_work_and_verify_print_only_our_lines(tiny, tmp_path):
 def test_extract_and_export_saelens_print_only_our_lines(tiny, tmp_path):
     root, model, data = tiny
     env = jax_cache(tmp_path)
-    e = actfleet("extract", "--model", str(model), "--input", str(data), "--out", str(tmp_path / "acts"),
-                 "--layers", "1", "--unit-rows", "5", cwd=tmp_path, env=env)
+    e = actfleet(
+        "extract",
+        "--model",
+        str(model),
+        "--input",
+        str(data),
+        "--out",
+        str(tmp_path / "acts"),
+        "--layers",
+        "1",
+        "--unit-rows",
+        "5",
+        cwd=tmp_path,
+        env=env,
+    )
     assert e.returncode == 0, e.stderr
     # Its progress bar's last state and the compilation line.
     assert foreign(e.stderr, r"extract .* rows .*", r"compilation: .*") == [], e.stderr
-    x = actfleet("export", "saelens", str(tmp_path / "acts"), str(tmp_path / "cache"), "--site",
-                 "blocks.1.hook_resid_post", "--context-size", "4", cwd=tmp_path, env=env)
+    x = actfleet(
+        "export",
+        "saelens",
+        str(tmp_path / "acts"),
+        str(tmp_path / "cache"),
+        "--site",
+        "blocks.1.hook_resid_post",
+        "--context-size",
+        "4",
+        cwd=tmp_path,
+        env=env,
+    )
     assert x.returncode == 0 and "rows of 4 tokens" in x.stdout, x.stderr
     assert foreign(x.stderr) == [], x.stderr  # (its transient progress bar leaves one blank line)
 
@@ -217,8 +289,23 @@ def test_extract_and_export_saelens_print_only_our_lines(tiny, tmp_path):
 def test_local_and_its_workers_logs_hold_only_our_lines(tiny, tmp_path):
     root, model, data = tiny
     out = tmp_path / "out"
-    r = actfleet("local", "--workers", "1", "--model", str(model), "--input", str(data), "--layers", "1",
-                 "--unit-rows", "5", "--out", str(out), cwd=tmp_path, env=jax_cache(tmp_path))
+    r = actfleet(
+        "local",
+        "--workers",
+        "1",
+        "--model",
+        str(model),
+        "--input",
+        str(data),
+        "--layers",
+        "1",
+        "--unit-rows",
+        "5",
+        "--out",
+        str(out),
+        cwd=tmp_path,
+        env=jax_cache(tmp_path),
+    )
     assert r.returncode == 0 and "verified OK" in r.stdout, r.stdout + r.stderr
     assert foreign(r.stderr, r"actfleet local: .*") == [], r.stderr
     logs = sorted((out / "logs").glob("*.log"))

@@ -32,8 +32,9 @@ def make_shards(directory: Path, units=3, samples=12, d=8) -> int:
         sids = np.concatenate([np.full(n, unit * samples + i) for i, n in enumerate(lengths)]).astype(np.int64)
         pos = np.concatenate([np.arange(n) for n in lengths]).astype(np.int32)
         acts = {s: (np.stack([sids] * d, 1) * 10 + pos[:, None] + k).astype(np.float32) for k, s in enumerate(SITES)}
-        w = ShardWriter(shard_mb=0.0015, model="m", revision="r", job="j", unit=unit, sites=SITES,
-                        store_dtype="bfloat16")
+        w = ShardWriter(
+            shard_mb=0.0015, model="m", revision="r", job="j", unit=unit, sites=SITES, store_dtype="bfloat16"
+        )
         w.add(Batch(token_ids=(sids * 3).astype(np.int32), sample_ids=sids, positions=pos, acts=acts))
         for s in w.close():
             (directory / s.name).write_bytes(s.data)
@@ -59,9 +60,10 @@ def test_shuffled_stream_is_deterministic_mixed_and_exactly_once(tmp_path):
     for b in a:  # rows stay whole: every site and index tensor of a row moves together
         np.testing.assert_array_equal(b["token_ids"], b["sample_ids"] * 3)
         for k, s in enumerate(SITES):
-            np.testing.assert_array_equal(b[s][:, 0].astype(np.float32),
-                                          (b["sample_ids"] * 10 + b["positions"] + k).astype(np.float32).astype(
-                                              b[s].dtype).astype(np.float32))
+            np.testing.assert_array_equal(
+                b[s][:, 0].astype(np.float32),
+                (b["sample_ids"] * 10 + b["positions"] + k).astype(np.float32).astype(b[s].dtype).astype(np.float32),
+            )
     # mixed across shards, not shard after shard: with a buffer as large as the data, the first batch
     # draws from most shards (shard by shard, it would hold one or two)
     shard_of = {}
@@ -94,8 +96,15 @@ def test_torch_dataset_two_ranks_two_workers_read_every_row_once(tmp_path):
     everything = sorted(keys_of(iter_batches(str(tmp_path / "s"))))
     seen = []
     for rank in range(2):
-        ds = ActivationDataset(str(tmp_path / "s"), sites=["blocks.1.hook_resid_post"], seed=3, batch_rows=8,
-                               buffer_rows=32, rank=rank, world_size=2)
+        ds = ActivationDataset(
+            str(tmp_path / "s"),
+            sites=["blocks.1.hook_resid_post"],
+            seed=3,
+            batch_rows=8,
+            buffer_rows=32,
+            rank=rank,
+            world_size=2,
+        )
         loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
         for b in loader:
             assert b["blocks.1.hook_resid_post"].dtype == torch.bfloat16 and b["sample_ids"].dtype == torch.int64
@@ -105,8 +114,9 @@ def test_torch_dataset_two_ranks_two_workers_read_every_row_once(tmp_path):
 
 def test_one_site_from_a_bucket_downloads_only_its_bytes(tmp_path, fake_gcs):  # noqa: F811
     make_shards(tmp_path / "s", units=2)
-    bucket = storage.Client(project="t", credentials=AnonymousCredentials(),
-                            client_options={"api_endpoint": fake_gcs.url}).bucket("acts")
+    bucket = storage.Client(
+        project="t", credentials=AnonymousCredentials(), client_options={"api_endpoint": fake_gcs.url}
+    ).bucket("acts")
     sizes = {}
     for f in sorted((tmp_path / "s").iterdir()):
         bucket.blob(f"job/shards/{f.name}").upload_from_filename(str(f))
@@ -118,21 +128,26 @@ def test_one_site_from_a_bucket_downloads_only_its_bytes(tmp_path, fake_gcs):  #
         np.testing.assert_array_equal(remote[k], local[k])
     for name, size in sizes.items():
         header, _, start = parse_header((tmp_path / "s" / name).read_bytes())
-        wanted = sum(e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items()
-                     if k in ("sample_ids", "token_ids", "positions", site))
+        wanted = sum(
+            e["data_offsets"][1] - e["data_offsets"][0]
+            for k, e in header.items()
+            if k in ("sample_ids", "token_ids", "positions", site)
+        )
         served = fake_gcs.media[f"job/shards/{name}"]
         # 8 bytes, the header, the index tensors (adjacent: one request), the site: nothing else
         assert served == [8, start - 8, served[2], served[3]] and sum(served) == start + wanted < size
-        other_sites = sum(e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items()
-                          if k in SITES and k != site)
+        other_sites = sum(
+            e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items() if k in SITES and k != site
+        )
         assert size - sum(served) == other_sites
 
 
 def test_a_shard_replaced_between_header_and_data_is_refused(tmp_path, fake_gcs):  # noqa: F811
     make_shards(tmp_path / "s", units=1)
     first, second = sorted((tmp_path / "s").iterdir())[:2]
-    bucket = storage.Client(project="t", credentials=AnonymousCredentials(),
-                            client_options={"api_endpoint": fake_gcs.url}).bucket("acts")
+    bucket = storage.Client(
+        project="t", credentials=AnonymousCredentials(), client_options={"api_endpoint": fake_gcs.url}
+    ).bucket("acts")
     bucket.blob("x/a.safetensors").upload_from_filename(str(first))
     src = open_source("gs://acts/x")
     f = ShardFile(src.store, "a.safetensors")
@@ -148,17 +163,29 @@ def test_importing_the_reader_needs_no_torch_transformers_jax_or_google(tmp_path
     (block / "sitecustomize.py").write_text(
         "import sys\n"
         "for name in ('torch', 'transformers', 'jax', 'jaxlib', 'google', 'datasets', 'pyarrow', 'tokenizers'):\n"
-        "    sys.modules[name] = None\n")
-    code = ("import sys\n"
-            "from actfleet.worker.reader import iter_batches, shuffled_batches\n"
-            f"n = sum(len(b['sample_ids']) for b in shuffled_batches({str(tmp_path / 's')!r}, seed=1))\n"
-            "heavy = sorted(m for m in ('torch', 'transformers', 'jax', 'google', 'datasets', 'pyarrow')\n"
-            "               if sys.modules.get(m) is not None)\n"
-            "print(n, heavy)\n")
-    probe = subprocess.run([sys.executable, "-c", "import torch"], env={**os.environ, "PYTHONPATH": str(block)},
-                           capture_output=True, text=True)
+        "    sys.modules[name] = None\n"
+    )
+    code = (
+        "import sys\n"
+        "from actfleet.worker.reader import iter_batches, shuffled_batches\n"
+        f"n = sum(len(b['sample_ids']) for b in shuffled_batches({str(tmp_path / 's')!r}, seed=1))\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'jax', 'google', 'datasets', 'pyarrow')\n"
+        "               if sys.modules.get(m) is not None)\n"
+        "print(n, heavy)\n"
+    )
+    probe = subprocess.run(
+        [sys.executable, "-c", "import torch"],
+        env={**os.environ, "PYTHONPATH": str(block)},
+        capture_output=True,
+        text=True,
+    )
     assert probe.returncode != 0  # the blocker is in effect
-    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(block)},
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(block)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[1:] == ["[]"] and int(r.stdout.split()[0]) > 0

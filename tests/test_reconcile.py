@@ -30,27 +30,45 @@ OURS = {"actfleet-fleet": "rc", "managed-by": "actfleet"}
 
 
 def make_cfg(tmp: Path, count: int = 3, **reconcile):
-    return parse({"fleet": {"id": "rc", "project": "fake-project", "region": "us-central1", "zones": {A: count}},
-                  "repo": {"url": "https://example.com/r.git", "commit": "d" * 40},
-                  "storage": {"bucket": "rc-activations"}, "state": {"path": str(tmp / "state")},
-                  "job": {"model": "m", "input": "i", "layers": [1], "store": str(tmp / "store")},
-                  "reconcile": reconcile})
+    return parse(
+        {
+            "fleet": {"id": "rc", "project": "fake-project", "region": "us-central1", "zones": {A: count}},
+            "repo": {"url": "https://example.com/r.git", "commit": "d" * 40},
+            "storage": {"bucket": "rc-activations"},
+            "state": {"path": str(tmp / "state")},
+            "job": {"model": "m", "input": "i", "layers": [1], "store": str(tmp / "store")},
+            "reconcile": reconcile,
+        }
+    )
 
 
 def parse_worker(name: str):
     from actfleet.config import Worker
 
-    return Worker(name=name, zone=name[len("tpu-"):].rsplit("-", 1)[0], index=int(name.rsplit("-", 1)[1]))
+    return Worker(name=name, zone=name[len("tpu-") :].rsplit("-", 1)[0], index=int(name.rsplit("-", 1)[1]))
 
 
 def write_state(cfg, names) -> None:
     """A Terraform state document holding these workers (the shape `terraform apply` writes)."""
     path = Path(state_location(cfg, FLEET))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"version": 4, "resources": [
-        {"mode": "managed", "type": "terraform_data", "name": "workers", "each": "map",
-         "instances": [{"index_key": n, "attributes": {}} for n in names]},
-        {"mode": "managed", "type": "terraform_data", "name": "other", "instances": [{"attributes": {}}]}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "version": 4,
+                "resources": [
+                    {
+                        "mode": "managed",
+                        "type": "terraform_data",
+                        "name": "workers",
+                        "each": "map",
+                        "instances": [{"index_key": n, "attributes": {}} for n in names],
+                    },
+                    {"mode": "managed", "type": "terraform_data", "name": "other", "instances": [{"attributes": {}}]},
+                ],
+            }
+        )
+    )
 
 
 class Recorder:
@@ -168,8 +186,7 @@ def test_unreadable_job_never_scales_down(tmp_path, fake):
     assert report.counts == {"healthy": 1}
 
 
-def test_watch_reads_fleet_toml_again_every_pass_and_skips_a_pass_whose_config_is_broken(tmp_path, fake,
-                                                                                          monkeypatch):
+def test_watch_reads_fleet_toml_again_every_pass_and_skips_a_pass_whose_config_is_broken(tmp_path, fake, monkeypatch):
     """`reconcile --watch`: an edit to fleet.toml between passes is the next pass's desired state; a
     broken file skips that pass (one line on stderr, no lock, no apply) and the watch goes on; interrupted
     right after such a pass, it exits 2 (bad input)."""
@@ -182,10 +199,15 @@ def test_watch_reads_fleet_toml_again_every_pass_and_skips_a_pass_whose_config_i
     config = tmp_path / "fleet.toml"
 
     def good(count: int) -> str:
-        return write_fleet_toml(tmp_path / "rendered.toml", id="rc", zones={A: count}, commit="d" * 40,
-                                state=tmp_path / "state", bucket="rc-activations",
-                                job={"model": "m", "input": "i", "layers": [1], "store": str(tmp_path / "store")}
-                                ).read_text()
+        return write_fleet_toml(
+            tmp_path / "rendered.toml",
+            id="rc",
+            zones={A: count},
+            commit="d" * 40,
+            state=tmp_path / "state",
+            bucket="rc-activations",
+            job={"model": "m", "input": "i", "layers": [1], "store": str(tmp_path / "store")},
+        ).read_text()
 
     broken = good(1).replace('region = "us-central1"', 'region = "us-central1"\nmode = "spot"')
     config.write_text(good(1))
@@ -252,8 +274,9 @@ class Provisioners:
             try:
                 if address in replace or worker.name in self.tainted:
                     self.api.delete_queued_resource(worker.zone, worker.name)
-                self.api.create_queued_resource(worker.zone, worker.name,
-                                                queued_resource_request(cfg, worker, script="", unit=""))
+                self.api.create_queued_resource(
+                    worker.zone, worker.name, queued_resource_request(cfg, worker, script="", unit="")
+                )
                 self.tainted.discard(worker.name)
             except ActfleetError as e:
                 lines.append(f'terraform_data.workers["{worker.name}"] (local-exec): actfleet: {e}')
@@ -261,8 +284,9 @@ class Provisioners:
             managed.add(worker.name)
         write_state(cfg, sorted(managed))
         if lines:
-            raise TerraformError("terraform apply failed in fleet stack: Error: local-exec provisioner error",
-                                 output="\n".join(lines))
+            raise TerraformError(
+                "terraform apply failed in fleet stack: Error: local-exec provisioner error", output="\n".join(lines)
+            )
 
 
 class Clock:
@@ -308,11 +332,22 @@ def test_a_failed_queued_resources_reason_is_in_the_table_and_in_json(tmp_path, 
     from actfleet.infra import reconcile as reconcile_mod
     from actfleet.infra.commands import reconcile as command
 
-    config = write_fleet_toml(tmp_path / "fleet.toml", id="rc", zones={A: 1}, state=tmp_path / "state",
-                              bucket="rc-activations",
-                              job={"model": "m", "input": "i", "layers": [1], "store": str(tmp_path / "store")})
-    fake.create_qr_direct(A, w(0), project="fake-project", labels=OURS, state="FAILED",
-                          error=("INVALID_ARGUMENT", "Accelerator type v5litepod-8 is not offered in us-central1-a"))
+    config = write_fleet_toml(
+        tmp_path / "fleet.toml",
+        id="rc",
+        zones={A: 1},
+        state=tmp_path / "state",
+        bucket="rc-activations",
+        job={"model": "m", "input": "i", "layers": [1], "store": str(tmp_path / "store")},
+    )
+    fake.create_qr_direct(
+        A,
+        w(0),
+        project="fake-project",
+        labels=OURS,
+        state="FAILED",
+        error=("INVALID_ARGUMENT", "Accelerator type v5litepod-8 is not offered in us-central1-a"),
+    )
     monkeypatch.setattr(reconcile_mod, "terraform_apply", Recorder())
     monkeypatch.setenv(TPU_ENDPOINT_ENV, fake.url)
     result = CliRunner().invoke(command.reconcile, ["--config", str(config), "--json", "--dry-run"])
@@ -320,8 +355,11 @@ def test_a_failed_queued_resources_reason_is_in_the_table_and_in_json(tmp_path, 
     jsonschema.validate(report, REPORT_JSON_SCHEMA)
     [action] = report["actions"]
     assert action["kind"] == "replace" and action["cause"] == "error"
-    assert action["error"] == {"code": "INVALID_ARGUMENT", "class": "invalid-argument",
-                               "message": "Accelerator type v5litepod-8 is not offered in us-central1-a"}
+    assert action["error"] == {
+        "code": "INVALID_ARGUMENT",
+        "class": "invalid-argument",
+        "message": "Accelerator type v5litepod-8 is not offered in us-central1-a",
+    }
     table = CliRunner().invoke(command.reconcile, ["--config", str(config), "--dry-run"]).stdout
     assert "queued resource FAILED: INVALID_ARGUMENT: Accelerator type v5litepod-8 is not offered" in table
 
@@ -329,8 +367,9 @@ def test_a_failed_queued_resources_reason_is_in_the_table_and_in_json(tmp_path, 
 def test_a_zone_whose_creates_keep_failing_is_retried_with_backoff_across_passes(tmp_path, fake):
     """One create per backoff step (5, 10, 20 min ...), not one per pass; the other zone is unaffected; the
     memory survives between passes and processes; the report says why and when the next attempt is."""
-    cfg = make_cfg(tmp_path, count=1).replace("fleet", workers=(
-        *make_cfg(tmp_path, count=1).fleet.workers, parse_worker("tpu-us-central1-b-0")))
+    cfg = make_cfg(tmp_path, count=1).replace(
+        "fleet", workers=(*make_cfg(tmp_path, count=1).fleet.workers, parse_worker("tpu-us-central1-b-0"))
+    )
     api = api_for(fake)
     apply = Provisioners(api)
     fake.fail_creates("us-central1-b", "PERMISSION_DENIED", "Permission 'tpu.nodes.create' denied")
@@ -346,8 +385,11 @@ def test_a_zone_whose_creates_keep_failing_is_retried_with_backoff_across_passes
         clock.advance(1)
     assert attempts_at == [0, 5, 15, 35, 75]  # 5, 10, 20, 40 minutes apart
     assert creates(fake, status=403) == 5 and fake.queued_resource_state(A, w(0)) == "ACTIVE"
-    assert apply.calls[2] == {"replace": [worker_address(w(0))], "targets": [worker_address(w(0))],
-                              "destroy": False}  # the minute-7 apply, limited to zone a's worker
+    assert apply.calls[2] == {
+        "replace": [worker_address(w(0))],
+        "targets": [worker_address(w(0))],
+        "destroy": False,
+    }  # the minute-7 apply, limited to zone a's worker
     [_, b] = report.actions
     assert b.kind == "wait" and b.error["class"] == "permission" and "tpu.nodes.create" in b.error["message"]
     assert b.next_attempt == report.started_at - 4 * 60 + 60 * 60  # the 5th failure waits the full hour
@@ -355,13 +397,20 @@ def test_a_zone_whose_creates_keep_failing_is_retried_with_backoff_across_passes
     assert report.restarts["errors"] == 5 and report.restarts["by_class"] == {"permission": 1}
     # Another process (the CLI, on the real clock) sees the same memory: not due, no terraform needed.
     env = {**os.environ, "ACTFLEET_TPU_ENDPOINT": fake.url}
-    config = write_fleet_toml(tmp_path / "fleet.toml", id="rc", state=tmp_path / "state", bucket="rc-activations",
-                              zones={A: 1}, fleet={"workers": [w(0), "tpu-us-central1-b-0"]},
-                              job={"model": "m", "input": "i", "layers": [1], "store": str(tmp_path / "store")})
+    config = write_fleet_toml(
+        tmp_path / "fleet.toml",
+        id="rc",
+        state=tmp_path / "state",
+        bucket="rc-activations",
+        zones={A: 1},
+        fleet={"workers": [w(0), "tpu-us-central1-b-0"]},
+        job={"model": "m", "input": "i", "layers": [1], "store": str(tmp_path / "store")},
+    )
     text = config.read_text().replace('zones = { "us-central1-a" = 1 }\n', "")
     config.write_text(text)
-    proc = subprocess.run([ACTFLEET, "reconcile", "--config", str(config), "--json"], env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [ACTFLEET, "reconcile", "--config", str(config), "--json"], env=env, capture_output=True, text=True, timeout=300
+    )
     doc = json.loads(proc.stdout)
     assert doc["outcome"] == "converged" and doc["terraform"]["ran"] is False, proc.stderr
     assert doc["actions"][1]["kind"] == "wait" and doc["actions"][1]["next_attempt"].endswith("Z")
@@ -444,8 +493,10 @@ def beat(store, job: str, worker: str, at: float, state: str = "working") -> Non
     time; the record is otherwise the same document)."""
     from dataclasses import asdict
 
-    store.put(q.worker_key(job, worker), json.dumps(asdict(q.WorkerProgress(
-        worker, state=state, last_heartbeat=at, started_at=at))).encode())
+    store.put(
+        q.worker_key(job, worker),
+        json.dumps(asdict(q.WorkerProgress(worker, state=state, last_heartbeat=at, started_at=at))).encode(),
+    )
 
 
 def prepared(tmp_path, job_store, count=2):

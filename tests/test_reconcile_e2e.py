@@ -51,22 +51,39 @@ class Fleet:
         shim = tmp / "terraform-logged"
         shim.write_text(f'#!/bin/sh\necho "$1" >> "{self.tf_log}"\nexec "{real}" "$@"\n')
         shim.chmod(shim.stat().st_mode | stat.S_IXUSR)
-        self.env = {**os.environ, "ACTFLEET_TPU_ENDPOINT": fake.url, "ACTFLEET_SYNTH_DIR": str(tmp / "synth"),
-                    "ACTFLEET_TERRAFORM": str(shim), "CHECKPOINT_DISABLE": "1"}
+        self.env = {
+            **os.environ,
+            "ACTFLEET_TPU_ENDPOINT": fake.url,
+            "ACTFLEET_SYNTH_DIR": str(tmp / "synth"),
+            "ACTFLEET_TERRAFORM": str(shim),
+            "CHECKPOINT_DISABLE": "1",
+        }
         self.env.pop("ACTFLEET_CONFIG", None)
         self.write_config({A: 4, B: 4})
 
     def write_config(self, zones: dict[str, int]) -> None:
         # The job is watched from the start (not prepared: never complete) so the scale-to-zero test at the
         # end needs no new synth.
-        write_fleet_toml(self.config, id="e2e", zones=zones, commit="a" * 40, state=self.tmp / "state",
-                         bucket="e2e-activations",
-                         job={"model": "tiny", "input": "data.jsonl", "layers": [1], "store": str(self.tmp / "store")},
-                         reconcile={"watch_job": True, "scale_to_zero_when_done": True})
+        write_fleet_toml(
+            self.config,
+            id="e2e",
+            zones=zones,
+            commit="a" * 40,
+            state=self.tmp / "state",
+            bucket="e2e-activations",
+            job={"model": "tiny", "input": "data.jsonl", "layers": [1], "store": str(self.tmp / "store")},
+            reconcile={"watch_job": True, "scale_to_zero_when_done": True},
+        )
 
     def reconcile(self, *args: str, check: bool = True) -> tuple[int, dict]:
-        proc = subprocess.run([ACTFLEET, "reconcile", "--config", str(self.config), "--json", *args],
-                              cwd=self.tmp, env=self.env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [ACTFLEET, "reconcile", "--config", str(self.config), "--json", *args],
+            cwd=self.tmp,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         try:
             report = json.loads(proc.stdout)
         except ValueError:
@@ -142,8 +159,15 @@ def test_converged_pass_runs_no_terraform_and_imports_no_cdktf(fleet):
                        or m == "actfleet.infra.terraform" or m == "actfleet.infra.synth_cache")
         print(r.outcome, heavy)
     """)
-    out = subprocess.run([sys.executable, "-c", probe], cwd=fleet.tmp, env=fleet.env, capture_output=True,
-                         text=True, timeout=300, check=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=fleet.tmp,
+        env=fleet.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout.strip()
     assert out == "converged []"
     assert fleet.terraform_runs() == []
 
@@ -180,13 +204,15 @@ def test_queued_resource_deleted_behind_terraforms_back_is_recreated(fleet):
 
 def test_orphan_with_the_fleet_label_is_deleted_and_foreign_resources_left_alone(fleet):
     fleet.fresh()
-    fleet.fake.create_qr_direct(A, "tpu-us-central1-a-9", project="fake-project",
-                                labels={"actfleet-fleet": "e2e", "managed-by": "actfleet"})
+    fleet.fake.create_qr_direct(
+        A, "tpu-us-central1-a-9", project="fake-project", labels={"actfleet-fleet": "e2e", "managed-by": "actfleet"}
+    )
     fleet.fake.create_qr_direct(A, "someone-elses-tpu", project="fake-project", labels={"team": "other"})
     rc, report = fleet.reconcile()
     assert (rc, report["outcome"]) == (0, "repaired"), report["errors"]
     assert [(a["worker"], a["kind"]) for a in report["actions"] if a["kind"] != "healthy"] == [
-        ("tpu-us-central1-a-9", "delete-orphan")]
+        ("tpu-us-central1-a-9", "delete-orphan")
+    ]
     assert report["api_deletes"]["deleted"] == ["tpu-us-central1-a-9"]
     assert fleet.terraform_runs() == []  # orphans are not Terraform's: no apply needed
     assert "tpu-us-central1-a-9" not in fleet.states() and "someone-elses-tpu" in fleet.states()
@@ -252,8 +278,10 @@ def test_two_concurrent_reconciles_produce_exactly_one_apply(fleet):
     # Slow the deletes so the first pass is still applying when the second one looks at the lock.
     fleet.fake.fail(status=None, count=None, method="DELETE", delay=2.0)
     cmd = [ACTFLEET, "reconcile", "--config", str(fleet.config), "--json"]
-    procs = [subprocess.Popen(cmd, cwd=fleet.tmp, env=fleet.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, cwd=fleet.tmp, env=fleet.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     results = [(p.wait(timeout=600), json.loads(p.communicate()[0])) for p in procs]
     assert [rc for rc, _ in results] == [0, 0]
     outcomes = sorted(r["outcome"] for _, r in results)
@@ -269,8 +297,14 @@ def test_terraform_failure_exits_1_with_its_error_and_releases_the_lock(fleet):
     fleet.fresh()
     fleet.fake.preempt(B, worker(B, 0))
     fleet.fake.fail(zone=B, status=403, count=None, method="POST")  # creates are refused
-    proc = subprocess.run([ACTFLEET, "reconcile", "--config", str(fleet.config)], cwd=fleet.tmp, env=fleet.env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [ACTFLEET, "reconcile", "--config", str(fleet.config)],
+        cwd=fleet.tmp,
+        env=fleet.env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 1
     assert "terraform apply" in proc.stderr and "403" in proc.stderr, proc.stderr
     assert "FAILED" in proc.stdout
@@ -311,8 +345,13 @@ def test_worker_added_to_the_config_is_created_and_one_removed_is_destroyed(flee
 
 def test_watch_runs_a_pass_every_interval_as_json_lines(fleet):
     fleet.fresh()
-    proc = subprocess.Popen([ACTFLEET, "reconcile", "--config", str(fleet.config), "--json", "--watch", "1"],
-                            cwd=fleet.tmp, env=fleet.env, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [ACTFLEET, "reconcile", "--config", str(fleet.config), "--json", "--watch", "1"],
+        cwd=fleet.tmp,
+        env=fleet.env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         passes = [json.loads(proc.stdout.readline()) for _ in range(2)]
     finally:
@@ -332,16 +371,32 @@ def test_complete_job_scales_the_fleet_to_zero(fleet):
     prepare(store, "default", input="data.jsonl", fingerprint="f" * 64, rows=2, unit_rows=1, options={})
     for unit in range(2):
         lease = claim(store, "default", unit, worker(A, 0), 60)
-        commit(store, lease, DoneRecord(unit=unit, start=unit, stop=unit + 1, worker=worker(A, 0), attempt=1,
-                                        rows_stored=1, tokens=5, skipped={}, shards=[], committed_at=1.0,
-                                        seconds=1.0), 60)
+        commit(
+            store,
+            lease,
+            DoneRecord(
+                unit=unit,
+                start=unit,
+                stop=unit + 1,
+                worker=worker(A, 0),
+                attempt=1,
+                rows_stored=1,
+                tokens=5,
+                skipped={},
+                shards=[],
+                committed_at=1.0,
+                seconds=1.0,
+            ),
+            60,
+        )
     rc, report = fleet.reconcile()
     assert (rc, report["outcome"]) == (0, "repaired"), report["errors"]
     assert report["job"] == {"watched": True, "complete": True, "error": None}
     assert {a["kind"] for a in report["actions"]} == {"remove"}
     assert report["terraform"]["command"] == "destroy" and fleet.applies() == ["destroy"]
-    assert sorted(fleet.mutations("delete")) == sorted([worker(A, i) for i in range(5)] +
-                                                       [worker(B, i) for i in range(3)])
+    assert sorted(fleet.mutations("delete")) == sorted(
+        [worker(A, i) for i in range(5)] + [worker(B, i) for i in range(3)]
+    )
     assert fleet.states() == {}
     assert managed_workers(load(fleet.config)) == frozenset()
     fleet.fresh()

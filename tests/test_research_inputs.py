@@ -25,8 +25,14 @@ TEXTS[4] = ""  # an empty document: skipped with its reason
 
 def actfleet(*args, env=None, hide_torch=False):
     pre = "import sys; sys.modules['torch'] = None; " if hide_torch else ""  # as on a TPU VM: no PyTorch
-    return subprocess.run([sys.executable, "-c", pre + "from actfleet.cli import main; main()", *args], cwd=REPO,
-                          env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-c", pre + "from actfleet.cli import main; main()", *args],
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def load(shards_dir):
@@ -51,11 +57,22 @@ def hub(tmp_path_factory):
     root = tmp_path_factory.mktemp("research")
     model = make_tiny_model(root / "model", seed=2, max_pos=64)
     cache = root / "hub"
-    make_hub_dataset(cache, "org/docs", COMMIT, {"data/train-00000-of-00002.parquet": parquet(TEXTS[:13]),
-                                                 "data/train-00001-of-00002.parquet": parquet(TEXTS[13:]),
-                                                 "data/test-00000-of-00001.parquet": parquet(["held out"])})
-    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "ACTFLEET_DATA_CACHE": str(root / "data-cache"),
-           "ACTFLEET_JAX_CACHE": str(root / "jax")}
+    make_hub_dataset(
+        cache,
+        "org/docs",
+        COMMIT,
+        {
+            "data/train-00000-of-00002.parquet": parquet(TEXTS[:13]),
+            "data/train-00001-of-00002.parquet": parquet(TEXTS[13:]),
+            "data/test-00000-of-00001.parquet": parquet(["held out"]),
+        },
+    )
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": str(cache),
+        "ACTFLEET_DATA_CACHE": str(root / "data-cache"),
+        "ACTFLEET_JAX_CACHE": str(root / "jax"),
+    }
     return root, model, env
 
 
@@ -65,19 +82,39 @@ def test_hub_dataset_windows_through_the_fleet_path(hub, tmp_path):
 
     root, model, env = hub
     store = tmp_path / "store"
-    r = actfleet("prepare", "--store", str(store), "--job", "w", "--model", str(model), "--input", "org/docs",
-                 "--split", "train", "--layers", "1", "--positions", "all", "--context-size", "16",
-                 "--unit-rows", "10", "--json", env=env)
+    r = actfleet(
+        "prepare",
+        "--store",
+        str(store),
+        "--job",
+        "w",
+        "--model",
+        str(model),
+        "--input",
+        "org/docs",
+        "--split",
+        "train",
+        "--layers",
+        "1",
+        "--positions",
+        "all",
+        "--context-size",
+        "16",
+        "--unit-rows",
+        "10",
+        "--json",
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["rows"] == 23 and info["files"] == 2 and info["units"] == 3
     spec = json.loads((store / "w" / "job.json").read_text())
     assert [f["path"] for f in spec["input_files"]] == [
-        f"hf://datasets/org/docs@{COMMIT}/data/train-0000{i}-of-00002.parquet" for i in (0, 1)]
+        f"hf://datasets/org/docs@{COMMIT}/data/train-0000{i}-of-00002.parquet" for i in (0, 1)
+    ]
     assert [f["index"] for f in spec["input_files"]] == [[4, 4, 4, 1], [4, 4, 2]]  # row groups per file
 
-    w = actfleet("work", "--store", str(store), "--job", "w", "--worker-id", "w0", "--json", env=env,
-                 hide_torch=True)
+    w = actfleet("work", "--store", str(store), "--job", "w", "--worker-id", "w0", "--json", env=env, hide_torch=True)
     assert w.returncode == 0, w.stderr
     assert "PyTorch was not found" not in w.stderr and "Token indices" not in w.stderr
     v = actfleet("verify", "--store", str(store), "--job", "w", "--json")
@@ -109,8 +146,25 @@ def test_hub_dataset_windows_through_the_fleet_path(hub, tmp_path):
 
     # extract on the same dataset and options: the same windows, the same tokens (same rows, same bits)
     out = tmp_path / "out"
-    e = actfleet("extract", "--model", str(model), "--input", "org/docs", "--out", str(out), "--layers", "1",
-                 "--positions", "all", "--context-size", "16", "--unit-rows", "10", "--json", env=env)
+    e = actfleet(
+        "extract",
+        "--model",
+        str(model),
+        "--input",
+        "org/docs",
+        "--out",
+        str(out),
+        "--layers",
+        "1",
+        "--positions",
+        "all",
+        "--context-size",
+        "16",
+        "--unit-rows",
+        "10",
+        "--json",
+        env=env,
+    )
     assert e.returncode == 0, e.stderr
     got = load(str(out))
     for k in ("sample_ids", "positions", "token_ids", "source_rows", "source_positions", "blocks.1.hook_resid_post"):
@@ -126,13 +180,32 @@ def test_pretokenized_rows_and_an_id_outside_the_vocabulary(hub, tmp_path):
     rows = [{"input_ids": [5, 6, 7, 8]}, {"input_ids": [9, 10]}, {"other": 1}, {"input_ids": [11, 99999]}]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     store = tmp_path / "store"
-    r = actfleet("prepare", "--store", str(store), "--job", "t", "--model", str(model), "--input", str(data),
-                 "--layers", "0", "--positions", "all", "--tokens-field", "input_ids", "--unit-rows", "3", env=env)
+    r = actfleet(
+        "prepare",
+        "--store",
+        str(store),
+        "--job",
+        "t",
+        "--model",
+        str(model),
+        "--input",
+        str(data),
+        "--layers",
+        "0",
+        "--positions",
+        "all",
+        "--tokens-field",
+        "input_ids",
+        "--unit-rows",
+        "3",
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     w = actfleet("work", "--store", str(store), "--job", "t", "--worker-id", "w0", "--json", env=env)
     assert w.returncode == 2, w.stderr
-    assert w.stderr.strip().splitlines()[-1] == ("actfleet: row 3: field 'input_ids' holds token id 99999, outside "
-                                                  "the model's vocabulary (0..319)"), w.stderr[-2000:]
+    assert w.stderr.strip().splitlines()[-1] == (
+        "actfleet: row 3: field 'input_ids' holds token id 99999, outside the model's vocabulary (0..319)"
+    ), w.stderr[-2000:]
     assert not list((store / "t" / "leases").iterdir())  # released: nothing waits for an expiry
     done = json.loads(next((store / "t" / "done").iterdir()).read_text())
     assert done["unit"] == 0 and done["skipped"] == {"missing field 'input_ids'": [2]}

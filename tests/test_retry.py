@@ -43,27 +43,35 @@ def top(_lo, hi):  # the jitter's upper end, so that the bounds themselves are v
 E = OSError("transient")
 
 
-@pytest.mark.parametrize("fails, kwargs, calls, sleeps, raised", [
-    # succeeds at once: no sleep
-    ((), dict(attempts=3), 1, [], None),
-    # the third call succeeds: two sleeps, bounds base * 2**n
-    ((E, E), dict(attempts=3, base=0.5, cap=20.0), 3, [0.5, 1.0], None),
-    # attempts used up: the last error propagates, no sleep after it
-    ((E, E, E, E), dict(attempts=3, base=0.5), 3, [0.5, 1.0], OSError),
-    # the cap bounds each delay
-    ((E,) * 6, dict(attempts=6, base=0.5, cap=2.0), 6, [0.5, 1.0, 2.0, 2.0, 2.0], OSError),
-    # another multiplier (the TPU API's polls use 1.5)
-    ((E, E, E), dict(attempts=4, base=0.1, cap=5.0, multiplier=1.5), 4, [0.1, 0.15, 0.225], None),
-    # an error outside `retryable` propagates at once
-    ((ValueError("bad"),), dict(attempts=5, retryable=(OSError,)), 1, [], ValueError),
-    # `fatal` wins over `retryable` (InputError is an Exception, retried unless fatal)
-    ((FileNotFoundError("gone"),), dict(attempts=5, retryable=(OSError,), fatal=(FileNotFoundError,)), 1, [],
-     FileNotFoundError),
-    # a deadline alone: tries until the clock has passed it (1 + 2 + 4 = 7 >= 5 after the fourth call)
-    ((E,) * 10, dict(deadline=5.0, base=1.0, cap=100.0), 4, [1.0, 2.0, 4.0], OSError),
-    # attempts and a deadline: whichever comes first
-    ((E,) * 10, dict(attempts=2, deadline=100.0, base=1.0), 2, [1.0], OSError),
-])
+@pytest.mark.parametrize(
+    "fails, kwargs, calls, sleeps, raised",
+    [
+        # succeeds at once: no sleep
+        ((), dict(attempts=3), 1, [], None),
+        # the third call succeeds: two sleeps, bounds base * 2**n
+        ((E, E), dict(attempts=3, base=0.5, cap=20.0), 3, [0.5, 1.0], None),
+        # attempts used up: the last error propagates, no sleep after it
+        ((E, E, E, E), dict(attempts=3, base=0.5), 3, [0.5, 1.0], OSError),
+        # the cap bounds each delay
+        ((E,) * 6, dict(attempts=6, base=0.5, cap=2.0), 6, [0.5, 1.0, 2.0, 2.0, 2.0], OSError),
+        # another multiplier (the TPU API's polls use 1.5)
+        ((E, E, E), dict(attempts=4, base=0.1, cap=5.0, multiplier=1.5), 4, [0.1, 0.15, 0.225], None),
+        # an error outside `retryable` propagates at once
+        ((ValueError("bad"),), dict(attempts=5, retryable=(OSError,)), 1, [], ValueError),
+        # `fatal` wins over `retryable` (InputError is an Exception, retried unless fatal)
+        (
+            (FileNotFoundError("gone"),),
+            dict(attempts=5, retryable=(OSError,), fatal=(FileNotFoundError,)),
+            1,
+            [],
+            FileNotFoundError,
+        ),
+        # a deadline alone: tries until the clock has passed it (1 + 2 + 4 = 7 >= 5 after the fourth call)
+        ((E,) * 10, dict(deadline=5.0, base=1.0, cap=100.0), 4, [1.0, 2.0, 4.0], OSError),
+        # attempts and a deadline: whichever comes first
+        ((E,) * 10, dict(attempts=2, deadline=100.0, base=1.0), 2, [1.0], OSError),
+    ],
+)
 def test_retry_table(fails, kwargs, calls, sleeps, raised):
     fn, clock = Flaky(*fails), Clock()
     run = lambda: retry(fn, sleep=clock.sleep, clock=clock, rng=top, **kwargs)  # noqa: E731
@@ -85,8 +93,15 @@ def test_should_stop_ends_retrying_with_the_last_error():
 
 def test_on_retry_sees_each_error_delay_and_attempt_before_its_sleep():
     fn, clock, seen = Flaky(OSError("a"), OSError("b")), Clock(), []
-    retry(fn, attempts=3, base=1.0, sleep=clock.sleep, clock=clock, rng=top,
-          on_retry=lambda e, d, n: seen.append((str(e), d, n, len(clock.sleeps))))
+    retry(
+        fn,
+        attempts=3,
+        base=1.0,
+        sleep=clock.sleep,
+        clock=clock,
+        rng=top,
+        on_retry=lambda e, d, n: seen.append((str(e), d, n, len(clock.sleeps))),
+    )
     assert seen == [("a", 1.0, 1, 0), ("b", 2.0, 2, 1)]
 
 

@@ -25,13 +25,25 @@ def batch(sample_ids, d=8, seed=0):
     rng = np.random.default_rng(seed)
     sids = np.repeat(np.asarray(sample_ids, np.int64), 3)
     pos = np.tile(np.arange(3, dtype=np.int32), len(sample_ids))
-    return Batch(token_ids=(sids * 10 + pos).astype(np.int32), sample_ids=sids, positions=pos,
-                 acts={s: rng.standard_normal((len(sids), d)).astype(np.float32) for s in SITES})
+    return Batch(
+        token_ids=(sids * 10 + pos).astype(np.int32),
+        sample_ids=sids,
+        positions=pos,
+        acts={s: rng.standard_normal((len(sids), d)).astype(np.float32) for s in SITES},
+    )
 
 
 def write(tmp_path, batches, store_dtype="float32", shard_mb=0.0005):
-    w = ShardWriter(shard_mb=shard_mb, model="m", revision="r", job="j", unit=4, sites=SITES, store_dtype=store_dtype,
-                    random_weights=True)
+    w = ShardWriter(
+        shard_mb=shard_mb,
+        model="m",
+        revision="r",
+        job="j",
+        unit=4,
+        sites=SITES,
+        store_dtype=store_dtype,
+        random_weights=True,
+    )
     for b in batches:
         w.add(b)
     shards = w.close()
@@ -46,8 +58,12 @@ def test_round_trip_with_filters(tmp_path):
     assert len(shards) > 3 and [s.name for s in shards][:2] == ["000004-0000.safetensors", "000004-0001.safetensors"]
     got = load(str(tmp_path))
     for k in ("sample_ids", "positions", "token_ids", *SITES):
-        np.testing.assert_array_equal(got[k], np.concatenate([getattr(b, k) if k in ("sample_ids", "positions", "token_ids")
-                                                              else b.acts[k] for b in batches]))
+        np.testing.assert_array_equal(
+            got[k],
+            np.concatenate(
+                [getattr(b, k) if k in ("sample_ids", "positions", "token_ids") else b.acts[k] for b in batches]
+            ),
+        )
     sub = load(f"file://{tmp_path}", sites=["blocks.0.hook_resid_post"], samples=[3, 17], positions=[0, 2])
     assert set(sub) == {"sample_ids", "token_ids", "positions", "blocks.0.hook_resid_post"}
     assert sub["sample_ids"].tolist() == [3, 3, 17, 17] and sub["positions"].tolist() == [0, 2, 0, 2]
@@ -65,7 +81,14 @@ def test_bytes_deterministic_and_readable_by_safetensors(tmp_path):
     from safetensors import safe_open
 
     a = write(tmp_path, [batch(range(5), seed=3)], store_dtype="bfloat16", shard_mb=1)
-    b = write(tmp_path, [batch(range(2), seed=3), ], store_dtype="bfloat16", shard_mb=1)
+    b = write(
+        tmp_path,
+        [
+            batch(range(2), seed=3),
+        ],
+        store_dtype="bfloat16",
+        shard_mb=1,
+    )
     again = write(tmp_path, [batch(range(5), seed=3)], store_dtype="bfloat16", shard_mb=1)
     assert a == again and a != b
     (tmp_path / "x.safetensors").write_bytes(a[0].data)
@@ -73,14 +96,27 @@ def test_bytes_deterministic_and_readable_by_safetensors(tmp_path):
         assert f.get_tensor("hook_embed").dtype == torch.bfloat16
         assert f.get_tensor("sample_ids").dtype == torch.int64
         assert json.loads(f.metadata()["sites"]) == list(SITES) and f.metadata()["dtype"] == "bfloat16"
-        np.testing.assert_array_equal(f.get_tensor("hook_embed").float().numpy(),
-                                      batch(range(5), seed=3).acts["hook_embed"].astype(ml_dtypes.bfloat16).astype(np.float32))
+        np.testing.assert_array_equal(
+            f.get_tensor("hook_embed").float().numpy(),
+            batch(range(5), seed=3).acts["hook_embed"].astype(ml_dtypes.bfloat16).astype(np.float32),
+        )
 
 
 def test_corrupt_bytes_are_refused():
-    good = shard_bytes(sample_ids=[1], token_ids=[2], positions=[0], acts={"hook_embed": np.ones((1, 2), np.float32)},
-                       sites=["hook_embed"], store_dtype="float32", model="m", revision="r", job="j", unit=0, part=0,
-                       random_weights=False)
+    good = shard_bytes(
+        sample_ids=[1],
+        token_ids=[2],
+        positions=[0],
+        acts={"hook_embed": np.ones((1, 2), np.float32)},
+        sites=["hook_embed"],
+        store_dtype="float32",
+        model="m",
+        revision="r",
+        job="j",
+        unit=0,
+        part=0,
+        random_weights=False,
+    )
     for bad in (b"", good[:6], b"\xff" * 8 + good[8:], good[:-4]):
         with pytest.raises(ShardFormatError):
             read_tensors(bad)
@@ -114,11 +150,19 @@ def test_writer_cuts_batches_into_the_bytes_of_their_concatenation(store_dtype):
     for i, n in enumerate(sizes):
         batches.append(batch(range(start, start + n), seed=i))
         start += n
-    bytes_per_row = 16 + sum(8 * np.dtype(ml_dtypes.bfloat16 if store_dtype == "bfloat16" else np.float32).itemsize
-                             for _ in SITES)
+    bytes_per_row = 16 + sum(
+        8 * np.dtype(ml_dtypes.bfloat16 if store_dtype == "bfloat16" else np.float32).itemsize for _ in SITES
+    )
     for rows_per_shard in (1, 4, 7, 10, 1000):
-        w = ShardWriter(shard_mb=rows_per_shard * bytes_per_row / 2**20, model="m", revision="r", job="j", unit=2,
-                        sites=SITES, store_dtype=store_dtype)
+        w = ShardWriter(
+            shard_mb=rows_per_shard * bytes_per_row / 2**20,
+            model="m",
+            revision="r",
+            job="j",
+            unit=2,
+            sites=SITES,
+            store_dtype=store_dtype,
+        )
         for b in batches:
             w.add(b)
         shards = w.close()
@@ -128,8 +172,18 @@ def test_writer_cuts_batches_into_the_bytes_of_their_concatenation(store_dtype):
         assert [s.tokens for s in shards] == [min(rows_per_shard, total - lo) for lo in range(0, total, rows_per_shard)]
         for part, (shard, lo) in enumerate(zip(shards, range(0, total, rows_per_shard))):
             hi = lo + rows_per_shard
-            want = shard_bytes(sample_ids=cat["sample_ids"][lo:hi], token_ids=cat["token_ids"][lo:hi],
-                               positions=cat["positions"][lo:hi], acts={s: a[lo:hi] for s, a in acts.items()},
-                               sites=SITES, store_dtype=store_dtype, model="m", revision="r", job="j", unit=2,
-                               part=part, random_weights=False)
+            want = shard_bytes(
+                sample_ids=cat["sample_ids"][lo:hi],
+                token_ids=cat["token_ids"][lo:hi],
+                positions=cat["positions"][lo:hi],
+                acts={s: a[lo:hi] for s, a in acts.items()},
+                sites=SITES,
+                store_dtype=store_dtype,
+                model="m",
+                revision="r",
+                job="j",
+                unit=2,
+                part=part,
+                random_weights=False,
+            )
             assert shard.data == want, (rows_per_shard, part)

@@ -35,8 +35,9 @@ def data_dir(tmp_path):
     a = [{"text": f"a{i}"} for i in range(5)]
     a[2] = b'{"text": "broken'  # counted, never fatal, in a compressed file too
     (d / "a.jsonl.gz").write_bytes(gzip.compress(jsonl_bytes(a)))
-    (d / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(jsonl_bytes({"text": f"b{i}"}
-                                                                                     for i in range(2300))))
+    (d / "b.jsonl.zst").write_bytes(
+        zstandard.ZstdCompressor().compress(jsonl_bytes({"text": f"b{i}"} for i in range(2300)))
+    )
     pq.write_table(pa.table({"text": [f"c{i}" for i in range(10)]}), d / "sub" / "c.parquet", row_group_size=3)
     (d / "d.jsonl").write_bytes(jsonl_bytes({"text": f"d{i}"} for i in range(2500)))
     (d / ".hidden.jsonl").write_bytes(b'{"text": "never"}\n')
@@ -95,16 +96,20 @@ def test_save_to_disk_dataset_and_dataset_dict(tmp_path):
 def test_hub_dataset_offline_pins_the_commit_and_reads_only_its_split(tmp_path, monkeypatch):
     cache = tmp_path / "hub"
     commit = "c0ffee" + "0" * 34
-    files = {"data/train-00000-of-00002.parquet": _parquet(["a", "b", "c"]),
-             "data/train-00001-of-00002.parquet": _parquet(["d"]),
-             "data/test-00000-of-00001.parquet": _parquet(["held out"]),
-             "small/x.jsonl": jsonl_bytes([{"text": "s0"}, {"text": "s1"}])}
+    files = {
+        "data/train-00000-of-00002.parquet": _parquet(["a", "b", "c"]),
+        "data/train-00001-of-00002.parquet": _parquet(["d"]),
+        "data/test-00000-of-00001.parquet": _parquet(["held out"]),
+        "small/x.jsonl": jsonl_bytes([{"text": "s0"}, {"text": "s1"}]),
+    }
     make_hub_dataset(cache, "org/tiny", commit, files)
     offline(monkeypatch, cache)
     refs = sources.resolve("org/tiny", split="train")
     assert refs == [f"hf://datasets/org/tiny@{commit}/data/train-0000{i}-of-00002.parquet" for i in (0, 1)]
     assert sources.resolve("org/tiny", split="train", revision=commit) == refs  # a commit is its own pin
-    assert sources.resolve("org/tiny", split="train", subset="small") == [f"hf://datasets/org/tiny@{commit}/small/x.jsonl"]
+    assert sources.resolve("org/tiny", split="train", subset="small") == [
+        f"hf://datasets/org/tiny@{commit}/small/x.jsonl"
+    ]
     monkeypatch.setenv("ACTFLEET_DATA_CACHE", str(tmp_path / "data"))
     pinned, _ = pinning.pin_files(refs)
     rows = list(inputs.read_source_rows(pinned, pinning.pinned_file, start=1, stop=4))
@@ -117,9 +122,11 @@ def test_hub_dataset_offline_pins_the_commit_and_reads_only_its_split(tmp_path, 
     monkeypatch.setenv("ACTFLEET_DATA_CACHE", str(tmp_path / "another-worker"))
     with pytest.raises(InputError, match="changed since prepare"):
         list(inputs.read_source_rows(pinned, pinning.pinned_file, start=3, stop=4))
-    for kwargs, message in [({"split": "validation"}, "no split 'validation' \\(it has train, test\\)"),
-                            ({"subset": "nope"}, "no subset 'nope'; pass --subset, one of default, small"),
-                            ({"revision": "v2"}, "cannot resolve the hub dataset at revision 'v2'")]:
+    for kwargs, message in [
+        ({"split": "validation"}, "no split 'validation' \\(it has train, test\\)"),
+        ({"subset": "nope"}, "no subset 'nope'; pass --subset, one of default, small"),
+        ({"revision": "v2"}, "cannot resolve the hub dataset at revision 'v2'"),
+    ]:
         with pytest.raises(InputError, match=message):
             sources.resolve("org/tiny", **{"split": "train", **kwargs})
     with pytest.raises(InputError, match="no such dataset file or directory"):
@@ -136,7 +143,9 @@ def test_a_field_no_row_has_names_the_fields_present(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_bytes(jsonl_bytes([{"body": "x", "id": 1}, b"garbage", {"body": "y", "id": 2}]))
     (f,), (local,) = pinning.pin_files([str(path)])
-    with pytest.raises(InputError, match="--text-field text: no row of d.jsonl has field 'text'; its rows have 'body', 'id'"):
+    with pytest.raises(
+        InputError, match="--text-field text: no row of d.jsonl has field 'text'; its rows have 'body', 'id'"
+    ):
         inputs.check_field(inputs.head(f, local, 1000), what="d.jsonl")
     inputs.check_field(inputs.head(f, local, 1000), text_field="body")
     with pytest.raises(InputError, match="--tokens-field input_ids"):
@@ -147,8 +156,11 @@ def test_tokens_field_rows_and_bad_ids(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_bytes(jsonl_bytes([{"input_ids": [1, 2, 3]}, {"other": 1}, {"input_ids": []}, {"input_ids": [4, "x"]}]))
     rows = read_rows(str(path), tokens_field="input_ids")
-    assert [next(rows), next(rows), next(rows)] == [(0, [1, 2, 3], None), (1, None, "missing field 'input_ids'"),
-                                                    (2, None, "empty text")]
+    assert [next(rows), next(rows), next(rows)] == [
+        (0, [1, 2, 3], None),
+        (1, None, "missing field 'input_ids'"),
+        (2, None, "empty text"),
+    ]
     with pytest.raises(InputError, match="row 3: field 'input_ids' is not a list of token ids"):
         next(rows)
 
@@ -163,17 +175,23 @@ def test_sources_inputs_pinning_import_one_way():
         imported = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module:
-                imported |= {node.module.rsplit(".", 1)[-1]} | {f"{node.module}.{a.name}".rsplit(".", 1)[-1]
-                                                               for a in node.names}
+                imported |= {node.module.rsplit(".", 1)[-1]} | {
+                    f"{node.module}.{a.name}".rsplit(".", 1)[-1] for a in node.names
+                }
             elif isinstance(node, ast.Import):
                 imported |= {a.name.rsplit(".", 1)[-1] for a in node.names}
-        assert not imported & set(order[i + 1:]), (name, imported & set(order[i + 1:]))
+        assert not imported & set(order[i + 1 :]), (name, imported & set(order[i + 1 :]))
 
 
-
-@pytest.mark.parametrize("ref, message", [("gs://", "no bucket"), ("gs://b/../d.jsonl", '".." is not allowed'),
-                                          ("gs://b/", "looks like gs://bucket/path/data.jsonl"),
-                                          ("gs://b/d.txt", "unknown dataset type")])
+@pytest.mark.parametrize(
+    "ref, message",
+    [
+        ("gs://", "no bucket"),
+        ("gs://b/../d.jsonl", '".." is not allowed'),
+        ("gs://b/", "looks like gs://bucket/path/data.jsonl"),
+        ("gs://b/d.txt", "unknown dataset type"),
+    ],
+)
 def test_a_bad_gcs_reference_is_refused_before_any_request(ref, message):
     with pytest.raises(InputError, match=message) as e:
         sources.resolve(ref)

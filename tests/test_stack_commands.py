@@ -23,8 +23,15 @@ ZONES = ("us-central1-a", "us-central1-b")
 
 
 def write_config(path: Path, *, mode: str = "queued", state: Path) -> Path:
-    return write_fleet_toml(path, id="cli", zones={z: 2 for z in ZONES}, state=state, fleet={"mode": mode},
-                            commit="89abcdef0123456789abcdef0123456789abcdef", job={"layers": [3]})
+    return write_fleet_toml(
+        path,
+        id="cli",
+        zones={z: 2 for z in ZONES},
+        state=state,
+        fleet={"mode": mode},
+        commit="89abcdef0123456789abcdef0123456789abcdef",
+        job={"layers": [3]},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -35,19 +42,29 @@ def cli(tmp_path_factory):
         env = {**os.environ, "ACTFLEET_TPU_ENDPOINT": fake.url, "ACTFLEET_SYNTH_DIR": str(tmp / "synth")}
         config = write_config(tmp / "fleet.toml", state=tmp / "state")
 
-        def run(*args: str, env_extra: dict | None = None, config_path: Path | None = config,
-                timeout: float = 600) -> subprocess.CompletedProcess:
+        def run(
+            *args: str, env_extra: dict | None = None, config_path: Path | None = config, timeout: float = 600
+        ) -> subprocess.CompletedProcess:
             argv = [ACTFLEET, *args] + (["--config", str(config_path)] if config_path else [])
-            return subprocess.run(argv, env={**env, **(env_extra or {})}, capture_output=True, text=True,
-                                  stdin=subprocess.DEVNULL, timeout=timeout, cwd=tmp)
+            return subprocess.run(
+                argv,
+                env={**env, **(env_extra or {})},
+                capture_output=True,
+                text=True,
+                stdin=subprocess.DEVNULL,
+                timeout=timeout,
+                cwd=tmp,
+            )
 
         run.fake, run.tmp, run.config, run.env = fake, tmp, config, env
         yield run
 
 
 def creates(fake) -> list[str]:
-    return [c.query.split("queuedResourceId=")[1].split("&")[0]
-            for c in fake.calls(method="POST", path=r"/queuedResources$", status=200)]
+    return [
+        c.query.split("queuedResourceId=")[1].split("&")[0]
+        for c in fake.calls(method="POST", path=r"/queuedResources$", status=200)
+    ]
 
 
 def deletes(fake) -> list[str]:
@@ -76,7 +93,12 @@ def test_plan_deploy_plan_destroy_the_fleet(cli):
     planned = cli("plan", "--stack", "fleet", "--json")
     assert planned.returncode == 0, planned.stderr
     assert json.loads(planned.stdout)["stacks"]["fleet"] == {
-        "changes": True, "add": 4, "change": 0, "destroy": 0, "replace": []}
+        "changes": True,
+        "add": 4,
+        "change": 0,
+        "destroy": 0,
+        "replace": [],
+    }
 
     human_plan = cli("plan", "--stack", "fleet")
     assert 'terraform_data.workers["tpu-us-central1-b-1"] will be created' in human_plan.stdout
@@ -84,8 +106,12 @@ def test_plan_deploy_plan_destroy_the_fleet(cli):
 
     deployed = cli("deploy", "--stack", "fleet", "--yes")
     assert deployed.returncode == 0, deployed.stderr
-    assert sorted(creates(fake)) == ["tpu-us-central1-a-0", "tpu-us-central1-a-1",
-                                     "tpu-us-central1-b-0", "tpu-us-central1-b-1"]
+    assert sorted(creates(fake)) == [
+        "tpu-us-central1-a-0",
+        "tpu-us-central1-a-1",
+        "tpu-us-central1-b-0",
+        "tpu-us-central1-b-1",
+    ]
     assert "fleet stack: deploy done (4 added, 0 changed, 0 destroyed)" in deployed.stdout
 
     again = cli("deploy", "--stack", "fleet", "--yes", "--json")
@@ -94,8 +120,9 @@ def test_plan_deploy_plan_destroy_the_fleet(cli):
 
     destroyed = cli("destroy", "--yes", "--json")  # default stack: the fleet only
     assert destroyed.returncode == 0, destroyed.stderr
-    assert json.loads(destroyed.stdout)["stacks"] == {"fleet": {
-        "changes": True, "add": 0, "change": 0, "destroy": 4, "replace": [], "applied": True}}
+    assert json.loads(destroyed.stdout)["stacks"] == {
+        "fleet": {"changes": True, "add": 0, "change": 0, "destroy": 4, "replace": [], "applied": True}
+    }
     assert sorted(deletes(fake)) == sorted(creates(fake))
     fake.clear_calls()
     # Each plan was saved to a file of its own and removed once applied or shown.
@@ -127,7 +154,8 @@ def test_deploy_without_yes_and_without_a_terminal_applies_nothing(cli):
     result = cli("deploy", "--stack", "fleet")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        "actfleet: deploy of the fleet stack needs a confirmation: run it in a terminal or pass --yes")
+        "actfleet: deploy of the fleet stack needs a confirmation: run it in a terminal or pass --yes"
+    )
     assert creates(cli.fake) == []
 
 
@@ -137,8 +165,15 @@ def test_deploy_asks_on_a_terminal_and_no_applies_nothing(cli):
 
     cli.fake.clear_calls()
     master, slave = pty.openpty()
-    proc = subprocess.Popen([ACTFLEET, "deploy", "--stack", "fleet", "--config", str(cli.config)], env=cli.env,
-                            cwd=cli.tmp, stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [ACTFLEET, "deploy", "--stack", "fleet", "--config", str(cli.config)],
+        env=cli.env,
+        cwd=cli.tmp,
+        stdin=slave,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     os.close(slave)
     try:
         os.write(master, b"n\n")  # typed ahead: the terminal holds it until the prompt reads
@@ -182,8 +217,12 @@ WORKFLOW = Path(__file__).resolve().parent.parent / ".github" / "workflows" / "p
 
 def test_plan_workflow_is_a_valid_github_workflow():
     checker = Path(sys.executable).parent / "check-jsonschema"
-    result = subprocess.run([str(checker), "--builtin-schema", "vendor.github-workflows", str(WORKFLOW)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [str(checker), "--builtin-schema", "vendor.github-workflows", str(WORKFLOW)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 

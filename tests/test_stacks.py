@@ -26,17 +26,22 @@ from tests.conftest import write_fleet_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 ACTFLEET = "/opt/actfleet-test/bin/actfleet"
-CONFIG_TEXT = "# the operator's fleet.toml, uploaded for the workers\n[fleet]\nid = \"acts\"\n"
+CONFIG_TEXT = '# the operator\'s fleet.toml, uploaded for the workers\n[fleet]\nid = "acts"\n'
 
 
 def make_config(mode="queued", **fleet):
     raw = {
-        "fleet": {"id": "acts", "project": "my-project", "region": "us-central1", "mode": mode,
-                  "zones": {"us-central1-a": 4, "us-central1-b": 4, "us-central1-c": 4}, **fleet},
+        "fleet": {
+            "id": "acts",
+            "project": "my-project",
+            "region": "us-central1",
+            "mode": mode,
+            "zones": {"us-central1-a": 4, "us-central1-b": 4, "us-central1-c": 4},
+            **fleet,
+        },
         "repo": {"url": "https://github.com/example/actfleet.git", "commit": "0123456789abcdef" * 2 + "01234567"},
         "storage": {"bucket": "my-project-acts", "soft_delete_days": 7},
-        "job": {"name": "resid", "model": "Qwen/Qwen2.5-0.5B", "input": "gs://my-project-acts/d.jsonl",
-                "layers": [6]},
+        "job": {"name": "resid", "model": "Qwen/Qwen2.5-0.5B", "input": "gs://my-project-acts/d.jsonl", "layers": [6]},
     }
     return parse(raw, source="test.toml")
 
@@ -96,26 +101,35 @@ def cdktf_testing():
 
 def test_base_bucket_is_hardened(stacks):
     base = json.dumps(stacks["queued"]["base"])
-    assert cdktf_testing().to_have_resource_with_properties(base, "google_storage_bucket", {
-        "name": "my-project-acts",
-        "location": "US-CENTRAL1",
-        "uniform_bucket_level_access": True,
-        "public_access_prevention": "enforced",
-        "versioning": {"enabled": False},
-        "soft_delete_policy": {"retention_duration_seconds": 7 * 86400},
-        "force_destroy": False,
-        "labels": {"actfleet-fleet": "acts", "managed-by": "actfleet"},
-    })
-    assert not cdktf_testing().to_have_resource_with_properties(base, "google_storage_bucket",
-                                                          {"public_access_prevention": "inherited"})
+    assert cdktf_testing().to_have_resource_with_properties(
+        base,
+        "google_storage_bucket",
+        {
+            "name": "my-project-acts",
+            "location": "US-CENTRAL1",
+            "uniform_bucket_level_access": True,
+            "public_access_prevention": "enforced",
+            "versioning": {"enabled": False},
+            "soft_delete_policy": {"retention_duration_seconds": 7 * 86400},
+            "force_destroy": False,
+            "labels": {"actfleet-fleet": "acts", "managed-by": "actfleet"},
+        },
+    )
+    assert not cdktf_testing().to_have_resource_with_properties(
+        base, "google_storage_bucket", {"public_access_prevention": "inherited"}
+    )
 
 
 def test_base_iam_is_bucket_scoped_and_keyless(stacks):
     base = stacks["queued"]["base"]
     # Exactly these resource types: nothing project-wide beyond the two writer roles, and no keys.
-    assert set(base["resource"]) == {"google_storage_bucket", "google_service_account",
-                                     "google_storage_bucket_iam_member", "google_project_iam_member",
-                                     "google_storage_bucket_object"}
+    assert set(base["resource"]) == {
+        "google_storage_bucket",
+        "google_service_account",
+        "google_storage_bucket_iam_member",
+        "google_project_iam_member",
+        "google_storage_bucket_object",
+    }
     (account,) = resources(base, "google_service_account").values()
     assert account["account_id"] == "actfleet-acts"
     # On the bucket: conditional grants only (tests/test_bucket_access.py evaluates them with a CEL engine).
@@ -123,9 +137,11 @@ def test_base_iam_is_bucket_scoped_and_keyless(stacks):
     objects = "projects/_/buckets/my-project-acts/objects/"
     assert {name: (m["role"], m["condition"]["expression"]) for name, m in members.items()} == {
         "worker-list": ("roles/storage.objectViewer", 'resource.type == "storage.googleapis.com/Bucket"'),
-        "worker-read": ("roles/storage.objectViewer",
-                        f'resource.name.startsWith("{objects}actfleet/acts/fleet.toml") || '
-                        f'resource.name.startsWith("{objects}d.jsonl")'),
+        "worker-read": (
+            "roles/storage.objectViewer",
+            f'resource.name.startsWith("{objects}actfleet/acts/fleet.toml") || '
+            f'resource.name.startsWith("{objects}d.jsonl")',
+        ),
         "worker-write": ("roles/storage.objectUser", f'resource.name.startsWith("{objects}resid/")'),
     }
     assert "roles/storage.objectAdmin" not in json.dumps(base)  # no grant that could rewrite fleet.toml
@@ -152,7 +168,8 @@ def test_backends_local_by_default_gcs_when_configured(stacks):
     for name in ("base", "fleet"):
         assert stacks["queued"][name]["terraform"]["backend"] == {"local": {"path": str(state_dir / f"{name}.tfstate")}}
         assert stacks["gcs"][name]["terraform"]["backend"] == {
-            "gcs": {"bucket": "my-project-tfstate", "prefix": f"teams/acts/{name}"}}
+            "gcs": {"bucket": "my-project-tfstate", "prefix": f"teams/acts/{name}"}
+        }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -164,7 +181,9 @@ def resolved_requests(fleet: dict) -> dict[str, dict]:
     """local.worker_requests with the shared script/unit references resolved, as Terraform evaluates them."""
     script, unit = decoded(fleet["locals"]["startup_script"]), decoded(fleet["locals"]["worker_unit"])
     text = json.dumps(fleet["locals"]["worker_requests"])
-    text = text.replace('"${local.startup_script}"', json.dumps(script)).replace('"${local.worker_unit}"', json.dumps(unit))
+    text = text.replace('"${local.startup_script}"', json.dumps(script)).replace(
+        '"${local.worker_unit}"', json.dumps(unit)
+    )
     return json.loads(text)
 
 
@@ -196,8 +215,10 @@ def test_queued_requests_are_complete_tpu_api_bodies(stacks):
         assert node_spec["nodeId"] == worker.name
         assert node["acceleratorType"] == "v5litepod-8" and node["runtimeVersion"] == "v2-alpha-tpuv5-lite"
         assert node["networkConfig"]["network"] == "default"
-        assert node["serviceAccount"] == {"email": "actfleet-acts@my-project.iam.gserviceaccount.com",
-                                          "scope": ["https://www.googleapis.com/auth/cloud-platform"]}
+        assert node["serviceAccount"] == {
+            "email": "actfleet-acts@my-project.iam.gserviceaccount.com",
+            "scope": ["https://www.googleapis.com/auth/cloud-platform"],
+        }
         assert node["labels"] == {"actfleet-fleet": "acts", "managed-by": "actfleet", "actfleet-worker": worker.name}
         md = node["metadata"]
         assert md["startup-script"] == startup_script() == (ROOT / "bootstrap/startup.sh").read_text()
@@ -223,8 +244,10 @@ def test_queued_provisioners_call_actfleet_tpu_and_destroy_uses_only_self(stacks
     where = "--project ${self.input.project} --zone ${self.input.zone} --id ${self.input.id}"
     assert create["command"] == f"{ACTFLEET} tpu create-qr {where}"
     assert destroy["command"] == f"{ACTFLEET} tpu delete-qr {where}"
-    assert create["environment"] == {"ACTFLEET_TPU_ENDPOINT": "${self.input.endpoint}",
-                                     "ACTFLEET_TPU_REQUEST": "${jsonencode(self.input.request)}"}
+    assert create["environment"] == {
+        "ACTFLEET_TPU_ENDPOINT": "${self.input.endpoint}",
+        "ACTFLEET_TPU_REQUEST": "${jsonencode(self.input.request)}",
+    }
     # Destroy-time provisioners may only refer to self (Terraform rejects anything else).
     refs = re.findall(r"\$\{([^}]*)\}", json.dumps(destroy))
     assert refs and all(r.startswith("self.") for r in refs)
@@ -253,8 +276,10 @@ def test_queued_fleet_stack_is_valid_terraform(stacks, tmp_path):
     stack_dir = tmp_path / "fleet"
     shutil.copytree(stacks["queued"]["outdir"] / "stacks" / "fleet", stack_dir)
     env = {k: v for k, v in os.environ.items() if k != "TF_CLI_CONFIG_FILE"} | {"CHECKPOINT_DISABLE": "1"}
-    for argv in (["terraform", "init", "-backend=false", "-input=false", "-no-color"],
-                 ["terraform", "validate", "-no-color"]):
+    for argv in (
+        ["terraform", "init", "-backend=false", "-input=false", "-no-color"],
+        ["terraform", "validate", "-no-color"],
+    ):
         result = subprocess.run(argv, cwd=stack_dir, env=env, capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
 
@@ -268,15 +293,21 @@ def test_vm_fleet_uses_google_tpu_v2_vm_with_spot_metadata_account_labels(stacks
     fleet = stacks["vm"]["fleet"]
     text = json.dumps(fleet)
     assert cdktf_testing().to_have_provider(text, "google-beta")
-    assert cdktf_testing().to_have_resource_with_properties(text, "google_tpu_v2_vm", {
-        "name": "${each.key}",
-        "accelerator_type": "v5litepod-8",
-        "runtime_version": "v2-alpha-tpuv5-lite",
-        "scheduling_config": {"spot": True},
-        "service_account": {"email": "actfleet-acts@my-project.iam.gserviceaccount.com",
-                            "scope": ["https://www.googleapis.com/auth/cloud-platform"]},
-        "network_config": {"network": "default", "enable_external_ips": True},
-    })
+    assert cdktf_testing().to_have_resource_with_properties(
+        text,
+        "google_tpu_v2_vm",
+        {
+            "name": "${each.key}",
+            "accelerator_type": "v5litepod-8",
+            "runtime_version": "v2-alpha-tpuv5-lite",
+            "scheduling_config": {"spot": True},
+            "service_account": {
+                "email": "actfleet-acts@my-project.iam.gserviceaccount.com",
+                "scope": ["https://www.googleapis.com/auth/cloud-platform"],
+            },
+            "network_config": {"network": "default", "enable_external_ips": True},
+        },
+    )
     assert list(fleet["resource"]) == ["google_tpu_v2_vm"]
     vm = fleet["resource"]["google_tpu_v2_vm"]["workers"]
     assert vm["for_each"] == "${local.worker_specs}"
@@ -285,7 +316,11 @@ def test_vm_fleet_uses_google_tpu_v2_vm_with_spot_metadata_account_labels(stacks
     assert sorted(specs) == [f"tpu-us-central1-{z}-{i}" for z in "abc" for i in range(4)]
     spec = specs["tpu-us-central1-b-2"]
     assert spec["zone"] == "us-central1-b"
-    assert spec["labels"] == {"actfleet-fleet": "acts", "managed-by": "actfleet", "actfleet-worker": "tpu-us-central1-b-2"}
+    assert spec["labels"] == {
+        "actfleet-fleet": "acts",
+        "managed-by": "actfleet",
+        "actfleet-worker": "tpu-us-central1-b-2",
+    }
     assert spec["metadata"]["startup-script"] == "${local.startup_script}"
     assert decoded(fleet["locals"]["startup_script"]) == startup_script()
     assert spec["metadata"]["actfleet-worker"] == "tpu-us-central1-b-2"
@@ -312,9 +347,14 @@ def test_cache_key_follows_config_and_sources(tmp_path, monkeypatch):
 
 
 def test_cached_synth_imports_no_cdktf(tmp_path):
-    config_path = write_fleet_toml(tmp_path / "fleet.toml", zones={"us-central1-a": 2}, commit="ab" * 20,
-                                   state=tmp_path / "state", bucket="my-project-acts",
-                                   job={"model": "m", "input": "i", "layers": [1]})
+    config_path = write_fleet_toml(
+        tmp_path / "fleet.toml",
+        zones={"us-central1-a": 2},
+        commit="ab" * 20,
+        state=tmp_path / "state",
+        bucket="my-project-acts",
+        job={"model": "m", "input": "i", "layers": [1]},
+    )
     from actfleet.config import load
 
     first = synth_cache.synth(load(config_path), cache_dir=tmp_path / "cache")  # a miss: imports cdktf here
@@ -337,8 +377,14 @@ def test_cached_synth_imports_no_cdktf(tmp_path):
 def test_main_py_rejects_a_bad_config_with_one_line(tmp_path):
     bad = tmp_path / "fleet.toml"
     bad.write_text('[fleet]\nid = "acts"\nmode = "spot"\n')
-    result = subprocess.run([sys.executable, "main.py"], cwd=ROOT, capture_output=True, text=True,
-                            env={**os.environ, "ACTFLEET_CONFIG": str(bad)}, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "main.py"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "ACTFLEET_CONFIG": str(bad)},
+        timeout=60,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("actfleet: ")
 
@@ -350,19 +396,33 @@ def test_cdktf_cli_synth_hcl_export_is_valid_terraform(tmp_path):
     if not cdktf.exists() or not shutil.which("terraform"):
         pytest.skip("cdktf-cli (npm ci) or terraform missing")
     config_path = tmp_path / "fleet.toml"
-    config_path.write_text((ROOT / "fleet.example.toml").read_text().replace(
-        'backend = "local"', f'backend = "local"\npath = "{tmp_path / "state"}"'))
+    config_path.write_text(
+        (ROOT / "fleet.example.toml")
+        .read_text()
+        .replace('backend = "local"', f'backend = "local"\npath = "{tmp_path / "state"}"')
+    )
     env = {k: v for k, v in os.environ.items() if k != "TF_CLI_CONFIG_FILE"}
-    env |= {"ACTFLEET_CONFIG": str(config_path), "CHECKPOINT_DISABLE": "1",
-            "PATH": f"{cdktf.parent}:{Path(sys.executable).parent}:{env['PATH']}"}
+    env |= {
+        "ACTFLEET_CONFIG": str(config_path),
+        "CHECKPOINT_DISABLE": "1",
+        "PATH": f"{cdktf.parent}:{Path(sys.executable).parent}:{env['PATH']}",
+    }
     out = tmp_path / "hcl"
-    result = subprocess.run([str(cdktf), "synth", "--hcl", "--output", str(out)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [str(cdktf), "synth", "--hcl", "--output", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     fleet_tf = out / "stacks" / "fleet" / "cdk.tf"
     assert 'resource "terraform_data" "workers"' in fleet_tf.read_text()
-    for argv in (["terraform", "init", "-backend=false", "-input=false", "-no-color"],
-                 ["terraform", "validate", "-no-color"]):
+    for argv in (
+        ["terraform", "init", "-backend=false", "-input=false", "-no-color"],
+        ["terraform", "validate", "-no-color"],
+    ):
         check = subprocess.run(argv, cwd=fleet_tf.parent, env=env, capture_output=True, text=True)
         assert check.returncode == 0, check.stdout + check.stderr
 

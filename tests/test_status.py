@@ -29,10 +29,15 @@ OURS = {"actfleet-fleet": "st", "managed-by": "actfleet"}
 @pytest.fixture
 def setup(tmp_path):
     with FakeTpuServer.start(port=0) as fake:
-        config = write_fleet_toml(tmp_path / "fleet.toml", id="st", zones={A: 2, B: 1}, commit="b" * 40,
-                                  bucket="st-activations", fleet={"tpu_endpoint": fake.url},
-                                  job={"name": "j1", "model": "tiny", "input": "data.jsonl", "layers": [1],
-                                       "store": str(tmp_path / "store")})
+        config = write_fleet_toml(
+            tmp_path / "fleet.toml",
+            id="st",
+            zones={A: 2, B: 1},
+            commit="b" * 40,
+            bucket="st-activations",
+            fleet={"tpu_endpoint": fake.url},
+            job={"name": "j1", "model": "tiny", "input": "data.jsonl", "layers": [1], "store": str(tmp_path / "store")},
+        )
         # tpu-us-central1-a-0 healthy, a-1 preempted, b-0 missing
         fake.create_qr_direct(A, "tpu-us-central1-a-0", project="fake-project", labels=OURS)
         fake.create_qr_direct(A, "tpu-us-central1-a-1", project="fake-project", labels=OURS)
@@ -43,8 +48,9 @@ def setup(tmp_path):
 
 
 def run_status(config, env, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([ACTFLEET, "status", "--config", str(config), *args], env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [ACTFLEET, "status", "--config", str(config), *args], env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def commit_units(store, job: str, worker: str, units: range, tokens_each: int) -> None:
@@ -53,10 +59,19 @@ def commit_units(store, job: str, worker: str, units: range, tokens_each: int) -
         now = time.time()
         name = f"shards/{unit:06d}-0000.{lease.tag}.safetensors"
         store.put(f"{job}/{name}", b"s" * 100)  # commit checks the listed shards are there
-        record = DoneRecord(unit=unit, start=unit * 10, stop=unit * 10 + 10, worker=worker, attempt=1,
-                            rows_stored=10, tokens=tokens_each, skipped={},
-                            shards=[ShardInfo(name, 100, "0" * 64, tokens_each)],
-                            committed_at=now, seconds=2.0)
+        record = DoneRecord(
+            unit=unit,
+            start=unit * 10,
+            stop=unit * 10 + 10,
+            worker=worker,
+            attempt=1,
+            rows_stored=10,
+            tokens=tokens_each,
+            skipped={},
+            shards=[ShardInfo(name, 100, "0" * 64, tokens_each)],
+            committed_at=now,
+            seconds=2.0,
+        )
         assert commit(store, lease, record, 60)
 
 
@@ -71,16 +86,25 @@ def test_fleet_only_shows_states_and_what_reconcile_would_do(setup):
     doc = json.loads(proc.stdout)
     assert doc["schema"] == "actfleet.status/v1"
     rows = by_worker(doc)
-    assert (rows["tpu-us-central1-a-0"]["qr_state"], rows["tpu-us-central1-a-0"]["node_state"],
-            rows["tpu-us-central1-a-0"]["health"]) == ("ACTIVE", "READY", "healthy")
-    assert (rows["tpu-us-central1-a-1"]["qr_state"], rows["tpu-us-central1-a-1"]["health"]) == ("SUSPENDED",
-                                                                                                  "replace")
+    assert (
+        rows["tpu-us-central1-a-0"]["qr_state"],
+        rows["tpu-us-central1-a-0"]["node_state"],
+        rows["tpu-us-central1-a-0"]["health"],
+    ) == ("ACTIVE", "READY", "healthy")
+    assert (rows["tpu-us-central1-a-1"]["qr_state"], rows["tpu-us-central1-a-1"]["health"]) == ("SUSPENDED", "replace")
     assert (rows["tpu-us-central1-b-0"]["qr_state"], rows["tpu-us-central1-b-0"]["health"]) == (None, "create")
     assert doc["job"]["prepared"] is False and doc["throughput"] == {}
     human = run_status(config, env)
     assert human.returncode == 0
-    for words in ("worker", "queued resource", "last heartbeat", "tpu-us-central1-a-1", "SUSPENDED",
-                  "workers: 1/3 healthy", "job j1: not prepared"):
+    for words in (
+        "worker",
+        "queued resource",
+        "last heartbeat",
+        "tpu-us-central1-a-1",
+        "SUSPENDED",
+        "workers: 1/3 healthy",
+        "job j1: not prepared",
+    ):
         assert words in human.stdout, human.stdout
 
 
@@ -137,8 +161,12 @@ def test_watch_json_refreshes_with_recent_throughput(setup):
     store = open_store(str(tmp / "store"))
     prepare(store, "j1", input="data.jsonl", fingerprint="f" * 64, rows=100, unit_rows=10, options={})
     commit_units(store, "j1", "tpu-us-central1-a-0", range(0, 1), tokens_each=500)
-    proc = subprocess.Popen([ACTFLEET, "status", "--config", str(config), "--json", "--watch", "0.5"], env=env,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [ACTFLEET, "status", "--config", str(config), "--json", "--watch", "0.5"],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         first = json.loads(proc.stdout.readline())
         commit_units(store, "j1", "tpu-us-central1-a-0", range(1, 3), tokens_each=500)
@@ -165,7 +193,6 @@ def test_status_imports_no_cdktf_terraform_jax_or_torch(setup):
                        "transformers", "flax") or m in ("actfleet.infra.terraform", "actfleet.infra.synth_cache"))
         print(heavy)
     """)
-    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

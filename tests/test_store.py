@@ -73,10 +73,15 @@ def test_put_from_bytes_and_file_and_list(store, tmp_path):
     store.put("jobb/x", b"other job")
     assert store.read("job/shards/000000-0000.safetensors")[0] == payload
     assert store.size("job/shards/000000-0000.safetensors") == len(payload)
-    assert list(store.list("job/shards/")) == ["job/shards/000000-0000.safetensors",
-                                               "job/shards/000001-0000.safetensors"]
-    assert list(store.list("job/")) == ["job/done/000000", "job/shards/000000-0000.safetensors",
-                                        "job/shards/000001-0000.safetensors"]
+    assert list(store.list("job/shards/")) == [
+        "job/shards/000000-0000.safetensors",
+        "job/shards/000001-0000.safetensors",
+    ]
+    assert list(store.list("job/")) == [
+        "job/done/000000",
+        "job/shards/000000-0000.safetensors",
+        "job/shards/000001-0000.safetensors",
+    ]
     assert list(store.list("nothing/")) == []
 
 
@@ -117,18 +122,32 @@ def test_open_store_urls(tmp_path):
         LocalStore(tmp_path).read("../escape")
 
 
-@pytest.mark.parametrize("url, want", [
-    ("gs://b", ("b", "")), ("gs://b/", ("b", "")), ("gs://b/p/q/", ("b", "p/q")), ("gs://b//x.jsonl", ("b", "x.jsonl")),
-    ("gs://my-acts/runs/job/job.json", ("my-acts", "runs/job/job.json")), ("gs://b/a..b/c", ("b", "a..b/c")),
-])
+@pytest.mark.parametrize(
+    "url, want",
+    [
+        ("gs://b", ("b", "")),
+        ("gs://b/", ("b", "")),
+        ("gs://b/p/q/", ("b", "p/q")),
+        ("gs://b//x.jsonl", ("b", "x.jsonl")),
+        ("gs://my-acts/runs/job/job.json", ("my-acts", "runs/job/job.json")),
+        ("gs://b/a..b/c", ("b", "a..b/c")),
+    ],
+)
 def test_parse_gs(url, want):
     assert parse_gs(url) == want
 
 
-@pytest.mark.parametrize("url, message", [
-    ("gs://", "no bucket"), ("gs:///x", "no bucket"), ("gs://b/../x", '".."'), ("gs://b/p/..", '".."'),
-    ("s3://b/x", "not a gs:// URL"), ("/local/path", "not a gs:// URL"),
-])
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("gs://", "no bucket"),
+        ("gs:///x", "no bucket"),
+        ("gs://b/../x", '".."'),
+        ("gs://b/p/..", '".."'),
+        ("s3://b/x", "not a gs:// URL"),
+        ("/local/path", "not a gs:// URL"),
+    ],
+)
 def test_parse_gs_refuses_with_one_line_naming_the_url(url, message):
     with pytest.raises(InputError, match=message) as e:
         parse_gs(url, "store")

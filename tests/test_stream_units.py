@@ -68,8 +68,9 @@ class Recording(sx.StandinExtractor):
 def job(tmp_path, rows=60, unit_rows=20):
     data = sx.write_dataset(tmp_path / "data.jsonl", rows)
     store = open_store(str(tmp_path / "bucket"))
-    spec, _ = q.prepare(store, "job", input=str(data), fingerprint=sx.fingerprint(data), rows=rows,
-                        unit_rows=unit_rows, options={})
+    spec, _ = q.prepare(
+        store, "job", input=str(data), fingerprint=sx.fingerprint(data), rows=rows, unit_rows=unit_rows, options={}
+    )
     return store, spec, data
 
 
@@ -140,8 +141,15 @@ def test_a_lost_lease_on_the_prefetched_unit_discards_its_results(tmp_path):
 def test_max_units_claims_no_more_even_with_prefetch(tmp_path):
     store, spec, data = job(tmp_path, rows=120)
     claims: list[int] = []
-    w = Worker(store, spec, sx.StandinExtractor(data, batch_rows=4), "w1", lease_seconds=30, max_units=2,
-               on_event=lambda kind, info: claims.append(info["unit"]) if kind == "claimed" else None)
+    w = Worker(
+        store,
+        spec,
+        sx.StandinExtractor(data, batch_rows=4),
+        "w1",
+        lease_seconds=30,
+        max_units=2,
+        on_event=lambda kind, info: claims.append(info["unit"]) if kind == "claimed" else None,
+    )
     result = w.run()
     assert len(claims) == 2 and result.units_committed == 2 and not result.job_complete
     assert list(store.list("job/leases/")) == []
@@ -151,8 +159,9 @@ def test_max_units_claims_no_more_even_with_prefetch(tmp_path):
 def test_sigterm_lets_the_prefetched_unit_finish_and_claims_nothing_more(tmp_path):
     store, spec, data = job(tmp_path, rows=120)
     claims: list[int] = []
-    w = Worker(store, spec, sx.StandinExtractor(data, batch_rows=4, delay=0.02), "w1", lease_seconds=30,
-               drain_seconds=60)
+    w = Worker(
+        store, spec, sx.StandinExtractor(data, batch_rows=4, delay=0.02), "w1", lease_seconds=30, drain_seconds=60
+    )
 
     def on_event(kind, info):
         if kind == "claimed":

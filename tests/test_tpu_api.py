@@ -28,18 +28,24 @@ REPO = Path(__file__).resolve().parents[1]
 
 def qr_request(zone: str, node_id: str, labels: dict | None = None, metadata: dict | None = None) -> dict:
     return {
-        "tpu": {"nodeSpec": [{
-            "parent": f"projects/{PROJECT}/locations/{zone}",
-            "nodeId": node_id,
-            "node": {
-                "acceleratorType": "v5litepod-8",
-                "runtimeVersion": "v2-alpha-tpuv5-lite",
-                "serviceAccount": {"email": f"actfleet-t@{PROJECT}.iam.gserviceaccount.com",
-                                   "scope": ["https://www.googleapis.com/auth/cloud-platform"]},
-                "labels": {"actfleet-fleet": "t", "managed-by": "actfleet", **(labels or {})},
-                "metadata": metadata if metadata is not None else {"startup-script": "#!/bin/bash\necho hi\n"},
-            },
-        }]},
+        "tpu": {
+            "nodeSpec": [
+                {
+                    "parent": f"projects/{PROJECT}/locations/{zone}",
+                    "nodeId": node_id,
+                    "node": {
+                        "acceleratorType": "v5litepod-8",
+                        "runtimeVersion": "v2-alpha-tpuv5-lite",
+                        "serviceAccount": {
+                            "email": f"actfleet-t@{PROJECT}.iam.gserviceaccount.com",
+                            "scope": ["https://www.googleapis.com/auth/cloud-platform"],
+                        },
+                        "labels": {"actfleet-fleet": "t", "managed-by": "actfleet", **(labels or {})},
+                        "metadata": metadata if metadata is not None else {"startup-script": "#!/bin/bash\necho hi\n"},
+                    },
+                }
+            ]
+        },
         "spot": {},
     }
 
@@ -56,8 +62,9 @@ def get_json(url: str) -> dict:
 
 
 def post_json(url: str, body: dict) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req) as r:
         return json.loads(r.read())
 
@@ -96,11 +103,20 @@ def test_observations_are_plain_dataclasses_with_state_names(fake_tpu, api):
     [node] = api.list_nodes(ZONE_A)
     assert isinstance(qr, QueuedResource) and isinstance(node, Node)
     assert (qr.name, qr.zone, qr.state, qr.labels, qr.node_ids) == (
-        "tpu-us-central1-a-0", ZONE_A, "ACTIVE", {"actfleet-fleet": "t"}, ("tpu-us-central1-a-0",))
+        "tpu-us-central1-a-0",
+        ZONE_A,
+        "ACTIVE",
+        {"actfleet-fleet": "t"},
+        ("tpu-us-central1-a-0",),
+    )
     assert qr.path == f"projects/{PROJECT}/locations/{ZONE_A}/queuedResources/tpu-us-central1-a-0"
     assert isinstance(qr.create_time, float)
     assert (node.name, node.state, node.queued_resource, node.labels) == (
-        "tpu-us-central1-a-0", "READY", "tpu-us-central1-a-0", {"actfleet-fleet": "t"})
+        "tpu-us-central1-a-0",
+        "READY",
+        "tpu-us-central1-a-0",
+        {"actfleet-fleet": "t"},
+    )
     with pytest.raises(AttributeError):
         qr.state = "FAILED"  # frozen
 
@@ -194,8 +210,10 @@ def test_retries_give_up_with_one_line_naming_the_resource(fake_tpu):
     with pytest.raises(ActfleetError) as e:
         api.list_nodes(ZONE_A)
     msg = str(e.value)
-    assert msg == (f"TPU API: list nodes in projects/{PROJECT}/locations/{ZONE_A}: 503 unavailable: "
-                   "The service is currently unavailable (injected by the fake) (gave up after 3 attempts)")
+    assert msg == (
+        f"TPU API: list nodes in projects/{PROJECT}/locations/{ZONE_A}: 503 unavailable: "
+        "The service is currently unavailable (injected by the fake) (gave up after 3 attempts)"
+    )
     assert len(fake_tpu.calls(zone=ZONE_A)) == 3
 
 
@@ -206,8 +224,9 @@ def test_client_errors_are_not_retried_and_name_the_resource(fake_tpu, api, stat
     with pytest.raises(ActfleetError) as e:
         api.get_queued_resource(ZONE_A, "tpu-us-central1-a-0")
     msg = str(e.value)
-    assert msg.startswith(f"TPU API: queued resource projects/{PROJECT}/locations/{ZONE_A}/queuedResources/"
-                          f"tpu-us-central1-a-0: {words}: ")
+    assert msg.startswith(
+        f"TPU API: queued resource projects/{PROJECT}/locations/{ZONE_A}/queuedResources/tpu-us-central1-a-0: {words}: "
+    )
     assert "\n" not in msg
     assert len(fake_tpu.calls(zone=ZONE_A)) == 1
 
@@ -215,8 +234,11 @@ def test_client_errors_are_not_retried_and_name_the_resource(fake_tpu, api, stat
 def test_not_found_on_a_list_names_the_location():
     with FakeTpuServer.start(zones=[ZONE_A]) as fake:
         api = TpuApi(PROJECT, fake.url, retries=0)
-        with pytest.raises(ActfleetError, match=r"^TPU API: list queued resources in "
-                                                r"projects/test-project/locations/us-east9-z: 404 not found: "):
+        with pytest.raises(
+            ActfleetError,
+            match=r"^TPU API: list queued resources in "
+            r"projects/test-project/locations/us-east9-z: 404 not found: ",
+        ):
             api.list_queued_resources("us-east9-z")
 
 
@@ -250,24 +272,35 @@ def test_create_is_idempotent_and_carries_the_node_spec(fake_tpu, api):
     assert node["labels"] == {"actfleet-fleet": "t", "managed-by": "actfleet"}
 
 
-@pytest.mark.parametrize("change, where", [
-    (lambda r: r["tpu"]["nodeSpec"][0]["node"].update(runtimeVersion="v2-other"),
-     "tpu.nodeSpec[0].node.runtimeVersion"),
-    (lambda r: r["tpu"]["nodeSpec"][0]["node"]["metadata"].update({"startup-script": "echo 2"}),
-     "tpu.nodeSpec[0].node.metadata.startup-script"),
-    (lambda r: r["tpu"]["nodeSpec"][0]["node"]["labels"].pop("managed-by"),
-     "tpu.nodeSpec[0].node.labels.managed-by"),  # a dropped label is a difference too
-    (lambda r: (r.pop("spot"), r.update(guaranteed={})), "guaranteed"),
-])
+@pytest.mark.parametrize(
+    "change, where",
+    [
+        (
+            lambda r: r["tpu"]["nodeSpec"][0]["node"].update(runtimeVersion="v2-other"),
+            "tpu.nodeSpec[0].node.runtimeVersion",
+        ),
+        (
+            lambda r: r["tpu"]["nodeSpec"][0]["node"]["metadata"].update({"startup-script": "echo 2"}),
+            "tpu.nodeSpec[0].node.metadata.startup-script",
+        ),
+        (
+            lambda r: r["tpu"]["nodeSpec"][0]["node"]["labels"].pop("managed-by"),
+            "tpu.nodeSpec[0].node.labels.managed-by",
+        ),  # a dropped label is a difference too
+        (lambda r: (r.pop("spot"), r.update(guaranteed={})), "guaranteed"),
+    ],
+)
 def test_create_refuses_an_existing_resource_with_a_different_request(fake_tpu, api, change, where):
     api.create_queued_resource(ZONE_A, "tpu-us-central1-a-0", qr_request(ZONE_A, "tpu-us-central1-a-0"))
     other = qr_request(ZONE_A, "tpu-us-central1-a-0")
     change(other)
     with pytest.raises(ActfleetError) as e:
         api.create_queued_resource(ZONE_A, "tpu-us-central1-a-0", other)
-    assert str(e.value) == (f"TPU API: queued resource projects/{PROJECT}/locations/{ZONE_A}/queuedResources/"
-                            f"tpu-us-central1-a-0 already exists with a different request (differs at {where}): "
-                            "delete it first, or let reconcile replace it")
+    assert str(e.value) == (
+        f"TPU API: queued resource projects/{PROJECT}/locations/{ZONE_A}/queuedResources/"
+        f"tpu-us-central1-a-0 already exists with a different request (differs at {where}): "
+        "delete it first, or let reconcile replace it"
+    )
     assert len(fake_tpu.calls(method="POST")) == 1
 
 
@@ -280,14 +313,19 @@ def test_create_losing_a_race_to_the_same_request_is_a_no_op(fake_tpu, api):
     assert [c.status for c in fake_tpu.calls(method="POST")] == [200, 409]
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda r: r.update(bogus=1), 'has no field named "bogus"'),
-    (lambda r: r["tpu"].update(nodeSpec=[]), "the request has no tpu.nodeSpec entries"),
-    (lambda r: r["tpu"]["nodeSpec"][0].update(parent="projects/test-project/locations/us-central1-b"),
-     'tpu.nodeSpec[0].parent = "projects/test-project/locations/us-central1-b": must be '
-     '"projects/test-project/locations/us-central1-a"'),
-    (lambda r: r["tpu"]["nodeSpec"][0]["node"].pop("runtimeVersion"), "needs a runtimeVersion"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda r: r.update(bogus=1), 'has no field named "bogus"'),
+        (lambda r: r["tpu"].update(nodeSpec=[]), "the request has no tpu.nodeSpec entries"),
+        (
+            lambda r: r["tpu"]["nodeSpec"][0].update(parent="projects/test-project/locations/us-central1-b"),
+            'tpu.nodeSpec[0].parent = "projects/test-project/locations/us-central1-b": must be '
+            '"projects/test-project/locations/us-central1-a"',
+        ),
+        (lambda r: r["tpu"]["nodeSpec"][0]["node"].pop("runtimeVersion"), "needs a runtimeVersion"),
+    ],
+)
 def test_a_malformed_request_is_bad_input_and_sends_nothing(fake_tpu, api, mutate, message):
     req = qr_request(ZONE_A, "tpu-us-central1-a-0")
     mutate(req)
@@ -306,7 +344,8 @@ def test_delete_is_idempotent_and_waits_for_the_operation(fake_tpu, api):
 
     assert api.delete_queued_resource(ZONE_A, "tpu-us-central1-a-0") is True
     assert waits and {w for w, _ in waits} == {
-        f"queued resource projects/{PROJECT}/locations/{ZONE_A}/queuedResources/tpu-us-central1-a-0"}
+        f"queued resource projects/{PROJECT}/locations/{ZONE_A}/queuedResources/tpu-us-central1-a-0"
+    }
     assert [s for _, s in waits] == sorted(s for _, s in waits)
     # Returned only once the operation was done: the resource and its node are gone now.
     assert fake_tpu.queued_resource_state(ZONE_A, "tpu-us-central1-a-0") is None
@@ -430,15 +469,25 @@ def test_a_delete_stuck_for_good_ends_in_one_line_naming_it(fake_tpu, api):
 
 
 def test_a_failed_queued_resource_explains_itself_with_integer_enums(fake_tpu, api):
-    fake_tpu.create_qr_direct(ZONE_A, QR0, project=PROJECT, state="FAILED",
-                              error=("PERMISSION_DENIED", "Permission 'tpu.nodes.create' denied on 'projects/p'"))
+    fake_tpu.create_qr_direct(
+        ZONE_A,
+        QR0,
+        project=PROJECT,
+        state="FAILED",
+        error=("PERMISSION_DENIED", "Permission 'tpu.nodes.create' denied on 'projects/p'"),
+    )
     [qr] = api.list_queued_resources(ZONE_A)
     assert (qr.state, qr.error_code, qr.error_message) == (
-        "FAILED", "PERMISSION_DENIED", "Permission 'tpu.nodes.create' denied on 'projects/p'")
+        "FAILED",
+        "PERMISSION_DENIED",
+        "Permission 'tpu.nodes.create' denied on 'projects/p'",
+    )
     assert all("enum-encoding%3Dint" in c.query for c in fake_tpu.calls(method="GET"))
     # On the wire: integers, as the real API sends them to this client.
-    raw = get_json(f"{fake_tpu.url}/v2/projects/{PROJECT}/locations/{ZONE_A}/queuedResources/{QR0}"
-                   "?%24alt=json%3Benum-encoding%3Dint")
+    raw = get_json(
+        f"{fake_tpu.url}/v2/projects/{PROJECT}/locations/{ZONE_A}/queuedResources/{QR0}"
+        "?%24alt=json%3Benum-encoding%3Dint"
+    )
     assert raw["state"]["state"] == 4 and raw["state"]["failedData"]["error"]["code"] == 7
     assert api.get_queued_resource(ZONE_A, QR0).error_code == "PERMISSION_DENIED"
 
@@ -452,8 +501,9 @@ def test_create_over_a_queued_resource_on_its_way_out_makes_a_new_one(fake_tpu, 
         api.delete_queued_resource(ZONE_A, QR0, wait=False)
     else:
         fake_tpu.delete_direct(ZONE_A, QR0)
-        fake_tpu.create_qr_direct(ZONE_A, QR0, project=PROJECT, state=state,
-                                  labels={"actfleet-fleet": "t", "managed-by": "actfleet"})
+        fake_tpu.create_qr_direct(
+            ZONE_A, QR0, project=PROJECT, state=state, labels={"actfleet-fleet": "t", "managed-by": "actfleet"}
+        )
     assert api.get_queued_resource(ZONE_A, QR0).state == state
     # Not "already exists with the same request": it is replaced by a live one.
     assert api.create_queued_resource(ZONE_A, QR0, req) is True
@@ -461,11 +511,14 @@ def test_create_over_a_queued_resource_on_its_way_out_makes_a_new_one(fake_tpu, 
     assert len(fake_tpu.calls(method="POST", status=200)) == 2
 
 
-@pytest.mark.parametrize("code, status, words", [
-    ("PERMISSION_DENIED", 403, "permission denied"),
-    ("INVALID_ARGUMENT", 400, "invalid argument"),
-    ("RESOURCE_EXHAUSTED", 429, "resource exhausted"),
-])
+@pytest.mark.parametrize(
+    "code, status, words",
+    [
+        ("PERMISSION_DENIED", 403, "permission denied"),
+        ("INVALID_ARGUMENT", 400, "invalid argument"),
+        ("RESOURCE_EXHAUSTED", 429, "resource exhausted"),
+    ],
+)
 def test_a_zone_whose_creates_are_refused(fake_tpu, api, code, status, words):
     fake_tpu.fail_creates(ZONE_B, code, "Accelerator type v5litepod-8 is not offered in us-central1-b")
     with pytest.raises(ActfleetError) as e:
@@ -477,8 +530,7 @@ def test_a_zone_whose_creates_are_refused(fake_tpu, api, code, status, words):
 
 
 def test_a_zone_whose_creates_are_accepted_then_fail(fake_tpu, api):
-    fake_tpu.fail_creates(ZONE_B, "RESOURCE_EXHAUSTED", "Quota 'TPUV5sLitepodPerProjectPerZone' exceeded",
-                          how="fail")
+    fake_tpu.fail_creates(ZONE_B, "RESOURCE_EXHAUSTED", "Quota 'TPUV5sLitepodPerProjectPerZone' exceeded", how="fail")
     assert api.create_queued_resource(ZONE_B, "tpu-us-central1-b-0", qr_request(ZONE_B, "tpu-us-central1-b-0"))
     qr = api.get_queued_resource(ZONE_B, "tpu-us-central1-b-0")
     assert (qr.state, qr.error_code) == ("FAILED", "RESOURCE_EXHAUSTED") and "Quota" in qr.error_message
@@ -508,8 +560,10 @@ def test_resources_planted_and_removed_behind_the_clients_back(fake_tpu, api):
 
 def test_control_endpoints_drive_the_fake_from_another_process(fake_tpu, api):
     url = fake_tpu.url + "/_fake"
-    post_json(url + "/create-qr", {"zone": ZONE_A, "id": "tpu-us-central1-a-0", "project": PROJECT,
-                                   "labels": {"actfleet-fleet": "t"}})
+    post_json(
+        url + "/create-qr",
+        {"zone": ZONE_A, "id": "tpu-us-central1-a-0", "project": PROJECT, "labels": {"actfleet-fleet": "t"}},
+    )
     post_json(url + "/preempt", {"zone": ZONE_A, "id": "tpu-us-central1-a-0"})
     assert api.get_queued_resource(ZONE_A, "tpu-us-central1-a-0").state == "SUSPENDED"
 
@@ -523,7 +577,9 @@ def test_control_endpoints_drive_the_fake_from_another_process(fake_tpu, api):
     state = get_json(url + "/state")
     assert state["stockout"] == [ZONE_B]
     assert {q["name"].rsplit("/", 1)[1]: q["state"]["state"] for q in state["queuedResources"]} == {
-        "tpu-us-central1-a-0": "SUSPENDED", "tpu-us-central1-b-0": "WAITING_FOR_RESOURCES"}
+        "tpu-us-central1-a-0": "SUSPENDED",
+        "tpu-us-central1-b-0": "WAITING_FOR_RESOURCES",
+    }
 
     post_json(url + "/delete", {"zone": ZONE_A, "id": "tpu-us-central1-a-0"})
     assert api.get_queued_resource(ZONE_A, "tpu-us-central1-a-0") is None
@@ -536,9 +592,12 @@ def test_control_endpoints_drive_the_fake_from_another_process(fake_tpu, api):
 
 
 def test_from_config_uses_the_endpoint_env_over_the_config(fake_tpu, monkeypatch, tmp_path):
-    text = (REPO / "fleet.example.toml").read_text().replace(
-        '# tpu_endpoint = "http://127.0.0.1:8470"', 'tpu_endpoint = "http://127.0.0.1:9"').replace(
-        'zones = { "us-central1-a" = 8 }', 'zones = { "us-central1-a" = 4, "us-central1-b" = 4 }')
+    text = (
+        (REPO / "fleet.example.toml")
+        .read_text()
+        .replace('# tpu_endpoint = "http://127.0.0.1:8470"', 'tpu_endpoint = "http://127.0.0.1:9"')
+        .replace('zones = { "us-central1-a" = 8 }', 'zones = { "us-central1-a" = 4, "us-central1-b" = 4 }')
+    )
     p = tmp_path / "fleet.toml"
     p.write_text(text)
     cfg = config.load(p)
@@ -550,6 +609,8 @@ def test_from_config_uses_the_endpoint_env_over_the_config(fake_tpu, monkeypatch
 
 
 def test_importing_the_client_does_not_import_the_tpu_library():
-    code = "import sys, actfleet.infra.tpu_api, actfleet.infra.commands.tpu; print('google.cloud.tpu_v2' in sys.modules)"
+    code = (
+        "import sys, actfleet.infra.tpu_api, actfleet.infra.commands.tpu; print('google.cloud.tpu_v2' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -21,13 +21,20 @@ TARGET = ["--project", PROJECT, "--zone", ZONE, "--id", QR_ID]
 
 def qr_request(zone: str = ZONE, node_id: str = QR_ID, script: str = "echo hi") -> dict:
     return {
-        "tpu": {"nodeSpec": [{
-            "parent": f"projects/{PROJECT}/locations/{zone}",
-            "nodeId": node_id,
-            "node": {"acceleratorType": "v5litepod-8", "runtimeVersion": "v2-alpha-tpuv5-lite",
-                     "labels": {"actfleet-fleet": "acts", "managed-by": "actfleet"},
-                     "metadata": {"startup-script": script}},
-        }]},
+        "tpu": {
+            "nodeSpec": [
+                {
+                    "parent": f"projects/{PROJECT}/locations/{zone}",
+                    "nodeId": node_id,
+                    "node": {
+                        "acceleratorType": "v5litepod-8",
+                        "runtimeVersion": "v2-alpha-tpuv5-lite",
+                        "labels": {"actfleet-fleet": "acts", "managed-by": "actfleet"},
+                        "metadata": {"startup-script": script},
+                    },
+                }
+            ]
+        },
         "spot": {},
     }
 
@@ -35,8 +42,9 @@ def qr_request(zone: str = ZONE, node_id: str = QR_ID, script: str = "echo hi") 
 @pytest.fixture(scope="module")
 def fake_url():
     """The fake as a person (or CI) starts it: its command line, printing its URL."""
-    proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.tpu_server", "--port", "0"], cwd=REPO,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.fakes.tpu_server", "--port", "0"], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
     try:
         url = proc.stdout.readline().strip()
         assert url.startswith("http://127.0.0.1:"), url
@@ -70,8 +78,15 @@ def qr_states(url: str) -> dict[str, str]:
 def actfleet(url: str, *args: str, stdin: str | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACTFLEET_")}
     env["ACTFLEET_TPU_ENDPOINT"] = url
-    return subprocess.run([ACTFLEET, "tpu", *args], input=stdin if stdin is not None else "", env=env,
-                          cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [ACTFLEET, "tpu", *args],
+        input=stdin if stdin is not None else "",
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_create_is_idempotent_from_file_json_or_stdin(fake, tmp_path):
@@ -95,19 +110,27 @@ def test_create_of_an_existing_resource_with_another_request_fails(fake):
     assert actfleet(fake, "create-qr", *TARGET, "--request-json", json.dumps(qr_request())).returncode == 0
     r = actfleet(fake, "create-qr", *TARGET, "--request-json", json.dumps(qr_request(script="echo new")))
     assert r.returncode == 1
-    assert r.stderr == (f"actfleet: TPU API: queued resource {QR_PATH} already exists with a different request "
-                        "(differs at tpu.nodeSpec[0].node.metadata.startup-script): delete it first, or let "
-                        "reconcile replace it\n")
+    assert r.stderr == (
+        f"actfleet: TPU API: queued resource {QR_PATH} already exists with a different request "
+        "(differs at tpu.nodeSpec[0].node.metadata.startup-script): delete it first, or let "
+        "reconcile replace it\n"
+    )
 
 
-@pytest.mark.parametrize("args, stdin, message", [
-    (["--request-json", '{"tpu": '], None, "actfleet: --request-json: not valid JSON: "),
-    ([], "not json", "actfleet: stdin: not valid JSON: "),
-    (["--request-json", '{"tpu": {"nodeSpec": []}}'], None, "the request has no tpu.nodeSpec entries"),
-    (["--request-json", json.dumps(qr_request(zone="us-central1-b"))], None,
-     'tpu.nodeSpec[0].parent = "projects/test-project/locations/us-central1-b": must be'),
-    (["--request-json", json.dumps({**qr_request(), "labels": {"a": "b"}})], None, 'has no field named "labels"'),
-])
+@pytest.mark.parametrize(
+    "args, stdin, message",
+    [
+        (["--request-json", '{"tpu": '], None, "actfleet: --request-json: not valid JSON: "),
+        ([], "not json", "actfleet: stdin: not valid JSON: "),
+        (["--request-json", '{"tpu": {"nodeSpec": []}}'], None, "the request has no tpu.nodeSpec entries"),
+        (
+            ["--request-json", json.dumps(qr_request(zone="us-central1-b"))],
+            None,
+            'tpu.nodeSpec[0].parent = "projects/test-project/locations/us-central1-b": must be',
+        ),
+        (["--request-json", json.dumps({**qr_request(), "labels": {"a": "b"}})], None, 'has no field named "labels"'),
+    ],
+)
 def test_bad_request_json_exits_2_with_one_line_and_calls_nothing(fake, args, stdin, message):
     r = actfleet(fake, "create-qr", *TARGET, *args, stdin=stdin)
     assert r.returncode == 2
@@ -127,8 +150,10 @@ def test_api_errors_exit_1_naming_the_resource(fake):
     control(fake, "fail", {"status": 403, "count": None})
     r = actfleet(fake, "create-qr", *TARGET, "--request-json", json.dumps(qr_request()))
     assert r.returncode == 1
-    assert r.stderr == (f"actfleet: TPU API: queued resource {QR_PATH}: 403 permission denied: "
-                        "The caller does not have permission (injected by the fake)\n")
+    assert r.stderr == (
+        f"actfleet: TPU API: queued resource {QR_PATH}: 403 permission denied: "
+        "The caller does not have permission (injected by the fake)\n"
+    )
     r = actfleet(fake, "delete-qr", *TARGET)
     assert r.returncode == 1 and r.stderr.startswith(f"actfleet: TPU API: queued resource {QR_PATH}: 403 ")
 
@@ -171,8 +196,17 @@ def test_delete_of_a_stuck_suspended_queued_resource_is_sent_again(fake):
 
 
 def test_create_over_a_failed_queued_resource_replaces_it(fake):
-    control(fake, "create-qr", {"zone": ZONE, "id": QR_ID, "project": PROJECT, "state": "FAILED",
-                                "error": ["RESOURCE_EXHAUSTED", "There is no more capacity in the zone"]})
+    control(
+        fake,
+        "create-qr",
+        {
+            "zone": ZONE,
+            "id": QR_ID,
+            "project": PROJECT,
+            "state": "FAILED",
+            "error": ["RESOURCE_EXHAUSTED", "There is no more capacity in the zone"],
+        },
+    )
     r = actfleet(fake, "create-qr", *TARGET, "--request-json", json.dumps(qr_request()))
     assert (r.returncode, r.stdout) == (0, f"created queued resource {QR_PATH}\n"), r.stderr
     assert qr_states(fake) == {QR_PATH: "ACTIVE"}
@@ -190,8 +224,12 @@ def test_replace_after_preemption_is_delete_then_create(fake):
 
 
 def fleet_toml(tmp_path: Path) -> Path:
-    text = (REPO / "fleet.example.toml").read_text().replace('"my-gcp-project"', f'"{PROJECT}"', 1).replace(
-        'zones = { "us-central1-a" = 8 }', 'zones = { "us-central1-a" = 4, "us-central1-b" = 4 }')  # two zones to list
+    text = (
+        (REPO / "fleet.example.toml")
+        .read_text()
+        .replace('"my-gcp-project"', f'"{PROJECT}"', 1)
+        .replace('zones = { "us-central1-a" = 8 }', 'zones = { "us-central1-a" = 4, "us-central1-b" = 4 }')
+    )  # two zones to list
     p = tmp_path / "fleet.toml"
     p.write_text(text)
     return p
@@ -202,8 +240,9 @@ def test_list_shows_queued_resources_and_nodes_across_zones(fake, tmp_path):
     actfleet(fake, "create-qr", *TARGET, "--request-json", json.dumps(qr_request()))
     control(fake, "stockout", {"zone": "us-central1-b"})
     b_target = ["--project", PROJECT, "--zone", "us-central1-b", "--id", "tpu-us-central1-b-0"]
-    actfleet(fake, "create-qr", *b_target, "--request-json",
-             json.dumps(qr_request("us-central1-b", "tpu-us-central1-b-0")))
+    actfleet(
+        fake, "create-qr", *b_target, "--request-json", json.dumps(qr_request("us-central1-b", "tpu-us-central1-b-0"))
+    )
 
     r = actfleet(fake, "list", "--config", str(config), "--json")
     assert r.returncode == 0, r.stderr
@@ -219,8 +258,9 @@ def test_list_shows_queued_resources_and_nodes_across_zones(fake, tmp_path):
     lines = r.stdout.splitlines()
     assert lines[0].split() == ["ZONE", "KIND", "NAME", "STATE", "HEALTH", "FLEET", "AGE"]
     assert any(line.split()[:6] == ["us-central1-a", "node", QR_ID, "READY", "HEALTHY", "this"] for line in lines)
-    assert any(line.split()[:4] == ["us-central1-b", "qr", "tpu-us-central1-b-0", "WAITING_FOR_RESOURCES"]
-               for line in lines)
+    assert any(
+        line.split()[:4] == ["us-central1-b", "qr", "tpu-us-central1-b-0", "WAITING_FOR_RESOURCES"] for line in lines
+    )
 
 
 def test_list_reports_a_failing_zone_and_exits_1(fake, tmp_path):

@@ -15,8 +15,15 @@ from tests.fakes import standin_extractor as sx
 def run_job(tmp_path: Path, rows=40, unit_rows=7, store=None, **dataset):
     data = sx.write_dataset(tmp_path / "data.jsonl", rows, **dataset)
     store = store or open_store(str(tmp_path / "bucket"))
-    spec, _ = q.prepare(store, "job", input=str(data), fingerprint=sx.fingerprint(data), rows=sx.count_rows(data),
-                        unit_rows=unit_rows, options={"model": "standin"})
+    spec, _ = q.prepare(
+        store,
+        "job",
+        input=str(data),
+        fingerprint=sx.fingerprint(data),
+        rows=sx.count_rows(data),
+        unit_rows=unit_rows,
+        options={"model": "standin"},
+    )
     result = Worker(store, spec, sx.StandinExtractor(data), "w0", lease_seconds=30).run()
     return store, spec, result
 

@@ -44,9 +44,16 @@ def test_concat_matches_saelens(prepend_bos, separator):
             ids[0] = int(rng.choice([BOS, SEP]))  # documents that already start with a special token
         lists.append(ids)
     for n in (2, 3, 5, 16):  # (n = 1 with a BOS-first window never ends in SAELens: actfleet refuses it)
-        want = [t.tolist() for t in tb.concat_and_batch_sequences(
-            iter(torch.tensor(x) for x in lists), n, begin_batch_token_id=BOS if prepend_bos else None,
-            begin_sequence_token_id=None, sequence_separator_token_id=separator)]
+        want = [
+            t.tolist()
+            for t in tb.concat_and_batch_sequences(
+                iter(torch.tensor(x) for x in lists),
+                n,
+                begin_batch_token_id=BOS if prepend_bos else None,
+                begin_sequence_token_id=None,
+                sequence_separator_token_id=separator,
+            )
+        ]
         got = cut_windows(docs(*lists), n, bos=BOS if prepend_bos else None, sep=separator, concat=True)
         assert [w[0].tolist() for w in got] == want, n
         for ids, rows, pos in got:  # every original token is where its source says

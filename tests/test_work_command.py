@@ -17,14 +17,27 @@ from actfleet import work_queue as q
 from actfleet.store import open_store
 
 REPO = Path(__file__).resolve().parents[1]
-TEXTS = ["Hello there, general.", "The quick brown fox jumps over the lazy dog.", "", "a", "Grids: 0 1 2 / 3 4 5",
-         "Activations are stored in shards.", "user assistant system", "What is the answer? 42."] * 3
+TEXTS = [
+    "Hello there, general.",
+    "The quick brown fox jumps over the lazy dog.",
+    "",
+    "a",
+    "Grids: 0 1 2 / 3 4 5",
+    "Activations are stored in shards.",
+    "user assistant system",
+    "What is the answer? 42.",
+] * 3
 
 
 def actfleet(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from actfleet.cli import main; main()", *args], cwd=REPO,
-                          env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-c", "from actfleet.cli import main; main()", *args],
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +54,30 @@ def tiny(tmp_path_factory):
 
 
 def prepare_args(store, model, data, *extra):
-    return ("prepare", "--store", str(store), "--job", "cmd", "--model", str(model), "--input", str(data),
-            "--layers", "0,1", "--sites", "resid_post,embed", "--positions", "all", "--store-dtype", "float32",
-            "--compute-dtype", "float32", "--unit-rows", "5", *extra)
+    return (
+        "prepare",
+        "--store",
+        str(store),
+        "--job",
+        "cmd",
+        "--model",
+        str(model),
+        "--input",
+        str(data),
+        "--layers",
+        "0,1",
+        "--sites",
+        "resid_post,embed",
+        "--positions",
+        "all",
+        "--store-dtype",
+        "float32",
+        "--compute-dtype",
+        "float32",
+        "--unit-rows",
+        "5",
+        *extra,
+    )
 
 
 @pytest.mark.slow
@@ -72,13 +106,32 @@ def test_prepare_work_verify_and_the_rows_equal_extract(tiny, tmp_path):
 
     # The same rows, bit for bit, as `actfleet extract` with the same unit size.
     out = tmp_path / "extract"
-    e = actfleet("extract", "--model", str(model), "--input", str(data), "--out", str(out), "--layers", "0,1",
-                 "--sites", "resid_post,embed", "--positions", "all", "--store-dtype", "float32",
-                 "--compute-dtype", "float32", "--unit-rows", "5")
+    e = actfleet(
+        "extract",
+        "--model",
+        str(model),
+        "--input",
+        str(data),
+        "--out",
+        str(out),
+        "--layers",
+        "0,1",
+        "--sites",
+        "resid_post,embed",
+        "--positions",
+        "all",
+        "--store-dtype",
+        "float32",
+        "--compute-dtype",
+        "float32",
+        "--unit-rows",
+        "5",
+    )
     assert e.returncode == 0, e.stderr
     ext = [load_safetensors(p.read_bytes()) for p in sorted(out.glob("*.safetensors"))]
-    job = [load_safetensors(store.read(f"cmd/{s.name}")[0])
-           for u in range(5) for s in q.read_done(store, "cmd", u).shards]
+    job = [
+        load_safetensors(store.read(f"cmd/{s.name}")[0]) for u in range(5) for s in q.read_done(store, "cmd", u).shards
+    ]
     names = sorted(ext[0])
     assert names == sorted(job[0])
     for name in names:
@@ -115,8 +168,9 @@ def test_verify_exit_codes_and_one_line_errors(tmp_path):
 
     data = sx.write_dataset(tmp_path / "d.jsonl", 12)
     store = open_store(str(tmp_path / "bucket"))
-    spec, _ = q.prepare(store, "job", input=str(data), fingerprint=sx.fingerprint(data), rows=12, unit_rows=4,
-                        options={})
+    spec, _ = q.prepare(
+        store, "job", input=str(data), fingerprint=sx.fingerprint(data), rows=12, unit_rows=4, options={}
+    )
     assert actfleet("verify", "--store", str(tmp_path / "bucket"), "--job", "job").returncode == 1  # not done
     Worker(store, spec, sx.StandinExtractor(data), "w").run()
     ok = actfleet("verify", "--store", str(tmp_path / "bucket"), "--job", "job")

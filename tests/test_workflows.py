@@ -38,8 +38,9 @@ def test_installs_only_what_synth_and_plan_need(tmp_path):
     assert targets == ["synth"]
     for name in ("Makefile", "pyproject.toml", "package.json", "package-lock.json"):
         shutil.copy(ROOT / name, tmp_path / name)
-    dry = subprocess.run(["make", "-n", *targets, "CONFIG=fleet.toml"], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=60)
+    dry = subprocess.run(
+        ["make", "-n", *targets, "CONFIG=fleet.toml"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
     assert dry.returncode == 0, dry.stderr
     installs = [line for line in dry.stdout.splitlines() if "pip install" in line]
     assert any("'.[cloud]'" in line for line in installs), dry.stdout  # the cloud pins: cdktf and bindings

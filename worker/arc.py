@@ -56,7 +56,9 @@ def parse_task(task) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[np.ndarr
     for i, pair in enumerate(train):
         if not isinstance(pair, dict):
             raise InvalidTask(f"invalid task (train[{i}] is not an object)")
-        pairs.append((check_grid(pair.get("input"), f"train[{i}].input"), check_grid(pair.get("output"), f"train[{i}].output")))
+        pairs.append(
+            (check_grid(pair.get("input"), f"train[{i}].input"), check_grid(pair.get("output"), f"train[{i}].output"))
+        )
     tests = []
     for i, t in enumerate(test):
         if not isinstance(t, dict):

@@ -36,8 +36,18 @@ def _scores(s, softcap):
     return s if softcap is None else jnp.tanh(s / softcap) * softcap
 
 
-def attention(q, k, v, segment_ids, positions, *, block: int = 512, window: int | None = None,
-              softcap: float | None = None, scale: float | None = None):
+def attention(
+    q,
+    k,
+    v,
+    segment_ids,
+    positions,
+    *,
+    block: int = 512,
+    window: int | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+):
     """Causal, segment-masked attention.
 
     q: [B, T, H, hd]; k, v: [B, T, KVH, hd] (H a multiple of KVH: grouped-query attention);
@@ -51,13 +61,12 @@ def attention(q, k, v, segment_ids, positions, *, block: int = 512, window: int 
     g = h // kvh
     blk = _pick_block(t, block)
     nb = t // blk
-    scale = hd ** -0.5 if scale is None else scale
+    scale = hd**-0.5 if scale is None else scale
     if window is not None and window < 1:
         raise ValueError(f"attention window {window}: must be at least 1")
 
     if nb == 1:  # rows no longer than one block: nothing to skip, so no loop (on an H200 the loop cost 30%)
-        return _one_block(q.reshape(b, t, kvh, g, hd), k, v, segment_ids, scale, window,
-                          softcap).reshape(b, t, h, hd)
+        return _one_block(q.reshape(b, t, kvh, g, hd), k, v, segment_ids, scale, window, softcap).reshape(b, t, h, hd)
 
     qb = q.reshape(b, nb, blk, kvh, g, hd)
     kb = k.reshape(b, nb, blk, kvh, hd)
@@ -81,8 +90,7 @@ def attention(q, k, v, segment_ids, positions, *, block: int = 512, window: int 
                 kj, vj = kr[j], vr[j]
                 # Products in the inputs' dtype, accumulated in float32 (flash attention's recipe: bfloat16
                 # inputs use the matrix units); scores, softmax and the running sums stay float32.
-                s = _scores(jnp.einsum("qkgd,skd->kgqs", qi, kj, preferred_element_type=jnp.float32) * scale,
-                            softcap)
+                s = _scores(jnp.einsum("qkgd,skd->kgqs", qi, kj, preferred_element_type=jnp.float32) * scale, softcap)
                 kpos = j * blk + jnp.arange(blk)
                 mask = (kpos[None, :] <= qpos[:, None]) & (segr[j][None, :] == qseg[:, None])
                 if window is not None:
@@ -92,12 +100,16 @@ def attention(q, k, v, segment_ids, positions, *, block: int = 512, window: int 
                 p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
                 corr = jnp.exp(m - m_new)
                 denom = denom * corr + p.sum(-1)
-                acc = acc * corr[..., None] + jnp.einsum("kgqs,skd->kgqd", p.astype(vj.dtype), vj,
-                                                         preferred_element_type=jnp.float32)
+                acc = acc * corr[..., None] + jnp.einsum(
+                    "kgqs,skd->kgqd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32
+                )
                 return m_new, denom, acc
 
-            init = (jnp.full((kvh, g, blk), NEG_INF, jnp.float32), jnp.zeros((kvh, g, blk), jnp.float32),
-                    jnp.zeros((kvh, g, blk, hd), jnp.float32))
+            init = (
+                jnp.full((kvh, g, blk), NEG_INF, jnp.float32),
+                jnp.zeros((kvh, g, blk), jnp.float32),
+                jnp.zeros((kvh, g, blk, hd), jnp.float32),
+            )
             _, denom, acc = jax.lax.fori_loop(first[i], i + 1, step, init)
             out = acc / denom[..., None]  # the diagonal is always unmasked, so denom > 0
             return out.transpose(2, 0, 1, 3)  # [blk, kvh, g, hd]

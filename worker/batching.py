@@ -80,7 +80,7 @@ def plan(lengths: list[int], *, batch_tokens: int, n_devices: int = 1) -> list[P
 
     batches = []
     for start in range(0, len(rows), per_batch):
-        chunk = rows[start: start + per_batch]
+        chunk = rows[start : start + per_batch]
         size = bucket_rows(len(chunk), per_batch=per_batch, n_devices=n_devices)
         chunk = chunk + [[] for _ in range(size - len(chunk))]
         batches.append(PlannedBatch(p, tuple(tuple(r) for r in chunk)))

@@ -69,5 +69,8 @@ def stats() -> dict:
     """{"compiled": programs compiled here, "cache_hits": programs loaded from the cache, "compile_seconds":
     time in both} since enable() was first called in this process."""
     with _lock:
-        return {"compiled": _counts["compiles"] - _counts["cache_hits"], "cache_hits": _counts["cache_hits"],
-                "compile_seconds": round(_counts["compile_seconds"], 3)}
+        return {
+            "compiled": _counts["compiles"] - _counts["cache_hits"],
+            "cache_hits": _counts["cache_hits"],
+            "compile_seconds": round(_counts["compile_seconds"], 3),
+        }

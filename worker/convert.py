@@ -63,8 +63,15 @@ def hf_source(path: tuple, family=None) -> tuple[str, tuple[tuple[str, ...], ...
     return hf, split, order, (fixed[0] if fixed else {})
 
 
-def read_block(tensor: np.ndarray, split, order: str, sizes: dict[str, int], index: tuple[slice, ...], dtype,
-               fixed: dict[str, int] | None = None):
+def read_block(
+    tensor: np.ndarray,
+    split,
+    order: str,
+    sizes: dict[str, int],
+    index: tuple[slice, ...],
+    dtype,
+    fixed: dict[str, int] | None = None,
+):
     """The block `index` (slices over our axes) of our view of the checkpoint `tensor`, as a fresh array.
 
     Only the rows/columns the block covers are read: for a checkpoint axis split into (outer, inner...), the
@@ -80,11 +87,12 @@ def read_block(tensor: np.ndarray, split, order: str, sizes: dict[str, int], ind
         outer.append(slice(start * rest, stop * rest))
         inner += [slice(None)] + [slice(*ours[n][:2]) for n in names[1:]]
     block = tensor[tuple(outer)]
-    block = block.reshape([ours[n][1] - ours[n][0] if i == 0 else sizes[n]
-                           for names in split for i, n in enumerate(names)])[tuple(inner)]
+    block = block.reshape(
+        [ours[n][1] - ours[n][0] if i == 0 else sizes[n] for names in split for i, n in enumerate(names)]
+    )[tuple(inner)]
     flat_names = [n for names in split for n in names]
     block = block.transpose([flat_names.index(n) for n in (*fixed, *order)])
-    block = block.reshape(block.shape[len(fixed):])
+    block = block.reshape(block.shape[len(fixed) :])
     return np.ascontiguousarray(block).astype(dtype, copy=False)
 
 
@@ -98,9 +106,11 @@ def check_all_read(names, expected: set[str], family, where) -> None:
     unused = [re.compile(r) for r in family.UNUSED]
     for name in sorted(names):
         if name not in expected and not any(r.fullmatch(name) for r in unused):
-            raise CheckpointError(f"{where}: checkpoint tensor {name} is not read by actfleet's "
-                                  f"{family.__name__.rsplit('.', 1)[-1]} model for this config.json (a term "
-                                  f"the config does not announce would be computed wrongly)")
+            raise CheckpointError(
+                f"{where}: checkpoint tensor {name} is not read by actfleet's "
+                f"{family.__name__.rsplit('.', 1)[-1]} model for this config.json (a term "
+                f"the config does not announce would be computed wrongly)"
+            )
 
 
 def expected_names(family, cfg, abstract_state) -> set[str]:

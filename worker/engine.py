@@ -89,14 +89,20 @@ class Engine:
         if not self.sites:
             raise InputError("no capture sites given")
         self.max_seq = options.max_seq or self.config.max_pos
-        self.runner = Runner(options, self.family, self.config, self.model_dir, self.sites, model_ref=model_ref,
-                             attn_block=attn_block)
+        self.runner = Runner(
+            options, self.family, self.config, self.model_dir, self.sites, model_ref=model_ref, attn_block=attn_block
+        )
         try:
             self.tokenizer = tokenizer.result()
         except Exception as e:  # tokenizers/transformers raise many types for a corrupt tokenizer
             raise InputError(f"model {model_ref}: the tokenizer does not load ({type(e).__name__}: {e})") from None
-        self.preparer = Preparer(options, self.tokenizer, vocab_size=self.vocab_size, max_seq=self.max_seq,
-                                 n_devices=self.runner.data_devices)
+        self.preparer = Preparer(
+            options,
+            self.tokenizer,
+            vocab_size=self.vocab_size,
+            max_seq=self.max_seq,
+            n_devices=self.runner.data_devices,
+        )
 
     def tokenize(self, texts: list[str], add_special_tokens: bool = True):
         return self.preparer.tokenize(texts, add_special_tokens)

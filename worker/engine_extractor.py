@@ -30,8 +30,11 @@ class EngineExtractor:
             self.files = [sources.DataFile.from_json(d) for d in spec.input_files]
         else:  # a job.json from before multi-file inputs: its one file, pinned now and indexed once here
             local = pinning.pinned_input(spec.input, pinning.InputPin(spec.fingerprint, spec.input_generation))
-            self.files = [inputs.describe(spec.input, local, sources.file_kind(spec.input), spec.fingerprint,
-                                          spec.input_generation)]
+            self.files = [
+                inputs.describe(
+                    spec.input, local, sources.file_kind(spec.input), spec.fingerprint, spec.input_generation
+                )
+            ]
             self._copies[0] = pinning.plain_copy(self.files[0], local)
         self._pinned_local = list(pinned.local) if pinned is not None else None
         if len(self.files) == 1:  # one file: checked before any unit is claimed, as always
@@ -39,8 +42,9 @@ class EngineExtractor:
         self._fingerprint = sources.fingerprint(self.files)
         model_dir = pinned.model_dir if pinned is not None else None
         if spec.model_pin and model_dir is None:
-            model_dir = pinning.pinned_model(spec.options.model, spec.options.revision,
-                                             pinning.ModelPin.from_json(spec.model_pin))
+            model_dir = pinning.pinned_model(
+                spec.options.model, spec.options.revision, pinning.ModelPin.from_json(spec.model_pin)
+            )
         self.engine = eng.Engine(spec.options, model_dir=model_dir)
         self.shard_meta = shard_metadata(spec.options, self.engine, spec.model_pin)
 
@@ -61,8 +65,9 @@ class EngineExtractor:
         return self.spec.model_sha256  # pinned_model() checked every file against it
 
     def rows(self, start: int, stop: int):
-        return self._inputs.read_source_rows(self.files, self._local, start=start, stop=stop,
-                                             tokenizer=self.engine.tokenizer, **self.o.input_options())
+        return self._inputs.read_source_rows(
+            self.files, self._local, start=start, stop=stop, tokenizer=self.engine.tokenizer, **self.o.input_options()
+        )
 
     def prepare(self, start: int, stop: int) -> PreparedUnit:
         rows = list(self.rows(start, stop))
@@ -87,9 +92,17 @@ class _ShardSink:
         self.out: list = []  # of shards_mod.Shard
         o = spec.options
         self.writer = shards_mod.ShardWriter(
-            shard_mb=o.shard_mb, model=o.model, revision=o.revision, job=spec.job, unit=unit, sites=engine.sites,
-            store_dtype=o.store_dtype, random_weights=engine.random_weights,
-            on_shard=lambda shard: self.out.append(shard), extra_metadata=meta)  # self.out is swapped for a fresh list on each take
+            shard_mb=o.shard_mb,
+            model=o.model,
+            revision=o.revision,
+            job=spec.job,
+            unit=unit,
+            sites=engine.sites,
+            store_dtype=o.store_dtype,
+            random_weights=engine.random_weights,
+            on_shard=lambda shard: self.out.append(shard),
+            extra_metadata=meta,
+        )  # self.out is swapped for a fresh list on each take
 
     def add(self, batch) -> list:
         self.writer.add(batch)
@@ -110,8 +123,13 @@ def shard_metadata(options: JobOptions, engine, model_pin: dict | None) -> dict[
     pin = model_pin or {}
     config = getattr(engine, "config", None)
     d_model = getattr(config, "hidden", None) or getattr(config, "hidden_size", None) or 0
-    return shards.job_metadata(options, max_seq=engine.max_seq, d_model=d_model, model_files=pin.get("files"),
-                               resolved_revision=pin.get("revision"))
+    return shards.job_metadata(
+        options,
+        max_seq=engine.max_seq,
+        d_model=d_model,
+        model_files=pin.get("files"),
+        resolved_revision=pin.get("revision"),
+    )
 
 
 def count_input_rows(ref: str, options: JobOptions) -> int:

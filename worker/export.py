@@ -67,9 +67,18 @@ class ExportSummary:
         return asdict(self)
 
 
-def export_saelens(location: str, out: str | Path, *, site: str, context_size: int | None = None, seed: int = 0,
-                   dtype: str = "float32", column: str | None = None, chunk_mb: float = 512,
-                   on_progress: Callable[[str, int, int], None] = lambda stage, done, total: None) -> ExportSummary:
+def export_saelens(
+    location: str,
+    out: str | Path,
+    *,
+    site: str,
+    context_size: int | None = None,
+    seed: int = 0,
+    dtype: str = "float32",
+    column: str | None = None,
+    chunk_mb: float = 512,
+    on_progress: Callable[[str, int, int], None] = lambda stage, done, total: None,
+) -> ExportSummary:
     """Write the dataset into `out` (which must not exist or be empty). InputError for bad input."""
     if dtype not in OUT_DTYPES:
         raise InputError(f"--dtype {dtype!r}: use one of {', '.join(OUT_DTYPES)} (Arrow has no bfloat16)")
@@ -95,16 +104,28 @@ def export_saelens(location: str, out: str | Path, *, site: str, context_size: i
     if context_size <= 0:
         raise InputError(f"--context-size {context_size}: must be at least 1")
     width = _width(first, site)
-    summary = ExportSummary(source=location, out=str(out), site=site, column=column or site,
-                            context_size=context_size, d_in=width, dtype=dtype, seed=seed, shards=len(src.keys),
-                            units_done=src.units_done, units_total=src.units_total,
-                            shard_metadata=dict(first.metadata))
+    summary = ExportSummary(
+        source=location,
+        out=str(out),
+        site=site,
+        column=column or site,
+        context_size=context_size,
+        d_in=width,
+        dtype=dtype,
+        seed=seed,
+        shards=len(src.keys),
+        units_done=src.units_done,
+        units_total=src.units_total,
+        shard_metadata=dict(first.metadata),
+    )
     starts, offsets = _windows(src, first, site, width, context_size, summary, on_progress)
     n = len(starts)
     summary.windows, summary.tokens_exported = n, n * context_size
     if n == 0:
-        raise InputError(f"{location}: no sample has {context_size} stored tokens of {site}: nothing to export "
-                         f"(a smaller --context-size, or a job that stores every token: --positions all)")
+        raise InputError(
+            f"{location}: no sample has {context_size} stored tokens of {site}: nothing to export "
+            f"(a smaller --context-size, or a job that stores every token: --positions all)"
+        )
 
     # The permutation and the output files.
     order = np.random.default_rng(seed).permutation(n)  # output row i holds window order[i]
@@ -210,27 +231,32 @@ def _spill(src, site, starts, offsets, file_of, record, spill: Path, ctx: int, o
                     recs[part].tofile(fh)
             done = stop
         keep = min(ctx - 1, len(tok))  # rows a window not yet complete may still need
-        tail_acts, tail_tok = (acts[len(tok) - keep:].copy(), tok[len(tok) - keep:].copy()) if keep else (None, None)
+        tail_acts, tail_tok = (acts[len(tok) - keep :].copy(), tok[len(tok) - keep :].copy()) if keep else (None, None)
         tail_start = end - keep
         on_progress("read", i + 1, len(src.keys))
     if done != len(starts):
         raise AssertionError(f"spilled {done} of {len(starts)} windows")
 
 
-def _write_arrow(out: Path, spill: Path, summary: ExportSummary, pos, file_of, per_file, files, record,
-                 on_progress) -> None:
+def _write_arrow(
+    out: Path, spill: Path, summary: ExportSummary, pos, file_of, per_file, files, record, on_progress
+) -> None:
     """Pass 3: each output file's rows, put in their shuffled order, written as save_to_disk would."""
     from datasets import Array2D, DatasetInfo, Features, Sequence, Value
     from datasets.arrow_writer import ArrowWriter
 
     ctx, width = summary.context_size, summary.d_in
-    features = Features({summary.column: Array2D(shape=(ctx, width), dtype=summary.dtype),
-                         "token_ids": Sequence(Value("int32"), length=ctx)})
+    features = Features(
+        {
+            summary.column: Array2D(shape=(ctx, width), dtype=summary.dtype),
+            "token_ids": Sequence(Value("int32"), length=ctx),
+        }
+    )
     by_file = np.argsort(file_of, kind="stable")  # windows grouped by output file, in window (= spill) order
     bounds = np.searchsorted(file_of[by_file], np.arange(files + 1))
     names = [f"data-{c:05d}-of-{files:05d}.arrow" for c in range(files)]
     for c in range(files):
-        members = by_file[bounds[c]:bounds[c + 1]]
+        members = by_file[bounds[c] : bounds[c + 1]]
         recs = np.fromfile(spill / f"{c:05d}.bin", dtype=record)
         if len(recs) != len(members):
             raise AssertionError(f"output file {c}: {len(recs)} spilled windows, {len(members)} expected")
@@ -239,7 +265,7 @@ def _write_arrow(out: Path, spill: Path, summary: ExportSummary, pos, file_of, p
         writer = ArrowWriter(features=features, path=str(out / names[c]))
         step = max(1, (64 << 20) // record.itemsize)  # ~64 MiB record batches
         for lo in range(0, len(rows), step):
-            part = rows[lo: lo + step]
+            part = rows[lo : lo + step]
             writer.write_batch({summary.column: part["acts"], "token_ids": part["tok"]})
         writer.finalize()
         writer.close()
@@ -248,11 +274,20 @@ def _write_arrow(out: Path, spill: Path, summary: ExportSummary, pos, file_of, p
         on_progress("write", c + 1, files)
     # The two JSON files `Dataset.save_to_disk` writes next to its Arrow files (datasets' on-disk format;
     # SAELens's own CacheActivationsRunner writes state.json by hand the same way).
-    fingerprint = hashlib.sha256(json.dumps([summary.source, summary.site, summary.column, ctx, summary.seed,
-                                             summary.dtype, summary.windows]).encode()).hexdigest()[:16]
-    state = {"_data_files": [{"filename": name} for name in names], "_fingerprint": fingerprint,
-             "_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
-             "_split": None}
+    fingerprint = hashlib.sha256(
+        json.dumps(
+            [summary.source, summary.site, summary.column, ctx, summary.seed, summary.dtype, summary.windows]
+        ).encode()
+    ).hexdigest()[:16]
+    state = {
+        "_data_files": [{"filename": name} for name in names],
+        "_fingerprint": fingerprint,
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": None,
+    }
     (out / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
     info = asdict(DatasetInfo(features=features, description=f"actfleet export of {summary.source}"))
     (out / "dataset_info.json").write_text(json.dumps({k: info[k] for k in sorted(info)}, indent=2))

@@ -117,8 +117,9 @@ def describe(path: str, local: Path, kind: str, sha256: str, generation: int | N
         rows = _arrow_table(local, path).num_rows
     else:
         rows = sum(1 for _ in csv_records(local))
-    return DataFile(path=path, kind=kind, rows=rows, sha256=sha256, generation=generation, index=index,
-                    plain_sha256=plain)
+    return DataFile(
+        path=path, kind=kind, rows=rows, sha256=sha256, generation=generation, index=index, plain_sha256=plain
+    )
 
 
 def read_range(f: DataFile, local: Path, lo: int, hi: int) -> Iterator[Record]:
@@ -228,13 +229,19 @@ def render_chat(rec: dict, field: str, tokenizer) -> tuple[str | None, str | Non
             return None, f"field {field!r} is not a list of messages"
     if messages is None:
         return None, f"missing field {field!r}"
-    if (not isinstance(messages, list) or not messages
-            or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                       for m in messages)):
+    if (
+        not isinstance(messages, list)
+        or not messages
+        or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        )
+    ):
         return None, f"field {field!r} is not a list of messages"
     try:
-        text = tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages],
-                                             tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [{"role": m["role"], "content": m["content"]} for m in messages], tokenize=False
+        )
     except Exception as e:  # jinja raises on roles/orders a template rejects
         return None, f"chat template rejected the messages ({type(e).__name__})"
     return (text, None) if text.strip() else (None, "empty text")
@@ -262,8 +269,9 @@ def render_tokens(rec: dict, field: str, index: int) -> tuple["list[int] | None"
     value = rec[field]
     if hasattr(value, "tolist"):  # numpy arrays from Arrow
         value = value.tolist()
-    if not isinstance(value, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
-                                                      for t in value):
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value
+    ):
         raise InputError(f"row {index}: field {field!r} is not a list of token ids (non-negative integers)")
     return (list(value), None) if value else (None, "empty text")
 
@@ -276,13 +284,24 @@ def read_source_rows(files, local, *, start: int, stop: int, **options) -> Itera
     per = options.get("arc_augmentations", 0) + 1 if options.get("format", "text") == "arc" else 1
     first, last = start // per, -(-stop // per)
     recs = records(files, first, last, local)
-    return render_rows(((first + i, rec, reason) for i, (rec, reason) in enumerate(recs)), start=start, stop=stop,
-                       **options)
+    return render_rows(
+        ((first + i, rec, reason) for i, (rec, reason) in enumerate(recs)), start=start, stop=stop, **options
+    )
 
 
-def render_rows(recs, *, format: str = "text", text_field: str = "text", messages_field: str = "messages",
-                tokens_field: str = "", tokenizer=None, arc_augmentations: int = 0, arc_seed: int = 0,
-                start: int = 0, stop: int | None = None) -> Iterator[Row]:
+def render_rows(
+    recs,
+    *,
+    format: str = "text",
+    text_field: str = "text",
+    messages_field: str = "messages",
+    tokens_field: str = "",
+    tokenizer=None,
+    arc_augmentations: int = 0,
+    arc_seed: int = 0,
+    start: int = 0,
+    stop: int | None = None,
+) -> Iterator[Row]:
     """(record index, record, reason) -> rows (sample id, text or token ids, reason) for ids in [start, stop)."""
     if format not in FORMATS:
         raise InputError(f"format {format!r}: use one of {', '.join(FORMATS)}")
@@ -321,8 +340,17 @@ def render_rows(recs, *, format: str = "text", text_field: str = "text", message
         yield (first, None, reason) if reason else (first, text, None)
 
 
-def check_field(recs, *, format: str = "text", text_field: str = "text", messages_field: str = "messages",
-                tokens_field: str = "", sample: int = 1000, what: str = "the dataset", **_ignored) -> None:
+def check_field(
+    recs,
+    *,
+    format: str = "text",
+    text_field: str = "text",
+    messages_field: str = "messages",
+    tokens_field: str = "",
+    sample: int = 1000,
+    what: str = "the dataset",
+    **_ignored,
+) -> None:
     """InputError when none of the first `sample` records has the field the options read (a misspelt
     --text-field would otherwise run and store nothing), naming the fields that are there."""
     if format == "arc":
@@ -338,5 +366,7 @@ def check_field(recs, *, format: str = "text", text_field: str = "text", message
             seen.update(dict.fromkeys(rec))
     if seen:
         flag = "--tokens-field" if tokens_field else ("--text-field" if format == "text" else "--messages-field")
-        raise InputError(f"{flag} {field}: no row of {what} has field {field!r}; its rows have "
-                         f"{', '.join(repr(k) for k in list(seen)[:20])}")
+        raise InputError(
+            f"{flag} {field}: no row of {what} has field {field!r}; its rows have "
+            f"{', '.join(repr(k) for k in list(seen)[:20])}"
+        )

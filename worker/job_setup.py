@@ -25,9 +25,14 @@ class JobInputs:
 
     def prepare_args(self) -> dict:
         """The keyword arguments of work_queue.prepare that say what is read."""
-        return {"input": self.source, "fingerprint": self.fingerprint, "rows": self.rows,
-                "input_generation": self.files[0].generation if len(self.files) == 1 else None,
-                "model_pin": self.model_pin, "input_files": [f.to_json() for f in self.files]}
+        return {
+            "input": self.source,
+            "fingerprint": self.fingerprint,
+            "rows": self.rows,
+            "input_generation": self.files[0].generation if len(self.files) == 1 else None,
+            "model_pin": self.model_pin,
+            "input_files": [f.to_json() for f in self.files],
+        }
 
 
 def pin_job_inputs(options: JobOptions, source: str) -> JobInputs:
@@ -47,5 +52,12 @@ def pin_job_inputs(options: JobOptions, source: str) -> JobInputs:
     rows = sum(f.rows for f in files) * per
     if options.max_rows:
         rows = min(rows, options.max_rows)
-    return JobInputs(source=source, files=files, rows=rows, fingerprint=sources.fingerprint(files), local=local,
-                     model_dir=model_dir, model_pin=model.to_json())
+    return JobInputs(
+        source=source,
+        files=files,
+        rows=rows,
+        fingerprint=sources.fingerprint(files),
+        local=local,
+        model_dir=model_dir,
+        model_pin=model.to_json(),
+    )

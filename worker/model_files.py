@@ -26,7 +26,7 @@ def resolve(model_ref: str, *, revision: str = "main") -> Path:
     if model_ref.startswith("gs://"):
         path = _download_gcs(model_ref)
     elif model_ref.startswith("file://"):
-        path = Path(model_ref[len("file://"):])
+        path = Path(model_ref[len("file://") :])
     elif Path(model_ref).exists() or model_ref.startswith((".", "/")) or model_ref.count("/") != 1:
         path = Path(model_ref)
     else:
@@ -49,8 +49,9 @@ def check(path: Path, ref: str | None = None) -> None:
     except (ValueError, KeyError, TypeError) as e:
         raise InputError(f"model {ref}: config.json is corrupt ({type(e).__name__}: {e})") from None
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise InputError(f"model {ref}: model_type {model_type!r} is not supported "
-                         f"({', '.join(SUPPORTED_MODEL_TYPES)})")
+        raise InputError(
+            f"model {ref}: model_type {model_type!r} is not supported ({', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
     if not (path / "tokenizer.json").is_file() and not (path / "vocab.json").is_file():
         raise InputError(f"model {ref}: tokenizer.json is missing")
     index = path / "model.safetensors.index.json"
@@ -74,8 +75,9 @@ def _download_gcs(url: str) -> Path:
     bucket_name, prefix = parse_gs(url, "model")
     try:
         client = storage.Client()
-        blobs = [b for b in client.list_blobs(bucket_name, prefix=prefix + "/" if prefix else "")
-                 if not b.name.endswith("/")]
+        blobs = [
+            b for b in client.list_blobs(bucket_name, prefix=prefix + "/" if prefix else "") if not b.name.endswith("/")
+        ]
         if not blobs:
             raise InputError(f"model {url}: no objects under that prefix")
         # One cache entry per set of object generations: a replaced object is a new entry, never a stale hit.
@@ -85,7 +87,7 @@ def _download_gcs(url: str) -> Path:
         if done.is_file():
             return dest
         for blob in blobs:
-            target = _inside(dest, blob.name[len(prefix):].lstrip("/"), url)
+            target = _inside(dest, blob.name[len(prefix) :].lstrip("/"), url)
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.part")
             blob.download_to_filename(str(tmp))  # this generation (the listing's): if replaced since, it fails
@@ -111,8 +113,12 @@ def _download_hub(repo_id: str, revision: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, revision=revision,
-                                      allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
+        return Path(
+            snapshot_download(
+                repo_id, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+            )
+        )
     except Exception as e:
-        raise InputError(f"model {repo_id}: not a local directory and not downloadable from the hub "
-                         f"({type(e).__name__})") from None
+        raise InputError(
+            f"model {repo_id}: not a local directory and not downloadable from the hub ({type(e).__name__})"
+        ) from None

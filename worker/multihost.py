@@ -77,8 +77,12 @@ class SliceRole:
 # ----------------------------------------------------------------------------------------------------
 
 
-def detect(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
-           metadata: "Callable[[str], str | None] | None" = None) -> SliceRole | None:
+def detect(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    metadata: "Callable[[str], str | None] | None" = None,
+) -> SliceRole | None:
     """The slice role, or None for a single-host worker. Explicit values win; without any, a Cloud TPU VM's
     metadata decides (`metadata(key)` -> value or None; default: the metadata server, only on a GCE VM)."""
     if num_processes == 1:
@@ -87,8 +91,10 @@ def detect(coordinator: str | None = None, num_processes: int | None = None, pro
     if any(v is not None for v in given.values()):
         missing = [k for k, v in given.items() if v is None]
         if missing:
-            raise InputError(f"multi-host: {', '.join(missing)} missing (give --coordinator, --num-processes and "
-                             f"--process-id together, or none on a Cloud TPU VM)")
+            raise InputError(
+                f"multi-host: {', '.join(missing)} missing (give --coordinator, --num-processes and "
+                f"--process-id together, or none on a Cloud TPU VM)"
+            )
         return _checked(coordinator, num_processes, process_id, "flags")
     if metadata is None:
         if not _on_gce():
@@ -101,8 +107,9 @@ def _checked(coordinator: str, num_processes: int, process_id: int, source: str)
     if not _HOST_PORT.match(coordinator):
         raise InputError(f"multi-host: coordinator {coordinator!r}: expected HOST:PORT")
     if num_processes < 1 or not 0 <= process_id < num_processes:
-        raise InputError(f"multi-host: process id {process_id} of {num_processes} processes: need "
-                         f"0 <= process id < processes")
+        raise InputError(
+            f"multi-host: process id {process_id} of {num_processes} processes: need 0 <= process id < processes"
+        )
     if num_processes == 1:
         return None
     return SliceRole(coordinator, num_processes, process_id, source)
@@ -119,8 +126,9 @@ def from_tpu_metadata(metadata: "Callable[[str], str | None]") -> SliceRole | No
     for entry in endpoints.strip().split(","):
         parts = entry.strip().split(":")
         if len(parts) not in (1, 3) or not parts[-1]:
-            raise InputError(f"multi-host: TPU metadata worker-network-endpoints entry {entry!r}: expected a "
-                             f"host name or name:id:ip")
+            raise InputError(
+                f"multi-host: TPU metadata worker-network-endpoints entry {entry!r}: expected a host name or name:id:ip"
+            )
         hosts.append(parts[-1])
     try:
         process_id = int(number.strip())
@@ -170,12 +178,22 @@ def initialize(role: SliceRole, *, heartbeat_seconds: int = 100, init_timeout_se
 
     if "cpu" in (os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or ""):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(role.coordinator, role.num_processes, role.process_id,
-                               initialization_timeout=init_timeout_seconds,
-                               heartbeat_timeout_seconds=heartbeat_seconds)
-    log.info("joined slice: process %d of %d (coordinator %s, from %s); %d local of %d devices",
-             role.process_id, role.num_processes, role.coordinator, role.source, jax.local_device_count(),
-             jax.device_count())
+    jax.distributed.initialize(
+        role.coordinator,
+        role.num_processes,
+        role.process_id,
+        initialization_timeout=init_timeout_seconds,
+        heartbeat_timeout_seconds=heartbeat_seconds,
+    )
+    log.info(
+        "joined slice: process %d of %d (coordinator %s, from %s); %d local of %d devices",
+        role.process_id,
+        role.num_processes,
+        role.coordinator,
+        role.source,
+        jax.local_device_count(),
+        jax.device_count(),
+    )
 
 
 def distributed_kv_client():
@@ -264,18 +282,25 @@ def _exit(event: str, info: dict, message: str) -> None:
 def exit_broken(unit: int, step: int, error: BaseException) -> None:
     """An engine step failed on a slice: in practice a collective whose peer is gone (gloo: "Connection closed
     by peer"). Abandoning the unit and claiming the next would loop, each step failing the same way."""
-    _exit("slice-broken", {"unit": unit, "step": step, "error": f"{type(error).__name__}: {error}"[:500]},
-          f"slice broken: unit {unit} step {step}: {type(error).__name__}: {error}")
+    _exit(
+        "slice-broken",
+        {"unit": unit, "step": step, "error": f"{type(error).__name__}: {error}"[:500]},
+        f"slice broken: unit {unit} step {step}: {type(error).__name__}: {error}",
+    )
 
 
-def start_watchdog(progress: Progress, *, interval: float = 1.0,
-                   on_stall: Callable[[float], None] | None = None) -> threading.Thread:
+def start_watchdog(
+    progress: Progress, *, interval: float = 1.0, on_stall: Callable[[float], None] | None = None
+) -> threading.Thread:
     """Ends the process (EXIT_STALLED) once an engine step has stalled: a host died or hung, and this process
     would otherwise wait in a collective forever. Its lease is no longer renewed and expires."""
 
     def exit_stalled(secs: float) -> None:
-        _exit("stalled", {"seconds": round(secs, 1)},
-              f"slice stalled: an engine step made no progress for {secs:.0f} s (a host died or hung)")
+        _exit(
+            "stalled",
+            {"seconds": round(secs, 1)},
+            f"slice stalled: an engine step made no progress for {secs:.0f} s (a host died or hung)",
+        )
 
     act = on_stall or exit_stalled
 
@@ -299,8 +324,14 @@ def start_watchdog(progress: Progress, *, interval: float = 1.0,
 class LeaderExtractor:
     """The leader's UnitExtractor: the real one, telling the followers each unit and each engine step."""
 
-    def __init__(self, inner, channel: Channel, progress: Progress, unit_rows: int,
-                 on_broken: Callable[[int, int, BaseException], None] = exit_broken):
+    def __init__(
+        self,
+        inner,
+        channel: Channel,
+        progress: Progress,
+        unit_rows: int,
+        on_broken: Callable[[int, int, BaseException], None] = exit_broken,
+    ):
         self.inner, self.channel, self.progress, self.unit_rows = inner, channel, progress, unit_rows
         self.on_broken = on_broken
 
@@ -359,8 +390,12 @@ class FollowResult:
     job_complete: bool = False
 
 
-def follow(channel: Channel, extractor, on_event: Callable[[str, dict], None] = lambda k, i: None,
-           on_broken: Callable[[int, int, BaseException], None] = exit_broken) -> FollowResult:
+def follow(
+    channel: Channel,
+    extractor,
+    on_event: Callable[[str, dict], None] = lambda k, i: None,
+    on_broken: Callable[[int, int, BaseException], None] = exit_broken,
+) -> FollowResult:
     """A follower's loop: run exactly the engine steps the leader runs, until "stop"."""
     result = FollowResult()
     while True:

@@ -165,8 +165,10 @@ def _fetch_to_cache(path: str, write, suffix: str, expect: str | None) -> tuple[
             write(hashing)  # hashed while it is written: one pass over the bytes
         digest = hashing.hexdigest()
         if expect is not None and digest != expect:
-            raise InputError(f"dataset {path} changed since prepare (sha256 {expect[:12]}..., now {digest[:12]}...): "
-                             f"refusing to mix; prepare a new job")
+            raise InputError(
+                f"dataset {path} changed since prepare (sha256 {expect[:12]}..., now {digest[:12]}...): "
+                f"refusing to mix; prepare a new job"
+            )
         final = root / f"{digest}{suffix}"
         os.replace(tmp, final)
         return final, digest
@@ -198,7 +200,7 @@ class _HashingWriter:
 
 
 def _local(path: str) -> Path:
-    p = Path(path[len("file://"):] if path.startswith("file://") else path)
+    p = Path(path[len("file://") :] if path.startswith("file://") else path)
     if not p.is_file():
         raise InputError(f"{path}: no such dataset file")
     return p
@@ -230,8 +232,10 @@ def _gcs_blob(path: str, bucket: str, name: str, generation: int | None):
         raise InputError(f"dataset {path}: cannot read it ({type(e).__name__}: {e})") from None
     if blob is None:
         if generation is not None:
-            raise InputError(f"dataset {path}: generation {generation}, which prepare pinned, is gone (the object "
-                             f"was replaced since prepare): refusing to mix; prepare a new job")
+            raise InputError(
+                f"dataset {path}: generation {generation}, which prepare pinned, is gone (the object "
+                f"was replaced since prepare): refusing to mix; prepare a new job"
+            )
         raise InputError(f"dataset {path}: no such object")
     return blob
 
@@ -252,8 +256,11 @@ class ModelPin:
 
     @staticmethod
     def from_json(d: dict) -> "ModelPin":
-        return ModelPin(sha256=str(d["sha256"]), files={str(k): str(v) for k, v in dict(d["files"]).items()},
-                        revision=d.get("revision"))
+        return ModelPin(
+            sha256=str(d["sha256"]),
+            files={str(k): str(v) for k, v in dict(d["files"]).items()},
+            revision=d.get("revision"),
+        )
 
 
 def model_pin(model_dir: Path) -> ModelPin:
@@ -279,9 +286,11 @@ def pinned_model(ref: str, revision: str, pin: ModelPin) -> Path:
     found = model_pin(model_dir)
     if found.sha256 != pin.sha256:
         changed = sorted(set(pin.files) ^ set(found.files)) or sorted(
-            f for f in pin.files if pin.files[f] != found.files.get(f))
-        raise InputError(f"model {ref} changed since prepare ({', '.join(changed[:3])} differ): refusing to mix; "
-                         f"prepare a new job")
+            f for f in pin.files if pin.files[f] != found.files.get(f)
+        )
+        raise InputError(
+            f"model {ref} changed since prepare ({', '.join(changed[:3])} differ): refusing to mix; prepare a new job"
+        )
     return model_dir
 
 

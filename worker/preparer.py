@@ -81,8 +81,10 @@ class Preparer:
                 ids = np.asarray(t, dtype=np.int64)
                 bad = np.nonzero((ids < 0) | (ids >= (self.vocab_size or 1 << 31)))[0]
                 if len(bad):
-                    raise InputError(f"row {sid}: field {self.options.tokens_field!r} holds token id {ids[bad[0]]}, "
-                                     f"outside the model's vocabulary (0..{self.vocab_size - 1})")
+                    raise InputError(
+                        f"row {sid}: field {self.options.tokens_field!r} holds token id {ids[bad[0]]}, "
+                        f"outside the model's vocabulary (0..{self.vocab_size - 1})"
+                    )
                 out.append((sid, ids.astype(np.int32), None))
         return out
 
@@ -138,8 +140,10 @@ class Preparer:
             raise InputError("--prepend-bos: the tokenizer has no BOS (nor EOS) token; pass --no-prepend-bos")
         sep = {"eos": tok.eos_token_id, "bos": bos_id, "none": None}[o.separator]
         if o.separator != "none" and sep is None:
-            raise InputError(f"--separator {o.separator}: the tokenizer has no {o.separator.upper()} token; pass "
-                             f"--separator none or another")
+            raise InputError(
+                f"--separator {o.separator}: the tokenizer has no {o.separator.upper()} token; pass "
+                f"--separator none or another"
+            )
         if bos is not None and o.context_size < 2:
             raise InputError("--context-size 1 with --prepend-bos leaves no room for text: use 2 or more")
         docs, skipped = [], {}
@@ -163,20 +167,26 @@ class Preparer:
                 samples.append(Sample(base + k, ids, mask, src_rows, src_pos))
         for sid, _ in docs:
             if sid not in stored:
-                skipped[sid] = ("no stored token in its windows" if sid in in_windows else
-                                "only in the unit's final partial window" if o.concat else
-                                f"shorter than the context size ({o.context_size} tokens)")
+                skipped[sid] = (
+                    "no stored token in its windows"
+                    if sid in in_windows
+                    else "only in the unit's final partial window"
+                    if o.concat
+                    else f"shorter than the context size ({o.context_size} tokens)"
+                )
         return self._planned(samples, skipped, 0, len(rows), windows=True)
 
     def _planned(self, samples: list[Sample], skipped, truncated, n_rows, *, windows: bool) -> Prepared:
-        planned = batching.plan([len(s) for s in samples], batch_tokens=self.options.batch_tokens,
-                                n_devices=self.n_devices)
+        planned = batching.plan(
+            [len(s) for s in samples], batch_tokens=self.options.batch_tokens, n_devices=self.n_devices
+        )
         stored = [sum(samples[i].stored for row in pb.rows for i in row) for pb in planned]
         return Prepared(samples, skipped, truncated, n_rows, planned, stored, windows)
 
 
-def cut_windows(docs: list[tuple[int, np.ndarray]], n: int, *, bos: int | None, sep: int | None, concat: bool
-                ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def cut_windows(
+    docs: list[tuple[int, np.ndarray]], n: int, *, bos: int | None, sep: int | None, concat: bool
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Documents (row, token ids) -> windows of exactly n tokens: (ids int32, source rows int64, source
     positions int32, -1 for an inserted token). With concat, SAELens's concat_and_batch_sequences
     (begin_batch_token=bos, sequence_separator_token=sep, begin_sequence_token=None): every window starts with
@@ -207,7 +217,7 @@ def cut_windows(docs: list[tuple[int, np.ndarray]], n: int, *, bos: int | None, 
             prefix = prefix[:room]
             take = room - len(prefix)
             cur.extend(prefix)
-            cur.extend((int(t), row, offset + j) for j, t in enumerate(ids[offset: offset + take]))
+            cur.extend((int(t), row, offset + j) for j, t in enumerate(ids[offset : offset + take]))
             offset += min(take, len(ids) - offset)
             if len(cur) == n:
                 flush()

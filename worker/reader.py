@@ -48,6 +48,7 @@ from actfleet.worker.shards import _DTYPES, INDEX_TENSORS, ShardFormatError, ope
 class Source:
     """An ordered list of shards: `keys` are paths (store None) or keys of `store`. For a job, the done
     records' shards in (unit, part) order, with how many units are done."""
+
     store: object | None
     keys: list[str]
     location: str
@@ -65,7 +66,7 @@ def open_source(location: str) -> Source:
         if job is not None:
             return job
         return Source(store, [k for k in store.list("") if k.endswith(q.SHARD_SUFFIX)], location)
-    path = Path(location[len("file://"):] if location.startswith("file://") else location)
+    path = Path(location[len("file://") :] if location.startswith("file://") else location)
     if path.is_file():
         return Source(None, [str(path)], location)
     if not path.is_dir():
@@ -176,8 +177,9 @@ class ShardFile:
             if len(data) != hi - lo:
                 raise ShardFormatError(f"{self.key}: {len(data)} bytes where {hi - lo} were expected (truncated?)")
             for b, e_, n, shape in group:
-                out[n] = np.frombuffer(data, self.entries[n].dtype, count=int(np.prod(shape, dtype=np.int64)),
-                                       offset=b - lo).reshape(shape)
+                out[n] = np.frombuffer(
+                    data, self.entries[n].dtype, count=int(np.prod(shape, dtype=np.int64)), offset=b - lo
+                ).reshape(shape)
         return out
 
 
@@ -228,8 +230,14 @@ def _row_filter(arrays: dict, samples, positions) -> np.ndarray | None:
     return keep
 
 
-def iter_batches(location: str, *, sites: Iterable[str] | None = None, samples=None,
-                 positions: Iterable[int] | Callable | None = None, batch_rows: int = 65536) -> Iterator[dict]:
+def iter_batches(
+    location: str,
+    *,
+    sites: Iterable[str] | None = None,
+    samples=None,
+    positions: Iterable[int] | Callable | None = None,
+    batch_rows: int = 65536,
+) -> Iterator[dict]:
     """Dicts of numpy arrays (sample_ids, token_ids, positions, and each site) of at most batch_rows rows."""
     if samples is not None and not isinstance(samples, (range, tuple)):
         samples = list(samples)
@@ -243,7 +251,7 @@ def iter_batches(location: str, *, sites: Iterable[str] | None = None, samples=N
         keep = _row_filter(index, samples, positions)
         idx = np.arange(f.rows) if keep is None else np.nonzero(keep)[0]
         for lo in range(0, len(idx), batch_rows):
-            sel = idx[lo: lo + batch_rows]
+            sel = idx[lo : lo + batch_rows]
             yield {name: np.array(t[sel]) for name, t in (*index.items(), *acts.items())}
 
 
@@ -262,9 +270,17 @@ def load(location: str, **filters) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------------------------------
 
 
-def shuffled_batches(location: str, *, sites: Iterable[str] | None = None, seed: int = 0, epoch: int = 0,
-                     batch_rows: int = 4096, buffer_rows: int = 262144, part: int = 0,
-                     parts: int = 1) -> Iterator[dict]:
+def shuffled_batches(
+    location: str,
+    *,
+    sites: Iterable[str] | None = None,
+    seed: int = 0,
+    epoch: int = 0,
+    batch_rows: int = 4096,
+    buffer_rows: int = 262144,
+    part: int = 0,
+    parts: int = 1,
+) -> Iterator[dict]:
     """Batches of `batch_rows` rows (the last may be smaller) in a seeded shuffled order.
 
     Work split: part p of `parts` reads rows [n*p/parts, n*(p+1)/parts) of every shard (for n rows), so
@@ -297,7 +313,7 @@ def shuffled_batches(location: str, *, sites: Iterable[str] | None = None, seed:
         cat = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
         cut = n - n % batch_rows if not final else n
         for lo in range(0, cut, batch_rows):
-            yield {k: v[lo: lo + batch_rows] for k, v in cat.items()}
+            yield {k: v[lo : lo + batch_rows] for k, v in cat.items()}
         pending[:] = [{k: v[cut:] for k, v in cat.items()}] if cut < n else []
 
     for i in order:
@@ -312,7 +328,7 @@ def shuffled_batches(location: str, *, sites: Iterable[str] | None = None, seed:
         size = len(buffer["sample_ids"])
         if size > buffer_rows:
             mix = rng.permutation(size)
-            out, keep = mix[: size - buffer_rows], mix[size - buffer_rows:]
+            out, keep = mix[: size - buffer_rows], mix[size - buffer_rows :]
             yield from emit({k: v[out] for k, v in buffer.items()})
             buffer = {k: v[keep] for k, v in buffer.items()}
     if buffer is not None:
@@ -339,8 +355,17 @@ def _make_torch_dataset():
         rank/world_size default to torch.distributed's when it is initialized, else 0 and 1. Call
         set_epoch(e) before each epoch for a new order (as with DistributedSampler)."""
 
-        def __init__(self, location: str, *, sites=None, seed: int = 0, batch_rows: int = 4096,
-                     buffer_rows: int = 262144, rank: int | None = None, world_size: int | None = None):
+        def __init__(
+            self,
+            location: str,
+            *,
+            sites=None,
+            seed: int = 0,
+            batch_rows: int = 4096,
+            buffer_rows: int = 262144,
+            rank: int | None = None,
+            world_size: int | None = None,
+        ):
             super().__init__()
             self.location, self.sites, self.seed = location, None if sites is None else list(sites), seed
             self.batch_rows, self.buffer_rows, self.epoch = batch_rows, buffer_rows, 0
@@ -357,9 +382,16 @@ def _make_torch_dataset():
         def __iter__(self):
             info = torch.utils.data.get_worker_info()
             worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-            for batch in shuffled_batches(self.location, sites=self.sites, seed=self.seed, epoch=self.epoch,
-                                          batch_rows=self.batch_rows, buffer_rows=self.buffer_rows,
-                                          part=self.rank * workers + worker, parts=self.world_size * workers):
+            for batch in shuffled_batches(
+                self.location,
+                sites=self.sites,
+                seed=self.seed,
+                epoch=self.epoch,
+                batch_rows=self.batch_rows,
+                buffer_rows=self.buffer_rows,
+                part=self.rank * workers + worker,
+                parts=self.world_size * workers,
+            ):
                 yield {k: _torch_tensor(v) for k, v in batch.items()}
 
     ActivationDataset.__module__ = __name__

@@ -48,8 +48,12 @@ def make_mesh(devices, model_parallel: int):
     if model_parallel < 1 or n % model_parallel:
         raise ValueError(f"model_parallel {model_parallel} must divide the number of devices ({n})")
     # jax.make_mesh orders the devices along the physical topology (the model axis on the nearest chips).
-    return jax.make_mesh((n // model_parallel, model_parallel), sharding.MESH_AXES, devices=devices,
-                         axis_types=(AxisType.Auto, AxisType.Auto))
+    return jax.make_mesh(
+        (n // model_parallel, model_parallel),
+        sharding.MESH_AXES,
+        devices=devices,
+        axis_types=(AxisType.Auto, AxisType.Auto),
+    )
 
 
 def place_global(host: np.ndarray, sharding):
@@ -101,8 +105,17 @@ class Runner:
     """The model's parameters on the mesh and its compiled programs, for one job's options and sites.
     `attn_block` is the attention kernel's block size (a tuning knob, not a job option)."""
 
-    def __init__(self, options: JobOptions, family, config, model_dir: Path, sites: tuple[str, ...], *,
-                 model_ref: str, attn_block: int = 512):
+    def __init__(
+        self,
+        options: JobOptions,
+        family,
+        config,
+        model_dir: Path,
+        sites: tuple[str, ...],
+        *,
+        model_ref: str,
+        attn_block: int = 512,
+    ):
         import jax
         import jax.numpy as jnp
 
@@ -140,8 +153,7 @@ class Runner:
         def gather(acts, take):
             # On the device, before the copy to the host: only the stored tokens, already in shard order, the
             # sites of one width in one array.
-            return tuple(jnp.stack([acts[s].reshape(-1, acts[s].shape[-1])[take] for s in group])
-                         for group in groups)
+            return tuple(jnp.stack([acts[s].reshape(-1, acts[s].shape[-1])[take] for s in group]) for group in groups)
 
         self.step = jax.jit(step)
         # Replicated: every host gets whole vectors, whether the mesh spans hosts or the model is split
@@ -194,8 +206,13 @@ class Runner:
                 launched = self._launch(pb, prep.samples, n)
                 if pending is not None:
                     yield pending[0], self._collect(*pending[1:])
-                pending = (k, launched, prep.skipped if first else {}, prep.truncated if first else 0,
-                           seen if prep.windows else None)
+                pending = (
+                    k,
+                    launched,
+                    prep.skipped if first else {},
+                    prep.truncated if first else 0,
+                    seen if prep.windows else None,
+                )
                 first = False
             if first and prep.n_rows:  # nothing to compute, but rows to account for
                 if pending is not None:
@@ -260,9 +277,9 @@ class Runner:
             at = 0
             for seg, i in enumerate(members, start=1):
                 ids = samples[i].token_ids
-                token_ids[row, at: at + len(ids)] = ids
-                segment_ids[row, at: at + len(ids)] = seg
-                positions[row, at: at + len(ids)] = np.arange(len(ids))
+                token_ids[row, at : at + len(ids)] = ids
+                segment_ids[row, at : at + len(ids)] = seg
+                positions[row, at : at + len(ids)] = np.arange(len(ids))
                 at += len(ids)
             positions[row, at:] = np.arange(p - at)  # padding counts from its own start
         step, gather = self._programs_for(pb.shape, stored)
@@ -300,8 +317,15 @@ class Runner:
         positions = np.concatenate(poss)
         order = np.lexsort((positions, sample_ids))
         source = (np.concatenate(srows)[order], np.concatenate(spos)[order]) if srows else None
-        return _Launched(pb, np.concatenate(flat)[order], sample_ids[order], np.concatenate(toks)[order],
-                         positions[order], real, source)
+        return _Launched(
+            pb,
+            np.concatenate(flat)[order],
+            sample_ids[order],
+            np.concatenate(toks)[order],
+            positions[order],
+            real,
+            source,
+        )
 
     def _collect(self, launched: _Launched, skipped: dict[int, str], truncated: int, seen: set | None) -> Batch:
         r, p = launched.pb.shape
@@ -318,18 +342,32 @@ class Runner:
             seen |= new
             members = len(new)
         source = launched.source
-        return Batch(token_ids=launched.token_ids, sample_ids=launched.sample_ids, positions=launched.positions,
-                     acts=acts, rows=members + len(skipped), computed_tokens=r * p, padded_tokens=r * p - launched.real,
-                     truncated=truncated, skipped=dict(skipped),
-                     source_rows=None if source is None else source[0],
-                     source_positions=None if source is None else source[1])
+        return Batch(
+            token_ids=launched.token_ids,
+            sample_ids=launched.sample_ids,
+            positions=launched.positions,
+            acts=acts,
+            rows=members + len(skipped),
+            computed_tokens=r * p,
+            padded_tokens=r * p - launched.real,
+            truncated=truncated,
+            skipped=dict(skipped),
+            source_rows=None if source is None else source[0],
+            source_positions=None if source is None else source[1],
+        )
 
     def empty_batch(self, skipped: dict[int, str], truncated: int) -> Batch:
         """A unit's accounting when nothing in it is computed (every row skipped)."""
         dtype = STORE_DTYPES[self.options.store_dtype]
         windows = bool(self.options.context_size)
-        return Batch(token_ids=np.zeros(0, np.int32), sample_ids=np.zeros(0, np.int64), positions=np.zeros(0, np.int32),
-                     acts={s: np.zeros((0, self.config.site_width(site_names.parse(s)[1])), dtype)
-                           for s in self.sites}, rows=len(skipped), truncated=truncated,
-                     skipped=dict(skipped), source_rows=np.zeros(0, np.int64) if windows else None,
-                     source_positions=np.zeros(0, np.int32) if windows else None)
+        return Batch(
+            token_ids=np.zeros(0, np.int32),
+            sample_ids=np.zeros(0, np.int64),
+            positions=np.zeros(0, np.int32),
+            acts={s: np.zeros((0, self.config.site_width(site_names.parse(s)[1])), dtype) for s in self.sites},
+            rows=len(skipped),
+            truncated=truncated,
+            skipped=dict(skipped),
+            source_rows=np.zeros(0, np.int64) if windows else None,
+            source_positions=np.zeros(0, np.int32) if windows else None,
+        )

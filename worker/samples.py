@@ -1,8 +1,8 @@
 """The three shapes data takes between the input readers, the preparer and the runner, each defined once:
 
-    Row    (sample id, text or token ids, skip reason)   worker/inputs.py reads these
-    Sample one sequence to compute: token ids + which to store (worker/preparer.py makes these from rows)
-    Batch  stored tokens of some samples with their activations (worker/runner.py yields these)
+Row    (sample id, text or token ids, skip reason)   worker/inputs.py reads these
+Sample one sequence to compute: token ids + which to store (worker/preparer.py makes these from rows)
+Batch  stored tokens of some samples with their activations (worker/runner.py yields these)
 """
 
 from __future__ import annotations

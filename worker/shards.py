@@ -35,9 +35,16 @@ INDEX_TENSORS = ("sample_ids", "token_ids", "positions")
 SOURCE_TENSORS = ("source_rows", "source_positions")  # context windows only (actfleet.worker.preparer)
 
 _DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
 }
 _CODES = {v: k for k, v in _DTYPES.items()}
 STORE_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
@@ -64,7 +71,9 @@ def safetensors_bytes(tensors: dict[str, "np.ndarray | Pieces"], metadata: dict[
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset, parts = 0, []
     for name, value in tensors.items():
-        pieces = [np.ascontiguousarray(a) for a in value] if isinstance(value, Pieces) else [np.ascontiguousarray(value)]
+        pieces = (
+            [np.ascontiguousarray(a) for a in value] if isinstance(value, Pieces) else [np.ascontiguousarray(value)]
+        )
         if not pieces:
             raise ValueError(f"tensor {name!r}: no pieces")
         first = pieces[0]
@@ -93,7 +102,7 @@ def parse_header(buf) -> tuple[dict, dict[str, str], int]:
     if n > len(buf) - 8 or n > 100_000_000:
         raise ShardFormatError(f"header length {n} does not fit in {len(buf)} bytes")
     try:
-        header = json.loads(bytes(buf[8: 8 + n]))
+        header = json.loads(bytes(buf[8 : 8 + n]))
     except ValueError as e:
         raise ShardFormatError(f"header is not JSON ({e})") from None
     if not isinstance(header, dict):
@@ -115,11 +124,15 @@ def read_tensors(buf, names=None) -> tuple[dict[str, np.ndarray], dict[str, str]
             shape = tuple(int(x) for x in entry["shape"])
         except (KeyError, TypeError, ValueError):
             raise ShardFormatError(f"tensor {name!r}: unsupported or malformed entry {entry!r}") from None
-        if (min(begin, *shape, 0) < 0 or end - begin != dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-                or start + end > len(buf)):
+        if (
+            min(begin, *shape, 0) < 0
+            or end - begin != dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+            or start + end > len(buf)
+        ):
             raise ShardFormatError(f"tensor {name!r}: data offsets do not match its shape or the file size")
-        out[name] = np.frombuffer(buf, dtype=dtype, count=(end - begin) // dtype.itemsize,
-                                  offset=start + begin).reshape(shape)
+        out[name] = np.frombuffer(
+            buf, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start + begin
+        ).reshape(shape)
     return out, metadata
 
 
@@ -142,6 +155,7 @@ def open_file(path: str | Path, names=None) -> tuple[dict[str, np.ndarray], dict
 class Shard:
     """One finished shard: which unit and part it is, its safetensors bytes and the token rows they hold
     (known to whoever wrote them, so nobody re-parses the bytes to count)."""
+
     unit: int
     part: int
     data: bytes
@@ -166,8 +180,17 @@ def shard_index(blob, what: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 # The tokenizer's files, as transformers' tokenizers save them (hashed for `tokenizer_sha256`).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 def _files_sha256(files: dict[str, str]) -> str:
@@ -177,8 +200,14 @@ def _files_sha256(files: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest() if files else ""
 
 
-def job_metadata(options, *, max_seq: int, d_model: int, model_files: dict[str, str] | None = None,
-                 resolved_revision: str | None = None) -> dict[str, str]:
+def job_metadata(
+    options,
+    *,
+    max_seq: int,
+    d_model: int,
+    model_files: dict[str, str] | None = None,
+    resolved_revision: str | None = None,
+) -> dict[str, str]:
     """What made a job's rows, as shard metadata strings (all shards of a job carry the same):
 
     the options the option table marks SHARD (actfleet/job_options.py: positions, context_size (0: whole
@@ -195,10 +224,12 @@ def job_metadata(options, *, max_seq: int, d_model: int, model_files: dict[str, 
     # The options marked SHARD in the option table, as strings; max_seq is the resolved one.
     return {
         **{o.name: text(getattr(options, o.name)) for o in applying(SHARD)},
-        "max_seq": str(int(max_seq)), "d_model": str(int(d_model)),
+        "max_seq": str(int(max_seq)),
+        "d_model": str(int(d_model)),
         "resolved_revision": resolved_revision or "",
-        "weights_sha256": _files_sha256({f: h for f, h in files.items()
-                                         if f.endswith(".safetensors") or f == "model.safetensors.index.json"}),
+        "weights_sha256": _files_sha256(
+            {f: h for f, h in files.items() if f.endswith(".safetensors") or f == "model.safetensors.index.json"}
+        ),
         "tokenizer_sha256": _files_sha256({f: h for f, h in files.items() if f.rsplit("/", 1)[-1] in TOKENIZER_FILES}),
     }
 
@@ -211,9 +242,24 @@ def shard_rows(blob, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return tensors.get("source_rows", ids), ids, positions
 
 
-def shard_bytes(*, sample_ids, token_ids, positions, acts: dict[str, np.ndarray], sites, store_dtype: str,
-                model: str, revision: str, job: str, unit: int, part: int, random_weights: bool,
-                source_rows=None, source_positions=None, extra_metadata: dict[str, str] | None = None) -> bytes:
+def shard_bytes(
+    *,
+    sample_ids,
+    token_ids,
+    positions,
+    acts: dict[str, np.ndarray],
+    sites,
+    store_dtype: str,
+    model: str,
+    revision: str,
+    job: str,
+    unit: int,
+    part: int,
+    random_weights: bool,
+    source_rows=None,
+    source_positions=None,
+    extra_metadata: dict[str, str] | None = None,
+) -> bytes:
     """One shard's bytes: the index tensors, then one tensor per site in `sites` order, cast to store_dtype.
     Each tensor may be given as Pieces. `extra_metadata` (job_metadata's strings) joins the metadata; it
     cannot replace the keys set here."""
@@ -224,19 +270,31 @@ def shard_bytes(*, sample_ids, token_ids, positions, acts: dict[str, np.ndarray]
             return Pieces(np.asarray(a).astype(to, copy=False) for a in value)
         return np.asarray(value).astype(to, copy=False)
 
-    tensors = {"sample_ids": cast(sample_ids, np.int64), "token_ids": cast(token_ids, np.int32),
-               "positions": cast(positions, np.int32)}
+    tensors = {
+        "sample_ids": cast(sample_ids, np.int64),
+        "token_ids": cast(token_ids, np.int32),
+        "positions": cast(positions, np.int32),
+    }
     if source_rows is not None:
         tensors["source_rows"] = cast(source_rows, np.int64)
         tensors["source_positions"] = cast(source_positions, np.int32)
     for site in sites:
         tensors[site] = cast(acts[site], dtype)
     ids = tensors["sample_ids"]
-    metadata = {**(extra_metadata or {}),
-                "format": FORMAT, "format_version": FORMAT_VERSION, "model": model, "revision": revision,
-                "job": job, "unit": str(unit), "part": str(part), "sites": json.dumps(list(sites)),
-                "dtype": store_dtype, "random_weights": "true" if random_weights else "false",
-                "tokens": str(sum(len(a) for a in ids) if isinstance(ids, Pieces) else len(ids))}
+    metadata = {
+        **(extra_metadata or {}),
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": model,
+        "revision": revision,
+        "job": job,
+        "unit": str(unit),
+        "part": str(part),
+        "sites": json.dumps(list(sites)),
+        "dtype": store_dtype,
+        "random_weights": "true" if random_weights else "false",
+        "tokens": str(sum(len(a) for a in ids) if isinstance(ids, Pieces) else len(ids)),
+    }
     return safetensors_bytes(tensors, metadata)
 
 
@@ -248,14 +306,31 @@ class ShardWriter:
     shards are kept in `self.shards`.
     """
 
-    def __init__(self, *, shard_mb: float, model: str, revision: str, job: str, unit: int, sites,
-                 store_dtype: str = "bfloat16", random_weights: bool = False,
-                 on_shard: Callable[[Shard], None] | None = None, extra_metadata: dict[str, str] | None = None):
+    def __init__(
+        self,
+        *,
+        shard_mb: float,
+        model: str,
+        revision: str,
+        job: str,
+        unit: int,
+        sites,
+        store_dtype: str = "bfloat16",
+        random_weights: bool = False,
+        on_shard: Callable[[Shard], None] | None = None,
+        extra_metadata: dict[str, str] | None = None,
+    ):
         if store_dtype not in STORE_DTYPES:
             raise ValueError(f"store dtype {store_dtype!r}: use one of {', '.join(STORE_DTYPES)}")
         self.shard_bytes_target = max(1, int(shard_mb * 2**20))
-        self.meta = dict(model=model, revision=revision, job=job, unit=unit, random_weights=random_weights,
-                         extra_metadata=extra_metadata)
+        self.meta = dict(
+            model=model,
+            revision=revision,
+            job=job,
+            unit=unit,
+            random_weights=random_weights,
+            extra_metadata=extra_metadata,
+        )
         self.sites, self.store_dtype = tuple(sites), store_dtype
         self.on_shard = on_shard
         self.shards: list[Shard] = []
@@ -306,9 +381,17 @@ class ShardWriter:
             need -= n
         self._rows -= rows
         source = {k: taken[k] for k in SOURCE_TENSORS if k in taken}
-        blob = shard_bytes(sample_ids=taken["sample_ids"], token_ids=taken["token_ids"],
-                           positions=taken["positions"], acts={s: taken[s] for s in self.sites},
-                           sites=self.sites, store_dtype=self.store_dtype, part=self.part, **source, **self.meta)
+        blob = shard_bytes(
+            sample_ids=taken["sample_ids"],
+            token_ids=taken["token_ids"],
+            positions=taken["positions"],
+            acts={s: taken[s] for s in self.sites},
+            sites=self.sites,
+            store_dtype=self.store_dtype,
+            part=self.part,
+            **source,
+            **self.meta,
+        )
         shard = Shard(self.meta["unit"], self.part, blob, rows)
         self.part += 1
         if self.on_shard is not None:

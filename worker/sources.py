@@ -28,10 +28,22 @@ from pathlib import Path
 from actfleet.errors import InputError
 
 # suffix -> kind, longest suffixes first
-KINDS = ((".jsonl.gz", "jsonl.gz"), (".ndjson.gz", "jsonl.gz"), (".json.gz", "jsonl.gz"),
-         (".jsonl.zst", "jsonl.zst"), (".jsonl.zstd", "jsonl.zst"), (".ndjson.zst", "jsonl.zst"),
-         (".json.zst", "jsonl.zst"), (".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "jsonl"),
-         (".parquet", "parquet"), (".pq", "parquet"), (".csv", "csv"), (".arrow", "arrow"))
+KINDS = (
+    (".jsonl.gz", "jsonl.gz"),
+    (".ndjson.gz", "jsonl.gz"),
+    (".json.gz", "jsonl.gz"),
+    (".jsonl.zst", "jsonl.zst"),
+    (".jsonl.zstd", "jsonl.zst"),
+    (".ndjson.zst", "jsonl.zst"),
+    (".json.zst", "jsonl.zst"),
+    (".jsonl", "jsonl"),
+    (".ndjson", "jsonl"),
+    (".json", "jsonl"),
+    (".parquet", "parquet"),
+    (".pq", "parquet"),
+    (".csv", "csv"),
+    (".arrow", "arrow"),
+)
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
 HF_PREFIX = "hf://datasets/"
 
@@ -47,8 +59,10 @@ def kind_of(path: str) -> str | None:
 def file_kind(path: str) -> str:
     kind = kind_of(path)
     if kind is None:
-        raise InputError(f"{path}: unknown dataset type (use .jsonl, .jsonl.gz, .jsonl.zst, .parquet, .csv or "
-                         f".arrow, a directory of them, a glob or a hub dataset id)")
+        raise InputError(
+            f"{path}: unknown dataset type (use .jsonl, .jsonl.gz, .jsonl.zst, .parquet, .csv or "
+            f".arrow, a directory of them, a glob or a hub dataset id)"
+        )
     return kind
 
 
@@ -74,9 +88,15 @@ class DataFile:
 
     @staticmethod
     def from_json(d: dict) -> "DataFile":
-        return DataFile(path=str(d["path"]), kind=str(d["kind"]), rows=int(d["rows"]), sha256=str(d["sha256"]),
-                        generation=d.get("generation"), index=[int(x) for x in d.get("index") or []],
-                        plain_sha256=str(d.get("plain_sha256") or ""))
+        return DataFile(
+            path=str(d["path"]),
+            kind=str(d["kind"]),
+            rows=int(d["rows"]),
+            sha256=str(d["sha256"]),
+            generation=d.get("generation"),
+            index=[int(x) for x in d.get("index") or []],
+            plain_sha256=str(d.get("plain_sha256") or ""),
+        )
 
 
 def fingerprint(files: list[DataFile]) -> str:
@@ -98,7 +118,7 @@ def is_glob(ref: str) -> bool:
 def resolve(ref: str, *, split: str = "train", subset: str = "", revision: str = "") -> list[str]:
     """The data files `ref` names, in row order (paths, gs:// URLs or hf:// file names)."""
     if ref.startswith("file://"):
-        ref = ref[len("file://"):]
+        ref = ref[len("file://") :]
     if ref.startswith("gs://"):
         from actfleet.store import parse_gs
 
@@ -107,7 +127,7 @@ def resolve(ref: str, *, split: str = "train", subset: str = "", revision: str =
         file_kind(ref)
         return [ref]
     if ref.startswith(HF_PREFIX):
-        ref = ref[len(HF_PREFIX):]
+        ref = ref[len(HF_PREFIX) :]
     p = Path(ref)
     if p.is_file():
         file_kind(ref)
@@ -115,11 +135,14 @@ def resolve(ref: str, *, split: str = "train", subset: str = "", revision: str =
     if p.is_dir():
         return _directory(p, split)
     if is_glob(ref):
-        found = sorted(str(Path(f).resolve()) for f in globmod.glob(ref, recursive=True)
-                       if Path(f).is_file() and kind_of(f))
+        found = sorted(
+            str(Path(f).resolve()) for f in globmod.glob(ref, recursive=True) if Path(f).is_file() and kind_of(f)
+        )
         if not found:
-            raise InputError(f"--input {ref}: the pattern matches no data files (.jsonl, .jsonl.gz, .jsonl.zst, "
-                             f".parquet, .csv, .arrow)")
+            raise InputError(
+                f"--input {ref}: the pattern matches no data files (.jsonl, .jsonl.gz, .jsonl.zst, "
+                f".parquet, .csv, .arrow)"
+            )
         return found
     if HUB_ID.fullmatch(ref) and "/" in ref:
         return hub_files(ref, split=split, subset=subset, revision=revision or "main")
@@ -130,8 +153,10 @@ def _directory(d: Path, split: str) -> list[str]:
     if (d / "dataset_dict.json").is_file():  # DatasetDict.save_to_disk: one saved Dataset per split
         splits = json.loads((d / "dataset_dict.json").read_text()).get("splits", [])
         if split not in splits:
-            raise InputError(f"--input {d}: a saved DatasetDict without split {split!r} (it has "
-                             f"{', '.join(splits) or 'none'}); pass --split")
+            raise InputError(
+                f"--input {d}: a saved DatasetDict without split {split!r} (it has "
+                f"{', '.join(splits) or 'none'}); pass --split"
+            )
         d = d / split
     if (d / "state.json").is_file():  # Dataset.save_to_disk: Arrow files listed in state.json, in order
         try:
@@ -139,12 +164,15 @@ def _directory(d: Path, split: str) -> list[str]:
         except (ValueError, KeyError, TypeError) as e:
             raise InputError(f"--input {d}: state.json does not list the data files ({e})") from None
         return [str((d / n).resolve()) for n in names]
-    found = sorted(str(f.resolve()) for f in d.rglob("*")
-                   if f.is_file() and kind_of(f.name) and not any(part.startswith(".") for part in
-                                                                 f.relative_to(d).parts))
+    found = sorted(
+        str(f.resolve())
+        for f in d.rglob("*")
+        if f.is_file() and kind_of(f.name) and not any(part.startswith(".") for part in f.relative_to(d).parts)
+    )
     if not found:
-        raise InputError(f"--input {d}: the directory holds no data files (.jsonl, .jsonl.gz, .jsonl.zst, "
-                         f".parquet, .csv, .arrow)")
+        raise InputError(
+            f"--input {d}: the directory holds no data files (.jsonl, .jsonl.gz, .jsonl.zst, .parquet, .csv, .arrow)"
+        )
     return found
 
 
@@ -153,8 +181,17 @@ def _directory(d: Path, split: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------------
 
 # Where a split's files are when the README declares no configs (the common layouts `datasets` recognizes).
-_DEFAULT_SPLIT_PATTERNS = ("data/{split}-*", "data/{split}_*", "data/{split}.*", "data/{split}/**",
-                           "{split}-*", "{split}.*", "{split}/**", "*/{split}-*", "*/{split}/**")
+_DEFAULT_SPLIT_PATTERNS = (
+    "data/{split}-*",
+    "data/{split}_*",
+    "data/{split}.*",
+    "data/{split}/**",
+    "{split}-*",
+    "{split}.*",
+    "{split}/**",
+    "*/{split}-*",
+    "*/{split}/**",
+)
 
 
 def hub_files(repo: str, *, split: str, subset: str, revision: str) -> list[str]:
@@ -166,25 +203,28 @@ def hub_files(repo: str, *, split: str, subset: str, revision: str) -> list[str]
     from huggingface_hub.errors import HFValidationError
 
     try:
-        card_dir = Path(snapshot_download(repo, repo_type="dataset", revision=revision,
-                                          allow_patterns=["README.md"]))
+        card_dir = Path(snapshot_download(repo, repo_type="dataset", revision=revision, allow_patterns=["README.md"]))
     except HFValidationError as e:
         raise InputError(f"--input {repo}: not a hub dataset id ({e})") from None
     except Exception as e:  # offline without a cached snapshot, unknown repo or revision, network
-        raise InputError(f"--input {repo}: cannot resolve the hub dataset at revision {revision!r} "
-                         f"({type(e).__name__}: {e})") from None
+        raise InputError(
+            f"--input {repo}: cannot resolve the hub dataset at revision {revision!r} ({type(e).__name__}: {e})"
+        ) from None
     commit = card_dir.name
     patterns = _split_patterns(card_dir / "README.md", repo, split, subset)
     try:
         files_dir = Path(snapshot_download(repo, repo_type="dataset", revision=commit, allow_patterns=patterns))
     except Exception as e:
-        raise InputError(f"--input {repo}: cannot fetch the data files of split {split!r} at {commit} "
-                         f"({type(e).__name__}: {e})") from None
+        raise InputError(
+            f"--input {repo}: cannot fetch the data files of split {split!r} at {commit} ({type(e).__name__}: {e})"
+        ) from None
     names = sorted(f.relative_to(files_dir).as_posix() for f in files_dir.rglob("*") if f.is_file())
     found = [n for n in names if kind_of(n) and any(fnmatch(n, pat) for pat in patterns)]
     if not found:
-        raise InputError(f"--input {repo}: no data files for subset {subset or '(default)'!r} split {split!r} at "
-                         f"{commit} (looked for {', '.join(patterns)})")
+        raise InputError(
+            f"--input {repo}: no data files for subset {subset or '(default)'!r} split {split!r} at "
+            f"{commit} (looked for {', '.join(patterns)})"
+        )
     return [f"{HF_PREFIX}{repo}@{commit}/{n}" for n in found]
 
 
@@ -193,7 +233,7 @@ def _split_patterns(readme: Path, repo: str, split: str, subset: str) -> list[st
     if readme.is_file():
         from huggingface_hub import DatasetCard
 
-        configs = (DatasetCard.load(readme).data.to_dict().get("configs") or [])
+        configs = DatasetCard.load(readme).data.to_dict().get("configs") or []
     if not configs:
         if subset:
             raise InputError(f"--input {repo}: --subset {subset}, but the dataset card declares no configs")
@@ -202,12 +242,17 @@ def _split_patterns(readme: Path, repo: str, split: str, subset: str) -> list[st
     if subset:
         chosen = [c for c in configs if c.get("config_name", "default") == subset]
     else:
-        chosen = [c for c in configs if c.get("default")] or \
-                 [c for c in configs if c.get("config_name", "default") == "default"] or \
-                 (configs if len(configs) == 1 else [])
+        chosen = (
+            [c for c in configs if c.get("default")]
+            or [c for c in configs if c.get("config_name", "default") == "default"]
+            or (configs if len(configs) == 1 else [])
+        )
     if not chosen:
-        raise InputError(f"--input {repo}: " + (f"no subset {subset!r}" if subset else "several subsets") +
-                         f"; pass --subset, one of {', '.join(names)}")
+        raise InputError(
+            f"--input {repo}: "
+            + (f"no subset {subset!r}" if subset else "several subsets")
+            + f"; pass --subset, one of {', '.join(names)}"
+        )
     data_files = chosen[0].get("data_files")
     if isinstance(data_files, str):
         data_files = [{"split": "train", "path": data_files}]
@@ -216,13 +261,15 @@ def _split_patterns(readme: Path, repo: str, split: str, subset: str) -> list[st
             path = entry.get("path")
             return [path] if isinstance(path, str) else list(path)
     splits = [e.get("split", "train") for e in data_files or []]
-    raise InputError(f"--input {repo}: subset {chosen[0].get('config_name', 'default')!r} has no split {split!r} "
-                     f"(it has {', '.join(splits) or 'none'}); pass --split")
+    raise InputError(
+        f"--input {repo}: subset {chosen[0].get('config_name', 'default')!r} has no split {split!r} "
+        f"(it has {', '.join(splits) or 'none'}); pass --split"
+    )
 
 
 def hub_parts(path: str) -> tuple[str, str, str]:
     """(repo, commit, file) of an hf://datasets/<repo>@<commit>/<file> name."""
-    rest = path[len(HF_PREFIX):]
+    rest = path[len(HF_PREFIX) :]
     head, _, name = rest.partition("@")
     commit, _, filename = name.partition("/")
     return head, commit, filename

@@ -70,8 +70,7 @@ class VerifyReport:
         return d
 
 
-def verify(store: Store, job: str, *, clean: bool = False, now: float | None = None,
-           parallel: int = 8) -> VerifyReport:
+def verify(store: Store, job: str, *, clean: bool = False, now: float | None = None, parallel: int = 8) -> VerifyReport:
     now = time.time() if now is None else now
     spec = q.read_job(store, job)
     rep = VerifyReport(job=job, store=store.url, units_total=spec.units, rows=spec.rows)
@@ -81,8 +80,11 @@ def verify(store: Store, job: str, *, clean: bool = False, now: float | None = N
 
     # 0. job.json against its own arithmetic (an edited `units` would hide units from every check below)
     if spec.unit_rows < 1 or spec.rows < 0 or spec.units != -(-spec.rows // spec.unit_rows):
-        problem("bad-job", f"job.json says units={spec.units} for rows={spec.rows} and unit_rows={spec.unit_rows}; "
-                           f"that is {-(-spec.rows // max(1, spec.unit_rows))} units")
+        problem(
+            "bad-job",
+            f"job.json says units={spec.units} for rows={spec.rows} and unit_rows={spec.unit_rows}; "
+            f"that is {-(-spec.rows // max(1, spec.unit_rows))} units",
+        )
 
     # 1. unit records and done records
     unit_keys = set(store.list(q.units_prefix(job)))
@@ -109,8 +111,11 @@ def verify(store: Store, job: str, *, clean: bool = False, now: float | None = N
             live[unit] = lease
     for unit in range(spec.units):
         if unit not in records:
-            problem("not-done", f"unit {unit} (rows {spec.unit_range(unit)[0]}-{spec.unit_range(unit)[1] - 1}) "
-                                f"has no done record", unit)
+            problem(
+                "not-done",
+                f"unit {unit} (rows {spec.unit_range(unit)[0]}-{spec.unit_range(unit)[1] - 1}) has no done record",
+                unit,
+            )
             if unit in live and live[unit].expires > now:
                 rep.in_progress.append(unit)
 
@@ -119,14 +124,25 @@ def verify(store: Store, job: str, *, clean: bool = False, now: float | None = N
     for unit, rec in sorted(records.items()):
         start, stop = spec.unit_range(unit)
         if (rec.start, rec.stop) != (start, stop):
-            problem("bad-record", f"unit {unit}: done record covers rows {rec.start}-{rec.stop - 1}, the unit is "
-                                  f"{start}-{stop - 1}", unit)
+            problem(
+                "bad-record",
+                f"unit {unit}: done record covers rows {rec.start}-{rec.stop - 1}, the unit is {start}-{stop - 1}",
+                unit,
+            )
         if rec.input_sha256 != spec.fingerprint:
-            problem("mixed-input", f"unit {unit}: computed from dataset bytes sha256 {rec.input_sha256[:12] or '?'}..., "
-                                   f"the job pinned {spec.fingerprint[:12]}...", unit)
+            problem(
+                "mixed-input",
+                f"unit {unit}: computed from dataset bytes sha256 {rec.input_sha256[:12] or '?'}..., "
+                f"the job pinned {spec.fingerprint[:12]}...",
+                unit,
+            )
         if rec.model_sha256 != spec.model_sha256:
-            problem("mixed-model", f"unit {unit}: computed with model files sha256 {rec.model_sha256[:12] or '?'}..., "
-                                   f"the job pinned {spec.model_sha256[:12] or 'none'}...", unit)
+            problem(
+                "mixed-model",
+                f"unit {unit}: computed with model files sha256 {rec.model_sha256[:12] or '?'}..., "
+                f"the job pinned {spec.model_sha256[:12] or 'none'}...",
+                unit,
+            )
         for s in rec.shards:
             if q.shard_unit_part(s.name) is None or q.shard_unit_part(s.name)[0] != unit:
                 problem("bad-record", f"unit {unit}: lists shard {s.name} of another unit", unit)
@@ -149,9 +165,16 @@ def verify(store: Store, job: str, *, clean: bool = False, now: float | None = N
                 continue
             digest = hashlib.sha256(blob).hexdigest()
             if len(blob) != s.bytes or digest != s.sha256:
-                out.append(Problem("corrupt-shard", f"unit {unit}: shard {key} has {len(blob)} bytes sha256 "
-                                                    f"{digest[:12]}..., the done record says {s.bytes} bytes "
-                                                    f"{s.sha256[:12]}...", unit, key))
+                out.append(
+                    Problem(
+                        "corrupt-shard",
+                        f"unit {unit}: shard {key} has {len(blob)} bytes sha256 "
+                        f"{digest[:12]}..., the done record says {s.bytes} bytes "
+                        f"{s.sha256[:12]}...",
+                        unit,
+                        key,
+                    )
+                )
                 continue
             try:
                 rows, ids, positions = shard_rows(blob, key)  # rows: source_rows for context windows
@@ -165,16 +188,22 @@ def verify(store: Store, job: str, *, clean: bool = False, now: float | None = N
             return out, tokens, stored
         start, stop = rec.start, rec.stop
         if tokens != rec.tokens:
-            out.append(Problem("rows", f"unit {unit}: shards hold {tokens} tokens, the done record says "
-                                       f"{rec.tokens}", unit))
+            out.append(
+                Problem("rows", f"unit {unit}: shards hold {tokens} tokens, the done record says {rec.tokens}", unit)
+            )
         if pairs:
             allp = np.concatenate(pairs)
             if len(np.unique(allp, axis=0)) != len(allp):
                 out.append(Problem("rows", f"unit {unit}: some (sample, position) is stored more than once", unit))
         outside = sorted(i for i in stored if not start <= i < stop)
         if outside:
-            out.append(Problem("rows", f"unit {unit}: shards hold sample ids outside rows {start}-{stop - 1}, "
-                                       f"e.g. {outside[:3]}", unit))
+            out.append(
+                Problem(
+                    "rows",
+                    f"unit {unit}: shards hold sample ids outside rows {start}-{stop - 1}, e.g. {outside[:3]}",
+                    unit,
+                )
+            )
         skipped = [i for ids in rec.skipped.values() for i in ids]
         both = stored & set(skipped)
         if both:
@@ -183,8 +212,11 @@ def verify(store: Store, job: str, *, clean: bool = False, now: float | None = N
             out.append(Problem("rows", f"unit {unit}: a row is counted as skipped twice", unit))
         missing = sorted(set(range(start, stop)) - stored - set(skipped))
         if missing:
-            out.append(Problem("rows", f"unit {unit}: {len(missing)} rows neither stored nor skipped, e.g. "
-                                       f"{missing[:5]}", unit))
+            out.append(
+                Problem(
+                    "rows", f"unit {unit}: {len(missing)} rows neither stored nor skipped, e.g. {missing[:5]}", unit
+                )
+            )
         return out, tokens, stored
 
     units = sorted(records)
@@ -200,10 +232,15 @@ def verify(store: Store, job: str, *, clean: bool = False, now: float | None = N
                 rep.rows_skipped[reason] = rep.rows_skipped.get(reason, 0) + len(ids)
     rep.units_done = len(records)
     accounted = rep.rows_stored + sum(rep.rows_skipped.values())
-    if not any(p.kind in ("not-done", "rows", "missing-shard", "corrupt-shard") for p in rep.problems) \
-            and accounted != spec.rows:
-        problem("rows", f"the units account for {accounted} rows ({rep.rows_stored} stored + "
-                        f"{sum(rep.rows_skipped.values())} skipped); job.json says {spec.rows}")
+    if (
+        not any(p.kind in ("not-done", "rows", "missing-shard", "corrupt-shard") for p in rep.problems)
+        and accounted != spec.rows
+    ):
+        problem(
+            "rows",
+            f"the units account for {accounted} rows ({rep.rows_stored} stored + "
+            f"{sum(rep.rows_skipped.values())} skipped); job.json says {spec.rows}",
+        )
 
     # 5. garbage: the shards of *done* units that their done record does not list (and shards named for no
     # unit of the job). Only those: a done record is created once and never changes, so once it exists no
@@ -217,8 +254,12 @@ def verify(store: Store, job: str, *, clean: bool = False, now: float | None = N
         up = q.shard_unit_part(key)
         unit = up[0] if up else None
         if unit in bad_units:
-            rep.kept.append({"key": key, "reason": f"unit {unit}'s done record is unreadable: its shards are kept "
-                                                   f"until it is fixed"})
+            rep.kept.append(
+                {
+                    "key": key,
+                    "reason": f"unit {unit}'s done record is unreadable: its shards are kept until it is fixed",
+                }
+            )
         elif unit is not None and 0 <= unit < spec.units and unit not in records:
             rep.kept.append({"key": key, "reason": f"unit {unit} is not done: an attempt may still commit it"})
         else:
@@ -246,8 +287,11 @@ def verify(store: Store, job: str, *, clean: bool = False, now: float | None = N
         rep.garbage = []
     else:
         for key in rep.garbage:
-            problem("garbage", f"{key}: no done record lists it (left by an attempt that died); "
-                               f"`verify --clean` removes it", key=key)
+            problem(
+                "garbage",
+                f"{key}: no done record lists it (left by an attempt that died); `verify --clean` removes it",
+                key=key,
+            )
         rep.garbage += stale_leases  # harmless, reported for --clean only
     rep.problems.sort(key=lambda p: (p.unit if p.unit is not None else -1, p.kind, p.key or ""))
     return rep

@@ -101,23 +101,44 @@ class Stop(Exception):
     """The unit stops early: lease lost, drain deadline, or an upload that failed for good."""
 
 
-def upload_with_retry(store: Store, key: str, data: bytes, *, attempts: int = 6, base: float = 0.5,
-                      cap: float = 20.0, should_stop: Callable[[], bool] = lambda: False) -> int:
+def upload_with_retry(
+    store: Store,
+    key: str,
+    data: bytes,
+    *,
+    attempts: int = 6,
+    base: float = 0.5,
+    cap: float = 20.0,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> int:
     """store.put with jittered exponential backoff ("full jitter", actfleet.retry); raises the last error after
     `attempts`, or at once for a bad key (InputError: retrying cannot help). Any other error is retried:
     network, 5xx after the client's own retries, disk full..."""
     from actfleet.retry import retry
 
-    return retry(lambda: store.put(key, data), attempts=attempts, base=base, cap=cap, fatal=(InputError,),
-                 should_stop=should_stop, on_retry=lambda err, delay, _n: log.warning(
-                     "upload of %s failed (%s); retrying in %.1fs", key, err, delay))
+    return retry(
+        lambda: store.put(key, data),
+        attempts=attempts,
+        base=base,
+        cap=cap,
+        fatal=(InputError,),
+        should_stop=should_stop,
+        on_retry=lambda err, delay, _n: log.warning("upload of %s failed (%s); retrying in %.1fs", key, err, delay),
+    )
 
 
 class _LeaseKeeper(threading.Thread):
     """Renews the lease every lease_seconds/3 and writes the worker record; flags a lost lease."""
 
-    def __init__(self, store: Store, lease: q.Lease, lease_seconds: float, record: q.WorkerProgress, job: str,
-                 healthy: Callable[[], bool] = lambda: True):
+    def __init__(
+        self,
+        store: Store,
+        lease: q.Lease,
+        lease_seconds: float,
+        record: q.WorkerProgress,
+        job: str,
+        healthy: Callable[[], bool] = lambda: True,
+    ):
         super().__init__(name=f"lease-{lease.unit}", daemon=True)
         self.store, self.lease, self.lease_seconds, self.record, self.job = store, lease, lease_seconds, record, job
         self.healthy = healthy
@@ -389,8 +410,10 @@ class _UnitRun:
         self.finished = threading.Event()
         self.outcome: tuple[bool, int] = (False, 0)
         self.error: BaseException | None = None  # fatal: the worker stops (raised by Worker._stream)
-        self.threads = [threading.Thread(target=self._serializer, name=f"serializer-{self.unit}", daemon=True),
-                        threading.Thread(target=self._uploader, name=f"uploader-{self.unit}", daemon=True)]
+        self.threads = [
+            threading.Thread(target=self._serializer, name=f"serializer-{self.unit}", daemon=True),
+            threading.Thread(target=self._uploader, name=f"uploader-{self.unit}", daemon=True),
+        ]
         for t in self.threads:
             t.start()
 
@@ -472,9 +495,14 @@ class _UnitRun:
                     return
                 w.on_event("uploading", {"unit": unit, "part": shard.part})
                 upload_with_retry(w.store, key, shard.data, attempts=w.upload_attempts, should_stop=self.stopping)
-                self.stats.shards.append(q.ShardInfo(name=q.job_relative(job, key), bytes=len(shard.data),
-                                                     sha256=hashlib.sha256(shard.data).hexdigest(),
-                                                     tokens=shard.tokens))
+                self.stats.shards.append(
+                    q.ShardInfo(
+                        name=q.job_relative(job, key),
+                        bytes=len(shard.data),
+                        sha256=hashlib.sha256(shard.data).hexdigest(),
+                        tokens=shard.tokens,
+                    )
+                )
         except BaseException as e:
             self.fail(e)
 
@@ -498,12 +526,23 @@ class _UnitRun:
             for t in self.threads:
                 t.join()
             self._check()
-            record = q.DoneRecord(unit=unit, start=self.prepared.start, stop=self.prepared.stop, worker=w.worker_id,
-                                  attempt=self.lease.attempt, rows_stored=len(stats.stored_ids), tokens=stats.tokens,
-                                  skipped=stats.skipped(self.prepared.start, self.prepared.stop),
-                                  shards=stats.shards, committed_at=time.time(),
-                                  seconds=round(time.monotonic() - self.t0, 3), computed_tokens=stats.computed,
-                                  padded_tokens=stats.padded, truncated=stats.truncated, **w._pins())
+            record = q.DoneRecord(
+                unit=unit,
+                start=self.prepared.start,
+                stop=self.prepared.stop,
+                worker=w.worker_id,
+                attempt=self.lease.attempt,
+                rows_stored=len(stats.stored_ids),
+                tokens=stats.tokens,
+                skipped=stats.skipped(self.prepared.start, self.prepared.stop),
+                shards=stats.shards,
+                committed_at=time.time(),
+                seconds=round(time.monotonic() - self.t0, 3),
+                computed_tokens=stats.computed,
+                padded_tokens=stats.padded,
+                truncated=stats.truncated,
+                **w._pins(),
+            )
             w.on_event("committing", {"unit": unit})
             lease = keeper.stop()
             committed = q.commit(w.store, lease, record, w.lease_seconds)

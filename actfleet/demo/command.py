@@ -46,26 +46,56 @@ RANDOM_LABEL = "RANDOM WEIGHTS (tiny demo model: the activations mean nothing)"
 
 
 @click.command()
-@click.option("--workers", type=click.IntRange(1, 64), default=3, show_default=True,
-              help="Worker processes to keep running.")
-@click.option("--chaos", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
-              help="Kill each busy worker with this probability per second (SIGKILL, like a spot preemption "
-                   "without notice). A worker is busy once it has committed a unit and is working on another.")
+@click.option(
+    "--workers", type=click.IntRange(1, 64), default=3, show_default=True, help="Worker processes to keep running."
+)
+@click.option(
+    "--chaos",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.0,
+    show_default=True,
+    help="Kill each busy worker with this probability per second (SIGKILL, like a spot preemption "
+    "without notice). A worker is busy once it has committed a unit and is working on another.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the chaos and the tiny model.")
-@click.option("--model", "model", type=click.Path(file_okay=False),
-              help="A Hugging Face model directory (default: a tiny random Qwen2 made under OUT).")
-@click.option("--input", "input_path", type=click.Path(dir_okay=False),
-              help="Dataset: JSONL with a \"text\" field (default: the bundled actfleet/demo/data/tiny_tales.jsonl).")
-@click.option("--out", "out", type=click.Path(file_okay=False), default="actfleet-local", show_default=True,
-              help="Where the model, the store (with the shards) and the worker logs go.")
+@click.option(
+    "--model",
+    "model",
+    type=click.Path(file_okay=False),
+    help="A Hugging Face model directory (default: a tiny random Qwen2 made under OUT).",
+)
+@click.option(
+    "--input",
+    "input_path",
+    type=click.Path(dir_okay=False),
+    help='Dataset: JSONL with a "text" field (default: the bundled actfleet/demo/data/tiny_tales.jsonl).',
+)
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(file_okay=False),
+    default="actfleet-local",
+    show_default=True,
+    help="Where the model, the store (with the shards) and the worker logs go.",
+)
 @click.option("--job", default="local", show_default=True, help="Job name in the store.")
-@click.option("--layers", default="all", show_default=True,
-              help='Layers to capture: "all" or comma-separated indices like "0,1".')
-@click.option("--sites", default="resid_post", show_default=True,
-              help="Site kinds (resid_post, attn_out, mlp_out, embed), comma-separated.")
+@click.option(
+    "--layers", default="all", show_default=True, help='Layers to capture: "all" or comma-separated indices like "0,1".'
+)
+@click.option(
+    "--sites",
+    default="resid_post",
+    show_default=True,
+    help="Site kinds (resid_post, attn_out, mlp_out, embed), comma-separated.",
+)
 @click.option("--unit-rows", type=click.IntRange(min=1), default=25, show_default=True, help="Rows per work unit.")
-@click.option("--lease-seconds", type=click.IntRange(min=3), default=15, show_default=True,
-              help="Unit lease length: how long a killed worker's unit waits before another takes it over.")
+@click.option(
+    "--lease-seconds",
+    type=click.IntRange(min=3),
+    default=15,
+    show_default=True,
+    help="Unit lease length: how long a killed worker's unit waits before another takes it over.",
+)
 @json_option
 def local(workers, chaos, seed, model, input_path, out, job, layers, sites, unit_rows, lease_seconds, as_json):
     """Run the whole system on this machine: tiny model, bundled dataset, N workers, chaos, verify."""
@@ -87,25 +117,43 @@ def local(workers, chaos, seed, model, input_path, out, job, layers, sites, unit
 
     # 2. the job (idempotent: a second run finds it prepared and resumes)
     prepared = _prepare(store_dir, job, model_dir, dataset, layers, sites, unit_rows, out_dir)
-    _say(f"job {job}: {prepared['rows']} rows in {prepared['units']} units of {prepared['unit_rows']}; "
-        + ("prepared" if prepared["created"] else f"resuming, {prepared['units_done']} units already done"))
+    _say(
+        f"job {job}: {prepared['rows']} rows in {prepared['units']} units of {prepared['unit_rows']}; "
+        + ("prepared" if prepared["created"] else f"resuming, {prepared['units_done']} units already done")
+    )
     store = open_store(str(store_dir))
 
     # 3 + 4. the fleet, reconciled until the job is complete
     env = _worker_env(out_dir)
 
     def spawn(worker, incarnation, log_path):
-        argv = [sys.executable, "-c", "from actfleet.cli import main; main()", "work", "--store", str(store_dir),
-                "--job", job, "--worker-id", worker.name, "--lease-seconds", str(lease_seconds),
-                "--drain-seconds", "5"]
+        argv = [
+            sys.executable,
+            "-c",
+            "from actfleet.cli import main; main()",
+            "work",
+            "--store",
+            str(store_dir),
+            "--job",
+            job,
+            "--worker-id",
+            worker.name,
+            "--lease-seconds",
+            str(lease_seconds),
+            "--drain-seconds",
+            "5",
+        ]
         return popen_logged(argv, log_path, env=env, cwd=out_dir)
 
     fleet = ProcessFleet(local_workers(workers), spawn, log_dir=log_dir, stop_grace_s=15.0)
     monkey = Chaos(chaos, seed)
     run = _Run(started=time.monotonic(), tokens_at_start=q.job_progress(store, job).tokens)
     view = _View(as_json)
-    _say(f"{workers} workers" + (f", chaos {chaos:g} per busy worker per second (seed {seed})" if chaos else "") +
-        f"; worker logs in {log_dir}")
+    _say(
+        f"{workers} workers"
+        + (f", chaos {chaos:g} per busy worker per second (seed {seed})" if chaos else "")
+        + f"; worker logs in {log_dir}"
+    )
 
     with _sigterm_as_interrupt():
         try:
@@ -115,8 +163,11 @@ def local(workers, chaos, seed, model, input_path, out, job, layers, sites, unit
             with _ignoring_sigint():
                 fleet.stop_all()
             p = q.job_progress(store, job)
-            raise ActfleetError(f"interrupted: {p.units_done}/{p.units_total} units done; workers stopped. Run "
-                                f"the same command again to resume.", exit_code=130) from None
+            raise ActfleetError(
+                f"interrupted: {p.units_done}/{p.units_total} units done; workers stopped. Run "
+                f"the same command again to resume.",
+                exit_code=130,
+            ) from None
         except BaseException:
             with _ignoring_sigint():
                 fleet.stop_all()
@@ -174,12 +225,33 @@ def _is_random(model_dir: Path) -> bool:
         return False
 
 
-def _prepare(store_dir: Path, job: str, model_dir: Path, dataset: Path, layers: str, sites: str, unit_rows: int,
-             cwd: Path) -> dict:
+def _prepare(
+    store_dir: Path, job: str, model_dir: Path, dataset: Path, layers: str, sites: str, unit_rows: int, cwd: Path
+) -> dict:
     """`actfleet prepare --json`, the same command a cloud user runs; its one-line error is passed on."""
-    argv = [sys.executable, "-c", "from actfleet.cli import main; main()", "prepare", "--store", str(store_dir),
-            "--job", job, "--model", str(model_dir), "--input", str(dataset), "--layers", layers, "--sites", sites,
-            "--unit-rows", str(unit_rows), "--shard-mb", "1", "--json"]
+    argv = [
+        sys.executable,
+        "-c",
+        "from actfleet.cli import main; main()",
+        "prepare",
+        "--store",
+        str(store_dir),
+        "--job",
+        job,
+        "--model",
+        str(model_dir),
+        "--input",
+        str(dataset),
+        "--layers",
+        layers,
+        "--sites",
+        sites,
+        "--unit-rows",
+        str(unit_rows),
+        "--shard-mb",
+        "1",
+        "--json",
+    ]
     p = subprocess.run(argv, env=_worker_env(cwd), cwd=cwd, capture_output=True, text=True)
     if p.returncode != 0:
         lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
@@ -234,8 +306,10 @@ def _supervise(fleet, monkey, store, job, run: _Run, view) -> None:
             else:
                 streak += 1
             if streak >= MAX_CRASHES_WITHOUT_PROGRESS:
-                raise ActfleetError(f"workers failed {streak} times in a row without committing a unit; the last "
-                                    f"one: {_failure_line(fleet.last_failure)}")
+                raise ActfleetError(
+                    f"workers failed {streak} times in a row without committing a unit; the last "
+                    f"one: {_failure_line(fleet.last_failure)}"
+                )
         if not fleet.slots and q.job_complete(store, job):
             return
         time.sleep(TICK_S)
@@ -337,9 +411,11 @@ class _View:
         elif time.monotonic() - self.last_line >= STATUS_EVERY_S:
             self.last_line = time.monotonic()
             p = run.progress
-            click.echo(f"actfleet local: {p.units_done}/{p.units_total} units, {p.tokens:,} tokens, "
-                       f"{_rate(run):,.0f} tokens/s, {len(fleet.running())} running, {fleet.restarts} restarts",
-                       err=True)
+            click.echo(
+                f"actfleet local: {p.units_done}/{p.units_total} units, {p.tokens:,} tokens, "
+                f"{_rate(run):,.0f} tokens/s, {len(fleet.running())} running, {fleet.restarts} restarts",
+                err=True,
+            )
 
 
 def _rate(run: _Run) -> float:
@@ -365,14 +441,22 @@ def _table(fleet, run: _Run):
         alive = s is not None and s.proc.poll() is None
         state = "running" if alive else ("exited" if s is not None else "stopped")
         beat = f"{now - wp.last_heartbeat:.0f}s ago" if wp and wp.last_heartbeat else "-"
-        t.add_row(w.name, f"{state} ({wp.state})" if alive and wp else state,
-                  str(s.proc.pid) if alive else "-",
-                  "-" if not (wp and wp.current_unit is not None) else str(wp.current_unit),
-                  str(wp.units_done if wp else 0), f"{wp.tokens if wp else 0:,}", beat,
-                  str(fleet.restarts_of.get(w.name, 0)))
+        t.add_row(
+            w.name,
+            f"{state} ({wp.state})" if alive and wp else state,
+            str(s.proc.pid) if alive else "-",
+            "-" if not (wp and wp.current_unit is not None) else str(wp.current_unit),
+            str(wp.units_done if wp else 0),
+            f"{wp.tokens if wp else 0:,}",
+            beat,
+            str(fleet.restarts_of.get(w.name, 0)),
+        )
     done, total = (p.units_done, p.units_total) if p else (0, 0)
-    head = Text(f"units {done}/{total}   tokens {p.tokens if p else 0:,}   {_rate(run):,.0f} tokens/s   "
-                f"restarts {fleet.restarts}   {time.monotonic() - run.started:.0f}s", style="bold")
+    head = Text(
+        f"units {done}/{total}   tokens {p.tokens if p else 0:,}   {_rate(run):,.0f} tokens/s   "
+        f"restarts {fleet.restarts}   {time.monotonic() - run.started:.0f}s",
+        style="bold",
+    )
     return Group(head, ProgressBar(total=max(total, 1), completed=done, width=60), t)
 
 
@@ -381,8 +465,17 @@ def _table(fleet, run: _Run):
 # ----------------------------------------------------------------------------------------------------
 
 
-def _summary(report, run: _Run, fleet, store_dir: Path, job: str, model_dir: Path, random_weights: bool,
-             dataset: Path, workers: int) -> dict:
+def _summary(
+    report,
+    run: _Run,
+    fleet,
+    store_dir: Path,
+    job: str,
+    model_dir: Path,
+    random_weights: bool,
+    dataset: Path,
+    workers: int,
+) -> dict:
     from actfleet import work_queue as q
 
     shards_dir = store_dir / q.shards_prefix(job)  # a local store: keys are paths under its root
@@ -420,8 +513,10 @@ def _summary(report, run: _Run, fleet, store_dir: Path, job: str, model_dir: Pat
 
 
 def _snippet(shards_dir: Path) -> str:
-    return (f"from actfleet.worker.reader import load; acts = load({str(shards_dir)!r}); "
-            f"print({{k: (v.shape, str(v.dtype)) for k, v in acts.items()}})")
+    return (
+        f"from actfleet.worker.reader import load; acts = load({str(shards_dir)!r}); "
+        f"print({{k: (v.shape, str(v.dtype)) for k, v in acts.items()}})"
+    )
 
 
 def load_command(shards_dir: Path) -> str:
@@ -445,8 +540,9 @@ def _print_summary(s: dict, report) -> None:
         f"  rows      {s['rows']:,} = {s['rows_stored']:,} stored + {skipped:,} skipped" + (f" ({why})" if why else ""),
         f"  tokens    {s['tokens']:,} in {s['shards']:,} shards, {human_bytes(s['bytes'])} ({s['bytes']:,} bytes)",
         f"  speed     {s['tokens_per_second']:,.0f} tokens/s ({s['tokens_this_run']:,} tokens in {s['seconds']:.0f} s, "
-        f"{s['workers']} workers)" if s["tokens_this_run"] else
-        "  speed     - (nothing left to do: the job was already complete)",
+        f"{s['workers']} workers)"
+        if s["tokens_this_run"]
+        else "  speed     - (nothing left to do: the job was already complete)",
         f"  restarts  {s['restarts']} ({s['chaos_kills']} chaos kills, {s['crashes']} crashes; "
         f"{s['garbage_cleaned']} leftovers of killed attempts cleaned)",
         f"  shards    {s['shards_dir']}",

@@ -100,8 +100,11 @@ class ProcessFleet:
 
     def _note_exit(self, s: Slot, code: int) -> None:
         if code < 0:
-            how = f"killed by {signal.Signals(-code).name}" if -code in signal.Signals._value2member_map_ \
+            how = (
+                f"killed by {signal.Signals(-code).name}"
+                if -code in signal.Signals._value2member_map_
                 else f"killed by signal {-code}"
+            )
         else:
             how = f"exited with code {code}"
         if not (s.chaos_killed or code == 0):
@@ -109,8 +112,11 @@ class ProcessFleet:
             self.last_failure = s
         self.events.append(Event(self.clock(), s.worker.name, "exit", how))
         if s.log_path is not None:
-            _log_line(s.log_path, f"--- {s.worker.name} #{s.incarnation} (pid {s.proc.pid}) {how}"
-                                  + (" by chaos" if s.chaos_killed else ""))
+            _log_line(
+                s.log_path,
+                f"--- {s.worker.name} #{s.incarnation} (pid {s.proc.pid}) {how}"
+                + (" by chaos" if s.chaos_killed else ""),
+            )
 
     # -- decide + act --------------------------------------------------------------------------------
 
@@ -119,8 +125,9 @@ class ProcessFleet:
         so a worker that exited because the job is done is removed, not mistaken for a preemption."""
         observed = self.observe()
         complete = job_complete() if callable(job_complete) else job_complete
-        actions = decide(self.desired, observed, self.clock(), self.policy,
-                         job_complete=complete, managed=self.slots.keys())
+        actions = decide(
+            self.desired, observed, self.clock(), self.policy, job_complete=complete, managed=self.slots.keys()
+        )
         done = []
         for a in actions:
             if a.kind == CREATE:
@@ -232,14 +239,22 @@ def _log_line(path: Path, text: str) -> None:
         f.write(f"\n{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
 
 
-def popen_logged(argv: list[str], log_path: Path | None, env: dict | None = None, cwd: str | Path | None = None
-                 ) -> subprocess.Popen:
+def popen_logged(
+    argv: list[str], log_path: Path | None, env: dict | None = None, cwd: str | Path | None = None
+) -> subprocess.Popen:
     """Start a worker in its own session (so a terminal's Ctrl-C reaches only the driver, which then stops
     the workers cleanly), appending its stdout and stderr to log_path."""
     out = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL
     try:
-        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                env=env if env is not None else dict(os.environ), cwd=cwd, start_new_session=True)
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env if env is not None else dict(os.environ),
+            cwd=cwd,
+            start_new_session=True,
+        )
     finally:
         if log_path is not None:
             out.close()

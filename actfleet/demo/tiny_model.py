@@ -156,20 +156,22 @@ def make_tiny_model(
     weights = {"model.embed_tokens.weight": (rng.standard_normal((vocab, hidden)) * 1.0).astype(np.float32)}
     for i in range(layers):
         p = f"model.layers.{i}."
-        weights.update({
-            p + "input_layernorm.weight": norm_weight(hidden),
-            p + "self_attn.q_proj.weight": normal(heads * head_dim, hidden),
-            p + "self_attn.q_proj.bias": normal(heads * head_dim),
-            p + "self_attn.k_proj.weight": normal(kv_heads * head_dim, hidden),
-            p + "self_attn.k_proj.bias": normal(kv_heads * head_dim),
-            p + "self_attn.v_proj.weight": normal(kv_heads * head_dim, hidden),
-            p + "self_attn.v_proj.bias": normal(kv_heads * head_dim),
-            p + "self_attn.o_proj.weight": normal(hidden, heads * head_dim),
-            p + "post_attention_layernorm.weight": norm_weight(hidden),
-            p + "mlp.gate_proj.weight": normal(intermediate, hidden),
-            p + "mlp.up_proj.weight": normal(intermediate, hidden),
-            p + "mlp.down_proj.weight": normal(hidden, intermediate),
-        })
+        weights.update(
+            {
+                p + "input_layernorm.weight": norm_weight(hidden),
+                p + "self_attn.q_proj.weight": normal(heads * head_dim, hidden),
+                p + "self_attn.q_proj.bias": normal(heads * head_dim),
+                p + "self_attn.k_proj.weight": normal(kv_heads * head_dim, hidden),
+                p + "self_attn.k_proj.bias": normal(kv_heads * head_dim),
+                p + "self_attn.v_proj.weight": normal(kv_heads * head_dim, hidden),
+                p + "self_attn.v_proj.bias": normal(kv_heads * head_dim),
+                p + "self_attn.o_proj.weight": normal(hidden, heads * head_dim),
+                p + "post_attention_layernorm.weight": norm_weight(hidden),
+                p + "mlp.gate_proj.weight": normal(intermediate, hidden),
+                p + "mlp.up_proj.weight": normal(intermediate, hidden),
+                p + "mlp.down_proj.weight": normal(hidden, intermediate),
+            }
+        )
     weights["model.norm.weight"] = norm_weight(hidden)
     if not tie:
         weights["lm_head.weight"] = normal(vocab, hidden)
@@ -191,8 +193,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-pos", type=int, default=2048)
     a = parser.parse_args(argv)
     out = make_tiny_model(
-        a.out, seed=a.seed, layers=a.layers, hidden=a.hidden, heads=a.heads, kv_heads=a.kv_heads,
-        intermediate=a.intermediate, vocab=a.vocab, tie=not a.untied, max_pos=a.max_pos,
+        a.out,
+        seed=a.seed,
+        layers=a.layers,
+        hidden=a.hidden,
+        heads=a.heads,
+        kv_heads=a.kv_heads,
+        intermediate=a.intermediate,
+        vocab=a.vocab,
+        tie=not a.untied,
+        max_pos=a.max_pos,
     )
     print(out)
 

@@ -30,8 +30,16 @@ from actfleet.errors import ActfleetError
 from actfleet.infra.decide import HEALTHY
 from actfleet.infra.reconcile import FAILED, LOCKED, PassReport, reconcile_pass
 
-KIND_STYLE = {"healthy": "green", "pending": "cyan", "wait": "yellow", "report": "bold yellow",
-              "create": "bold green", "replace": "bold magenta", "remove": "bold red", "delete-orphan": "bold red"}
+KIND_STYLE = {
+    "healthy": "green",
+    "pending": "cyan",
+    "wait": "yellow",
+    "report": "bold yellow",
+    "create": "bold green",
+    "replace": "bold magenta",
+    "remove": "bold red",
+    "delete-orphan": "bold red",
+}
 DONE_WORDS = {"create": "created", "replace": "replaced", "remove": "removed", "delete-orphan": "deleted"}
 
 
@@ -39,13 +47,23 @@ DONE_WORDS = {"create": "created", "replace": "replaced", "remove": "removed", "
 @config_option
 @json_option
 @click.option("--dry-run", is_flag=True, help="Observe and decide, print what would be done, change nothing.")
-@click.option("--watch", "watch_s", type=click.FloatRange(min=1), default=None, metavar="SECONDS",
-              help="Run a pass every SECONDS until interrupted, each reading the config again (and taking "
-                   "and releasing the lock).")
-@click.option("--wait", "wait_for_lock", is_flag=True,
-              help="If another reconcile holds the lock, wait for it instead of exiting.")
-@click.option("--retry-now", is_flag=True,
-              help="Retry failed creates this pass, ignoring their backoff (after fixing a permission or quota).")
+@click.option(
+    "--watch",
+    "watch_s",
+    type=click.FloatRange(min=1),
+    default=None,
+    metavar="SECONDS",
+    help="Run a pass every SECONDS until interrupted, each reading the config again (and taking "
+    "and releasing the lock).",
+)
+@click.option(
+    "--wait", "wait_for_lock", is_flag=True, help="If another reconcile holds the lock, wait for it instead of exiting."
+)
+@click.option(
+    "--retry-now",
+    is_flag=True,
+    help="Retry failed creates this pass, ignoring their backoff (after fixing a permission or quota).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="List healthy workers too, and stream Terraform's output.")
 def reconcile(config_path, as_json, dry_run, watch_s, wait_for_lock, retry_now, verbose):
     """Bring the fleet back to its desired state: observe -> decide -> act -> report.
@@ -63,8 +81,9 @@ def reconcile(config_path, as_json, dry_run, watch_s, wait_for_lock, retry_now, 
     """
     cfg = load(config_path)  # unloadable at the start: exit 2 at once (the CLI prints the one line)
     while True:
-        exit_code = _one_pass(cfg, as_json, dry_run, wait_for_lock, verbose,
-                              json_lines=watch_s is not None, retry_now=retry_now).exit_code
+        exit_code = _one_pass(
+            cfg, as_json, dry_run, wait_for_lock, verbose, json_lines=watch_s is not None, retry_now=retry_now
+        ).exit_code
         retry_now = False  # once: later --watch passes back off again
         if watch_s is None:
             sys.exit(exit_code)
@@ -84,8 +103,15 @@ def reconcile(config_path, as_json, dry_run, watch_s, wait_for_lock, retry_now, 
 _sleep = time.sleep  # between --watch passes (a test steps through passes with its own)
 
 
-def _one_pass(cfg, as_json: bool, dry_run: bool, wait_for_lock: bool, verbose: bool,
-              json_lines: bool = False, retry_now: bool = False) -> PassReport:
+def _one_pass(
+    cfg,
+    as_json: bool,
+    dry_run: bool,
+    wait_for_lock: bool,
+    verbose: bool,
+    json_lines: bool = False,
+    retry_now: bool = False,
+) -> PassReport:
     from rich.console import Console
 
     err = Console(stderr=True)
@@ -97,8 +123,11 @@ def _one_pass(cfg, as_json: bool, dry_run: bool, wait_for_lock: bool, verbose: b
             terraform_apply(cfg, stream=True, **kw)
 
     # A spinner on a terminal while the pass runs (terraform applies take a while); nothing in logs.
-    with err.status("reconcile: observing and deciding...", spinner="dots") if err.is_terminal and not as_json \
-            else _nothing():
+    with (
+        err.status("reconcile: observing and deciding...", spinner="dots")
+        if err.is_terminal and not as_json
+        else _nothing()
+    ):
         report = reconcile_pass(cfg, dry_run=dry_run, wait_for_lock=wait_for_lock, apply=apply, retry_now=retry_now)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=None if json_lines else 2))
@@ -117,8 +146,10 @@ def print_human(report: PassReport, verbose: bool = False) -> None:
         out = Console(width=240)
     stamp = report.to_dict()["started_at"]
     if report.outcome == LOCKED:
-        out.print(f"{stamp} reconcile: another pass is running; nothing done. Lock held by "
-                  f"{report.locked_by['describe']}", highlight=False)
+        out.print(
+            f"{stamp} reconcile: another pass is running; nothing done. Lock held by {report.locked_by['describe']}",
+            highlight=False,
+        )
         return
     rows = [a for a in report.actions if verbose or a.kind != HEALTHY]
     if rows:
@@ -133,23 +164,41 @@ def print_human(report: PassReport, verbose: bool = False) -> None:
         out.print(table)
     counts = ", ".join(f"{n} {k}" for k, n in report.counts.items()) or "no workers"
     tf = report.terraform
-    did = ("terraform " + tf["command"] + (f" with {len(tf['replace'])} -replace" if tf["replace"] else "")
-           + f" ({tf['seconds']:.0f} s)") if tf["ran"] else "no terraform run"
+    did = (
+        (
+            "terraform "
+            + tf["command"]
+            + (f" with {len(tf['replace'])} -replace" if tf["replace"] else "")
+            + f" ({tf['seconds']:.0f} s)"
+        )
+        if tf["ran"]
+        else "no terraform run"
+    )
     deleted = report.api_deletes["deleted"]
     if deleted:
         did += f"; deleted through the TPU API: {', '.join(deleted)}"
-    what = {"converged": "converged", "repaired": "repaired", "planned": "dry run, would act",
-            "failed": "FAILED"}.get(report.outcome, report.outcome)
-    out.print(f"{stamp} reconcile {report.fleet}: {what} - {counts}; {did}; "
-              f"{report.api_calls} API calls, {report.seconds:.1f} s", highlight=False)
+    what = {"converged": "converged", "repaired": "repaired", "planned": "dry run, would act", "failed": "FAILED"}.get(
+        report.outcome, report.outcome
+    )
+    out.print(
+        f"{stamp} reconcile {report.fleet}: {what} - {counts}; {did}; "
+        f"{report.api_calls} API calls, {report.seconds:.1f} s",
+        highlight=False,
+    )
     r = report.restarts
     if r["preemptions"] or r["errors"]:
         classes = ", ".join(f"{n} {c}" for c, n in r["by_class"].items())
-        out.print(f"restarts so far: {r['preemptions']} after preemptions, {r['errors']} after errors"
-                  + (f" (now failing: {classes})" if classes else ""), highlight=False)
+        out.print(
+            f"restarts so far: {r['preemptions']} after preemptions, {r['errors']} after errors"
+            + (f" (now failing: {classes})" if classes else ""),
+            highlight=False,
+        )
     if report.job["watched"]:
-        job = ("complete" if report.job["complete"] else "not complete") if report.job["error"] is None \
+        job = (
+            ("complete" if report.job["complete"] else "not complete")
+            if report.job["error"] is None
             else report.job["error"]
+        )
         out.print(f"job: {job}", highlight=False)
     for line in report.errors:
         err.print(f"actfleet: {line}", highlight=False, markup=False)

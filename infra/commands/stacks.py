@@ -87,8 +87,16 @@ def synth(config_path, stack_name, force, as_json):
     names = [stack_name] if stack_name else STACK_NAMES
     dirs = {name: str(result.stack_dir(name)) for name in names}
     if as_json:
-        _emit_json({"key": result.key, "cached": result.cached, "seconds": round(result.seconds, 3),
-                    "mode": cfg.fleet.mode, "workers": len(cfg.fleet.workers), "stacks": dirs})
+        _emit_json(
+            {
+                "key": result.key,
+                "cached": result.cached,
+                "seconds": round(result.seconds, 3),
+                "mode": cfg.fleet.mode,
+                "workers": len(cfg.fleet.workers),
+                "stacks": dirs,
+            }
+        )
         return
     how = "from the cache" if result.cached else f"in {result.seconds:.1f} s"
     click.echo(f"synthesized {how} ({len(cfg.fleet.workers)} workers, mode {cfg.fleet.mode}):")
@@ -167,13 +175,15 @@ def _confirm_apply(tf, name: str, planned, verb: str, *, yes: bool, as_json: boo
     if not yes:
         if not sys.stdin.isatty():
             raise InputError(f"{verb} of the {name} stack needs a confirmation: run it in a terminal or pass --yes")
-        question = (f"{verb} the {name} stack: {planned.add} to add, {planned.change} to change, "
-                    f"{planned.destroy} to destroy?")
+        question = (
+            f"{verb} the {name} stack: {planned.add} to add, {planned.change} to change, {planned.destroy} to destroy?"
+        )
         if not click.confirm(question, default=False, err=True):
             raise ActfleetError(f"{verb} of the {name} stack declined: nothing applied")
     tf.stream = not as_json  # people watch the apply's progress line by line (on stderr)
     tf.apply(plan_file=planned.plan_file)
     if not as_json:
-        click.echo(f"{name} stack: {verb} done ({planned.add} added, {planned.change} changed, "
-                   f"{planned.destroy} destroyed).")
+        click.echo(
+            f"{name} stack: {verb} done ({planned.add} added, {planned.change} changed, {planned.destroy} destroyed)."
+        )
     return {**summary, "applied": True}

@@ -48,17 +48,35 @@ class Snapshot:
     # How `health` was planned: whether it was (planned), and the inputs it was planned on, as reconcile's
     # report shows them (managed: Terraform's state; job; workers: the worker records; confirmed: found by
     # a GET; errors: what could not be read, and so was treated as reconcile treats it).
-    plan: dict[str, Any] = field(default_factory=lambda: {"planned": False, "managed": None, "job": None,
-                                                          "workers": None, "confirmed": [], "errors": []})
+    plan: dict[str, Any] = field(
+        default_factory=lambda: {
+            "planned": False,
+            "managed": None,
+            "job": None,
+            "workers": None,
+            "confirmed": [],
+            "errors": [],
+        }
+    )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": SCHEMA_ID, "fleet": self.fleet, "taken_at": iso_utc(self.taken_at),
-                "workers": self.rows, "unreachable": self.unreachable, "fleet_error": self.fleet_error,
-                "job": self.job, "job_error": self.job_error, "throughput": self.throughput, "plan": self.plan}
+        return {
+            "schema": SCHEMA_ID,
+            "fleet": self.fleet,
+            "taken_at": iso_utc(self.taken_at),
+            "workers": self.rows,
+            "unreachable": self.unreachable,
+            "fleet_error": self.fleet_error,
+            "job": self.job,
+            "job_error": self.job_error,
+            "throughput": self.throughput,
+            "plan": self.plan,
+        }
 
 
-def take_snapshot(cfg: Config, *, api=None, store=None, job_name: str | None = None, with_job: bool = True,
-                  now: float | None = None) -> Snapshot:
+def take_snapshot(
+    cfg: Config, *, api=None, store=None, job_name: str | None = None, with_job: bool = True, now: float | None = None
+) -> Snapshot:
     """Observe the fleet and plan it as reconcile would, and read the job's progress (each optional, each
     failing on its own). The plan is reconcile's own (infra/plan.py) on the inputs reconcile reads
     (observe_inputs: the same zones, confirming GETs, memory, Terraform's managed set, job-complete and
@@ -72,10 +90,25 @@ def take_snapshot(cfg: Config, *, api=None, store=None, job_name: str | None = N
     rows: dict[str, dict[str, Any]] = {}
 
     def row(name: str, zone: str) -> dict[str, Any]:
-        return rows.setdefault(name, {"worker": name, "zone": zone, "qr_state": None, "node_state": None,
-                                      "node_health": None, "health": None, "reason": None, "desired": False,
-                                      "units_done": None, "tokens": None, "shards": None, "last_heartbeat": None,
-                                      "current_unit": None, "work_state": None})
+        return rows.setdefault(
+            name,
+            {
+                "worker": name,
+                "zone": zone,
+                "qr_state": None,
+                "node_state": None,
+                "node_health": None,
+                "health": None,
+                "reason": None,
+                "desired": False,
+                "units_done": None,
+                "tokens": None,
+                "shards": None,
+                "last_heartbeat": None,
+                "current_unit": None,
+                "work_state": None,
+            },
+        )
 
     for w in cfg.fleet.workers:
         row(w.name, w.zone)["desired"] = True
@@ -110,13 +143,26 @@ def take_snapshot(cfg: Config, *, api=None, store=None, job_name: str | None = N
 
     if inputs is not None:
         snap.unreachable = dict(inputs.unreachable)
-        snap.plan.update(planned=not_planned is None, managed=None if not_planned else sorted(inputs.managed),
-                         job=inputs.job, workers=inputs.workers, confirmed=inputs.confirmed,
-                         errors=([not_planned] if not_planned else []) + inputs.errors)
+        snap.plan.update(
+            planned=not_planned is None,
+            managed=None if not_planned else sorted(inputs.managed),
+            job=inputs.job,
+            workers=inputs.workers,
+            confirmed=inputs.confirmed,
+            errors=([not_planned] if not_planned else []) + inputs.errors,
+        )
         if not_planned is None:
-            p = plan(cfg.fleet.workers, inputs.observed, now, Policy.from_config(cfg), history=inputs.history,
-                     unreachable_zones=frozenset(inputs.unreachable), managed=inputs.managed,
-                     job_complete=inputs.job_complete, liveness=inputs.liveness)
+            p = plan(
+                cfg.fleet.workers,
+                inputs.observed,
+                now,
+                Policy.from_config(cfg),
+                history=inputs.history,
+                unreachable_zones=frozenset(inputs.unreachable),
+                managed=inputs.managed,
+                job_complete=inputs.job_complete,
+                liveness=inputs.liveness,
+            )
             for a in p.actions:
                 r = row(a.worker, a.zone)
                 r["health"], r["reason"] = a.kind, a.reason
@@ -132,8 +178,14 @@ def take_snapshot(cfg: Config, *, api=None, store=None, job_name: str | None = N
         snap.job = {k: v for k, v in p.to_dict().items() if k != "workers"}
         for name, wp in p.workers.items():
             r = rows.get(name) or row(name, "")
-            r.update(units_done=wp.units_done, tokens=wp.tokens, shards=wp.shards,
-                     last_heartbeat=wp.last_heartbeat, current_unit=wp.current_unit, work_state=wp.state)
+            r.update(
+                units_done=wp.units_done,
+                tokens=wp.tokens,
+                shards=wp.shards,
+                last_heartbeat=wp.last_heartbeat,
+                current_unit=wp.current_unit,
+                work_state=wp.state,
+            )
         if p.prepared and p.units_done:
             snap.throughput = _job_throughput(store or _open(cfg), job_name or cfg.job.name, p.tokens)
 
@@ -178,8 +230,14 @@ def _job_throughput(store, job: str, tokens: int) -> dict[str, Any]:
 @click.command("status")
 @config_option
 @json_option
-@click.option("--watch", "watch_s", type=click.FloatRange(min=0.5), default=None, metavar="SECONDS",
-              help="Refresh in place every SECONDS until interrupted.")
+@click.option(
+    "--watch",
+    "watch_s",
+    type=click.FloatRange(min=0.5),
+    default=None,
+    metavar="SECONDS",
+    help="Refresh in place every SECONDS until interrupted.",
+)
 @click.option("--store", default=None, metavar="URL", help="Read the job from this store (default: job.store).")
 @click.option("--job", "job_name", default=None, help="Job name (default: job.name).")
 @click.option("--no-job", is_flag=True, help="Show the fleet only; do not read the work queue.")
@@ -248,19 +306,48 @@ def render(snap: Snapshot):
     from rich.table import Table
     from rich.text import Text
 
-    styles = {"healthy": "green", "pending": "cyan", "wait": "yellow", "report": "bold yellow",
-              "create": "red", "replace": "bold red", "remove": "red", "delete-orphan": "magenta"}
-    table = Table(title=f"fleet {snap.fleet} at {iso_utc(snap.taken_at)}", title_justify="left", box=None,
-                  header_style="bold", pad_edge=False)
-    for col, just in (("worker", "left"), ("zone", "left"), ("queued resource", "left"), ("node", "left"),
-                      ("health", "left"), ("units", "right"), ("tokens", "right"), ("shards", "right"),
-                      ("last heartbeat", "right")):
+    styles = {
+        "healthy": "green",
+        "pending": "cyan",
+        "wait": "yellow",
+        "report": "bold yellow",
+        "create": "red",
+        "replace": "bold red",
+        "remove": "red",
+        "delete-orphan": "magenta",
+    }
+    table = Table(
+        title=f"fleet {snap.fleet} at {iso_utc(snap.taken_at)}",
+        title_justify="left",
+        box=None,
+        header_style="bold",
+        pad_edge=False,
+    )
+    for col, just in (
+        ("worker", "left"),
+        ("zone", "left"),
+        ("queued resource", "left"),
+        ("node", "left"),
+        ("health", "left"),
+        ("units", "right"),
+        ("tokens", "right"),
+        ("shards", "right"),
+        ("last heartbeat", "right"),
+    ):
         table.add_column(col, justify=just, no_wrap=True)
     for r in snap.rows:
         health = r["health"] or ("-" if r["desired"] else "not a fleet worker")
-        table.add_row(r["worker"], r["zone"] or "-", r["qr_state"] or "-", r["node_state"] or "-",
-                      Text(health, style=styles.get(health, "")), _n(r["units_done"]), _n(r["tokens"]),
-                      _n(r["shards"]), _ago(r["last_heartbeat"], snap.taken_at))
+        table.add_row(
+            r["worker"],
+            r["zone"] or "-",
+            r["qr_state"] or "-",
+            r["node_state"] or "-",
+            Text(health, style=styles.get(health, "")),
+            _n(r["units_done"]),
+            _n(r["tokens"]),
+            _n(r["shards"]),
+            _ago(r["last_heartbeat"], snap.taken_at),
+        )
     lines = []
     healthy = sum(1 for r in snap.rows if r["health"] == "healthy")
     desired = sum(1 for r in snap.rows if r["desired"])
@@ -270,17 +357,20 @@ def render(snap: Snapshot):
     if snap.fleet_error:
         lines.append(f"fleet: could not be observed: {snap.fleet_error}")
     elif snap.plan["errors"]:  # unreachable zones are on their own line above
-        lines.extend(f"plan: {e}" for e in snap.plan["errors"] if not e.startswith(tuple(
-            f"zone {z} " for z in snap.unreachable)))
+        lines.extend(
+            f"plan: {e}" for e in snap.plan["errors"] if not e.startswith(tuple(f"zone {z} " for z in snap.unreachable))
+        )
     if snap.job is not None:
         j = snap.job
         if not j["prepared"]:
             lines.append(f"job {j['job']}: not prepared (run `actfleet prepare`)")
         else:
             pct = 100.0 * j["units_done"] / j["units_total"] if j["units_total"] else 100.0
-            lines.append(f"job {j['job']}: {j['units_done']}/{j['units_total']} units ({pct:.1f}%), "
-                         f"{j['units_leased']} in progress, {_n(j['tokens'])} tokens, {_n(j['shards'])} shards, "
-                         f"{human_bytes(j['bytes'])}" + (" - complete" if j["complete"] else ""))
+            lines.append(
+                f"job {j['job']}: {j['units_done']}/{j['units_total']} units ({pct:.1f}%), "
+                f"{j['units_leased']} in progress, {_n(j['tokens'])} tokens, {_n(j['shards'])} shards, "
+                f"{human_bytes(j['bytes'])}" + (" - complete" if j["complete"] else "")
+            )
     elif snap.job_error:
         lines.append(f"job: could not be read: {snap.job_error}")
     t = snap.throughput
@@ -301,8 +391,6 @@ def _ago(t: float | None, now: float) -> str:
         return "-"
     s = max(0.0, now - t)
     return f"{s:.0f} s ago" if s < 120 else f"{s / 60:.0f} min ago" if s < 7200 else f"{s / 3600:.1f} h ago"
-
-
 
 
 __all__ = ["status", "take_snapshot", "render", "Snapshot", "SCHEMA_ID"]

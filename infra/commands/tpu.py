@@ -39,8 +39,13 @@ def tpu():
 
 
 def _target_options(f):
-    f = click.option("--endpoint", envvar=TPU_ENDPOINT_ENV, default="", show_envvar=True,
-                     help="TPU API endpoint, e.g. http://127.0.0.1:8470 for the fake (default: Google's).")(f)
+    f = click.option(
+        "--endpoint",
+        envvar=TPU_ENDPOINT_ENV,
+        default="",
+        show_envvar=True,
+        help="TPU API endpoint, e.g. http://127.0.0.1:8470 for the fake (default: Google's).",
+    )(f)
     f = click.option("--id", "qr_id", required=True, help="Queued resource id (actfleet: the worker name).")(f)
     f = click.option("--zone", required=True, help="Zone, e.g. us-central1-a.")(f)
     f = click.option("--project", required=True, help="Google Cloud project id.")(f)
@@ -57,19 +62,30 @@ def _target(project: str, zone: str, qr_id: str, endpoint: str):
 
 
 def _check_target(project: str, zone: str, qr_id: str) -> None:
-    for flag, value, rx, like in (("--project", project, _PROJECT_RE, "my-project"),
-                                  ("--zone", zone, _ZONE_RE, "us-central1-a"),
-                                  ("--id", qr_id, _ID_RE, "tpu-us-central1-a-0")):
+    for flag, value, rx, like in (
+        ("--project", project, _PROJECT_RE, "my-project"),
+        ("--zone", zone, _ZONE_RE, "us-central1-a"),
+        ("--id", qr_id, _ID_RE, "tpu-us-central1-a-0"),
+    ):
         if not rx.fullmatch(value):
             raise InputError(f'{flag} "{value}": must look like "{like}"')
 
 
 @tpu.command("create-qr")
 @_target_options
-@click.option("--request-file", type=click.File("r"), default=None,
-              help="File holding the QueuedResource REST JSON body ('-' for stdin).")
-@click.option("--request-json", default=None, envvar=REQUEST_ENV, show_envvar=True,
-              help="The QueuedResource REST JSON body itself.")
+@click.option(
+    "--request-file",
+    type=click.File("r"),
+    default=None,
+    help="File holding the QueuedResource REST JSON body ('-' for stdin).",
+)
+@click.option(
+    "--request-json",
+    default=None,
+    envvar=REQUEST_ENV,
+    show_envvar=True,
+    help="The QueuedResource REST JSON body itself.",
+)
 def create_qr(project, zone, qr_id, endpoint, request_file, request_json):
     """Create a queued resource; a no-op if it exists with the same request.
 
@@ -102,8 +118,12 @@ def create_qr(project, zone, qr_id, endpoint, request_file, request_json):
 
 @tpu.command("delete-qr")
 @_target_options
-@click.option("--force/--no-force", default=True, show_default=True,
-              help="Delete the queued resource's node with it (without, the API refuses while it has one).")
+@click.option(
+    "--force/--no-force",
+    default=True,
+    show_default=True,
+    help="Delete the queued resource's node with it (without, the API refuses while it has one).",
+)
 def delete_qr(project, zone, qr_id, endpoint, force):
     """Delete a queued resource and its node; a no-op if already gone.
 
@@ -148,9 +168,17 @@ def list_(config_path, as_json):
     views = api.observe(cfg.fleet.zones)
     failed = {z: v.message for z, v in views.items() if isinstance(v, ZoneError)}
     if as_json:
-        zones = {z: ({"error": v.message} if isinstance(v, ZoneError) else
-                     {"queued_resources": [asdict(q) for q in v.queued_resources],
-                      "nodes": [asdict(n) for n in v.nodes]}) for z, v in views.items()}
+        zones = {
+            z: (
+                {"error": v.message}
+                if isinstance(v, ZoneError)
+                else {
+                    "queued_resources": [asdict(q) for q in v.queued_resources],
+                    "nodes": [asdict(n) for n in v.nodes],
+                }
+            )
+            for z, v in views.items()
+        }
         click.echo(json.dumps({"project": cfg.fleet.project, "zones": zones}, indent=2, sort_keys=True))
     else:
         _print_table(views, cfg.fleet.id)
@@ -177,8 +205,7 @@ def _print_table(views, fleet_id: str) -> None:
         for q in view.queued_resources:
             table.add_row(zone, "qr", q.name, q.state, "", _fleet(q.labels, fleet_id), _age(q.create_time, now))
         for n in view.nodes:
-            table.add_row(zone, "node", n.name, n.state, n.health, _fleet(n.labels, fleet_id),
-                          _age(n.create_time, now))
+            table.add_row(zone, "node", n.name, n.state, n.health, _fleet(n.labels, fleet_id), _age(n.create_time, now))
         if not view.queued_resources and not view.nodes:
             table.add_row(zone, "-", "(none)", "", "", "", "")
     console = Console()

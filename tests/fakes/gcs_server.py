@@ -53,12 +53,22 @@ class _Object:
         md5 = base64.b64encode(hashlib.md5(self.data).digest()).decode()
         path = f"/storage/v1/b/{self.bucket}/o/{quote(self.name, safe='')}"
         return {
-            "kind": "storage#object", "id": f"{self.bucket}/{self.name}/{self.generation}",
-            "selfLink": base_url + path, "mediaLink": f"{base_url}/download{path}?generation={self.generation}&alt=media",
-            "name": self.name, "bucket": self.bucket, "generation": str(self.generation),
-            "metageneration": str(self.metageneration), "contentType": self.content_type,
-            "size": str(len(self.data)), "md5Hash": md5, "crc32c": crc, "etag": f"{self.generation}",
-            "timeCreated": self.updated, "updated": self.updated, "storageClass": "STANDARD",
+            "kind": "storage#object",
+            "id": f"{self.bucket}/{self.name}/{self.generation}",
+            "selfLink": base_url + path,
+            "mediaLink": f"{base_url}/download{path}?generation={self.generation}&alt=media",
+            "name": self.name,
+            "bucket": self.bucket,
+            "generation": str(self.generation),
+            "metageneration": str(self.metageneration),
+            "contentType": self.content_type,
+            "size": str(len(self.data)),
+            "md5Hash": md5,
+            "crc32c": crc,
+            "etag": f"{self.generation}",
+            "timeCreated": self.updated,
+            "updated": self.updated,
+            "storageClass": "STANDARD",
         }
 
     def hash_header(self) -> str:
@@ -156,8 +166,7 @@ class FakeGcs:
             self.check_preconditions(current, q)
             self._next_generation += 1
             now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-            obj = _Object(bucket, name, data, self._next_generation, 1, content_type or "application/octet-stream",
-                          now)
+            obj = _Object(bucket, name, data, self._next_generation, 1, content_type or "application/octet-stream", now)
             self.objects[(bucket, name)] = obj
             return obj
 
@@ -194,7 +203,7 @@ class FakeGcs:
                 if delimiter:
                     cut = n.find(delimiter, len(prefix))
                     if cut >= 0:
-                        prefixes.add(n[:cut + len(delimiter)])
+                        prefixes.add(n[: cut + len(delimiter)])
                         continue
                 items.append(self.objects[(bucket, n)])
         out: dict = {"kind": "storage#objects"}
@@ -239,8 +248,16 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(obj).encode(), headers=headers)
 
     def _error(self, status: int, message: str):
-        self._json(status, {"error": {"code": status, "message": message,
-                                      "errors": [{"message": message, "reason": _REASONS.get(status, "error")}]}})
+        self._json(
+            status,
+            {
+                "error": {
+                    "code": status,
+                    "message": message,
+                    "errors": [{"message": message, "reason": _REASONS.get(status, "error")}],
+                }
+            },
+        )
 
     def _dispatch(self):
         body = self._body()  # always drain the request so keep-alive connections stay in sync
@@ -283,9 +300,13 @@ class _Handler(BaseHTTPRequestHandler):
         obj = self.fake.get(bucket, name, q)
         if q.get("alt") != "media" and not media:
             return self._json(200, obj.resource(self.fake.url))
-        headers = {"x-goog-generation": str(obj.generation), "x-goog-metageneration": str(obj.metageneration),
-                   "x-goog-hash": obj.hash_header(), "x-goog-stored-content-length": str(len(obj.data)),
-                   "ETag": str(obj.generation)}
+        headers = {
+            "x-goog-generation": str(obj.generation),
+            "x-goog-metageneration": str(obj.metageneration),
+            "x-goog-hash": obj.hash_header(),
+            "x-goog-stored-content-length": str(len(obj.data)),
+            "ETag": str(obj.generation),
+        }
         data, status = obj.data, 200
         rng = self.headers.get("Range")
         if rng:
@@ -299,7 +320,7 @@ class _Handler(BaseHTTPRequestHandler):
                 first, last = int(m[1]), min(int(m[2]) if m[2] else size - 1, size - 1)
             if first >= size and size:
                 raise _Failed(416, "range not satisfiable")
-            data, status = obj.data[first:last + 1], 206
+            data, status = obj.data[first : last + 1], 206
             headers["Content-Range"] = f"bytes {first}-{last}/{size}"
             del headers["x-goog-hash"]  # the hash describes the whole object
         with self.fake.lock:
@@ -331,9 +352,13 @@ class _Handler(BaseHTTPRequestHandler):
             meta = json.loads(body or b"{}")
             upload_id = uuid.uuid4().hex
             with self.fake.lock:
-                self.fake.uploads[upload_id] = {"bucket": bucket, "name": meta.get("name") or q.get("name", ""),
-                                                "q": q, "data": bytearray(),
-                                                "ctype": meta.get("contentType", "")}
+                self.fake.uploads[upload_id] = {
+                    "bucket": bucket,
+                    "name": meta.get("name") or q.get("name", ""),
+                    "q": q,
+                    "data": bytearray(),
+                    "ctype": meta.get("contentType", ""),
+                }
             location = f"{self.fake.url}/upload/storage/v1/b/{bucket}/o?uploadType=resumable&upload_id={upload_id}"
             return self._send(200, b"", headers={"Location": location})
         raise _Failed(400, f"unknown uploadType {kind!r}")
@@ -371,8 +396,14 @@ _ROUTES = [
     ("POST", r"/upload/storage/v1/b/([^/]+)/o", _Handler.upload),
     ("PUT", r"/upload/storage/v1/b/([^/]+)/o", _Handler.upload_chunk),
 ]
-_REASONS = {404: "notFound", 412: "conditionNotMet", 429: "rateLimitExceeded", 503: "backendError",
-            400: "invalid", 416: "requestedRangeNotSatisfiable"}
+_REASONS = {
+    404: "notFound",
+    412: "conditionNotMet",
+    429: "rateLimitExceeded",
+    503: "backendError",
+    400: "invalid",
+    416: "requestedRangeNotSatisfiable",
+}
 
 
 def _parse_multipart(content_type: str, body: bytes) -> tuple[dict, bytes, str]:

@@ -134,7 +134,7 @@ class StandinExtractor:
         for k in range(0, len(rows), self.batch_rows):
             if self.delay:
                 time.sleep(self.delay)
-            chunk = rows[k:k + self.batch_rows]
+            chunk = rows[k : k + self.batch_rows]
             tok, sid, pos = [], [], []
             for sample_id, text, _ in chunk:
                 data = text.encode()
@@ -143,10 +143,19 @@ class StandinExtractor:
                 pos += list(range(len(data)))
             tok_a = np.array(tok, dtype=np.int32)
             pos_a = np.array(pos, dtype=np.int32)
-            acts = {site: np.sin(np.outer(tok_a + 0.5 * pos_a, np.arange(1, D + 1)) * (li + 1)).astype(np.float32)
-                    for li, site in enumerate(SITES)}
-            yield Batch(tok_a, np.array(sid, dtype=np.int64), pos_a, acts, rows=len(chunk), computed_tokens=len(tok),
-                        padded_tokens=0)
+            acts = {
+                site: np.sin(np.outer(tok_a + 0.5 * pos_a, np.arange(1, D + 1)) * (li + 1)).astype(np.float32)
+                for li, site in enumerate(SITES)
+            }
+            yield Batch(
+                tok_a,
+                np.array(sid, dtype=np.int64),
+                pos_a,
+                acts,
+                rows=len(chunk),
+                computed_tokens=len(tok),
+                padded_tokens=0,
+            )
 
     def shard_writer(self, unit: int, *attempt, **attempt_kw) -> StandinWriter:
         """A fresh writer for one attempt at `unit`. Whatever else the loop passes (the lease's attempt, its
@@ -169,15 +178,21 @@ def main(argv=None) -> int:
     from actfleet.store import open_store
     from actfleet.worker.work_loop import Worker, install_sigterm
 
-    args = (argv if argv is not None else sys.argv[1:])
+    args = argv if argv is not None else sys.argv[1:]
     store_url, jobs, worker_id, data = args[:4]
     delay = float(args[4]) if len(args) > 4 else 0.0
     lease_s = float(args[5]) if len(args) > 5 else 5.0
     store = open_store(store_url)
     for job in jobs.split(","):
-        w = Worker(store, q.read_job(store, job), StandinExtractor(Path(data), delay=delay, worker=worker_id),
-                   worker_id, lease_seconds=lease_s, drain_seconds=float(args[6]) if len(args) > 6 else 25.0,
-                   on_event=lambda kind, info, job=job: print(kind, json.dumps({"job": job, **info}), flush=True))
+        w = Worker(
+            store,
+            q.read_job(store, job),
+            StandinExtractor(Path(data), delay=delay, worker=worker_id),
+            worker_id,
+            lease_seconds=lease_s,
+            drain_seconds=float(args[6]) if len(args) > 6 else 25.0,
+            on_event=lambda kind, info, job=job: print(kind, json.dumps({"job": job, **info}), flush=True),
+        )
         install_sigterm(w)
         r = w.run()
         print("result", json.dumps({"job": job, **r.__dict__}), flush=True)

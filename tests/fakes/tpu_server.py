@@ -70,14 +70,36 @@ PATH_RE = re.compile(
 _SETTLED = frozenset({QRState.ACTIVE, QRState.SUSPENDED, QRState.FAILED, QRState.DELETING})
 
 # google.rpc.Code numbers by name, and the HTTP status the real API answers each with.
-RPC_CODES = {"INVALID_ARGUMENT": 3, "NOT_FOUND": 5, "ALREADY_EXISTS": 6, "PERMISSION_DENIED": 7,
-             "RESOURCE_EXHAUSTED": 8, "FAILED_PRECONDITION": 9, "INTERNAL": 13, "UNAVAILABLE": 14}
-RPC_HTTP = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "PERMISSION_DENIED": 403, "NOT_FOUND": 404,
-            "ALREADY_EXISTS": 409, "RESOURCE_EXHAUSTED": 429, "INTERNAL": 500, "UNAVAILABLE": 503}
+RPC_CODES = {
+    "INVALID_ARGUMENT": 3,
+    "NOT_FOUND": 5,
+    "ALREADY_EXISTS": 6,
+    "PERMISSION_DENIED": 7,
+    "RESOURCE_EXHAUSTED": 8,
+    "FAILED_PRECONDITION": 9,
+    "INTERNAL": 13,
+    "UNAVAILABLE": 14,
+}
+RPC_HTTP = {
+    "INVALID_ARGUMENT": 400,
+    "FAILED_PRECONDITION": 400,
+    "PERMISSION_DENIED": 403,
+    "NOT_FOUND": 404,
+    "ALREADY_EXISTS": 409,
+    "RESOURCE_EXHAUSTED": 429,
+    "INTERNAL": 500,
+    "UNAVAILABLE": 503,
+}
 
 HTTP_STATUS_NAMES = {
-    400: "INVALID_ARGUMENT", 403: "PERMISSION_DENIED", 404: "NOT_FOUND", 409: "ALREADY_EXISTS",
-    429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 501: "NOT_IMPLEMENTED", 503: "UNAVAILABLE",
+    400: "INVALID_ARGUMENT",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    409: "ALREADY_EXISTS",
+    429: "RESOURCE_EXHAUSTED",
+    500: "INTERNAL",
+    501: "NOT_IMPLEMENTED",
+    503: "UNAVAILABLE",
     504: "DEADLINE_EXCEEDED",
 }
 FAULT_MESSAGES = {
@@ -113,9 +135,11 @@ class Fault:
     delay: float = 0.0
 
     def matches(self, method: str, target: str, zone: str | None) -> bool:
-        return ((self.zone is None or self.zone == zone)
-                and (self.method is None or self.method.upper() == method)
-                and (self.path is None or re.search(self.path, target) is not None))
+        return (
+            (self.zone is None or self.zone == zone)
+            and (self.method is None or self.method.upper() == method)
+            and (self.path is None or re.search(self.path, target) is not None)
+        )
 
 
 @dataclass(frozen=True)
@@ -148,7 +172,8 @@ class _QR:
         if state == QRState.FAILED and error is not None:
             code, message = error
             self.message.state.failed_data = cloud_tpu.QueuedResourceState.FailedData(
-                error=status_pb2.Status(code=RPC_CODES.get(code, 2), message=message))
+                error=status_pb2.Status(code=RPC_CODES.get(code, 2), message=message)
+            )
         self.state = state
         self.state_since = now
 
@@ -260,8 +285,9 @@ class FakeTpuState:
 
     # -------------------------------------------------------------- API operations
 
-    def list(self, project: str, zone: str, collection: str, page_size: int, page_token: str,
-             int_enums: bool = False) -> dict:
+    def list(
+        self, project: str, zone: str, collection: str, page_size: int, page_token: str, int_enums: bool = False
+    ) -> dict:
         self._check_zone(project, zone)
         parent = f"projects/{project}/locations/{zone}"
         if collection == "queuedResources":
@@ -269,15 +295,18 @@ class FakeTpuState:
             kind = cloud_tpu.QueuedResource
         else:
             # A node can be left out of a listing while a GET still finds it (eventual consistency).
-            items = [n for name, n in sorted(self.nodes.items())
-                     if name.startswith(parent + "/") and not self.hidden.get(name)]
+            items = [
+                n
+                for name, n in sorted(self.nodes.items())
+                if name.startswith(parent + "/") and not self.hidden.get(name)
+            ]
             kind = cloud_tpu.Node
         size = min(page_size, self.settings.page_size) if page_size > 0 else self.settings.page_size
         try:
             start = int(page_token or "0")
         except ValueError:
             raise ApiError(400, f"Invalid page token {page_token!r}")
-        page = items[start:start + size]
+        page = items[start : start + size]
         out = {collection: [_to_dict(kind, m, int_enums) for m in page]}
         if start + size < len(items):
             out["nextPageToken"] = str(start + size)
@@ -341,8 +370,9 @@ class FakeTpuState:
             raise ApiError(404, f"Resource '{name}' was not found")
         self.qr_deletes.append((qr_id, qr.state.name))
         if self._nodes_of(qr) and not force:
-            raise ApiError(400, f"Queued resource '{name}' has nodes; delete them first or pass force=true",
-                           "FAILED_PRECONDITION")
+            raise ApiError(
+                400, f"Queued resource '{name}' has nodes; delete them first or pass force=true", "FAILED_PRECONDITION"
+            )
         if qr.stuck_deletes > 0 and qr.state in (QRState.FAILED, QRState.SUSPENDED):
             # Accepted, and the operation even succeeds, but the queued resource stays where it was.
             qr.stuck_deletes -= 1
@@ -381,8 +411,9 @@ class FakeTpuState:
 
     def _op(self, project, zone, response, target, verb, delay, on_done=None) -> _Op:
         name = f"projects/{project}/locations/{zone}/operations/operation-{next(self._op_ids)}"
-        op = _Op(name=name, done_at=time.monotonic() + delay, response=response, target=target, verb=verb,
-                 on_done=on_done)
+        op = _Op(
+            name=name, done_at=time.monotonic() + delay, response=response, target=target, verb=verb, on_done=on_done
+        )
         self.ops[name] = op
         self.pending_ops.append(op)
         self.advance()
@@ -405,8 +436,12 @@ class FakeTpuState:
     def preempt(self, zone: str, qr_or_node_id: str) -> None:
         """A spot preemption: the node goes PREEMPTED and its queued resource SUSPENDING, then SUSPENDED
         `suspend_delay` seconds later (at once with the default 0)."""
-        nodes = [n for n in self.nodes.values() if _zone_of(n.name) == zone
-                 and (n.name.endswith("/" + qr_or_node_id) or n.queued_resource.endswith("/" + qr_or_node_id))]
+        nodes = [
+            n
+            for n in self.nodes.values()
+            if _zone_of(n.name) == zone
+            and (n.name.endswith("/" + qr_or_node_id) or n.queued_resource.endswith("/" + qr_or_node_id))
+        ]
         if not nodes:
             raise KeyError(f"no node {qr_or_node_id!r} in zone {zone}")
         now = time.monotonic()
@@ -425,8 +460,11 @@ class FakeTpuState:
 
     def _node(self, zone: str, node_id: str, project: str | None = None) -> cloud_tpu.Node:
         for name, node in self.nodes.items():
-            if _zone_of(name) == zone and name.endswith("/nodes/" + node_id) and \
-                    (project is None or name.startswith(f"projects/{project}/")):
+            if (
+                _zone_of(name) == zone
+                and name.endswith("/nodes/" + node_id)
+                and (project is None or name.startswith(f"projects/{project}/"))
+            ):
                 return node
         raise KeyError(f"no node {node_id!r} in zone {zone}")
 
@@ -443,8 +481,9 @@ class FakeTpuState:
         """Leave the node out of the next `lists` complete node listings of its zone; GET still finds it."""
         self.hidden[self._node(zone, node_id).name] = lists
 
-    def fail_creates(self, zone: str, code: str | None = "PERMISSION_DENIED", message: str = "",
-                     how: str = "refuse") -> None:
+    def fail_creates(
+        self, zone: str, code: str | None = "PERMISSION_DENIED", message: str = "", how: str = "refuse"
+    ) -> None:
         """Make every create in `zone` fail until called with code=None: `how="refuse"` answers the POST
         with the code's HTTP status (PERMISSION_DENIED 403, INVALID_ARGUMENT 400, RESOURCE_EXHAUSTED 429);
         `how="fail"` accepts it and the queued resource turns FAILED with state.failedData.error."""
@@ -455,28 +494,49 @@ class FakeTpuState:
             raise ValueError(f"fail_creates: how must be refuse|fail and code one of {', '.join(RPC_CODES)}")
         self.failing_creates[zone] = (how, code, message or f"{code} (injected by the fake)")
 
-    def create_qr_direct(self, zone: str, qr_id: str, *, project: str = "fake-project",
-                         labels: dict | None = None, state: str = "ACTIVE",
-                         accelerator_type: str = "v5litepod-8", runtime_version: str = "v2-alpha-tpuv5-lite",
-                         error: tuple[str, str] | list | None = None) -> None:
+    def create_qr_direct(
+        self,
+        zone: str,
+        qr_id: str,
+        *,
+        project: str = "fake-project",
+        labels: dict | None = None,
+        state: str = "ACTIVE",
+        accelerator_type: str = "v5litepod-8",
+        runtime_version: str = "v2-alpha-tpuv5-lite",
+        error: tuple[str, str] | list | None = None,
+    ) -> None:
         """Plant a queued resource (and its node, unless the state precedes provisioning) behind
         everybody's back: an orphan, or a resource made outside Terraform."""
         parent = f"projects/{project}/locations/{zone}"
-        node = cloud_tpu.Node(accelerator_type=accelerator_type, runtime_version=runtime_version,
-                              labels=labels or {})
+        node = cloud_tpu.Node(accelerator_type=accelerator_type, runtime_version=runtime_version, labels=labels or {})
         message = cloud_tpu.QueuedResource(
-            name=f"{parent}/queuedResources/{qr_id}", create_time=_now_ts(),
-            tpu=cloud_tpu.QueuedResource.Tpu(node_spec=[
-                cloud_tpu.QueuedResource.Tpu.NodeSpec(parent=parent, node_id=qr_id, node=node)]),
+            name=f"{parent}/queuedResources/{qr_id}",
+            create_time=_now_ts(),
+            tpu=cloud_tpu.QueuedResource.Tpu(
+                node_spec=[cloud_tpu.QueuedResource.Tpu.NodeSpec(parent=parent, node_id=qr_id, node=node)]
+            ),
             spot=cloud_tpu.QueuedResource.Spot(),
         )
         qr = _QR(message=message, state_since=0, project=project, zone=zone)
         target = QRState[state]
-        qr.set_state(target, time.monotonic(), Initiator.USER, tuple(error) if error else
-                     ("RESOURCE_EXHAUSTED", "There is no more capacity in the zone") if state == "FAILED" else None)
+        qr.set_state(
+            target,
+            time.monotonic(),
+            Initiator.USER,
+            tuple(error)
+            if error
+            else ("RESOURCE_EXHAUSTED", "There is no more capacity in the zone")
+            if state == "FAILED"
+            else None,
+        )
         self.qrs[message.name] = qr
-        node_state = {QRState.ACTIVE: NodeState.READY, QRState.PROVISIONING: NodeState.CREATING,
-                      QRState.SUSPENDED: NodeState.PREEMPTED, QRState.SUSPENDING: NodeState.PREEMPTED}.get(target)
+        node_state = {
+            QRState.ACTIVE: NodeState.READY,
+            QRState.PROVISIONING: NodeState.CREATING,
+            QRState.SUSPENDED: NodeState.PREEMPTED,
+            QRState.SUSPENDING: NodeState.PREEMPTED,
+        }.get(target)
         if node_state is not None:
             self._make_node(qr, node_state)
             if node_state == NodeState.READY:
@@ -493,8 +553,11 @@ class FakeTpuState:
                 del self.qrs[name]
                 found = True
         for name in list(self.nodes):
-            if _zone_of(name) == zone and name.endswith("/nodes/" + qr_or_node_id) and \
-                    (project is None or name.startswith(f"projects/{project}/")):
+            if (
+                _zone_of(name) == zone
+                and name.endswith("/nodes/" + qr_or_node_id)
+                and (project is None or name.startswith(f"projects/{project}/"))
+            ):
                 del self.nodes[name]
                 found = True
         return found
@@ -595,8 +658,9 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(404, f"The requested URL {self.path.split('?')[0]} was not found on this server")
         project, zone, coll, rid = m["project"], m["zone"], m["collection"], m["id"]
         if coll in ("queuedResources", "nodes") and rid is None and method == "GET":
-            return state.list(project, zone, coll, int(query.get("pageSize") or 0), query.get("pageToken", ""),
-                              int_enums)
+            return state.list(
+                project, zone, coll, int(query.get("pageSize") or 0), query.get("pageToken", ""), int_enums
+            )
         if coll in ("queuedResources", "nodes") and rid and method == "GET":
             kind, msg = state.get(project, zone, coll, rid)
             return _to_dict(kind, msg, int_enums)
@@ -646,8 +710,9 @@ class FakeTpuServer:
     def start(cls, host: str = "127.0.0.1", port: int = 0, **settings: Any) -> "FakeTpuServer":
         """Bind (port 0 = ephemeral), serve from a daemon thread; use as a context manager to stop it."""
         fake = cls(host, port, **settings)
-        fake._thread = threading.Thread(target=fake._httpd.serve_forever, args=(0.05,),
-                                        name="fake-tpu-api", daemon=True)  # quick to stop
+        fake._thread = threading.Thread(
+            target=fake._httpd.serve_forever, args=(0.05,), name="fake-tpu-api", daemon=True
+        )  # quick to stop
         fake._thread.start()
         return fake
 
@@ -687,8 +752,9 @@ class FakeTpuServer:
         with self.state.lock:
             self.state.hide_from_lists(zone, node_id, lists)
 
-    def fail_creates(self, zone: str, code: str | None = "PERMISSION_DENIED", message: str = "",
-                     how: str = "refuse") -> None:
+    def fail_creates(
+        self, zone: str, code: str | None = "PERMISSION_DENIED", message: str = "", how: str = "refuse"
+    ) -> None:
         with self.state.lock:
             self.state.advance()
             self.state.fail_creates(zone, code, message, how)
@@ -698,8 +764,16 @@ class FakeTpuServer:
             self.state.advance()
             (self.state.stockout.add if on else self.state.stockout.discard)(zone)
 
-    def fail(self, zone: str | None = None, status: int | None = 503, count: int | None = 1, *,
-             method: str | None = None, path: str | None = None, delay: float = 0.0) -> Fault:
+    def fail(
+        self,
+        zone: str | None = None,
+        status: int | None = 503,
+        count: int | None = 1,
+        *,
+        method: str | None = None,
+        path: str | None = None,
+        delay: float = 0.0,
+    ) -> Fault:
         """Answer the next `count` matching calls (None = forever) with `status`, or delay them."""
         fault = Fault(status=status, count=count, zone=zone, method=method, path=path, delay=delay)
         with self.state.lock:
@@ -728,15 +802,20 @@ class FakeTpuServer:
         with self.state.lock:
             return self.state.delete_direct(zone, qr_or_node_id, project)
 
-    def calls(self, method: str | None = None, zone: str | None = None, path: str | None = None,
-              status: int | None = None) -> list[Call]:
+    def calls(
+        self, method: str | None = None, zone: str | None = None, path: str | None = None, status: int | None = None
+    ) -> list[Call]:
         """The API calls answered so far (control endpoints excluded), oldest first, filtered."""
         with self.state.lock:
             log = list(self.state.log)
-        return [c for c in log if (method is None or c.method == method.upper())
-                and (zone is None or c.zone == zone)
-                and (path is None or re.search(path, c.path))
-                and (status is None or c.status == status)]
+        return [
+            c
+            for c in log
+            if (method is None or c.method == method.upper())
+            and (zone is None or c.zone == zone)
+            and (path is None or re.search(path, c.path))
+            and (status is None or c.status == status)
+        ]
 
     def qr_deletes(self) -> list[tuple[str, str]]:
         """(queued resource id, its state when the delete arrived) for every delete answered so far."""
@@ -779,10 +858,13 @@ class FakeTpuServer:
             args = json.loads(raw) if raw else {}
             if not isinstance(args, dict):
                 raise ValueError("the body must be a JSON object")
-            name = path[len("/_fake/"):]
+            name = path[len("/_fake/") :]
             if name == "calls" and method == "GET":
-                return 200, {"calls": [asdict(c) for c in self.calls(**{k: query[k] for k in query
-                                                                         if k in ("method", "zone", "path")})]}
+                return 200, {
+                    "calls": [
+                        asdict(c) for c in self.calls(**{k: query[k] for k in query if k in ("method", "zone", "path")})
+                    ]
+                }
             if name == "calls" and method == "DELETE":
                 self.clear_calls()
                 return 200, {}
@@ -803,8 +885,12 @@ class FakeTpuServer:
             elif name == "hide":
                 self.hide_from_lists(args["zone"], args["id"], int(args.get("lists", 1)))
             elif name == "fail-creates":
-                self.fail_creates(args["zone"], args.get("code", "PERMISSION_DENIED"), args.get("message", ""),
-                                  args.get("how", "refuse"))
+                self.fail_creates(
+                    args["zone"],
+                    args.get("code", "PERMISSION_DENIED"),
+                    args.get("message", ""),
+                    args.get("how", "refuse"),
+                )
             elif name == "clear-faults":
                 self.clear_faults()
             elif name == "reset":
@@ -860,6 +946,7 @@ except ImportError:  # the command line does not need pytest
     pytest = None
 
 if pytest is not None:
+
     @pytest.fixture
     def fake_tpu(monkeypatch) -> Iterator[FakeTpuServer]:
         """A fresh fake TPU API on an ephemeral port; ACTFLEET_TPU_ENDPOINT points at it for the test."""
@@ -879,9 +966,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--page-size", type=int, default=50, help="the server's largest page")
     p.add_argument("--zones", default="", help="comma-separated known zones (default: any zone exists)")
     a = p.parse_args(argv)
-    fake = FakeTpuServer.start(a.host, a.port, accept_delay=a.accept_delay, provision_delay=a.provision_delay,
-                               delete_delay=a.delete_delay, suspend_delay=a.suspend_delay, page_size=a.page_size,
-                               zones=tuple(z for z in a.zones.split(",") if z) or None)
+    fake = FakeTpuServer.start(
+        a.host,
+        a.port,
+        accept_delay=a.accept_delay,
+        provision_delay=a.provision_delay,
+        delete_delay=a.delete_delay,
+        suspend_delay=a.suspend_delay,
+        page_size=a.page_size,
+        zones=tuple(z for z in a.zones.split(",") if z) or None,
+    )
     print(fake.url, flush=True)
     try:
         while True:

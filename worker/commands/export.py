@@ -23,15 +23,32 @@ def export():
 @click.argument("shards")
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--site", required=True, help="Capture site to export, e.g. blocks.6.hook_resid_post.")
-@click.option("--context-size", type=click.IntRange(min=1), default=None,
-              help="Tokens per row (SAELens context_size). Default: the job's --context-size, from the shards.")
+@click.option(
+    "--context-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Tokens per row (SAELens context_size). Default: the job's --context-size, from the shards.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the global shuffle of the rows.")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
-              help="Activation dtype (Arrow has no bfloat16; float32 holds bfloat16 exactly).")
-@click.option("--hook-name", default=None,
-              help="Column name, if SAELens's hook_name differs from the site name (default: the site).")
-@click.option("--chunk-mb", type=click.FloatRange(min=1), default=512, show_default=True,
-              help="MiB per output Arrow file (also the most the shuffle holds in memory at once).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16"]),
+    default="float32",
+    show_default=True,
+    help="Activation dtype (Arrow has no bfloat16; float32 holds bfloat16 exactly).",
+)
+@click.option(
+    "--hook-name",
+    default=None,
+    help="Column name, if SAELens's hook_name differs from the site name (default: the site).",
+)
+@click.option(
+    "--chunk-mb",
+    type=click.FloatRange(min=1),
+    default=512,
+    show_default=True,
+    help="MiB per output Arrow file (also the most the shuffle holds in memory at once).",
+)
 @json_option
 def saelens(shards, out, site, context_size, seed, dtype, hook_name, chunk_mb, as_json):
     """Write a `datasets` directory SAELens trains from (use_cached_activations, cached_activations_path=OUT).
@@ -50,29 +67,51 @@ def saelens(shards, out, site, context_size, seed, dtype, hook_name, chunk_mb, a
         import datasets  # noqa: F401
     except ImportError:
         raise PrerequisiteError("export saelens needs the `datasets` package (pip install datasets)") from None
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        console=Console(stderr=True), disable=as_json, transient=True)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=as_json,
+        transient=True,
+    )
     tasks: dict[str, object] = {}
 
     def on_progress(stage: str, done: int, total: int) -> None:
         if stage not in tasks:
-            tasks[stage] = progress.add_task({"index": "index ", "read": "shards", "write": "write "}[stage],
-                                             total=total)
+            tasks[stage] = progress.add_task(
+                {"index": "index ", "read": "shards", "write": "write "}[stage], total=total
+            )
         progress.update(tasks[stage], completed=done)
 
     with progress:
-        summary = export_saelens(shards, out, site=site, context_size=context_size, seed=seed, dtype=dtype,
-                                 column=hook_name, chunk_mb=chunk_mb, on_progress=on_progress)
+        summary = export_saelens(
+            shards,
+            out,
+            site=site,
+            context_size=context_size,
+            seed=seed,
+            dtype=dtype,
+            column=hook_name,
+            chunk_mb=chunk_mb,
+            on_progress=on_progress,
+        )
     if summary.units_total is not None and summary.units_done != summary.units_total:
-        click.echo(f"actfleet: warning: the job has {summary.units_done} of {summary.units_total} units done; "
-                   f"exported those", err=True)
+        click.echo(
+            f"actfleet: warning: the job has {summary.units_done} of {summary.units_total} units done; exported those",
+            err=True,
+        )
     if as_json:
         click.echo(json.dumps(summary.to_json()))
         return
-    click.echo(f"{summary.windows:,} rows of {summary.context_size} tokens x {summary.d_in} ({summary.dtype}) "
-               f"in {summary.files} files in {out}; {summary.tokens_dropped:,} of {summary.tokens:,} tokens dropped "
-               f"(partial windows; {summary.samples_short:,} samples shorter than a window)")
-    click.echo(f"SAELens: LanguageModelSAERunnerConfig(use_cached_activations=True, cached_activations_path="
-               f"{str(out)!r}, hook_name={summary.column!r}, context_size={summary.context_size}, "
-               f"sae=...(d_in={summary.d_in}, ...))")
-
+    click.echo(
+        f"{summary.windows:,} rows of {summary.context_size} tokens x {summary.d_in} ({summary.dtype}) "
+        f"in {summary.files} files in {out}; {summary.tokens_dropped:,} of {summary.tokens:,} tokens dropped "
+        f"(partial windows; {summary.samples_short:,} samples shorter than a window)"
+    )
+    click.echo(
+        f"SAELens: LanguageModelSAERunnerConfig(use_cached_activations=True, cached_activations_path="
+        f"{str(out)!r}, hook_name={summary.column!r}, context_size={summary.context_size}, "
+        f"sae=...(d_in={summary.d_in}, ...))"
+    )

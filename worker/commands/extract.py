@@ -118,7 +118,9 @@ class OutStore(Store):
 
 @click.command()
 @job_options(EXTRACT)
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory for shards and summary.json.")
+@click.option(
+    "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory for shards and summary.json."
+)
 @click.option("--overwrite", is_flag=True, help="Start over: delete the shards and progress already in --out.")
 @json_option
 def extract(out_dir, overwrite, as_json, **flags):
@@ -148,9 +150,19 @@ def extract(out_dir, overwrite, as_json, **flags):
     job_options_ = options.replace(max_tokens=0)  # max_tokens only says where to stop, not what is stored
     lock = _lock(out)
     store = OutStore(out)
-    done = _resume_state(out, store, overwrite, {
-        "input": input_path, "input_sha256": pinned.fingerprint, "rows": pinned.rows, "unit_rows": unit_rows,
-        "model_sha256": pinned.model_pin["sha256"], "options": job_options_.to_json()})
+    done = _resume_state(
+        out,
+        store,
+        overwrite,
+        {
+            "input": input_path,
+            "input_sha256": pinned.fingerprint,
+            "rows": pinned.rows,
+            "unit_rows": unit_rows,
+            "model_sha256": pinned.model_pin["sha256"],
+            "options": job_options_.to_json(),
+        },
+    )
     spec, _ = q.prepare(store, JOB, unit_rows=unit_rows, options=job_options_, **pinned.prepare_args())
 
     from actfleet.worker.engine_extractor import EngineExtractor
@@ -159,14 +171,25 @@ def extract(out_dir, overwrite, as_json, **flags):
     engine_extractor = EngineExtractor(spec, pinned)
     started = time.perf_counter()
     console = Console(stderr=True)
-    progress = Progress(TextColumn("extract"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
-                        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                        TimeRemainingColumn(), console=console, disable=as_json, transient=False)
+    progress = Progress(
+        TextColumn("extract"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("rows"),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=as_json,
+        transient=False,
+    )
     stored = sum(r.tokens for r in done.values())
     stopped_at_max_tokens = bool(max_tokens) and stored >= max_tokens
     with progress:
-        bar = progress.add_task("rows", total=spec.rows, completed=sum(r.stop - r.start for r in done.values()),
-                                rate="-")
+        bar = progress.add_task(
+            "rows", total=spec.rows, completed=sum(r.stop - r.start for r in done.values()), rate="-"
+        )
         extractor = _ProgressExtractor(engine_extractor, progress, bar, started)
         worker = Worker(store, spec, extractor, WORKER, stream_units=not max_tokens)
 
@@ -185,23 +208,36 @@ def extract(out_dir, overwrite, as_json, **flags):
         if not stopped_at_max_tokens:
             worker.run()
     done = {u: r for u in range(spec.units) if (r := q.read_done(store, JOB, u)) is not None}
-    summary = _summary(done, engine=engine_extractor.engine, options=options, input_path=input_path,
-                       fingerprint=pinned.fingerprint, files=len(pinned.files), unit_rows=unit_rows,
-                       seconds=time.perf_counter() - started, stopped_at_max_tokens=stopped_at_max_tokens)
+    summary = _summary(
+        done,
+        engine=engine_extractor.engine,
+        options=options,
+        input_path=input_path,
+        fingerprint=pinned.fingerprint,
+        files=len(pinned.files),
+        unit_rows=unit_rows,
+        seconds=time.perf_counter() - started,
+        stopped_at_max_tokens=stopped_at_max_tokens,
+    )
     (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     os.close(lock)
     c = compile_cache.stats()  # this process's, so not in summary.json (a resumed run compiles less)
-    click.echo(f"compilation: {c['compiled']} programs compiled, {c['cache_hits']} loaded from the cache "
-               f"({compile_cache.cache_dir()}), {c['compile_seconds']} s", err=True)
+    click.echo(
+        f"compilation: {c['compiled']} programs compiled, {c['cache_hits']} loaded from the cache "
+        f"({compile_cache.cache_dir()}), {c['compile_seconds']} s",
+        err=True,
+    )
     if as_json:
         click.echo(json.dumps(summary))
     else:
         skipped_text = ", ".join(f"{n} {r}" for r, n in summary["skipped"].items()) or "none"
-        click.echo(f"{summary['rows']} rows -> {summary['stored_tokens']} tokens in {len(summary['shards'])} shards in "
-                   f"{out} ({summary['rows_per_second']:,.1f} rows/s, {summary['computed_tokens_per_second']:,.0f} "
-                   f"tok/s computed, padding {summary['padding_fraction']:.1%}); "
-                   f"skipped: {skipped_text}; truncated: {summary['truncated']}"
-                   + ("; stopped at --max-tokens" if stopped_at_max_tokens else ""))
+        click.echo(
+            f"{summary['rows']} rows -> {summary['stored_tokens']} tokens in {len(summary['shards'])} shards in "
+            f"{out} ({summary['rows_per_second']:,.1f} rows/s, {summary['computed_tokens_per_second']:,.0f} "
+            f"tok/s computed, padding {summary['padding_fraction']:.1%}); "
+            f"skipped: {skipped_text}; truncated: {summary['truncated']}"
+            + ("; stopped at --max-tokens" if stopped_at_max_tokens else "")
+        )
 
 
 class _ProgressExtractor:
@@ -229,9 +265,11 @@ class _ProgressExtractor:
             secs = max(1e-9, time.perf_counter() - self.started)
             # Rows/s and the input tokens computed per second: the stored tokens say little (1 per row with
             # --positions last).
-            self.progress.update(self.bar, advance=batch.rows,
-                                 rate=f"{self.stats['rows'] / secs:,.1f} rows/s, "
-                                      f"{self.stats['computed'] / secs:,.0f} tok/s computed")
+            self.progress.update(
+                self.bar,
+                advance=batch.rows,
+                rate=f"{self.stats['rows'] / secs:,.1f} rows/s, {self.stats['computed'] / secs:,.0f} tok/s computed",
+            )
             yield k, batch
 
 
@@ -263,18 +301,28 @@ def _resume_state(out: Path, store: OutStore, overwrite: bool, wanted: dict) -> 
         return {}
     if not (queue_dir / "job.json").is_file():
         if shard_files:
-            raise InputError(f"--out {out}: already holds shards of a run it cannot resume (no "
-                             f"{STATE}/{JOB}/job.json); pass --overwrite to replace them")
+            raise InputError(
+                f"--out {out}: already holds shards of a run it cannot resume (no "
+                f"{STATE}/{JOB}/job.json); pass --overwrite to replace them"
+            )
         shutil.rmtree(queue_dir, ignore_errors=True)  # a prepare cut short: job.json is written last
         return {}
     spec = q.read_job(store, JOB)
-    was = {"input": spec.input, "input_sha256": spec.fingerprint, "rows": spec.rows, "unit_rows": spec.unit_rows,
-           "model_sha256": spec.model_sha256, "options": spec.options.to_json()}
+    was = {
+        "input": spec.input,
+        "input_sha256": spec.fingerprint,
+        "rows": spec.rows,
+        "unit_rows": spec.unit_rows,
+        "model_sha256": spec.model_sha256,
+        "options": spec.options.to_json(),
+    }
     if was != wanted:
         changed = [f"options.{k}" for k in sorted(wanted["options"]) if was["options"].get(k) != wanted["options"][k]]
         changed += [k for k in wanted if k != "options" and was[k] != wanted[k]]
-        raise InputError(f"--out {out}: holds a run with other {', '.join(changed) or 'settings'}; rerun with the "
-                         f"same input and options to resume, or pass --overwrite to start over")
+        raise InputError(
+            f"--out {out}: holds a run with other {', '.join(changed) or 'settings'}; rerun with the "
+            f"same input and options to resume, or pass --overwrite to start over"
+        )
     # We hold the lock: any lease is a dead run's, and would only make us wait for its expiry.
     for key in list(store.list(f"{JOB}/leases/")):
         store.records.delete(key)
@@ -304,30 +352,64 @@ def _shard_entry(s: q.ShardInfo) -> dict:
     return {"name": shard_name(*shard_unit_part(s.name)), "bytes": s.bytes, "sha256": s.sha256, "tokens": s.tokens}
 
 
-def _summary(done: dict[int, q.DoneRecord], *, engine, options: JobOptions, input_path: str, fingerprint: str,
-             files: int, unit_rows: int, seconds: float, stopped_at_max_tokens: bool) -> dict:
+def _summary(
+    done: dict[int, q.DoneRecord],
+    *,
+    engine,
+    options: JobOptions,
+    input_path: str,
+    fingerprint: str,
+    files: int,
+    unit_rows: int,
+    seconds: float,
+    stopped_at_max_tokens: bool,
+) -> dict:
     units = [done[u] for u in sorted(done)]
     total = Counter()
     skipped: dict[str, list[int]] = {}
     for u in units:
-        total.update(stored_tokens=u.tokens, computed_tokens=u.computed_tokens, padded_tokens=u.padded_tokens,
-                     truncated=u.truncated, rows=u.stop - u.start)
+        total.update(
+            stored_tokens=u.tokens,
+            computed_tokens=u.computed_tokens,
+            padded_tokens=u.padded_tokens,
+            truncated=u.truncated,
+            rows=u.stop - u.start,
+        )
         for reason, ids in u.skipped.items():
             skipped.setdefault(reason, []).extend(ids)
     unit_seconds = sum(u.seconds for u in units)
     o = options
     return {
-        "model": o.model, "revision": o.revision, "random_weights": engine.random_weights, "input": str(input_path),
-        "input_sha256": fingerprint, "input_files": files, "format": o.format, "sites": list(engine.sites),
-        "positions": o.positions, "compute_dtype": o.compute_dtype, "store_dtype": o.store_dtype,
-        "max_seq": engine.max_seq, "long_inputs": o.long_inputs, "unit_rows": unit_rows,
-        "context_size": o.context_size, "separator": o.separator, "prepend_bos": o.prepend_bos, "concat": o.concat,
-        "tokens_field": o.tokens_field, "max_rows": o.max_rows, "max_tokens": o.max_tokens,
+        "model": o.model,
+        "revision": o.revision,
+        "random_weights": engine.random_weights,
+        "input": str(input_path),
+        "input_sha256": fingerprint,
+        "input_files": files,
+        "format": o.format,
+        "sites": list(engine.sites),
+        "positions": o.positions,
+        "compute_dtype": o.compute_dtype,
+        "store_dtype": o.store_dtype,
+        "max_seq": engine.max_seq,
+        "long_inputs": o.long_inputs,
+        "unit_rows": unit_rows,
+        "context_size": o.context_size,
+        "separator": o.separator,
+        "prepend_bos": o.prepend_bos,
+        "concat": o.concat,
+        "tokens_field": o.tokens_field,
+        "max_rows": o.max_rows,
+        "max_tokens": o.max_tokens,
         "stopped_at_max_tokens": stopped_at_max_tokens,
-        "rows": total["rows"], "rows_stored": total["rows"] - sum(len(v) for v in skipped.values()),
-        "stored_tokens": total["stored_tokens"], "computed_tokens": total["computed_tokens"],
+        "rows": total["rows"],
+        "rows_stored": total["rows"] - sum(len(v) for v in skipped.values()),
+        "stored_tokens": total["stored_tokens"],
+        "computed_tokens": total["computed_tokens"],
         "padded_tokens": total["padded_tokens"],
-        "padding_fraction": round(total["padded_tokens"] / total["computed_tokens"], 6) if total["computed_tokens"] else 0.0,
+        "padding_fraction": round(total["padded_tokens"] / total["computed_tokens"], 6)
+        if total["computed_tokens"]
+        else 0.0,
         "truncated": total["truncated"],
         "skipped": {reason: len(ids) for reason, ids in sorted(skipped.items())},
         "skipped_samples": {reason: sorted(ids)[:100] for reason, ids in sorted(skipped.items())},
@@ -337,6 +419,7 @@ def _summary(done: dict[int, q.DoneRecord], *, engine, options: JobOptions, inpu
         # say how fast the run was
         "rows_per_second": round(total["rows"] / unit_seconds, 1) if unit_seconds else 0,
         "computed_tokens_per_second": round((total["computed_tokens"] - total["padded_tokens"]) / unit_seconds, 1)
-        if unit_seconds else 0,
+        if unit_seconds
+        else 0,
         "shards": sorted((_shard_entry(s) for u in units for s in u.shards), key=lambda s: s["name"]),
     }

@@ -48,12 +48,14 @@ def _option(o: Option, command: str):
     extract = command == EXTRACT
     required = extract and o.required
     # No default at all for a required flag (a default None would count as given).
-    default = {} if required else {"default": (o.default if o.flag_default is None else o.flag_default)
-                                   if extract else None}
+    default = (
+        {} if required else {"default": (o.default if o.flag_default is None else o.flag_default) if extract else None}
+    )
     if o.type == "bool":
         return click.option(f"{o.flag}/--no-{o.flag[2:]}", o.name, show_default=extract, help=o.help, **default)
-    return click.option(o.flag, o.name, type=_TableType(o), show_default=extract, required=required, help=o.help,
-                        **default)
+    return click.option(
+        o.flag, o.name, type=_TableType(o), show_default=extract, required=required, help=o.help, **default
+    )
 
 
 def job_options(command: str):

@@ -47,8 +47,9 @@ def _target(config_path: str | None, store_url: str | None, job: str | None) -> 
         store_url, job = store_url or conf.job.store, job or conf.job.name
     else:
         if not store_url:
-            raise ConfigError(f"{path}: config file not found, and no --store given (pass --store URL, or "
-                              f"--config fleet.toml)")
+            raise ConfigError(
+                f"{path}: config file not found, and no --store given (pass --store URL, or --config fleet.toml)"
+            )
         job_config = None
         job = job or "default"
     return Target(open_store(store_url), job, job_config)
@@ -62,8 +63,9 @@ def _target(config_path: str | None, store_url: str | None, job: str | None) -> 
 def target_options(f):
     """--config, --store and --job: which job in which store (the three commands' shared way to name it)."""
     f = click.option("--job", help="Job name (default: [job] name).")(f)
-    f = click.option("--store", "store_url",
-                     help="Store URL: a path, file:///abs or gs://bucket/prefix (default: [job] store).")(f)
+    f = click.option(
+        "--store", "store_url", help="Store URL: a path, file:///abs or gs://bucket/prefix (default: [job] store)."
+    )(f)
     return config_option(f)
 
 
@@ -96,8 +98,10 @@ def prepare(config_path, store_url, job, as_json, **flags):
     except ValueError as e:
         raise InputError(f"prepare: {e}") from None
     if options.max_tokens:
-        raise InputError("prepare: --max-tokens is for `actfleet extract` (a fleet's workers run in parallel); "
-                         "size a test job with --max-rows")
+        raise InputError(
+            "prepare: --max-tokens is for `actfleet extract` (a fleet's workers run in parallel); "
+            "size a test job with --max-rows"
+        )
     rows_per_unit = unit_rows or (c.unit_rows if c else DEFAULT_UNIT_ROWS)
     from actfleet.worker.job_setup import pin_job_inputs
 
@@ -105,15 +109,29 @@ def prepare(config_path, store_url, job, as_json, **flags):
     spec, created = q.prepare(t.store, t.job, unit_rows=rows_per_unit, options=options, **pinned.prepare_args())
     progress = q.job_progress(t.store, t.job)
     if as_json:
-        click.echo(json.dumps({"job": t.job, "store": t.store.url, "created": created, "units": spec.units,
-                               "files": len(spec.input_files or [spec.input]),
-                               "rows": spec.rows, "unit_rows": spec.unit_rows, "fingerprint": spec.fingerprint,
-                               "input_generation": spec.input_generation, "model_sha256": spec.model_sha256,
-                               "units_done": progress.units_done}))
+        click.echo(
+            json.dumps(
+                {
+                    "job": t.job,
+                    "store": t.store.url,
+                    "created": created,
+                    "units": spec.units,
+                    "files": len(spec.input_files or [spec.input]),
+                    "rows": spec.rows,
+                    "unit_rows": spec.unit_rows,
+                    "fingerprint": spec.fingerprint,
+                    "input_generation": spec.input_generation,
+                    "model_sha256": spec.model_sha256,
+                    "units_done": progress.units_done,
+                }
+            )
+        )
     else:
         verb = "prepared" if created else "already prepared (same input and options)"
-        click.echo(f"job {t.job} in {t.store.url}: {verb}: {spec.rows} rows in {spec.units} units of "
-                   f"{spec.unit_rows}; {progress.units_done} done")
+        click.echo(
+            f"job {t.job} in {t.store.url}: {verb}: {spec.rows} rows in {spec.units} units of "
+            f"{spec.unit_rows}; {progress.units_done} done"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -123,30 +141,77 @@ def prepare(config_path, store_url, job, as_json, **flags):
 
 @click.command()
 @target_options
-@click.option("--worker-id", help="This worker's name in leases and status (default: host-pid; bootstrap passes "
-                                   "the node name, which every host of a multi-host slice shares).")
+@click.option(
+    "--worker-id",
+    help="This worker's name in leases and status (default: host-pid; bootstrap passes "
+    "the node name, which every host of a multi-host slice shares).",
+)
 @click.option("--lease-seconds", type=click.IntRange(min=1), help="Lease length; renewed every third of it.")
-@click.option("--drain-seconds", type=float, default=25.0, show_default=True,
-              help="After SIGTERM, how long the current unit may still take before it is abandoned.")
-@click.option("--queue-depth", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Batches and shards buffered between compute, serialization and upload.")
-@click.option("--coordinator", envvar="ACTFLEET_COORDINATOR",
-              help="Multi-host slice: HOST:PORT of process 0 (with --num-processes and --process-id; on a Cloud "
-                   "TPU VM all three come from the instance metadata).")
-@click.option("--num-processes", type=click.IntRange(min=1), envvar="ACTFLEET_NUM_PROCESSES",
-              help="Multi-host slice: hosts in the slice (1: a single-host worker, no metadata lookup).")
-@click.option("--process-id", type=click.IntRange(min=0), envvar="ACTFLEET_PROCESS_ID",
-              help="Multi-host slice: this host's index; 0 holds the lease and writes the shards.")
-@click.option("--heartbeat-seconds", type=click.IntRange(min=1), default=100, show_default=True,
-              envvar="ACTFLEET_HEARTBEAT_SECONDS",
-              help="Multi-host slice: a host silent this long ends every process of the slice (jax.distributed).")
-@click.option("--stall-seconds", type=click.FloatRange(min=0.1), default=600.0, show_default=True,
-              envvar="ACTFLEET_STALL_SECONDS",
-              help="Multi-host slice: an engine step (compilation included) running this long ends the leader "
-                   "(exit 75); its lease is not renewed meanwhile.")
+@click.option(
+    "--drain-seconds",
+    type=float,
+    default=25.0,
+    show_default=True,
+    help="After SIGTERM, how long the current unit may still take before it is abandoned.",
+)
+@click.option(
+    "--queue-depth",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Batches and shards buffered between compute, serialization and upload.",
+)
+@click.option(
+    "--coordinator",
+    envvar="ACTFLEET_COORDINATOR",
+    help="Multi-host slice: HOST:PORT of process 0 (with --num-processes and --process-id; on a Cloud "
+    "TPU VM all three come from the instance metadata).",
+)
+@click.option(
+    "--num-processes",
+    type=click.IntRange(min=1),
+    envvar="ACTFLEET_NUM_PROCESSES",
+    help="Multi-host slice: hosts in the slice (1: a single-host worker, no metadata lookup).",
+)
+@click.option(
+    "--process-id",
+    type=click.IntRange(min=0),
+    envvar="ACTFLEET_PROCESS_ID",
+    help="Multi-host slice: this host's index; 0 holds the lease and writes the shards.",
+)
+@click.option(
+    "--heartbeat-seconds",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    envvar="ACTFLEET_HEARTBEAT_SECONDS",
+    help="Multi-host slice: a host silent this long ends every process of the slice (jax.distributed).",
+)
+@click.option(
+    "--stall-seconds",
+    type=click.FloatRange(min=0.1),
+    default=600.0,
+    show_default=True,
+    envvar="ACTFLEET_STALL_SECONDS",
+    help="Multi-host slice: an engine step (compilation included) running this long ends the leader "
+    "(exit 75); its lease is not renewed meanwhile.",
+)
 @json_option
-def work(config_path, store_url, job, worker_id, lease_seconds, drain_seconds, queue_depth, coordinator,
-         num_processes, process_id, heartbeat_seconds, stall_seconds, as_json):
+def work(
+    config_path,
+    store_url,
+    job,
+    worker_id,
+    lease_seconds,
+    drain_seconds,
+    queue_depth,
+    coordinator,
+    num_processes,
+    process_id,
+    heartbeat_seconds,
+    stall_seconds,
+    as_json,
+):
     """Claim units, extract, commit, until every unit of the job is done (exit 0)."""
     from actfleet.worker import multihost
     from actfleet.worker.work_loop import Worker, install_sigterm
@@ -164,8 +229,11 @@ def work(config_path, store_url, job, worker_id, lease_seconds, drain_seconds, q
         click.echo(f"{kind} {json.dumps(info)}", err=True)
 
     def report(out: dict, sentence: str) -> None:
-        click.echo(json.dumps({"worker": worker_id, "job": t.job, **out,
-                               "seconds": round(time.monotonic() - start, 3)}) if as_json else sentence)
+        click.echo(
+            json.dumps({"worker": worker_id, "job": t.job, **out, "seconds": round(time.monotonic() - start, 3)})
+            if as_json
+            else sentence
+        )
 
     channel = None
     if role is not None:
@@ -178,8 +246,10 @@ def work(config_path, store_url, job, worker_id, lease_seconds, drain_seconds, q
     if q.job_complete(t.store, t.job):  # nothing to do: do not pay for loading the model
         if channel is not None:
             channel.send("stop", job_complete=True)
-        report({"units_committed": 0, "units_abandoned": 0, "tokens": 0, "stopped_by_signal": False,
-                "job_complete": True}, f"worker {worker_id}: job {t.job} is already complete")
+        report(
+            {"units_committed": 0, "units_abandoned": 0, "tokens": 0, "stopped_by_signal": False, "job_complete": True},
+            f"worker {worker_id}: job {t.job} is already complete",
+        )
         return
     if channel is not None:
         channel.send("start")
@@ -189,16 +259,27 @@ def work(config_path, store_url, job, worker_id, lease_seconds, drain_seconds, q
         progress = multihost.Progress(stall_seconds)
         multihost.start_watchdog(progress)
         extractor, healthy = multihost.LeaderExtractor(extractor, channel, progress, spec.unit_rows), progress.healthy
-    w = Worker(t.store, spec, extractor, worker_id, lease_seconds=lease, queue_depth=queue_depth,
-               drain_seconds=drain_seconds, on_event=on_event, healthy=healthy)
+    w = Worker(
+        t.store,
+        spec,
+        extractor,
+        worker_id,
+        lease_seconds=lease,
+        queue_depth=queue_depth,
+        drain_seconds=drain_seconds,
+        on_event=on_event,
+        healthy=healthy,
+    )
     install_sigterm(w)
     result = w.run()
     if channel is not None:
         channel.send("stop", job_complete=result.job_complete)
     how = "stopped by signal" if result.stopped_by_signal else "job complete"
-    report({**result.__dict__, **({"processes": role.num_processes} if role else {})},
-           f"worker {worker_id}: {how}: {result.units_committed} units committed, {result.units_abandoned} "
-           f"abandoned, {result.tokens} tokens in {time.monotonic() - start:.1f}s")
+    report(
+        {**result.__dict__, **({"processes": role.num_processes} if role else {})},
+        f"worker {worker_id}: {how}: {result.units_committed} units committed, {result.units_abandoned} "
+        f"abandoned, {result.tokens} tokens in {time.monotonic() - start:.1f}s",
+    )
 
 
 def _follow(channel, spec: q.JobSpec, role, on_event, report) -> None:
@@ -209,8 +290,10 @@ def _follow(channel, spec: q.JobSpec, role, on_event, report) -> None:
 
     first = channel.recv()
     if first["kind"] == "stop":  # the job was complete before the model was loaded
-        report({"process_id": role.process_id, "units_followed": 0, "job_complete": True},
-               f"process {role.process_id}: job {spec.job} is already complete")
+        report(
+            {"process_id": role.process_id, "units_followed": 0, "job_complete": True},
+            f"process {role.process_id}: job {spec.job} is already complete",
+        )
         return
     extractor = EngineExtractor(spec)
     q.check_input(spec, extractor.fingerprint())  # the same refusal as the leader's, on this host's own copy
@@ -218,10 +301,17 @@ def _follow(channel, spec: q.JobSpec, role, on_event, report) -> None:
     # SIGTERM (spot notice, systemd stop): the leader drains and says stop; a follower must not leave first.
     signal.signal(signal.SIGTERM, lambda signum, frame: on_event("sigterm-following-leader", {}))
     r = multihost.follow(channel, extractor, on_event)
-    report({"process_id": role.process_id, "units_followed": r.units, "steps": r.steps, "aborted": r.aborted,
-            "job_complete": r.job_complete},
-           f"process {role.process_id}: followed {r.units} units ({r.aborted} aborted)"
-           + (": job complete" if r.job_complete else ""))
+    report(
+        {
+            "process_id": role.process_id,
+            "units_followed": r.units,
+            "steps": r.steps,
+            "aborted": r.aborted,
+            "job_complete": r.job_complete,
+        },
+        f"process {role.process_id}: followed {r.units} units ({r.aborted} aborted)"
+        + (": job complete" if r.job_complete else ""),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -231,8 +321,12 @@ def _follow(channel, spec: q.JobSpec, role, on_event, report) -> None:
 
 @click.command()
 @target_options
-@click.option("--clean", is_flag=True, help="Delete garbage: shards of done units their done record does not list, leases left on done "
-                   "units (safe while workers run).")
+@click.option(
+    "--clean",
+    is_flag=True,
+    help="Delete garbage: shards of done units their done record does not list, leases left on done "
+    "units (safe while workers run).",
+)
 @json_option
 def verify(config_path, store_url, job, clean, as_json):
     """Prove a job's output: every unit done once, every shard intact, every row stored or skipped."""
@@ -246,9 +340,10 @@ def verify(config_path, store_url, job, clean, as_json):
         skipped = sum(rep.rows_skipped.values())
         click.echo(f"job {rep.job} in {rep.store}")
         click.echo(f"  units   {rep.units_done}/{rep.units_total} done")
-        click.echo(f"  rows    {rep.rows} = {rep.rows_stored} stored + {skipped} skipped"
-                   + (" (" + ", ".join(f"{k}: {v}" for k, v in sorted(rep.rows_skipped.items())) + ")"
-                      if skipped else ""))
+        click.echo(
+            f"  rows    {rep.rows} = {rep.rows_stored} stored + {skipped} skipped"
+            + (" (" + ", ".join(f"{k}: {v}" for k, v in sorted(rep.rows_skipped.items())) + ")" if skipped else "")
+        )
         click.echo(f"  tokens  {rep.tokens} in {rep.shards} shards, {rep.bytes} bytes")
         if rep.cleaned:
             click.echo(f"  cleaned {len(rep.cleaned)} garbage objects")

@@ -12,7 +12,10 @@ from actfleet.worker.models import gemma, gemma3_mm, gpt2, gpt_neox, qwen2
 FAMILIES: dict[str, ModuleType] = {
     # Llama/Mistral/Qwen3 are Qwen2 with different switches (QKV/o/MLP biases, q/k norm, activation, rope scaling,
     # sliding window), see qwen2.Config.
-    "qwen2": qwen2, "llama": qwen2, "mistral": qwen2, "qwen3": qwen2,
+    "qwen2": qwen2,
+    "llama": qwen2,
+    "mistral": qwen2,
+    "qwen3": qwen2,
     "gpt2": gpt2,
     "gpt_neox": gpt_neox,  # Pythia
     "gemma2": gemma,  # Gemma 2
@@ -25,4 +28,6 @@ def family_for(model_type: str) -> ModuleType:
     try:
         return FAMILIES[model_type]
     except KeyError:
-        raise KeyError(f"model_type {model_type!r} is not supported (supported: {', '.join(sorted(FAMILIES))})") from None
+        raise KeyError(
+            f"model_type {model_type!r} is not supported (supported: {', '.join(sorted(FAMILIES))})"
+        ) from None

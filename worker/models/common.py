@@ -76,15 +76,21 @@ def rope_from_hf(family: str, c: dict, theta_default: float = 10000.0) -> tuple[
         if kind == "linear":
             return theta, ("linear", float(params["factor"]))
         if kind == "llama3":
-            return theta, ("llama3", float(params["factor"]), float(params["low_freq_factor"]),
-                           float(params["high_freq_factor"]), int(params["original_max_position_embeddings"]))
+            return theta, (
+                "llama3",
+                float(params["factor"]),
+                float(params["low_freq_factor"]),
+                float(params["high_freq_factor"]),
+                int(params["original_max_position_embeddings"]),
+            )
         if kind == "yarn":
             return theta, _yarn(params)
     except (KeyError, TypeError, ValueError) as e:
         refuse(family, f"{field}.rope_type", kind, f"its parameters are incomplete ({type(e).__name__}: {e})")
-    why = {"dynamic": "dynamic NTK rescales by the sequence length of each forward call (the batch's in "
-                      "transformers), which packed rows cannot reproduce exactly",
-           }.get(kind, f"only rope types {', '.join(ROPE_TYPES)} are implemented")
+    why = {
+        "dynamic": "dynamic NTK rescales by the sequence length of each forward call (the batch's in "
+        "transformers), which packed rows cannot reproduce exactly",
+    }.get(kind, f"only rope types {', '.join(ROPE_TYPES)} are implemented")
     refuse(family, f"{field}.rope_type", kind, why)
 
 
@@ -103,9 +109,15 @@ def _yarn(params: dict) -> tuple:
             attention_factor = float(get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim))
         else:
             attention_factor = get_mscale(factor)
-    return ("yarn", factor, float(attention_factor), float(params.get("beta_fast") or 32),
-            float(params.get("beta_slow") or 1), int(params["original_max_position_embeddings"]),
-            bool(params.get("truncate", True)))
+    return (
+        "yarn",
+        factor,
+        float(attention_factor),
+        float(params.get("beta_fast") or 32),
+        float(params.get("beta_slow") or 1),
+        int(params["original_max_position_embeddings"]),
+        bool(params.get("truncate", True)),
+    )
 
 
 def attention_scaling(scaling: tuple) -> float:
@@ -135,7 +147,10 @@ def inv_freq(dim: int, theta: float, scaling: tuple) -> np.ndarray:
         if low == high:
             high += 0.001  # transformers' guard against a zero-width ramp
         pos_freqs = (f32(theta) ** (np.arange(0, dim, 2).astype(f32) / f32(dim))).astype(f32)
-        extrapolation, interpolation = (f32(1) / pos_freqs).astype(f32), (f32(1) / (f32(factor) * pos_freqs)).astype(f32)
+        extrapolation, interpolation = (
+            (f32(1) / pos_freqs).astype(f32),
+            (f32(1) / (f32(factor) * pos_freqs)).astype(f32),
+        )
         ramp = np.clip((np.arange(dim // 2, dtype=f32) - f32(low)) / f32(high - low), 0, 1).astype(f32)
         keep = (f32(1) - ramp).astype(f32)
         return (interpolation * (f32(1) - keep) + extrapolation * keep).astype(f32)

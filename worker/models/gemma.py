@@ -100,13 +100,23 @@ class Config:
         heads = int(c["num_attention_heads"])
         head_dim = int(c.get("head_dim") or c["hidden_size"] // heads)
         return Config(
-            vocab=int(c["vocab_size"]), hidden=int(c["hidden_size"]), intermediate=int(c["intermediate_size"]),
-            layers=n, heads=heads, kv_heads=int(c.get("num_key_value_heads") or heads), head_dim=head_dim,
-            rms_eps=float(c.get("rms_norm_eps", 1e-6)), max_pos=int(c.get("max_position_embeddings", 8192)),
+            vocab=int(c["vocab_size"]),
+            hidden=int(c["hidden_size"]),
+            intermediate=int(c["intermediate_size"]),
+            layers=n,
+            heads=heads,
+            kv_heads=int(c.get("num_key_value_heads") or heads),
+            head_dim=head_dim,
+            rms_eps=float(c.get("rms_norm_eps", 1e-6)),
+            max_pos=int(c.get("max_position_embeddings", 8192)),
             query_scale=float(c.get("query_pre_attn_scalar", 256)) ** -0.5,
             softcap=None if softcap is None else float(softcap),
-            sliding_window=None if window is None else int(window), sliding=sliding,
-            rope_local=local, rope_global=glob, qk_norm=g3, gelu_tanh=ACTIVATIONS[act],
+            sliding_window=None if window is None else int(window),
+            sliding=sliding,
+            rope_local=local,
+            rope_global=glob,
+            qk_norm=g3,
+            gelu_tanh=ACTIVATIONS[act],
         )
 
     def window(self, layer: int) -> int | None:
@@ -142,8 +152,10 @@ def _rope(c: dict, g3: bool) -> tuple[tuple[float, float], tuple[float, float]]:
         glob = _rope_params(params or c.get("rope_scaling"), float(c.get("rope_theta", 10000.0)), "rope_parameters")
         return glob, glob
     if params and set(params) <= set(LAYER_TYPES):
-        return (_rope_params(params.get("sliding_attention"), 10000.0, "rope_parameters"),
-                _rope_params(params.get("full_attention"), 1_000_000.0, "rope_parameters"))
+        return (
+            _rope_params(params.get("sliding_attention"), 10000.0, "rope_parameters"),
+            _rope_params(params.get("full_attention"), 1_000_000.0, "rope_parameters"),
+        )
     if params:
         refuse(FAMILY, "rope_parameters", params, "want one entry per layer type (sliding_attention, full_attention)")
     local = (float(c.get("rope_local_base_freq", 10000.0)), 1.0)
@@ -152,18 +164,55 @@ def _rope(c: dict, g3: bool) -> tuple[tuple[float, float], tuple[float, float]]:
 
 # Every field of Gemma2Config / Gemma3TextConfig (and the PretrainedConfig base) and what from_hf does with it.
 CONFIG_FIELDS: dict[str, str] = {
-    **{f: "honoured" for f in (
-        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads", "head_dim", "hidden_activation", "max_position_embeddings", "rms_norm_eps",
-        "rope_parameters", "query_pre_attn_scalar", "sliding_window", "layer_types", "_sliding_window_pattern",
-        "attn_logit_softcapping", "model_type")},
+    **{
+        f: "honoured"
+        for f in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "hidden_activation",
+            "max_position_embeddings",
+            "rms_norm_eps",
+            "rope_parameters",
+            "query_pre_attn_scalar",
+            "sliding_window",
+            "layer_types",
+            "_sliding_window_pattern",
+            "attn_logit_softcapping",
+            "model_type",
+        )
+    },
     **{f: "refused" for f in ("attention_bias", "use_bidirectional_attention")},
-    **{f: "irrelevant" for f in (
-        # token ids, generation and training settings, the LM head (we never run it), bookkeeping
-        "bos_token_id", "eos_token_id", "pad_token_id", "use_cache", "initializer_range", "attention_dropout",
-        "tie_word_embeddings", "final_logit_softcapping", "_name_or_path", "architectures",
-        "chunk_size_feed_forward", "dtype", "id2label", "label2id", "is_encoder_decoder", "output_attentions",
-        "output_hidden_states", "problem_type", "return_dict", "transformers_version")},
+    **{
+        f: "irrelevant"
+        for f in (
+            # token ids, generation and training settings, the LM head (we never run it), bookkeeping
+            "bos_token_id",
+            "eos_token_id",
+            "pad_token_id",
+            "use_cache",
+            "initializer_range",
+            "attention_dropout",
+            "tie_word_embeddings",
+            "final_logit_softcapping",
+            "_name_or_path",
+            "architectures",
+            "chunk_size_feed_forward",
+            "dtype",
+            "id2label",
+            "label2id",
+            "is_encoder_decoder",
+            "output_attentions",
+            "output_hidden_states",
+            "problem_type",
+            "return_dict",
+            "transformers_version",
+        )
+    },
 }
 # Gemma 3's attn_logit_softcapping is read by Gemma3Attention but never passed to its attention function, so
 # transformers does not compute it either: honoured for Gemma 2, a no-op for Gemma 3 (from_hf ignores it there).
@@ -190,8 +239,14 @@ UNUSED = (r"lm_head\.weight", r"model\.norm\.weight")
 
 
 def sizes(cfg: Config) -> dict[str, int]:
-    return {"v": cfg.vocab, "d": cfg.hidden, "h": cfg.heads, "k": cfg.kv_heads, "e": cfg.head_dim,
-            "f": cfg.intermediate}
+    return {
+        "v": cfg.vocab,
+        "d": cfg.hidden,
+        "h": cfg.heads,
+        "k": cfg.kv_heads,
+        "e": cfg.head_dim,
+        "f": cfg.intermediate,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -209,7 +264,7 @@ def rope(x, positions, theta: float, factor: float):
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
     cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
-    x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
@@ -234,7 +289,7 @@ class Embedding(nnx.Module):
     def __init__(self, vocab: int, dim: int, dtype):
         self.table = param((vocab, dim), ("vocab", "embed"), dtype)
         # transformers: the float32 buffer sqrt(hidden_size) cast to the weight's dtype, then the product.
-        self.scale = float(np.float32(dim ** 0.5))
+        self.scale = float(np.float32(dim**0.5))
 
     def __call__(self, token_ids):
         table = self.table[...]
@@ -264,8 +319,17 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope(q, positions, self.theta, self.factor), rope(k, positions, self.theta, self.factor)
-        z = attention(q, k, v, segment_ids, positions, block=attn_block, window=self.window,
-                      softcap=cfg.softcap, scale=cfg.query_scale)
+        z = attention(
+            q,
+            k,
+            v,
+            segment_ids,
+            positions,
+            block=attn_block,
+            window=self.window,
+            softcap=cfg.softcap,
+            scale=cfg.query_scale,
+        )
         return z, jnp.einsum("bthk,hkd->btd", z, self.wo[...])
 
 

@@ -30,16 +30,33 @@ class Config(gemma.Config):
 
 
 HF_LAYER = "language_model.model.layers.{i}."
-LAYOUTS = {k: (("language_model." + hf) if k == "embed.table" else hf, split, order)
-           for k, (hf, split, order) in gemma.LAYOUTS.items()}
-UNUSED = (r"language_model\.lm_head\.weight", r"language_model\.model\.norm\.weight", r"vision_tower\..*",
-          r"multi_modal_projector\..*")
+LAYOUTS = {
+    k: (("language_model." + hf) if k == "embed.table" else hf, split, order)
+    for k, (hf, split, order) in gemma.LAYOUTS.items()
+}
+UNUSED = (
+    r"language_model\.lm_head\.weight",
+    r"language_model\.model\.norm\.weight",
+    r"vision_tower\..*",
+    r"multi_modal_projector\..*",
+)
 
 # Gemma3Config's own fields; text_config's are gemma.CONFIG_FIELDS (checked there, for gemma3_text).
 CONFIG_FIELDS: dict[str, str] = {
     **{f: v for f, v in gemma.CONFIG_FIELDS.items() if v == "irrelevant"},
-    "model_type": "honoured", "text_config": "honoured",
+    "model_type": "honoured",
+    "text_config": "honoured",
     # images only (no image goes in) or the LM head
-    **{f: "irrelevant" for f in ("vision_config", "mm_tokens_per_image", "boi_token_index", "eoi_token_index",
-                                 "image_token_index", "initializer_range", "tie_word_embeddings")},
+    **{
+        f: "irrelevant"
+        for f in (
+            "vision_config",
+            "mm_tokens_per_image",
+            "boi_token_index",
+            "eoi_token_index",
+            "image_token_index",
+            "initializer_range",
+            "tie_word_embeddings",
+        )
+    },
 }

@@ -36,25 +36,55 @@ from actfleet.worker.models.sharding import param
 FAMILY = "gpt2"
 
 _IRRELEVANT = (
-    "_name_or_path", "architectures", "chunk_size_feed_forward", "dtype", "id2label", "is_encoder_decoder",
-    "label2id", "model_type", "output_attentions", "output_hidden_states", "problem_type", "return_dict",
+    "_name_or_path",
+    "architectures",
+    "chunk_size_feed_forward",
+    "dtype",
+    "id2label",
+    "is_encoder_decoder",
+    "label2id",
+    "model_type",
+    "output_attentions",
+    "output_hidden_states",
+    "problem_type",
+    "return_dict",
     "transformers_version",
-    "bos_token_id", "eos_token_id", "pad_token_id", "use_cache", "initializer_range", "tie_word_embeddings",
-    "attn_pdrop", "embd_pdrop", "resid_pdrop",  # dropout: off at inference
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "use_cache",
+    "initializer_range",
+    "tie_word_embeddings",
+    "attn_pdrop",
+    "embd_pdrop",
+    "resid_pdrop",  # dropout: off at inference
     # the sequence-summary head of GPT2DoubleHeadsModel
-    "summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels", "summary_first_dropout",
+    "summary_type",
+    "summary_use_proj",
+    "summary_activation",
+    "summary_proj_to_labels",
+    "summary_first_dropout",
     "n_ctx",  # older config.json files: the same number as n_positions, read by nothing
 )
 _HONOURED = (
-    "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "activation_function",
+    "vocab_size",
+    "n_positions",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_inner",
+    "activation_function",
     "layer_norm_epsilon",
     # Upcasting and reordering the score product to float32: actfleet's scores are always float32.
     "reorder_and_upcast_attn",
 )
 # from_hf refuses a non-default value of these by name.
 _REFUSED = ("scale_attn_weights", "scale_attn_by_inverse_layer_idx", "add_cross_attention")
-CONFIG_FIELDS: dict[str, str] = {**{f: "irrelevant" for f in _IRRELEVANT}, **{f: "honoured" for f in _HONOURED},
-                                 **{f: "refused" for f in _REFUSED}}
+CONFIG_FIELDS: dict[str, str] = {
+    **{f: "irrelevant" for f in _IRRELEVANT},
+    **{f: "honoured" for f in _HONOURED},
+    **{f: "refused" for f in _REFUSED},
+}
 
 
 @dataclass(frozen=True)
@@ -84,15 +114,26 @@ class Config:
         if c.get("scale_attn_weights", True) is not True:
             refuse(FAMILY, "scale_attn_weights", c["scale_attn_weights"], "unscaled attention scores")
         if c.get("scale_attn_by_inverse_layer_idx", False):
-            refuse(FAMILY, "scale_attn_by_inverse_layer_idx", c["scale_attn_by_inverse_layer_idx"],
-                   "scores scaled by 1 / (layer + 1)")
+            refuse(
+                FAMILY,
+                "scale_attn_by_inverse_layer_idx",
+                c["scale_attn_by_inverse_layer_idx"],
+                "scores scaled by 1 / (layer + 1)",
+            )
         if c.get("add_cross_attention", False):
             refuse(FAMILY, "add_cross_attention", c["add_cross_attention"], "cross-attention to an encoder")
         d, h = c["n_embd"], c["n_head"]
-        return Config(vocab=c["vocab_size"], hidden=d, intermediate=c.get("n_inner") or 4 * d, layers=c["n_layer"],
-                      heads=h, head_dim=d // h, eps=float(c.get("layer_norm_epsilon", 1e-5)),
-                      max_pos=int(c["n_positions"]),
-                      act=check_activation(FAMILY, "activation_function", c.get("activation_function", "gelu_new")))
+        return Config(
+            vocab=c["vocab_size"],
+            hidden=d,
+            intermediate=c.get("n_inner") or 4 * d,
+            layers=c["n_layer"],
+            heads=h,
+            head_dim=d // h,
+            eps=float(c.get("layer_norm_epsilon", 1e-5)),
+            max_pos=int(c["n_positions"]),
+            act=check_activation(FAMILY, "activation_function", c.get("activation_function", "gelu_new")),
+        )
 
     def site_width(self, kind: str) -> int:
         if kind == "attn_z":
@@ -107,8 +148,10 @@ class Config:
         if self.parallel:
             for s in sites:
                 if site_names.parse(s)[1] == "resid_mid":
-                    raise ValueError(f'site "{s}": this model adds attention and MLP in parallel '
-                                     f"(use_parallel_residual), so there is no residual stream between them")
+                    raise ValueError(
+                        f'site "{s}": this model adds attention and MLP in parallel '
+                        f"(use_parallel_residual), so there is no residual stream between them"
+                    )
 
 
 class Attention(nnx.Module):
@@ -139,6 +182,7 @@ class Attention(nnx.Module):
             def rot(t):
                 turned = rope(t[..., :r], positions, cfg.rope_theta, cfg.rope_scaling)
                 return turned if r == cfg.head_dim else jnp.concatenate([turned, t[..., r:]], axis=-1)
+
             q, k = rot(q), rot(k)
         z = attention(q, k, v, segment_ids, positions, block=attn_block)
         out = jnp.einsum("bthk,hkd->btd", z, self.wo[...])
@@ -250,5 +294,12 @@ UNUSED = (r"lm_head\.weight", r"transformer\.ln_f\.(weight|bias)", r"transformer
 
 
 def sizes(cfg: Config) -> dict[str, int]:
-    return {"v": cfg.vocab, "p": cfg.max_pos, "d": cfg.hidden, "h": cfg.heads, "e": cfg.head_dim,
-            "f": cfg.intermediate, "3": 3}
+    return {
+        "v": cfg.vocab,
+        "p": cfg.max_pos,
+        "d": cfg.hidden,
+        "h": cfg.heads,
+        "e": cfg.head_dim,
+        "f": cfg.intermediate,
+        "3": 3,
+    }

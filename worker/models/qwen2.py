@@ -42,19 +42,50 @@ FAMILY = "qwen2/llama/mistral/qwen3"
 # fails when transformers grows a field that is not here.
 _IRRELEVANT = (
     # PretrainedConfig's own: bookkeeping, output switches, task heads
-    "_name_or_path", "architectures", "chunk_size_feed_forward", "dtype", "id2label", "is_encoder_decoder",
-    "label2id", "model_type", "output_attentions", "output_hidden_states", "problem_type", "return_dict",
+    "_name_or_path",
+    "architectures",
+    "chunk_size_feed_forward",
+    "dtype",
+    "id2label",
+    "is_encoder_decoder",
+    "label2id",
+    "model_type",
+    "output_attentions",
+    "output_hidden_states",
+    "problem_type",
+    "return_dict",
     "transformers_version",
     # token ids, caching, training-only settings and the LM head (never run here)
-    "bos_token_id", "eos_token_id", "pad_token_id", "use_cache", "attention_dropout", "initializer_range",
-    "tie_word_embeddings", "pretraining_tp",  # pretraining_tp: a sliced matmul, the same numbers
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "use_cache",
+    "attention_dropout",
+    "initializer_range",
+    "tie_word_embeddings",
+    "pretraining_tp",  # pretraining_tp: a sliced matmul, the same numbers
 )
 _HONOURED = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
-    "rope_parameters", "rope_scaling", "rope_theta", "attention_bias", "mlp_bias",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "rope_parameters",
+    "rope_scaling",
+    "rope_theta",
+    "attention_bias",
+    "mlp_bias",
     # Sliding-window attention (Mistral, Qwen2 use_sliding_window): computed in worker/attention.py.
-    "sliding_window", "use_sliding_window", "max_window_layers", "layer_types",
+    "sliding_window",
+    "use_sliding_window",
+    "max_window_layers",
+    "layer_types",
 )
 CONFIG_FIELDS: dict[str, str] = {**{f: "irrelevant" for f in _IRRELEVANT}, **{f: "honoured" for f in _HONOURED}}
 
@@ -100,13 +131,23 @@ class Config:
         mlp_bias = bool(c.get("mlp_bias", False)) if kind == "llama" else False
         heads = c["num_attention_heads"]
         return Config(
-            vocab=c["vocab_size"], hidden=c["hidden_size"], intermediate=c["intermediate_size"],
-            layers=c["num_hidden_layers"], heads=heads, kv_heads=c.get("num_key_value_heads") or heads,
-            head_dim=c.get("head_dim") or c["hidden_size"] // heads, rope_theta=theta,
-            rms_eps=float(c.get("rms_norm_eps", 1e-6)), max_pos=int(c.get("max_position_embeddings", 32768)),
+            vocab=c["vocab_size"],
+            hidden=c["hidden_size"],
+            intermediate=c["intermediate_size"],
+            layers=c["num_hidden_layers"],
+            heads=heads,
+            kv_heads=c.get("num_key_value_heads") or heads,
+            head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+            rope_theta=theta,
+            rms_eps=float(c.get("rms_norm_eps", 1e-6)),
+            max_pos=int(c.get("max_position_embeddings", 32768)),
             tie=bool(c.get("tie_word_embeddings", False)),
-            qkv_bias=kind == "qwen2" or attn_bias, o_bias=attn_bias, mlp_bias=mlp_bias, act=act,
-            rope_scaling=scaling, qk_norm=kind == "qwen3",
+            qkv_bias=kind == "qwen2" or attn_bias,
+            o_bias=attn_bias,
+            mlp_bias=mlp_bias,
+            act=act,
+            rope_scaling=scaling,
+            qk_norm=kind == "qwen3",
             **sliding_layers(c, kind),
         )
 
@@ -165,7 +206,7 @@ def rope(x, positions, theta, scaling: tuple = ()):
     if attention_scaling(scaling) != 1.0:
         cos, sin = cos * attention_scaling(scaling), sin * attention_scaling(scaling)
     cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
-    x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
@@ -329,5 +370,11 @@ UNUSED = (r"lm_head\.weight", r"model\.norm\.weight", r"model\.layers\.\d+\.self
 
 
 def sizes(cfg: Config) -> dict[str, int]:
-    return {"v": cfg.vocab, "d": cfg.hidden, "h": cfg.heads, "k": cfg.kv_heads, "e": cfg.head_dim,
-            "f": cfg.intermediate}
+    return {
+        "v": cfg.vocab,
+        "d": cfg.hidden,
+        "h": cfg.heads,
+        "k": cfg.kv_heads,
+        "e": cfg.head_dim,
+        "f": cfg.intermediate,
+    }

@@ -24,22 +24,89 @@ OUTPUT = HERE / "tiny_tales.jsonl"
 ROWS = 2000
 SEED = 20261122
 
-NAMES = ["Ada", "Bo", "Cleo", "Dev", "Esme", "Finn", "Gus", "Hana", "Ivo", "Juno", "Kai", "Lena", "Milo", "Nia",
-         "Otto", "Pia", "Quin", "Rosa", "Sami", "Tove", "Uma", "Vik", "Wren", "Yara", "Zed"]
+NAMES = [
+    "Ada",
+    "Bo",
+    "Cleo",
+    "Dev",
+    "Esme",
+    "Finn",
+    "Gus",
+    "Hana",
+    "Ivo",
+    "Juno",
+    "Kai",
+    "Lena",
+    "Milo",
+    "Nia",
+    "Otto",
+    "Pia",
+    "Quin",
+    "Rosa",
+    "Sami",
+    "Tove",
+    "Uma",
+    "Vik",
+    "Wren",
+    "Yara",
+    "Zed",
+]
 ANIMALS = ["cat", "dog", "fox", "owl", "hare", "goat", "duck", "mole", "crow", "frog", "bee", "seal"]
-PLACES = ["the river", "the market", "a small garden", "the old mill", "the hill", "the library", "the harbour",
-          "a quiet forest", "the bakery", "the station", "the beach", "the meadow"]
-THINGS = ["a red kite", "a lantern", "a map", "a loaf of bread", "a blue stone", "a kettle", "a wooden boat",
-          "a letter", "a bell", "a basket of apples", "a compass", "a spool of thread"]
+PLACES = [
+    "the river",
+    "the market",
+    "a small garden",
+    "the old mill",
+    "the hill",
+    "the library",
+    "the harbour",
+    "a quiet forest",
+    "the bakery",
+    "the station",
+    "the beach",
+    "the meadow",
+]
+THINGS = [
+    "a red kite",
+    "a lantern",
+    "a map",
+    "a loaf of bread",
+    "a blue stone",
+    "a kettle",
+    "a wooden boat",
+    "a letter",
+    "a bell",
+    "a basket of apples",
+    "a compass",
+    "a spool of thread",
+]
 FEELINGS = ["happy", "tired", "curious", "worried", "proud", "sleepy", "brave", "puzzled", "calm", "excited"]
 WEATHER = ["sunny", "cloudy", "rainy", "windy", "foggy", "snowy", "stormy", "bright and cold", "warm and humid"]
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 VERBS = ["found", "lost", "carried", "painted", "fixed", "shared", "hid", "counted", "followed", "opened"]
-ENDINGS = ["and everyone went home for supper.", "and the day ended with a song.",
-           "and nobody ever forgot it.", "so they decided to try again tomorrow.",
-           "and that was the end of the trouble.", "and the stars came out one by one."]
-NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
-                "twelve"]
+ENDINGS = [
+    "and everyone went home for supper.",
+    "and the day ended with a song.",
+    "and nobody ever forgot it.",
+    "so they decided to try again tomorrow.",
+    "and that was the end of the trouble.",
+    "and the stars came out one by one.",
+]
+NUMBER_WORDS = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+]
 
 
 def tale(r: random.Random) -> str:
@@ -47,14 +114,18 @@ def tale(r: random.Random) -> str:
     animal, place, thing = r.choice(ANIMALS), r.choice(PLACES), r.choice(THINGS)
     parts = [f"Once, {a} the {animal} went to {place}."]
     for _ in range(r.randint(1, 6)):
-        parts.append(r.choice([
-            f"There {a} {r.choice(VERBS)} {r.choice(THINGS)}.",
-            f"{b} arrived and felt {r.choice(FEELINGS)}.",
-            f"The sky over {r.choice(PLACES)} was {r.choice(WEATHER)}.",
-            f'"Look at {thing}!" said {r.choice([a, b])}.',
-            f"They walked to {r.choice(PLACES)} together.",
-            f"{a} felt {r.choice(FEELINGS)} because {b} had {r.choice(VERBS)} {r.choice(THINGS)}.",
-        ]))
+        parts.append(
+            r.choice(
+                [
+                    f"There {a} {r.choice(VERBS)} {r.choice(THINGS)}.",
+                    f"{b} arrived and felt {r.choice(FEELINGS)}.",
+                    f"The sky over {r.choice(PLACES)} was {r.choice(WEATHER)}.",
+                    f'"Look at {thing}!" said {r.choice([a, b])}.',
+                    f"They walked to {r.choice(PLACES)} together.",
+                    f"{a} felt {r.choice(FEELINGS)} because {b} had {r.choice(VERBS)} {r.choice(THINGS)}.",
+                ]
+            )
+        )
     parts.append(f"In the end {a} and {b} {r.choice(VERBS)} {thing}, {r.choice(ENDINGS)}")
     return " ".join(parts)
 
@@ -63,8 +134,10 @@ def weather(r: random.Random) -> str:
     day, place = r.choice(DAYS), r.choice(PLACES)
     lo = r.randint(-5, 20)
     hi = lo + r.randint(2, 12)
-    return (f"Weather for {day} near {place}: {r.choice(WEATHER)} in the morning, {r.choice(WEATHER)} later. "
-            f"Low {lo} degrees, high {hi} degrees. Wind from the {r.choice(['north', 'south', 'east', 'west'])}.")
+    return (
+        f"Weather for {day} near {place}: {r.choice(WEATHER)} in the morning, {r.choice(WEATHER)} later. "
+        f"Low {lo} degrees, high {hi} degrees. Wind from the {r.choice(['north', 'south', 'east', 'west'])}."
+    )
 
 
 def arithmetic(r: random.Random) -> str:
@@ -80,8 +153,11 @@ def arithmetic(r: random.Random) -> str:
 def counting(r: random.Random) -> str:
     n = r.randint(2, 12)
     animal = r.choice(ANIMALS)
-    return (f"{r.choice(NAMES)} counted the {animal}s: " + ", ".join(NUMBER_WORDS[1:n + 1]) +
-            f". That makes {NUMBER_WORDS[n]} {animal}s near {r.choice(PLACES)}.")
+    return (
+        f"{r.choice(NAMES)} counted the {animal}s: "
+        + ", ".join(NUMBER_WORDS[1 : n + 1])
+        + f". That makes {NUMBER_WORDS[n]} {animal}s near {r.choice(PLACES)}."
+    )
 
 
 def dialogue(r: random.Random) -> str:
@@ -89,12 +165,16 @@ def dialogue(r: random.Random) -> str:
     turns = [f'{a}: "Have you seen {r.choice(THINGS)}?"', f'{b}: "I think it is near {r.choice(PLACES)}."']
     for _ in range(r.randint(0, 4)):
         speaker = r.choice([a, b])
-        turns.append(r.choice([
-            f'{speaker}: "I feel {r.choice(FEELINGS)} today."',
-            f'{speaker}: "The weather is {r.choice(WEATHER)}."',
-            f'{speaker}: "Let us go to {r.choice(PLACES)}."',
-            f'{speaker}: "Did the {r.choice(ANIMALS)} take it?"',
-        ]))
+        turns.append(
+            r.choice(
+                [
+                    f'{speaker}: "I feel {r.choice(FEELINGS)} today."',
+                    f'{speaker}: "The weather is {r.choice(WEATHER)}."',
+                    f'{speaker}: "Let us go to {r.choice(PLACES)}."',
+                    f'{speaker}: "Did the {r.choice(ANIMALS)} take it?"',
+                ]
+            )
+        )
     return " ".join(turns)
 
 
