@@ -17,6 +17,30 @@ from actfleet.worker.models.sharding import param
 
 # transformers' ACT2FN names -> the same function. gelu is the exact (erf) form; gelu_new and gelu_pytorch_tanh
 # are both the tanh approximation.
+# Fields every transformers config has (PretrainedConfig's own bookkeeping, output switches and task heads; token
+# ids, caching and weight initialisation) that never change the forward computed here. Each family's
+# CONFIG_FIELDS starts from these.
+PRETRAINED_IRRELEVANT = (
+    "_name_or_path",
+    "architectures",
+    "chunk_size_feed_forward",
+    "dtype",
+    "id2label",
+    "is_encoder_decoder",
+    "label2id",
+    "model_type",
+    "output_attentions",
+    "output_hidden_states",
+    "problem_type",
+    "return_dict",
+    "transformers_version",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "use_cache",
+    "initializer_range",
+)
+
 ACTIVATIONS = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,

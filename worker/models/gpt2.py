@@ -28,7 +28,7 @@ from flax import nnx
 
 from actfleet import sites as site_names
 from actfleet.worker.attention import attention
-from actfleet.worker.models.common import ACTIVATIONS, LayerNorm, check_activation
+from actfleet.worker.models.common import ACTIVATIONS, PRETRAINED_IRRELEVANT, LayerNorm, check_activation
 from actfleet.worker.models.config_check import refuse
 from actfleet.worker.models.qwen2 import rope
 from actfleet.worker.models.sharding import param
@@ -36,24 +36,7 @@ from actfleet.worker.models.sharding import param
 FAMILY = "gpt2"
 
 _IRRELEVANT = (
-    "_name_or_path",
-    "architectures",
-    "chunk_size_feed_forward",
-    "dtype",
-    "id2label",
-    "is_encoder_decoder",
-    "label2id",
-    "model_type",
-    "output_attentions",
-    "output_hidden_states",
-    "problem_type",
-    "return_dict",
-    "transformers_version",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "use_cache",
-    "initializer_range",
+    *PRETRAINED_IRRELEVANT,
     "tie_word_embeddings",
     "attn_pdrop",
     "embd_pdrop",

@@ -12,30 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from actfleet.worker.models import gpt2
-from actfleet.worker.models.common import check_activation, rope_from_hf
+from actfleet.worker.models.common import PRETRAINED_IRRELEVANT, check_activation, rope_from_hf
 from actfleet.worker.models.gpt2 import Decoder  # noqa: F401  (the family's interface: GPT-2's network)
 
 FAMILY = "gpt_neox"
 
 _IRRELEVANT = (
-    "_name_or_path",
-    "architectures",
-    "chunk_size_feed_forward",
-    "dtype",
-    "id2label",
-    "is_encoder_decoder",
-    "label2id",
-    "model_type",
-    "output_attentions",
-    "output_hidden_states",
-    "problem_type",
-    "return_dict",
-    "transformers_version",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "use_cache",
-    "initializer_range",
+    *PRETRAINED_IRRELEVANT,
     "tie_word_embeddings",
     "attention_dropout",
     "hidden_dropout",

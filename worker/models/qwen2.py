@@ -32,7 +32,14 @@ from flax import nnx
 
 from actfleet import sites as site_names
 from actfleet.worker.attention import attention
-from actfleet.worker.models.common import ACTIVATIONS, attention_scaling, check_activation, inv_freq, rope_from_hf
+from actfleet.worker.models.common import (
+    ACTIVATIONS,
+    PRETRAINED_IRRELEVANT,
+    attention_scaling,
+    check_activation,
+    inv_freq,
+    rope_from_hf,
+)
 from actfleet.worker.models.sharding import param
 
 FAMILY = "qwen2/llama/mistral/qwen3"
@@ -41,27 +48,9 @@ FAMILY = "qwen2/llama/mistral/qwen3"
 # MistralConfig, plus PretrainedConfig's own), and what from_hf does with it. tests/test_model_config_fields.py
 # fails when transformers grows a field that is not here.
 _IRRELEVANT = (
-    # PretrainedConfig's own: bookkeeping, output switches, task heads
-    "_name_or_path",
-    "architectures",
-    "chunk_size_feed_forward",
-    "dtype",
-    "id2label",
-    "is_encoder_decoder",
-    "label2id",
-    "model_type",
-    "output_attentions",
-    "output_hidden_states",
-    "problem_type",
-    "return_dict",
-    "transformers_version",
+    *PRETRAINED_IRRELEVANT,
     # token ids, caching, training-only settings and the LM head (never run here)
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "use_cache",
     "attention_dropout",
-    "initializer_range",
     "tie_word_embeddings",
     "pretraining_tp",  # pretraining_tp: a sliced matmul, the same numbers
 )
