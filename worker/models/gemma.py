@@ -38,6 +38,7 @@ from flax import nnx
 
 from actfleet import sites as site_names
 from actfleet.worker.attention import attention
+from actfleet.worker.models import qwen2
 from actfleet.worker.models.config_check import refuse
 from actfleet.worker.models.sharding import param
 
@@ -268,17 +269,9 @@ def rope(x, positions, theta: float, factor: float):
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
-class RMSNorm(nnx.Module):
-    """Gemma's RMSNorm: x / rms(x) * (1 + w), all in float32, then cast to x's dtype."""
-
-    def __init__(self, dim: int, eps: float, dtype, axis: str = "embed"):
-        self.weight = param((dim,), (axis,), dtype)
-        self.eps = eps
-
-    def normalize(self, x):
-        """x / rms(x) in float32, before the weight: TransformerLens's `hook_normalized`."""
-        x32 = x.astype(jnp.float32)
-        return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+class RMSNorm(qwen2.RMSNorm):
+    """Gemma's RMSNorm: x / rms(x) * (1 + w), all in float32, then cast to x's dtype (qwen2's `normalize`, so
+    `hook_normalized` is the same quantity)."""
 
     def __call__(self, x, normalized=None):
         n = self.normalize(x) if normalized is None else normalized
