@@ -9,8 +9,8 @@ ACTFLEET := $(VENV)/bin/actfleet
 CONFIG ?= fleet.toml
 PYTEST_ARGS ?=
 # `make test` runs `make lint` (ruff check + ruff format --check, config in pyproject.toml) before the tests;
-# `make test LINT=0` skips it.
-LINT ?= 1
+# `make test RUN_LINT=0` skips it. (Not `LINT`: GNU make predefines LINT = lint, so `LINT ?= 1` never applied.)
+RUN_LINT ?= 1
 # Terraform reads no user CLI config and never phones home from our commands.
 export CHECKPOINT_DISABLE := 1
 
@@ -19,7 +19,7 @@ export CHECKPOINT_DISABLE := 1
 
 help:
 	@echo "make demo        run actfleet locally: tiny model, bundled dataset, 3 workers, chaos on"
-	@echo "make test        run the test suite (creates .venv and node_modules first; make lint first, LINT=0: not)"
+	@echo "make test        run the test suite (creates .venv and node_modules first; make lint first, RUN_LINT=0: not)"
 	@echo "make lint        ruff check and ruff format --check (the pinned ruff of the test extra)"
 	@echo "make synth|plan|deploy|destroy   the cloud stacks, for CONFIG=$(CONFIG)"
 	@echo "make reconcile   one reconcile pass (run it on a timer; README 'Operations')"
@@ -65,7 +65,7 @@ node_modules/.installed: package.json package-lock.json | prereqs-cloud
 demo: $(VENV)/.base
 	$(ACTFLEET) local --workers 3 --chaos 0.1 --out demo-out
 
-test: $(VENV)/.full node_modules/.installed $(if $(filter 1,$(LINT)),lint)
+test: $(VENV)/.full node_modules/.installed $(if $(filter 1,$(RUN_LINT)),lint)
 	PATH="$(CURDIR)/node_modules/.bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.full
