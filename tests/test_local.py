@@ -369,18 +369,17 @@ def test_the_printed_load_command_runs_without_the_venv_on_path(tmp_path):
     import numpy as np
 
     from actfleet.demo.command import _snippet, load_command
+    from actfleet.worker.samples import Batch
     from actfleet.worker.shards import ShardWriter
 
-    class B:
-        sample_ids, token_ids, positions = (
-            np.array([0, 0], np.int64),
-            np.array([5, 6], np.int32),
-            np.arange(2, dtype=np.int32),
-        )
-        acts = {"blocks.0.hook_resid_post": np.ones((2, 4), np.float32)}
-
-    w = ShardWriter(shard_mb=1, model="m", revision="r", job="j", unit=0, sites=list(B.acts), store_dtype="float32")
-    w.add(B)
+    batch = Batch(
+        token_ids=np.array([5, 6], np.int32),
+        sample_ids=np.array([0, 0], np.int64),
+        positions=np.arange(2, dtype=np.int32),
+        acts={"blocks.0.hook_resid_post": np.ones((2, 4), np.float32)},
+    )
+    w = ShardWriter(shard_mb=1, model="m", revision="r", job="j", unit=0, sites=list(batch.acts), store_dtype="float32")
+    w.add(batch)
     shards = tmp_path / "shards"
     shards.mkdir()
     for s in w.close():
