@@ -115,6 +115,7 @@ class JobConfig:
     unit_rows: int
     lease_seconds: int
     options: JobOptions  # what the job pins in job.json; its sites fully expanded, e.g. "blocks.6.hook_resid_post"
+    positions: str | None = None  # [job] positions as written (None: implied by context_size), for prepare's flags
 
 
 @dataclass(frozen=True)
@@ -523,6 +524,7 @@ def parse(raw: dict[str, Any], source: str = "<memory>") -> Config:
             unit_rows=j["unit_rows"],
             lease_seconds=j["lease_seconds"],
             options=JobOptions(**{**{k: j[k] for k in KEYS}, "sites": sites}),
+            positions=j["positions"],
         ),
         reconcile=ReconcileConfig(**rc),
         source=source,
