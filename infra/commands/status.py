@@ -202,18 +202,18 @@ def _open(cfg: Config):
 def _job_throughput(store, job: str, tokens: int) -> dict[str, Any]:
     """Tokens per second over the job so far: from the first unit's start to the last commit (done records
     carry committed_at and the attempt's seconds)."""
-    from actfleet.work_queue import DoneRecord, done_prefix
+    from actfleet.work_queue import DONE, done_record, list_units
 
-    keys = list(store.list(done_prefix(job)))
+    keys = list_units(store, job, DONE).units  # canonical keys only: a copied done/000001.old is not a unit
 
-    def read(key):
+    def read(item):
         try:
-            return DoneRecord.from_json(store.read(key)[0], key)
-        except ActfleetError:
+            return done_record(store.read(item[1])[0], item[1], item[0])
+        except ActfleetError:  # NotFound too: removed since the listing
             return None
 
     with ThreadPoolExecutor(max_workers=16) as pool:
-        records = [r for r in pool.map(read, keys) if r is not None]
+        records = [r for r in pool.map(read, keys.items()) if r is not None]
     if not records:
         return {}
     first = min(r.committed_at - r.seconds for r in records)
