@@ -209,3 +209,89 @@ def test_gcs_a_done_record_listing_a_dotdot_shard_is_a_problem_not_a_crash(tmp_p
     assert any("'shards/../done/000001', which is no shard name" in p.message for p in rep.problems)
     assert store.generation(q.in_job("job", real)) is not None  # unit 2's shards are kept (record unreadable)
     assert store.generation(q.done_key("job", 1)) is not None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Concurrent prepare with different options: the loser writes nothing
+# ---------------------------------------------------------------------------------------------------
+
+
+def race_prepares(store, data, job: str, unit_rows: tuple[int, int]) -> list:
+    """Two prepares of `job` with other unit sizes, released together; each thread's outcome."""
+    import threading
+
+    barrier = threading.Barrier(2)
+    outcomes: list = [None, None]
+
+    def one(i: int) -> None:
+        barrier.wait()
+        try:
+            outcomes[i] = q.prepare(
+                store,
+                job,
+                input=str(data),
+                fingerprint=sx.fingerprint(data),
+                rows=60,
+                unit_rows=unit_rows[i],
+                options={"model": "standin"},
+            )[1]
+        except Exception as e:  # the loser's refusal
+            outcomes[i] = e
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return outcomes
+
+
+def check_race(store, job: str, outcomes: list) -> None:
+    from actfleet.errors import InputError
+
+    won = [o for o in outcomes if o is True]
+    lost = [o for o in outcomes if isinstance(o, InputError)]
+    assert (len(won), len(lost)) == (1, 1), outcomes
+    assert "unit_rows" in str(lost[0]) and "refusing to mix" in str(lost[0])
+    spec = q.read_job(store, job)
+    listing = q.list_units(store, job, q.UNITS)
+    assert sorted(listing.units) == list(range(spec.units)) and listing.foreign == []
+    for unit, key in listing.units.items():
+        assert q.unit_record_matches(spec, unit, store.read(key)[0]), (unit, store.read(key)[0])
+    assert {p.kind for p in verify(store, job).problems} == {"not-done"}
+
+
+def test_concurrent_prepares_with_other_options_never_mix_unit_records(tmp_path):
+    data = sx.write_dataset(tmp_path / "data.jsonl", 60)
+    store = open_store(str(tmp_path / "bucket"))
+    for round_ in range(10):
+        check_race(store, f"job{round_}", race_prepares(store, data, f"job{round_}", (3, 4)))
+
+
+def test_gcs_concurrent_prepares_with_other_options_never_mix_unit_records(tmp_path, fake_gcs):  # noqa: F811
+    data = sx.write_dataset(tmp_path / "data.jsonl", 60)
+    store = open_store("gs://acts/prefix")
+    for round_ in range(3):
+        check_race(store, f"job{round_}", race_prepares(store, data, f"job{round_}", (3, 4)))
+
+
+def test_a_leftover_unit_record_or_intent_of_another_prepare_is_refused(tmp_path):
+    from actfleet.errors import InputError
+
+    data = sx.write_dataset(tmp_path / "data.jsonl", 60)
+    store = open_store(str(tmp_path / "bucket"))
+    args = dict(input=str(data), fingerprint=sx.fingerprint(data), rows=60, options={"model": "standin"})
+    # A unit record from a prepare of an older version (no intent record), with another range.
+    store.put(q.unit_key("old", 1), json.dumps({"unit": 1, "start": 4, "stop": 8}).encode())
+    with pytest.raises(InputError, match=r"old/units/000001\.json exists and says"):
+        q.prepare(store, "old", unit_rows=3, **args)
+    # A prepare that stopped after its intent (no job.json yet): another one with other options is refused,
+    # the same one completes it.
+    store.put(
+        q.intent_key("cut"),
+        q.JobSpec("cut", str(data), sx.fingerprint(data), 60, 3, 20, q.JobOptions("standin")).to_json(),
+    )
+    with pytest.raises(InputError, match="unit_rows=3, now 4"):
+        q.prepare(store, "cut", unit_rows=4, **args)
+    assert list(store.list(q.units_prefix("cut"))) == []
+    assert q.prepare(store, "cut", unit_rows=3, **args)[1] is True
