@@ -17,6 +17,7 @@ from actfleet.worker.verify import verify
 from actfleet.worker.work_loop import Worker
 from tests.fakes import standin_extractor as sx
 from tests.fakes.gcs_server import fake_gcs  # noqa: F401  (fixture)
+from tests.test_status import setup  # noqa: F401  (fixture)
 from tests.test_verify import run_job
 
 
@@ -295,3 +296,27 @@ def test_a_leftover_unit_record_or_intent_of_another_prepare_is_refused(tmp_path
         q.prepare(store, "cut", unit_rows=4, **args)
     assert list(store.list(q.units_prefix("cut"))) == []
     assert q.prepare(store, "cut", unit_rows=3, **args)[1] is True
+
+
+# ---------------------------------------------------------------------------------------------------
+# `actfleet status`: foreign objects are not counted, and said so; a torn lease does not break it
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_status_counts_only_canonical_done_records_and_survives_a_torn_lease(setup):  # noqa: F811
+    from tests.test_status import commit_units, run_status
+
+    fake, config, env, tmp = setup
+    store = open_store(str(tmp / "store"))
+    q.prepare(store, "j1", input="data.jsonl", fingerprint="f" * 64, rows=40, unit_rows=10, options={})
+    commit_units(store, "j1", "tpu-us-central1-a-0", range(0, 3), tokens_each=1000)
+    store.put("j1/done/000002.bak", store.read(q.done_key("j1", 2))[0])  # a copy: unit 2 twice?
+    store.put("j1/done/3", store.read(q.done_key("j1", 2))[0])  # unit 3 "done"?
+    store.put(q.lease_key("j1", 3), b'{"unit": 3, "expires": ')  # torn mid-write
+    r = run_status(config, env, "--json")
+    assert r.returncode == 0, r.stderr
+    job = json.loads(r.stdout)["job"]
+    assert (job["units_done"], job["tokens"], job["complete"], job["foreign"]) == (3, 3000, False, 2)
+    assert job["units_leased"] == 0
+    human = run_status(config, env).stdout
+    assert "3/4 units (75.0%)" in human and "not counted: 2 foreign objects" in human

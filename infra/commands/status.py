@@ -371,6 +371,11 @@ def render(snap: Snapshot):
                 f"{j['units_leased']} in progress, {_n(j['tokens'])} tokens, {_n(j['shards'])} shards, "
                 f"{human_bytes(j['bytes'])}" + (" - complete" if j["complete"] else "")
             )
+            if j.get("foreign") or j.get("bad_records"):
+                lines.append(
+                    f"  not counted: {j.get('foreign', 0)} foreign objects under done/ and leases/ (no unit's key), "
+                    f"{j.get('bad_records', 0)} unreadable done records: `actfleet verify` lists them"
+                )
     elif snap.job_error:
         lines.append(f"job: could not be read: {snap.job_error}")
     t = snap.throughput
