@@ -408,6 +408,10 @@ class JobOptions:
             "arc_seed": self.arc_seed,
         }
 
+    def samples_per_row(self) -> int:
+        """Samples one input row becomes (ARC: the original and its augmentations): job.json's rows count them."""
+        return self.arc_augmentations + 1 if self.format == "arc" else 1
+
     def source_options(self) -> dict[str, Any]:
         """How the input reference resolves to files: keyword arguments of actfleet.worker.sources.resolve."""
         return {"split": self.split, "subset": self.subset, "revision": self.dataset_revision}

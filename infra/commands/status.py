@@ -234,18 +234,18 @@ def _open(cfg: Config):
 def _job_throughput(store, job: str, tokens: int) -> dict[str, Any]:
     """Tokens per second over the job so far: from the first unit's start to the last commit (done records
     carry committed_at and the attempt's seconds)."""
-    from actfleet.work_queue import DoneRecord, done_prefix
+    from actfleet.work_queue import DONE, done_record, list_units
 
-    keys = list(store.list(done_prefix(job)))
+    keys = list_units(store, job, DONE).units  # canonical keys only: a copied done/000001.old is not a unit
 
-    def read(key):
+    def read(item):
         try:
-            return DoneRecord.from_json(store.read(key)[0], key)
-        except ActfleetError:
+            return done_record(store.read(item[1])[0], item[1], item[0])
+        except ActfleetError:  # NotFound too: removed since the listing
             return None
 
     with ThreadPoolExecutor(max_workers=16) as pool:
-        records = [r for r in pool.map(read, keys) if r is not None]
+        records = [r for r in pool.map(read, keys.items()) if r is not None]
     if not records:
         return {}
     first = min(r.committed_at - r.seconds for r in records)
@@ -438,6 +438,11 @@ def render(snap: Snapshot):
                 f"{j['units_leased']} in progress, {_n(j['tokens'])} tokens, {_n(j['shards'])} shards, "
                 f"{human_bytes(j['bytes'])}" + (" - complete" if j["complete"] else "")
             )
+            if j.get("foreign") or j.get("bad_records"):
+                lines.append(
+                    f"  not counted: {j.get('foreign', 0)} foreign objects under done/ and leases/ (no unit's key), "
+                    f"{j.get('bad_records', 0)} unreadable done records: `actfleet verify` lists them"
+                )
     elif snap.job_error:
         lines.append(f"job: could not be read: {snap.job_error}")
     t = snap.throughput
