@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from actfleet.config import Config
 from actfleet.errors import ConfigError
-from actfleet.infra.startup_script import config_object_name
+from actfleet.infra.startup_script import config_object_name, release_object_prefix
 from actfleet.store import join, parse_gs
 
 LIST_ROLE = "roles/storage.objectViewer"
@@ -62,9 +62,10 @@ def job_prefix(config: Config) -> str | None:
 
 
 def read_prefixes(config: Config) -> list[str]:
-    """Object names (or name prefixes) workers read besides their job: the config, the dataset, the model."""
+    """Object names (or name prefixes) workers read besides their job: the config, the pinned commit's release
+    (what the VM installs, infra/release.py), the dataset, the model."""
     bucket = config.storage.bucket
-    out = [config_object_name(config)]
+    out = [config_object_name(config), release_object_prefix(config)]
     data = _in_bucket(config.job.input, bucket)
     if data:
         out.append(data)
@@ -82,6 +83,13 @@ def worker_grants(config: Config) -> list[Grant]:
             f"job.name = {config.job.name!r} with job.store = {config.job.store!r}: the workers' "
             f"writable prefix gs://{bucket}/{write} would hold the fleet config "
             f"gs://{bucket}/{config_name}; choose another job name or store prefix"
+        )
+    release = release_object_prefix(config)
+    if write is not None and release.startswith(write):
+        raise ConfigError(
+            f"job.name = {config.job.name!r} with job.store = {config.job.store!r}: the workers' "
+            f"writable prefix gs://{bucket}/{write} would hold the release gs://{bucket}/{release} "
+            f"that every worker installs; choose another job name or store prefix"
         )
     grants = [
         Grant(
