@@ -132,9 +132,12 @@ def plan(config_path, stack_name, as_json):
 @_stack_option("Deploy only this stack (default: base, then fleet).")
 @_yes_option
 @release_options
+@click.option("--skip-preflight", is_flag=True, help="Do not run `actfleet preflight` first.")
 @json_option
-def deploy(config_path, stack_name, yes, repo, wheelhouse, python_archive, as_json):
+def deploy(config_path, stack_name, yes, repo, wheelhouse, python_archive, skip_preflight, as_json):
     """Create or update the stacks (terraform apply of the plan shown); the release is published before the fleet."""
+    if not skip_preflight:
+        _preflight(config_path, as_json)
     # The fleet's VMs install from the release, which lives in the bucket the base stack creates: publish between.
     release_args = (repo, wheelhouse, python_archive)
     _apply_stacks(
@@ -155,6 +158,19 @@ def deploy(config_path, stack_name, yes, repo, wheelhouse, python_archive, as_js
 def destroy(config_path, stack_name, yes, as_json):
     """Tear a stack down (default: the fleet; `--stack base` also deletes the bucket and account)."""
     _apply_stacks(config_path, [stack_name or FLEET], destroy=True, yes=yes, as_json=as_json)
+
+
+def _preflight(config_path, as_json: bool) -> None:
+    """deploy's first step: nothing is planned or applied while a check fails (the checks print on stderr)."""
+    from actfleet.infra.commands.preflight import run_checks
+    from actfleet.infra.preflight import failed
+
+    bad = failed(run_checks(_load(config_path), as_json=as_json, echo=lambda line: click.echo(line, err=True)))
+    if bad:
+        raise ActfleetError(
+            f"preflight: {len(bad)} check(s) failed ({', '.join(o.name for o in bad)}): nothing applied; "
+            f"fix them (the commands above) or pass --skip-preflight"
+        )
 
 
 def _apply_stacks(config_path, names, *, destroy: bool, yes: bool, as_json: bool, release_args=None) -> None:
