@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from actfleet.config import Config
 from actfleet.errors import ConfigError
 from actfleet.infra.startup_script import config_object_name, release_object_prefix
-from actfleet.store import join, parse_gs
+from actfleet.store import MODEL_MIRROR, join, parse_gs
 
 LIST_ROLE = "roles/storage.objectViewer"
 READ_ROLE = "roles/storage.objectViewer"
@@ -61,6 +61,10 @@ def job_prefix(config: Config) -> str | None:
     return None if store is None else join(store, config.job.name) + "/"
 
 
+def _is_hub_id(model: str) -> bool:
+    return "://" not in model and not model.startswith((".", "/")) and model.count("/") == 1
+
+
 def read_prefixes(config: Config) -> list[str]:
     """Object names (or name prefixes) workers read besides their job: the config, the pinned commit's release
     (what the VM installs, infra/release.py), the dataset, the model."""
@@ -72,6 +76,10 @@ def read_prefixes(config: Config) -> list[str]:
     model = _in_bucket(config.job.options.model, bucket)
     if model:
         out.append(model + "/")  # a directory of model files: never a sibling that merely starts alike
+    store = _in_bucket(config.job.store, bucket)
+    if store is not None and _is_hub_id(config.job.options.model):
+        # prepare mirrors a hub model into the store (worker/model_mirror.py); workers read it from there
+        out.append(join(store, MODEL_MIRROR, config.job.options.model.replace("/", "--")) + "/")
     return out
 
 
@@ -83,6 +91,12 @@ def worker_grants(config: Config) -> list[Grant]:
             f"job.name = {config.job.name!r} with job.store = {config.job.store!r}: the workers' "
             f"writable prefix gs://{bucket}/{write} would hold the fleet config "
             f"gs://{bucket}/{config_name}; choose another job name or store prefix"
+        )
+    store = _in_bucket(config.job.store, bucket)
+    if write is not None and store is not None and write == join(store, MODEL_MIRROR) + "/":
+        raise ConfigError(
+            f"job.name = {config.job.name!r}: the workers' writable prefix gs://{bucket}/{write} is where "
+            f"prepare mirrors hub models; choose another job name"
         )
     release = release_object_prefix(config)
     if write is not None and release.startswith(write):

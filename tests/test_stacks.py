@@ -141,7 +141,8 @@ def test_base_iam_is_bucket_scoped_and_keyless(stacks):
             "roles/storage.objectViewer",
             f'resource.name.startsWith("{objects}actfleet/acts/fleet.toml") || '
             f'resource.name.startsWith("{objects}actfleet/releases/{make_config().repo.commit}/") || '
-            f'resource.name.startsWith("{objects}d.jsonl")',
+            f'resource.name.startsWith("{objects}d.jsonl") || '
+            f'resource.name.startsWith("{objects}models/Qwen--Qwen2.5-0.5B/")',
         ),
         "worker-write": ("roles/storage.objectUser", f'resource.name.startsWith("{objects}resid/")'),
     }
