@@ -61,3 +61,30 @@ def hosts(accelerator_type: str) -> int:
     _, per_vm, most_on_one = _FAMILIES[fam]
     c = chips(accelerator_type)
     return 1 if c <= most_on_one else -(-c // per_vm)
+
+
+# family -> the TPU VM software versions (runtime_version) its VMs boot, from cloud.google.com/tpu/docs/runtimes
+# (read 2026-12; REFERENCE.md "Real TPU VMs"): v5e, v5p and v6e each have their own image; v2-v4 share the base.
+RUNTIMES = {
+    "v2": ("tpu-ubuntu2204-base",),
+    "v3": ("tpu-ubuntu2204-base",),
+    "v4": ("tpu-ubuntu2204-base",),
+    "v5p": ("v2-alpha-tpuv5",),
+    "v5litepod": ("v2-alpha-tpuv5-lite",),
+    "v6e": ("v2-alpha-tpuv6e",),
+}
+
+
+def family(accelerator_type: str) -> str:
+    return _parse(accelerator_type)[0]
+
+
+def runtimes(accelerator_type: str) -> tuple[str, ...]:
+    """The runtime versions a slice of this type boots: 'v6e-8' -> ('v2-alpha-tpuv6e',)."""
+    return RUNTIMES[family(accelerator_type)]
+
+
+def quota_units(accelerator_type: str) -> int:
+    """What one slice counts against its TPU quota: the type's number (TensorCores for v2-v4/v5p, chips for
+    v5e/v6e, which quota counts one per chip): 'v5litepod-8' -> 8, 'v4-8' -> 8."""
+    return _parse(accelerator_type)[1]

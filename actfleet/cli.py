@@ -18,6 +18,8 @@ _TABLE = """
 synth      actfleet.infra.commands.stacks:synth       Synthesize the base and fleet stacks to Terraform JSON (cached).
 plan       actfleet.infra.commands.stacks:plan        Show what `deploy` would change (terraform plan).
 deploy     actfleet.infra.commands.stacks:deploy      Create or update the stacks (terraform apply).
+preflight  actfleet.infra.commands.preflight:preflight  Check the project is ready for a first deploy (APIs, quota, ...).
+release    actfleet.infra.commands.release:release    Publish what TPU VMs install to the bucket (once per commit).
 destroy    actfleet.infra.commands.stacks:destroy     Tear the stacks down (terraform destroy).
 tpu        actfleet.infra.commands.tpu:tpu            Low-level TPU API calls (used by the fleet stack's provisioners).
 reconcile  actfleet.infra.commands.reconcile:reconcile  Bring the fleet back to its desired state.

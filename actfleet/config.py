@@ -64,6 +64,9 @@ class FleetConfig:
     subnetwork: str
     service_account: str
     tpu_endpoint: str
+    # Off by default: workers boot from the release in the bucket and need only Google APIs, which a subnet
+    # with Private Google Access reaches without an external IP (docs/infrastructure.md, "Network").
+    external_ips: bool = False
 
     @property
     def zones(self) -> tuple[str, ...]:
@@ -318,6 +321,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
             _string(r"[a-z][a-z0-9-]{4,28}[a-z0-9]", "a service account id (6-30 of a-z, 0-9, -)", empty_ok=True), ""
         ),
         "tpu_endpoint": Key(_tpu_endpoint, ""),
+        "external_ips": Key(_bool, False),
     },
     "repo": {
         "url": Key(_string(r"(https://|file://|/)[^\s]+", "an https:// or file:// URL, or an absolute path")),
@@ -504,6 +508,7 @@ def parse(raw: dict[str, Any], source: str = "<memory>") -> Config:
         subnetwork=f["subnetwork"],
         service_account=f["service_account"] or f"actfleet-{f['id']}"[:30].rstrip("-"),
         tpu_endpoint=f["tpu_endpoint"],
+        external_ips=f["external_ips"],
     )
     return Config(
         fleet=fleet,

@@ -90,6 +90,10 @@ def open_store(url: str) -> "Store":
     return LocalStore(url)
 
 
+# Under a store: hub models mirrored at prepare, {store}/models/{org}--{name}/{commit}/ (worker/model_mirror.py).
+MODEL_MIRROR = "models"
+
+
 def join(*parts: str) -> str:
     """Join key parts with "/" (keys always use "/", whatever the OS)."""
     return "/".join(p.strip("/") for p in parts if p and p.strip("/"))

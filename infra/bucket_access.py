@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 from actfleet.config import Config
 from actfleet.errors import ConfigError
-from actfleet.infra.startup_script import config_object_name
-from actfleet.store import join, parse_gs
+from actfleet.infra.startup_script import config_object_name, release_object_prefix
+from actfleet.store import MODEL_MIRROR, join, parse_gs
 
 LIST_ROLE = "roles/storage.objectViewer"
 READ_ROLE = "roles/storage.objectViewer"
@@ -97,16 +97,28 @@ def job_prefix(config: Config) -> str | None:
     return None if store is None else join(store, config.job.name) + "/"
 
 
+def _is_hub_id(model: str) -> bool:
+    return "://" not in model and not model.startswith((".", "/")) and model.count("/") == 1
+
+
 def read_objects(config: Config) -> tuple[list[str], list[str]]:
     """(exact object names, "/"-ended prefixes) workers read besides their job: the config, the dataset (a gs://
-    dataset is one file, actfleet.worker.sources), the model directory."""
+    dataset is one file, actfleet.worker.sources), the pinned commit's release (what the VM installs,
+    infra/release.py), the model directory and a hub model's mirror."""
     bucket = config.storage.bucket
     names = [config_object_name(config)]
+    prefixes = [release_object_prefix(config)]
     data = _in_bucket(config.job.input, bucket)
     if data:
         names.append(data)
     model = _in_bucket(config.job.options.model, bucket)
-    return names, [model + "/"] if model else []
+    if model:
+        prefixes.append(model + "/")
+    store = _in_bucket(config.job.store, bucket)
+    if store is not None and _is_hub_id(config.job.options.model):
+        # prepare mirrors a hub model into the store (worker/model_mirror.py); workers read it from there
+        prefixes.append(join(store, MODEL_MIRROR, config.job.options.model.replace("/", "--")) + "/")
+    return names, prefixes
 
 
 def worker_grants(config: Config) -> list[Grant]:
@@ -117,6 +129,19 @@ def worker_grants(config: Config) -> list[Grant]:
             f"job.name = {config.job.name!r} with job.store = {config.job.store!r}: the workers' "
             f"writable prefix gs://{bucket}/{write} would hold the fleet config "
             f"gs://{bucket}/{config_name}; choose another job name or store prefix"
+        )
+    store = _in_bucket(config.job.store, bucket)
+    if write is not None and store is not None and write == join(store, MODEL_MIRROR) + "/":
+        raise ConfigError(
+            f"job.name = {config.job.name!r}: the workers' writable prefix gs://{bucket}/{write} is where "
+            f"prepare mirrors hub models; choose another job name"
+        )
+    release = release_object_prefix(config)
+    if write is not None and release.startswith(write):
+        raise ConfigError(
+            f"job.name = {config.job.name!r} with job.store = {config.job.store!r}: the workers' "
+            f"writable prefix gs://{bucket}/{write} would hold the release gs://{bucket}/{release} "
+            f"that every worker installs; choose another job name or store prefix"
         )
     grants = [
         Grant(

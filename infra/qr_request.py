@@ -23,7 +23,9 @@ def worker_labels(config: Config, worker: Worker) -> dict[str, str]:
 
 def node_spec(config: Config, worker: Worker, metadata: dict[str, str]) -> dict:
     fleet = config.fleet
-    network = {"network": fleet.network, "enableExternalIps": True}  # pip and git need egress (or Cloud NAT)
+    # No external IP unless asked: the VM boots from the bucket and needs only Google APIs (Private Google
+    # Access on the subnet); an org policy forbidding external IPs, or a VPC without a route out, still works.
+    network = {"network": fleet.network, "enableExternalIps": fleet.external_ips}
     if fleet.subnetwork:
         network["subnetwork"] = fleet.subnetwork
     return {

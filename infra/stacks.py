@@ -257,7 +257,7 @@ class FleetStack(TerraformStack):
             scheduling_config=GoogleTpuV2VmSchedulingConfig(spot=fleet.spot),
             service_account=GoogleTpuV2VmServiceAccount(email=fleet.service_account_email, scope=list(SCOPES)),
             network_config=GoogleTpuV2VmNetworkConfig(
-                network=fleet.network, subnetwork=fleet.subnetwork or None, enable_external_ips=True
+                network=fleet.network, subnetwork=fleet.subnetwork or None, enable_external_ips=fleet.external_ips
             ),
             metadata=each.get_map("metadata"),
             labels=each.get_map("labels"),

@@ -1,17 +1,24 @@
-"""bootstrap/startup.sh run for real in a temporary root, as a TPU VM image would run it.
+"""bootstrap/startup.sh run for real in a temporary root, as a TPU VM image would run it, installing from a
+release that `actfleet release` really built and published to a GCS fake.
 
-The image's facts are modelled, not assumed away: its `python3` is 3.10 (with pip only when apt has installed
-python3-pip), apt can find its lock held by unattended-upgrades, and there is no systemd. Stand-ins, each
-recording its calls: the metadata server (a directory, or a loopback HTTP server), `python3` (3.10: it can
-run pip, and pip is where uv comes from), `uv` (the one tool that downloads: interpreters from the
-python-build-standalone releases and packages from PyPI; its `python install` provides this machine's real
-3.11 interpreter, its `venv` runs that interpreter's real venv module), apt-get, useradd and systemctl (whose
-`start` runs the bootstrap unit's ExecStart once, as systemd would). Everything else - git, the real lock
-files, bash and the script's own logic (which interpreter, when to retry, what to skip) - is the real thing.
+The image's facts are modelled, not assumed away: its `python3` is 3.10 (it may run stdlib code, which is
+checked to parse as 3.10, and nothing else: no pip), there is no route to a package index or a git host (a
+`git` stand-in fails loudly if called), and there is no systemd. The release is the real thing, built by
+actfleet.infra.release from a git repository with two commits: a hashed lock over small wheels made on the spot,
+the project's wheel built by pip from the commit, a uv wheel whose one binary is the uv stand-in, and a CPython
+archive in uv's mirror layout. It is read through the storage JSON API of tests/fakes/gcs_server.py, which
+answers only requests carrying the VM's bearer token (from the metadata directory or server). Stand-ins, each
+recording its calls: the metadata server (a directory, or a loopback HTTP server), `python3`, `uv` (its
+`python install` checks the file:// mirror holds the pinned archive and provides this machine's real 3.11
+interpreter; `venv` runs that interpreter's venv module; `pip sync` / `pip install` run this machine's real pip
+with --no-index --require-hashes against the release's files), useradd and systemctl (whose `start` runs the
+bootstrap unit's ExecStart once, as systemd would). Everything else - curl, sha256sum, bash and the script's
+own logic (which interpreter, when to retry, what to skip) - is the real thing.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -22,17 +29,20 @@ from pathlib import Path
 import pytest
 
 from actfleet.config import parse
+from actfleet.infra import release as rel
 from actfleet.infra.startup_script import worker_metadata
+from tests.fakes.gcs_server import FakeGcs
 from tests.fakes.metadata_server import serve_attributes
+from tests.fakes.release_parts import lock_text, make_wheel
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP = ROOT / "bootstrap" / "startup.sh"
 UNIT = ROOT / "bootstrap" / "actfleet-worker.service"
-# What a VM reads from the checkout at the pinned commit; the fake repository carries the real files.
-LOCK_FILES = ("requirements-uv.txt", "requirements-tpu.txt", "python-version")
 PINNED_PYTHON = (ROOT / "bootstrap" / "python-version").read_text().strip()
 PINNED_UV = re.search(r"^uv==(\S+)", (ROOT / "bootstrap" / "requirements-uv.txt").read_text(), re.M)[1]
-APT_LOCK = "-o DPkg::Lock::Timeout=600"
+BUCKET = "my-project-acts"
+TOKEN = "ya29.test-token-never-logged"
+ARCHIVE = f"cpython-{PINNED_PYTHON}+20261101-x86_64-unknown-linux-gnu-install_only_stripped.tar.gz"
 
 
 def git(repo: Path, *args: str) -> str:
@@ -55,12 +65,12 @@ def executable(path: Path, text: str) -> Path:
     return path
 
 
-# Shared by the Python stand-ins: one log line per call; `fail_once(name)` fails a call the first time it is
-# made when the test asked for that (ACTFLEET_TEST_FAIL_ONCE names the calls, comma-separated).
+# Shared by the Python stand-ins: one log line per call (in $ACTFLEET_TEST_STATE/calls.log); `fail_once(name)`
+# fails a call the first time it is made when the test asked for that (ACTFLEET_TEST_FAIL_ONCE names the calls).
 STANDIN_PRELUDE = """
 import os, sys
 from pathlib import Path
-STATE = Path({state!r})
+STATE = Path(os.environ.get("ACTFLEET_TEST_STATE", "/nonexistent"))
 def record(line):
     with open(STATE / "calls.log", "a") as f:
         f.write(line + "\\n")
@@ -72,36 +82,23 @@ def fail_once(name, message, code=1):
         sys.exit(code)
 """
 
-# The image's python3: it reports 3.10 and can only run pip (once apt has installed python3-pip); anything
-# else it refuses, so a script that built actfleet's venv with it (or ran actfleet on it) fails here.
+# The image's python3: it reports 3.10 and runs only stdlib code given with -c (checked to parse as 3.10, run
+# isolated by this machine's interpreter); anything else - pip, a module, a script - it refuses.
 PYTHON3 = """
 args = sys.argv[1:]
 if args in (["--version"], ["-V"]):
     print("Python 3.10.12")
-elif args[:2] == ["-m", "pip"] and not (STATE / "image-has-pip").exists():
-    sys.exit("/usr/bin/python3: No module named pip")
-elif args[:3] == ["-m", "pip", "--version"]:
-    print("pip 22.0.2 from /usr/lib/python3/dist-packages/pip (python 3.10)")
-elif args[:3] == ["-m", "pip", "install"]:
-    record("python3 " + " ".join(args))
-    fail_once("pip install", "ERROR: Could not install packages due to an OSError: Connection reset by peer")
-    # pip --require-hashes refuses a requirement without a hash, and installs uv's console script into
-    # <target>/bin: here a stand-in uv that reports the version the requirements file pins.
-    assert "--require-hashes" in args and "--no-deps" in args, args
-    req = Path(args[args.index("-r") + 1]).read_text()
-    import re
-    (version,) = re.findall(r"^uv==(\\S+) \\\\\\n(?:    --hash=sha256:[0-9a-f]{{64}}(?: \\\\)?\\n)+", req, re.M)
-    target = Path(args[args.index("--target") + 1])
-    (target / "bin").mkdir(parents=True)
-    uv = target / "bin" / "uv"
-    uv.write_text(Path({uv_standin!r}).read_text().replace("@VERSION@", version))
-    uv.chmod(0o755)
+elif args[:1] == ["-c"]:
+    import ast
+    ast.parse(args[1], feature_version=(3, 10))
+    record("python3 -c <" + ("unpack uv" if "zipfile" in args[1] else "code") + ">")
+    os.execv({real_python!r}, [{real_python!r}, "-I", "-c", *args[1:]])
 else:
     sys.exit("python3 (the image's 3.10) cannot do: " + " ".join(args))
 """
 
-# uv, as far as the bootstrap uses it. Downloads are replaced: `python install` links this machine's real
-# 3.11 interpreter, `pip sync` checks the lock is hashed and pinned instead of fetching it.
+# uv, as far as the bootstrap uses it. `python install` reads only the file:// mirror (the release) and links
+# this machine's real 3.11 interpreter; `pip` runs the real pip, index-less and hash-checked.
 UV = """
 args = sys.argv[1:]
 if args == ["--version"]:
@@ -116,55 +113,115 @@ if args[:2] == ["python", "find"]:
     print(found)
     sys.exit(0)
 record("uv " + " ".join(args))
+real_pip = [{real_python!r}, "-m", "pip", "--disable-pip-version-check", "-q"]
 if args[:2] == ["python", "install"]:
     fail_once("uv python install", "error: Failed to download cpython: connection timed out")
+    mirror = os.environ.get("UV_PYTHON_INSTALL_MIRROR", "")
+    assert mirror.startswith("file://"), "uv would download from GitHub: " + mirror
+    archives = list(Path(mirror[len("file://"):]).glob("*/cpython-" + args[-1] + "+*-x86_64-unknown-linux-gnu-install_only*.tar.gz"))
+    assert len(archives) == 1, archives
     bindir = installs / ("cpython-" + args[-1] + "-linux-x86_64-gnu") / "bin"
     bindir.mkdir(parents=True)
     (bindir / "python3").symlink_to({real_python!r})
 elif args[0] == "venv":
     python, venv = args[args.index("--python") + 1], args[-1]
     os.execv(python, [python, "-m", "venv", "--without-pip", venv])
-elif args[:2] == ["pip", "sync"]:
-    fail_once("uv pip sync", "error: Failed to download jaxlib: HTTP status server error (503)")
-    assert "--require-hashes" in args, args
-    import re
-    text = Path(args[-1]).read_text().replace("\\\\\\n", " ")
-    reqs = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    assert reqs and all(re.match(r"^[A-Za-z0-9._-]+==\\S+( +--hash=sha256:[0-9a-f]{{64}})+ *$", r) for r in reqs)
-elif args[:2] == ["pip", "install"]:
-    assert "--no-deps" in args and "--no-build-isolation" in args, args
-    venv = Path(args[args.index("--python") + 1]).parent.parent
-    (venv / "bin" / "actfleet").write_text("#!/bin/sh\\necho actfleet \\"$@\\"\\n")
-    (venv / "bin" / "actfleet").chmod(0o755)
+elif args[:2] in (["pip", "sync"], ["pip", "install"]):
+    if args[1] == "sync":
+        fail_once("uv pip sync", "error: Failed to read jaxlib: No such file or directory")
+    assert "--no-index" in args and "--require-hashes" in args, args
+    python, links = args[args.index("--python") + 1], args[args.index("--find-links") + 1]
+    req = args[-1]
+    extra = ["--no-deps"]
+    os.execv(real_pip[0], [*real_pip, "--python", python, "install", "--no-index", "--find-links", links,
+                          "--require-hashes", *extra, "-r", req])
 else:
     sys.exit("uv stand-in: unexpected " + " ".join(args))
 """
 
 
-def python_standin(path: Path, body: str, state: Path, **fmt) -> Path:
-    return executable(path, f"#!{sys.executable}\n" + STANDIN_PRELUDE.format(state=str(state)) + body.format(**fmt))
+def python_standin(path: Path, body: str, **fmt) -> Path:
+    return executable(path, f"#!{sys.executable}\n" + STANDIN_PRELUDE + body.format(**fmt))
+
+
+PYPROJECT = """[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "actfleet"
+version = "0.1.{n}"
+
+[project.scripts]
+actfleet = "actfleet_stub:main"
+
+[tool.setuptools]
+py-modules = ["actfleet_stub"]
+"""
+
+
+@pytest.fixture(scope="module")
+def releases(tmp_path_factory):
+    """A repository with two commits, a wheelhouse and CPython archive, and both commits' releases published
+    to a GCS fake by the real `release()`. Yields (fake, repo, commits, wheelhouse, archive)."""
+    tmp = tmp_path_factory.mktemp("releases")
+    wheelhouse = tmp / "wheelhouse"
+    deps = [make_wheel(wheelhouse, "tinydep", "1.0", {"tinydep.py": "VALUE = 1\n"}),
+            make_wheel(wheelhouse, "tiny-other", "2.0", {"tiny_other.py": "VALUE = 2\n"})]  # fmt: skip
+    # The uv stand-in ships as a uv wheel, binary in uv-X.data/scripts/, as the real one does.
+    uv_body = (f"#!{sys.executable}\n" + STANDIN_PRELUDE + UV.format(real_python=sys.executable)).replace(
+        "@VERSION@", PINNED_UV
+    )
+    uv_wheel = make_wheel(
+        wheelhouse, "uv", PINNED_UV, {f"uv-{PINNED_UV}.data/scripts/uv": uv_body},
+        tag="py3-none-manylinux_2_17_x86_64.manylinux2014_x86_64",
+    )  # fmt: skip
+    archive = tmp / ARCHIVE
+    archive.write_bytes(b"not a real CPython: the uv stand-in only checks where it is\n")
+    repo = tmp / "repo"
+    (repo / "bootstrap").mkdir(parents=True)
+    git(repo, "init", "-q", "-b", "main")
+    (repo / "bootstrap" / "python-version").write_text(PINNED_PYTHON + "\n")
+    (repo / "bootstrap" / "requirements-tpu.txt").write_text(
+        lock_text({"tinydep": ("1.0", [deps[0]]), "tiny-other": ("2.0", [deps[1]])})
+    )
+    (repo / "bootstrap" / "requirements-uv.txt").write_text(lock_text({"uv": (PINNED_UV, [uv_wheel])}))
+    (repo / "actfleet_stub.py").write_text("def main():\n    print('actfleet stand-in')\n")
+    commits = []
+    for n in range(2):
+        (repo / "pyproject.toml").write_text(PYPROJECT.format(n=n))
+        git(repo, "add", "-A")
+        git(repo, "commit", "-q", "-m", f"commit {n}")
+        commits.append(git(repo, "rev-parse", "HEAD"))
+    git(repo, "tag", "v1")
+    fake = FakeGcs.start()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STORAGE_EMULATOR_HOST", fake.url)
+        mp.setenv("GOOGLE_CLOUD_PROJECT", "actfleet-test")
+        for commit in commits:
+            done = rel.release(_config(repo, commit), repo, wheelhouse=wheelhouse, python_archive=archive)
+            assert done.published
+    fake.bearer = TOKEN  # from here on, like a private bucket: only the VM's token reads it
+    yield fake, repo, commits
+    fake.stop()
+
+
+def _config(repo: Path, commit: str, url: str | None = None):
+    return parse(
+        {
+            "fleet": {"id": "acts", "project": "my-project", "region": "us-central1", "zones": {"us-central1-a": 1}},
+            "repo": {"url": url or str(repo), "commit": commit},
+            "storage": {"bucket": BUCKET},
+            "job": {"name": "resid", "model": "m", "input": "i", "layers": [1]},
+        }
+    )
 
 
 @pytest.fixture
-def vm(tmp_path):
-    """A fake TPU VM: repository with two commits, metadata directory, the image's python3 and the stand-ins."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    git(repo, "init", "-q", "-b", "main")
-    (repo / "bootstrap").mkdir()
-    (repo / "bootstrap" / "actfleet-worker.service").write_text(UNIT.read_text())
-    for name in LOCK_FILES:
-        (repo / "bootstrap" / name).write_text((ROOT / "bootstrap" / name).read_text())
-    (repo / "pyproject.toml").write_text('[project]\nname = "actfleet"\nversion = "0"\n')
-    git(repo, "add", "-A")
-    git(repo, "commit", "-q", "-m", "first")
-    first = git(repo, "rev-parse", "HEAD")
-    (repo / "README").write_text("second\n")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-q", "-m", "second")
-    second = git(repo, "rev-parse", "HEAD")
-    git(repo, "tag", "v1")
-
+def vm(tmp_path, releases):
+    """A fake TPU VM: metadata directory (with a token), the image's python3 and the stand-ins."""
+    fake, repo, commits = releases
+    first = commits[0]
     config_file = tmp_path / "bucket-fleet.toml"
     config_file.write_text('[fleet]\nid = "acts"\n')
     state = tmp_path / "standins"
@@ -172,24 +229,9 @@ def vm(tmp_path):
     log = state / "calls.log"
     image_bin = tmp_path / "image-bin"  # first on PATH: what the image has that this machine has differently
     image_bin.mkdir()
-    uv_standin = python_standin(state / "uv-standin", UV, state, real_python=sys.executable)
-    python_standin(image_bin / "python3", PYTHON3, state, uv_standin=str(uv_standin))
-    apt = executable(
-        state / "apt-get",
-        f"""#!/usr/bin/env bash
-# Stands in for apt-get: records calls; `install` finds the dpkg lock held the first time when asked to.
-echo "apt-get $*" >> {log}
-if [[ " $* " == *" install "* ]]; then
-  if [[ ",$ACTFLEET_TEST_FAIL_ONCE," == *",apt lock,"* && ! -f {state}/failed-apt-lock ]]; then
-    touch {state}/failed-apt-lock
-    echo "E: Could not get lock /var/lib/dpkg/lock-frontend. It is held by process 1234 (unattended-upgr)" >&2
-    exit 100
-  fi
-  [[ " $* " == *" python3-pip "* ]] && touch {state}/image-has-pip
-fi
-true
-""",
-    )
+    python_standin(image_bin / "python3", PYTHON3, real_python=sys.executable)
+    executable(image_bin / "git", f'#!/usr/bin/env bash\necho "git $*" >> {log}\nexit 1\n')
+    executable(image_bin / "pip", f'#!/usr/bin/env bash\necho "pip $*" >> {log}\nexit 1\n')
     useradd = executable(
         state / "useradd",
         f"""#!/usr/bin/env bash
@@ -219,23 +261,28 @@ esac
 """,
     )
     metadata = tmp_path / "metadata"
-    metadata.mkdir()
-    config = parse(
-        {
-            "fleet": {"id": "acts", "project": "my-project", "region": "us-central1", "zones": {"us-central1-a": 1}},
-            "repo": {"url": str(repo), "commit": first},
-            "storage": {"bucket": "my-project-acts"},
-            "job": {"name": "resid", "model": "m", "input": "i", "layers": [1]},
-        }
+    (metadata / "service-accounts" / "default").mkdir(parents=True)
+    (metadata / "service-accounts" / "default" / "token").write_text(
+        json.dumps({"access_token": TOKEN, "expires_in": 3599, "token_type": "Bearer"})
     )
+    config = _config(repo, first)
     for key, value in worker_metadata(config, config.fleet.workers[0]).items():
         (metadata / key).write_text(value)
-    (metadata / "actfleet-config").write_text(str(config_file))  # a path stands in for gs://
+    (metadata / "actfleet-config").write_text(str(config_file))  # a path stands in for gs:// (one test reads gs://)
 
     class VM:
         root = tmp_path / "root"
-        commits = (first, second)
+        gcs = fake
         metadata_dir = metadata
+
+        def __init__(self):
+            self.commits = tuple(commits)
+
+        def set_commit(self, commit: str) -> None:
+            cfg = _config(repo, commit)
+            for key, value in worker_metadata(cfg, cfg.fleet.workers[0]).items():
+                if key != "actfleet-config":
+                    (metadata / key).write_text(value)
 
         def run(self, env_changes=None, **metadata_changes):
             for key, value in metadata_changes.items():
@@ -245,24 +292,22 @@ esac
                 "PATH": f"{image_bin}:{os.environ['PATH']}",
                 "ACTFLEET_ROOT": str(self.root),
                 "ACTFLEET_METADATA_DIR": str(metadata),
-                "ACTFLEET_APT_GET": str(apt),
+                "ACTFLEET_STORAGE_URL": fake.url,
                 "ACTFLEET_SYSTEMCTL": str(systemctl),
                 "ACTFLEET_USERADD": str(useradd),
                 "ACTFLEET_ATTEMPTS": "3",
                 "ACTFLEET_RETRY_DELAY": "0",
-                "GIT_CONFIG_NOSYSTEM": "1",
+                "ACTFLEET_TEST_STATE": str(state),
                 **(env_changes or {}),
             }
-            for name in ("ACTFLEET_PYTHON", "ACTFLEET_PIP", "VIRTUAL_ENV", "UV_PYTHON_INSTALL_DIR"):
+            for name in ("ACTFLEET_PYTHON", "ACTFLEET_PIP", "VIRTUAL_ENV", "UV_PYTHON_INSTALL_DIR",
+                         "STORAGE_EMULATOR_HOST", "PIP_INDEX_URL", "PIP_FIND_LINKS"):  # fmt: skip
                 env.pop(name, None)  # nothing of this machine's Python set-up may leak into the "VM"
-            return subprocess.run(["bash", str(STARTUP)], env=env, capture_output=True, text=True, timeout=120)
+            return subprocess.run(["bash", str(STARTUP)], env=env, capture_output=True, text=True, timeout=180)
 
         def calls(self, tool: str | None = None) -> list[str]:
             lines = log.read_text().splitlines() if log.exists() else []
             return [c for c in lines if tool is None or c.split()[0] == tool]
-
-        def image_has_pip(self):
-            (state / "image-has-pip").touch()
 
         def stop_unit(self):
             active.unlink(missing_ok=True)
@@ -305,49 +350,72 @@ WORKER_START = [
 BOOT_START = ["systemctl daemon-reload", "systemctl start --no-block actfleet-bootstrap.service"]
 
 
-def test_first_boot_sets_up_and_second_boot_is_a_no_op(vm):
-    vm.image_has_pip()
+def install_calls(root: Path, commit: str, *, uv: bool = True, python: bool = True) -> list[str]:
+    """What a first install of `commit`'s release calls, in order (uv unpacked, CPython, venv, two installs)."""
+    rel_dir = f"{root}/opt/actfleet/releases/{commit}"
+    venv = f"{root}/opt/actfleet/venv"
+    py = f"{root}/opt/actfleet/python/cpython-{PINNED_PYTHON}-linux-x86_64-gnu/bin/python3"
+    return [
+        *(["python3 -c <unpack uv>"] if uv else []),
+        *([f"uv python install --no-bin {PINNED_PYTHON}"] if python else []),
+        f"uv venv -q --python {py} {venv}",
+        f"uv pip sync -q --python {venv}/bin/python --no-index --find-links {rel_dir}/wheels --require-hashes "
+        f"{rel_dir}/requirements-tpu.txt",
+        f"uv pip install -q --python {venv}/bin/python --no-deps --no-index --find-links {rel_dir}/actfleet "
+        f"--require-hashes -r {rel_dir}/requirements-actfleet.txt",
+    ]
+
+
+def release_objects(fake: FakeGcs, commit: str) -> set[str]:
+    return {name for (_, name) in fake.objects if name.startswith(f"actfleet/releases/{commit}/")}
+
+
+def test_first_boot_installs_from_the_bucket_and_second_boot_is_a_no_op(vm):
     first = vm.run()
     assert first.returncode == 0, first.stderr
     root = vm.root
-    src = root / "opt/actfleet/src"
     venv = root / "opt/actfleet/venv"
-    assert git(src, "rev-parse", "HEAD") == vm.commits[0]
     assert (venv / ".actfleet-commit").read_text().split()[0] == vm.commits[0]
-    assert (venv / "bin/actfleet").exists()
+    # The real pip installed the release's wheels (hash-checked, no index) into the venv: the project's wheel
+    # of the pinned commit (version 0.1.0) and the locked packages.
+    site = next((venv / "lib").glob("python3.*/site-packages"))
+    assert {p.name for p in site.glob("*.dist-info")} == {
+        "actfleet-0.1.0.dist-info",
+        "tinydep-1.0.dist-info",
+        "tiny_other-2.0.dist-info",
+    }
+    out = subprocess.run([str(venv / "bin/actfleet")], capture_output=True, text=True)
+    assert out.stdout == "actfleet stand-in\n"
+    assert not (root / "opt/actfleet/src").exists()  # no checkout on the VM
     assert (root / "etc/actfleet/fleet.toml").read_text() == '[fleet]\nid = "acts"\n'
     env = (root / "etc/actfleet/worker.env").read_text()
-    assert "ACTFLEET_WORKER=tpu-us-central1-a-0\n" in env  # the worker id reaches `actfleet work`
-    assert f"ACTFLEET_CONFIG={root}/etc/actfleet/fleet.toml\n" in env
+    assert env == (
+        f"ACTFLEET_WORKER=tpu-us-central1-a-0\nACTFLEET_CONFIG={root}/etc/actfleet/fleet.toml\nACTFLEET_JOB=resid\n"
+    )
     unit = (root / "etc/systemd/system/actfleet-worker.service").read_text()
     assert "@ROOT@" not in unit
     assert (
         f"ExecStart={root}/opt/actfleet/venv/bin/actfleet work --config ${{ACTFLEET_CONFIG}} "
         f"--worker-id ${{ACTFLEET_WORKER}}" in unit
     )
-    assert "Restart=on-failure" in unit and "StandardOutput=journal" in unit
-    python = f"{root}/opt/actfleet/python/cpython-{PINNED_PYTHON}-linux-x86_64-gnu/bin/python3"
     assert vm.calls() == [
         *BOOT_START,
-        f"python3 -m pip install -q --disable-pip-version-check --no-deps --only-binary :all: --require-hashes "
-        f"--target {root}/opt/actfleet/uv.partial -r {src}/bootstrap/requirements-uv.txt",
-        f"uv python install --no-bin {PINNED_PYTHON}",
-        f"uv venv -q --python {python} {venv}",
-        f"uv pip sync -q --python {venv}/bin/python --require-hashes {src}/bootstrap/requirements-tpu.txt",
-        f"uv pip install -q --python {venv}/bin/python --no-deps --no-build-isolation {src}",
+        *install_calls(root, vm.commits[0]),
         "useradd --system --user-group --no-create-home --home-dir /var/lib/actfleet --shell /usr/sbin/nologin "
         "actfleet",
         *WORKER_START,
         "bootstrap exited 0",
     ]
-    assert "apt-get" not in first.stderr and vm.calls("apt-get") == []  # nothing was missing
+    # Every object of the release was read, with the VM's token (the fake refuses anonymous reads).
+    assert set(vm.gcs.media) >= release_objects(vm.gcs, vm.commits[0])
 
     before, n = snapshot(root), len(vm.calls())
+    reads = sum(map(len, vm.gcs.media.values()))
     second = vm.run()
     assert second.returncode == 0, second.stderr
     assert "nothing to do" in second.stderr
     assert snapshot(root) == before  # no file rewritten, no reinstall, no second user
-    # The bootstrap unit is started again; it finds everything in place and leaves the worker running.
+    assert sum(map(len, vm.gcs.media.values())) == reads  # the release is not fetched again
     assert vm.calls()[n:] == [
         "systemctl start --no-block actfleet-bootstrap.service",
         "systemctl is-active --quiet actfleet-worker.service",
@@ -355,17 +423,11 @@ def test_first_boot_sets_up_and_second_boot_is_a_no_op(vm):
     ]
 
 
-def test_the_images_python_310_never_runs_actfleet(vm):
-    """The image's python3 is 3.10 (below actfleet's and jax's floor): the venv gets the pinned 3.11+."""
-    vm.image_has_pip()
-    assert (
-        subprocess.run(
-            ["python3", "--version"], capture_output=True, text=True, env={"PATH": str(vm.root.parent / "image-bin")}
-        ).stdout
-        == "Python 3.10.12\n"
-    )
+def test_the_vm_reaches_no_index_no_repository_and_the_images_python_never_runs_actfleet(vm):
     result = vm.run()
     assert result.returncode == 0, result.stderr
+    assert vm.calls("git") == [] and vm.calls("pip") == []  # the image's git and pip are never called
+    assert [c for c in vm.calls("python3")] == ["python3 -c <unpack uv>"]  # stdlib only, no pip
     venv_python = vm.root / "opt/actfleet/venv/bin/python"
     version = subprocess.run(
         [str(venv_python), "-c", "import sys; print(*sys.version_info[:2])"], capture_output=True, text=True, check=True
@@ -373,44 +435,34 @@ def test_the_images_python_310_never_runs_actfleet(vm):
     assert tuple(map(int, version)) >= (3, 11)
     cfg = (vm.root / "opt/actfleet/venv/pyvenv.cfg").read_text()
     assert f"{vm.root}/opt/actfleet/python/cpython-{PINNED_PYTHON}" in cfg  # uv's managed CPython, not the image's
-    # The stand-in pip checked the requirements file's hashes; the installed uv is the pinned one.
     uv = subprocess.run([str(vm.root / "opt/actfleet/uv/bin/uv"), "--version"], capture_output=True, text=True)
     assert uv.stdout.startswith(f"uv {PINNED_UV} ")
 
 
-def test_an_image_without_pip_gets_it_from_apt_waiting_for_a_held_lock(vm):
-    """A fresh image: python3-pip missing and unattended-upgrades holding the dpkg lock at the first try."""
-    result = vm.run({"ACTFLEET_TEST_FAIL_ONCE": "apt lock"})
-    assert result.returncode == 0, result.stderr
-    apt = vm.calls("apt-get")
-    assert (
-        apt
-        == [f"apt-get {APT_LOCK} update -q", f"apt-get {APT_LOCK} install -yq --no-install-recommends python3-pip"] * 2
-    )
-    assert "attempt 1 failed (exit 100): retrying" in result.stderr
-    assert vm.calls()[-1] == "bootstrap exited 0" and (vm.root / "opt/actfleet/venv/bin/actfleet").exists()
-    assert vm.calls()[-4:-1] == WORKER_START
-
-
-@pytest.mark.parametrize("step", ["pip install", "uv python install", "uv pip sync"])
-def test_a_failed_download_is_retried_by_the_unit_and_the_second_attempt_completes(vm, step):
-    vm.image_has_pip()
+@pytest.mark.parametrize("step", ["uv python install", "uv pip sync"])
+def test_a_failed_step_is_retried_by_the_unit_and_the_second_attempt_completes(vm, step):
     result = vm.run({"ACTFLEET_TEST_FAIL_ONCE": step})
     assert result.returncode == 0, result.stderr
     assert "attempt 1 failed (exit 1): retrying" in result.stderr and "attempt 2 failed" not in result.stderr
     calls = vm.calls()
     assert calls[-1] == "bootstrap exited 0" and calls[-4:-1] == WORKER_START
-    call = {"pip install": "python3 -m pip install "}.get(step, step + " ")
-    assert sum(c.startswith(call) for c in calls) == 2  # the failed step ran again, and once more only
+    assert sum(c.startswith(step + " ") for c in calls) == 2  # the failed step ran again, and once more only
     assert (vm.root / "opt/actfleet/venv/.actfleet-commit").exists()
     if step == "uv pip sync":  # the half-built venv was not trusted: built again from scratch
         assert sum(c.startswith("uv venv ") for c in calls) == 2
 
 
+def test_a_storage_blip_is_retried_by_curl_within_the_attempt(vm):
+    vm.gcs.fail_next(2, 503)
+    result = vm.run()
+    assert result.returncode == 0, result.stderr
+    assert "attempt 1 failed" not in result.stderr
+    assert vm.calls()[-1] == "bootstrap exited 0"
+
+
 def test_the_unit_gives_up_after_its_attempts_and_a_restart_finishes(vm):
-    """Every attempt fails (PyPI down): the unit exits 1 with nothing half-installed; systemd's restart (here:
-    the next start) completes once the index answers again."""
-    vm.image_has_pip()
+    """Every attempt fails: the unit exits 1 with nothing half-installed; systemd's restart (here: the next
+    start) completes."""
     result = vm.run({"ACTFLEET_TEST_FAIL_ONCE": "uv pip sync", "ACTFLEET_ATTEMPTS": "1"})
     assert result.returncode == 0, result.stderr  # the guest agent's part only starts the unit
     assert "attempt 1 failed (exit 1): giving up; systemd restarts the unit" in result.stderr
@@ -423,7 +475,6 @@ def test_the_unit_gives_up_after_its_attempts_and_a_restart_finishes(vm):
 
 
 def test_bad_input_inside_the_unit_is_not_retried(vm):
-    vm.image_has_pip()
     result = vm.run(**{"actfleet-config": "ftp://example.com/fleet.toml"})
     assert "actfleet-config = 'ftp://example.com/fleet.toml'" in result.stderr
     assert "attempt 1: bad input (exit 2): not retrying" in result.stderr
@@ -434,7 +485,6 @@ def test_bad_input_inside_the_unit_is_not_retried(vm):
 
 
 def test_a_stopped_unit_is_started_without_reinstalling(vm):
-    vm.image_has_pip()
     assert vm.run().returncode == 0
     n = len(vm.calls())
     vm.stop_unit()
@@ -448,22 +498,20 @@ def test_a_stopped_unit_is_started_without_reinstalling(vm):
     ]
 
 
-def test_a_new_pinned_commit_is_checked_out_installed_and_restarted(vm):
-    vm.image_has_pip()
+def test_a_new_pinned_commit_installs_its_release_and_restarts(vm):
     assert vm.run().returncode == 0
     n = len(vm.calls())
-    result = vm.run(**{"actfleet-commit": vm.commits[1]})
+    vm.set_commit(vm.commits[1])
+    result = vm.run()
     assert result.returncode == 0, result.stderr
-    src, venv = vm.root / "opt/actfleet/src", vm.root / "opt/actfleet/venv"
-    assert git(src, "rev-parse", "HEAD") == vm.commits[1]
+    venv = vm.root / "opt/actfleet/venv"
     assert (venv / ".actfleet-commit").read_text().split()[0] == vm.commits[1]
-    python = f"{vm.root}/opt/actfleet/python/cpython-{PINNED_PYTHON}-linux-x86_64-gnu/bin/python3"
+    site = next((venv / "lib").glob("python3.*/site-packages"))
+    assert (site / "actfleet-0.1.1.dist-info").is_dir()  # the second commit's wheel
     # uv and the interpreter are already there at their pinned versions: only the venv is rebuilt.
     assert vm.calls()[n:] == [
         "systemctl start --no-block actfleet-bootstrap.service",
-        f"uv venv -q --python {python} {venv}",
-        f"uv pip sync -q --python {venv}/bin/python --require-hashes {src}/bootstrap/requirements-tpu.txt",
-        f"uv pip install -q --python {venv}/bin/python --no-deps --no-build-isolation {src}",
+        *install_calls(vm.root, vm.commits[1], uv=False, python=False),
         "systemctl enable actfleet-worker.service",
         "systemctl restart actfleet-worker.service",
         "bootstrap exited 0",
@@ -478,19 +526,28 @@ def test_a_moving_or_ambiguous_ref_is_refused(vm, ref):
     assert not (vm.root / "opt").exists() and vm.calls() == []
 
 
-def test_reads_the_metadata_server_with_its_header(vm):
-    """The VM path: attributes over HTTP from a metadata server that insists on Metadata-Flavor: Google."""
-    vm.image_has_pip()
+def test_reads_the_metadata_server_with_its_header_and_its_token(vm):
+    """The VM path: attributes and the access token over HTTP from a metadata server that insists on
+    Metadata-Flavor: Google."""
 
     def lookup(key):
         path = vm.metadata_dir / key
         return path.read_bytes() if path.is_file() else None
 
-    with serve_attributes(lookup) as (url, served):
+    with serve_attributes(lookup, token=TOKEN) as (url, served):
         result = vm.run({"ACTFLEET_METADATA_DIR": "", "ACTFLEET_METADATA_URL": url})
     assert result.returncode == 0, result.stderr
-    assert ("actfleet-commit", 200) in served and ("actfleet-worker", 200) in served
+    assert ("actfleet-commit", 200) in served and ("actfleet-release", 200) in served and ("token", 200) in served
     assert "ACTFLEET_WORKER=tpu-us-central1-a-0" in (vm.root / "etc/actfleet/worker.env").read_text()
+
+
+def test_the_fleet_config_is_read_from_the_bucket_with_the_token(vm):
+    vm.gcs.objects[(BUCKET, "actfleet/acts/fleet.toml")] = vm.gcs.objects[
+        next(k for k in vm.gcs.objects if k[1].endswith("/python-version"))
+    ].__class__(BUCKET, "actfleet/acts/fleet.toml", b'[fleet]\nid = "from-gcs"\n', 1, 1, "application/toml", "")
+    result = vm.run(**{"actfleet-config": f"gs://{BUCKET}/actfleet/acts/fleet.toml"})
+    assert result.returncode == 0, result.stderr
+    assert (vm.root / "etc/actfleet/fleet.toml").read_text() == '[fleet]\nid = "from-gcs"\n'
 
 
 def test_missing_metadata_is_named(vm, tmp_path):
@@ -500,14 +557,69 @@ def test_missing_metadata_is_named(vm, tmp_path):
     assert "instance metadata 'actfleet-worker' is missing" in result.stderr
 
 
-def test_a_commit_not_in_the_repository_fails_and_leaves_no_checkout(vm):
-    vm.image_has_pip()
-    result = vm.run(**{"actfleet-commit": "f" * 40})
+def test_a_commit_without_a_published_release_fails_and_installs_nothing(vm):
+    commit = "f" * 40
+    result = vm.run(**{"actfleet-commit": commit, "actfleet-release": f"gs://{BUCKET}/actfleet/releases/{commit}/"})
     assert result.returncode == 0, result.stderr  # the guest agent's part; the unit is what fails
-    assert f"commit {'f' * 40} is not in" in result.stderr
-    assert "attempt 3 failed (exit 1): giving up" in result.stderr  # a push may still be on its way: retried
-    assert not (vm.root / "opt/actfleet/src").exists()
+    assert f"cannot read gs://{BUCKET}/actfleet/releases/{commit}/SHA256SUMS" in result.stderr
+    assert "attempt 3 failed (exit 1): giving up" in result.stderr  # a release may still be on its way: retried
+    assert not (vm.root / f"opt/actfleet/releases/{commit}").exists()
     assert vm.calls() == [*BOOT_START, "bootstrap exited 1"]  # nothing installed, nothing started
+
+
+def test_a_release_file_that_differs_from_its_sum_is_refused(vm):
+    key = next(k for k in vm.gcs.objects if k[1].startswith(f"actfleet/releases/{vm.commits[0]}/wheels/tinydep"))
+    obj = vm.gcs.objects[key]
+    good = obj.data
+    obj.data = good[:-1] + bytes([good[-1] ^ 1])
+    try:
+        result = vm.run({"ACTFLEET_ATTEMPTS": "1"})
+    finally:
+        obj.data = good
+    assert "does not match its SHA256SUMS" in result.stderr and "refusing it" in result.stderr
+    assert not (vm.root / f"opt/actfleet/releases/{vm.commits[0]}").exists()
+    assert vm.calls() == [*BOOT_START, "bootstrap exited 1"]
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("actfleet-job", "resid\nLD_PRELOAD=/tmp/evil.so"),
+        ("actfleet-job", "resid\rLD_PRELOAD=/tmp/evil.so"),
+        ("actfleet-worker", "tpu-us-central1-a-0\nLD_PRELOAD=/tmp/evil.so"),
+        ("actfleet-config", "/etc/fleet.toml\nLD_PRELOAD=/tmp/evil.so"),
+        ("actfleet-job", "LD_PRELOAD=/tmp/evil.so"),
+    ],
+)
+def test_metadata_cannot_inject_lines_into_the_worker_environment(vm, key, value):
+    """Issue 27.15: an attribute with a newline (or an `=` line of its own) is refused before anything is
+    written; worker.env only ever holds the three lines it is made of."""
+    result = vm.run(**{key: value})
+    assert result.returncode == 2, result.stderr
+    assert f"'{key}'" in result.stderr or f"{key} = " in result.stderr
+    assert not (vm.root / "etc/actfleet/worker.env").exists() and vm.calls() == []
+
+
+def test_the_storage_seam_cannot_point_a_vm_elsewhere(vm):
+    for url in ("https://evil.example.com", "http://10.0.0.5:80", "http://127.0.0.1.evil.com:80"):
+        result = vm.run({"ACTFLEET_STORAGE_URL": url})
+        assert result.returncode == 2 and "only a loopback" in result.stderr, url
+    assert vm.calls() == []
+
+
+def test_no_credential_reaches_the_vm_or_its_log(vm, releases):
+    """Issue 27.15: a repository URL carrying a token never reaches the metadata (the VM does not fetch the
+    repository), and the VM's access token appears in no log line and no command line."""
+    _, repo, commits = releases
+    secret = "ghp_s3cretT0ken"
+    cfg = _config(repo, commits[0], url=f"https://x-access-token:{secret}@github.com/org/private.git")
+    md = worker_metadata(cfg, cfg.fleet.workers[0])
+    assert not [k for k, v in md.items() if secret in v or "org/private" in v]
+    result = vm.run()
+    assert result.returncode == 0, result.stderr
+    assert TOKEN not in result.stderr + result.stdout
+    assert not [c for c in vm.calls() if TOKEN in c]
+    assert rel.redact(cfg.repo.url) == "https://***@github.com/org/private.git"
 
 
 def test_the_worker_runs_unprivileged_under_systemd_hardening(vm):
@@ -526,7 +638,6 @@ def test_the_worker_runs_unprivileged_under_systemd_hardening(vm):
     assert "PrivateDevices" not in service  # the TPU's device nodes must stay visible
     assert service["LimitMEMLOCK"] == ["infinity"]  # root's CAP_IPC_LOCK is gone; services skip limits.conf
 
-    vm.image_has_pip()
     assert vm.run().returncode == 0
     installed = unit_file(vm.root / "etc/systemd/system/actfleet-worker.service")["Service"]
     assert installed["User"] == ["actfleet"]
@@ -538,7 +649,6 @@ def test_the_worker_runs_unprivileged_under_systemd_hardening(vm):
 
 
 def test_the_bootstrap_unit_retries_forever_but_not_bad_input(vm):
-    vm.image_has_pip()
     assert vm.run().returncode == 0
     path = vm.root / "etc/systemd/system/actfleet-bootstrap.service"
     unit = unit_file(path)
@@ -552,17 +662,17 @@ def test_the_bootstrap_unit_retries_forever_but_not_bad_input(vm):
     assert service["Environment"] == ["HOME=/root"] and service["TimeoutStartSec"] == ["infinity"]
 
 
-def test_the_script_is_valid_bash_and_the_metadata_carries_bootstrap_verbatim():
+def test_the_script_is_valid_bash_reaches_only_google_and_the_metadata_carries_bootstrap_verbatim():
     assert subprocess.run(["bash", "-n", str(STARTUP)]).returncode == 0
     code = [line for line in STARTUP.read_text().splitlines() if not line.lstrip().startswith("#")]
     assert not [line for line in code if re.search(r"\|\s*(ba)?sh\b", line)]  # nothing piped into a shell
-    config = parse(
-        {
-            "fleet": {"id": "acts", "project": "my-project", "region": "us-central1", "zones": {"us-central1-a": 1}},
-            "repo": {"url": "https://example.com/r.git", "commit": "a" * 40},
-            "storage": {"bucket": "my-project-acts"},
-            "job": {"model": "m", "input": "i", "layers": [1]},
-        }
-    )
+    # Issue 24.1: the only hosts a VM is told to reach are the metadata server and the storage API (the
+    # loopback seam accepts a test's fake only).
+    hosts = {m[1].replace("\\", "") for m in re.finditer(r"https?://([^/:\s\"')}]+)", STARTUP.read_text())}
+    assert hosts == {"metadata.google.internal", "storage.googleapis.com", "127.0.0.1"}, hosts
+    own = re.sub(r'"\$UV" pip', "", "\n".join(code))  # uv's pip interface, index-less (build_venv)
+    assert not re.search(r"\b(git|apt-get|pip)\b +(clone|fetch|install|download)", own)
+    config = _config(Path("/nonexistent"), "a" * 40, url="https://example.com/r.git")
     md = worker_metadata(config, config.fleet.workers[0])
     assert md["startup-script"] == STARTUP.read_text() and md["actfleet-unit"] == UNIT.read_text()
+    assert md["actfleet-release"] == f"gs://{BUCKET}/actfleet/releases/{'a' * 40}/"

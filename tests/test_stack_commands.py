@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import write_fleet_toml
+from tests.fakes.gcs_server import FakeGcs
+from tests.fakes.google_apis import FakeGoogleApis
 from tests.fakes.tpu_server import FakeTpuServer
 
 ACTFLEET = str(Path(sys.executable).parent / "actfleet")
@@ -38,9 +40,20 @@ def write_config(path: Path, *, mode: str = "queued", state: Path) -> Path:
 def cli(tmp_path_factory):
     """run(*args) -> CompletedProcess of `actfleet *args` against a module-wide fake TPU API and config."""
     tmp = tmp_path_factory.mktemp("stack-cli")
+    gcs = FakeGcs.start()
+    # deploy's preflight reads these: a project ready for 2 x v5litepod-8 in each zone.
+    apis = FakeGoogleApis.start()
+    zones = {z: 16 for z in ZONES}
+    apis.ready("fake-project", "default", zones, "TPUV5sPreemptibleLitepodPerProjectPerZoneForTPUAPI",
+               "actfleet-cli@fake-project.iam.gserviceaccount.com")  # fmt: skip
     with FakeTpuServer.start(port=0) as fake:
         env = {**os.environ, "ACTFLEET_TPU_ENDPOINT": fake.url, "ACTFLEET_SYNTH_DIR": str(tmp / "synth")}
+        env |= {"STORAGE_EMULATOR_HOST": gcs.url, "GOOGLE_CLOUD_PROJECT": "actfleet-test"}
+        env |= {"ACTFLEET_GOOGLE_API_ENDPOINT": apis.url}
         config = write_config(tmp / "fleet.toml", state=tmp / "state")
+        # The commit's release is already in the bucket (tests/test_release.py builds one): deploy finds it there.
+        release = "actfleet/releases/89abcdef0123456789abcdef0123456789abcdef/SHA256SUMS"
+        gcs.write("fake-project-cli", release, b"", "text/plain", {})
 
         def run(
             *args: str, env_extra: dict | None = None, config_path: Path | None = config, timeout: float = 600
@@ -56,8 +69,10 @@ def cli(tmp_path_factory):
                 cwd=tmp,
             )
 
-        run.fake, run.tmp, run.config, run.env = fake, tmp, config, env
+        run.fake, run.tmp, run.config, run.env, run.gcs, run.apis = fake, tmp, config, env, gcs, apis
         yield run
+    gcs.stop()
+    apis.stop()
 
 
 def creates(fake) -> list[str]:
@@ -113,6 +128,7 @@ def test_plan_deploy_plan_destroy_the_fleet(cli):
         "tpu-us-central1-b-1",
     ]
     assert "fleet stack: deploy done (4 added, 0 changed, 0 destroyed)" in deployed.stdout
+    assert "release 89abcdef0123: already published at gs://fake-project-cli/actfleet/releases/" in deployed.stdout
 
     again = cli("deploy", "--stack", "fleet", "--yes", "--json")
     assert json.loads(again.stdout)["stacks"]["fleet"]["applied"] is False
@@ -157,6 +173,36 @@ def test_deploy_without_yes_and_without_a_terminal_applies_nothing(cli):
         "actfleet: deploy of the fleet stack needs a confirmation: run it in a terminal or pass --yes"
     )
     assert creates(cli.fake) == []
+
+
+@pytest.mark.slow
+def test_deploy_stops_at_a_failed_preflight_and_applies_nothing(cli):
+    cli.apis.enabled.discard("tpu.googleapis.com")
+    try:
+        result = cli("deploy", "--stack", "fleet", "--yes")
+    finally:
+        cli.apis.enabled.add("tpu.googleapis.com")
+    assert result.returncode == 1
+    assert "FAIL  api tpu" in result.stderr and "fix: gcloud services enable tpu.googleapis.com" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("actfleet: preflight: 1 check(s) failed (api tpu)")
+    assert creates(cli.fake) == [] and result.stdout == ""
+
+
+@pytest.mark.slow
+def test_deploy_without_a_release_publishes_one_first_and_applies_no_fleet_without_it(cli):
+    """The fleet's VMs install from the release: with none in the bucket deploy must publish it first, and
+    here (no git checkout holding the commit) it cannot: exit 2 naming what to do, no worker created."""
+    key = ("fake-project-cli", "actfleet/releases/89abcdef0123456789abcdef0123456789abcdef/SHA256SUMS")
+    published = cli.gcs.objects.pop(key)
+    try:
+        result = cli("deploy", "--stack", "fleet", "--yes")
+    finally:
+        cli.gcs.objects[key] = published
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "actfleet: not inside a git checkout of the project: pass --repo PATH (a clone holding repo.commit)"
+    )
+    assert creates(cli.fake) == [] or "tpu-" not in result.stdout
 
 
 @pytest.mark.slow

@@ -139,7 +139,9 @@ def test_base_iam_is_bucket_scoped_and_keyless(stacks):
         "worker-list": ("roles/storage.objectViewer", 'resource.type == "storage.googleapis.com/Bucket"'),
         "worker-read": (
             "roles/storage.objectViewer",
-            f'resource.name == "{objects}actfleet/acts/fleet.toml" || resource.name == "{objects}d.jsonl"',
+            f'resource.name == "{objects}actfleet/acts/fleet.toml" || resource.name == "{objects}d.jsonl" || '
+            f'resource.name.startsWith("{objects}actfleet/releases/{make_config().repo.commit}/") || '
+            f'resource.name.startsWith("{objects}models/Qwen--Qwen2.5-0.5B/")',
         ),
         "worker-write": ("roles/storage.objectUser", f'resource.name.startsWith("{objects}resid/")'),
     }
@@ -213,7 +215,8 @@ def test_queued_requests_are_complete_tpu_api_bodies(stacks):
         assert node_spec["parent"] == f"projects/my-project/locations/{worker.zone}"
         assert node_spec["nodeId"] == worker.name
         assert node["acceleratorType"] == "v5litepod-8" and node["runtimeVersion"] == "v2-alpha-tpuv5-lite"
-        assert node["networkConfig"]["network"] == "default"
+        # No external IP by default: the VM installs from the bucket over Private Google Access (issue 24.1).
+        assert node["networkConfig"] == {"network": "default", "enableExternalIps": False}
         assert node["serviceAccount"] == {
             "email": "actfleet-acts@my-project.iam.gserviceaccount.com",
             "scope": ["https://www.googleapis.com/auth/cloud-platform"],
@@ -225,6 +228,8 @@ def test_queued_requests_are_complete_tpu_api_bodies(stacks):
         assert md["actfleet-worker"] == worker.name
         assert md["actfleet-commit"] == config.repo.commit
         assert md["actfleet-config"] == "gs://my-project-acts/actfleet/acts/fleet.toml"
+        assert md["actfleet-release"] == f"gs://my-project-acts/actfleet/releases/{config.repo.commit}/"
+        assert "actfleet-repo-url" not in md  # a VM never fetches the repository
         assert md["actfleet-job"] == "resid"
 
 
@@ -304,7 +309,7 @@ def test_vm_fleet_uses_google_tpu_v2_vm_with_spot_metadata_account_labels(stacks
                 "email": "actfleet-acts@my-project.iam.gserviceaccount.com",
                 "scope": ["https://www.googleapis.com/auth/cloud-platform"],
             },
-            "network_config": {"network": "default", "enable_external_ips": True},
+            "network_config": {"network": "default", "enable_external_ips": False},
         },
     )
     assert list(fleet["resource"]) == ["google_tpu_v2_vm"]

@@ -27,12 +27,19 @@ def resolve(model_ref: str, *, revision: str = "main") -> Path:
         path = _download_gcs(model_ref)
     elif model_ref.startswith("file://"):
         path = Path(model_ref[len("file://") :])
-    elif Path(model_ref).exists() or model_ref.startswith((".", "/")) or model_ref.count("/") != 1:
+    elif not is_hub_id(model_ref):
         path = Path(model_ref)
     else:
         path = _download_hub(model_ref, revision)
     check(path, model_ref)
     return path
+
+
+def is_hub_id(model_ref: str) -> bool:
+    """ "org/name" that is not a local path: a Hugging Face hub model id."""
+    if model_ref.startswith(("gs://", "file://", ".", "/")) or model_ref.count("/") != 1:
+        return False
+    return not Path(model_ref).exists()
 
 
 def check(path: Path, ref: str | None = None) -> None:

@@ -250,9 +250,13 @@ class ModelPin:
     sha256: str  # over the sorted (file, sha256) pairs
     files: dict[str, str] = field(default_factory=dict)  # relative name -> sha256
     revision: str | None = None  # the hub commit a moving revision ("main") resolved to; None off the hub
+    mirror: str | None = None  # where prepare mirrored a hub model in the store (worker/model_mirror.py)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if out["mirror"] is None:
+            del out["mirror"]  # job.json of a model read where it is stays as it was
+        return out
 
     @staticmethod
     def from_json(d: dict) -> "ModelPin":
@@ -260,6 +264,7 @@ class ModelPin:
             sha256=str(d["sha256"]),
             files={str(k): str(v) for k, v in dict(d["files"]).items()},
             revision=d.get("revision"),
+            mirror=d.get("mirror"),
         )
 
 
@@ -281,8 +286,9 @@ def pin_model(ref: str, revision: str) -> tuple[Path, ModelPin]:
 
 
 def pinned_model(ref: str, revision: str, pin: ModelPin) -> Path:
-    """For a worker: the model directory holding exactly the pinned files, or InputError."""
-    model_dir = model_files.resolve(ref, revision=pin.revision or revision)
+    """For a worker: the model directory holding exactly the pinned files, or InputError. A hub model is read
+    from the job's mirror of it when prepare made one (workers need not reach the hub)."""
+    model_dir = model_files.resolve(pin.mirror or ref, revision=pin.revision or revision)
     found = model_pin(model_dir)
     if found.sha256 != pin.sha256:
         changed = sorted(set(pin.files) ^ set(found.files)) or sorted(

@@ -22,6 +22,7 @@ import click
 
 from actfleet.cli import config_option, json_option
 from actfleet.errors import ActfleetError, InputError
+from actfleet.infra.commands.release import describe, publish, release_options
 from actfleet.infra.terraform_layout import FLEET, STACK_NAMES
 
 STACK_CHOICE = click.Choice(STACK_NAMES)
@@ -130,10 +131,23 @@ def plan(config_path, stack_name, as_json):
 @config_option
 @_stack_option("Deploy only this stack (default: base, then fleet).")
 @_yes_option
+@release_options
+@click.option("--skip-preflight", is_flag=True, help="Do not run `actfleet preflight` first.")
 @json_option
-def deploy(config_path, stack_name, yes, as_json):
-    """Create or update the stacks (terraform apply of the plan shown)."""
-    _apply_stacks(config_path, [stack_name] if stack_name else STACK_NAMES, destroy=False, yes=yes, as_json=as_json)
+def deploy(config_path, stack_name, yes, repo, wheelhouse, python_archive, skip_preflight, as_json):
+    """Create or update the stacks (terraform apply of the plan shown); the release is published before the fleet."""
+    if not skip_preflight:
+        _preflight(config_path, as_json)
+    # The fleet's VMs install from the release, which lives in the bucket the base stack creates: publish between.
+    release_args = (repo, wheelhouse, python_archive)
+    _apply_stacks(
+        config_path,
+        [stack_name] if stack_name else STACK_NAMES,
+        destroy=False,
+        yes=yes,
+        as_json=as_json,
+        release_args=release_args,
+    )
 
 
 @click.command()
@@ -146,12 +160,33 @@ def destroy(config_path, stack_name, yes, as_json):
     _apply_stacks(config_path, [stack_name or FLEET], destroy=True, yes=yes, as_json=as_json)
 
 
-def _apply_stacks(config_path, names, *, destroy: bool, yes: bool, as_json: bool) -> None:
-    """deploy and destroy: each stack in turn planned, shown, confirmed and applied; --json: one document."""
+def _preflight(config_path, as_json: bool) -> None:
+    """deploy's first step: nothing is planned or applied while a check fails (the checks print on stderr)."""
+    from actfleet.infra.commands.preflight import run_checks
+    from actfleet.infra.preflight import failed
+
+    bad = failed(run_checks(_load(config_path), as_json=as_json, echo=lambda line: click.echo(line, err=True)))
+    if bad:
+        raise ActfleetError(
+            f"preflight: {len(bad)} check(s) failed ({', '.join(o.name for o in bad)}): nothing applied; "
+            f"fix them (the commands above) or pass --skip-preflight"
+        )
+
+
+def _apply_stacks(config_path, names, *, destroy: bool, yes: bool, as_json: bool, release_args=None) -> None:
+    """deploy and destroy: each stack in turn planned, shown, confirmed and applied; --json: one document.
+    With release_args (deploy), the commit's release is published before the fleet stack is applied."""
     cfg = _load_for_terraform(config_path)
-    results = {name: _plan_confirm_apply(cfg, name, destroy=destroy, yes=yes, as_json=as_json) for name in names}
+    results, extra = {}, {}
+    for name in names:
+        if name == FLEET and release_args is not None:
+            published = publish(cfg, *release_args)
+            extra["release"] = published.as_dict()
+            if not as_json:
+                click.echo(describe(published))
+        results[name] = _plan_confirm_apply(cfg, name, destroy=destroy, yes=yes, as_json=as_json)
     if as_json:
-        _emit_json({"stacks": results})
+        _emit_json({"stacks": results, **extra})
 
 
 def _plan_confirm_apply(cfg, name: str, *, destroy: bool, yes: bool, as_json: bool) -> dict:

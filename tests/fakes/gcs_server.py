@@ -101,6 +101,8 @@ class FakeGcs:
         self._after_faults: list[tuple[str, str, int]] = []  # (method, regex on the unquoted URL, status)
         self.requests = 0
         self.media: dict[str, list[int]] = {}  # object name -> bytes sent per download (ranged or whole)
+        # When set, like GCS for a private bucket: a request without `Authorization: Bearer <bearer>` gets 401.
+        self.bearer: str | None = None
         self.httpd: ThreadingHTTPServer | None = None
         self.url = ""
 
@@ -264,6 +266,8 @@ class _Handler(BaseHTTPRequestHandler):
         fault = self.fake._take_fault()
         if fault:
             return self._error(fault, "injected fault")
+        if self.fake.bearer is not None and self.headers.get("Authorization") != f"Bearer {self.fake.bearer}":
+            return self._error(401, "Anonymous caller does not have storage.objects.get access")
         path, q = self._query()
         after = self.fake._take_after_fault(self.command, unquote(self.path))
         try:

@@ -1,5 +1,7 @@
 """A GCE metadata server stand-in on loopback: instance attributes over HTTP, only to requests that carry
-`Metadata-Flavor: Google` (as the real one insists), with a log of what was asked and answered."""
+`Metadata-Flavor: Google` (as the real one insists), with a log of what was asked and answered; with `token`,
+also the attached service account's access token at .../instance/service-accounts/default/token (JSON, as
+the real server answers it)."""
 
 from __future__ import annotations
 
@@ -10,15 +12,27 @@ from typing import Callable, Iterator
 
 
 @contextmanager
-def serve_attributes(lookup: Callable[[str], "bytes | None"]) -> Iterator[tuple[str, list[tuple[str, int]]]]:
+def serve_attributes(
+    lookup: Callable[[str], "bytes | None"], token: str | None = None
+) -> Iterator[tuple[str, list[tuple[str, int]]]]:
     """Yields (the attributes URL, [(key, status), ...] served); `lookup(key)` gives an attribute's bytes or None
-    (404)."""
+    (404); the token is served as key "token"."""
+    import json
+
+    token_json = (
+        None if token is None else json.dumps({"access_token": token, "expires_in": 3599, "token_type": "Bearer"})
+    )
     served: list[tuple[str, int]] = []
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
             key = self.path.rsplit("/", 1)[-1]
-            body = lookup(key) if self.headers.get("Metadata-Flavor") == "Google" else None
+            if self.path.endswith("/instance/service-accounts/default/token"):
+                body = None if token_json is None else token_json.encode()
+            elif "/instance/attributes/" in self.path:
+                body = lookup(key)
+            else:
+                body = None
             if self.headers.get("Metadata-Flavor") != "Google":
                 status, body = 403, b"missing Metadata-Flavor header"
             elif body is None:

@@ -121,8 +121,10 @@ def prepare(config_path, store_url, job, as_json, **flags):
         )
     rows_per_unit = unit_rows or (c.unit_rows if c else DEFAULT_UNIT_ROWS)
     from actfleet.worker.job_setup import pin_job_inputs
+    from actfleet.worker.model_mirror import mirrored
 
-    pinned = pin_job_inputs(options, source)
+    # A hub model is copied into the store once (by resolved commit): workers read it there, not from the hub.
+    pinned = mirrored(pin_job_inputs(options, source), options.model, t.store)
     spec, created = q.prepare(t.store, t.job, unit_rows=rows_per_unit, options=options, **pinned.prepare_args())
     progress = q.job_progress(t.store, t.job)
     if as_json:
