@@ -5,8 +5,9 @@
         b["sample_ids"], b["positions"], b["token_ids"], b["blocks.6.hook_resid_post"]   # numpy arrays
 
 Where shards come from (`open_source`): a directory (every *.safetensors under it), one file, a gs:// prefix,
-or the root of a job (`gs://bucket/JOB` or a local `store/JOB`, recognised by its job.json): then exactly
-the shards the done records list, never an attempt's garbage, and units not done yet are left out.
+or a job (`find_job`: its root `gs://bucket/JOB` or `store/JOB`, recognised by its job.json, its shards
+directory, or an `actfleet extract --out`): then exactly the shards the done records list
+(work_queue.committed_units), never an attempt's garbage, and units not done yet are left out.
 
 What is read: local shards are memory-mapped, so only the pages of the rows and tensors used are touched.
 Bucket shards are read by range from their safetensors header (8 bytes, then the header, then the byte
@@ -20,8 +21,13 @@ needs a float32 or a `.view(np.uint16)` then `.view(torch.bfloat16)`).
 
 `shuffled_batches` is a seeded, deterministic shuffled stream across shards that splits its work into
 disjoint parts (DataLoader workers x ranks); `ActivationDataset` is the same stream as a torch
-IterableDataset. This module imports numpy, safetensors' format code (worker/shards.py: numpy and
-ml_dtypes), the queue protocol's names (actfleet/work_queue.py: standard library) and nothing else at
+IterableDataset (its `.stats`: the job's activation statistics, `load_stats`).
+
+Checks (issue 27.3): a job's shards are checked against their done records' sizes when opened, and every
+tensor read against the sha256 its writer recorded in the header (local tensors whole, once; remote tensors
+when read whole); a shard without those digests is checked whole against its done record. A failure is one
+ShardFormatError line naming the shard (exit 2), never silently wrong data. This module imports numpy, safetensors' format code (worker/shards.py: numpy and
+ml_dtypes), the queue protocol's names and the stores (actfleet/work_queue.py, store.py: standard library) and nothing else at
 import time: google-cloud-storage only for gs://, torch only for ActivationDataset.
 """
 
@@ -109,9 +115,15 @@ def find_job(location: str) -> JobRoot | None:
     if (path / STATE / q.job_key(JOB)).is_file():
         store = LocalStore(path / STATE)
         return JobRoot(
-            store, JOB, read_spec(store, JOB, str(path / STATE)), None, lambda name: str(path / name.rsplit("/", 1)[-1])
+            store, JOB, read_spec(store, JOB, str(path / STATE)), None, lambda name: str(path / _extract_name(name))
         )
     return None
+
+
+def _extract_name(name: str) -> str:
+    """Where an extract --out keeps a done record's shard: under its (unit, part) name (OutStore's routing)."""
+    up = q.shard_unit_part(name)
+    return q.shard_name(*up) if up else name.rsplit("/", 1)[-1]
 
 
 def open_source(location: str) -> Source:
@@ -511,6 +523,14 @@ def _make_torch_dataset():
 
         def set_epoch(self, epoch: int) -> None:
             self.epoch = epoch
+
+        @property
+        def stats(self):
+            """The job's activation statistics of this dataset's sites (load_stats: JobTotals; `.sites[site]`
+            has mean(), variance(), summary()["norm_scaling_factor"]), read once and kept."""
+            if not hasattr(self, "_stats"):
+                self._stats = load_stats(self.location, sites=self.sites)
+            return self._stats
 
         def __iter__(self):
             info = torch.utils.data.get_worker_info()

@@ -71,8 +71,9 @@ def _table(totals, out) -> None:
     console = Console()
     done = f"{totals.units_counted}/{totals.units_total} units"
     table = Table(title=f"{totals.where}: {done}", title_justify="left")
-    for col in ("site", "d", "tokens", "mean norm", "mean sq norm", "norm scaling", "mean var", "mean |mean|"):
-        table.add_column(col, justify="left" if col == "site" else "right")
+    table.add_column("site", no_wrap=True)  # site names are what people grep for: never cut
+    for col in ("d", "tokens", "mean norm", "mean sq norm", "norm scaling", "mean var"):
+        table.add_column(col, justify="right")
     for site, s in totals.sites.items():
         m = s.summary()
         nsf = m["norm_scaling_factor"]
@@ -80,11 +81,10 @@ def _table(totals, out) -> None:
             site,
             str(m["d"]),
             f"{m['count']:,}",
-            f"{m['mean_norm']:.6g}",
-            f"{m['mean_sqnorm']:.6g}",
-            "-" if nsf is None else f"{nsf:.6g}",
-            f"{m['mean_variance']:.6g}",
-            f"{m['mean_abs_mean']:.6g}",
+            f"{m['mean_norm']:.5g}",
+            f"{m['mean_sqnorm']:.5g}",
+            "-" if nsf is None else f"{nsf:.5g}",
+            f"{m['mean_variance']:.5g}",
         )
     console.print(table)
     if totals.units_counted != totals.units_total:
