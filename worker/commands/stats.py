@@ -72,7 +72,7 @@ def _table(totals, out) -> None:
     done = f"{totals.units_counted}/{totals.units_total} units"
     table = Table(title=f"{totals.where}: {done}", title_justify="left")
     table.add_column("site", no_wrap=True)  # site names are what people grep for: never cut
-    for col in ("d", "tokens", "mean norm", "mean sq norm", "norm scaling", "mean var"):
+    for col in ("d", "tokens", "mean norm", "mean sq norm", "norm scale", "mean var"):
         table.add_column(col, justify="right")
     for site, s in totals.sites.items():
         m = s.summary()
