@@ -193,15 +193,19 @@ def stats_overhead(model: str, data: Path, fp: str, args, site_sets, root: Path)
             ex_of[mode] = EngineExtractor(spec_of[mode])
             pipeline(ex_of[mode], spec_of[mode], root, f"warm-{mode}-{label}")  # compile every shape
         for mode in ("moments", "gram"):
-            base, withs = [], []
+            base, withs, cpu_b, cpu_w = [], [], [], []
             for r in range(args.repeat):
                 order = ("none", mode) if r % 2 == 0 else (mode, "none")
                 for m in order:
-                    tok, secs, _ = pipeline(ex_of[m], spec_of[m], root, f"s-{m}-{label}-{mode}-{r}")
+                    tok, secs, cpu = pipeline(ex_of[m], spec_of[m], root, f"s-{m}-{label}-{mode}-{r}")
                     (base if m == "none" else withs).append(tok / secs)
+                    (cpu_b if m == "none" else cpu_w).append(cpu)
             b, w = max(base), max(withs)
+            # CPU time (this process, all threads) is less sensitive than wall time to a shared machine's load.
+            cpu_ratio = statistics.median(cpu_b) / statistics.median(cpu_w)
             print(
                 f"{label:<12} {mode:<8} {b:>11,.0f} {w:>11,.0f} {w / b:>7.3f} {1 - w / b:>8.1%}"
+                f"   CPU-time ratio {cpu_ratio:.3f}"
                 f"   (runs: none {', '.join(f'{x:,.0f}' for x in base)}; with {', '.join(f'{x:,.0f}' for x in withs)})"
             )
 
