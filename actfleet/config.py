@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from actfleet import accelerators, job_options
+from actfleet import accelerators, endpoints, job_options
 from actfleet import sites as site_names
 from actfleet.errors import ConfigError
 from actfleet.job_options import KEYS, JobOptions
@@ -79,8 +79,10 @@ class FleetConfig:
         return f"{self.service_account}@{self.project}.iam.gserviceaccount.com"
 
     def endpoint(self) -> str:
-        """The TPU API endpoint: ACTFLEET_TPU_ENDPOINT wins over config; empty means Google's."""
-        return os.environ.get(TPU_ENDPOINT_ENV, "") or self.tpu_endpoint
+        """The TPU API endpoint: ACTFLEET_TPU_ENDPOINT wins over config; empty means Google's. ConfigError for
+        an environment value that is neither Google's nor loopback (the config's was checked at load)."""
+        env = os.environ.get(TPU_ENDPOINT_ENV, "")
+        return endpoints.check_endpoint(env, f"${TPU_ENDPOINT_ENV}") if env else self.tpu_endpoint
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,7 @@ class JobConfig:
     unit_rows: int
     lease_seconds: int
     options: JobOptions  # what the job pins in job.json; its sites fully expanded, e.g. "blocks.6.hook_resid_post"
+    positions: str | None = None  # [job] positions as written (None: implied by context_size), for prepare's flags
 
 
 @dataclass(frozen=True)
@@ -267,6 +270,16 @@ def _layers(v):
     return sorted(set(v))
 
 
+def _tpu_endpoint(v):
+    # Google's API hosts or loopback only: an https endpoint is sent the operator's credentials (actfleet.endpoints).
+    if not isinstance(v, str):
+        raise _Bad(f"must be a string ({endpoints.ALLOWED})")
+    problem = endpoints.endpoint_problem(v)
+    if problem is not None:
+        raise _Bad(problem)
+    return v
+
+
 def _store_url(v):
     if not isinstance(v, str) or not v:
         raise _Bad('must be a path, "file://..." or "gs://bucket/prefix"')
@@ -304,9 +317,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "service_account": Key(
             _string(r"[a-z][a-z0-9-]{4,28}[a-z0-9]", "a service account id (6-30 of a-z, 0-9, -)", empty_ok=True), ""
         ),
-        "tpu_endpoint": Key(
-            _string(r"https?://[^\s]+", 'an http(s) URL like "http://127.0.0.1:8470"', empty_ok=True), ""
-        ),
+        "tpu_endpoint": Key(_tpu_endpoint, ""),
     },
     "repo": {
         "url": Key(_string(r"(https://|file://|/)[^\s]+", "an https:// or file:// URL, or an absolute path")),
@@ -513,6 +524,7 @@ def parse(raw: dict[str, Any], source: str = "<memory>") -> Config:
             unit_rows=j["unit_rows"],
             lease_seconds=j["lease_seconds"],
             options=JobOptions(**{**{k: j[k] for k in KEYS}, "sites": sites}),
+            positions=j["positions"],
         ),
         reconcile=ReconcileConfig(**rc),
         source=source,

@@ -267,9 +267,10 @@ TABLE: tuple[Option, ...] = (
     Option(
         "positions",
         "choice",
-        "non-special",
+        None,  # not given: implied by context_size (implied_positions), so "all" with windows
         "Which tokens of each sample are stored: all; non-special (all but BOS/EOS/pad and other special "
-        "tokens); last (the final token only).",
+        "tokens); last (the final token only). Default: non-special; with --context-size, all (the only "
+        "choice there: a window is stored whole).",
         where=_ALL + (SHARD,),
         choices=POSITIONS,
     ),
@@ -337,6 +338,21 @@ def applying(where: str) -> tuple[Option, ...]:
     return tuple(o for o in TABLE if where in o.where)
 
 
+def implied_positions(context_size: int, positions: str | None, what: str = "--positions") -> str:
+    """The positions a job stores: `positions` as given (None: not given) with `context_size`. Windows are
+    stored whole (every token, BOS and separators included: what SAELens's fixed-size rows are), so
+    --context-size implies "all"; an explicit other choice would make every window short and the export drop
+    it, and is refused (BadValue) where the options are given, before any work."""
+    if positions is None:
+        return "all" if context_size else "non-special"
+    if context_size and positions != "all":
+        raise BadValue(
+            f"{what} {positions}: with context_size {context_size} every window is stored whole, so positions "
+            f"must be all (its default there; SAELens drops special tokens at training: exclude_special_tokens)"
+        )
+    return positions
+
+
 def _default(name: str) -> Any:
     return OPTIONS[name].default
 
@@ -358,7 +374,7 @@ class JobOptions:
     arc_augmentations: int = _default("arc_augmentations")
     arc_seed: int = _default("arc_seed")
     sites: tuple[str, ...] = _default("sites")  # site names, see actfleet.sites
-    positions: str = _default("positions")  # all | non-special | last
+    positions: str = _default("positions")  # all | non-special | last (None: implied by context_size)
     max_seq: int = _default("max_seq")  # 0: the model's context length
     long_inputs: str = _default("long_inputs")  # skip | truncate
     batch_tokens: int = _default("batch_tokens")
@@ -374,6 +390,8 @@ class JobOptions:
     concat: bool = _default("concat")  # False: each document is cut into its own windows
 
     def __post_init__(self):
+        if self.positions is None:  # not given: windows store every token (implied_positions)
+            object.__setattr__(self, "positions", implied_positions(self.context_size, None))
         if isinstance(self.sites, list):
             object.__setattr__(self, "sites", tuple(self.sites))
         for o in applying(JOB):
@@ -399,6 +417,10 @@ class JobOptions:
             "arc_augmentations": self.arc_augmentations,
             "arc_seed": self.arc_seed,
         }
+
+    def samples_per_row(self) -> int:
+        """Samples one input row becomes (ARC: the original and its augmentations): job.json's rows count them."""
+        return self.arc_augmentations + 1 if self.format == "arc" else 1
 
     def source_options(self) -> dict[str, Any]:
         """How the input reference resolves to files: keyword arguments of actfleet.worker.sources.resolve."""

@@ -35,6 +35,7 @@ LAYER_KINDS = tuple(HOOKS)
 KINDS = ("embed", *LAYER_KINDS)
 ALL_LAYERS = "*"  # the layer of a site name that stands for every layer
 _KIND_OF_HOOK = {hook: kind for kind, hook in HOOKS.items()}
+ALLOWED = "use a site kind (" + ", ".join(KINDS) + ') or a name like "blocks.6.hook_resid_post", "hook_embed"'
 NAME_RE = re.compile(r"^(hook_embed|blocks\.(\d+|\*)\.(" + "|".join(map(re.escape, HOOKS.values())) + r"))$")
 
 
@@ -86,8 +87,10 @@ def expand(sites: list[str] | tuple[str, ...], layers: list[int] | str, source: 
                 )
             else:
                 out += [name(s, layer) for layer in layers]
-        else:
+        elif is_name(s):
             out.append(s)
+        else:
+            raise InputError(f'{source}: "{s}" is no site kind or name; {ALLOWED}')
     return tuple(sorted(set(out), key=sort_key))
 
 

@@ -10,6 +10,9 @@ Layout under `{store}/{job}/` (docs/jobs.md):
     job.json                          what the job is: input fingerprint and row count, extraction options,
                                       unit size and count. Written last by prepare: its presence means every
                                       unit record exists.
+    prepare.json                      the same bytes, created-if-absent *first* by prepare: whoever creates it
+                                      decides what the job is; a prepare that differs is refused before it
+                                      writes any unit record.
     units/000042.json                 unit 42: rows [start, stop) of the input
     leases/000042                     who is working on unit 42 until when (create-if-absent, renewed by
                                       generation-matched replace, taken over when expired)
@@ -57,12 +60,17 @@ FORMAT_VERSION = 1
 
 # The layout's names (relative to the job's root), each spelled once.
 JOB_FILE = "job.json"
+INTENT_FILE = "prepare.json"  # the job.json a prepare is writing units for (created first, if absent)
 UNITS, LEASES, DONE, SHARDS, WORKERS = "units", "leases", "done", "shards", "workers"
 STATS = "stats"
 
 
 def job_key(job: str) -> str:
     return join(job, JOB_FILE)
+
+
+def intent_key(job: str) -> str:
+    return join(job, INTENT_FILE)
 
 
 def unit_key(job: str, unit: int) -> str:
@@ -128,9 +136,49 @@ def job_relative(job: str, key: str) -> str:
 
 
 def unit_of(key: str) -> int | None:
-    """The unit number in ".../leases/000042", ".../done/000042" or ".../units/000042.json"."""
-    name = key.rsplit("/", 1)[-1].split(".", 1)[0]
-    return int(name) if name.isdigit() else None
+    """The unit of ".../units/000042.json", ".../leases/000042" or ".../done/000042": 42, only when the name is
+    spelled exactly as unit_key/lease_key/done_key spell it. Anything else ("done/000042.old", "done/42",
+    "done/sub/000042", a lease named like a unit record) is None: a foreign object, never a unit's record
+    (docs/jobs.md, "Foreign objects"). The one parser of these names."""
+    head, _, name = key.rpartition("/")
+    folder = head.rpartition("/")[2]
+    if folder == UNITS:
+        if not name.endswith(".json"):
+            return None
+        name = name[: -len(".json")]
+    elif folder not in (LEASES, DONE):
+        return None
+    if not (name.isascii() and name.isdigit()):
+        return None
+    unit = int(name)
+    return unit if f"{unit:06d}" == name else None
+
+
+_UNIT_KEY = {UNITS: unit_key, LEASES: lease_key, DONE: done_key}
+_UNIT_PREFIX = {UNITS: units_prefix, LEASES: leases_prefix, DONE: done_prefix}
+
+
+@dataclass
+class UnitListing:
+    """One folder's listing (units/, leases/ or done/), split by unit_of: `units` maps each unit to its key;
+    `foreign` lists every other key found there (reported, never trusted or deleted)."""
+
+    units: dict[int, str]
+    foreign: list[str]
+
+
+def list_units(store: Store, job: str, folder: str) -> UnitListing:
+    """List `folder` (UNITS, LEASES or DONE) of `job`: a key counts for a unit only if it is exactly that
+    unit's key of this job (so "j/done/leases/000001", nested under done/, is foreign too)."""
+    units: dict[int, str] = {}
+    foreign: list[str] = []
+    for key in store.list(_UNIT_PREFIX[folder](job)):
+        unit = unit_of(key)
+        if unit is not None and key == _UNIT_KEY[folder](job, unit):
+            units[unit] = key
+        else:
+            foreign.append(key)
+    return UnitListing(units, foreign)
 
 
 # Shard names: part 3 of unit 42 is "000042-0003.safetensors", and as written by a fleet attempt
@@ -156,9 +204,19 @@ def parse_shard_name(key: str) -> tuple[int, int, str | None] | None:
         return None
     stem, _, attempt = name[: -len(SHARD_SUFFIX)].partition(".")
     unit, _, part = stem.partition("-")
-    if not (unit.isdigit() and part.isdigit()) or (attempt and not ATTEMPT_RE.fullmatch(attempt)):
+    if not (unit.isascii() and unit.isdigit() and part.isascii() and part.isdigit()):
         return None
-    return int(unit), int(part), attempt or None
+    if attempt and not ATTEMPT_RE.fullmatch(attempt):
+        return None
+    parsed = int(unit), int(part), attempt or None
+    return parsed if shard_name(*parsed) == name else None  # exactly as shard_name spells it ("1-1..." is not)
+
+
+def job_shard(job: str, key: str) -> tuple[int, int, str | None] | None:
+    """parse_shard_name of a listed key, only if it is exactly that shard's key in this job (directly under
+    its shards/, not in a subfolder): else None, a foreign object."""
+    parsed = parse_shard_name(key)
+    return parsed if parsed is not None and key == shard_key(job, *parsed) else None
 
 
 def shard_unit_part(key: str) -> tuple[int, int] | None:
@@ -203,6 +261,14 @@ def _load(data: bytes, what: str) -> dict:
     return obj
 
 
+def _parsed(data: bytes) -> Any:
+    """JSON's value, or None for bytes that are not JSON (a torn or foreign record)."""
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
 def _read_if_present(store: Store, key: str) -> tuple[bytes, int] | None:
     try:
         return store.read(key)
@@ -244,26 +310,101 @@ class JobSpec:
     def to_json(self) -> bytes:
         return _dump({**asdict(self), "options": self.options.to_json()})
 
+    def input_rows(self) -> int | None:
+        """The samples the pinned input files hold (sample_count of their rows), or None for a job.json from
+        before input files were recorded (then only its own arithmetic can be checked)."""
+        if self.input_files is None:
+            return None
+        return sample_count(self.options, (f["rows"] for f in self.input_files))
+
+    def totals_problem(self) -> str | None:
+        """Why rows and units contradict the pinned input files or each other, or None: the totals are
+        derived, never taken on job.json's word (an edited rows + units would hide units from everyone)."""
+        derived = self.input_rows()
+        if derived is not None and derived != self.rows:
+            return (
+                f"rows={self.rows}, but its {len(self.input_files)} pinned input files hold {derived} rows"
+                f"{f' (max_rows {self.options.max_rows})' if self.options.max_rows else ''}"
+            )
+        units = -(-self.rows // self.unit_rows)
+        if self.units != units:
+            return f"units={self.units} for rows={self.rows} and unit_rows={self.unit_rows}; that is {units} units"
+        return None
+
     @staticmethod
-    def from_json(data: bytes, what: str = "job.json") -> "JobSpec":
-        d = _load(data, what)
+    def from_json(data: bytes, what: str = "job.json", check: bool = True) -> "JobSpec":
+        """Parse job.json; InputError naming the field for wrong types and, with `check`, for totals that
+        contradict the pinned input files (totals_problem). `verify` parses with check=False to report it."""
+        try:
+            d = _load(data, what)
+        except ActfleetError as e:
+            raise InputError(str(e)) from None
         try:
             if "options" in d:
                 d["options"] = JobOptions.from_json(d["options"], "options")
         except (TypeError, ValueError) as e:
-            raise ActfleetError(f"{what}: {e} (corrupt record)") from None
+            raise InputError(f"{what}: {e} (corrupt record)") from None
         try:
-            return JobSpec(**d)
+            spec = JobSpec(**d)
         except TypeError as e:
-            raise ActfleetError(f"{what}: unexpected fields ({e})") from None
+            raise InputError(f"{what}: unexpected fields ({e}) (corrupt record)") from None
+        bad = _spec_wrong_types(spec)
+        if bad:
+            raise InputError(f"{what}: field {bad} has the wrong type or value (corrupt record)")
+        problem = spec.totals_problem() if check else None
+        if problem:
+            raise InputError(f"{what}: {problem} (corrupt record; `actfleet verify` lists what else disagrees)")
+        return spec
 
 
-def read_job(store: Store, job: str) -> JobSpec:
+def sample_count(options: JobOptions, file_rows: Iterable[int]) -> int:
+    """A job's samples: its input files' rows x samples per row, capped by max_rows (what prepare records as
+    job.json's rows, and what verify derives them from)."""
+    total = sum(file_rows) * options.samples_per_row()
+    return min(total, options.max_rows) if options.max_rows else total
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _spec_wrong_types(spec: JobSpec) -> str | None:
+    """The first field of a parsed job.json that is not of the type (and range) the format says, or None."""
+    for name in ("job", "input", "fingerprint"):
+        if not isinstance(getattr(spec, name), str):
+            return name
+    if not isinstance(spec.options, JobOptions):
+        return "options"
+    for name, lo in (("rows", 0), ("unit_rows", 1), ("units", 0), ("format_version", 0)):
+        if not _is_int(getattr(spec, name)) or getattr(spec, name) < lo:
+            return name
+    if spec.input_generation is not None and not _is_int(spec.input_generation):
+        return "input_generation"
+    if spec.model_pin is not None and not (
+        isinstance(spec.model_pin, dict) and isinstance(spec.model_pin.get("sha256"), str)
+    ):
+        return "model_pin"
+    if spec.input_files is not None and not (
+        isinstance(spec.input_files, list)
+        and all(
+            isinstance(f, dict)
+            and isinstance(f.get("path"), str)
+            and isinstance(f.get("sha256"), str)
+            and _is_int(f.get("rows"))
+            and f["rows"] >= 0
+            for f in spec.input_files
+        )
+    ):
+        return "input_files"
+    return None
+
+
+def read_job(store: Store, job: str, check: bool = True) -> JobSpec:
     try:
         data, _ = store.read(job_key(job))
     except NotFound:
         raise InputError(f"job {job!r} is not prepared in {store.url} (run `actfleet prepare` first)") from None
-    return JobSpec.from_json(data, f"{store.url}/{job_key(job)}")
+    return JobSpec.from_json(data, f"{store.url}/{job_key(job)}", check=check)
 
 
 def prepare(
@@ -301,17 +442,33 @@ def prepare(
         model_pin=model_pin,
         input_files=input_files,
     )
+    problem = spec.totals_problem()
+    if problem:
+        raise InputError(f"prepare: {problem}")
     existing = _existing_job(store, job)
     if existing is not None:
         _refuse_if_different(store, existing, spec)
         return existing, False
-    # Units first, job.json last: a crash in between leaves no job.json, and the rerun completes it.
+    # The intent first: whoever creates it fixes what the job is, and a prepare that differs is refused
+    # before it writes a single unit record (two concurrent prepares with other options never mix records).
+    try:
+        store.create(intent_key(job), spec.to_json())
+    except PreconditionFailed:
+        found = _read_if_present(store, intent_key(job))
+        if found is not None:
+            _refuse_if_different(store, JobSpec.from_json(found[0], f"{store.url}/{intent_key(job)}"), spec)
+    # Units next, job.json last: a crash in between leaves no job.json, and the rerun completes it.
     for unit in range(spec.units):
-        start, stop = spec.unit_range(unit)
+        record = unit_record(spec, unit)
         try:
-            store.create(unit_key(job, unit), _dump({"unit": unit, "start": start, "stop": stop}))
-        except PreconditionFailed:
-            pass  # an earlier or concurrent prepare of the same job wrote it (job.json decides below)
+            store.create(unit_key(job, unit), record)
+        except PreconditionFailed:  # an earlier or concurrent prepare of this same intent wrote it
+            found = _read_if_present(store, unit_key(job, unit))
+            if found is not None and not unit_record_matches(spec, unit, found[0]):
+                raise InputError(
+                    f"prepare: {store.url}/{unit_key(job, unit)} exists and says {found[0].decode(errors='replace')}"
+                    f" (left by another prepare?), not {record.decode()}: refusing to mix; use a new --job name"
+                ) from None
     try:
         store.create(job_key(job), spec.to_json())
     except PreconditionFailed:
@@ -319,6 +476,17 @@ def prepare(
         _refuse_if_different(store, existing, spec)
         return existing, False
     return spec, True
+
+
+def unit_record(spec: JobSpec, unit: int) -> bytes:
+    """units/{unit}.json: the unit's row range, as job.json's totals say (verify compares them byte for byte)."""
+    start, stop = spec.unit_range(unit)
+    return _dump({"unit": unit, "start": start, "stop": stop})
+
+
+def unit_record_matches(spec: JobSpec, unit: int, data: bytes) -> bool:
+    """Whether a unit record's bytes say what unit_record says (as JSON: key order and spacing aside)."""
+    return _parsed(data) == json.loads(unit_record(spec, unit))
 
 
 def _existing_job(store: Store, job: str) -> JobSpec | None:
@@ -438,7 +606,7 @@ def read_lease(store: Store, job: str, unit: int) -> Lease | None:
     data, gen = found
     try:
         return Lease.parse(data, gen, f"{store.url}/{lease_key(job, unit)}")
-    except (ActfleetError, ValueError):
+    except (ActfleetError, ValueError, TypeError):
         # A torn or foreign lease record: treat it as expired so the unit is not stuck forever.
         return Lease(job, unit, "?", 1, 0.0, "", gen)
 
@@ -490,8 +658,9 @@ def release(store: Store, lease: Lease) -> None:
 
 
 def done_units(store: Store, job: str) -> set[int]:
-    """Units with a done record (as keys; a stray done/000099 of a 3-unit job is listed too)."""
-    return {u for k in store.list(done_prefix(job)) if (u := unit_of(k)) is not None}
+    """Units with a done record at their canonical key (a stray done/000099 of a 3-unit job is listed too;
+    done/000002.bak or done/2 are not: list_units)."""
+    return set(list_units(store, job, DONE).units)
 
 
 def all_done(spec: "JobSpec", done: set[int]) -> bool:
@@ -500,7 +669,7 @@ def all_done(spec: "JobSpec", done: set[int]) -> bool:
 
 
 def leased_units(store: Store, job: str) -> set[int]:
-    return {u for k in store.list(leases_prefix(job)) if (u := unit_of(k)) is not None}
+    return set(list_units(store, job, LEASES).units)
 
 
 @dataclass
@@ -679,8 +848,18 @@ def commit(store: Store, lease: Lease, record: DoneRecord, lease_seconds: float)
 
 
 def read_done(store: Store, job: str, unit: int) -> DoneRecord | None:
+    """Unit `unit`'s done record, or None. ActfleetError for a corrupt one, and for one naming another unit
+    (a record copied to another key must not vouch for this unit's rows)."""
     found = _read_if_present(store, done_key(job, unit))
-    return None if found is None else DoneRecord.from_json(found[0], f"{store.url}/{done_key(job, unit)}")
+    return None if found is None else done_record(found[0], f"{store.url}/{done_key(job, unit)}", unit)
+
+
+def done_record(data: bytes, what: str, unit: int) -> DoneRecord:
+    """Parse the done record read at unit `unit`'s key: the unit inside it must be the key's."""
+    rec = DoneRecord.from_json(data, what)
+    if rec.unit != unit:
+        raise ActfleetError(f"{what}: the record says unit {rec.unit}, its key is unit {unit}'s (corrupt record)")
+    return rec
 
 
 def committed_units(store: Store, job: str, units: int) -> list[DoneRecord]:
@@ -735,6 +914,7 @@ class JobProgress:
     shards: int = 0
     bytes: int = 0
     bad_records: int = 0  # done records that are unreadable or name a unit the job does not have
+    foreign: int = 0  # objects under done/ and leases/ that are no unit's key (docs/jobs.md "Foreign objects")
     workers: dict[str, WorkerProgress] = field(default_factory=dict)
 
     @property
@@ -796,12 +976,14 @@ def job_progress(store: Store, job: str, now: float | None = None) -> JobProgres
 
     def parse_done(data: bytes, key: str) -> DoneRecord | bool:
         try:
-            rec = DoneRecord.from_json(data, key)
+            rec = done_record(data, key, unit_of(key))
         except ActfleetError:
             return False
-        return rec if 0 <= rec.unit < spec.units and rec.unit == unit_of(key) else False
+        return rec if 0 <= rec.unit < spec.units else False
 
-    parsed = _read_many(store, store.list(done_prefix(job)), parse_done)
+    done_listing, lease_listing = list_units(store, job, DONE), list_units(store, job, LEASES)
+    p.foreign = len(done_listing.foreign) + len(lease_listing.foreign)
+    parsed = _read_many(store, done_listing.units.values(), parse_done)
     done = [r for r in parsed if r is not False]
     p.bad_records = len(parsed) - len(done)
     done_set = set()
@@ -820,12 +1002,15 @@ def job_progress(store: Store, job: str, now: float | None = None) -> JobProgres
         w.tokens += r.tokens
         w.shards += len(r.shards)
         w.bytes += sum(s.bytes for s in r.shards)
-    leases = _read_many(
-        store,
-        (k for k in store.list(leases_prefix(job)) if unit_of(k) not in done_set),
-        lambda data, key: Lease.parse(data, 0, key),
-    )
-    p.units_leased = sum(1 for lease in leases if lease.expires > now)
+
+    def parse_lease(data: bytes, key: str) -> Lease | None:
+        try:
+            return Lease.parse(data, 0, key)
+        except (ActfleetError, ValueError, TypeError):
+            return None  # torn or foreign: not a live lease (read_lease treats it as expired, too)
+
+    leases = _read_many(store, (k for u, k in lease_listing.units.items() if u not in done_set), parse_lease)
+    p.units_leased = sum(1 for lease in leases if lease is not None and lease.expires > now)
     # Counters come from done records (authoritative); liveness from each worker's own record.
     for name, rec in workers.items():
         w = per_worker.setdefault(name, WorkerProgress(name))

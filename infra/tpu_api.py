@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
 
+from actfleet.endpoints import check_endpoint
 from actfleet.errors import ActfleetError, InputError, PrerequisiteError
 from actfleet.formatting import one_line
 from actfleet.infra.tpu_states import QR_BROKEN, QR_DELETING, QR_SUSPENDING
@@ -116,7 +117,8 @@ class TpuApi:
         on_note: Callable[[str], None] | None = None,
     ):
         self.project = project
-        self.endpoint = endpoint.rstrip("/")
+        # Refused before any client exists: an https endpoint would be sent application default credentials.
+        self.endpoint = check_endpoint(endpoint, "TPU API endpoint").rstrip("/")
         self.retries = retries
         self.timeout = timeout
         self.initial_backoff = initial_backoff

@@ -106,10 +106,56 @@ def test_a_store_prefix_and_a_model_in_the_bucket():
     assert not allowed(grants, "storage.objects.get", "models/qwen-other/model.safetensors")
 
 
-def test_a_store_in_another_bucket_gets_no_write_grant_here():
-    grants = worker_grants(config(store="gs://elsewhere/out"))
+def test_a_store_in_another_bucket_is_refused_by_name():
+    # No grant here would let the workers write there: refuse rather than boot workers that cannot write.
+    with pytest.raises(
+        ConfigError, match=r'^job.store = "gs://elsewhere/out": not in storage.bucket "my-project-acts"'
+    ):
+        worker_grants(config(store="gs://elsewhere/out"))
+
+
+def test_a_local_store_gets_no_write_grant():
+    # Not gs:// (the tests' local stores): nothing in the bucket is writable.
+    grants = worker_grants(config(store="/tmp/store"))
     assert [g.name for g in grants] == ["list", "read"]
     assert not allowed(grants, "storage.objects.create", "resid/job.json")
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "data/d.jsonl.private",  # a sibling that merely starts with the dataset's name
+        "data/d.jsonl/x",
+        "data/d.json",
+        "actfleet/acts/fleet.toml.bak",  # likewise for the fleet config
+        "actfleet/acts/fleet.toml/x",
+        "models/qwen",  # the model is a directory: its objects, not a like-named object
+        "models/qwenx/model.safetensors",
+    ],
+)
+def test_read_grants_end_at_a_boundary(key):
+    grants = worker_grants(config(model=f"gs://{BUCKET}/models/qwen"))
+    assert not allowed(grants, "storage.objects.get", key)
+    for exact in ("data/d.jsonl", "actfleet/acts/fleet.toml", "models/qwen/config.json"):
+        assert allowed(grants, "storage.objects.get", exact)
+
+
+@pytest.mark.parametrize("char", ["\U0001f600", "\u00e9", "\u4e2d", "\U00010348"])
+def test_non_ascii_names_match_as_code_points(char):
+    # A store prefix, a dataset and a model outside ASCII, outside the BMP too (JSON's surrogate pairs never match).
+    grants = worker_grants(
+        config(
+            store=f"gs://{BUCKET}/runs-{char}/",
+            input=f"gs://{BUCKET}/data-{char}/d.jsonl",
+            model=f"gs://{BUCKET}/m-{char}",
+        )
+    )
+    assert all(g.expression.isascii() for g in grants)
+    assert allowed(grants, "storage.objects.create", f"runs-{char}/resid/job.json")
+    assert allowed(grants, "storage.objects.get", f"data-{char}/d.jsonl")
+    assert allowed(grants, "storage.objects.get", f"m-{char}/config.json")
+    assert not allowed(grants, "storage.objects.create", "runs-/resid/job.json")
+    assert not allowed(grants, "storage.objects.get", f"data-{char}/d.jsonl.private")
 
 
 def test_a_job_prefix_that_would_hold_the_fleet_config_is_refused():

@@ -104,7 +104,11 @@ def test_extract_writes_shards_summary_and_engine_bits(tmp_path, model, dataset)
     # Re-running with other options refuses to mix with the shards there; the same options resume (nothing
     # left to do: the same summary); --overwrite reproduces them bit for bit.
     again = actfleet(*args, "--positions", "all", cwd=tmp_path)
-    assert again.returncode == 2 and "options.positions" in again.stderr and "--overwrite" in again.stderr
+    assert (
+        again.returncode == 2
+        and "--positions was non-special, now all" in again.stderr
+        and "--overwrite" in again.stderr
+    )
     again = actfleet(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert {k: v for k, v in json.loads(again.stdout).items() if k != "seconds"} == {

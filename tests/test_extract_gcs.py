@@ -133,3 +133,20 @@ def test_a_model_object_named_with_dotdot_is_refused_and_nothing_lands_outside(t
     with pytest.raises(InputError, match=r"escaped\.txt.*outside the model cache"):
         model_files.resolve("gs://acts/models/m")
     assert sorted(p.name for p in tmp_path.rglob("escaped.txt")) == []
+
+
+def test_a_model_prefix_with_dotdot_is_refused_before_anything_is_written(tmp_path, fake_gcs, monkeypatch):  # noqa: F811
+    """The prefix itself climbing out (issue 27 item 12): the cache directory is built from it, so a ".." in
+    it would put the download outside the model cache; refused by the one gs:// parser before any I/O."""
+    from actfleet.errors import InputError
+    from actfleet.worker import model_files
+
+    bucket = storage.Client(
+        project="test", credentials=AnonymousCredentials(), client_options={"api_endpoint": fake_gcs.url}
+    ).bucket("acts")
+    bucket.blob("../../../../escape/config.json").upload_from_string(b"{}")
+    bucket.blob("../../../../escape/model.safetensors").upload_from_string(b"planted")
+    monkeypatch.setenv("ACTFLEET_MODEL_CACHE", str(tmp_path / "a" / "b" / "cache" / "models"))
+    with pytest.raises(InputError, match=r'model "gs://acts/\.\./\.\./\.\./\.\./escape": "\.\." is not allowed'):
+        model_files.resolve("gs://acts/../../../../escape")
+    assert [p for p in tmp_path.rglob("*") if "escape" in p.name] == []

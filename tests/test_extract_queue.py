@@ -91,7 +91,9 @@ def test_other_options_are_refused_naming_them_and_overwrite_starts_over(tmp_pat
     out = tmp_path / "out"
     store, _ = prepared(out)
     commit_unit(store, 0)
-    with pytest.raises(InputError, match=r"holds a run with other options\.positions; .* --overwrite"):
+    with pytest.raises(
+        InputError, match=r"made with different options \(--positions was non-special, now all\); .* --overwrite"
+    ):
         _resume_state(out, store, False, wanted(OPTIONS.replace(positions="all")))
     fd = _lock(out)
     try:

@@ -189,3 +189,35 @@ def test_importing_the_reader_needs_no_torch_transformers_jax_or_google(tmp_path
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[1:] == ["[]"] and int(r.stdout.split()[0]) > 0
+
+
+@pytest.mark.parametrize("context, persistent", [("fork", True), ("fork", False), ("spawn", True)])
+def test_torch_dataset_reshuffles_every_epoch_with_persistent_workers(tmp_path, context, persistent):
+    """set_epoch reaches DataLoader workers that persist across epochs (their dataset copies were made once):
+    each epoch is exactly shuffled_batches' order for that epoch, and epochs differ (issue 23, item 6). Spawned
+    workers get the dataset pickled, class by name and the shared epoch with it."""
+    import itertools
+
+    torch = pytest.importorskip("torch")
+    from actfleet.worker.reader import ActivationDataset
+
+    make_shards(tmp_path / "s")
+    kw = dict(sites=["hook_embed"], seed=3, batch_rows=8, buffer_rows=32)
+    ds = ActivationDataset(str(tmp_path / "s"), rank=0, world_size=1, **kw)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=None, num_workers=2, persistent_workers=persistent, multiprocessing_context=context
+    )
+
+    def want(epoch):
+        """Worker w reads part w of 2, and the loader takes their batches in turn (the rest of the longer)."""
+        parts = [list(shuffled_batches(str(tmp_path / "s"), epoch=epoch, part=w, parts=2, **kw)) for w in (0, 1)]
+        turns = itertools.chain.from_iterable(itertools.zip_longest(*parts))
+        return [keys_of([b]) for b in turns if b is not None]
+
+    orders = []
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        got = [list(zip(b["sample_ids"].tolist(), b["positions"].tolist())) for b in loader]
+        assert got == want(epoch), f"epoch {epoch}"
+        orders.append(got)
+    assert orders[0] != orders[1] and orders[1] != orders[2] and orders[0] != orders[2]

@@ -139,8 +139,7 @@ def test_base_iam_is_bucket_scoped_and_keyless(stacks):
         "worker-list": ("roles/storage.objectViewer", 'resource.type == "storage.googleapis.com/Bucket"'),
         "worker-read": (
             "roles/storage.objectViewer",
-            f'resource.name.startsWith("{objects}actfleet/acts/fleet.toml") || '
-            f'resource.name.startsWith("{objects}d.jsonl")',
+            f'resource.name == "{objects}actfleet/acts/fleet.toml" || resource.name == "{objects}d.jsonl"',
         ),
         "worker-write": ("roles/storage.objectUser", f'resource.name.startsWith("{objects}resid/")'),
     }

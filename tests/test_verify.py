@@ -3,9 +3,14 @@ standin_extractor.py) into a filesystem store, then damage the output in each wa
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
+
 from actfleet import work_queue as q
+from actfleet.errors import InputError
+from actfleet.job_options import JobOptions
 from actfleet.store import open_store
 from actfleet.worker.verify import verify
 from actfleet.worker.work_loop import Worker
@@ -120,3 +125,96 @@ def test_clean_keeps_the_shards_of_a_unit_in_progress(tmp_path):
     rep = verify(store, "job", clean=True)
     assert sorted(rep.cleaned) == [q.shard_key("job", 0, 0), q.shard_key("job", 1, 0)]
     assert rep.ok and verify(store, "job").ok
+
+
+# ---------------------------------------------------------------------------------------------------
+# job.json's totals are derived from its pinned input files, and every unit record is checked (issue 27)
+# ---------------------------------------------------------------------------------------------------
+
+
+def run_pinned_job(tmp_path: Path, monkeypatch, rows=40, unit_rows=7):
+    """run_job with job.json pinning its input file as `actfleet prepare` does (worker/pinning.py)."""
+    from actfleet.worker import pinning, sources
+
+    monkeypatch.setenv("ACTFLEET_DATA_CACHE", str(tmp_path / "cache"))
+    data = sx.write_dataset(tmp_path / "data.jsonl", rows)
+    files, _ = pinning.pin_files([str(data)])
+    store = open_store(str(tmp_path / "bucket"))
+    spec, _ = q.prepare(
+        store,
+        "job",
+        input=str(data),
+        fingerprint=sources.fingerprint(files),
+        rows=q.sample_count(JobOptions(), (f.rows for f in files)),
+        unit_rows=unit_rows,
+        options={"model": "standin"},
+        input_files=[f.to_json() for f in files],
+    )
+    return store, spec, data
+
+
+def edit_job(store, **changes):
+    data, gen = store.read(q.job_key("job"))
+    store.replace(q.job_key("job"), json.dumps({**json.loads(data), **changes}).encode(), gen)
+
+
+def test_edited_rows_and_units_cannot_hide_a_unit(tmp_path, monkeypatch):
+    store, spec, data = run_pinned_job(tmp_path, monkeypatch)
+    assert spec.units == 6 and spec.rows == 40
+    # Units 0-4 done; unit 5 (rows 35-39) not. Editing rows and units together "completes" the job.
+    assert Worker(store, spec, sx.StandinExtractor(data), "w0", lease_seconds=30).run().job_complete
+    store.delete(q.done_key("job", 5))
+    edit_job(store, rows=35, units=5)
+    rep = verify(store, "job")
+    assert not rep.ok and (rep.rows, rep.units_total) == (40, 6)
+    kinds = {(p.kind, p.unit) for p in rep.problems}
+    assert ("bad-job", None) in kinds and ("not-done", 5) in kinds
+    assert any("rows=35, but its 1 pinned input files hold 40 rows" in p.message for p in rep.problems)
+    # Every other reader refuses it by name: the work loop, status, reconcile's job-complete check.
+    for read in (q.read_job, q.job_progress, q.job_complete):
+        with pytest.raises(InputError, match=r"job\.json: rows=35, but its 1 pinned input files hold 40 rows"):
+            read(store, "job")
+
+
+def test_units_edited_alone_and_a_stale_fingerprint_are_bad_job(tmp_path, monkeypatch):
+    store, spec, data = run_pinned_job(tmp_path, monkeypatch, rows=20, unit_rows=5)
+    assert Worker(store, spec, sx.StandinExtractor(data), "w0", lease_seconds=30).run().job_complete
+    assert verify(store, "job").ok
+    edit_job(store, units=3)
+    rep = verify(store, "job")
+    assert [p.kind for p in rep.problems] == ["bad-job"] and "units=3 for rows=20" in rep.problems[0].message
+    edit_job(store, units=4, input_files=[{**spec.input_files[0], "sha256": "ab" * 32}])
+    assert {p.kind for p in verify(store, "job").problems} == {"bad-job"}
+
+
+def test_a_unit_record_that_disagrees_with_job_json_is_caught(tmp_path):
+    store, _, _ = run_job(tmp_path, rows=20, unit_rows=5)
+    key = q.unit_key("job", 2)
+    store.put(key, json.dumps({"unit": 2, "start": 14, "stop": 21}).encode())  # another prepare's range
+    store.put(q.unit_key("job", 6), json.dumps({"unit": 6, "start": 18, "stop": 21}).encode())
+    rep = verify(store, "job")
+    assert {(p.kind, p.key) for p in rep.problems} == {("bad-unit", key), ("foreign", q.unit_key("job", 6))}
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("rows", "40"), ("unit_rows", 0), ("units", None), ("input_files", [{"path": 1}]), ("model_pin", [])],
+)
+def test_a_wrong_typed_job_json_is_one_line_exit_2(tmp_path, field, value):
+    import subprocess
+    import sys
+
+    store, _, _ = run_job(tmp_path, rows=10, unit_rows=5)
+    edit_job(store, **{field: value})
+    for read in (q.read_job, q.job_progress, q.job_complete):  # work, status, reconcile
+        with pytest.raises(InputError, match=rf"job\.json: field {field} has the wrong type"):
+            read(store, "job")
+    r = subprocess.run(
+        [sys.executable, "-c", "from actfleet.cli import main; main()", "verify", "--store", str(tmp_path / "bucket")]
+        + ["--job", "job"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"field {field} has the wrong type" in r.stderr

@@ -142,4 +142,4 @@ def count_input_rows(ref: str, options: JobOptions) -> int:
 
 
 def samples_per_row(options: JobOptions) -> int:
-    return options.arc_augmentations + 1 if options.format == "arc" else 1
+    return options.samples_per_row()

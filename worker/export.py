@@ -49,6 +49,7 @@ class ExportSummary:
     site: str
     column: str
     context_size: int
+    model_class: str  # which SAELens model_class_name the column is named for (saelens_names.MODEL_CLASSES)
     d_in: int
     dtype: str
     seed: int
@@ -81,10 +82,12 @@ def export_saelens(
     seed: int = 0,
     dtype: str = "float32",
     column: str | None = None,
+    model_class: str = "transformer_lens",
     chunk_mb: float = 512,
     on_progress: Callable[[str, int, int], None] = lambda stage, done, total: None,
 ) -> ExportSummary:
-    """Write the dataset into `out` (which must not exist or be empty). InputError for bad input."""
+    """Write the dataset into `out` (which must not exist or be empty). InputError for bad input. The column
+    is `column`, else the name SAELens looks for under `model_class` (actfleet.worker.saelens_names)."""
     if dtype not in OUT_DTYPES:
         raise InputError(f"--dtype {dtype!r}: use one of {', '.join(OUT_DTYPES)} (Arrow has no bfloat16)")
     out = Path(out)
@@ -109,11 +112,16 @@ def export_saelens(
     if context_size <= 0:
         raise InputError(f"--context-size {context_size}: must be at least 1")
     width = _width(first, site)
+    if column is None:
+        from actfleet.worker.saelens_names import hook_name
+
+        column = hook_name(site, model_class, first.metadata)
     summary = ExportSummary(
         source=location,
         out=str(out),
         site=site,
-        column=column or site,
+        column=column,
+        model_class=model_class,
         context_size=context_size,
         d_in=width,
         dtype=dtype,

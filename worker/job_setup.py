@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from actfleet import work_queue as q
 from actfleet.job_options import JobOptions
 
 
@@ -49,9 +50,7 @@ def pin_job_inputs(options: JobOptions, source: str) -> JobInputs:
     per = samples_per_row(options)
     files, local = pinning.pin_files(refs, options.max_rows, per)
     inputs.check_field(inputs.head(files[0], local[0], 1000), what=source, **options.input_options())
-    rows = sum(f.rows for f in files) * per
-    if options.max_rows:
-        rows = min(rows, options.max_rows)
+    rows = q.sample_count(options, (f.rows for f in files))
     return JobInputs(
         source=source,
         files=files,

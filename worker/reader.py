@@ -498,7 +498,12 @@ def _make_torch_dataset():
         (use `DataLoader(ds, batch_size=None, num_workers=W)`). Each DataLoader worker of each rank reads
         its own part: part = rank * W + worker of world_size * W, so together they read every row once.
         rank/world_size default to torch.distributed's when it is initialized, else 0 and 1. Call
-        set_epoch(e) before each epoch for a new order (as with DistributedSampler)."""
+        set_epoch(e) before each epoch for a new order (as with DistributedSampler).
+
+        The epoch lives in shared memory, not in an attribute: DataLoader workers hold copies of the dataset,
+        and with persistent_workers=True those copies are made once, so an attribute set by set_epoch in the
+        main process would never reach them and every epoch would repeat epoch 0's order. Each worker reads
+        the shared value when its iteration starts (after set_epoch, which comes before iter(loader))."""
 
         def __init__(
             self,
@@ -513,7 +518,10 @@ def _make_torch_dataset():
         ):
             super().__init__()
             self.location, self.sites, self.seed = location, None if sites is None else list(sites), seed
-            self.batch_rows, self.buffer_rows, self.epoch = batch_rows, buffer_rows, 0
+            self.batch_rows, self.buffer_rows = batch_rows, buffer_rows
+            # Shared with the DataLoader workers (inherited, or passed as they are spawned), unlocked: one
+            # writer (set_epoch, between epochs), readers at the start of an iteration.
+            self._epoch = torch.multiprocessing.RawValue("q", 0)
             if rank is None or world_size is None:
                 dist = torch.distributed
                 initialized = dist.is_available() and dist.is_initialized()
@@ -521,8 +529,12 @@ def _make_torch_dataset():
                 world_size = dist.get_world_size() if initialized else 1
             self.rank, self.world_size = rank, world_size
 
+        @property
+        def epoch(self) -> int:
+            return int(self._epoch.value)
+
         def set_epoch(self, epoch: int) -> None:
-            self.epoch = epoch
+            self._epoch.value = int(epoch)
 
         @property
         def stats(self):
@@ -548,6 +560,7 @@ def _make_torch_dataset():
                 yield {k: _torch_tensor(v) for k, v in batch.items()}
 
     ActivationDataset.__module__ = __name__
+    ActivationDataset.__qualname__ = "ActivationDataset"  # pickled by name to spawned DataLoader workers
     return ActivationDataset
 
 

@@ -9,9 +9,13 @@ Checks, from the job's records and the shards themselves:
    context windows the `source_rows`) plus the ids it lists as skipped (with a reason) are exactly the
    unit's rows, disjoint; no (sample, position) is stored
    twice; the token counts in the done record match the shards;
-4. the job itself: units = ceil(rows / unit_rows) and, summed over units, stored + skipped = rows (job.json
-   is checked against its own arithmetic, not trusted);
-5. garbage: the shards of done units that their done record does not list (left by attempts that lost
+4. the job itself: rows are derived from the input files job.json pins (their rows x samples per row,
+   capped by max_rows), units = ceil(rows / unit_rows), every unit record holds exactly its range, and,
+   summed over units, stored + skipped = rows (job.json's own totals are checked, not trusted);
+5. foreign objects: every key under units/, leases/, done/ and shards/ that is not exactly a key the protocol
+   writes for a unit of this job ("done/000001.old", "done/1", a shard in a subfolder) is reported, and never
+   read as the unit's, never deleted (docs/jobs.md, "Foreign objects");
+6. garbage: the shards of done units that their done record does not list (left by attempts that lost
    their lease or died), and leases left on done units. `--clean` deletes them, safely while workers run
    and whatever the clocks say: a done record never changes once created, so no attempt can commit another
    shard of its unit. Shards of units not done yet, and every shard of a unit whose done record is
@@ -20,6 +24,7 @@ Checks, from the job's records and the shards themselves:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,13 +35,14 @@ import numpy as np
 from actfleet import work_queue as q
 from actfleet.errors import ActfleetError
 from actfleet.store import NotFound, PreconditionFailed, Store
+from actfleet.worker import sources
 from actfleet.worker.shards import ShardFormatError, shard_rows
 
 
 @dataclass
 class Problem:
-    kind: str  # missing-unit | not-done | bad-record | bad-job | mixed-input | mixed-model | missing-shard |
-    #            corrupt-shard | rows | garbage
+    kind: str  # missing-unit | bad-unit | not-done | bad-record | bad-job | mixed-input | mixed-model |
+    #            missing-shard | corrupt-shard | rows | foreign | garbage
     message: str
     unit: int | None = None
     key: str | None = None
@@ -59,6 +65,7 @@ class VerifyReport:
     cleaned: list[str] = field(default_factory=list)
     kept: list[dict] = field(default_factory=list)  # garbage candidates --clean did not delete: key, reason
     in_progress: list[int] = field(default_factory=list)
+    foreign: list[str] = field(default_factory=list)  # keys under units/ leases/ done/ shards/ no protocol writes
 
     @property
     def ok(self) -> bool:
@@ -72,41 +79,84 @@ class VerifyReport:
 
 def verify(store: Store, job: str, *, clean: bool = False, now: float | None = None, parallel: int = 8) -> VerifyReport:
     now = time.time() if now is None else now
-    spec = q.read_job(store, job)
+    told = q.read_job(store, job, check=False)  # job.json as written: its totals are checked, not trusted
+    # 0. The totals, derived from the pinned input files (an edited rows + units would hide units from every
+    # check below); every later check uses `spec`, job.json with the derived totals.
+    rows = told.input_rows()
+    rows = told.rows if rows is None else rows
+    spec = dataclasses.replace(told, rows=rows, units=-(-rows // told.unit_rows))
     rep = VerifyReport(job=job, store=store.url, units_total=spec.units, rows=spec.rows)
 
     def problem(kind: str, message: str, unit: int | None = None, key: str | None = None) -> None:
         rep.problems.append(Problem(kind, message, unit, key))
 
-    # 0. job.json against its own arithmetic (an edited `units` would hide units from every check below)
-    if spec.unit_rows < 1 or spec.rows < 0 or spec.units != -(-spec.rows // spec.unit_rows):
-        problem(
-            "bad-job",
-            f"job.json says units={spec.units} for rows={spec.rows} and unit_rows={spec.unit_rows}; "
-            f"that is {-(-spec.rows // max(1, spec.unit_rows))} units",
-        )
+    def foreign(key: str, why: str) -> None:
+        rep.foreign.append(key)
+        problem("foreign", f"{key}: {why}; not an object of the job's protocol: never trusted, never deleted", key=key)
 
-    # 1. unit records and done records
-    unit_keys = set(store.list(q.units_prefix(job)))
+    if told.totals_problem():
+        problem("bad-job", f"job.json says {told.totals_problem()}")
+    if told.input_files is not None:
+        try:
+            derived = sources.fingerprint([sources.DataFile.from_json(f) for f in told.input_files])
+        except (KeyError, TypeError, ValueError) as e:
+            derived = f"unreadable ({e})"
+        if derived != told.fingerprint:
+            problem(
+                "bad-job",
+                f"job.json's fingerprint {told.fingerprint[:12]}... is not its input files' {derived[:12]}...",
+            )
+
+    # 1. unit records (each exactly the range the derived totals give), done records, leases
+    listing = q.list_units(store, job, q.UNITS)
+    for key in listing.foreign:
+        foreign(key, "not a unit record's name")
+    for unit, key in sorted(listing.units.items()):
+        if unit >= spec.units:
+            foreign(key, f"a unit record for unit {unit}; the job has units 0-{spec.units - 1}")
+
+    def read_unit_record(unit: int) -> bytes | None:
+        try:
+            return store.read(listing.units[unit])[0]
+        except NotFound:
+            return None
+
+    in_range = [u for u in range(spec.units) if u in listing.units]
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        unit_records = dict(zip(in_range, pool.map(read_unit_record, in_range)))
     for unit in range(spec.units):
-        if q.unit_key(job, unit) not in unit_keys:
+        data = unit_records.get(unit)
+        if data is None:
             problem("missing-unit", f"unit {unit}: unit record {q.unit_key(job, unit)} is missing", unit)
-    done_keys = list(store.list(q.done_prefix(job)))
+        elif not q.unit_record_matches(spec, unit, data):
+            problem(
+                "bad-unit",
+                f"unit {unit}: unit record {q.unit_key(job, unit)} says {data.decode(errors='replace')[:120]!r}, "
+                f"job.json's totals say {q.unit_record(spec, unit).decode()!r} (left by another prepare?)",
+                unit,
+                q.unit_key(job, unit),
+            )
+    done_listing = q.list_units(store, job, q.DONE)
+    for key in done_listing.foreign:
+        foreign(key, "not a done record's name")
     records: dict[int, q.DoneRecord] = {}
-    for key in done_keys:
-        unit = q.unit_of(key)
-        if unit is None or not 0 <= unit < spec.units:
-            problem("bad-record", f"{key}: done record for a unit the job does not have", key=key)
+    for unit, key in sorted(done_listing.units.items()):
+        if not 0 <= unit < spec.units:
+            foreign(key, f"a done record for unit {unit}; the job has units 0-{spec.units - 1}")
             continue
         try:
-            records[unit] = q.DoneRecord.from_json(store.read(key)[0], key)
+            records[unit] = q.done_record(store.read(key)[0], key, unit)
         except (ActfleetError, NotFound) as e:
             problem("bad-record", f"{key}: {e}", unit, key)
-    bad_units = {p.unit for p in rep.problems if p.kind == "bad-record" and p.unit is not None}
     live = {}
-    for key in store.list(q.leases_prefix(job)):
-        unit = q.unit_of(key)
-        lease = q.read_lease(store, job, unit) if unit is not None else None
+    lease_listing = q.list_units(store, job, q.LEASES)
+    for key in lease_listing.foreign:
+        foreign(key, "not a lease's name")
+    for unit, key in sorted(lease_listing.units.items()):
+        if not 0 <= unit < spec.units:
+            foreign(key, f"a lease for unit {unit}; the job has units 0-{spec.units - 1}")
+            continue
+        lease = q.read_lease(store, job, unit)
         if lease is not None:
             live[unit] = lease
     for unit in range(spec.units):
@@ -121,6 +171,7 @@ def verify(store: Store, job: str, *, clean: bool = False, now: float | None = N
 
     # 2 + 3. shards, checksums, row accounting (shards are read in parallel: the store may be remote)
     listed: dict[str, int] = {}
+    unreadable: set[str] = set()  # listed names that are no shard key of their unit: never read
     for unit, rec in sorted(records.items()):
         start, stop = spec.unit_range(unit)
         if (rec.start, rec.stop) != (start, stop):
@@ -144,7 +195,11 @@ def verify(store: Store, job: str, *, clean: bool = False, now: float | None = N
                 unit,
             )
         for s in rec.shards:
-            if q.shard_unit_part(s.name) is None or q.shard_unit_part(s.name)[0] != unit:
+            parsed = q.job_shard(job, q.in_job(job, s.name)) if _plain_name(s.name) else None
+            if parsed is None:
+                problem("bad-record", f"unit {unit}: lists {s.name!r}, which is no shard name", unit)
+                unreadable.add(s.name)
+            elif parsed[0] != unit:
                 problem("bad-record", f"unit {unit}: lists shard {s.name} of another unit", unit)
             if s.name in listed:
                 problem("bad-record", f"shard {s.name} is listed by units {listed[s.name]} and {unit}", unit)
@@ -157,6 +212,8 @@ def verify(store: Store, job: str, *, clean: bool = False, now: float | None = N
         tokens = 0
         pairs: list[np.ndarray] = []
         for s in rec.shards:
+            if s.name in unreadable:
+                continue  # already a bad-record problem; reading it could climb out of the job (a ".." name)
             key = q.in_job(job, s.name)
             try:
                 blob, _ = store.read(key)
@@ -239,28 +296,35 @@ def verify(store: Store, job: str, *, clean: bool = False, now: float | None = N
         problem(
             "rows",
             f"the units account for {accounted} rows ({rep.rows_stored} stored + "
-            f"{sum(rep.rows_skipped.values())} skipped); job.json says {spec.rows}",
+            f"{sum(rep.rows_skipped.values())} skipped); the job's input holds {spec.rows}",
         )
 
-    # 5. garbage: the shards of *done* units that their done record does not list (and shards named for no
-    # unit of the job). Only those: a done record is created once and never changes, so once it exists no
+    # 5. garbage: the shards of *done* units that their done record does not list (a key that is no shard key
+    # of a unit of the job is foreign: reported, kept). Only those: a done record is created once and never changes, so once it exists no
     # attempt can commit another shard of that unit, whatever its lease or its clock says. The shards of a
     # unit not done yet are kept (a stalled attempt may still commit them), and so are all shards of a unit
     # whose done record is unreadable.
+    # Any fault in a unit's record (unreadable, wrong range, a listed name that is no shard of it): its
+    # shards are kept, since the record cannot say which of them are committed.
+    bad_units = {p.unit for p in rep.problems if p.kind == "bad-record" and p.unit is not None}
     candidates = []
     for key in store.list(q.shards_prefix(job)):
         if q.job_relative(job, key) in listed:
             continue
-        up = q.shard_unit_part(key)
-        unit = up[0] if up else None
-        if unit in bad_units:
+        parsed = q.job_shard(job, key)
+        unit = parsed[0] if parsed else None
+        if unit is None:
+            foreign(key, "not a shard name")
+        elif not 0 <= unit < spec.units:
+            foreign(key, f"a shard of unit {unit}; the job has units 0-{spec.units - 1}")
+        elif unit in bad_units:
             rep.kept.append(
                 {
                     "key": key,
-                    "reason": f"unit {unit}'s done record is unreadable: its shards are kept until it is fixed",
+                    "reason": f"unit {unit}'s done record is unreadable or faulty: its shards are kept until it is fixed",
                 }
             )
-        elif unit is not None and 0 <= unit < spec.units and unit not in records:
+        elif unit not in records:
             rep.kept.append({"key": key, "reason": f"unit {unit} is not done: an attempt may still commit it"})
         else:
             candidates.append(key)
@@ -295,3 +359,8 @@ def verify(store: Store, job: str, *, clean: bool = False, now: float | None = N
         rep.garbage += stale_leases  # harmless, reported for --clean only
     rep.problems.sort(key=lambda p: (p.unit if p.unit is not None else -1, p.kind, p.key or ""))
     return rep
+
+
+def _plain_name(name: object) -> bool:
+    """A done record's shard name is a relative key with no "." / ".." / empty parts (as shard_key makes)."""
+    return isinstance(name, str) and all(p not in ("", ".", "..") and not p.startswith(".") for p in name.split("/"))

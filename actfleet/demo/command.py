@@ -37,12 +37,33 @@ import click
 from actfleet.cli import json_option
 from actfleet.errors import ActfleetError, InputError
 from actfleet.formatting import human_bytes
+from actfleet.job_options import PREPARE, BadValue, implied_positions
+from actfleet.worker.commands.flags import as_arguments, job_options
 
 BUNDLED_DATASET = Path(__file__).resolve().parent / "data" / "tiny_tales.jsonl"
 TICK_S = 0.5  # how often the driver reconciles (a process's death is noticed within this)
 STATUS_EVERY_S = 5.0  # progress lines when the output is not a terminal
 MAX_CRASHES_WITHOUT_PROGRESS = 5  # a worker that keeps failing without a unit committed: give up, say why
 RANDOM_LABEL = "RANDOM WEIGHTS (tiny demo model: the activations mean nothing)"
+# `actfleet prepare`'s options that `local` passes on: which rows of which dataset, how they become samples
+# (context windows included) and which positions are stored. Model, sites, layers and unit rows are local's own.
+PASSED_TO_PREPARE = (
+    "split",
+    "subset",
+    "dataset_revision",
+    "max_rows",
+    "format",
+    "text_field",
+    "messages_field",
+    "tokens_field",
+    "context_size",
+    "separator",
+    "prepend_bos",
+    "concat",
+    "positions",
+    "max_seq",
+    "long_inputs",
+)
 
 
 @click.command()
@@ -67,8 +88,9 @@ RANDOM_LABEL = "RANDOM WEIGHTS (tiny demo model: the activations mean nothing)"
 @click.option(
     "--input",
     "input_path",
-    type=click.Path(dir_okay=False),
-    help='Dataset: JSONL with a "text" field (default: the bundled actfleet/demo/data/tiny_tales.jsonl).',
+    help="Dataset, anything `actfleet prepare --input` takes: a file (.jsonl[.gz|.zst], .parquet, .csv, .arrow), "
+    "a directory or glob of them, a save_to_disk directory, a gs:// URL or a hub dataset id (default: the "
+    "bundled actfleet/demo/data/tiny_tales.jsonl).",
 )
 @click.option(
     "--out",
@@ -96,16 +118,32 @@ RANDOM_LABEL = "RANDOM WEIGHTS (tiny demo model: the activations mean nothing)"
     show_default=True,
     help="Unit lease length: how long a killed worker's unit waits before another takes it over.",
 )
+@job_options(PREPARE, only=PASSED_TO_PREPARE)
 @json_option
-def local(workers, chaos, seed, model, input_path, out, job, layers, sites, unit_rows, lease_seconds, as_json):
-    """Run the whole system on this machine: tiny model, bundled dataset, N workers, chaos, verify."""
+def local(workers, chaos, seed, model, input_path, out, job, layers, sites, unit_rows, lease_seconds, as_json, **flags):
+    """Run the whole system on this machine: tiny model, bundled dataset, N workers, chaos, verify.
+
+    \b
+    The input and window options are `actfleet prepare`'s, passed on to it: run it on your own data, e.g.
+    --input org/dataset --split train --context-size 128."""
     from actfleet import work_queue as q
     from actfleet.demo.process_fleet import Chaos, ProcessFleet, local_workers, popen_logged
     from actfleet.store import open_store
 
-    dataset = Path(input_path).resolve() if input_path else BUNDLED_DATASET
-    if not dataset.is_file():
-        raise InputError(f"--input {input_path or dataset}: no such file")
+    # A local path is made absolute (the job pins it; the workers run in OUT); anything else (a glob, a gs://
+    # URL, a hub id) goes to prepare as given, which resolves it or refuses it in one line.
+    dataset = str(Path(input_path).resolve()) if input_path and Path(input_path).exists() else input_path
+    dataset = dataset or str(BUNDLED_DATASET)
+    from actfleet.worker import sources
+
+    # What prepare checks first, here before the model is made: a typo fails at once, in one line.
+    try:
+        implied_positions(flags["context_size"] or 0, flags["positions"])
+    except BadValue as e:
+        raise InputError(str(e)) from None
+    sources.resolve(
+        dataset, split=flags["split"] or "train", subset=flags["subset"] or "", revision=flags["dataset_revision"] or ""
+    )
     if model and not Path(model).is_dir():
         raise InputError(f"--model {model}: no such directory")
     out_dir = Path(out).resolve()
@@ -116,7 +154,7 @@ def local(workers, chaos, seed, model, input_path, out, job, layers, sites, unit
     model_dir, random_weights = _model(model, out_dir, seed)
 
     # 2. the job (idempotent: a second run finds it prepared and resumes)
-    prepared = _prepare(store_dir, job, model_dir, dataset, layers, sites, unit_rows, out_dir)
+    prepared = _prepare(store_dir, job, model_dir, dataset, layers, sites, unit_rows, out_dir, as_arguments(flags))
     _say(
         f"job {job}: {prepared['rows']} rows in {prepared['units']} units of {prepared['unit_rows']}; "
         + ("prepared" if prepared["created"] else f"resuming, {prepared['units_done']} units already done")
@@ -226,7 +264,15 @@ def _is_random(model_dir: Path) -> bool:
 
 
 def _prepare(
-    store_dir: Path, job: str, model_dir: Path, dataset: Path, layers: str, sites: str, unit_rows: int, cwd: Path
+    store_dir: Path,
+    job: str,
+    model_dir: Path,
+    dataset: str,
+    layers: str,
+    sites: str,
+    unit_rows: int,
+    cwd: Path,
+    extra: list[str],
 ) -> dict:
     """`actfleet prepare --json`, the same command a cloud user runs; its one-line error is passed on."""
     argv = [
@@ -250,9 +296,11 @@ def _prepare(
         str(unit_rows),
         "--shard-mb",
         "1",
+        *extra,
         "--json",
     ]
-    p = subprocess.run(argv, env=_worker_env(cwd), cwd=cwd, capture_output=True, text=True)
+    # In the caller's directory: a relative --input (a glob, a directory) means what it means there.
+    p = subprocess.run(argv, env=_worker_env(cwd), capture_output=True, text=True)
     if p.returncode != 0:
         lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
         message = lines[-1] if lines else f"exited with code {p.returncode}"
@@ -473,7 +521,7 @@ def _summary(
     job: str,
     model_dir: Path,
     random_weights: bool,
-    dataset: Path,
+    dataset: str,
     workers: int,
 ) -> dict:
     from actfleet import work_queue as q

@@ -4,8 +4,9 @@
 
 `health` is the action reconcile plans for the worker right now (healthy, pending, wait, report, create,
 replace, remove, delete-orphan): the same plan (infra/plan.py) on the same inputs (infra/reconcile.py:
-observe_inputs). Totals and throughput go underneath. Works with what exists: the fleet alone (no job
-prepared yet, or no store reachable), the job alone (TPU API unreachable), or both.
+observe_inputs). Totals, throughput and the ETA go underneath. Works with what exists: the fleet alone (no job
+prepared yet, or no store reachable), the job alone (TPU API unreachable; or no fleet.toml at all, with
+`--store URL --job NAME`), or both.
 `--watch SECONDS` redraws in place (rich Live); `--json` prints one document (schema
 "actfleet.status/v1", docs/operations.md).
 
@@ -26,8 +27,8 @@ from typing import Any
 import click
 
 from actfleet.cli import config_option, json_option
-from actfleet.config import Config, load
-from actfleet.errors import ActfleetError
+from actfleet.config import Config, load, resolve_path
+from actfleet.errors import ActfleetError, ConfigError
 from actfleet.formatting import human_bytes, iso_utc, one_line
 
 SCHEMA_ID = "actfleet.status/v1"
@@ -90,25 +91,7 @@ def take_snapshot(
     rows: dict[str, dict[str, Any]] = {}
 
     def row(name: str, zone: str) -> dict[str, Any]:
-        return rows.setdefault(
-            name,
-            {
-                "worker": name,
-                "zone": zone,
-                "qr_state": None,
-                "node_state": None,
-                "node_health": None,
-                "health": None,
-                "reason": None,
-                "desired": False,
-                "units_done": None,
-                "tokens": None,
-                "shards": None,
-                "last_heartbeat": None,
-                "current_unit": None,
-                "work_state": None,
-            },
-        )
+        return rows.setdefault(name, _new_row(name, zone))
 
     for w in cfg.fleet.workers:
         row(w.name, w.zone)["desired"] = True
@@ -174,22 +157,71 @@ def take_snapshot(
                 r["node_health"] = (node.health or None) if node else None
 
     if progress_result is not None:
-        p = progress_result
-        snap.job = {k: v for k, v in p.to_dict().items() if k != "workers"}
-        for name, wp in p.workers.items():
-            r = rows.get(name) or row(name, "")
-            r.update(
-                units_done=wp.units_done,
-                tokens=wp.tokens,
-                shards=wp.shards,
-                last_heartbeat=wp.last_heartbeat,
-                current_unit=wp.current_unit,
-                work_state=wp.state,
-            )
-        if p.prepared and p.units_done:
-            snap.throughput = _job_throughput(store or _open(cfg), job_name or cfg.job.name, p.tokens)
+        _add_progress(snap, progress_result, row, lambda: store or _open(cfg), job_name or cfg.job.name)
 
     snap.rows = sorted(rows.values(), key=lambda r: (r["zone"] or "~", r["worker"]))
+    return snap
+
+
+def _new_row(name: str, zone: str) -> dict[str, Any]:
+    return {
+        "worker": name,
+        "zone": zone,
+        "qr_state": None,
+        "node_state": None,
+        "node_health": None,
+        "health": None,
+        "reason": None,
+        "desired": False,
+        "units_done": None,
+        "tokens": None,
+        "shards": None,
+        "last_heartbeat": None,
+        "current_unit": None,
+        "work_state": None,
+    }
+
+
+def _add_progress(snap: Snapshot, p, row, store, job: str) -> None:
+    """The job's totals, each worker's record and the throughput (with the ETA) into the snapshot."""
+    snap.job = {k: v for k, v in p.to_dict().items() if k != "workers"}
+    for name, wp in p.workers.items():
+        r = row(name, "")
+        r.update(
+            units_done=wp.units_done,
+            tokens=wp.tokens,
+            shards=wp.shards,
+            last_heartbeat=wp.last_heartbeat,
+            current_unit=wp.current_unit,
+            work_state=wp.state,
+        )
+    if p.prepared and p.units_done:
+        snap.throughput = _job_throughput(store(), job, p.tokens)
+        if snap.throughput and not p.complete:
+            # The units still to do at the job-long pace so far (units per second across the whole fleet).
+            rate = p.units_done / snap.throughput["seconds"]
+            snap.throughput["eta_s"] = (p.units_total - p.units_done) / rate
+            snap.throughput["eta"] = iso_utc(snap.taken_at + snap.throughput["eta_s"])
+
+
+def take_job_snapshot(store, job: str, *, now: float | None = None) -> Snapshot:
+    """The job alone, from its store (no fleet.toml, no TPU API): progress, worker records, throughput, ETA.
+    A store that cannot be read is job_error, as in take_snapshot."""
+    from actfleet.work_queue import job_progress
+
+    now = time.time() if now is None else now
+    snap = Snapshot(fleet="", taken_at=now)
+    snap.plan["errors"].append("not planned: no fleet.toml (the job alone, from --store)")
+    rows: dict[str, dict[str, Any]] = {}
+
+    def row(name: str, zone: str) -> dict[str, Any]:
+        return rows.setdefault(name, _new_row(name, zone))
+
+    try:
+        _add_progress(snap, job_progress(store, job, now=now), row, lambda: store, job)
+    except Exception as e:
+        snap.job_error = one_line(e, 400)
+    snap.rows = sorted(rows.values(), key=lambda r: r["worker"])
     return snap
 
 
@@ -202,18 +234,18 @@ def _open(cfg: Config):
 def _job_throughput(store, job: str, tokens: int) -> dict[str, Any]:
     """Tokens per second over the job so far: from the first unit's start to the last commit (done records
     carry committed_at and the attempt's seconds)."""
-    from actfleet.work_queue import DoneRecord, done_prefix
+    from actfleet.work_queue import DONE, done_record, list_units
 
-    keys = list(store.list(done_prefix(job)))
+    keys = list_units(store, job, DONE).units  # canonical keys only: a copied done/000001.old is not a unit
 
-    def read(key):
+    def read(item):
         try:
-            return DoneRecord.from_json(store.read(key)[0], key)
-        except ActfleetError:
+            return done_record(store.read(item[1])[0], item[1], item[0])
+        except ActfleetError:  # NotFound too: removed since the listing
             return None
 
     with ThreadPoolExecutor(max_workers=16) as pool:
-        records = [r for r in pool.map(read, keys) if r is not None]
+        records = [r for r in pool.map(read, keys.items()) if r is not None]
     if not records:
         return {}
     first = min(r.committed_at - r.seconds for r in records)
@@ -238,8 +270,13 @@ def _job_throughput(store, job: str, tokens: int) -> dict[str, Any]:
     metavar="SECONDS",
     help="Refresh in place every SECONDS until interrupted.",
 )
-@click.option("--store", default=None, metavar="URL", help="Read the job from this store (default: job.store).")
-@click.option("--job", "job_name", default=None, help="Job name (default: job.name).")
+@click.option(
+    "--store",
+    default=None,
+    metavar="URL",
+    help="Read the job from this store (default: job.store). Without a fleet.toml: the job alone, from here.",
+)
+@click.option("--job", "job_name", default=None, help="Job name (default: job.name; without a fleet.toml: default).")
 @click.option("--no-job", is_flag=True, help="Show the fleet only; do not read the work queue.")
 def status(config_path, as_json, watch_s, store, job_name, no_job):
     """Show every worker's state and the job's progress.
@@ -247,20 +284,48 @@ def status(config_path, as_json, watch_s, store, job_name, no_job):
     \b
     One row per worker: zone, queued-resource and node state, health (what
     reconcile would do), units done, tokens, shards, last heartbeat; totals
-    and throughput underneath. Exit code 0, or 1 when the fleet and the job
-    could both not be read.
+    and throughput (and the ETA) underneath. Without a fleet.toml,
+    `--store URL --job NAME` shows the job alone: its workers' records,
+    progress, throughput and ETA. Exit code 0, or 1 when the fleet and the
+    job could both not be read (without a fleet.toml: the job).
     """
-    cfg = load(config_path)
-    if store:
-        cfg = cfg.replace("job", store=store)
     with_job = not no_job
+    path = resolve_path(config_path)
+    if config_path or path.is_file():
+        cfg = load(config_path)
+        if store:
+            cfg = cfg.replace("job", store=store)
+
+        def take() -> Snapshot:
+            return take_snapshot(cfg, job_name=job_name, with_job=with_job)
+
+        def failed(snap: Snapshot) -> bool:
+            return bool(snap.fleet_error and (snap.job_error or not with_job))
+    else:  # no fleet.toml: the job alone, read from --store (a path, file:// or gs://)
+        if not store:
+            raise ConfigError(
+                f"{path}: config file not found, and no --store given (pass --store URL --job NAME for a job's "
+                f"progress alone, or --config fleet.toml)"
+            )
+        if no_job:
+            raise ConfigError(f"--no-job: without a fleet.toml ({path} not found) there is only the job to show")
+        from actfleet.store import open_store
+
+        job_store, name = open_store(store), job_name or "default"
+
+        def take() -> Snapshot:
+            return take_job_snapshot(job_store, name)
+
+        def failed(snap: Snapshot) -> bool:
+            return snap.job_error is not None
+
     if watch_s is None:
-        snap = take_snapshot(cfg, job_name=job_name, with_job=with_job)
+        snap = take()
         if as_json:
             click.echo(json.dumps(snap.to_dict(), indent=2))
         else:
             _console().print(render(snap))
-        sys.exit(1 if snap.fleet_error and (snap.job_error or not with_job) else 0)
+        sys.exit(1 if failed(snap) else 0)
 
     from rich.live import Live
 
@@ -268,14 +333,14 @@ def status(config_path, as_json, watch_s, store, job_name, no_job):
     try:
         if as_json:  # JSON Lines, one snapshot per refresh
             while True:
-                snap = take_snapshot(cfg, job_name=job_name, with_job=with_job)
+                snap = take()
                 _recent(snap, previous)
                 click.echo(json.dumps(snap.to_dict()))
                 previous = snap
                 time.sleep(watch_s)
         with Live(console=_console(), auto_refresh=False, screen=False) as live:
             while True:
-                snap = take_snapshot(cfg, job_name=job_name, with_job=with_job)
+                snap = take()
                 _recent(snap, previous)
                 live.update(render(snap), refresh=True)
                 previous = snap
@@ -317,7 +382,8 @@ def render(snap: Snapshot):
         "delete-orphan": "magenta",
     }
     table = Table(
-        title=f"fleet {snap.fleet} at {iso_utc(snap.taken_at)}",
+        title=(f"fleet {snap.fleet}" if snap.fleet else "job workers (no fleet.toml)")
+        + f" at {iso_utc(snap.taken_at)}",
         title_justify="left",
         box=None,
         header_style="bold",
@@ -351,12 +417,13 @@ def render(snap: Snapshot):
     lines = []
     healthy = sum(1 for r in snap.rows if r["health"] == "healthy")
     desired = sum(1 for r in snap.rows if r["desired"])
-    lines.append(f"workers: {healthy}/{desired} healthy")
+    if snap.fleet:
+        lines.append(f"workers: {healthy}/{desired} healthy")
     if snap.unreachable:
         lines.append("unreachable zones: " + "; ".join(f"{z}: {m}" for z, m in snap.unreachable.items()))
     if snap.fleet_error:
         lines.append(f"fleet: could not be observed: {snap.fleet_error}")
-    elif snap.plan["errors"]:  # unreachable zones are on their own line above
+    elif snap.plan["errors"] and snap.fleet:  # unreachable zones are on their own line above
         lines.extend(
             f"plan: {e}" for e in snap.plan["errors"] if not e.startswith(tuple(f"zone {z} " for z in snap.unreachable))
         )
@@ -371,6 +438,11 @@ def render(snap: Snapshot):
                 f"{j['units_leased']} in progress, {_n(j['tokens'])} tokens, {_n(j['shards'])} shards, "
                 f"{human_bytes(j['bytes'])}" + (" - complete" if j["complete"] else "")
             )
+            if j.get("foreign") or j.get("bad_records"):
+                lines.append(
+                    f"  not counted: {j.get('foreign', 0)} foreign objects under done/ and leases/ (no unit's key), "
+                    f"{j.get('bad_records', 0)} unreadable done records: `actfleet verify` lists them"
+                )
     elif snap.job_error:
         lines.append(f"job: could not be read: {snap.job_error}")
     t = snap.throughput
@@ -379,11 +451,17 @@ def render(snap: Snapshot):
         if "recent_tokens_per_s" in t:
             line += f" ({_n(round(t['recent_tokens_per_s']))} tokens/s since the last refresh)"
         lines.append(line)
+        if "eta_s" in t:
+            lines.append(f"eta: {t['eta']} (in {_duration(t['eta_s'])}, at the pace so far)")
     return Group(table, Text(""), *(Text(x) for x in lines))
 
 
 def _n(v) -> str:
     return "-" if v is None else f"{v:,}"
+
+
+def _duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
 def _ago(t: float | None, now: float) -> str:
@@ -393,4 +471,4 @@ def _ago(t: float | None, now: float) -> str:
     return f"{s:.0f} s ago" if s < 120 else f"{s / 60:.0f} min ago" if s < 7200 else f"{s / 3600:.1f} h ago"
 
 
-__all__ = ["status", "take_snapshot", "render", "Snapshot", "SCHEMA_ID"]
+__all__ = ["status", "take_snapshot", "take_job_snapshot", "render", "Snapshot", "SCHEMA_ID"]

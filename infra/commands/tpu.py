@@ -15,9 +15,11 @@ import time
 from dataclasses import asdict
 
 import click
+from click.core import ParameterSource
 
 from actfleet.cli import config_option, json_option
 from actfleet.config import TPU_ENDPOINT_ENV
+from actfleet.endpoints import check_endpoint
 from actfleet.errors import InputError
 
 REQUEST_ENV = "ACTFLEET_TPU_REQUEST"
@@ -34,6 +36,8 @@ def tpu():
     \b
     The endpoint is --endpoint, else $ACTFLEET_TPU_ENDPOINT, else Google's
     (with application default credentials; an http:// endpoint gets none).
+    Only https://*.googleapis.com and loopback (127.0.0.1, [::1], localhost)
+    are accepted: any other host is refused (exit 2) before a request is made.
     Exit codes: 0 done or nothing to do, 1 API error, 2 bad input, 3 no credentials.
     """
 
@@ -55,6 +59,8 @@ def _target_options(f):
 def _target(project: str, zone: str, qr_id: str, endpoint: str):
     """The checked flags as (the TPU API client, the queued resource's full name)."""
     _check_target(project, zone, qr_id)
+    source = click.get_current_context().get_parameter_source("endpoint")
+    check_endpoint(endpoint, f"${TPU_ENDPOINT_ENV}" if source == ParameterSource.ENVIRONMENT else "--endpoint")
     from actfleet.infra.tpu_api import TpuApi
 
     api = TpuApi(project, endpoint, on_wait=_progress(), on_note=lambda line: click.echo(f"actfleet: {line}", err=True))

@@ -38,9 +38,18 @@ def export():
     help="Activation dtype (Arrow has no bfloat16; float32 holds bfloat16 exactly).",
 )
 @click.option(
+    "--model-class",
+    type=click.Choice(["transformer_lens", "hf"]),
+    default="transformer_lens",
+    show_default=True,
+    help="How SAELens will load the model, which decides the column (its hook_name): transformer_lens "
+    '(model_class_name="HookedTransformer", a hub model TransformerLens knows: the site name) or hf '
+    '("AutoModelForCausalLM", any local or hub model: the module whose output is the site, e.g. model.layers.6).',
+)
+@click.option(
     "--hook-name",
     default=None,
-    help="Column name, if SAELens's hook_name differs from the site name (default: the site).",
+    help="Column name, overriding --model-class's (any module name SAELens should hook).",
 )
 @click.option(
     "--chunk-mb",
@@ -50,7 +59,7 @@ def export():
     help="MiB per output Arrow file (also the most the shuffle holds in memory at once).",
 )
 @json_option
-def saelens(shards, out, site, context_size, seed, dtype, hook_name, chunk_mb, as_json):
+def saelens(shards, out, site, context_size, seed, dtype, model_class, hook_name, chunk_mb, as_json):
     """Write a `datasets` directory SAELens trains from (use_cached_activations, cached_activations_path=OUT).
 
     \b
@@ -62,6 +71,7 @@ def saelens(shards, out, site, context_size, seed, dtype, hook_name, chunk_mb, a
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from actfleet.worker.export import export_saelens
+    from actfleet.worker.saelens_names import MODEL_CLASSES
 
     try:
         import datasets  # noqa: F401
@@ -94,6 +104,7 @@ def saelens(shards, out, site, context_size, seed, dtype, hook_name, chunk_mb, a
             seed=seed,
             dtype=dtype,
             column=hook_name,
+            model_class=model_class,
             chunk_mb=chunk_mb,
             on_progress=on_progress,
         )
@@ -113,9 +124,9 @@ def saelens(shards, out, site, context_size, seed, dtype, hook_name, chunk_mb, a
         f"(partial windows; {summary.samples_short:,} samples shorter than a window)"
     )
     click.echo(
-        f"SAELens: LanguageModelSAERunnerConfig(use_cached_activations=True, cached_activations_path="
-        f"{str(out)!r}, hook_name={summary.column!r}, context_size={summary.context_size}, "
-        f"sae=...(d_in={summary.d_in}, ...))"
+        f"SAELens: LanguageModelSAERunnerConfig(model_class_name={MODEL_CLASSES[model_class]!r}, "
+        f"use_cached_activations=True, cached_activations_path={str(out)!r}, hook_name={summary.column!r}, "
+        f"context_size={summary.context_size}, sae=...(d_in={summary.d_in}, ...)) (docs/research.md, step 4)"
     )
     if summary.stats:
         click.echo(

@@ -285,6 +285,19 @@ def _lock(out: Path) -> int:
     return fd
 
 
+def _flag(key: str) -> str:
+    """A job.json key as the user typed it: sites -> --sites, input_sha256 -> the input's sha256."""
+    return {"input_sha256": "the input's sha256", "model_sha256": "the model's sha256"}.get(
+        key, "--" + key.replace("_", "-")
+    )
+
+
+def _shown(v) -> str:
+    if isinstance(v, list):
+        return ",".join(map(str, v))
+    return str(v)[:16] + "..." if isinstance(v, str) and len(v) == 64 else str(v)
+
+
 def _resume_state(out: Path, store: OutStore, overwrite: bool, wanted: dict) -> dict[int, q.DoneRecord]:
     """The done units to keep (resuming), after deleting what must go; InputError if --out holds another
     run's shards. `wanted`: what this run reads and how, compared with the job.json already there."""
@@ -317,11 +330,15 @@ def _resume_state(out: Path, store: OutStore, overwrite: bool, wanted: dict) -> 
         "options": spec.options.to_json(),
     }
     if was != wanted:
-        changed = [f"options.{k}" for k in sorted(wanted["options"]) if was["options"].get(k) != wanted["options"][k]]
-        changed += [k for k in wanted if k != "options" and was[k] != wanted[k]]
+        # Each difference as the option it is (--sites ..., was ..., now ...), not as job.json's key path.
+        changed = [
+            (k, was["options"].get(k), v) for k, v in sorted(wanted["options"].items()) if was["options"].get(k) != v
+        ]
+        changed += [(k, was[k], wanted[k]) for k in wanted if k != "options" and was[k] != wanted[k]]
+        diffs = "; ".join(f"{_flag(k)} was {_shown(a)}, now {_shown(b)}" for k, a, b in changed) or "other settings"
         raise InputError(
-            f"--out {out}: holds a run with other {', '.join(changed) or 'settings'}; rerun with the "
-            f"same input and options to resume, or pass --overwrite to start over"
+            f"--out {out}: holds a run made with different options ({diffs}); rerun with the same input "
+            f"and options to resume, or pass --overwrite to start over"
         )
     # We hold the lock: any lease is a dead run's, and would only make us wait for its expiry.
     for key in list(store.list(f"{JOB}/leases/")):

@@ -14,7 +14,17 @@ import click
 
 from actfleet import sites as site_names
 from actfleet.errors import InputError
-from actfleet.job_options import EXTRACT, KEYS, PREPARE, BadValue, JobOptions, Option, applying
+from actfleet.job_options import (
+    EXTRACT,
+    KEYS,
+    OPTIONS,
+    PREPARE,
+    BadValue,
+    JobOptions,
+    Option,
+    applying,
+    implied_positions,
+)
 
 
 class _TableType(click.ParamType):
@@ -58,27 +68,52 @@ def _option(o: Option, command: str):
     )
 
 
-def job_options(command: str):
+def job_options(command: str, only: tuple[str, ...] | None = None):
     """Decorator adding every table option that applies to `command` (EXTRACT or PREPARE), in table order; the
-    command receives them as keyword arguments named after the options."""
+    command receives them as keyword arguments named after the options. `only`: just these (for a command
+    that passes them on to `prepare`, as `actfleet local` does)."""
     if command not in (EXTRACT, PREPARE):
         raise ValueError(f"job_options: {command!r} is not a command of the table")
+    chosen = [o for o in applying(command) if only is None or o.name in only]
+    if only is not None and len(chosen) != len(only):
+        raise ValueError(f"job_options: not {command} options: {sorted(set(only) - {o.name for o in chosen})}")
 
     def deco(f):
-        for o in reversed(applying(command)):
+        for o in reversed(chosen):
             f = _option(o, command)(f)
         return f
 
     return deco
 
 
-def options_from_flags(flags: dict, base: JobOptions) -> JobOptions:
+def options_from_flags(flags: dict, base: JobOptions, base_positions: str | None = None) -> JobOptions:
     """JobOptions from the job-option flags given (None: not given, `base`'s value stands); --sites/--layers
-    become site names. InputError on a value JobOptions refuses (a cross-option rule)."""
-    changes = {k: v for k, v in flags.items() if k in KEYS and k != "sites" and v is not None}
+    become site names. `base_positions`: the positions `base`'s source set explicitly (None: implied there), so
+    --context-size implies --positions all unless one was chosen (job_options.implied_positions). InputError on
+    a value JobOptions refuses (a cross-option rule)."""
+    changes = {k: v for k, v in flags.items() if k in KEYS and k not in ("sites", "positions") and v is not None}
     if flags.get("sites") is not None or flags.get("layers") is not None:
         changes["sites"] = site_names.from_flags(flags.get("sites") or "resid_post", flags.get("layers") or "")
+    given = flags.get("positions") if flags.get("positions") is not None else base_positions
+    try:
+        changes["positions"] = implied_positions(changes.get("context_size", base.context_size), given)
+    except BadValue as e:
+        raise InputError(str(e)) from None
     try:
         return base.replace(**changes)
     except ValueError as e:
         raise InputError(str(e)) from None
+
+
+def as_arguments(flags: dict) -> list[str]:
+    """The given flags (None: not given) as the command line that gives them, e.g. for `actfleet prepare`."""
+    out: list[str] = []
+    for name, value in flags.items():
+        o = OPTIONS[name]
+        if value is None:
+            continue
+        if o.type == "bool":
+            out.append(o.flag if value else f"--no-{o.flag[2:]}")
+        else:
+            out += [o.flag, str(value)]
+    return out

@@ -22,7 +22,14 @@ from actfleet import work_queue as q
 from actfleet.cli import config_option, json_option
 from actfleet.config import JobConfig, resolve_path
 from actfleet.errors import ConfigError, InputError
-from actfleet.job_options import DEFAULT_LEASE_SECONDS, DEFAULT_UNIT_ROWS, PREPARE, JobOptions
+from actfleet.job_options import (
+    DEFAULT_LEASE_SECONDS,
+    DEFAULT_UNIT_ROWS,
+    PREPARE,
+    BadValue,
+    JobOptions,
+    implied_positions,
+)
 from actfleet.quiet import log_to_stderr
 from actfleet.store import Store, open_store
 from actfleet.worker.commands.flags import job_options
@@ -78,11 +85,21 @@ def prepare(config_path, store_url, job, as_json, **flags):
     t = _target(config_path, store_url, job)
     c = t.config
     input_path, unit_rows = flags.pop("input"), flags.pop("unit_rows")
-    changes = {k: v for k, v in flags.items() if v is not None and k not in ("sites", "layers")}
+    changes = {k: v for k, v in flags.items() if v is not None and k not in ("sites", "layers", "positions")}
     if flags["sites"] or flags["layers"]:
         changes["sites"] = site_names.from_flags(flags["sites"] or "resid_post", flags["layers"] or "")
     elif c is None:
         raise InputError("prepare: no capture sites: pass --layers (and --sites), or set [job] sites/layers")
+    # --context-size implies --positions all; a flag, or [job] positions as written, is the explicit choice.
+    base = c.options if c else JobOptions()
+    try:
+        ctx = changes.get("context_size", base.context_size)
+        if flags["positions"] is not None or c is None or c.positions is None:
+            changes["positions"] = implied_positions(ctx, flags["positions"])
+        else:
+            changes["positions"] = implied_positions(ctx, c.positions, f"{resolve_path(config_path)}: job.positions =")
+    except BadValue as e:
+        raise InputError(f"prepare: {e}") from None
     model = changes.get("model") or (c.options.model if c else "")
     if not model:
         raise InputError("prepare: no model: pass --model or set [job] model")
@@ -94,7 +111,7 @@ def prepare(config_path, store_url, job, as_json, **flags):
     if "://" not in model and Path(model).exists():
         changes["model"] = str(Path(model).resolve())
     try:
-        options = (c.options if c else JobOptions()).replace(**changes)
+        options = base.replace(**changes)
     except ValueError as e:
         raise InputError(f"prepare: {e}") from None
     if options.max_tokens:
@@ -325,7 +342,7 @@ def _follow(channel, spec: q.JobSpec, role, on_event, report) -> None:
     "--clean",
     is_flag=True,
     help="Delete garbage: shards of done units their done record does not list, leases left on done "
-    "units (safe while workers run).",
+    "units (safe while workers run). Foreign objects (no key the protocol writes) are reported, never deleted.",
 )
 @json_option
 def verify(config_path, store_url, job, clean, as_json):
