@@ -30,6 +30,7 @@ prepare    actfleet.worker.commands.jobs:prepare      Split a dataset into work 
 work       actfleet.worker.commands.jobs:work         Claim units, extract, commit, until the job is done.
 verify     actfleet.worker.commands.jobs:verify       Prove a job's output is complete and exactly-once.
 export     actfleet.worker.commands.export:export     Write shards in a trainer's format (SAELens).
+stats      actfleet.worker.commands.stats:stats       A job's activation statistics (mean, variance, norm scaling).
 
 local      actfleet.demo.command:local                Run the whole system on this machine (the demo).
 """

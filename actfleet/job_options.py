@@ -22,6 +22,7 @@ POSITIONS = ("all", "non-special", "last")
 LONG_INPUTS = ("skip", "truncate")
 DTYPES = ("bfloat16", "float32")
 SEPARATORS = ("eos", "bos", "none")  # the token between concatenated documents in a context window
+STATS = ("moments", "gram", "none")  # per-unit activation statistics (actfleet.worker.stats)
 
 # Job settings that are not extraction options (job.json pins unit_rows separately; leases are per worker).
 DEFAULT_UNIT_ROWS = 1000
@@ -303,6 +304,14 @@ TABLE: tuple[Option, ...] = (
     ),
     Option("shard_mb", "number", 512, "Approximate shard size in MiB (2**20 bytes).", lo=0.001, hi=8192),
     Option(
+        "stats",
+        "choice",
+        "moments",
+        "Per-unit activation statistics for `actfleet stats`: moments (count, sums, sums of squares), gram (also "
+        "each site's d x d Gram matrix, for whitening) or none.",
+        choices=STATS,
+    ),
+    Option(
         "model_parallel",
         "int",
         1,
@@ -372,6 +381,7 @@ class JobOptions:
     compute_dtype: str = _default("compute_dtype")  # bfloat16 | float32
     store_dtype: str = _default("store_dtype")  # bfloat16 | float32
     shard_mb: float = _default("shard_mb")  # approximate shard size in MiB (2**20 bytes)
+    stats: str = _default("stats")  # moments | gram | none: what each unit's statistics object holds
     model_parallel: int = _default("model_parallel")  # devices splitting one model copy; the rest split the batch
     # Context windows (docs/jobs.md, "Context windows"): 0 = one sample per document, as before.
     context_size: int = _default("context_size")  # N > 0: documents tokenized, joined, cut into N-token windows

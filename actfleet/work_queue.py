@@ -25,6 +25,10 @@ Layout under `{store}/{job}/` (docs/jobs.md):
                                       lease can never overwrite another's; the done record lists the
                                       committing attempt's shards, and shards no done record lists are
                                       garbage (`verify --clean`).
+    stats/000042.a2-5f1c9a2b.stats.safetensors
+                                      the activation statistics of unit 42 as computed by attempt 2 (count,
+                                      sums, sums of squares per site: worker/stats.py). Named per attempt like
+                                      its shards; only the one the done record lists counts (committed_units).
     workers/{worker}.json             each worker's own heartbeat and counters (one writer each), for status
 
 Every record is small JSON; `job_progress` reads only those, never shards.
@@ -58,6 +62,7 @@ FORMAT_VERSION = 1
 JOB_FILE = "job.json"
 INTENT_FILE = "prepare.json"  # the job.json a prepare is writing units for (created first, if absent)
 UNITS, LEASES, DONE, SHARDS, WORKERS = "units", "leases", "done", "shards", "workers"
+STATS = "stats"
 
 
 def job_key(job: str) -> str:
@@ -82,6 +87,12 @@ def done_key(job: str, unit: int) -> str:
 
 def shard_key(job: str, unit: int, part: int, attempt: str | None = None) -> str:
     return join(job, SHARDS, shard_name(unit, part, attempt))
+
+
+def stats_key(job: str, unit: int, attempt: str | None = None) -> str:
+    """A unit's statistics object as written by one attempt (its own name, like its shards): a unit re-done
+    after a take-over writes another name, and only the object its done record lists is ever counted."""
+    return join(job, STATS, f"{unit:06d}{'.' + attempt if attempt else ''}{STATS_SUFFIX}")
 
 
 def worker_key(job: str, worker: str) -> str:
@@ -173,6 +184,7 @@ def list_units(store: Store, job: str, folder: str) -> UnitListing:
 # Shard names: part 3 of unit 42 is "000042-0003.safetensors", and as written by a fleet attempt
 # "000042-0003.a2-5f1c9a2b.safetensors" (the lease's attempt number and nonce: Lease.tag).
 SHARD_SUFFIX = ".safetensors"
+STATS_SUFFIX = ".stats.safetensors"  # a unit's statistics (worker/stats.py); never a shard (parse_shard_name)
 ATTEMPT_RE = re.compile(r"a[0-9]+-[0-9a-f]{8}")
 
 
@@ -188,7 +200,7 @@ def parse_shard_name(key: str) -> tuple[int, int, str | None] | None:
     """(unit, part, attempt or None) of a shard name made by shard_name, or of a key ending in one; None
     for anything else (a temporary upload, a stray file)."""
     name = key.rsplit("/", 1)[-1]
-    if not name.endswith(SHARD_SUFFIX):
+    if not name.endswith(SHARD_SUFFIX) or name.endswith(STATS_SUFFIX):
         return None
     stem, _, attempt = name[: -len(SHARD_SUFFIX)].partition(".")
     unit, _, part = stem.partition("-")
@@ -742,6 +754,10 @@ class DoneRecord:
     input_sha256: str = ""  # the dataset bytes this attempt read (must be the job's fingerprint)
     model_sha256: str = ""  # the model files it loaded (must be the job's model_pin digest)
     format_version: int = FORMAT_VERSION
+    # The unit's statistics object (stats/..., tokens = rows counted), or None (--stats none, or a record
+    # from before statistics). In the record rather than found by name, so exactly the committing attempt's
+    # statistics count: the same rule as its shards.
+    stats: ShardInfo | None = None
 
     def to_json(self) -> bytes:
         return _dump(asdict(self))
@@ -751,6 +767,8 @@ class DoneRecord:
         d = _load(data, what)
         try:
             d["shards"] = [ShardInfo(**s) for s in d.get("shards", [])]
+            if d.get("stats") is not None:
+                d["stats"] = ShardInfo(**d["stats"])
             rec = DoneRecord(**d)
         except (TypeError, AttributeError) as e:
             raise ActfleetError(f"{what}: unexpected fields ({e}) (corrupt record)") from None
@@ -794,6 +812,11 @@ def _wrong_types(rec: DoneRecord) -> str | None:
     for s in rec.shards:
         if not (isinstance(s.name, str) and is_int(s.bytes) and isinstance(s.sha256, str) and is_int(s.tokens)):
             return "shards"
+    s = rec.stats
+    if s is not None and not (
+        isinstance(s.name, str) and is_int(s.bytes) and isinstance(s.sha256, str) and is_int(s.tokens)
+    ):
+        return "stats"
     return None
 
 
@@ -807,7 +830,7 @@ def commit(store: Store, lease: Lease, record: DoneRecord, lease_seconds: float)
     LeaseLost if our lease is gone or expired, ShardsMissing if a listed shard is not there with its size:
     then nothing is committed by us."""
     lease = renew(store, lease, lease_seconds)  # never commit on a lost or expired lease
-    for s in record.shards:  # e.g. removed by `verify --clean` while we were stalled
+    for s in record.shards + ([record.stats] if record.stats else []):  # e.g. removed by `verify --clean`
         size = store.size(in_job(lease.job, s.name))
         if size != s.bytes:
             release(store, lease)
@@ -837,6 +860,26 @@ def done_record(data: bytes, what: str, unit: int) -> DoneRecord:
     if rec.unit != unit:
         raise ActfleetError(f"{what}: the record says unit {rec.unit}, its key is unit {unit}'s (corrupt record)")
     return rec
+
+
+def committed_units(store: Store, job: str, units: int) -> list[DoneRecord]:
+    """The committed units of a job, in unit order: the done records of units 0..units-1.
+
+    The one definition of what a job holds: its committed shards are exactly the shards these records list,
+    and its statistics exactly the stats objects they list (one record per unit, created once), so nothing an
+    attempt left behind (a killed attempt's shards, a re-done unit's first statistics) is ever read or
+    counted. A done key naming no unit of the job is ignored; an unreadable record raises ActfleetError."""
+    wanted = sorted(u for u in done_units(store, job) if 0 <= u < units)
+    with ThreadPoolExecutor(max_workers=16) as pool:  # small records: latency, not bandwidth
+        records = list(pool.map(lambda unit: read_done(store, job, unit), wanted))
+    out = []
+    for unit, rec in zip(wanted, records):
+        if rec is None:
+            continue  # removed since the listing
+        if rec.unit != unit:
+            raise ActfleetError(f"{store.url}/{done_key(job, unit)}: says unit {rec.unit} (corrupt record)")
+        out.append(rec)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------

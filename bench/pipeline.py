@@ -7,13 +7,17 @@ Both sides use the same engine, model, data and units, measured side by side in 
 - pipeline: `actfleet work`'s loop in-process (claim, extract, serialize with ShardWriter, upload to a
   local-filesystem store with fsync, create done records) over a freshly prepared job.
 
+Statistics overhead (issue 23.1, goal <= 3%): the same pipeline with the job's per-unit activation
+statistics (`--stats moments`, the default, and `gram`) against `--stats none`, side by side in the same
+run, alternating; ratio = with / without (`--only-stats`: just this table).
+
 "Useful tokens" are stored tokens (no padding, no skipped rows). Printed for one layer and for all layers;
 ratio = pipeline / forward-only (the issue's aim: 0.9 or better), best of each side and the median of the
 paired runs, plus the ratio of the median CPU times (forward / pipeline: the extra work the pipeline does,
 less sensitive than wall time to other load on a shared machine). Warm-up runs first on both paths so
 neither pays for compilation.
 
-    python bench/pipeline.py [--rows 256] [--unit-rows 64] [--layers 4 --hidden 256] [--repeat 2]
+    python bench/pipeline.py [--rows 256] [--unit-rows 64] [--layers 4 --hidden 256] [--repeat 2] [--only-stats]
 """
 
 from __future__ import annotations
@@ -52,9 +56,15 @@ def write_texts(path: Path, rows: int, seed: int = 0) -> None:
             f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(n))}) + "\n")
 
 
-def options(model: str, sites: list[str]) -> JobOptions:
+def options(model: str, sites: list[str], stats: str = "moments") -> JobOptions:
     return JobOptions(
-        model=model, sites=tuple(sites), batch_tokens=4096, compute_dtype="float32", store_dtype="bfloat16", shard_mb=8
+        model=model,
+        sites=tuple(sites),
+        batch_tokens=4096,
+        compute_dtype="float32",
+        store_dtype="bfloat16",
+        shard_mb=8,
+        stats=stats,
     )
 
 
@@ -93,6 +103,7 @@ def main(argv=None) -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--model", help="a model directory (default: a tiny random Qwen2 made on the spot)")
+    ap.add_argument("--only-stats", action="store_true", help="only the statistics-overhead comparison")
     args = ap.parse_args(argv)
 
     from actfleet.demo.tiny_model import make_tiny_model
@@ -119,10 +130,11 @@ def main(argv=None) -> None:
         print(
             f"{'sites':<12} {'forward tok/s':>14} {'pipeline tok/s':>15} {'ratio':>7} {'tokens':>9}   (best of each side)"
         )
-        for label, sites in (
+        site_sets = (
             ("one layer", [f"blocks.{args.layers - 1}.hook_resid_post"]),
             ("all layers", ["blocks.*.hook_resid_post"]),
-        ):
+        )
+        for label, sites in () if args.only_stats else site_sets:
             opts = options(model, sites)
             rows = count_input_rows(str(data), opts)
             spec = q.JobSpec(
@@ -156,6 +168,45 @@ def main(argv=None) -> None:
                 f"{label:<12} {f:>14,.0f} {p:>15,.0f} {p / f:>7.2f} {tok_f:>9,}   median paired ratio {med:.2f}, "
                 f"CPU-time ratio {cpu_ratio:.2f}"
                 f"   (runs: fwd {', '.join(f'{x:,.0f}' for x in fwd)}; pipe {', '.join(f'{x:,.0f}' for x in pipe)})"
+            )
+        stats_overhead(model, data, fp, args, site_sets, root)
+
+
+def stats_overhead(model: str, data: Path, fp: str, args, site_sets, root: Path) -> None:
+    """Pipeline tok/s with each --stats mode against --stats none, alternating runs (same model and data)."""
+    print(f"\nstatistics overhead: pipeline tok/s, --stats MODE against --stats none (best of {args.repeat} each)")
+    print(f"{'sites':<12} {'mode':<8} {'none tok/s':>11} {'with tok/s':>11} {'ratio':>7} {'overhead':>9}")
+    for label, sites in site_sets:
+        spec_of, ex_of = {}, {}
+        for mode in ("none", "moments", "gram"):
+            opts = options(model, sites, mode)
+            rows = count_input_rows(str(data), opts)
+            spec_of[mode] = q.JobSpec(
+                job=f"stats-{mode}-{label.replace(' ', '-')}",
+                input=str(data),
+                fingerprint=fp,
+                rows=rows,
+                unit_rows=args.unit_rows,
+                units=-(-rows // args.unit_rows),
+                options=opts,
+            )
+            ex_of[mode] = EngineExtractor(spec_of[mode])
+            pipeline(ex_of[mode], spec_of[mode], root, f"warm-{mode}-{label}")  # compile every shape
+        for mode in ("moments", "gram"):
+            base, withs, cpu_b, cpu_w = [], [], [], []
+            for r in range(args.repeat):
+                order = ("none", mode) if r % 2 == 0 else (mode, "none")
+                for m in order:
+                    tok, secs, cpu = pipeline(ex_of[m], spec_of[m], root, f"s-{m}-{label}-{mode}-{r}")
+                    (base if m == "none" else withs).append(tok / secs)
+                    (cpu_b if m == "none" else cpu_w).append(cpu)
+            b, w = max(base), max(withs)
+            # CPU time (this process, all threads) is less sensitive than wall time to a shared machine's load.
+            cpu_ratio = statistics.median(cpu_b) / statistics.median(cpu_w)
+            print(
+                f"{label:<12} {mode:<8} {b:>11,.0f} {w:>11,.0f} {w / b:>7.3f} {1 - w / b:>8.1%}"
+                f"   CPU-time ratio {cpu_ratio:.3f}"
+                f"   (runs: none {', '.join(f'{x:,.0f}' for x in base)}; with {', '.join(f'{x:,.0f}' for x in withs)})"
             )
 
 

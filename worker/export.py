@@ -39,6 +39,7 @@ from actfleet.worker.reader import ShardFile, open_source
 
 OUT_DTYPES = ("float32", "float16")
 MANIFEST = "actfleet-export.json"
+STATS_FILE = "actfleet-stats.safetensors"  # mean and variance per dimension (worker/stats.py JobTotals.save)
 
 
 @dataclass
@@ -63,6 +64,10 @@ class ExportSummary:
     units_done: int | None = None
     units_total: int | None = None
     shard_metadata: dict = field(default_factory=dict)  # the first shard's, for provenance
+    # The site's activation statistics over every stored token of the committed units (worker/stats.py;
+    # also STATS_FILE's arrays), or why there are none. Of all stored tokens, not only the exported windows.
+    stats: dict | None = None
+    stats_missing: str = ""
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -96,7 +101,7 @@ def export_saelens(
         raise InputError(f"{location}: no shards there" + (" (no unit is done yet)" if src.units_total else ""))
 
     # Pass 1: the index tensors only -> window starts in the virtual row space of all shards in order.
-    first = ShardFile(src.store, src.keys[0])
+    first = src.shard(src.keys[0])
     if site not in first.entries:
         raise InputError(f"--site {site}: not in {first.key} (its sites: {', '.join(first.sites)})")
     if context_size is None:
@@ -154,8 +159,27 @@ def export_saelens(
         _write_arrow(out, spill, summary, pos, file_of, per_file, files, record, on_progress)
     finally:
         shutil.rmtree(spill, ignore_errors=True)
+    _write_stats(src, site, out, summary)
     (out / MANIFEST).write_text(json.dumps(summary.to_json(), indent=2) + "\n")
     return summary
+
+
+def _write_stats(src, site: str, out: Path, summary: ExportSummary) -> None:
+    """The job's statistics of `site` beside the export (a job's only: a plain directory has none)."""
+    from actfleet.worker.stats import NoStatistics, job_totals
+
+    if src.job is None:
+        summary.stats_missing = "not a job: plain shard files carry no statistics"
+        return
+    job = src.job
+    try:
+        totals = job_totals(job.store, job.job, job.spec.units, where=src.location, sites=[site])
+    except NoStatistics as e:  # a corrupt statistics object is an error, as a corrupt shard is
+        summary.stats_missing = str(e)
+        return
+    if site in totals.sites:
+        totals.save(out / STATS_FILE)
+        summary.stats = totals.sites[site].summary()
 
 
 def _width(f: ShardFile, site: str) -> int:
@@ -180,7 +204,7 @@ def _windows(src, first, site, width, ctx, summary, on_progress) -> tuple[np.nda
             starts.append(run_start + ctx * np.arange(k, dtype=np.int64))
 
     for i, key in enumerate(src.keys):
-        f = first if i == 0 else ShardFile(src.store, key)  # headers are read once per pass
+        f = first if i == 0 else src.shard(key)  # headers are read once per pass
         if site not in f.entries:
             raise InputError(f"--site {site}: not in {key} (its sites: {', '.join(f.sites)})")
         if _width(f, site) != width:
@@ -215,7 +239,7 @@ def _spill(src, site, starts, offsets, file_of, record, spill: Path, ctx: int, o
     tail_start = 0  # virtual row of the tail's first row
     done = 0  # windows spilled so far (they complete in start order)
     for i, key in enumerate(src.keys):
-        f = ShardFile(src.store, key)
+        f = src.shard(key)
         got = f.read((site, "token_ids"))
         acts = np.asarray(got[site]).reshape(len(got["token_ids"]), -1).astype(record["acts"].base, copy=False)
         tok = np.asarray(got["token_ids"], np.int32)

@@ -5,8 +5,9 @@
         b["sample_ids"], b["positions"], b["token_ids"], b["blocks.6.hook_resid_post"]   # numpy arrays
 
 Where shards come from (`open_source`): a directory (every *.safetensors under it), one file, a gs:// prefix,
-or the root of a job (`gs://bucket/JOB` or a local `store/JOB`, recognised by its job.json): then exactly
-the shards the done records list, never an attempt's garbage, and units not done yet are left out.
+or a job (`find_job`: its root `gs://bucket/JOB` or `store/JOB`, recognised by its job.json, its shards
+directory, or an `actfleet extract --out`): then exactly the shards the done records list
+(work_queue.committed_units), never an attempt's garbage, and units not done yet are left out.
 
 What is read: local shards are memory-mapped, so only the pages of the rows and tensors used are touched.
 Bucket shards are read by range from their safetensors header (8 bytes, then the header, then the byte
@@ -20,24 +21,31 @@ needs a float32 or a `.view(np.uint16)` then `.view(torch.bfloat16)`).
 
 `shuffled_batches` is a seeded, deterministic shuffled stream across shards that splits its work into
 disjoint parts (DataLoader workers x ranks); `ActivationDataset` is the same stream as a torch
-IterableDataset. This module imports numpy, safetensors' format code (worker/shards.py: numpy and
-ml_dtypes), the queue protocol's names (actfleet/work_queue.py: standard library) and nothing else at
+IterableDataset (its `.stats`: the job's activation statistics, `load_stats`).
+
+Checks (issue 27.3): a job's shards are checked against their done records' sizes when opened, and every
+tensor read against the sha256 its writer recorded in the header (local tensors whole, once; remote tensors
+when read whole); a shard without those digests is checked whole against its done record. A failure is one
+ShardFormatError line naming the shard (exit 2), never silently wrong data. This module imports numpy, safetensors' format code (worker/shards.py: numpy and
+ml_dtypes), the queue protocol's names and the stores (actfleet/work_queue.py, store.py: standard library) and nothing else at
 import time: google-cloud-storage only for gs://, torch only for ActivationDataset.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import struct
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from actfleet import work_queue as q
-from actfleet.worker.shards import _DTYPES, INDEX_TENSORS, ShardFormatError, open_file
+from actfleet.store import NotFound as NotFoundError
+from actfleet.worker.shards import _DTYPES, INDEX_TENSORS, TENSOR_SHA256, ShardFormatError, open_file, tensor_digest
 
 # ----------------------------------------------------------------------------------------------------
 # Where the shards are
@@ -47,52 +55,128 @@ from actfleet.worker.shards import _DTYPES, INDEX_TENSORS, ShardFormatError, ope
 @dataclass
 class Source:
     """An ordered list of shards: `keys` are paths (store None) or keys of `store`. For a job, the done
-    records' shards in (unit, part) order, with how many units are done."""
+    records' shards in (unit, part) order, with how many units are done and each shard's recorded size and
+    sha256 (`expected`, by key), which ShardFile checks what it reads against."""
 
     store: object | None
     keys: list[str]
     location: str
     units_done: int | None = None  # None unless the location is a job
     units_total: int | None = None
+    expected: dict = field(default_factory=dict)  # key -> work_queue.ShardInfo (jobs only)
+    job: "JobRoot | None" = None
+
+    def shard(self, key: str) -> "ShardFile":
+        return ShardFile(self.store, key, self.expected.get(key))
+
+
+@dataclass
+class JobRoot:
+    """A job found at a location: its records' store and name there, and where its shards are."""
+
+    store: object  # the store holding job.json and done/ (rooted at the job: job "" unless `job` says)
+    job: str
+    spec: q.JobSpec
+    shards_store: object | None  # the store the shard keys are in (None: they are local paths)
+    shard_key: Callable[[str], str]  # a done record's job-relative shard name -> key (or path)
+
+
+def find_job(location: str) -> JobRoot | None:
+    """The job at `location`, if it is one: a job's root (`gs://bucket/JOB`, `store/JOB`: job.json there),
+    its shards directory (`store/JOB/shards`: job.json one level up) or an `actfleet extract --out`
+    directory (its queue under .extract/). None for anything else (a plain directory or file of shards)."""
+    from actfleet.store import LocalStore, NotFound, open_store
+
+    def read_spec(store, job: str, where: str):
+        try:
+            return q.JobSpec.from_json(store.read(q.job_key(job))[0], f"{where}/{q.JOB_FILE}")
+        except NotFound:
+            return None
+
+    if location.startswith("gs://"):
+        url = location.rstrip("/")
+        for root in (url, url.rsplit("/", 1)[0] if url.endswith("/" + q.SHARDS) else None):
+            if root is None or root.count("/") < 2:
+                continue
+            store = open_store(root)
+            spec = read_spec(store, "", root)
+            if spec is not None:
+                return JobRoot(store, "", spec, store, lambda name: name)
+        return None
+    path = Path(location[len("file://") :] if location.startswith("file://") else location)
+    if not path.is_dir():
+        return None
+    for root in (path, path.parent if path.name == q.SHARDS else None):
+        if root is not None and (root / q.JOB_FILE).is_file():
+            store = LocalStore(root)
+            return JobRoot(store, "", read_spec(store, "", str(root)), store, lambda name: name)
+    from actfleet.worker.commands.extract import JOB, STATE  # an extract --out: shards by (unit, part) name
+
+    if (path / STATE / q.job_key(JOB)).is_file():
+        store = LocalStore(path / STATE)
+        return JobRoot(
+            store, JOB, read_spec(store, JOB, str(path / STATE)), None, lambda name: str(path / _extract_name(name))
+        )
+    return None
+
+
+def _extract_name(name: str) -> str:
+    """Where an extract --out keeps a done record's shard: under its (unit, part) name (OutStore's routing)."""
+    up = q.shard_unit_part(name)
+    return q.shard_name(*up) if up else name.rsplit("/", 1)[-1]
 
 
 def open_source(location: str) -> Source:
     """The shards at `location` (see the module docstring); FileNotFoundError if there are none to name."""
+    job = find_job(location)
+    if job is not None:
+        return _job_shards(job, location)
     if location.startswith("gs://"):
         from actfleet.store import open_store
 
         store = open_store(location)
-        job = _job_shards(store, location)
-        if job is not None:
-            return job
-        return Source(store, [k for k in store.list("") if k.endswith(q.SHARD_SUFFIX)], location)
+        return Source(store, [k for k in store.list("") if _is_shard(k)], location)
     path = Path(location[len("file://") :] if location.startswith("file://") else location)
     if path.is_file():
         return Source(None, [str(path)], location)
     if not path.is_dir():
         raise FileNotFoundError(f"{location}: no such shard file or directory")
-    if (path / q.JOB_FILE).is_file():
-        from actfleet.store import LocalStore
-
-        job = _job_shards(LocalStore(path), location)
-        if job is not None:
-            return job
-    shards = sorted(str(f) for f in path.rglob("*" + q.SHARD_SUFFIX) if not f.name.startswith("."))
+    shards = sorted(
+        str(f) for f in path.rglob("*" + q.SHARD_SUFFIX) if not f.name.startswith(".") and _is_shard(f.name)
+    )
     return Source(None, shards, location)
 
 
-def _job_shards(store, location: str) -> Source | None:
-    """The committed shards of the job rooted at `store`, or None if there is no job.json there."""
-    from actfleet.store import NotFound
+def _is_shard(key: str) -> bool:
+    return key.endswith(q.SHARD_SUFFIX) and not key.endswith(q.STATS_SUFFIX)
 
-    try:  # the store's root is the job's: its keys are relative to the job (job "")
-        spec = q.JobSpec.from_json(store.read(q.job_key(""))[0], f"{location}/{q.JOB_FILE}")
-    except NotFound:
-        return None
-    with ThreadPoolExecutor(max_workers=16) as pool:  # done records are small: latency, not bandwidth
-        records = list(pool.map(lambda unit: q.read_done(store, "", unit), range(spec.units)))
-    keys = [s.name for rec in records if rec is not None for s in rec.shards]
-    return Source(store, keys, location, sum(r is not None for r in records), spec.units)
+
+def _job_shards(job: JobRoot, location: str) -> Source:
+    """Exactly the committed shards of the job (work_queue.committed_units), with their recorded sizes."""
+    records = q.committed_units(job.store, job.job, job.spec.units)
+    keys, expected = [], {}
+    for rec in records:
+        for s in rec.shards:
+            key = job.shard_key(s.name)
+            keys.append(key)
+            expected[key] = s
+    return Source(job.shards_store, keys, location, len(records), job.spec.units, expected, job)
+
+
+def load_stats(location: str, sites=None):
+    """The activation statistics of the job at `location` (actfleet.worker.stats.JobTotals: per site mean,
+    variance, mean norm, SAELens's norm scaling factor...), summed over its committed units exactly once.
+    InputError for a location that is not a job (a plain directory of shards carries no statistics)."""
+    from actfleet.errors import InputError
+    from actfleet.worker.stats import job_totals
+
+    job = find_job(location)
+    if job is None:
+        raise InputError(
+            f"{location}: not a job (no job.json there, one level up, or under .extract/): statistics live "
+            f"with a job's done records"
+        )
+    return job_totals(job.store, job.job, job.spec.units, where=location, sites=sites)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -114,14 +198,56 @@ class ShardFile:
     Local files (a path, or a key of a local store) are memory-mapped; other stores are read by byte
     range at the generation whose header was read, so offsets and bytes always belong to one version."""
 
-    def __init__(self, store, key: str):
+    def __init__(self, store, key: str, expect=None):
+        """`expect`: the shard's done-record entry (work_queue.ShardInfo) when known: its size is checked at
+        once. What is read is checked too, once: each tensor against the sha256 the writer recorded in the
+        header (TENSOR_SHA256; local tensors whole, remote ones when read whole), or, for a shard without
+        them, the whole file against the done record's sha256 when it is opened."""
         self.key = key
         local = key if store is None else store.local_path(key)
         self._store, self._tensors, self._generation = store, None, None
-        if local is not None:
-            self._tensors, self.metadata = open_file(local)
-            self.entries = {name: _Entry(a.dtype, a.shape, 0, 0) for name, a in self._tensors.items()}
-            return
+        self._verified: set[str] = set()
+        try:
+            if local is not None:
+                self._open_local(local, expect)
+            else:
+                self._open_remote(store, key, expect)
+        except (FileNotFoundError, NotFoundError):
+            raise ShardFormatError(f"{key}: missing" + (" (its done record lists it)" if expect else "")) from None
+        try:
+            self._digests = json.loads(self.metadata.get(TENSOR_SHA256, "{}"))
+        except ValueError:
+            raise ShardFormatError(f"{key}: its {TENSOR_SHA256} metadata is not JSON (corrupt header)") from None
+        if not self._digests and expect is not None:  # a shard without per-tensor digests: check it whole, once
+            if local is not None:
+                with open(local, "rb") as fh:
+                    digest = hashlib.file_digest(fh, "sha256").hexdigest()
+            else:
+                digest = hashlib.sha256(store.read_range(key, 0, expect.bytes, self._generation)[0]).hexdigest()
+            if digest != expect.sha256:
+                raise ShardFormatError(
+                    f"{key}: sha256 {digest[:12]}..., its done record says {expect.sha256[:12]}... (corrupt shard)"
+                )
+
+    @staticmethod
+    def _check_size(key: str, size: int, expect) -> None:
+        if expect is not None and size != expect.bytes:
+            raise ShardFormatError(
+                f"{key}: {size} bytes, its done record says {expect.bytes} (truncated or rewritten; "
+                f"`actfleet verify` checks them all)"
+            )
+
+    def _open_local(self, local, expect) -> None:
+        self._check_size(self.key, os.path.getsize(local), expect)
+        self._tensors, self.metadata = open_file(local)
+        self.entries = {name: _Entry(a.dtype, a.shape, 0, 0) for name, a in self._tensors.items()}
+
+    def _open_remote(self, store, key: str, expect) -> None:
+        if expect is not None:
+            size = store.size(key)
+            if size is None:
+                raise FileNotFoundError(key)
+            self._check_size(key, size, expect)
         head, self._generation = store.read_range(key, 0, 8)
         if len(head) < 8:
             raise ShardFormatError(f"{key}: too short for a safetensors header")
@@ -164,6 +290,8 @@ class ShardFile:
             raise KeyError(f"{self.key}: no site {missing[0]} (this shard has {', '.join(self.sites)})")
         stop = self.rows if stop is None else stop
         if self._tensors is not None:
+            for n in names:  # local: the whole tensor is checked, once (pages of the map, no download)
+                self._verify(n, self._tensors[n])
             return {n: self._tensors[n][start:stop] for n in names}
         spans = []  # (begin, end, name, shape)
         for n in names:
@@ -180,7 +308,24 @@ class ShardFile:
                 out[n] = np.frombuffer(
                     data, self.entries[n].dtype, count=int(np.prod(shape, dtype=np.int64)), offset=b - lo
                 ).reshape(shape)
+                if start == 0 and stop == self.entries[n].shape[0]:  # read whole: check it
+                    self._verify(n, out[n])
         return out
+
+    def _verify(self, name: str, tensor: np.ndarray) -> None:
+        """The tensor's bytes against the digest the writer recorded (once per tensor; nothing to check in a
+        shard that records none: those are checked whole when opened, when their done record is known)."""
+        if name in self._verified or not self._digests:
+            return
+        want = self._digests.get(name)
+        got = tensor_digest([tensor])
+        if want != got:
+            raise ShardFormatError(
+                f"{self.key}: tensor {name} has sha256 {got[:12]}..., "
+                + (f"its header records {want[:12]}..." if want else "its header records none")
+                + " (corrupt shard; `actfleet verify` checks them all)"
+            )
+        self._verified.add(name)
 
 
 def _coalesce(spans):
@@ -204,7 +349,7 @@ def shard_metadata(location: str) -> list[dict]:
     src = open_source(location)
     out = []
     for key in src.keys:
-        f = ShardFile(src.store, key)
+        f = src.shard(key)
         meta = dict(f.metadata)
         if "sites" in meta:
             meta["sites"] = json.loads(meta["sites"])
@@ -244,7 +389,7 @@ def iter_batches(
     src = open_source(location)
     wanted_sites = None if sites is None else list(sites)
     for key in src.keys:
-        f = ShardFile(src.store, key)
+        f = src.shard(key)
         names = f.sites if wanted_sites is None else wanted_sites
         index = f.read(INDEX_TENSORS)
         acts = f.read(names)
@@ -317,7 +462,7 @@ def shuffled_batches(
         pending[:] = [{k: v[cut:] for k, v in cat.items()}] if cut < n else []
 
     for i in order:
-        f = ShardFile(src.store, src.keys[i])
+        f = src.shard(src.keys[i])
         n = f.rows
         lo, hi = n * part // parts, n * (part + 1) // parts
         names = [*INDEX_TENSORS, *(f.sites if wanted is None else wanted)]
@@ -390,6 +535,14 @@ def _make_torch_dataset():
 
         def set_epoch(self, epoch: int) -> None:
             self._epoch.value = int(epoch)
+
+        @property
+        def stats(self):
+            """The job's activation statistics of this dataset's sites (load_stats: JobTotals; `.sites[site]`
+            has mean(), variance(), summary()["norm_scaling_factor"]), read once and kept."""
+            if not hasattr(self, "_stats"):
+                self._stats = load_stats(self.location, sites=self.sites)
+            return self._stats
 
         def __iter__(self):
             info = torch.utils.data.get_worker_info()

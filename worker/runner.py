@@ -99,6 +99,7 @@ class _Launched:
     real: int  # non-padding tokens of the batch
     source: tuple[np.ndarray, np.ndarray] | None  # context windows: (source rows, source positions)
     out: tuple = ()  # the gathered arrays on the device, one per site width
+    stats: tuple = ()  # per site width: (sum, sum of squares, sum of squared norms, sum of norms[, Gram]) per site
 
 
 class Runner:
@@ -150,10 +151,26 @@ class Runner:
                 acts = model(token_ids, segment_ids, positions, sites=sites, attn_block=attn_block)
             return {k: v.astype(store) for k, v in acts.items()}
 
-        def gather(acts, take):
+        stats_mode = options.stats  # moments | gram | none (actfleet.worker.stats)
+
+        def gather(acts, take, n):
             # On the device, before the copy to the host: only the stored tokens, already in shard order, the
             # sites of one width in one array.
-            return tuple(jnp.stack([acts[s].reshape(-1, acts[s].shape[-1])[take] for s in group]) for group in groups)
+            outs = tuple(jnp.stack([acts[s].reshape(-1, acts[s].shape[-1])[take] for s in group]) for group in groups)
+            if stats_mode == "none":
+                return outs, ()
+            # The statistics of exactly the stored rows (the first n of the padded gather), from the values
+            # already cast to the store dtype: float32 sums per batch, summed in float64 by the work loop.
+            valid = (jnp.arange(take.shape[0]) < n)[None, :, None]
+            stats = []
+            for out in outs:
+                x = jnp.where(valid, out.astype(jnp.float32), 0.0)
+                sq = (x * x).sum(-1)
+                part = (x.sum(1), (x * x).sum(1), sq.sum(1), jnp.sqrt(sq).sum(1))
+                if stats_mode == "gram":
+                    part += (jnp.einsum("snd,sne->sde", x, x, precision=jax.lax.Precision.HIGHEST),)
+                stats.append(part)
+            return outs, tuple(stats)
 
         self.step = jax.jit(step)
         # Replicated: every host gets whole vectors, whether the mesh spans hosts or the model is split
@@ -263,7 +280,11 @@ class Runner:
     def _lower_gather(self, step, take: int):
         import jax
 
-        return self._gather.lower(step.out_info, jax.ShapeDtypeStruct((take,), np.int32, sharding=self._replicated))
+        return self._gather.lower(
+            step.out_info,
+            jax.ShapeDtypeStruct((take,), np.int32, sharding=self._replicated),
+            jax.ShapeDtypeStruct((), np.int32, sharding=self._replicated),
+        )
 
     # -- one batch ------------------------------------------------------------------------------------
 
@@ -288,8 +309,9 @@ class Runner:
         launched = self._stored_index(pb, samples)
         padded = self._gather_len(pb.shape, stored)
         take = np.pad(launched.take, (0, padded - len(launched.take))).astype(np.int32)
-        launched.out = gather(acts, place_global(take, self._replicated))
-        for o in launched.out:
+        count = place_global(np.asarray(len(launched.take), np.int32), self._replicated)
+        launched.out, launched.stats = gather(acts, place_global(take, self._replicated), count)
+        for o in (*launched.out, *(a for part in launched.stats for a in part)):
             o.copy_to_host_async()  # overlaps the transfer with the next batch's compute
         return launched
 
@@ -335,6 +357,18 @@ class Runner:
         for group, out in zip(self._groups, launched.out):
             host = fetch_whole(out)
             acts.update({site: host[i, :n] for i, site in enumerate(group)})
+        stats = None
+        if launched.stats:
+            from actfleet.worker.stats import SiteStats
+
+            stats = {}
+            for group, part in zip(self._groups, launched.stats):
+                arrays = [fetch_whole(a).astype(np.float64) for a in part]
+                for i, site in enumerate(group):
+                    gram = arrays[4][i] if len(arrays) > 4 else None
+                    stats[site] = SiteStats(
+                        n, arrays[0][i], arrays[1][i], float(arrays[2][i]), float(arrays[3][i]), gram
+                    )
         if seen is None:
             members = sum(len(m) for m in launched.pb.rows)
         else:  # windows: an input row counts in the first batch of its unit that stores one of its tokens
@@ -354,6 +388,7 @@ class Runner:
             skipped=dict(skipped),
             source_rows=None if source is None else source[0],
             source_positions=None if source is None else source[1],
+            stats=stats,
         )
 
     def empty_batch(self, skipped: dict[int, str], truncated: int) -> Batch:

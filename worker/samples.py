@@ -50,6 +50,9 @@ class Batch:
     skipped: dict[int, str] = field(default_factory=dict)  # sample_id (input row) -> reason
     source_rows: np.ndarray | None = None  # int64 [n], context windows only: the input row of each token
     source_positions: np.ndarray | None = None  # int32 [n]: its position in that row (-1: inserted BOS/separator)
+    # site -> actfleet.worker.stats.SiteStats of these rows, computed on the device (None: not computed; the
+    # work loop then computes them on the host when the job wants statistics)
+    stats: dict | None = None
 
     @property
     def stored_tokens(self) -> int:

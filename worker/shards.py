@@ -15,6 +15,7 @@ Shards written here load with `safetensors.safe_open(..., framework="pt")` and i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import struct
@@ -25,6 +26,7 @@ from typing import Callable
 import ml_dtypes
 import numpy as np
 
+from actfleet.errors import InputError
 from actfleet.job_options import SHARD, applying
 from actfleet.work_queue import shard_name  # shard names and keys are the queue protocol's
 from actfleet.worker.samples import Batch
@@ -50,8 +52,21 @@ _CODES = {v: k for k, v in _DTYPES.items()}
 STORE_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
 
 
-class ShardFormatError(ValueError):
-    """Bytes that are not a safetensors file we can read."""
+class ShardFormatError(InputError, ValueError):
+    """Bytes that are not a safetensors file we can read, or that fail their recorded size or sha256: one line
+    naming the shard (exit 2), never a traceback."""
+
+
+# Shard metadata: the sha256 of each tensor's bytes (JSON {name: hex}), so a reader that reads one site of a
+# shard can check what it read without reading (or downloading) the whole shard.
+TENSOR_SHA256 = "tensor_sha256"
+
+
+def tensor_digest(pieces) -> str:
+    h = hashlib.sha256()
+    for a in pieces:
+        h.update(np.ascontiguousarray(a).reshape(-1).view(np.uint8))  # bytes, whatever the dtype (bfloat16 too)
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -64,11 +79,14 @@ class Pieces(list):
     along the first axis: serializing copies them once, straight into the result."""
 
 
-def safetensors_bytes(tensors: dict[str, "np.ndarray | Pieces"], metadata: dict[str, str] | None = None) -> bytes:
-    """Serialize tensors (in the given order) and string metadata to safetensors bytes."""
+def safetensors_bytes(
+    tensors: dict[str, "np.ndarray | Pieces"], metadata: dict[str, str] | None = None, *, digests: bool = False
+) -> bytes:
+    """Serialize tensors (in the given order) and string metadata to safetensors bytes. `digests`: also record
+    each tensor's sha256 in the metadata (TENSOR_SHA256), for readers to check per tensor."""
     header: dict = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+    sums: dict[str, str] = {}
     offset, parts = 0, []
     for name, value in tensors.items():
         pieces = (
@@ -89,6 +107,12 @@ def safetensors_bytes(tensors: dict[str, "np.ndarray | Pieces"], metadata: dict[
         header[name] = {"dtype": _CODES[first.dtype], "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
         parts += [a.reshape(-1).view(np.uint8) for a in pieces if a.size]
+        if digests:
+            sums[name] = tensor_digest(pieces)
+    if digests:
+        metadata[TENSOR_SHA256] = json.dumps(sums, sort_keys=True, separators=(",", ":"))
+    if metadata:
+        header["__metadata__"] = metadata
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     head += b" " * (-(8 + len(head)) % 8)  # the byte buffer starts 8-aligned, so int64/float views are aligned
     return b"".join([struct.pack("<Q", len(head)), head, *parts])
@@ -295,7 +319,7 @@ def shard_bytes(
         "random_weights": "true" if random_weights else "false",
         "tokens": str(sum(len(a) for a in ids) if isinstance(ids, Pieces) else len(ids)),
     }
-    return safetensors_bytes(tensors, metadata)
+    return safetensors_bytes(tensors, metadata, digests=True)
 
 
 class ShardWriter:

@@ -399,7 +399,7 @@ class _UnitRun:
         self.w, self.lease, self.keeper, self.prepared = worker, lease, keeper, prepared
         self.unit = lease.unit
         self.t0 = time.monotonic()
-        self.stats = _UnitStats(rows=prepared.rows)
+        self.stats = _UnitStats(rows=prepared.rows, moments=_moments(worker.spec))
         self.batches: queue_mod.Queue = queue_mod.Queue(maxsize=worker.queue_depth)
         self.shards: queue_mod.Queue = queue_mod.Queue(maxsize=worker.queue_depth)
         self.failure: list[BaseException] = []
@@ -519,6 +519,23 @@ class _UnitRun:
         if self.aborted.is_set():
             raise Stop(self.abort_reason)
 
+    def _upload_stats(self) -> "q.ShardInfo | None":
+        """The unit's statistics object, uploaded under this attempt's own name (worker/stats.py)."""
+        moments = self.stats.moments
+        if moments is None:
+            return None
+        job = self.w.spec.job
+        key = q.stats_key(job, self.unit, self.lease.tag)
+        data = moments.to_bytes({"job": job, "unit": str(self.unit)})
+        try:
+            upload_with_retry(self.w.store, key, data, attempts=self.w.upload_attempts, should_stop=self.stopping)
+        except InputError:
+            raise
+        except Exception as e:  # failed for good, like a shard's upload: abandon the unit
+            raise Stop(f"upload of {key}: {type(e).__name__}: {e}") from None
+        count = max((s.count for s in moments.values()), default=0)
+        return q.ShardInfo(q.job_relative(job, key), len(data), hashlib.sha256(data).hexdigest(), count)
+
     def _finish(self) -> None:
         w, unit, stats, keeper = self.w, self.unit, self.stats, self.keeper
         try:
@@ -526,6 +543,7 @@ class _UnitRun:
             for t in self.threads:
                 t.join()
             self._check()
+            stats_info = self._upload_stats()
             record = q.DoneRecord(
                 unit=unit,
                 start=self.prepared.start,
@@ -541,6 +559,7 @@ class _UnitRun:
                 computed_tokens=stats.computed,
                 padded_tokens=stats.padded,
                 truncated=stats.truncated,
+                stats=stats_info,
                 **w._pins(),
             )
             w.on_event("committing", {"unit": unit})
@@ -586,8 +605,11 @@ class _UnitStats:
     padded: int = 0
     truncated: int = 0
     shards: list[q.ShardInfo] = field(default_factory=list)
+    moments: Any = None  # actfleet.worker.stats.UnitStats, or None when the job wants no statistics
 
     def count(self, batch: Batch) -> None:
+        if self.moments is not None:
+            self.moments.add_batch(batch)
         self.tokens += batch.stored_tokens
         self.stored_ids |= batch.stored_rows()  # context windows: the input rows behind the tokens
         self.computed += batch.computed_tokens
@@ -606,6 +628,15 @@ class _UnitStats:
             reason = reasons.get(sid) or self.engine_skips.get(sid) or "no tokens stored"
             out.setdefault(reason, []).append(sid)
         return out
+
+
+def _moments(spec: q.JobSpec):
+    """A fresh statistics accumulator for one unit of this job, or None (--stats none)."""
+    if spec.options.stats == "none":
+        return None
+    from actfleet.worker.stats import UnitStats
+
+    return UnitStats(gram=spec.options.stats == "gram")
 
 
 def install_sigterm(worker: Worker) -> None:

@@ -113,6 +113,8 @@ def saelens(shards, out, site, context_size, seed, dtype, model_class, hook_name
             f"actfleet: warning: the job has {summary.units_done} of {summary.units_total} units done; exported those",
             err=True,
         )
+    if summary.stats_missing:
+        click.echo(f"actfleet: warning: no statistics written: {summary.stats_missing}", err=True)
     if as_json:
         click.echo(json.dumps(summary.to_json()))
         return
@@ -126,3 +128,9 @@ def saelens(shards, out, site, context_size, seed, dtype, model_class, hook_name
         f"use_cached_activations=True, cached_activations_path={str(out)!r}, hook_name={summary.column!r}, "
         f"context_size={summary.context_size}, sae=...(d_in={summary.d_in}, ...)) (docs/research.md, step 4)"
     )
+    if summary.stats:
+        click.echo(
+            f"statistics ({summary.stats['count']:,} tokens): norm scaling factor "
+            f"{summary.stats['norm_scaling_factor']:.6g} (sqrt(d_in) / mean norm), mean and variance per "
+            f"dimension in {out}/actfleet-stats.safetensors"
+        )
