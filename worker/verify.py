@@ -21,7 +21,6 @@ Checks, from the job's records and the shards themselves:
 from __future__ import annotations
 
 import hashlib
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -71,7 +70,7 @@ class VerifyReport:
 
 
 def verify(store: Store, job: str, *, clean: bool = False, now: float | None = None, parallel: int = 8) -> VerifyReport:
-    now = time.time() if now is None else now
+    now = store.now() if now is None else now  # leases are judged by the store's clock (docs/jobs.md)
     spec = q.read_job(store, job)
     rep = VerifyReport(job=job, store=store.url, units_total=spec.units, rows=spec.rows)
 

@@ -29,6 +29,7 @@ from actfleet.cli import config_option, json_option
 from actfleet.config import Config, load
 from actfleet.errors import ActfleetError
 from actfleet.formatting import human_bytes, iso_utc, one_line
+from actfleet.work_queue import CLOCK_SKEW_BOUND_S, clock_skew_line
 
 SCHEMA_ID = "actfleet.status/v1"
 
@@ -107,6 +108,7 @@ def take_snapshot(
                 "last_heartbeat": None,
                 "current_unit": None,
                 "work_state": None,
+                "clock_skew": None,
             },
         )
 
@@ -185,6 +187,7 @@ def take_snapshot(
                 last_heartbeat=wp.last_heartbeat,
                 current_unit=wp.current_unit,
                 work_state=wp.state,
+                clock_skew=wp.clock_skew,
             )
         if p.prepared and p.units_done:
             snap.throughput = _job_throughput(store or _open(cfg), job_name or cfg.job.name, p.tokens)
@@ -373,6 +376,9 @@ def render(snap: Snapshot):
             )
     elif snap.job_error:
         lines.append(f"job: could not be read: {snap.job_error}")
+    for r in snap.rows:
+        if r.get("clock_skew") is not None and abs(r["clock_skew"]) > CLOCK_SKEW_BOUND_S:
+            lines.append("warning: " + clock_skew_line("worker " + r["worker"], r["clock_skew"]))
     t = snap.throughput
     if t:
         line = f"throughput: {_n(round(t['tokens_per_s']))} tokens/s since {t['since']}"
