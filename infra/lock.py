@@ -119,10 +119,12 @@ class ReconcileLock:
         key: str = LOCK_KEY,
         *,
         ttl_s: float = DEFAULT_TTL_S,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         command: str | None = None,
     ):
-        self.store, self.key, self.ttl_s, self.clock = store, key, ttl_s, clock
+        # Expiry is judged by the store's clock (docs/jobs.md "Guarantees and limits: clocks"): a machine whose
+        # clock runs ahead must not take over a live holder's lock.
+        self.store, self.key, self.ttl_s, self.clock = store, key, ttl_s, clock or store.now
         self.command = command or " ".join(["actfleet"] + sys.argv[1:])[:200]
         self.where = f"{store.url.rstrip('/')}/{key}"
         self._gen: int | None = None

@@ -218,3 +218,20 @@ def test_status_reports_a_skewed_worker_clock(tmp_path, store, monkeypatch):
     text = console.export_text()
     assert "worker tpu-us-central1-a-0's clock is 16 min behind the store's" in text
     assert "tpu-us-central1-a-1's clock" not in text  # 5 s is within the bound
+
+
+# -- the reconcile lock -----------------------------------------------------------------------------------
+
+
+def test_a_machine_whose_clock_runs_ahead_does_not_take_over_another_hosts_live_reconcile_lock(fake_gcs, monkeypatch):
+    from actfleet.infra.lock import LOCK_KEY, ReconcileLock
+
+    store = open_store("gs://skew-state/locks")
+    other = {"holder": "ops@elsewhere", "host": "elsewhere", "pid": 1, "pid_start": "", "since": fake_gcs.now()}
+    record = {**other, "expires": fake_gcs.now() + 300, "command": "actfleet reconcile", "nonce": "cd" * 8}
+    store.create(LOCK_KEY, json.dumps(record).encode())
+    skew_this_process(monkeypatch, HOUR)
+    lock = ReconcileLock(store)
+    assert not lock.try_acquire() and lock.holder.host == "elsewhere"
+    fake_gcs.clock_offset += 301  # its holder stopped renewing: five minutes later by the store's clock
+    assert ReconcileLock(open_store("gs://skew-state/locks")).try_acquire()
