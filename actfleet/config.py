@@ -283,20 +283,96 @@ def _tpu_endpoint(v):
     return v
 
 
+def bucket_name_problem(name: str) -> str | None:
+    """Why GCS would refuse `name` as a bucket name, or None ("Bucket naming rules",
+    https://cloud.google.com/storage/docs/buckets#naming): checked here so a typo fails at load, not at apply."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*[a-z0-9]", name):
+        return "a GCS bucket name: a-z, 0-9, -, _ and ., starting and ending with a letter or digit"
+    if not 3 <= len(name) <= (222 if "." in name else 63):
+        return "a GCS bucket name: 3-63 characters (up to 222 with dots)"
+    if any(not 1 <= len(part) <= 63 for part in name.split(".")):
+        return "a GCS bucket name: each dot-separated part 1-63 characters"
+    if re.fullmatch(r"[0-9]{1,3}(\.[0-9]{1,3}){3}", name):
+        return "a GCS bucket name: not an IP address"
+    if name.startswith("goog") or "google" in name or "g00gle" in name:
+        return 'a GCS bucket name: must not start with "goog" or contain "google"'
+    return None
+
+
+def _bucket(empty_ok: bool = False):
+    def check(v):
+        if not isinstance(v, str):
+            raise _Bad("must be a string (a GCS bucket name)")
+        if v == "" and empty_ok:
+            return v
+        problem = bucket_name_problem(v)
+        if problem:
+            raise _Bad(f"must be {problem}")
+        return v
+
+    return check
+
+
+def _gs_url(v: str) -> str:
+    """A gs:// URL's checks at load: parse_gs's (a bucket, no "..") and GCS's bucket naming rules."""
+    from actfleet.errors import InputError
+    from actfleet.store import parse_gs
+
+    try:
+        bucket, _ = parse_gs(v)
+    except InputError as e:
+        raise _Bad(str(e).partition(": ")[2]) from None
+    problem = bucket_name_problem(bucket)
+    if problem:
+        raise _Bad(f'has bucket "{bucket}": must be {problem}')
+    return v
+
+
 def _store_url(v):
     if not isinstance(v, str) or not v:
         raise _Bad('must be a path, "file://..." or "gs://bucket/prefix"')
     if "://" in v and not (v.startswith("file://") or v.startswith("gs://")):
         raise _Bad('must be a path, "file://..." or "gs://bucket/prefix"')
     if v.startswith("gs://"):
-        from actfleet.errors import InputError
-        from actfleet.store import parse_gs
-
-        try:
-            parse_gs(v)
-        except InputError as e:
-            raise _Bad(str(e).partition(": ")[2]) from None
+        _gs_url(v)
     return v
+
+
+def _state_prefix(v):
+    """The GCS state prefix, normalised once: no leading, trailing or doubled "/" (Terraform's backend would
+    otherwise store under "x//fleet" while reconcile reads "x/fleet")."""
+    if not isinstance(v, str):
+        raise _Bad("must be a string (an object prefix)")
+    norm = v.strip("/")
+    if v and not norm:
+        raise _Bad('must be an object prefix like "actfleet/acts" (or left out), not only "/"')
+    parts = norm.split("/") if norm else []
+    if any(p in ("", ".", "..") for p in parts) or not re.fullmatch(r"[A-Za-z0-9_./-]*", norm):
+        raise _Bad('must be an object prefix like "actfleet/acts": A-Z, a-z, 0-9, _ . - and single "/" between parts')
+    return norm
+
+
+def _lock_url(v):
+    """reconcile.lock: a path, or a gs:// URL (of the lock object, or of a bucket/folder: then its
+    reconcile.lock object; see infra/lock.py)."""
+    if not isinstance(v, str):
+        raise _Bad("must be a path or a gs:// URL")
+    if v == "":
+        return v
+    if not re.fullmatch(r"\S+", v):
+        raise _Bad("must be a path or a gs:// URL (no spaces)")
+    if "://" in v and not v.startswith("gs://"):
+        raise _Bad('must be a path or a gs:// URL like "gs://my-state/locks/fleet.lock"')
+    if v.startswith("gs://"):
+        _gs_url(v)
+    return v
+
+
+# One fleet.toml's ceiling on workers. Each reconcile pass observes every worker and plans them in one
+# Terraform state; every worker lists the job's leases and done records between units. Past a few
+# thousand both stop being quick (and TPU quotas end well before), so a typo like 40000 is refused.
+DEFAULT_MAX_WORKERS = 1000
+MAX_WORKERS_CEILING = 10000
 
 
 LABEL = r"[a-z][a-z0-9-]{0,29}"
@@ -322,6 +398,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         ),
         "tpu_endpoint": Key(_tpu_endpoint, ""),
         "external_ips": Key(_bool, False),
+        "max_workers": Key(_int(1, MAX_WORKERS_CEILING), DEFAULT_MAX_WORKERS),
     },
     "repo": {
         "url": Key(_string(r"(https://|file://|/)[^\s]+", "an https:// or file:// URL, or an absolute path")),
@@ -330,15 +407,15 @@ SCHEMA: dict[str, dict[str, Key]] = {
         ),
     },
     "storage": {
-        "bucket": Key(_string(r"[a-z0-9][a-z0-9_.-]{1,61}[a-z0-9]", "a GCS bucket name (3-63 of a-z, 0-9, -, _, .)")),
+        "bucket": Key(_bucket()),
         "location": Key(_string(r"[A-Za-z0-9-]+", 'a GCS location like "US-CENTRAL1"', empty_ok=True), ""),
         "soft_delete_days": Key(_int(0, 90), 0),
         "force_destroy": Key(_bool, False),
     },
     "state": {
         "backend": Key(_choice("local", "gcs"), "local"),
-        "bucket": Key(_string(r"[a-z0-9][a-z0-9_.-]{1,61}[a-z0-9]", "a GCS bucket name", empty_ok=True), ""),
-        "prefix": Key(_string(r"[A-Za-z0-9_./-]+", "an object prefix", empty_ok=True), ""),
+        "bucket": Key(_bucket(empty_ok=True), ""),
+        "prefix": Key(_state_prefix, ""),
         "path": Key(_string(r"[^\s]+", "a directory path"), ".actfleet/state"),
     },
     "job": {},  # generated from actfleet.job_options.TABLE below
@@ -347,7 +424,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "on_provision_timeout": Key(_choice("report", "replace"), "report"),
         "watch_job": Key(_bool, False),
         "scale_to_zero_when_done": Key(_bool, False),
-        "lock": Key(_string(r"\S+", "a path or gs:// URL", empty_ok=True), ""),
+        "lock": Key(_lock_url, ""),
         "boot_timeout_minutes": Key(_minutes, 30.0),
         "heartbeat_timeout_minutes": Key(_minutes, 15.0),
     },
@@ -471,6 +548,13 @@ def parse(raw: dict[str, Any], source: str = "<memory>") -> Config:
             if m["region"] != f["region"]:
                 raise bad("fleet.workers", name, f'worker "{name}" is not in region "{f["region"]}"')
             workers.append(Worker(name=name, zone=f"{m['region']}-{m['letter']}", index=int(m["index"])))
+    if len(workers) > f["max_workers"]:
+        raise bad(
+            "fleet.zones" if f["zones"] is not None else "fleet.workers",
+            f["zones"] if f["zones"] is not None else f"{len(workers)} names",
+            f"{len(workers)} workers is more than fleet.max_workers = {f['max_workers']} (raise fleet.max_workers, "
+            f"up to {MAX_WORKERS_CEILING}, if you mean it)",
+        )
     try:
         # Any whole slice of a known type: a multi-host slice runs as one worker (worker/multihost.py: every host
         # runs the startup script, joins jax.distributed from the TPU metadata, host 0 holds the lease).

@@ -22,6 +22,11 @@ to release.
   bounded (`LOCK_WAIT_S`) and ends in a clear error naming the key. Reads need no lock: a file is never
   changed in place, so the descriptor read and its fstat describe the same generation.
 
+Every store also has a *clock*: `now()` is the store's own current time and `read_stamped`/`list_written`
+give each object's write time by that clock (GCS: the server's `Date` header and the objects' `updated`;
+a local directory: the filesystem's timestamps). Lease expiry and heartbeat ages are judged by it, never by
+the clock of the process that wrote or reads a record (docs/jobs.md, "Guarantees and limits: clocks").
+
 Errors: `NotFound` (read/delete of an absent key) and `PreconditionFailed` (a condition did not hold). Both
 are ActfleetErrors. Transient GCS errors (429, 5xx, timeouts) are retried with jittered exponential backoff
 by google-cloud-storage's retry policy, which we pass explicitly to every call (our writes are idempotent:
@@ -31,6 +36,7 @@ conditional, or of deterministic content).
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import fcntl
 import hashlib
 import os
@@ -142,6 +148,18 @@ class Store:
         """A local file holding the key's bytes (for mmap), or None (absent, or not a local store)."""
         return None
 
+    def now(self) -> float:
+        """The store's own current time (unix seconds by the store's clock, not this process's)."""
+        raise NotImplementedError
+
+    def read_stamped(self, key: str) -> tuple[bytes, int, float]:
+        """(data, generation, written): `written` is the store's time of that generation's write. NotFound."""
+        raise NotImplementedError
+
+    def list_written(self, prefix: str) -> dict[str, float]:
+        """Keys that start with `prefix`, each with the store's time of its last write (one listing)."""
+        raise NotImplementedError
+
     def size(self, key: str) -> int | None:
         """The object's size in bytes, or None if absent."""
         raise NotImplementedError
@@ -234,10 +252,15 @@ class LocalStore(Store):
 
     @staticmethod
     def _stamp(tmp: Path, floor_gen: int | None) -> int:
-        """Give the staged file a generation above `floor_gen` (under the key's lock: it is the compare)."""
-        gen = max(time.time_ns(), (floor_gen or 0) + _GEN_STEP_NS)
-        os.utime(tmp, ns=(gen, gen))
+        """Give the staged file a generation above `floor_gen` (under the key's lock: it is the compare).
+        The generation is the mtime the kernel sets (the store's clock, whatever this process's clock says),
+        so it is also the write's time; only a write within the same clock tick steps it on explicitly."""
+        os.utime(tmp)
         actual = os.stat(tmp).st_mtime_ns
+        if floor_gen is not None and actual <= floor_gen:
+            gen = floor_gen + _GEN_STEP_NS
+            os.utime(tmp, ns=(gen, gen))
+            actual = os.stat(tmp).st_mtime_ns
         if floor_gen is not None and actual <= floor_gen:  # a filesystem with coarse timestamps
             gen = floor_gen + 1_000_000_000
             os.utime(tmp, ns=(gen, gen))
@@ -339,6 +362,28 @@ class LocalStore(Store):
         p = self._path(key)
         return p if p.is_file() else None
 
+    def now(self) -> float:
+        """The filesystem's clock: touch a hidden file (the kernel stamps it) and read its mtime."""
+        clock = self.root / LOCK_DIR / "clock"
+        try:
+            clock.parent.mkdir(parents=True, exist_ok=True)
+            clock.touch()
+            return os.stat(clock).st_mtime_ns / 1e9
+        except OSError:  # a read-only store: the machine's clock is the filesystem's
+            return time.time()
+
+    def read_stamped(self, key: str) -> tuple[bytes, int, float]:
+        data, gen = self.read(key)
+        return data, gen, gen / 1e9  # the generation is the kernel's mtime of the write (_stamp)
+
+    def list_written(self, prefix: str) -> dict[str, float]:
+        out = {}
+        for key in self.list(prefix):
+            gen = self._gen_of(self.root / key)
+            if gen is not None:
+                out[key] = gen / 1e9
+        return out
+
 
 # ----------------------------------------------------------------------------------------------------
 # Google Cloud Storage
@@ -364,6 +409,65 @@ class GcsStore(Store):
         self.url = f"gs://{bucket}" + (f"/{self.prefix}" if self.prefix else "")
         self.client = client or storage.Client()
         self.bucket = self.client.bucket(bucket)
+        # The server's clock as (a lower bound of server time - time.monotonic(), when last observed): every
+        # response's `Date` and every write's `updated` were at or before the moment we received them.
+        self._clock: tuple[float, float] | None = None
+        hooks = getattr(getattr(self.client, "_http", None), "hooks", None)  # a requests.Session's
+        if isinstance(hooks, dict):
+            hooks.setdefault("response", []).append(self._observe_date)
+
+    def _observe(self, server_time: float) -> None:
+        at = time.monotonic()
+        offset = server_time - at
+        old = self._clock
+        fresh = old is None or at - old[1] > self.CLOCK_REFRESH_S
+        self._clock = (offset if fresh else max(offset, old[0]), at)
+
+    def _observe_date(self, response, *args, **kwargs):
+        """A response's `Date` header (whole seconds, truncated) is a reading of the server's clock."""
+        date = getattr(response, "headers", {}).get("Date")
+        if date:
+            try:
+                self._observe(email.utils.parsedate_to_datetime(date).timestamp())
+            except (TypeError, ValueError):
+                pass
+        return None
+
+    def _observe_write(self, blob) -> None:
+        if blob.updated is not None:  # the server's time of our write (microseconds)
+            self._observe(blob.updated.timestamp())
+
+    CLOCK_REFRESH_S = 60.0  # readings older than this are dropped, and refreshed with a one-object listing
+
+    def now(self) -> float:
+        """The server's clock: the best lower bound its readings give, advanced by this machine's monotonic
+        clock since (this machine's wall clock never enters); a fresh reading first if there is none recent.
+        At most about a second behind the server (Date's resolution), never ahead."""
+        if self._clock is None or time.monotonic() - self._clock[1] > self.CLOCK_REFRESH_S:
+            prefix = self.prefix + "/" if self.prefix else None
+            list(self.client.list_blobs(self.bucket_name, prefix=prefix, max_results=1, retry=_gcs_retry()))
+        if self._clock is None:  # a server that sends no Date header
+            return time.time()
+        return self._clock[0] + time.monotonic()
+
+    def read_stamped(self, key: str) -> tuple[bytes, int, float]:
+        for _ in range(5):  # rewritten between the metadata and the download: read again
+            meta = self.bucket.get_blob(self._name(key), retry=_gcs_retry())
+            if meta is None:
+                raise NotFound(f"{self.url}/{key}: not found")
+            try:
+                return self.read_at(key, int(meta.generation)), int(meta.generation), meta.updated.timestamp()
+            except PreconditionFailed:
+                continue
+        raise PreconditionFailed(f"{self.url}/{key}: keeps changing while read")
+
+    def list_written(self, prefix: str) -> dict[str, float]:
+        full = join(self.prefix, prefix) if prefix else self.prefix
+        if prefix.endswith("/") or (not prefix and self.prefix):
+            full += "/"
+        cut = len(self.prefix) + 1 if self.prefix else 0
+        blobs = self.client.list_blobs(self.bucket_name, prefix=full or None, retry=_gcs_retry())
+        return dict(sorted((b.name[cut:], b.updated.timestamp()) for b in blobs))
 
     def _name(self, key: str) -> str:
         return join(self.prefix, _check_key(key))
@@ -430,6 +534,7 @@ class GcsStore(Store):
                 if_generation_match=if_generation_match,
                 retry=_gcs_retry(),
             )
+            self._observe_write(blob)
             return int(blob.generation)
         except gexc.PreconditionFailed:
             # A retried request whose first attempt did land answers 412 though the write is ours. Our
@@ -467,6 +572,7 @@ class GcsStore(Store):
             blob.upload_from_string(bytes(data), content_type="application/octet-stream", retry=_gcs_retry())
         else:
             blob.upload_from_filename(os.fspath(data), content_type="application/octet-stream", retry=_gcs_retry())
+        self._observe_write(blob)
         return int(blob.generation)
 
     def list(self, prefix: str) -> Iterator[str]:

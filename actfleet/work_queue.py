@@ -37,6 +37,7 @@ Every record is small JSON; `job_progress` reads only those, never shards.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import secrets
@@ -51,6 +52,7 @@ from actfleet.job_options import JobOptions
 from actfleet.store import NotFound, PreconditionFailed, Store, join
 
 FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -550,13 +552,18 @@ class LeaseLost(ActfleetError):
 
 @dataclass
 class Lease:
+    """A unit's lease. Times are the *store's* clock (Store.now()), never the writer's: `expires` is the
+    store time it was taken or renewed at plus `seconds`, and a lease read back is judged to expire no later
+    than the store's own time of its write plus `seconds` (read_lease), whatever its body says."""
+
     job: str
     unit: int
     worker: str
     attempt: int
-    expires: float  # unix time
+    expires: float  # unix time by the store's clock
     nonce: str
     generation: int = 0
+    seconds: float = 0.0  # its duration (0: a record from before durations were written)
 
     def record(self) -> bytes:
         d = asdict(self)
@@ -573,9 +580,11 @@ class Lease:
         return self.expires > now
 
     @staticmethod
-    def parse(data: bytes, generation: int, what: str) -> "Lease":
+    def parse(data: bytes, generation: int, what: str, written: float | None = None) -> "Lease":
+        """With `written` (the store's time of the record's write), the expiry is capped at written +
+        seconds: a writer whose clock (or store-clock reading) ran ahead cannot hold a unit past that."""
         d = _load(data, what)
-        return Lease(
+        lease = Lease(
             job=d.get("job", ""),
             unit=int(d.get("unit", -1)),
             worker=str(d.get("worker", "?")),
@@ -583,15 +592,20 @@ class Lease:
             expires=float(d.get("expires", 0)),
             nonce=str(d.get("nonce", "")),
             generation=generation,
+            seconds=float(d.get("seconds", 0)),
         )
+        if written is not None and lease.seconds > 0:
+            lease.expires = min(lease.expires, written + lease.seconds)
+        return lease
 
 
 def claim(
     store: Store, job: str, unit: int, worker: str, lease_seconds: float, now: float | None = None
 ) -> Lease | None:
-    """Take a free unit: create its lease only if absent. None if someone holds it."""
-    now = time.time() if now is None else now
-    lease = Lease(job, unit, worker, 1, now + lease_seconds, secrets.token_hex(8))
+    """Take a free unit: create its lease only if absent. None if someone holds it. `now` is the store's
+    time (Store.now(), the default), as in every lease function."""
+    now = store.now() if now is None else now
+    lease = Lease(job, unit, worker, 1, now + lease_seconds, secrets.token_hex(8), seconds=lease_seconds)
     try:
         lease.generation = store.create(lease_key(job, unit), lease.record())
     except PreconditionFailed:
@@ -600,12 +614,12 @@ def claim(
 
 
 def read_lease(store: Store, job: str, unit: int) -> Lease | None:
-    found = _read_if_present(store, lease_key(job, unit))
-    if found is None:
-        return None
-    data, gen = found
     try:
-        return Lease.parse(data, gen, f"{store.url}/{lease_key(job, unit)}")
+        data, gen, written = store.read_stamped(lease_key(job, unit))
+    except NotFound:
+        return None
+    try:
+        return Lease.parse(data, gen, f"{store.url}/{lease_key(job, unit)}", written)
     except (ActfleetError, ValueError, TypeError):
         # A torn or foreign lease record: treat it as expired so the unit is not stuck forever.
         return Lease(job, unit, "?", 1, 0.0, "", gen)
@@ -614,10 +628,18 @@ def read_lease(store: Store, job: str, unit: int) -> Lease | None:
 def take_over(store: Store, stale: Lease, worker: str, lease_seconds: float, now: float | None = None) -> Lease | None:
     """Replace an expired lease, matching the stale record's generation: of several workers racing for
     it, exactly one wins. None if it is not expired or someone else got there first."""
-    now = time.time() if now is None else now
+    now = store.now() if now is None else now
     if stale.expires > now:
         return None
-    lease = Lease(stale.job, stale.unit, worker, stale.attempt + 1, now + lease_seconds, secrets.token_hex(8))
+    lease = Lease(
+        stale.job,
+        stale.unit,
+        worker,
+        stale.attempt + 1,
+        now + lease_seconds,
+        secrets.token_hex(8),
+        seconds=lease_seconds,
+    )
     try:
         lease.generation = store.replace(lease_key(stale.job, stale.unit), lease.record(), stale.generation)
     except PreconditionFailed:
@@ -630,13 +652,15 @@ def renew(store: Store, lease: Lease, lease_seconds: float, now: float | None = 
     otherwise. An expired lease is lost even if nobody took it over yet: from its expiry on, others may
     (verify --clean may judge its shards garbage, a worker may take the unit), so a holder that stalled
     past it (SIGSTOP, a long GC pause) must not carry on as if nothing happened."""
-    now = time.time() if now is None else now
+    now = store.now() if now is None else now
     if not lease.live(now):
         raise LeaseLost(
-            f"unit {lease.unit}: lease expired {now - lease.expires:.1f} s ago (this worker stalled "
-            f"past it); abandoning the attempt"
+            f"unit {lease.unit}: lease expired {now - lease.expires:.1f} s ago by the store's clock (this "
+            f"worker stalled past it); abandoning the attempt"
         )
-    new = Lease(lease.job, lease.unit, lease.worker, lease.attempt, now + lease_seconds, lease.nonce)
+    new = Lease(
+        lease.job, lease.unit, lease.worker, lease.attempt, now + lease_seconds, lease.nonce, seconds=lease_seconds
+    )
     try:
         new.generation = store.replace(lease_key(lease.job, lease.unit), new.record(), lease.generation)
     except PreconditionFailed:
@@ -690,6 +714,7 @@ def next_unit(
     done = done_units(store, job)
     if all_done(spec, done):
         return NextUnit(None, True, 0.0)
+    now = store.now() if now is None else now  # one reading of the store's clock for the whole scan
     leased = leased_units(store, job)
     order = [(offset + i) % spec.units for i in range(spec.units)] if spec.units else []
     for unit in order:
@@ -702,7 +727,7 @@ def next_unit(
                 continue
             return NextUnit(lease, False, 0.0)
     wait = lease_seconds
-    now_ = time.time() if now is None else now
+    now_ = now
     for unit in order:
         if unit in done or unit not in leased:
             continue
@@ -894,10 +919,13 @@ class WorkerProgress:
     tokens: int = 0
     shards: int = 0
     bytes: int = 0
-    last_heartbeat: float | None = None  # unix time of the worker's last record write
+    # Read back (read_worker_records): when the store wrote the record, by the store's clock (a cloud time,
+    # as TPU API times are). In the record as written: the worker's own clock (the measure of its skew).
+    last_heartbeat: float | None = None
     started_at: float | None = None  # unix time this worker process started (its boot, for reconcile)
     current_unit: int | None = None
     state: str = "unknown"  # starting | working | idle | waiting | draining | finished | failed
+    clock_skew: float | None = None  # read back: the worker's clock minus the store's at its last write (s)
 
 
 @dataclass
@@ -928,30 +956,61 @@ class JobProgress:
         return d
 
 
+# A worker clock further than this from the store's is reported (status, reconcile, the worker's log). Ages
+# and expiry never use it; the bound only has to exceed a record write's latency (retries included).
+CLOCK_SKEW_BOUND_S = 60.0
+_SKEW_WARNED: dict[str, float] = {}  # store url -> when this process last logged its skew (once per 10 min)
+
+
+def clock_skew_line(who: str, skew: float) -> str:
+    """One line for a clock `skew` seconds off the store's (positive: ahead)."""
+    how = "ahead of" if skew > 0 else "behind"
+    amount = f"{abs(skew) / 60:.0f} min" if abs(skew) >= 120 else f"{abs(skew):.0f} s"
+    return f"{who}'s clock is {amount} {how} the store's (leases and heartbeats are judged by the store's clock)"
+
+
 def write_worker_record(store: Store, job: str, wp: WorkerProgress) -> None:
-    """Each worker writes only its own record (no read-modify-write races): an unconditional put."""
+    """Each worker writes only its own record (no read-modify-write races): an unconditional put. It
+    carries this machine's clock (last_heartbeat); readers judge its age by the store's time of the write."""
+    store_now = store.now()
     wp.last_heartbeat = time.time()
+    wp.clock_skew = round(wp.last_heartbeat - store_now, 3)
+    if abs(wp.clock_skew) > CLOCK_SKEW_BOUND_S and time.monotonic() - _SKEW_WARNED.get(store.url, -1e9) > 600:
+        _SKEW_WARNED[store.url] = time.monotonic()
+        log.warning("%s", clock_skew_line(f"worker {wp.worker}", wp.clock_skew))
     store.put(worker_key(job, wp.worker), _dump(asdict(wp)))
 
 
 def read_worker_records(store: Store, job: str) -> dict[str, WorkerProgress]:
     """Every worker's own record (read in parallel). A listing that fails raises; a record removed or torn
-    since the listing is skipped (status and reconcile read the rest)."""
+    since the listing is skipped (status and reconcile read the rest).
 
-    def parse(data: bytes, key: str) -> WorkerProgress | None:
+    `last_heartbeat` is the store's time of the record's write, never the time the worker's clock put in
+    it; `clock_skew` is the worker's clock minus the store's at that write."""
+
+    def parse(data: bytes, key: str, written: float) -> WorkerProgress | None:
         try:
             d = _load(data, key)
-            return WorkerProgress(**{k: d[k] for k in WorkerProgress.__dataclass_fields__ if k in d})
+            wp = WorkerProgress(**{k: d[k] for k in WorkerProgress.__dataclass_fields__ if k in d})
         except (ActfleetError, KeyError, TypeError):
             return None
+        body = wp.last_heartbeat
+        wp.last_heartbeat = written
+        wp.clock_skew = round(body - written, 3) if isinstance(body, (int, float)) else None
+        return wp
 
-    records = _read_many(store, store.list(workers_prefix(job)), parse)
+    records = _read_many(store, store.list(workers_prefix(job)), parse, stamped=True)
     return {r.worker: r for r in records if r is not None and isinstance(r.worker, str)}
 
 
-def _read_many(store: Store, keys: Iterable[str], parse) -> list:
+def _read_many(store: Store, keys: Iterable[str], parse, stamped: bool = False) -> list:
+    """parse(data, key) of every key, or parse(data, key, written) with the store's write time."""
+
     def one(key):
         try:
+            if stamped:
+                data, _, written = store.read_stamped(key)
+                return parse(data, key, written)
             return parse(store.read(key)[0], key)
         except NotFound:
             return None
@@ -966,8 +1025,9 @@ def _read_many(store: Store, keys: Iterable[str], parse) -> list:
 
 
 def job_progress(store: Store, job: str, now: float | None = None) -> JobProgress:
-    """Totals and per-worker progress from the small records (job.json, done/*, leases/*, workers/*)."""
-    now = time.time() if now is None else now
+    """Totals and per-worker progress from the small records (job.json, done/*, leases/*, workers/*).
+    `now` is what leases and heartbeat ages are judged against: the store's clock unless given."""
+    now = store.now() if now is None else now
     try:
         spec = JobSpec.from_json(store.read(job_key(job))[0])
     except NotFound:
@@ -1003,18 +1063,24 @@ def job_progress(store: Store, job: str, now: float | None = None) -> JobProgres
         w.shards += len(r.shards)
         w.bytes += sum(s.bytes for s in r.shards)
 
-    def parse_lease(data: bytes, key: str) -> Lease | None:
+    def parse_lease(data: bytes, key: str, written: float) -> Lease | None:
         try:
-            return Lease.parse(data, 0, key)
+            return Lease.parse(data, 0, key, written)
         except (ActfleetError, ValueError, TypeError):
             return None  # torn or foreign: not a live lease (read_lease treats it as expired, too)
 
-    leases = _read_many(store, (k for u, k in lease_listing.units.items() if u not in done_set), parse_lease)
+    leases = _read_many(
+        store,
+        (k for u, k in lease_listing.units.items() if u not in done_set),
+        parse_lease,
+        stamped=True,
+    )
     p.units_leased = sum(1 for lease in leases if lease is not None and lease.expires > now)
     # Counters come from done records (authoritative); liveness from each worker's own record.
     for name, rec in workers.items():
         w = per_worker.setdefault(name, WorkerProgress(name))
         w.last_heartbeat, w.current_unit, w.state = rec.last_heartbeat, rec.current_unit, rec.state
+        w.clock_skew = rec.clock_skew
     p.workers = dict(sorted(per_worker.items()))
     return p
 

@@ -147,6 +147,7 @@ class Liveness:
     records: Mapping[str, WorkRecord] = field(default_factory=dict)
     judged: bool = True
     error: str | None = None
+    clock_skew: Mapping[str, float] = field(default_factory=dict)  # worker -> s off the store's clock (reported)
 
 
 @dataclass(frozen=True)

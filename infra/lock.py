@@ -40,7 +40,7 @@ from actfleet.config import Config
 from actfleet.errors import ActfleetError
 from actfleet.formatting import iso_utc
 from actfleet.infra.terraform_layout import gcs_state_root
-from actfleet.store import NotFound, PreconditionFailed, Store, open_store
+from actfleet.store import GcsStore, NotFound, PreconditionFailed, Store, join, open_store, parse_gs
 
 LOCK_KEY = "reconcile.lock"
 DEFAULT_TTL_S = 300.0
@@ -100,6 +100,12 @@ def lock_location(cfg: Config) -> tuple[Store, str]:
             where = f"{gcs_state_root(cfg)}/{LOCK_KEY}"
         else:
             where = os.path.join(cfg.state.path, LOCK_KEY)
+    if where.startswith("gs://"):
+        # gs://bucket/locks/fleet.lock is that object; gs://bucket and gs://bucket/locks/ (a bucket or a folder)
+        # mean its reconcile.lock. Taken create-if-absent (if_generation_match=0) like Terraform's GCS state lock.
+        bucket, name = parse_gs(where, "reconcile.lock")
+        folder, _, key = (name if name and not where.endswith("/") else join(name, LOCK_KEY)).rpartition("/")
+        return GcsStore(bucket, folder), key
     root, _, key = where.rstrip("/").rpartition("/")
     if not root:
         root = "."
@@ -113,10 +119,12 @@ class ReconcileLock:
         key: str = LOCK_KEY,
         *,
         ttl_s: float = DEFAULT_TTL_S,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         command: str | None = None,
     ):
-        self.store, self.key, self.ttl_s, self.clock = store, key, ttl_s, clock
+        # Expiry is judged by the store's clock (docs/jobs.md "Guarantees and limits: clocks"): a machine whose
+        # clock runs ahead must not take over a live holder's lock.
+        self.store, self.key, self.ttl_s, self.clock = store, key, ttl_s, clock or store.now
         self.command = command or " ".join(["actfleet"] + sys.argv[1:])[:200]
         self.where = f"{store.url.rstrip('/')}/{key}"
         self._gen: int | None = None

@@ -452,6 +452,7 @@ def observe_inputs(cfg: Config, api=None, *, managed: frozenset[str], read_job: 
             "judged": liveness.judged and liveness.error is None,
             "records": len(liveness.records),
             "error": liveness.error,
+            "clock_skew": dict(liveness.clock_skew),
         }
         if liveness.error:
             errors.append(f"{liveness.error}: boot and heartbeat not judged, nothing replaced on that ground")
@@ -525,13 +526,16 @@ def _liveness_rules_on(cfg: Config) -> bool:
 
 def read_liveness(cfg: Config, job_complete: bool | None = None) -> Liveness | None:
     """The job's worker records, as the boot and heartbeat rules read them (the same records `actfleet
-    status` shows: actfleet.work_queue.read_worker_records). None when both rules are off."""
+    status` shows: actfleet.work_queue.read_worker_records): each heartbeat is the store's time of the
+    record's write, a cloud timestamp like the TPU API's creation times the pass already compares with its
+    clock, so no worker's clock decides whether it is replaced. Workers whose clock is off the store's by
+    more than the bound are listed in `clock_skew`. None when both rules are off."""
     if not _liveness_rules_on(cfg):
         return None
     try:
         from actfleet.store import open_store
+        from actfleet.work_queue import CLOCK_SKEW_BOUND_S, job_key, read_worker_records
         from actfleet.work_queue import job_complete as complete_
-        from actfleet.work_queue import job_key, read_worker_records
 
         store = open_store(cfg.job.store)
         if store.generation(job_key(cfg.job.name)) is None:
@@ -544,7 +548,12 @@ def read_liveness(cfg: Config, job_complete: bool | None = None) -> Liveness | N
             judged=False,
             error=f"worker records of job {cfg.job.name} in {cfg.job.store} could not be read: {one_line(e)}",
         )
-    return Liveness({name: WorkRecord(r.last_heartbeat, r.state) for name, r in records.items()})
+    skew = {
+        n: r.clock_skew
+        for n, r in records.items()
+        if r.clock_skew is not None and abs(r.clock_skew) > CLOCK_SKEW_BOUND_S
+    }
+    return Liveness({name: WorkRecord(r.last_heartbeat, r.state) for name, r in records.items()}, clock_skew=skew)
 
 
 MEMORY_KEY = "reconcile.memory.json"

@@ -478,9 +478,11 @@ def job_store(request, tmp_path):
     fake_gcs = FakeGcs.start(port=0)
     old = os.environ.get("STORAGE_EMULATOR_HOST")
     os.environ["STORAGE_EMULATOR_HOST"] = fake_gcs.url
+    _GCS_OF["gs://rc-activations/jobs"] = fake_gcs
     try:
         yield "gs://rc-activations/jobs"
     finally:
+        _GCS_OF.pop("gs://rc-activations/jobs", None)
         if old is None:
             os.environ.pop("STORAGE_EMULATOR_HOST", None)
         else:
@@ -488,15 +490,20 @@ def job_store(request, tmp_path):
         fake_gcs.stop()
 
 
-def beat(store, job: str, worker: str, at: float, state: str = "working") -> None:
-    """A worker's record with its heartbeat at `at` on the test's clock (write_worker_record stamps the real
-    time; the record is otherwise the same document)."""
-    from dataclasses import asdict
+_GCS_OF: dict = {}  # job_store URL -> its FakeGcs
 
-    store.put(
-        q.worker_key(job, worker),
-        json.dumps(asdict(q.WorkerProgress(worker, state=state, last_heartbeat=at, started_at=at))).encode(),
-    )
+
+def beat(store, job: str, worker: str, at: float, state: str = "working") -> None:
+    """A worker's record written at `at` on the test's clock. Heartbeats are the store's write times (the
+    worker's own clock is only reported), so the store's time of this write is set to `at`: the local
+    store's is the file's mtime, the fake GCS's the object's `updated`."""
+    q.write_worker_record(store, job, q.WorkerProgress(worker, state=state))
+    key = q.worker_key(job, worker)
+    fake = _GCS_OF.get(store.url)
+    if fake is not None:
+        fake.backdate(store.bucket_name, f"{store.prefix}/{key}", fake.now() - at)
+    else:
+        os.utime(store.local_path(key), (at, at))
 
 
 def prepared(tmp_path, job_store, count=2):
@@ -518,7 +525,7 @@ def test_a_node_that_never_started_work_is_replaced_after_the_boot_timeout(tmp_p
         report = reconcile_pass(cfg, api=api, apply=apply, clock=clock)
         assert [a.kind for a in report.actions] == ["healthy", "pending"]
         beat(store, cfg.job.name, w(0), clock())
-    assert report.workers == {"judged": True, "records": 1, "error": None}
+    assert report.workers["records"] == 1 and report.workers["judged"] and report.workers["error"] is None
     clock.advance(3)  # seen READY 31 min ago (the pass after its create), w(1) never wrote a record
     report = reconcile_pass(cfg, api=api, apply=apply, clock=clock)
     assert [a.kind for a in report.actions] == ["healthy", "replace"]

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -78,7 +77,7 @@ class VerifyReport:
 
 
 def verify(store: Store, job: str, *, clean: bool = False, now: float | None = None, parallel: int = 8) -> VerifyReport:
-    now = time.time() if now is None else now
+    now = store.now() if now is None else now  # leases are judged by the store's clock (docs/jobs.md)
     told = q.read_job(store, job, check=False)  # job.json as written: its totals are checked, not trusted
     # 0. The totals, derived from the pinned input files (an edited rows + units would hide units from every
     # check below); every later check uses `spec`, job.json with the derived totals.

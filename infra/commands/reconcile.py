@@ -29,6 +29,7 @@ from actfleet.config import load
 from actfleet.errors import ActfleetError
 from actfleet.infra.decide import HEALTHY
 from actfleet.infra.reconcile import FAILED, LOCKED, PassReport, reconcile_pass
+from actfleet.work_queue import clock_skew_line
 
 KIND_STYLE = {
     "healthy": "green",
@@ -200,6 +201,8 @@ def print_human(report: PassReport, verbose: bool = False) -> None:
             else report.job["error"]
         )
         out.print(f"job: {job}", highlight=False)
+    for name, skew in sorted(report.workers.get("clock_skew", {}).items()):
+        out.print(f"warning: {clock_skew_line(f'worker {name}', skew)}", highlight=False, markup=False)
     for line in report.errors:
         err.print(f"actfleet: {line}", highlight=False, markup=False)
 

@@ -30,6 +30,7 @@ from actfleet.cli import config_option, json_option
 from actfleet.config import Config, load, resolve_path
 from actfleet.errors import ActfleetError, ConfigError
 from actfleet.formatting import human_bytes, iso_utc, one_line
+from actfleet.work_queue import CLOCK_SKEW_BOUND_S, clock_skew_line
 
 SCHEMA_ID = "actfleet.status/v1"
 
@@ -179,6 +180,7 @@ def _new_row(name: str, zone: str) -> dict[str, Any]:
         "last_heartbeat": None,
         "current_unit": None,
         "work_state": None,
+        "clock_skew": None,
     }
 
 
@@ -194,6 +196,7 @@ def _add_progress(snap: Snapshot, p, row, store, job: str) -> None:
             last_heartbeat=wp.last_heartbeat,
             current_unit=wp.current_unit,
             work_state=wp.state,
+            clock_skew=wp.clock_skew,
         )
     if p.prepared and p.units_done:
         snap.throughput = _job_throughput(store(), job, p.tokens)
@@ -445,6 +448,9 @@ def render(snap: Snapshot):
                 )
     elif snap.job_error:
         lines.append(f"job: could not be read: {snap.job_error}")
+    for r in snap.rows:
+        if r.get("clock_skew") is not None and abs(r["clock_skew"]) > CLOCK_SKEW_BOUND_S:
+            lines.append("warning: " + clock_skew_line("worker " + r["worker"], r["clock_skew"]))
     t = snap.throughput
     if t:
         line = f"throughput: {_n(round(t['tokens_per_s']))} tokens/s since {t['since']}"

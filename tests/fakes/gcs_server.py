@@ -14,6 +14,9 @@ server implements the part of the API google-cloud-storage uses, with the precon
 - fault injection: `fail_after_next(method, n, status)` carries out the next n `method` requests (POST for
   uploads, DELETE, ...) and then answers `status` anyway, as a reply lost after the write landed (the client
   retries a request that already succeeded);
+- its own clock: `clock_offset` seconds from this machine's (the server stamps objects' `updated` and the
+  `Date` header of every response with it, as GCS does with Google's), and `backdate(bucket, name, s)`
+  makes an object look written `s` seconds earlier (time passing for the store alone);
 - fault injection: `fail_next(n, status)` answers the next n requests with `status` (e.g. 503) so retries
   and "a failed upload never marks work done" can be tested.
 
@@ -26,16 +29,20 @@ from __future__ import annotations
 
 import base64
 import datetime
+import email.utils
 import hashlib
 import json
 import re
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, quote, unquote, urlparse
 
 import google_crc32c
+
+_SYSTEM_TIME = time.time  # taken at import: a test that fakes time.time for a client leaves the server's alone
 
 
 @dataclass
@@ -105,6 +112,19 @@ class FakeGcs:
         self.bearer: str | None = None
         self.httpd: ThreadingHTTPServer | None = None
         self.url = ""
+        self.clock_offset = 0.0  # the server's clock minus this machine's, seconds
+
+    def now(self) -> float:
+        """The server's clock (what GCS's `updated` and `Date` say): this machine's real clock plus the offset,
+        whatever a test does to `time.time` in its own process (a client's faked clock is not the server's)."""
+        return _SYSTEM_TIME() + self.clock_offset
+
+    def backdate(self, bucket: str, name: str, seconds: float) -> None:
+        """Make an object's last write `seconds` older by the server's clock."""
+        with self.lock:
+            obj = self.objects[(bucket, name)]
+            t = datetime.datetime.strptime(obj.updated, "%Y-%m-%dT%H:%M:%S.%fZ") - datetime.timedelta(seconds=seconds)
+            obj.updated = t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -167,7 +187,7 @@ class FakeGcs:
             current = self.objects.get((bucket, name))
             self.check_preconditions(current, q)
             self._next_generation += 1
-            now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            now = datetime.datetime.fromtimestamp(self.now(), datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
             obj = _Object(bucket, name, data, self._next_generation, 1, content_type or "application/octet-stream", now)
             self.objects[(bucket, name)] = obj
             return obj
@@ -225,6 +245,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args):  # quiet
         pass
+
+    def date_time_string(self, timestamp=None):  # the Date header: the server's clock
+        return email.utils.formatdate(self.fake.now() if timestamp is None else timestamp, usegmt=True)
 
     # -- plumbing -------------------------------------------------------------------------------------
 
@@ -454,8 +477,10 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--clock-offset", type=float, default=0.0, help="the server's clock minus this machine's, s")
     args = ap.parse_args()
     server = FakeGcs.start(port=args.port)
+    server.clock_offset = args.clock_offset
     print(server.url, flush=True)
     while True:
         time.sleep(3600)

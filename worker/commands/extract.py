@@ -115,6 +115,16 @@ class OutStore(Store):
         s, k = self._route(key)
         return s.local_path(k)
 
+    def now(self):
+        return self.records.now()
+
+    def read_stamped(self, key):
+        s, k = self._route(key)
+        return s.read_stamped(k)
+
+    def list_written(self, prefix):
+        return self.records.list_written(prefix)
+
 
 @click.command()
 @job_options(EXTRACT)
