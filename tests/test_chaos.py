@@ -66,7 +66,7 @@ class Proc:
                     return None
 
 
-def standin_worker(store_url, job, worker, data, delay, lease_s, drain_s) -> Proc:
+def standin_worker(store_url, job, worker, data, delay, lease_s, drain_s, env: dict | None = None) -> Proc:
     return Proc(
         [
             sys.executable,
@@ -79,7 +79,8 @@ def standin_worker(store_url, job, worker, data, delay, lease_s, drain_s) -> Pro
             str(delay),
             str(lease_s),
             str(drain_s),
-        ]
+        ],
+        env,
     )
 
 
