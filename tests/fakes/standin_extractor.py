@@ -179,6 +179,7 @@ def main(argv=None) -> int:
     # like any other, not kill the process: remember it and pass it on.
     early: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, frame: early.append(signum))
+    print("started {}", flush=True)  # from here on a SIGTERM drains (harnesses wait for this line)
 
     from actfleet.errors import ActfleetError
     from actfleet.store import open_store
