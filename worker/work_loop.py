@@ -261,7 +261,8 @@ class Worker:
         self._claimed = 0
         self._record_lock = threading.Lock()  # units finish in their own threads
         self._held: dict[int, _LeaseKeeper] = {}  # units claimed and not yet committed or released, by unit
-        self._finished = threading.Event()  # run() returned
+        self._finished = threading.Event()  # run() ended
+        self._returned = False  # ... with a result, not an exception
 
     # -- signals --------------------------------------------------------------------------------------
 
@@ -279,6 +280,12 @@ class Worker:
         be interrupted from outside) gives every lease it holds back (generation-matched: a lease taken over is
         never deleted; a commit landing meanwhile stays committed) and on_drain_timeout ends the process."""
         if self._finished.wait(self.drain_seconds + DRAIN_GRACE_S):
+            # The loop returned in time, but the process may still wait at exit for threads it cannot interrupt
+            # (an executor's worker inside an engine step, JAX's atexit): end it at the deadline all the same,
+            # unless the loop failed (that exit code is the command's to give).
+            time.sleep(max(0.0, self._stop_at + DRAIN_GRACE_S - time.monotonic()))
+            if self._returned:
+                self.on_drain_timeout()
             return
         held = list(self._held.values())
         log.warning(
@@ -295,11 +302,12 @@ class Worker:
                 except Exception as e:  # the lease then expires: slower for the next worker, never wrong
                     log.warning("releasing the lease of unit %d failed: %s", keeper.lease.unit, e)
             self._write_record("stopped")
+            self.on_event("drain-timeout", {"released": sorted(k.lease.unit for k in held)})
 
         t = threading.Thread(target=give_back, name="drain-release", daemon=True)
         t.start()
-        t.join(RELEASE_WAIT_S)  # a store that does not answer must not hold the exit past the stop timeout
-        self.on_event("drain-timeout", {"released": sorted(k.lease.unit for k in held)})
+        # A store that does not answer, or a stderr pipe nobody reads, must not hold the exit past the stop timeout.
+        t.join(RELEASE_WAIT_S)
         if not self._finished.is_set():
             self.on_drain_timeout()
 
@@ -313,7 +321,9 @@ class Worker:
 
     def run(self) -> WorkResult:
         try:
-            return self._run()
+            result = self._run()
+            self._returned = True
+            return result
         except BaseException as e:
             if is_fatal(e):  # reconcile and status read why this worker stopped (the command exits non-zero)
                 self._write_record("failed")
@@ -775,16 +785,21 @@ class _UnitStats:
         return out
 
 
-def _exit_now() -> None:
-    """The drain watchdog's end of the process: exit 0 (a drain, as when the loop returns) without waiting for the
-    threads still blocked in an upload or an engine step."""
+def exit_now() -> None:
+    """The end of a drained process: exit 0 at once, without waiting for threads still blocked in an upload or
+    an engine step, or for the interpreter's teardown (the drain watchdog, and `work` after a drain)."""
     import sys
 
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
-            pass
+    def flush() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+
+    t = threading.Thread(target=flush, name="drain-flush", daemon=True)
+    t.start()
+    t.join(0.5)  # a full pipe nobody reads must not keep the process alive
     os._exit(0)
 
 
@@ -792,10 +807,35 @@ def install_sigterm(worker: Worker) -> None:
     """SIGTERM / SIGINT -> drain (a second signal does not kill: the drain deadline already bounds it, and the
     watchdog ends the process DRAIN_GRACE_S after it if the loop is still blocked)."""
     if worker.on_drain_timeout is None:
-        worker.on_drain_timeout = _exit_now
+        worker.on_drain_timeout = exit_now
 
     def handler(signum, frame):
         worker.request_stop()
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    # Python runs `handler` in the main thread only, once it is back in the interpreter: a main thread inside an
+    # engine step (XLA, C++) would start the drain, and its deadline, only when the step returns. The signal's
+    # C handler writes its number to the wakeup fd at once, whichever thread it lands on: a thread reading it
+    # starts the drain on time.
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    except ValueError:  # not the main thread (signal.signal above would have refused already)
+        os.close(r)
+        os.close(w)
+        return
+
+    def watch() -> None:
+        while True:
+            try:
+                got = os.read(r, 64)
+            except OSError:
+                return
+            if not got:
+                return
+            if any(b in (signal.SIGTERM, signal.SIGINT) for b in got):
+                worker.request_stop()
+
+    threading.Thread(target=watch, name="sigterm-watch", daemon=True).start()

@@ -334,6 +334,12 @@ def _work(
         f"worker {worker_id}: {how}: {result.units_committed} units committed, {result.units_abandoned} "
         f"abandoned, {result.tokens} tokens in {time.monotonic() - start:.1f}s",
     )
+    if result.stopped_by_signal:
+        # Drained: every lease is committed or released, nothing is left to write. The interpreter's teardown
+        # (JAX's backends, threads inside an engine step) took seconds of a spot VM's ~30 s notice: skip it.
+        from actfleet.worker.work_loop import exit_now
+
+        exit_now()
 
 
 def _follow(channel, spec: q.JobSpec, role, on_event, report) -> None:
