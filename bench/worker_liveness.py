@@ -11,7 +11,9 @@ Stand-in worker processes (tests/fakes/standin_extractor.py: the real work loop,
    from start to the last worker's exit, against the peer "time of the last commit" (the work itself). Before
    the fix, the worker that finished first slept a third of a lease (L/3) after its last unit.
 
-A worker still running 60 s after the signal is killed and printed as inf. Printed, never asserted. Run: .venv/bin/python bench/worker_liveness.py [--drain 1] [--lease 60]
+A worker still running 60 s after the signal is killed and printed as inf. With --real, also `actfleet work` on a tiny random Qwen2 (the real engine), SIGTERM
+during its uploads with --drain-seconds D: the seconds to its exit, against the peer D itself.
+Printed, never asserted. Run: .venv/bin/python bench/worker_liveness.py [--drain 1] [--lease 60] [--real]
 """
 
 from __future__ import annotations
@@ -90,12 +92,58 @@ def linger(lease: float, units: int) -> tuple[float, float]:
         return wall, last - t
 
 
+def real_drain(drain: float) -> float:
+    import threading
+
+    from actfleet.demo.tiny_model import make_tiny_model
+    from actfleet.hashing import sha256_file
+    from actfleet.job_options import JobOptions
+    from actfleet.worker.engine_extractor import count_input_rows
+
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        model = make_tiny_model(d / "model", seed=3)
+        data = d / "data.jsonl"
+        data.write_text("".join(json.dumps({"text": "the fox grid shard " * (1 + i % 5)}) + "\n" for i in range(3000)))
+        opts = JobOptions(model=str(model), sites=("blocks.0.hook_resid_post",), shard_mb=0.002)
+        rows = count_input_rows(str(data), opts)
+        q.prepare(
+            open_store(str(d / "store")),
+            "job",
+            input=str(data),
+            fingerprint=sha256_file(data),
+            rows=rows,
+            unit_rows=1000,
+            options=opts,
+        )
+        argv = ["work", "--store", str(d / "store"), "--job", "job", "--worker-id", "w1", "--drain-seconds", str(drain)]
+        p = subprocess.Popen(
+            [sys.executable, "-c", "from actfleet.cli import main; main()", *argv],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for line in p.stderr:
+            if line.startswith("uploading"):
+                break
+        threading.Thread(target=p.stderr.read, daemon=True).start()  # keep its stderr pipe from filling
+        t = time.perf_counter()
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=120)
+        return time.perf_counter() - t
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--drain", type=float, default=1.0)
     ap.add_argument("--lease", type=float, default=60.0)
     ap.add_argument("--units", type=int, default=5)
+    ap.add_argument("--real", action="store_true", help="also the real engine on a tiny model (slower)")
     a = ap.parse_args()
+    if a.real:
+        secs = real_drain(2.0)
+        print(f"real engine, drain 2.0 s: SIGTERM -> exit {secs:.2f} s; ratio to the drain {secs / 2.0:.2f}")
     peer = drain_seconds(0.2, a.drain, 160)
     ours = drain_seconds(3600.0, a.drain, 8)
     print(
