@@ -584,3 +584,31 @@ class GcsStore(Store):
             b.name[cut:] for b in self.client.list_blobs(self.bucket_name, prefix=full or None, retry=_gcs_retry())
         ]
         return iter(sorted(names))
+
+
+def unavailable(e: BaseException) -> bool:
+    """Whether `e` says the store is unavailable for now rather than that the request is wrong: a local key's
+    lock held by a stalled writer (StoreBusy), a GCS outage that outlasted the client's retries (RetryError,
+    5xx, 429, a request timeout), a dropped connection. Waiting and trying again may succeed; a 403 or a
+    bad key never will."""
+    if isinstance(e, (StoreBusy, ConnectionError, TimeoutError)):
+        return True
+    try:
+        from google.api_core import exceptions as gexc
+        from google.auth import exceptions as gauth
+    except ImportError:  # the cloud extra is not installed: no GCS errors to classify
+        return False
+    import requests
+
+    return isinstance(
+        e,
+        (
+            gexc.RetryError,
+            gexc.ServerError,
+            gexc.TooManyRequests,
+            gexc.DeadlineExceeded,
+            gauth.TransportError,
+            requests.ConnectionError,
+            requests.Timeout,
+        ),
+    )

@@ -66,7 +66,7 @@ class Proc:
                     return None
 
 
-def standin_worker(store_url, job, worker, data, delay, lease_s, drain_s) -> Proc:
+def standin_worker(store_url, job, worker, data, delay, lease_s, drain_s, env: dict | None = None) -> Proc:
     return Proc(
         [
             sys.executable,
@@ -79,7 +79,8 @@ def standin_worker(store_url, job, worker, data, delay, lease_s, drain_s) -> Pro
             str(delay),
             str(lease_s),
             str(drain_s),
-        ]
+        ],
+        env,
     )
 
 
@@ -214,10 +215,17 @@ def test_chaos_over_the_standin_extractor(tmp_path):
         )
     ref = standin_worker(stores["reference"].url, "job", "ref", data, 0.0, 30, 25)
     assert ref.p.wait(timeout=300) == 0
+    from tests.fakes.lease_audit import AUDIT_ENV, takeover_violations
+
+    audit = {AUDIT_ENV: str(tmp_path / "takeovers.jsonl")}  # which stale lease each take-over replaced
     killed = run_chaos(
-        lambda name: standin_worker(stores["chaos"].url, "job", name, data, 0.01, 1.0, 25), workers=4, kills=20, seed=7
+        lambda name: standin_worker(stores["chaos"].url, "job", name, data, 0.01, 1.0, 25, env=audit),
+        workers=4,
+        kills=20,
+        seed=7,
     )
     assert sum(killed.values()) == 20 and all(killed.values()), killed
+    assert not takeover_violations(tmp_path / "takeovers.jsonl")  # tests/test_chaos_takeover.py forces the race
     rep = verify(stores["chaos"], "job", clean=True)  # killed attempts leave garbage; nothing else may be wrong
     assert rep.ok, rep.problems
     assert_bitwise_equal(stores["chaos"], stores["reference"], "job", 30)

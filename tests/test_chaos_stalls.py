@@ -343,7 +343,8 @@ def run_stall_chaos(
         live[name].p.send_signal(signal.SIGCONT)
         out.resumed.add(name)
     if then_sigterm:
-        for proc in live.values():
+        for proc in live.values():  # a replacement still importing would die of it: wait until it can drain
+            proc.wait_for(lambda s: s.startswith("started"), timeout=60)
             proc.p.send_signal(signal.SIGTERM)
     for name, proc in live.items():
         try:
@@ -616,11 +617,14 @@ def test_chaos_with_stalls_over_the_standin(tmp_path, kind, request):
     data = sx.write_dataset(tmp_path / "data.jsonl", ROWS, bad_every=13, empty_every=17)
     ref = reference_store(tmp_path, data, ROWS, UNIT_ROWS)
     prepare_jobs(store, data, names, ROWS, UNIT_ROWS)
+    from tests.fakes.lease_audit import AUDIT_ENV, takeover_violations
+
+    audit = {AUDIT_ENV: str(tmp_path / "takeovers.jsonl")}  # which stale lease each take-over replaced
     loop = VerifyLoop(in_process_verify(store), names, pause=0.05)
     loop.start()
     try:
         chaos = run_stall_chaos(
-            lambda name: standin_worker(store.url, ",".join(names), name, data, 0.2, LEASE_S, 25),
+            lambda name: standin_worker(store.url, ",".join(names), name, data, 0.2, LEASE_S, 25, env=audit),
             workers=4,
             stops=25,
             kills=4,
@@ -644,6 +648,7 @@ def test_chaos_with_stalls_over_the_standin(tmp_path, kind, request):
     assert sum(chaos.stops.values()) == 25 and all(chaos.stops.values()), (chaos.stops, chaos.log[-1])
     assert sum(chaos.kills.values()) == 4, chaos.kills
     assert chaos.abandoned(), "no resumed worker ever found its lease lost: the stalls made no zombie"
+    assert not takeover_violations(tmp_path / "takeovers.jsonl")  # tests/test_chaos_takeover.py forces the race
     for job in names:
         assert_job_is_one_clean_run(store, job, ref, ROWS // UNIT_ROWS)
 

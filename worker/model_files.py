@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from actfleet.errors import InputError
+from actfleet.errors import InputError, disk_full_error, is_disk_full
 
 # actfleet.worker.models.FAMILIES, listed here so checking a directory imports no JAX (a test keeps them equal).
 SUPPORTED_MODEL_TYPES = ("gemma2", "gemma3", "gemma3_text", "gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3")
@@ -102,6 +102,8 @@ def _download_gcs(url: str) -> Path:
     except InputError:
         raise
     except Exception as e:  # google.api_core errors, auth errors: one line
+        if is_disk_full(e):  # this machine's cache is full: not bad input (exit 74, not 2)
+            raise disk_full_error(e, f"caching model {url} in") from None
         raise InputError(f"model {url}: cannot download ({type(e).__name__}: {e})") from None
     done.write_text("")
     return dest
@@ -126,6 +128,8 @@ def _download_hub(repo_id: str, revision: str) -> Path:
             )
         )
     except Exception as e:
+        if is_disk_full(e):  # this machine's cache is full: not bad input (exit 74, not 2)
+            raise disk_full_error(e, f"caching model {repo_id} in") from None
         raise InputError(
             f"model {repo_id}: not a local directory and not downloadable from the hub ({type(e).__name__})"
         ) from None

@@ -30,7 +30,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from actfleet.errors import InputError
+from actfleet.errors import InputError, disk_full_error, is_disk_full
 from actfleet.hashing import sha256_file
 from actfleet.worker import inputs, model_files, sources
 
@@ -175,6 +175,8 @@ def _fetch_to_cache(path: str, write, suffix: str, expect: str | None) -> tuple[
     except InputError:
         raise
     except Exception as e:  # google.api_core errors, OSError
+        if is_disk_full(e):  # this machine's cache is full: not bad input (exit 74, not 2)
+            raise disk_full_error(e, f"caching dataset {path} in") from None
         raise InputError(f"dataset {path}: cannot read it ({type(e).__name__}: {e})") from None
     finally:
         tmp.unlink(missing_ok=True)

@@ -18,13 +18,23 @@ is abandoned (lease released) and never marked done.
 
 SIGTERM (a spot TPU's ~30 s notice): stop claiming (a unit already claimed and prepared still runs); keep
 going only while the units held can still commit before `drain_seconds` have passed, else abandon them
-(release the leases so another worker takes them at once), then exit 0.
+(release the leases so another worker takes them at once), then exit 0. The deadline is hard: an upload or an
+engine step that is still blocking DRAIN_GRACE_S after it cannot be interrupted, so the process gives the
+leases it holds back and exits 0 from a watchdog thread (install_sigterm), whatever its other threads do.
+
+Errors that every retry would meet again stop the worker instead of abandoning and re-claiming units forever:
+bad input (InputError, exit 2) and a full disk (ENOSPC, EDQUOT, EFBIG: DiskFull, exit 74); the lease in flight
+is released first, and nothing committed is touched. A store that is unavailable for a while (a GCS outage, a
+local key lock held by a stalled writer: actfleet.store.unavailable) is waited out with capped backoff while
+claiming; a unit whose upload or commit meets it is abandoned, and the loop claims again once the store
+answers.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import queue as queue_mod
 import random
 import signal
@@ -36,8 +46,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol
 
 from actfleet import work_queue as q
-from actfleet.errors import InputError
-from actfleet.store import Store
+from actfleet.errors import DiskFull, InputError, disk_full_error, disk_full_is_fatal, is_disk_full
+from actfleet.retry import backoff
+from actfleet.store import Store, unavailable
 from actfleet.worker.background import in_thread
 from actfleet.worker.samples import Batch, Row
 
@@ -101,6 +112,41 @@ class Stop(Exception):
     """The unit stops early: lease lost, drain deadline, or an upload that failed for good."""
 
 
+# After SIGTERM, how long past the drain deadline a blocking upload or engine step is waited for before the
+# process releases its leases and exits anyway (install_sigterm). drain_seconds + this + RELEASE_WAIT_S must stay
+# under systemd's TimeoutStopSec (30 s) and the spot notice (~30 s): 20 + 2 + 3 with the defaults.
+DRAIN_GRACE_S = 2.0
+RELEASE_WAIT_S = 3.0
+# While waiting on others' leases: how often the lease listing is read to see one of them go (committed or
+# released), so a worker wakes within seconds instead of at the next expiry or third of a lease.
+WAIT_POLL_S = 2.0
+
+
+def is_fatal(e: BaseException) -> bool:
+    """Errors that stop the worker: every retry would fail the same way (bad input, a full disk), or not an
+    Exception at all (KeyboardInterrupt, SystemExit)."""
+    return not isinstance(e, Exception) or isinstance(e, InputError) or is_disk_full(e)
+
+
+def one_line(e: BaseException) -> BaseException:
+    """A disk-full OSError as DiskFull (its one-line message and exit 74); anything else unchanged."""
+    if isinstance(e, OSError) and is_disk_full(e):
+        return disk_full_error(e, "writing")
+    return e
+
+
+def _never() -> bool:
+    return False
+
+
+def _sleep_unless(stop: Callable[[], bool], seconds: float) -> None:
+    """time.sleep(seconds), cut short (within 0.1 s) once stop() is true: a retry's backoff must not outlast a
+    drain deadline."""
+    end = time.monotonic() + seconds
+    while not stop() and (left := end - time.monotonic()) > 0:
+        time.sleep(min(0.1, left))
+
+
 def upload_with_retry(
     store: Store,
     key: str,
@@ -109,21 +155,27 @@ def upload_with_retry(
     attempts: int = 6,
     base: float = 0.5,
     cap: float = 20.0,
-    should_stop: Callable[[], bool] = lambda: False,
+    should_stop: Callable[[], bool] = _never,
 ) -> int:
     """store.put with jittered exponential backoff ("full jitter", actfleet.retry); raises the last error after
-    `attempts`, or at once for a bad key (InputError: retrying cannot help). Any other error is retried:
-    network, 5xx after the client's own retries, disk full..."""
+    `attempts`, or at once for a bad key (InputError) or a full disk (DiskFull): retrying cannot help. Any
+    other error is retried: network, 5xx after the client's own retries... The backoff's sleeps end early once
+    should_stop() is true."""
     from actfleet.retry import retry
 
+    def put() -> int:
+        with disk_full_is_fatal(f"storing {key} in {getattr(store, 'url', store)}:"):
+            return store.put(key, data)
+
     return retry(
-        lambda: store.put(key, data),
+        put,
         attempts=attempts,
         base=base,
         cap=cap,
-        fatal=(InputError,),
+        fatal=(InputError, DiskFull),
         should_stop=should_stop,
         on_retry=lambda err, delay, _n: log.warning("upload of %s failed (%s); retrying in %.1fs", key, err, delay),
+        sleep=None if should_stop is _never else (lambda seconds: _sleep_unless(should_stop, seconds)),
     )
 
 
@@ -182,7 +234,7 @@ class Worker:
     worker_id: str
     lease_seconds: float = 300.0
     queue_depth: int = 2
-    drain_seconds: float = 25.0
+    drain_seconds: float = 20.0
     upload_attempts: int = 6
     on_event: Callable[[str, dict], None] = lambda kind, info: None
     # Whether the compute makes progress (a multi-host slice: no engine step stalled); the lease is renewed
@@ -195,6 +247,9 @@ class Worker:
     # False: one unit at a time, each committed before the next is claimed (`extract --max-tokens`, which stops
     # after the unit in which the stored tokens reach the limit, must not have claimed the next one already).
     stream_units: bool = True
+    # Called by the drain watchdog once DRAIN_GRACE_S past the drain deadline the loop is still blocked (an
+    # upload, an engine step), after it released the leases: install_sigterm makes it end the process.
+    on_drain_timeout: Callable[[], None] | None = None
     _stop_at: float | None = field(default=None, init=False)  # monotonic deadline once SIGTERM arrived
     record: q.WorkerProgress = field(init=False)
 
@@ -205,6 +260,9 @@ class Worker:
         self._pinned: dict[str, str] | None = None
         self._claimed = 0
         self._record_lock = threading.Lock()  # units finish in their own threads
+        self._held: dict[int, _LeaseKeeper] = {}  # units claimed and not yet committed or released, by unit
+        self._finished = threading.Event()  # run() ended
+        self._returned = False  # ... with a result, not an exception
 
     # -- signals --------------------------------------------------------------------------------------
 
@@ -214,6 +272,44 @@ class Worker:
             self._stop_at = time.monotonic() + self.drain_seconds
             self.draining.set()
             log.info("stop requested: draining (%.0fs)", self.drain_seconds)
+            if self.on_drain_timeout is not None:
+                threading.Thread(target=self._drain_watchdog, name="drain-watchdog", daemon=True).start()
+
+    def _drain_watchdog(self) -> None:
+        """DRAIN_GRACE_S past the drain deadline, a loop still blocked in an upload or an engine step (neither can
+        be interrupted from outside) gives every lease it holds back (generation-matched: a lease taken over is
+        never deleted; a commit landing meanwhile stays committed) and on_drain_timeout ends the process."""
+        if self._finished.wait(self.drain_seconds + DRAIN_GRACE_S):
+            # The loop returned in time, but the process may still wait at exit for threads it cannot interrupt
+            # (an executor's worker inside an engine step, JAX's atexit): end it at the deadline all the same,
+            # unless the loop failed (that exit code is the command's to give).
+            time.sleep(max(0.0, self._stop_at + DRAIN_GRACE_S - time.monotonic()))
+            if self._returned:
+                self.on_drain_timeout()
+            return
+        held = list(self._held.values())
+        log.warning(
+            "drain deadline passed %.0fs ago with the loop still blocked: releasing %d lease(s)",
+            DRAIN_GRACE_S,
+            len(held),
+        )
+
+        def give_back() -> None:
+            for keeper in held:
+                keeper.stopped.set()  # no renewal after this
+                try:
+                    q.release(self.store, keeper.current())
+                except Exception as e:  # the lease then expires: slower for the next worker, never wrong
+                    log.warning("releasing the lease of unit %d failed: %s", keeper.lease.unit, e)
+            self._write_record("stopped")
+            self.on_event("drain-timeout", {"released": sorted(k.lease.unit for k in held)})
+
+        t = threading.Thread(target=give_back, name="drain-release", daemon=True)
+        t.start()
+        # A store that does not answer, or a stderr pipe nobody reads, must not hold the exit past the stop timeout.
+        t.join(RELEASE_WAIT_S)
+        if not self._finished.is_set():
+            self.on_drain_timeout()
 
     def _past_deadline(self) -> bool:
         return self._stop_at is not None and time.monotonic() >= self._stop_at
@@ -224,19 +320,33 @@ class Worker:
     # -- the loop -------------------------------------------------------------------------------------
 
     def run(self) -> WorkResult:
+        try:
+            result = self._run()
+            self._returned = True
+            return result
+        except BaseException as e:
+            if is_fatal(e):  # reconcile and status read why this worker stopped (the command exits non-zero)
+                self._write_record("failed")
+            if isinstance(e, OSError) and is_disk_full(e):
+                raise one_line(e) from None
+            raise
+        finally:
+            self._finished.set()
+
+    def _run(self) -> WorkResult:
         result = WorkResult()
         self._pins()
         self._write_record("idle")
         while not self._stop_claiming():
-            nxt = q.next_unit(self.store, self.spec, self.worker_id, self.lease_seconds, offset=self.offset)
+            nxt = self._next_unit()
+            if nxt is None:  # SIGTERM while the store was unavailable
+                break
             if nxt.all_done:
                 result.job_complete = True
                 break
             if nxt.lease is None:  # everything left is leased by others: wait to take over expired leases
                 self._write_record("waiting")
-                # At most a third of a lease between records, as while working: reconcile's heartbeat
-                # timeout (at least one lease, config.py) must never mistake a waiting worker for a stalled one.
-                self.draining.wait(min(nxt.wait_seconds + random.uniform(0, 0.5), self.lease_seconds / 3))
+                self._wait_for_others(nxt.wait_seconds)
                 continue
             for committed, tokens in self._stream(nxt.lease, prefetch=self.stream_units):
                 if committed:
@@ -247,6 +357,47 @@ class Worker:
         result.stopped_by_signal = self.draining.is_set()
         self._write_record("stopped" if result.stopped_by_signal else "finished")
         return result
+
+    def _next_unit(self) -> "q.NextUnit | None":
+        """q.next_unit, waiting out an unavailable store (a GCS outage past the client's retries, a local key
+        lock held by a stalled writer) with jittered backoff capped at a third of a lease, as long as it lasts:
+        the worker record is rewritten meanwhile, best effort. None if SIGTERM came while waiting."""
+        delays = backoff(1.0, max(1.0, min(60.0, self.lease_seconds / 3)))
+        while True:
+            try:
+                return q.next_unit(self.store, self.spec, self.worker_id, self.lease_seconds, offset=self.offset)
+            except Exception as e:
+                if not unavailable(e):
+                    raise
+                delay = next(delays)
+                log.warning(
+                    "store unavailable while claiming (%s: %s); trying again in %.1fs", type(e).__name__, e, delay
+                )
+            self._write_record("waiting")
+            if self.draining.wait(delay):
+                return None
+
+    def _wait_for_others(self, wait_seconds: float) -> None:
+        """Everything left is leased by others: wait until the earliest lease expires (to take it over), or
+        until a lease we wait on is gone (committed: maybe the job is complete; or released: claimable), or
+        SIGTERM. Polls the lease listing every WAIT_POLL_S. At most a third of a lease between worker records,
+        as while working: reconcile's heartbeat timeout (at least one lease) must never mistake a waiting
+        worker for a stalled one."""
+        end = time.monotonic() + min(wait_seconds + random.uniform(0, 0.5), self.lease_seconds / 3)
+        try:
+            waited_on = q.leased_units(self.store, self.spec.job)
+        except Exception as e:
+            log.warning("listing leases failed: %s", e)
+            waited_on = set()
+        while (left := end - time.monotonic()) > 0:
+            if self.draining.wait(min(left, WAIT_POLL_S * random.uniform(0.75, 1.25))):
+                return
+            try:
+                if not waited_on or not waited_on <= q.leased_units(self.store, self.spec.job):
+                    return  # a lease we waited on is gone (or there was none to wait on: look again)
+            except Exception as e:  # an unavailable store: next_unit waits it out
+                log.warning("listing leases failed: %s", e)
+                return
 
     def _pins(self) -> dict[str, str]:
         """The input and model digests this worker computes from, checked against the job's (once)."""
@@ -295,7 +446,13 @@ class Worker:
                 run.finished.wait()
             if self._stop_claiming():
                 return None
-            nxt = q.next_unit(self.store, self.spec, self.worker_id, self.lease_seconds, offset=self.offset)
+            try:
+                nxt = q.next_unit(self.store, self.spec, self.worker_id, self.lease_seconds, offset=self.offset)
+            except Exception as e:
+                if not unavailable(e):
+                    raise
+                log.warning("store unavailable while claiming ahead (%s: %s)", type(e).__name__, e)
+                return None  # the stream ends with the units it has; the main loop waits the store out
             return None if nxt.lease is None else self._open(nxt.lease)
 
         def start_prefetch() -> None:
@@ -362,7 +519,7 @@ class Worker:
             run.finished.wait()
         reap()
         self._write_record("idle")
-        if error is not None and (not isinstance(error, Exception) or isinstance(error, InputError)):
+        if error is not None and is_fatal(error):
             fatal.insert(0, error)  # a fatal error is raised even when no unit was left to take it
         elif error is not None:
             log.warning("device stream failed: %s: %s", type(error).__name__, error)
@@ -377,15 +534,16 @@ class Worker:
         self._write_record("working", unit)
         keeper = _LeaseKeeper(self.store, lease, self.lease_seconds, self.record, self.spec.job, self.healthy)
         keeper.start()
+        self._held[unit] = keeper
         self.on_event("claimed", {"unit": unit, "attempt": lease.attempt})
         start, stop = self.spec.unit_range(unit)
         try:
             prepared = self.extractor.prepare(start, stop)
-        except InputError:
-            q.release(self.store, keeper.stop())  # every retry would fail the same way: stop this worker
-            raise
-        except BaseException:
-            keeper.stop()
+        except BaseException as e:
+            lease = keeper.stop()
+            if is_fatal(e) and isinstance(e, Exception):  # every retry would fail the same way: stop this worker
+                q.release(self.store, lease)
+            self._held.pop(unit, None)
             raise
         self.on_event("computing", {"unit": unit, "rows": len(prepared.rows)})
         return _UnitRun(self, lease, keeper, prepared)
@@ -508,8 +666,8 @@ class _UnitRun:
 
     def _check(self) -> None:
         """Raise Stop (or the fatal error) unless every batch and shard of the unit went through."""
-        if self.failure and (not isinstance(self.failure[0], Exception) or isinstance(self.failure[0], InputError)):
-            raise self.failure[0]
+        if self.failure and is_fatal(self.failure[0]):
+            raise one_line(self.failure[0])
         if self.failure:
             raise Stop(f"{type(self.failure[0]).__name__}: {self.failure[0]}")
         if self.keeper.lost.is_set():
@@ -580,15 +738,34 @@ class _UnitRun:
             q.release(w.store, lease)
             log.warning("unit %d abandoned: %s", unit, e)
             w.on_event("abandoned", {"unit": unit, "reason": str(e)})
-        except InputError as e:
-            # Bad input (a pinned file changed, a token id outside the vocabulary...): every retry would fail
-            # the same way, so stop this worker (exit 2, one line) instead of abandoning and reclaiming forever.
-            q.release(w.store, keeper.stop())
-            self.error = e
+        except Exception as e:
+            lease = keeper.stop()
+            if is_fatal(e):
+                # Bad input (a pinned file changed, a token id outside the vocabulary...) or a full disk: every
+                # retry would fail the same way, so stop this worker (one line, exit 2 or 74) instead of
+                # abandoning and reclaiming forever. Releasing the lease frees the unit (and its lease file).
+                self.error = one_line(e)
+            elif unavailable(e):
+                # The store stopped answering during the commit: abandon (nothing is done unless the done
+                # record landed, and then it stays done); the loop claims again once the store answers.
+                log.warning("unit %d abandoned: store unavailable: %s: %s", unit, type(e).__name__, e)
+                w.on_event("abandoned", {"unit": unit, "reason": f"store unavailable: {e}"})
+            else:
+                self.error = e
+                return
+            try:
+                # commit() renews before it creates the done record: release the generation now in the store
+                # if it is still our attempt's (same nonce), not the one the keeper last saw.
+                current = q.read_lease(w.store, w.spec.job, unit)
+                if current is not None and current.nonce == lease.nonce:
+                    q.release(w.store, current)
+            except Exception as e2:  # still unavailable: the lease expires instead
+                log.warning("releasing the lease of unit %d failed: %s", unit, e2)
         except BaseException as e:
             keeper.stop()
             self.error = e
         finally:
+            w._held.pop(unit, None)
             self.finished.set()
 
 
@@ -639,11 +816,57 @@ def _moments(spec: q.JobSpec):
     return UnitStats(gram=spec.options.stats == "gram")
 
 
+def exit_now() -> None:
+    """The end of a drained process: exit 0 at once, without waiting for threads still blocked in an upload or
+    an engine step, or for the interpreter's teardown (the drain watchdog, and `work` after a drain)."""
+    import sys
+
+    def flush() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+
+    t = threading.Thread(target=flush, name="drain-flush", daemon=True)
+    t.start()
+    t.join(0.5)  # a full pipe nobody reads must not keep the process alive
+    os._exit(0)
+
+
 def install_sigterm(worker: Worker) -> None:
-    """SIGTERM / SIGINT -> drain (a second signal does not kill: the drain deadline already bounds it)."""
+    """SIGTERM / SIGINT -> drain (a second signal does not kill: the drain deadline already bounds it, and the
+    watchdog ends the process DRAIN_GRACE_S after it if the loop is still blocked)."""
+    if worker.on_drain_timeout is None:
+        worker.on_drain_timeout = exit_now
 
     def handler(signum, frame):
         worker.request_stop()
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    # Python runs `handler` in the main thread only, once it is back in the interpreter: a main thread inside an
+    # engine step (XLA, C++) would start the drain, and its deadline, only when the step returns. The signal's
+    # C handler writes its number to the wakeup fd at once, whichever thread it lands on: a thread reading it
+    # starts the drain on time.
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    except ValueError:  # not the main thread (signal.signal above would have refused already)
+        os.close(r)
+        os.close(w)
+        return
+
+    def watch() -> None:
+        while True:
+            try:
+                got = os.read(r, 64)
+            except OSError:
+                return
+            if not got:
+                return
+            if any(b in (signal.SIGTERM, signal.SIGINT) for b in got):
+                worker.request_stop()
+
+    threading.Thread(target=watch, name="sigterm-watch", daemon=True).start()

@@ -172,17 +172,35 @@ def main(argv=None) -> int:
     JOB may be a comma-separated list of jobs over the same DATA, worked in turn (a SIGTERM ends the list
     too): a fleet of such workers goes through the end of a job, where expired leases are taken over, many
     times. Each event line carries its job."""
+    import signal
     import sys
 
-    from actfleet import work_queue as q
+    # A SIGTERM before the work loop's handler is installed (a replacement worker still importing) must drain
+    # like any other, not kill the process: remember it and pass it on.
+    early: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: early.append(signum))
+    print("started {}", flush=True)  # from here on a SIGTERM drains (harnesses wait for this line)
+
+    from actfleet.errors import ActfleetError
     from actfleet.store import open_store
-    from actfleet.worker.work_loop import Worker, install_sigterm
+    from tests.fakes.lease_audit import audited
 
     args = argv if argv is not None else sys.argv[1:]
     store_url, jobs, worker_id, data = args[:4]
     delay = float(args[4]) if len(args) > 4 else 0.0
     lease_s = float(args[5]) if len(args) > 5 else 5.0
-    store = open_store(store_url)
+    store = audited(open_store(store_url))  # $ACTFLEET_LEASE_AUDIT: log take-overs (tests/fakes/lease_audit.py)
+    try:
+        return _work_jobs(store, jobs, worker_id, data, delay, lease_s, args, early)
+    except ActfleetError as e:  # as the CLI does: one line, the error's exit code
+        print(f"actfleet: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+
+
+def _work_jobs(store, jobs: str, worker_id: str, data: str, delay: float, lease_s: float, args: list, early) -> int:
+    from actfleet import work_queue as q
+    from actfleet.worker.work_loop import Worker, install_sigterm
+
     for job in jobs.split(","):
         w = Worker(
             store,
@@ -194,6 +212,8 @@ def main(argv=None) -> int:
             on_event=lambda kind, info, job=job: print(kind, json.dumps({"job": job, **info}), flush=True),
         )
         install_sigterm(w)
+        if early:
+            w.request_stop()
         r = w.run()
         print("result", json.dumps({"job": job, **r.__dict__}), flush=True)
         if r.stopped_by_signal:

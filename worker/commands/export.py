@@ -7,11 +7,13 @@ gs:// prefix, or a job's root in a store (`gs://bucket/JOB`, `./store/JOB`: the 
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import click
 
 from actfleet.cli import json_option
-from actfleet.errors import PrerequisiteError
+from actfleet.errors import DiskFull, PrerequisiteError, disk_full_is_fatal
 
 
 @click.group()
@@ -95,19 +97,25 @@ def saelens(shards, out, site, context_size, seed, dtype, model_class, hook_name
             )
         progress.update(tasks[stage], completed=done)
 
-    with progress:
-        summary = export_saelens(
-            shards,
-            out,
-            site=site,
-            context_size=context_size,
-            seed=seed,
-            dtype=dtype,
-            column=hook_name,
-            model_class=model_class,
-            chunk_mb=chunk_mb,
-            on_progress=on_progress,
-        )
+    fresh = not Path(out).exists()
+    try:
+        with progress, disk_full_is_fatal("exporting to", out):
+            summary = export_saelens(
+                shards,
+                out,
+                site=site,
+                context_size=context_size,
+                seed=seed,
+                dtype=dtype,
+                column=hook_name,
+                model_class=model_class,
+                chunk_mb=chunk_mb,
+                on_progress=on_progress,
+            )
+    except DiskFull:
+        if fresh:  # a partial export is of no use and holds the space: remove what this run wrote
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     if summary.units_total is not None and summary.units_done != summary.units_total:
         click.echo(
             f"actfleet: warning: the job has {summary.units_done} of {summary.units_total} units done; exported those",

@@ -4,7 +4,10 @@ Each reads the job from fleet.toml ([job]) when there is one; `--store` and `--j
 both given (plus, for prepare, `--model` and `--input`) no config file is needed.
 
 Exit codes: 0 done (prepared / job complete or drained on SIGTERM / verified), 1 failure (verify found
-problems), 2 bad input (a changed dataset, a missing job, bad options).
+problems), 2 bad input (a changed dataset, a missing job, bad options), 74 disk full (a local write failed with
+ENOSPC, EDQUOT or EFBIG: the store, a cache; nothing committed is lost), 75 `work` found the store unavailable
+outside its claim loop (a GCS outage past the client's retries at start-up or while reading a unit's input:
+try again later; systemd restarts it).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from actfleet import sites as site_names
 from actfleet import work_queue as q
 from actfleet.cli import config_option, json_option
 from actfleet.config import JobConfig, resolve_path
-from actfleet.errors import ConfigError, InputError
+from actfleet.errors import ActfleetError, ConfigError, InputError, disk_full_is_fatal
 from actfleet.job_options import (
     DEFAULT_LEASE_SECONDS,
     DEFAULT_UNIT_ROWS,
@@ -31,7 +34,7 @@ from actfleet.job_options import (
     implied_positions,
 )
 from actfleet.quiet import log_to_stderr
-from actfleet.store import Store, open_store
+from actfleet.store import Store, open_store, unavailable
 from actfleet.worker.commands.flags import job_options
 from actfleet.worker.engine_extractor import EngineExtractor
 
@@ -169,9 +172,10 @@ def prepare(config_path, store_url, job, as_json, **flags):
 @click.option(
     "--drain-seconds",
     type=float,
-    default=25.0,
+    default=20.0,
     show_default=True,
-    help="After SIGTERM, how long the current unit may still take before it is abandoned.",
+    help="After SIGTERM, how long the current unit may still take before it is abandoned; 2 s after that "
+    "the process releases its leases and exits even if an upload or engine step still blocks.",
 )
 @click.option(
     "--queue-depth",
@@ -231,7 +235,57 @@ def work(
     stall_seconds,
     as_json,
 ):
-    """Claim units, extract, commit, until every unit of the job is done (exit 0)."""
+    """Claim units, extract, commit, until every unit of the job is done (exit 0).
+
+    \b
+    Exit codes: 0 job complete, or drained after SIGTERM; 2 bad input (released its unit);
+    74 disk full (released its unit; nothing committed is lost); 75 the store was unavailable
+    outside the claim loop (which waits an outage out), or a multi-host slice stalled.
+    """
+    try:
+        with disk_full_is_fatal("actfleet work:"):
+            _work(
+                config_path,
+                store_url,
+                job,
+                worker_id,
+                lease_seconds,
+                drain_seconds,
+                queue_depth,
+                coordinator,
+                num_processes,
+                process_id,
+                heartbeat_seconds,
+                stall_seconds,
+                as_json,
+            )
+    except Exception as e:
+        if isinstance(e, ActfleetError) or not unavailable(e):
+            raise
+        raise ActfleetError(
+            f"store unavailable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (try again later)",
+            exit_code=EXIT_STORE_UNAVAILABLE,
+        ) from None
+
+
+EXIT_STORE_UNAVAILABLE = 75  # EX_TEMPFAIL, as a stalled slice's: systemd restarts the worker
+
+
+def _work(
+    config_path,
+    store_url,
+    job,
+    worker_id,
+    lease_seconds,
+    drain_seconds,
+    queue_depth,
+    coordinator,
+    num_processes,
+    process_id,
+    heartbeat_seconds,
+    stall_seconds,
+    as_json,
+):
     from actfleet.worker import multihost
     from actfleet.worker.work_loop import Worker, install_sigterm
 
@@ -299,6 +353,12 @@ def work(
         f"worker {worker_id}: {how}: {result.units_committed} units committed, {result.units_abandoned} "
         f"abandoned, {result.tokens} tokens in {time.monotonic() - start:.1f}s",
     )
+    if result.stopped_by_signal:
+        # Drained: every lease is committed or released, nothing is left to write. The interpreter's teardown
+        # (JAX's backends, threads inside an engine step) took seconds of a spot VM's ~30 s notice: skip it.
+        from actfleet.worker.work_loop import exit_now
+
+        exit_now()
 
 
 def _follow(channel, spec: q.JobSpec, role, on_event, report) -> None:
