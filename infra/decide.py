@@ -49,10 +49,13 @@ from actfleet.config import Config, Worker, zone_of
 
 # TPU state names and groups are defined once, in infra/tpu_states.py.
 from actfleet.infra.tpu_states import (
+    HEALTH_MAINTENANCE,
+    HEALTH_UNRESPONSIVE,
     NODE_BROKEN,
     NODE_CREATING,
     NODE_DELETING,
     NODE_GOING,
+    NODE_LOST,
     NODE_PREEMPTED,
     NODE_READY,
     NODE_STARTING,
@@ -95,6 +98,7 @@ class Observed:
     initiator: str = ""  # the queued resource's state initiator: "SERVICE" for a preemption, "USER", ""
     error_code: str = ""  # a FAILED queued resource's state.failed_data.error: google.rpc code name
     error_message: str = ""
+    health: str = ""  # the node's Node.Health name ("HEALTHY", "TIMEOUT", "UNHEALTHY_MAINTENANCE"; "" unreported)
 
 
 @dataclass(frozen=True)
@@ -313,6 +317,17 @@ def _decide_desired(
         )
     if node in NODE_BROKEN:
         return act(REPLACE, f"node {node}", cause=PREEMPTION if node in (NODE_PREEMPTED, NODE_TERMINATED) else ERROR)
+    if node in NODE_LOST:
+        # Not READY again by itself (UNKNOWN: a failed repair; HIDDEN: hidden away): replaced after a grace,
+        # so a state seen once in passing does not cost a worker.
+        if o.since is not None and now - o.since > policy.node_grace_s:
+            return act(
+                REPLACE,
+                f"node {node} for {_minutes(now - o.since)}: not usable, replaced",
+                cause=ERROR,
+                error=failure(f"NODE_{node}", f"the node has been {node} for {_minutes(now - o.since)}"),
+            )
+        return act(PENDING, f"node {node}: replaced if it stays so past {_minutes(policy.node_grace_s)}")
     if qr == QR_DELETING or node in NODE_GOING:
         return act(
             WAIT,
@@ -342,6 +357,9 @@ def _ready(w: Worker, o: Observed, now: float, policy: Policy, liveness: Livenes
     ready = "node READY" if o.qr_state is None else "queued resource ACTIVE, node READY"
     if liveness is not None and liveness.error is not None:  # never replace on records we could not read
         return Action(w.name, w.zone, HEALTHY, ready + "; worker records unreadable, not judged")
+    unhealthy = _unhealthy(w, o, now, policy, liveness)
+    if unhealthy is not None:
+        return unhealthy
     if liveness is None or not liveness.judged:
         return Action(w.name, w.zone, HEALTHY, ready)
     rec = liveness.records.get(w.name)
@@ -373,6 +391,35 @@ def _ready(w: Worker, o: Observed, now: float, policy: Policy, liveness: Livenes
             error=failure("STALLED", f"last heartbeat {_minutes(age)} ago", "stalled"),
         )
     return Action(w.name, w.zone, HEALTHY, ready)
+
+
+def _unhealthy(w: Worker, o: Observed, now: float, policy: Policy, liveness: Liveness | None) -> Action | None:
+    """A READY node whose health is not good: under maintenance it is waited for (pending); unresponsive it
+    is replaced once that has lasted the heartbeat timeout, unless its worker's records say it works (they
+    are the better witness). None: health says nothing against it."""
+    if o.health == HEALTH_MAINTENANCE:
+        return Action(w.name, w.zone, PENDING, "node READY but under maintenance (UNHEALTHY_MAINTENANCE): waited for")
+    if o.health not in HEALTH_UNRESPONSIVE:
+        return None
+    if liveness is not None and liveness.judged and liveness.error is None:
+        rec = liveness.records.get(w.name)
+        if (
+            rec is not None
+            and rec.last_heartbeat is not None
+            and now - rec.last_heartbeat <= policy.heartbeat_timeout_s
+        ):
+            return None  # its worker heartbeats: the boot and heartbeat rules judge it
+    limit = policy.heartbeat_timeout_s or policy.boot_timeout_s
+    if limit > 0 and o.since is not None and now - o.since > limit:
+        return Action(
+            w.name,
+            w.zone,
+            REPLACE,
+            f"node READY but health {o.health} for {_minutes(now - o.since)} (limit {_minutes(limit)})",
+            cause=ERROR,
+            error=failure(f"HEALTH_{o.health}", f"node health {o.health} for {_minutes(now - o.since)}", "stalled"),
+        )
+    return Action(w.name, w.zone, PENDING, f"node READY but health {o.health}: replaced if it lasts {_minutes(limit)}")
 
 
 def _provisioning(w: Worker, o: Observed, now: float, policy: Policy, what: str) -> Action:
@@ -455,7 +502,8 @@ def phase(o: Observed | None) -> str:
         return "absent"
     if o.qr_state in QR_PROVISIONING or (o.qr_state in (None, QR_ACTIVE) and o.node_state == NODE_CREATING):
         return "provisioning"
-    return f"{o.qr_state or '-'}/{o.node_state or '-'}"
+    health = f"/{o.health}" if o.health in HEALTH_UNRESPONSIVE or o.health == HEALTH_MAINTENANCE else ""
+    return f"{o.qr_state or '-'}/{o.node_state or '-'}{health}"  # bad health starts a fresh clock
 
 
 def with_history(

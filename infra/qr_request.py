@@ -49,6 +49,6 @@ def queued_resource_request(
     request: dict = {"tpu": {"nodeSpec": [node_spec(config, worker, metadata)]}}
     if config.fleet.spot:
         request["spot"] = {}  # spot capacity: cheap, preemptible, never restarted (reconcile replaces it)
-    else:
-        request["guaranteed"] = {}
+    # spot = false sends no tier at all: on-demand. (`guaranteed` is the reserved tier, which needs a
+    # reservation; `guaranteed: {}` is not "on-demand".)
     return request

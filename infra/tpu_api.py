@@ -461,7 +461,15 @@ class TpuApi:
         # fills in (name, createTime, state, defaults) are not in the request, so they are not compared.
         wanted = json_format.MessageToDict(cloud_tpu.QueuedResource.pb(_parse_request(request, path)))
         have = json_format.MessageToDict(cloud_tpu.QueuedResource.pb(existing))
+        # The API answers nodeSpec[].parent with the project NUMBER: the same place is not a difference.
+        for w, h in zip(wanted.get("tpu", {}).get("nodeSpec", []), have.get("tpu", {}).get("nodeSpec", [])):
+            if _same_parent(w.get("parent", ""), h.get("parent", "")):
+                h["parent"] = w.get("parent", "")
         where = _first_difference(wanted, have)
+        # The capacity tier is one choice: an on-demand request (no tier) meeting a spot resource differs,
+        # although the request leaves `spot` out.
+        if where is None:
+            where = next((t for t in _TIERS if (t in wanted) != (t in have)), None)
         if where is not None:
             raise ActfleetError(
                 f"TPU API: queued resource {path} already exists with a different request "
@@ -627,3 +635,11 @@ def _first_difference(wanted: Any, have: Any, where: str = "", exact: bool = Fal
 
 
 _EXACT_MAPS = frozenset({"labels", "metadata"})
+_TIERS = ("spot", "guaranteed")  # QueuedResource's tier oneof; none set = on-demand
+
+
+def _same_parent(wanted: str, have: str) -> bool:
+    """True when two `projects/{p}/locations/{zone}` name one place: the API writes the project's number
+    where the request wrote its id, so only the location is compared."""
+    w, h = wanted.split("/"), have.split("/")
+    return len(w) == len(h) == 4 and w[0] == h[0] == "projects" and w[2:] == h[2:]

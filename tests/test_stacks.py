@@ -264,10 +264,10 @@ def test_queued_endpoint_comes_from_config_then_environment(monkeypatch):
     assert synth_cache.cache_key(config) != key  # the baked endpoint is part of the key
 
 
-def test_on_demand_fleet_asks_for_guaranteed_capacity():
+def test_on_demand_fleet_sends_no_capacity_tier():
     config = make_config(spot=False)
     request = queued_resource_request(config, config.fleet.workers[0])
-    assert "spot" not in request and request["guaranteed"] == {}
+    assert "spot" not in request and "guaranteed" not in request  # on-demand: no tier (issue 24)
 
 
 def test_queued_fleet_stack_is_valid_terraform(stacks, tmp_path):
