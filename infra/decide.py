@@ -73,15 +73,19 @@ FLEET_LABEL = "actfleet-fleet"
 # --- Action kinds ------------------------------------------------------------------------------------
 HEALTHY, PENDING, WAIT, REPORT = "healthy", "pending", "wait", "report"
 CREATE, REPLACE, REMOVE, DELETE_ORPHAN = "create", "replace", "remove", "delete-orphan"
-KINDS = (HEALTHY, PENDING, WAIT, REPORT, CREATE, REPLACE, REMOVE, DELETE_ORPHAN)
+# Added by the rollout layer (infra/rollout.py): told to drain before a rollout replaces it (through the job
+# store), and a broken worker of a halted release deleted without being recreated (through the TPU API).
+DRAIN, HOLD = "drain", "hold"
+KINDS = (HEALTHY, PENDING, WAIT, REPORT, CREATE, REPLACE, REMOVE, DELETE_ORPHAN, DRAIN, HOLD)
 APPLY_KINDS = frozenset({CREATE, REPLACE, REMOVE})  # carried out by the one terraform apply
 
 # Why a worker was replaced, counted apart as SkyPilot counts recoveries from preemptions and restarts on
 # errors; and what kind of error (the first word an operator needs: fix a permission, or wait for capacity).
-PREEMPTION, ERROR = "preemption", "error"
+PREEMPTION, ERROR, ROLLOUT = "preemption", "error", "rollout"  # ROLLOUT: moved to the new release
 ERROR_CLASSES = ("permission", "invalid-argument", "quota", "boot", "stalled", "unknown")
-API_KINDS = frozenset({DELETE_ORPHAN})  # carried out through the TPU API
-ACTING_KINDS = APPLY_KINDS | API_KINDS
+API_KINDS = frozenset({DELETE_ORPHAN, HOLD})  # carried out through the TPU API
+STORE_KINDS = frozenset({DRAIN})  # carried out through the job's store
+ACTING_KINDS = APPLY_KINDS | API_KINDS | STORE_KINDS
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,12 @@ class Policy:
     heartbeat_timeout_s: float = 15 * 60  # a worker record older than this on a READY node: replace
     backoff_base_s: float = 5 * 60  # a failed create waits this long before the next, doubling...
     backoff_max_s: float = 60 * 60  # ...up to this
-    retry_now: bool = False  # `reconcile --retry-now`: ignore the backoff this pass
+    retry_now: bool = False  # `reconcile --retry-now`: ignore the backoff (and a rollout's halt) this pass
+    # [rollout] (infra/rollout.py): workers moved to a new release at a time (a count or "N%"), how long a
+    # worker told to drain is given before it is replaced anyway, failed boots in a row that halt a release.
+    max_unavailable: int | str = "10%"
+    drain_timeout_s: float = 15 * 60
+    halt_after_failed_boots: int = 3
 
     @staticmethod
     def from_config(cfg: Config) -> "Policy":
@@ -127,6 +136,9 @@ class Policy:
             scale_to_zero=cfg.reconcile.scale_to_zero_when_done,
             boot_timeout_s=cfg.reconcile.boot_timeout_minutes * 60.0,
             heartbeat_timeout_s=cfg.reconcile.heartbeat_timeout_minutes * 60.0,
+            max_unavailable=cfg.rollout.max_unavailable,
+            drain_timeout_s=cfg.rollout.drain_timeout_minutes * 60.0,
+            halt_after_failed_boots=cfg.rollout.halt_after_failed_boots,
         )
 
     def backoff(self, failures: int) -> float:
@@ -166,6 +178,8 @@ class Remembered:
     error: dict | None = None  # the last failure: {"code", "message", "class"}
     preemptions: int = 0  # replacements caused by preemption, ever
     errors: int = 0  # replacements and failed creates caused by errors, ever
+    drain_requested: float | None = None  # when a rollout told it to drain (infra/rollout.py)
+    rolled: str = ""  # the release a rollout moved it to, until its worker starts work there
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -380,6 +394,8 @@ def _ready(w: Worker, o: Observed, now: float, policy: Policy, liveness: Livenes
         return Action(w.name, w.zone, PENDING, ready + ", worker not started yet")
     if rec.state == "finished":
         return Action(w.name, w.zone, HEALTHY, ready + ", worker finished")
+    if rec.state == "drained":  # it exited between units when a rollout asked: the rollout replaces it
+        return Action(w.name, w.zone, HEALTHY, ready + ", worker drained for a rollout")
     age = now - rec.last_heartbeat
     if policy.heartbeat_timeout_s > 0 and age > policy.heartbeat_timeout_s:
         return Action(

@@ -95,6 +95,7 @@ class Terraform:
         stream: bool = False,
         lock_timeout: str = "0s",
         plugin_cache: Path | None = None,
+        parallelism: int | None = None,
     ):
         self.dir = Path(stack_dir).resolve()
         if not (self.dir / "cdk.tf.json").is_file():
@@ -104,6 +105,8 @@ class Terraform:
         self.env = terraform_env(env, plugin_cache=plugin_cache)
         self.stream = stream
         self.lock_timeout = lock_timeout
+        # -parallelism for apply/destroy: concurrent provisioner runs ([rollout] terraform_parallelism).
+        self.parallelism = parallelism
 
     # -- commands ---------------------------------------------------------------------------------------
 
@@ -158,9 +161,11 @@ class Terraform:
         targets: Iterable[str] = (),
         plan_file: str | os.PathLike | None = None,
         auto_approve: bool = True,
+        variables: Mapping[str, object] | None = None,
     ) -> str:
-        """`terraform apply` with every `replace` address in one run, or apply a saved plan."""
-        args = ["apply", "-input=false", "-no-color", f"-lock-timeout={self.lock_timeout}"]
+        """`terraform apply` with every `replace` address in one run, or apply a saved plan. `variables`
+        travel in a JSON var file of their own (a thousand workers' holds do not fit a command line)."""
+        args = ["apply", "-input=false", "-no-color", f"-lock-timeout={self.lock_timeout}", *self._parallelism()]
         if plan_file is not None:
             if list(replace) or list(targets):
                 raise ValueError("replace/targets belong to the saved plan, not to applying it")
@@ -168,10 +173,21 @@ class Terraform:
         if auto_approve:
             args.append("-auto-approve")
         args += [f"-replace={a}" for a in replace] + [f"-target={t}" for t in targets]
-        return self.run(*args)
+        if not variables:
+            return self.run(*args)
+        fd, name = tempfile.mkstemp(prefix="actfleet-", suffix=".tfvars.json", dir=self.dir)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(dict(variables), f)
+            return self.run(*args, f"-var-file={name}")
+        finally:
+            Path(name).unlink(missing_ok=True)
+
+    def _parallelism(self) -> list[str]:
+        return [f"-parallelism={self.parallelism}"] if self.parallelism else []
 
     def destroy(self, *, targets: Iterable[str] = (), auto_approve: bool = True) -> str:
-        args = ["destroy", "-input=false", "-no-color", f"-lock-timeout={self.lock_timeout}"]
+        args = ["destroy", "-input=false", "-no-color", f"-lock-timeout={self.lock_timeout}", *self._parallelism()]
         if auto_approve:
             args.append("-auto-approve")
         args += [f"-target={t}" for t in targets]
@@ -231,6 +247,7 @@ def stack(
     stream: bool = False,
     env: Mapping[str, str] | None = None,
     lock_timeout: str = "0s",
+    parallelism: int | None = None,
 ) -> Terraform:
     """Stack `name` ("base" | "fleet") of `config`: synthesized through the cache, initialised once."""
     if name not in STACK_NAMES:
@@ -245,6 +262,7 @@ def stack(
         stream=stream,
         lock_timeout=lock_timeout,
         plugin_cache=synthesized.dir.parent / ".plugins",
+        parallelism=parallelism if parallelism is not None else config.rollout.terraform_parallelism,
     )
     if init:
         tf.init()

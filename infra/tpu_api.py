@@ -277,6 +277,21 @@ class TpuApi:
                 continue
             self._tick(what, started, delays)
 
+    def request_delete_queued_resource(self, zone: str, qr_id: str, force: bool = True) -> str:
+        """Ask for the delete and return at once (the fleet stack's destroy provisioner: the next reconcile
+        pass's observation confirms it, so an apply never waits a thousand deletes out). Returns what was
+        done: "gone" (nothing there), "deleting" (a delete already runs), "suspending" (left alone: never
+        force-deleted while SUSPENDING; reconcile deletes it once SUSPENDED), or "requested"."""
+        raw = self._get_raw_queued_resource(zone, qr_id)
+        if raw is None:
+            return "gone"
+        state = _raw_state(raw)
+        if state == QR_DELETING:
+            return "deleting"
+        if state == QR_SUSPENDING:
+            return "suspending"
+        return "requested" if self.delete_queued_resource(zone, qr_id, force, wait=False) else "gone"
+
     def _settled_queued_resource(self, zone: str, qr_id: str, wait_deleting: bool = True):
         """GET the queued resource, first waiting out SUSPENDING (and, with wait_deleting, DELETING):
         the raw message, or None once it does not exist."""

@@ -762,5 +762,5 @@ def test_carrying_out_the_actions_then_deciding_again_asks_for_nothing_more(worl
 
 
 def test_kind_sets_are_consistent():
-    assert APPLY_KINDS | {DELETE_ORPHAN} == ACTING_KINDS
+    assert APPLY_KINDS | {DELETE_ORPHAN, "hold", "drain"} == ACTING_KINDS  # hold, drain: infra/rollout.py
     assert set(ACTING_KINDS) < set(KINDS)
