@@ -681,7 +681,9 @@ def _drain_objects(cfg: Config, actions: list[Action], report: PassReport) -> No
     """Write the drain requests this pass asks for (the worker reads them between units), and remove the
     one of each worker a rollout now replaces (its successor must not drain at once)."""
     asks = [a.worker for a in actions if a.kind == DRAIN]
-    done = [a.worker for a in actions if a.kind == REPLACE and a.cause == ROLLOUT]
+    # Drains are only asked for while the job's records are judged (infra/rollout.py): else none to remove.
+    judged = report.workers.get("judged")
+    done = [a.worker for a in actions if a.kind == REPLACE and a.cause == ROLLOUT and judged]
     if not asks and not done:
         return
     from actfleet.store import NotFound, open_store
