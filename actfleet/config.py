@@ -136,6 +136,9 @@ class RolloutConfig:
     # One apply's concurrent provisioner runs (terraform -parallelism): each create/delete-qr is a few TPU
     # API calls, so 50 keeps a 1,000-worker roll well inside the API's per-minute request quota.
     terraform_parallelism: int = 50
+    # A pass's apply is interrupted (SIGINT: Terraform releases its state lock) after this; keep it under
+    # the reconcile timer's TimeoutStartSec (45 min in docs/operations.md) by Terraform's stop time. 0 = none.
+    apply_timeout_minutes: float = 35.0
 
 
 @dataclass(frozen=True)
@@ -362,6 +365,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "halt_after_failed_boots": Key(_int(0, 100000), 3),
         "drain_timeout_minutes": Key(_minutes, 15.0),
         "terraform_parallelism": Key(_int(1, 1000), 50),
+        "apply_timeout_minutes": Key(_minutes, 35.0),
     },
 }
 

@@ -797,7 +797,10 @@ def terraform_apply(
     to a minute for Terraform's state lock (an `actfleet deploy` may be finishing)."""
     from actfleet.infra.terraform import fleet_stack
 
-    tf = fleet_stack(cfg, stream=stream, lock_timeout="60s", parallelism=cfg.rollout.terraform_parallelism)
+    limit = cfg.rollout.apply_timeout_minutes * 60 or None  # below the timer's TimeoutStartSec
+    tf = fleet_stack(
+        cfg, stream=stream, lock_timeout="60s", parallelism=cfg.rollout.terraform_parallelism, timeout_s=limit
+    )
     if destroy:
         tf.destroy()
     else:
