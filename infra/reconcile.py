@@ -360,7 +360,10 @@ def _observe_decide_act(
     if not acting:
         report.outcome = CONVERGED
         if not report.dry_run:
-            save_memory(cfg, remember(history, observed, actions, now, acted=False), report, releases)
+            memory = remember(history, observed, actions, now, acted=False)
+            # A converged pass usually remembers exactly what it read: no write (10,000 workers' worth).
+            if memory != inputs.history or releases != inputs.releases:
+                save_memory(cfg, memory, report, releases)
         return
     if report.dry_run:
         report.outcome = PLANNED

@@ -67,3 +67,21 @@ def test_node_unknown_and_its_health_reach_decide_through_observe(fake_tpu, api)
     later = o.since + 3600  # an hour after it was made, still UNKNOWN
     [a] = decide([Worker.make("us-central1", ZONE_A, 0)], {QR: o}, later, Policy(fleet_id="t"))
     assert a.kind == REPLACE and "UNKNOWN" in a.reason
+
+
+def test_lists_read_as_json_say_what_the_generated_client_says(fake_tpu, api):
+    """The lists' own JSON reading (the hot path) against the generated client's GETs, field by field."""
+    fake_tpu.create_qr_direct(ZONE_A, "tpu-us-central1-a-0", project=PROJECT, labels={"actfleet-fleet": "t"})
+    fake_tpu.create_qr_direct(
+        ZONE_A, "tpu-us-central1-a-1", project=PROJECT, state="FAILED", error=("RESOURCE_EXHAUSTED", "no capacity")
+    )
+    api.create_queued_resource(ZONE_A, "tpu-us-central1-a-2", qr_request(ZONE_A, "tpu-us-central1-a-2"))
+    fake_tpu.preempt(ZONE_A, "tpu-us-central1-a-2")
+    fake_tpu.set_node_state(ZONE_A, "tpu-us-central1-a-0", "READY", health="TIMEOUT")
+    listed = {q.name: q for q in api.list_queued_resources(ZONE_A)}
+    assert len(listed) == 3
+    for name, q in listed.items():
+        assert q == api.get_queued_resource(ZONE_A, name), name
+    nodes = {n.name: n for n in api.list_nodes(ZONE_A)}
+    assert nodes and all(n == api.get_node(ZONE_A, name) for name, n in nodes.items())
+    assert nodes["tpu-us-central1-a-0"].health == "TIMEOUT"
