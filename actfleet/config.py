@@ -133,6 +133,21 @@ class ReconcileConfig:
 
 
 @dataclass(frozen=True)
+class RolloutConfig:
+    """[rollout]: how a change to the workers' request reaches them (docs/operations.md, "Rollouts")."""
+
+    max_unavailable: int | str = "10%"  # workers moved to a new release at a time: a count, or "N%"
+    halt_after_failed_boots: int = 3  # new-release workers in a row that never start work halt it; 0 = off
+    drain_timeout_minutes: float = 15.0  # a worker told to drain is replaced after this even if it has not
+    # One apply's concurrent provisioner runs (terraform -parallelism): each create/delete-qr is a few TPU
+    # API calls, so 50 keeps a 1,000-worker roll well inside the API's per-minute request quota.
+    terraform_parallelism: int = 50
+    # A pass's apply is interrupted (SIGINT: Terraform releases its state lock) after this; keep it under
+    # the reconcile timer's TimeoutStartSec (45 min in docs/operations.md) by Terraform's stop time. 0 = none.
+    apply_timeout_minutes: float = 35.0
+
+
+@dataclass(frozen=True)
 class Config:
     fleet: FleetConfig
     repo: RepoConfig
@@ -140,6 +155,7 @@ class Config:
     state: StateConfig
     job: JobConfig
     reconcile: ReconcileConfig
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     source: str = field(default="<memory>", compare=False)
 
     def replace(self, section: str, **changes: Any) -> "Config":
@@ -205,6 +221,14 @@ def _minutes(v):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 100000 or v != v:
         raise _Bad("must be a number of minutes from 0 (off) to 100000, fractions allowed (e.g. 0.5)")
     return float(v)
+
+
+def _count_or_percent(v):
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 1:
+        return v
+    if isinstance(v, str) and re.fullmatch(r"([1-9][0-9]?|100)%", v):
+        return v
+    raise _Bad('must be a count >= 1 or a percentage "1%" to "100%"')
 
 
 def _range(lo, hi) -> str:
@@ -428,6 +452,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "boot_timeout_minutes": Key(_minutes, 30.0),
         "heartbeat_timeout_minutes": Key(_minutes, 15.0),
     },
+    "rollout": {
+        "max_unavailable": Key(_count_or_percent, "10%"),
+        "halt_after_failed_boots": Key(_int(0, 100000), 3),
+        "drain_timeout_minutes": Key(_minutes, 15.0),
+        "terraform_parallelism": Key(_int(1, 1000), 50),
+        "apply_timeout_minutes": Key(_minutes, 35.0),
+    },
 }
 
 
@@ -616,6 +647,7 @@ def parse(raw: dict[str, Any], source: str = "<memory>") -> Config:
             positions=j["positions"],
         ),
         reconcile=ReconcileConfig(**rc),
+        rollout=RolloutConfig(**values["rollout"]),
         source=source,
     )
 

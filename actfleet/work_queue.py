@@ -101,6 +101,21 @@ def worker_key(job: str, worker: str) -> str:
     return join(job, WORKERS, f"{worker}.json")
 
 
+def drain_key(job: str, worker: str) -> str:
+    """A rollout's request that `worker` finish its unit and exit (reconcile writes it, removes it when it
+    replaces the worker; the work loop reads it between units). Outside workers/: status lists those."""
+    return join(job, "drain", worker)
+
+
+def drain_requested(store: Store, job: str, worker: str) -> bool:
+    """Whether reconcile asked `worker` to drain (one small read; a store error raises)."""
+    try:
+        store.read(drain_key(job, worker))
+        return True
+    except NotFound:
+        return False
+
+
 # Listing prefixes: store.list(done_prefix(job)) lists every done record of the job and nothing else (stores
 # list by plain prefix: the trailing "/" keeps "done/" from matching a sibling like "done-old/").
 def units_prefix(job: str) -> str:

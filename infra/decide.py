@@ -49,10 +49,13 @@ from actfleet.config import Config, Worker, zone_of
 
 # TPU state names and groups are defined once, in infra/tpu_states.py.
 from actfleet.infra.tpu_states import (
+    HEALTH_MAINTENANCE,
+    HEALTH_UNRESPONSIVE,
     NODE_BROKEN,
     NODE_CREATING,
     NODE_DELETING,
     NODE_GOING,
+    NODE_LOST,
     NODE_PREEMPTED,
     NODE_READY,
     NODE_STARTING,
@@ -70,15 +73,19 @@ FLEET_LABEL = "actfleet-fleet"
 # --- Action kinds ------------------------------------------------------------------------------------
 HEALTHY, PENDING, WAIT, REPORT = "healthy", "pending", "wait", "report"
 CREATE, REPLACE, REMOVE, DELETE_ORPHAN = "create", "replace", "remove", "delete-orphan"
-KINDS = (HEALTHY, PENDING, WAIT, REPORT, CREATE, REPLACE, REMOVE, DELETE_ORPHAN)
+# Added by the rollout layer (infra/rollout.py): told to drain before a rollout replaces it (through the job
+# store), and a broken worker of a halted release deleted without being recreated (through the TPU API).
+DRAIN, HOLD = "drain", "hold"
+KINDS = (HEALTHY, PENDING, WAIT, REPORT, CREATE, REPLACE, REMOVE, DELETE_ORPHAN, DRAIN, HOLD)
 APPLY_KINDS = frozenset({CREATE, REPLACE, REMOVE})  # carried out by the one terraform apply
 
 # Why a worker was replaced, counted apart as SkyPilot counts recoveries from preemptions and restarts on
 # errors; and what kind of error (the first word an operator needs: fix a permission, or wait for capacity).
-PREEMPTION, ERROR = "preemption", "error"
+PREEMPTION, ERROR, ROLLOUT = "preemption", "error", "rollout"  # ROLLOUT: moved to the new release
 ERROR_CLASSES = ("permission", "invalid-argument", "quota", "boot", "stalled", "unknown")
-API_KINDS = frozenset({DELETE_ORPHAN})  # carried out through the TPU API
-ACTING_KINDS = APPLY_KINDS | API_KINDS
+API_KINDS = frozenset({DELETE_ORPHAN, HOLD})  # carried out through the TPU API
+STORE_KINDS = frozenset({DRAIN})  # carried out through the job's store
+ACTING_KINDS = APPLY_KINDS | API_KINDS | STORE_KINDS
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,7 @@ class Observed:
     initiator: str = ""  # the queued resource's state initiator: "SERVICE" for a preemption, "USER", ""
     error_code: str = ""  # a FAILED queued resource's state.failed_data.error: google.rpc code name
     error_message: str = ""
+    health: str = ""  # the node's Node.Health name ("HEALTHY", "TIMEOUT", "UNHEALTHY_MAINTENANCE"; "" unreported)
 
 
 @dataclass(frozen=True)
@@ -112,7 +120,12 @@ class Policy:
     heartbeat_timeout_s: float = 15 * 60  # a worker record older than this on a READY node: replace
     backoff_base_s: float = 5 * 60  # a failed create waits this long before the next, doubling...
     backoff_max_s: float = 60 * 60  # ...up to this
-    retry_now: bool = False  # `reconcile --retry-now`: ignore the backoff this pass
+    retry_now: bool = False  # `reconcile --retry-now`: ignore the backoff (and a rollout's halt) this pass
+    # [rollout] (infra/rollout.py): workers moved to a new release at a time (a count or "N%"), how long a
+    # worker told to drain is given before it is replaced anyway, failed boots in a row that halt a release.
+    max_unavailable: int | str = "10%"
+    drain_timeout_s: float = 15 * 60
+    halt_after_failed_boots: int = 3
 
     @staticmethod
     def from_config(cfg: Config) -> "Policy":
@@ -123,6 +136,9 @@ class Policy:
             scale_to_zero=cfg.reconcile.scale_to_zero_when_done,
             boot_timeout_s=cfg.reconcile.boot_timeout_minutes * 60.0,
             heartbeat_timeout_s=cfg.reconcile.heartbeat_timeout_minutes * 60.0,
+            max_unavailable=cfg.rollout.max_unavailable,
+            drain_timeout_s=cfg.rollout.drain_timeout_minutes * 60.0,
+            halt_after_failed_boots=cfg.rollout.halt_after_failed_boots,
         )
 
     def backoff(self, failures: int) -> float:
@@ -163,13 +179,19 @@ class Remembered:
     error: dict | None = None  # the last failure: {"code", "message", "class"}
     preemptions: int = 0  # replacements caused by preemption, ever
     errors: int = 0  # replacements and failed creates caused by errors, ever
+    drain_requested: float | None = None  # when a rollout told it to drain (infra/rollout.py)
+    rolled: str = ""  # the release a rollout moved it to, until its worker starts work there
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        # By hand, not dataclasses.asdict (which deep-copies every field): 10,000 workers a pass.
+        return {k: getattr(self, k) for k in _REMEMBERED_FIELDS}
 
     @staticmethod
     def from_json(d: Mapping[str, Any]) -> "Remembered":
-        return Remembered(**{k: d[k] for k in Remembered.__dataclass_fields__ if k in d})
+        return Remembered(**{k: d[k] for k in _REMEMBERED_FIELDS if k in d})
+
+
+_REMEMBERED_FIELDS = tuple(Remembered.__dataclass_fields__)
 
 
 @dataclass(frozen=True)
@@ -314,6 +336,17 @@ def _decide_desired(
         )
     if node in NODE_BROKEN:
         return act(REPLACE, f"node {node}", cause=PREEMPTION if node in (NODE_PREEMPTED, NODE_TERMINATED) else ERROR)
+    if node in NODE_LOST:
+        # Not READY again by itself (UNKNOWN: a failed repair; HIDDEN: hidden away): replaced after a grace,
+        # so a state seen once in passing does not cost a worker.
+        if o.since is not None and now - o.since > policy.node_grace_s:
+            return act(
+                REPLACE,
+                f"node {node} for {_minutes(now - o.since)}: not usable, replaced",
+                cause=ERROR,
+                error=failure(f"NODE_{node}", f"the node has been {node} for {_minutes(now - o.since)}"),
+            )
+        return act(PENDING, f"node {node}: replaced if it stays so past {_minutes(policy.node_grace_s)}")
     if qr == QR_DELETING or node in NODE_GOING:
         return act(
             WAIT,
@@ -343,6 +376,9 @@ def _ready(w: Worker, o: Observed, now: float, policy: Policy, liveness: Livenes
     ready = "node READY" if o.qr_state is None else "queued resource ACTIVE, node READY"
     if liveness is not None and liveness.error is not None:  # never replace on records we could not read
         return Action(w.name, w.zone, HEALTHY, ready + "; worker records unreadable, not judged")
+    unhealthy = _unhealthy(w, o, now, policy, liveness)
+    if unhealthy is not None:
+        return unhealthy
     if liveness is None or not liveness.judged:
         return Action(w.name, w.zone, HEALTHY, ready)
     rec = liveness.records.get(w.name)
@@ -363,6 +399,8 @@ def _ready(w: Worker, o: Observed, now: float, policy: Policy, liveness: Livenes
         return Action(w.name, w.zone, PENDING, ready + ", worker not started yet")
     if rec.state == "finished":
         return Action(w.name, w.zone, HEALTHY, ready + ", worker finished")
+    if rec.state == "drained":  # it exited between units when a rollout asked: the rollout replaces it
+        return Action(w.name, w.zone, HEALTHY, ready + ", worker drained for a rollout")
     age = now - rec.last_heartbeat
     if policy.heartbeat_timeout_s > 0 and age > policy.heartbeat_timeout_s:
         return Action(
@@ -374,6 +412,35 @@ def _ready(w: Worker, o: Observed, now: float, policy: Policy, liveness: Livenes
             error=failure("STALLED", f"last heartbeat {_minutes(age)} ago", "stalled"),
         )
     return Action(w.name, w.zone, HEALTHY, ready)
+
+
+def _unhealthy(w: Worker, o: Observed, now: float, policy: Policy, liveness: Liveness | None) -> Action | None:
+    """A READY node whose health is not good: under maintenance it is waited for (pending); unresponsive it
+    is replaced once that has lasted the heartbeat timeout, unless its worker's records say it works (they
+    are the better witness). None: health says nothing against it."""
+    if o.health == HEALTH_MAINTENANCE:
+        return Action(w.name, w.zone, PENDING, "node READY but under maintenance (UNHEALTHY_MAINTENANCE): waited for")
+    if o.health not in HEALTH_UNRESPONSIVE:
+        return None
+    if liveness is not None and liveness.judged and liveness.error is None:
+        rec = liveness.records.get(w.name)
+        if (
+            rec is not None
+            and rec.last_heartbeat is not None
+            and now - rec.last_heartbeat <= policy.heartbeat_timeout_s
+        ):
+            return None  # its worker heartbeats: the boot and heartbeat rules judge it
+    limit = policy.heartbeat_timeout_s or policy.boot_timeout_s
+    if limit > 0 and o.since is not None and now - o.since > limit:
+        return Action(
+            w.name,
+            w.zone,
+            REPLACE,
+            f"node READY but health {o.health} for {_minutes(now - o.since)} (limit {_minutes(limit)})",
+            cause=ERROR,
+            error=failure(f"HEALTH_{o.health}", f"node health {o.health} for {_minutes(now - o.since)}", "stalled"),
+        )
+    return Action(w.name, w.zone, PENDING, f"node READY but health {o.health}: replaced if it lasts {_minutes(limit)}")
 
 
 def _provisioning(w: Worker, o: Observed, now: float, policy: Policy, what: str) -> Action:
@@ -456,7 +523,8 @@ def phase(o: Observed | None) -> str:
         return "absent"
     if o.qr_state in QR_PROVISIONING or (o.qr_state in (None, QR_ACTIVE) and o.node_state == NODE_CREATING):
         return "provisioning"
-    return f"{o.qr_state or '-'}/{o.node_state or '-'}"
+    health = f"/{o.health}" if o.health in HEALTH_UNRESPONSIVE or o.health == HEALTH_MAINTENANCE else ""
+    return f"{o.qr_state or '-'}/{o.node_state or '-'}{health}"  # bad health starts a fresh clock
 
 
 def with_history(

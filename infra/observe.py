@@ -84,4 +84,5 @@ def observed_from(qr: "QueuedResource | None", node: "Node | None", zone: str) -
         initiator=qr.state_initiator if qr is not None else "",
         error_code=qr.error_code if qr is not None else "",
         error_message=qr.error_message if qr is not None else "",
+        health=node.health if node is not None else "",
     )

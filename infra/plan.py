@@ -18,11 +18,12 @@ facts, the policy and the clock (`now`) are arguments; the I/O that gathers them
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
 
 from actfleet.config import Worker
 from actfleet.infra.decide import Action, Liveness, Observed, Policy, Remembered, decide, settle, with_history
+from actfleet.infra.rollout import ReleaseMemory, roll
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class Plan:
     actions: list[Action]
     history: dict[str, Remembered]
     observed: dict[str, Observed]
+    releases: dict[str, ReleaseMemory] = field(default_factory=dict)  # the rollout's fleet-level memory
+    rollout: dict[str, Any] = field(default_factory=dict)  # infra/rollout.py's view (reconcile --json)
 
     @property
     def verdicts(self) -> dict[str, Action]:
@@ -47,9 +50,12 @@ def plan(
     managed: Iterable[str] = (),
     job_complete: bool = False,
     liveness: Liveness | None = None,
+    release: str = "",
+    releases: Mapping[str, ReleaseMemory] | None = None,
 ) -> Plan:
-    """Judge the last pass's creates (settle), count time in state from the memory (with_history), then
-    decide. `observed` is the raw observation (each `since` the API's creation time)."""
+    """Judge the last pass's creates (settle), count time in state from the memory (with_history), decide,
+    then roll (infra/rollout.py: waves and the circuit breaker of `release`, the desired one; "" = off).
+    `observed` is the raw observation (each `since` the API's creation time)."""
     history = settle(history, observed, policy, unreachable_zones)
     observed = with_history(observed, history, now)
     actions = decide(
@@ -63,7 +69,10 @@ def plan(
         liveness=liveness,
         history=history,
     )
-    return Plan(actions, history, observed)
+    if job_complete and policy.scale_to_zero:
+        release = ""  # scaling to zero: nothing to roll
+    r = roll(actions, desired, observed, now, policy, release, liveness=liveness, history=history, releases=releases)
+    return Plan(r.actions, r.history, observed, r.releases, r.view)
 
 
 __all__ = ["Plan", "plan"]

@@ -21,7 +21,7 @@ def worker_labels(config: Config, worker: Worker) -> dict[str, str]:
     return {**config.fleet.labels, "actfleet-worker": worker.name}
 
 
-def node_spec(config: Config, worker: Worker, metadata: dict[str, str]) -> dict:
+def node_spec(config: Config, worker: Worker, metadata: dict[str, str], release: str = "") -> dict:
     fleet = config.fleet
     # No external IP unless asked: the VM boots from the bucket and needs only Google APIs (Private Google
     # Access on the subnet); an org policy forbidding external IPs, or a VPC without a route out, still works.
@@ -37,20 +37,31 @@ def node_spec(config: Config, worker: Worker, metadata: dict[str, str]) -> dict:
             "networkConfig": network,
             "serviceAccount": {"email": fleet.service_account_email, "scope": list(SCOPES)},
             "metadata": metadata,
-            "labels": worker_labels(config, worker),
+            # The release label (infra/release_id.py) says which release the worker runs: reconcile rolls by it.
+            "labels": worker_labels(config, worker) | ({"actfleet-release": release} if release else {}),
             "description": f"actfleet worker {worker.name} of fleet {fleet.id}",
         },
     }
 
 
 def queued_resource_request(
-    config: Config, worker: Worker, *, script: str | None = None, unit: str | None = None
+    config: Config,
+    worker: Worker,
+    *,
+    script: str | None = None,
+    unit: str | None = None,
+    release: str | None = None,
 ) -> dict:
-    """The QueuedResource body for `worker` (its id is the worker name, passed separately to the API)."""
+    """The QueuedResource body for `worker` (its id is the worker name, passed separately to the API).
+    `release`: the label value (None: this config's release_id; "": no label, as release_id hashes it)."""
+    if release is None:
+        from actfleet.infra.release_id import release_id
+
+        release = release_id(config)
     metadata = worker_metadata(config, worker, script=script, unit=unit)
-    request: dict = {"tpu": {"nodeSpec": [node_spec(config, worker, metadata)]}}
+    request: dict = {"tpu": {"nodeSpec": [node_spec(config, worker, metadata, release)]}}
     if config.fleet.spot:
         request["spot"] = {}  # spot capacity: cheap, preemptible, never restarted (reconcile replaces it)
-    else:
-        request["guaranteed"] = {}
+    # spot = false sends no tier at all: on-demand. (`guaranteed` is the reserved tier, which needs a
+    # reservation; `guaranteed: {}` is not "on-demand".)
     return request

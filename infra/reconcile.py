@@ -45,9 +45,12 @@ from actfleet.infra.decide import (
     APPLY_KINDS,
     CREATE,
     DELETE_ORPHAN,
+    DRAIN,
     ERROR_CLASSES,
+    HOLD,
     KINDS,
     REPLACE,
+    ROLLOUT,
     WAIT,
     Action,
     Liveness,
@@ -62,6 +65,8 @@ from actfleet.infra.decide import (
 from actfleet.infra.lock import LockHeld, ReconcileLock, lock_location
 from actfleet.infra.observe import FleetView, observe_fleet, observed_from
 from actfleet.infra.plan import plan
+from actfleet.infra.release_id import release_id
+from actfleet.infra.rollout import ReleaseMemory
 from actfleet.infra.terraform_layout import FLEET, WORKERS, state_location, worker_address
 from actfleet.infra.tpu_states import QR_ACTIVE
 
@@ -105,6 +110,9 @@ class PassReport:
     # Replacements counted since the memory began: preemptions apart from errors (by class).
     restarts: dict[str, Any] = field(default_factory=lambda: {"preemptions": 0, "errors": 0, "by_class": {}})
     confirmed: list[str] = field(default_factory=list)  # left out of a listing, found by a GET
+    # infra/rollout.py's view: release, halted, wave, waiting_for, old/new release per worker.
+    rollout: dict[str, Any] = field(default_factory=lambda: {"release": None})
+    drains: dict[str, Any] = field(default_factory=lambda: {"requested": [], "failed": {}})  # drain objects
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -142,6 +150,8 @@ class PassReport:
             "confirmed": self.confirmed,
             "terraform": {**self.terraform, "seconds": round(self.terraform["seconds"], 3)},
             "api_deletes": self.api_deletes,
+            "rollout": self.rollout,
+            "drains": self.drains,
             "errors": self.errors,
         }
 
@@ -172,7 +182,7 @@ _ACTION = {
         "reason": {"type": "string"},
         "error": _ERROR,
         "next_attempt": {"type": ["string", "null"]},
-        "cause": {"enum": [None, "preemption", "error"]},
+        "cause": {"enum": [None, "preemption", "error", "rollout"]},
     },
 }
 REPORT_JSON_SCHEMA: dict[str, Any] = {
@@ -200,6 +210,8 @@ REPORT_JSON_SCHEMA: dict[str, Any] = {
         "confirmed",
         "terraform",
         "api_deletes",
+        "rollout",
+        "drains",
         "errors",
     ],
     "properties": {
@@ -246,6 +258,8 @@ REPORT_JSON_SCHEMA: dict[str, Any] = {
             },
         },
         "api_deletes": {"type": "object", "required": ["deleted", "failed"]},
+        "rollout": {"type": "object", "required": ["release"]},
+        "drains": {"type": "object", "required": ["requested", "failed"]},
         "errors": {"type": "array", "items": {"type": "string"}},
     },
 }
@@ -306,7 +320,8 @@ def _observe_decide_act(
     retry_now: bool = False,
 ) -> None:
     # -- observe ------------------------------------------------------------------------------------
-    managed = managed_workers(cfg)
+    triggers = fleet_state_workers(cfg)
+    managed = frozenset(triggers)
     report.managed = sorted(managed)
     report.zones = fleet_zones(cfg, managed)
     inputs = observe_inputs(cfg, api, managed=managed)
@@ -332,15 +347,23 @@ def _observe_decide_act(
         managed=managed,
         job_complete=job_complete,
         liveness=inputs.liveness,
+        release=release_id(cfg),
+        releases=inputs.releases,
     )
-    actions, history, observed = p.actions, p.history, p.observed
+    actions, history, observed, releases = p.actions, p.history, p.observed, p.releases
     report.actions = actions
+    report.rollout = p.rollout
+    if p.rollout.get("halted"):
+        report.errors.append(p.rollout["halt"])
     acting = [a for a in actions if a.acts]
     _count_restarts(report, history)
     if not acting:
         report.outcome = CONVERGED
         if not report.dry_run:
-            save_memory(cfg, remember(history, observed, actions, now, acted=False), report)
+            memory = remember(history, observed, actions, now, acted=False)
+            # A converged pass usually remembers exactly what it read: no write (10,000 workers' worth).
+            if memory != inputs.history or releases != inputs.releases:
+                save_memory(cfg, memory, report, releases)
         return
     if report.dry_run:
         report.outcome = PLANNED
@@ -351,7 +374,10 @@ def _observe_decide_act(
     orphans = [a for a in actions if a.kind == DELETE_ORPHAN]
     # A broken resource Terraform does not manage (state lost it) is deleted here; the apply recreates it.
     strays = [a for a in actions if a.kind == REPLACE and a.worker not in managed]
-    _delete_through_api(api, orphans + strays, view, report)
+    # A halted release's broken worker is deleted and not recreated: it stops costing money.
+    held = [a for a in actions if a.kind == HOLD and a.worker in observed]
+    _delete_through_api(api, orphans + strays + held, view, report)
+    _drain_objects(cfg, actions, report)
 
     apply_errors: dict[str, dict] = {}
     if needs_apply(actions):
@@ -373,9 +399,14 @@ def _observe_decide_act(
         report.terraform.update(
             ran=True, replace=replace_, targets=targets, command="destroy" if scaling_to_zero else "apply"
         )
+        # Every managed worker this pass does not recreate keeps the trigger its state holds, so a config
+        # change replaces only this wave (infra/rollout.py); the others' input is updated in place.
+        moving = {a.worker for a in actions if a.kind in (CREATE, REPLACE)}
+        holds = {n: t for n, t in triggers.items() if n not in moving and t is not None}
         t0 = time.perf_counter()
         try:
-            (apply or terraform_apply)(cfg, replace=replace_, targets=targets, destroy=scaling_to_zero)
+            extra = {"holds": holds} if holds else {}
+            (apply or terraform_apply)(cfg, replace=replace_, targets=targets, destroy=scaling_to_zero, **extra)
         except ActfleetError as e:
             report.terraform["error"] = str(e)
             report.errors.append(f"terraform {report.terraform['command']} failed: {e}")
@@ -383,7 +414,7 @@ def _observe_decide_act(
         finally:
             report.terraform["seconds"] = time.perf_counter() - t0
     report.outcome = FAILED if report.terraform["error"] or report.api_deletes["failed"] else REPAIRED
-    save_memory(cfg, remember(history, observed, actions, now, acted=True, apply_errors=apply_errors), report)
+    save_memory(cfg, remember(history, observed, actions, now, acted=True, apply_errors=apply_errors), report, releases)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -410,6 +441,7 @@ class Inputs:
     liveness: Liveness | None  # the job's worker records (None: boot and heartbeat rules off)
     workers: dict[str, Any]  # {"judged", "records", "error"}
     errors: list[str]  # what could not be read, one line each (the pass reports them)
+    releases: dict[str, ReleaseMemory] = field(default_factory=dict)  # the rollout's memory (infra/rollout.py)
 
 
 def fleet_zones(cfg: Config, managed: frozenset[str]) -> list[str]:
@@ -428,7 +460,7 @@ def observe_inputs(cfg: Config, api=None, *, managed: frozenset[str], read_job: 
 
         api = TpuApi.from_config(cfg.fleet)
     errors: list[str] = []
-    history, memory_error = load_memory(cfg)
+    history, releases, memory_error = load_memory(cfg)
     if memory_error:
         errors.append(memory_error)
     view: FleetView = observe_fleet(api, zones)
@@ -471,6 +503,7 @@ def observe_inputs(cfg: Config, api=None, *, managed: frozenset[str], read_job: 
         liveness,
         workers,
         errors,
+        releases,
     )
 
 
@@ -567,9 +600,10 @@ def memory_location(cfg: Config):
     return store, f"{folder}/{MEMORY_KEY}" if folder else MEMORY_KEY
 
 
-def load_memory(cfg: Config) -> tuple[dict[str, Remembered], str | None]:
-    """The memory the last pass saved ({} for none), and an error line if it could not be read (then the
-    pass starts afresh: limits count from now, no backoff; nothing is replaced for it)."""
+def load_memory(cfg: Config) -> tuple[dict[str, Remembered], dict[str, ReleaseMemory], str | None]:
+    """The memory the last pass saved ({} for none): per worker, and per release (the rollout's failed boots
+    and halt); and an error line if it could not be read (then the pass starts afresh: limits count from
+    now, no backoff, no halt; nothing is replaced for it)."""
     from actfleet.store import NotFound
 
     store, key = memory_location(cfg)
@@ -577,16 +611,26 @@ def load_memory(cfg: Config) -> tuple[dict[str, Remembered], str | None]:
         data = json.loads(store.read(key)[0])
         if data.get("schema") != MEMORY_SCHEMA:
             raise ValueError(f"schema {data.get('schema')!r}, expected {MEMORY_SCHEMA!r}")
-        return {name: Remembered.from_json(d) for name, d in data["workers"].items()}, None
+        workers = {name: Remembered.from_json(d) for name, d in data["workers"].items()}
+        releases = {r: ReleaseMemory.from_json(d) for r, d in data.get("releases", {}).items()}
+        return workers, releases, None
     except NotFound:
-        return {}, None
+        return {}, {}, None
     except Exception as e:
-        return {}, f"reconcile memory {store.url.rstrip('/')}/{key} unreadable, starting afresh: {one_line(e)}"
+        return {}, {}, f"reconcile memory {store.url.rstrip('/')}/{key} unreadable, starting afresh: {one_line(e)}"
 
 
-def save_memory(cfg: Config, history: dict[str, Remembered], report: PassReport) -> None:
+def save_memory(
+    cfg: Config,
+    history: dict[str, Remembered],
+    report: PassReport,
+    releases: dict[str, ReleaseMemory] | None = None,
+) -> None:
     store, key = memory_location(cfg)
     doc = {"schema": MEMORY_SCHEMA, "workers": {n: h.to_json() for n, h in sorted(history.items())}}
+    # Only the desired release's memory is kept: an abandoned release's halt must not come back with it.
+    current = report.rollout.get("release")
+    doc["releases"] = {r: m.to_json() for r, m in sorted((releases or {}).items()) if r == current}
     try:
         store.put(key, json.dumps(doc, indent=1, sort_keys=True).encode())
     except Exception as e:
@@ -645,6 +689,50 @@ def _delete_through_api(api, actions: list[Action], view: FleetView, report: Pas
             report.errors.append(f"could not delete {name}: {e}")
 
 
+def _drain_objects(cfg: Config, actions: list[Action], report: PassReport) -> None:
+    """Write the drain requests this pass asks for (the worker reads them between units), and remove the
+    one of each worker a rollout now replaces (its successor must not drain at once)."""
+    asks = [a.worker for a in actions if a.kind == DRAIN]
+    # Drains are only asked for while the job's records are judged (infra/rollout.py): else none to remove.
+    judged = report.workers.get("judged")
+    done = [a.worker for a in actions if a.kind == REPLACE and a.cause == ROLLOUT and judged]
+    if not asks and not done:
+        return
+    from actfleet.store import NotFound, open_store
+    from actfleet.work_queue import drain_key
+
+    try:
+        store = open_store(cfg.job.store)
+    except Exception as e:
+        for name in asks:
+            report.drains["failed"][name] = one_line(e)
+        report.errors.append(f"drain requests not written to {cfg.job.store}: {one_line(e)}")
+        return
+
+    def one(name: str, ask: bool) -> None:
+        key = drain_key(cfg.job.name, name)
+        if ask:
+            store.put(key, json.dumps({"worker": name, "release": report.rollout.get("release")}).encode())
+        else:
+            try:
+                store.delete(key)
+            except NotFound:
+                pass  # never asked (not judged when it moved), or already removed
+
+    with ThreadPoolExecutor(max_workers=16, thread_name_prefix="reconcile-drain") as pool:
+        futures = {(n, True): pool.submit(one, n, True) for n in asks}
+        futures |= {(n, False): pool.submit(one, n, False) for n in done}
+    for (name, ask), fut in futures.items():
+        try:
+            fut.result()
+            if ask:
+                report.drains["requested"].append(name)
+        except Exception as e:
+            if ask:  # not told: the drain timeout replaces it anyway
+                report.drains["failed"][name] = one_line(e)
+                report.errors.append(f"could not ask {name} to drain: {one_line(e)}")
+
+
 def _job_complete(cfg: Config, job: dict[str, Any]) -> bool:
     """Whether the job's work queue says every unit is done (only when reconcile.watch_job); `job` (the
     report's {"watched", "complete", "error"}) is filled in."""
@@ -671,6 +759,12 @@ def _job_complete(cfg: Config, job: dict[str, Any]) -> bool:
 def managed_workers(cfg: Config) -> frozenset[str]:
     """Worker names the fleet stack's Terraform state holds, read from the state itself (a JSON document
     in the backend) so that a pass with nothing to do never starts terraform. No state yet: none."""
+    return frozenset(fleet_state_workers(cfg))
+
+
+def fleet_state_workers(cfg: Config) -> dict[str, Any]:
+    """Per worker the fleet stack's state holds, its `triggers_replace` value (what the rollout holds it
+    at: infra/rollout.py), read from the state document itself; None where it has none."""
     where = state_location(cfg, FLEET)
     try:
         if where.startswith("gs://"):
@@ -680,35 +774,49 @@ def managed_workers(cfg: Config) -> frozenset[str]:
             try:
                 data = open_store(f"gs://{bucket}").read(key)[0]
             except NotFound:
-                return frozenset()
+                return {}
         else:
             try:
                 data = Path(where).read_bytes()
             except FileNotFoundError:
-                return frozenset()
+                return {}
         state = json.loads(data) if data.strip() else {}
     except (OSError, ValueError) as e:
         raise ActfleetError(f"Terraform state {where}: unreadable: {one_line(e)}") from None
-    names = set()
+    out: dict[str, Any] = {}
     for res in state.get("resources", []):
         if res.get("mode") == "managed" and res.get("name") == WORKERS:
-            names.update(i["index_key"] for i in res.get("instances", []) if isinstance(i.get("index_key"), str))
-    return frozenset(names)
+            for i in res.get("instances", []):
+                if isinstance(i.get("index_key"), str):
+                    trigger = (i.get("attributes") or {}).get("triggers_replace")
+                    if isinstance(trigger, dict) and set(trigger) == {"value", "type"}:
+                        trigger = trigger["value"]  # a dynamic attribute is stored with its type
+                    out[i["index_key"]] = trigger
+    return out
 
 
 def terraform_apply(
-    cfg: Config, *, replace: list[str], targets: list[str], destroy: bool, stream: bool = False
+    cfg: Config,
+    *,
+    replace: list[str],
+    targets: list[str],
+    destroy: bool,
+    holds: dict[str, Any] | None = None,
+    stream: bool = False,
 ) -> None:
     """The act step's one terraform run on the fleet stack (synthesized through the cache, initialised
     once; infra/terraform.py). Raises ActfleetError with Terraform's error summary on failure. Waits up
     to a minute for Terraform's state lock (an `actfleet deploy` may be finishing)."""
     from actfleet.infra.terraform import fleet_stack
 
-    tf = fleet_stack(cfg, stream=stream, lock_timeout="60s")
+    limit = cfg.rollout.apply_timeout_minutes * 60 or None  # below the timer's TimeoutStartSec
+    tf = fleet_stack(
+        cfg, stream=stream, lock_timeout="60s", parallelism=cfg.rollout.terraform_parallelism, timeout_s=limit
+    )
     if destroy:
         tf.destroy()
     else:
-        tf.apply(replace=replace, targets=targets)
+        tf.apply(replace=replace, targets=targets, variables={"holds": holds or {}})
 
 
 __all__ = [

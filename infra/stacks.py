@@ -37,6 +37,7 @@ from cdktf import (  # noqa: E402
     TerraformLocal,
     TerraformOutput,
     TerraformStack,
+    TerraformVariable,
     Token,
 )
 from constructs import Construct  # noqa: E402
@@ -44,6 +45,7 @@ from constructs import Construct  # noqa: E402
 from actfleet.config import Config, Worker
 from actfleet.infra.bucket_access import worker_grants
 from actfleet.infra.qr_request import SCOPES, queued_resource_request, worker_labels
+from actfleet.infra.release_id import release_id
 from actfleet.infra.startup_script import config_object_name, startup_script, worker_metadata, worker_unit
 from actfleet.infra.synth_inputs import actfleet_command
 from actfleet.infra.terraform_layout import BASE, FLEET, WORKERS, gcs_backend_prefix, local_state_file
@@ -188,6 +190,7 @@ class FleetStack(TerraformStack):
 
     def _queued(self, config: Config, refs: dict[str, str], actfleet: str) -> None:
         fleet = config.fleet
+        release = release_id(config)
         workers = {
             w.name: {
                 # project/zone/id/endpoint live in `input` because destroy provisioners may only use self.
@@ -195,7 +198,7 @@ class FleetStack(TerraformStack):
                 "zone": w.zone,
                 "id": w.name,
                 "endpoint": fleet.endpoint(),
-                "request": _escaped_request(config, w, refs),
+                "request": _escaped_request(config, w, refs, release),
             }
             for w in fleet.workers
         }
@@ -206,19 +209,36 @@ class FleetStack(TerraformStack):
         endpoint = {"ACTFLEET_TPU_ENDPOINT": "${self.input.endpoint}"}
         request = {**endpoint, "ACTFLEET_TPU_REQUEST": "${jsonencode(self.input.request)}"}
         where = "--project ${self.input.project} --zone ${self.input.zone} --id ${self.input.id}"
+        # Rolling replacement (infra/rollout.py): a worker is replaced when its trigger changes, and its
+        # trigger is the release it runs. reconcile passes `holds` (worker -> the trigger Terraform's state
+        # holds) for every worker it does not move this pass, so an apply after a config change replaces
+        # only the current wave; a worker not held (new, moved, or any apply without holds) gets this release.
+        TerraformVariable(
+            self,
+            "holds",
+            type="any",
+            default={},
+            description="worker name -> the triggers_replace value to keep (reconcile's rollout)",
+        )
         resource = DataResource(
             self,
             WORKERS,
             for_each=each,
             input=Token.as_any_map(each.value),
-            # A changed request cannot be applied to a live queued resource: replace the worker.
-            triggers_replace={"request_sha256": "${sha256(jsonencode(each.value.request))}"},
+            # A changed request cannot be applied to a live queued resource: replace the worker, wave by wave.
+            # (A held worker's `input` is updated in place: no provisioner runs, the cloud keeps what it has.)
+            triggers_replace=Token.as_any_map('${try(var.holds[each.key], {release = "' + release + '"})}'),
             provisioners=[
                 LocalExecProvisioner(
                     type="local-exec", environment=request, command=f"{actfleet} tpu create-qr {where}"
                 ),
+                # --no-wait: the delete is asked for and the apply goes on; the next pass's observation
+                # confirms it is gone (a 1,000-worker roll must not wait ~1,000 deletes out in the apply).
                 LocalExecProvisioner(
-                    type="local-exec", when="destroy", environment=endpoint, command=f"{actfleet} tpu delete-qr {where}"
+                    type="local-exec",
+                    when="destroy",
+                    environment=endpoint,
+                    command=f"{actfleet} tpu delete-qr {where} --no-wait",
                 ),
             ],
         )
@@ -266,8 +286,8 @@ class FleetStack(TerraformStack):
         vm.override_logical_id(WORKERS)
 
 
-def _escaped_request(config: Config, worker: Worker, refs: dict[str, str]) -> dict:
-    request = tf_literal_tree(queued_resource_request(config, worker, script="", unit=""))
+def _escaped_request(config: Config, worker: Worker, refs: dict[str, str], release: str) -> dict:
+    request = tf_literal_tree(queued_resource_request(config, worker, script="", unit="", release=release))
     metadata = request["tpu"]["nodeSpec"][0]["node"]["metadata"]
     metadata["startup-script"], metadata["actfleet-unit"] = refs["script"], refs["unit"]
     return request

@@ -34,6 +34,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -47,6 +48,7 @@ from actfleet.errors import EXIT_BAD_INPUT, ActfleetError, PrerequisiteError
 from actfleet.infra.terraform_layout import FLEET, STACK_NAMES
 
 INIT_MARKER = ".terraform/actfleet-init-done"
+INTERRUPT_GRACE_S = 240.0  # after SIGINT, how long Terraform may take to stop before it is killed
 SUMMARY_LIMIT = 800  # characters of error summary kept on the one line
 
 
@@ -95,6 +97,8 @@ class Terraform:
         stream: bool = False,
         lock_timeout: str = "0s",
         plugin_cache: Path | None = None,
+        parallelism: int | None = None,
+        timeout_s: float | None = None,
     ):
         self.dir = Path(stack_dir).resolve()
         if not (self.dir / "cdk.tf.json").is_file():
@@ -104,6 +108,13 @@ class Terraform:
         self.env = terraform_env(env, plugin_cache=plugin_cache)
         self.stream = stream
         self.lock_timeout = lock_timeout
+        # -parallelism for apply/destroy: concurrent provisioner runs ([rollout] terraform_parallelism).
+        self.parallelism = parallelism
+        # A run past timeout_s is interrupted (SIGINT: Terraform stops starting work, lets running
+        # provisioners finish, writes its state and RELEASES the state lock), and killed only INTERRUPT_GRACE_S
+        # later. reconcile sets it below the timer unit's TimeoutStartSec (docs/operations.md), so systemd
+        # never SIGKILLs a terraform that still holds the lock.
+        self.timeout_s = timeout_s
 
     # -- commands ---------------------------------------------------------------------------------------
 
@@ -158,9 +169,11 @@ class Terraform:
         targets: Iterable[str] = (),
         plan_file: str | os.PathLike | None = None,
         auto_approve: bool = True,
+        variables: Mapping[str, object] | None = None,
     ) -> str:
-        """`terraform apply` with every `replace` address in one run, or apply a saved plan."""
-        args = ["apply", "-input=false", "-no-color", f"-lock-timeout={self.lock_timeout}"]
+        """`terraform apply` with every `replace` address in one run, or apply a saved plan. `variables`
+        travel in a JSON var file of their own (a thousand workers' holds do not fit a command line)."""
+        args = ["apply", "-input=false", "-no-color", f"-lock-timeout={self.lock_timeout}", *self._parallelism()]
         if plan_file is not None:
             if list(replace) or list(targets):
                 raise ValueError("replace/targets belong to the saved plan, not to applying it")
@@ -168,10 +181,21 @@ class Terraform:
         if auto_approve:
             args.append("-auto-approve")
         args += [f"-replace={a}" for a in replace] + [f"-target={t}" for t in targets]
-        return self.run(*args)
+        if not variables:
+            return self.run(*args)
+        fd, name = tempfile.mkstemp(prefix="actfleet-", suffix=".tfvars.json", dir=self.dir)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(dict(variables), f)
+            return self.run(*args, f"-var-file={name}")
+        finally:
+            Path(name).unlink(missing_ok=True)
+
+    def _parallelism(self) -> list[str]:
+        return [f"-parallelism={self.parallelism}"] if self.parallelism else []
 
     def destroy(self, *, targets: Iterable[str] = (), auto_approve: bool = True) -> str:
-        args = ["destroy", "-input=false", "-no-color", f"-lock-timeout={self.lock_timeout}"]
+        args = ["destroy", "-input=false", "-no-color", f"-lock-timeout={self.lock_timeout}", *self._parallelism()]
         if auto_approve:
             args.append("-auto-approve")
         args += [f"-target={t}" for t in targets]
@@ -196,6 +220,20 @@ class Terraform:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
+        interrupted = threading.Event()
+
+        def interrupt() -> None:
+            interrupted.set()
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(INTERRUPT_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+        timer = threading.Timer(self.timeout_s, interrupt) if self.timeout_s else None
+        if timer is not None:
+            timer.daemon = True
+            timer.start()
         err: list[str] = []
         drain = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)
         drain.start()  # stderr drained concurrently so neither pipe can fill and stall terraform
@@ -206,8 +244,16 @@ class Terraform:
                 sys.stderr.write(line)
                 sys.stderr.flush()
         rc = proc.wait()
+        if timer is not None:
+            timer.cancel()
         drain.join()
         stdout, stderr = "".join(out), "".join(err)
+        if interrupted.is_set():
+            raise TerraformError(
+                f"terraform {args[0]} in {self.name} stack interrupted after {self.timeout_s:.0f} s (its time "
+                f"limit): stopped with SIGINT, which releases the state lock; the next pass carries on",
+                output=stderr + stdout,
+            )
         if rc != 0:
             raise TerraformError(
                 f"terraform {args[0]} failed in {self.name} stack: "
@@ -231,6 +277,8 @@ def stack(
     stream: bool = False,
     env: Mapping[str, str] | None = None,
     lock_timeout: str = "0s",
+    parallelism: int | None = None,
+    timeout_s: float | None = None,
 ) -> Terraform:
     """Stack `name` ("base" | "fleet") of `config`: synthesized through the cache, initialised once."""
     if name not in STACK_NAMES:
@@ -245,6 +293,8 @@ def stack(
         stream=stream,
         lock_timeout=lock_timeout,
         plugin_cache=synthesized.dir.parent / ".plugins",
+        parallelism=parallelism if parallelism is not None else config.rollout.terraform_parallelism,
+        timeout_s=timeout_s,
     )
     if init:
         tf.init()

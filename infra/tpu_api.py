@@ -37,6 +37,7 @@ T = TypeVar("T")
 DEFAULT_RETRIES = 6  # attempts after the first; full-jitter sleeps under 0.5, 1, 2, 4, 8, 16 s (<= 31.5 s)
 DEFAULT_TIMEOUT = 30.0  # seconds per HTTP request
 DEFAULT_OPERATION_TIMEOUT = 900.0  # seconds to wait for a long-running operation
+OBSERVE_THREADS = 32  # lists in flight at once (two per zone: queued resources and nodes)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -130,6 +131,9 @@ class TpuApi:
         self._local = threading.local()
         self._count_lock = threading.Lock()
         self._calls = 0
+        # One pool for the life of the client: its threads keep their TpuClient and HTTP connections, so a
+        # `reconcile --watch` pass does not build 32 clients and open 32 connections again every time.
+        self._pool: ThreadPoolExecutor | None = None
 
     @classmethod
     def from_config(cls, fleet: "FleetConfig", **kwargs: Any) -> "TpuApi":
@@ -153,14 +157,12 @@ class TpuApi:
     # -------------------------------------------------------------- observe
 
     def list_queued_resources(self, zone: str) -> tuple[QueuedResource, ...]:
-        client = self._client()
-        pages = self._pages(f"list queued resources in {self.parent(zone)}", client.list_queued_resources, zone)
-        return tuple(_queued_resource(qr, zone) for page in pages for qr in page.queued_resources)
+        pages = self._json_pages(f"list queued resources in {self.parent(zone)}", "queuedResources", zone)
+        return tuple(_queued_resource_json(qr, zone) for page in pages for qr in page.get("queuedResources", ()))
 
     def list_nodes(self, zone: str) -> tuple[Node, ...]:
-        client = self._client()
-        pages = self._pages(f"list nodes in {self.parent(zone)}", client.list_nodes, zone)
-        return tuple(_node(n, zone) for page in pages for n in page.nodes)
+        pages = self._json_pages(f"list nodes in {self.parent(zone)}", "nodes", zone)
+        return tuple(_node_json(n, zone) for page in pages for n in page.get("nodes", ()))
 
     def observe(self, zones: Iterable[str]) -> dict[str, ZoneView | ZoneError]:
         """List queued resources and nodes in every zone at once. A zone whose calls fail after retries
@@ -168,16 +170,19 @@ class TpuApi:
         zones = list(dict.fromkeys(zones))
         if not zones:
             return {}
-        with ThreadPoolExecutor(max_workers=min(32, 2 * len(zones)), thread_name_prefix="tpu-observe") as pool:
-            qrs = {z: pool.submit(self.list_queued_resources, z) for z in zones}
-            nodes = {z: pool.submit(self.list_nodes, z) for z in zones}
-            out: dict[str, ZoneView | ZoneError] = {}
-            for z in zones:
-                try:
-                    out[z] = ZoneView(qrs[z].result(), nodes[z].result())
-                except ActfleetError as e:
-                    out[z] = ZoneError(str(e))
-            return out
+        with self._count_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=OBSERVE_THREADS, thread_name_prefix="tpu-observe")
+            pool = self._pool
+        qrs = {z: pool.submit(self.list_queued_resources, z) for z in zones}
+        nodes = {z: pool.submit(self.list_nodes, z) for z in zones}
+        out: dict[str, ZoneView | ZoneError] = {}
+        for z in zones:
+            try:
+                out[z] = ZoneView(qrs[z].result(), nodes[z].result())
+            except ActfleetError as e:
+                out[z] = ZoneError(str(e))
+        return out
 
     def get_queued_resource(self, zone: str, qr_id: str) -> QueuedResource | None:
         """The queued resource, or None when it does not exist."""
@@ -279,6 +284,21 @@ class TpuApi:
                 continue
             self._tick(what, started, delays)
 
+    def request_delete_queued_resource(self, zone: str, qr_id: str, force: bool = True) -> str:
+        """Ask for the delete and return at once (the fleet stack's destroy provisioner: the next reconcile
+        pass's observation confirms it, so an apply never waits a thousand deletes out). Returns what was
+        done: "gone" (nothing there), "deleting" (a delete already runs), "suspending" (left alone: never
+        force-deleted while SUSPENDING; reconcile deletes it once SUSPENDED), or "requested"."""
+        raw = self._get_raw_queued_resource(zone, qr_id)
+        if raw is None:
+            return "gone"
+        state = _raw_state(raw)
+        if state == QR_DELETING:
+            return "deleting"
+        if state == QR_SUSPENDING:
+            return "suspending"
+        return "requested" if self.delete_queued_resource(zone, qr_id, force, wait=False) else "gone"
+
     def _settled_queued_resource(self, zone: str, qr_id: str, wait_deleting: bool = True):
         """GET the queued resource, first waiting out SUSPENDING (and, with wait_deleting, DELETING):
         the raw message, or None once it does not exist."""
@@ -365,6 +385,33 @@ class TpuApi:
             lambda: client.get_queued_resource(name=path, retry=None, timeout=self.timeout),
             missing_ok=True,
         )
+
+    def _json_pages(self, what: str, collection: str, zone: str):
+        """The list's pages as JSON dicts, over the client's own authorized session and endpoint. Lists are
+        the hot path (10,000 workers a pass): the generated client would parse every page into protobuf
+        with the pure-Python json_format (~0.3 ms a resource), ours reads the fields it needs from JSON.
+        Errors go through google.api_core's own mapping, so _call retries and words them as for the rest."""
+        from google.api_core import exceptions as gexc
+
+        transport = self._client()._transport
+        url = f"{transport._host}/v2/{self.parent(zone)}/{collection}"
+        token = ""
+        while True:
+            params = {"pageToken": token} if token else {}
+            if self.page_size:
+                params["pageSize"] = self.page_size
+
+            def get():
+                r = transport._session.get(url, params=params, timeout=self.timeout)
+                if r.status_code >= 400:
+                    raise gexc.from_http_response(r)
+                return r.json()
+
+            page = self._call(what, get)
+            yield page
+            token = page.get("nextPageToken", "")
+            if not token:
+                return
 
     def _pages(self, what: str, method: Callable, zone: str):
         token = ""
@@ -463,7 +510,15 @@ class TpuApi:
         # fills in (name, createTime, state, defaults) are not in the request, so they are not compared.
         wanted = json_format.MessageToDict(cloud_tpu.QueuedResource.pb(_parse_request(request, path)))
         have = json_format.MessageToDict(cloud_tpu.QueuedResource.pb(existing))
+        # The API answers nodeSpec[].parent with the project NUMBER: the same place is not a difference.
+        for w, h in zip(wanted.get("tpu", {}).get("nodeSpec", []), have.get("tpu", {}).get("nodeSpec", [])):
+            if _same_parent(w.get("parent", ""), h.get("parent", "")):
+                h["parent"] = w.get("parent", "")
         where = _first_difference(wanted, have)
+        # The capacity tier is one choice: an on-demand request (no tier) meeting a spot resource differs,
+        # although the request leaves `spot` out.
+        if where is None:
+            where = next((t for t in _TIERS if (t in wanted) != (t in have)), None)
         if where is not None:
             raise ActfleetError(
                 f"TPU API: queued resource {path} already exists with a different request "
@@ -573,6 +628,60 @@ def _node(n, zone: str) -> Node:
     )
 
 
+def _queued_resource_json(d: dict, zone: str) -> QueuedResource:
+    """_queued_resource, from the REST JSON (enums by name: no `enum-encoding=int` is asked for)."""
+    specs = (d.get("tpu") or {}).get("nodeSpec") or []
+    state = d.get("state") or {}
+    error = (state.get("failedData") or {}).get("error")
+    code = ""
+    if error is not None:
+        from google.rpc import code_pb2
+
+        try:
+            code = code_pb2.Code.Name(int(error.get("code", 0)))
+        except ValueError:
+            code = str(error.get("code"))
+    return QueuedResource(
+        name=d.get("name", "").rsplit("/", 1)[-1],
+        zone=zone,
+        state=state.get("state", "STATE_UNSPECIFIED"),
+        state_initiator=state.get("stateInitiator", "STATE_INITIATOR_UNSPECIFIED"),
+        labels=dict((specs[0].get("node") or {}).get("labels") or {}) if specs else {},
+        node_ids=tuple(s["nodeId"] for s in specs if s.get("nodeId")),
+        create_time=_rfc3339(d.get("createTime")),
+        path=d.get("name", ""),
+        error_code=code,
+        error_message=one_line(error.get("message", "")) if error is not None else "",
+    )
+
+
+def _node_json(d: dict, zone: str) -> Node:
+    """_node, from the REST JSON."""
+    qr = d.get("queuedResource", "")
+    return Node(
+        name=d.get("name", "").rsplit("/", 1)[-1],
+        zone=zone,
+        state=d.get("state", "STATE_UNSPECIFIED"),
+        labels=dict(d.get("labels") or {}),
+        create_time=_rfc3339(d.get("createTime")),
+        health="" if d.get("health", "HEALTH_UNSPECIFIED") == "HEALTH_UNSPECIFIED" else d["health"],
+        queued_resource=qr.rsplit("/", 1)[-1] if qr else "",
+        path=d.get("name", ""),
+    )
+
+
+def _rfc3339(text: str | None) -> float | None:
+    """'2026-12-03T13:34:11.123456789Z' -> epoch seconds (fractions past microseconds dropped)."""
+    if not text:
+        return None
+    import datetime
+
+    head, _, frac = text.rstrip("Z").partition(".")
+    frac = frac.split("+")[0][:6]
+    t = datetime.datetime.fromisoformat(head).replace(tzinfo=datetime.timezone.utc).timestamp()
+    return t + (int(frac.ljust(6, "0")) / 1e6 if frac else 0.0)
+
+
 def _enum_name(enum, number: int) -> str:
     try:
         return enum(number).name
@@ -629,3 +738,11 @@ def _first_difference(wanted: Any, have: Any, where: str = "", exact: bool = Fal
 
 
 _EXACT_MAPS = frozenset({"labels", "metadata"})
+_TIERS = ("spot", "guaranteed")  # QueuedResource's tier oneof; none set = on-demand
+
+
+def _same_parent(wanted: str, have: str) -> bool:
+    """True when two `projects/{p}/locations/{zone}` name one place: the API writes the project's number
+    where the request wrote its id, so only the location is compared."""
+    w, h = wanted.split("/"), have.split("/")
+    return len(w) == len(h) == 4 and w[0] == h[0] == "projects" and w[2:] == h[2:]

@@ -25,3 +25,10 @@ NODE_DELETING = "DELETING"
 NODE_BROKEN = frozenset({NODE_PREEMPTED, NODE_TERMINATED, "STOPPED"})  # spot TPUs never restart: replace
 NODE_STARTING = frozenset({NODE_CREATING, "STARTING", "RESTARTING", "REPAIRING", "REIMAGING", "UNHIDING"})
 NODE_GOING = frozenset({NODE_DELETING, "STOPPING", "HIDING"})
+# Not usable and not coming back by themselves: UNKNOWN follows a failed repair (the API keeps such a node
+# from being marked READY), HIDDEN is a node hidden away (actfleet never hides one). Replaced after a grace.
+NODE_LOST = frozenset({"UNKNOWN", "HIDDEN"})
+
+# --- Node health (Node.Health), reported beside a READY state -------------------------------------------
+HEALTH_UNRESPONSIVE = frozenset({"TIMEOUT"})  # the node does not answer its health checks: replaced if it lasts
+HEALTH_MAINTENANCE = "UNHEALTHY_MAINTENANCE"  # a maintenance event: waited for (it ends READY or TERMINATED)

@@ -166,6 +166,50 @@ TABLE = [
     ("qr deleting -> wait", obs("DELETING", "READY"), {}, WAIT, "DELETING"),
     ("node stopping -> wait", obs("ACTIVE", "STOPPING"), {}, WAIT, "STOPPING"),
     ("unknown state -> report", obs("STATE_UNSPECIFIED", None), {}, REPORT, "unexpected"),
+    # Found on the real API (issue 24 item 6): states and health that must not be reported forever.
+    ("node UNKNOWN, just now -> pending", obs("ACTIVE", "UNKNOWN", age=30), {}, PENDING, "node UNKNOWN"),
+    (
+        "node UNKNOWN (failed repair) past the grace -> replace",
+        obs("ACTIVE", "UNKNOWN", age=121),
+        {},
+        REPLACE,
+        "node UNKNOWN for 2 min",
+        {},
+        {"cause": "error"},
+    ),
+    ("node HIDDEN past the grace -> replace", obs("ACTIVE", "HIDDEN", age=600), {}, REPLACE, "node HIDDEN"),
+    ("vm mode: node UNKNOWN past the grace -> replace", obs(None, "UNKNOWN", age=600), {}, REPLACE, "UNKNOWN"),
+    (
+        "ready, health TIMEOUT, young -> pending",
+        obs("ACTIVE", "READY", age=60, health="TIMEOUT"),
+        {"heartbeat_timeout_s": 900.0},
+        PENDING,
+        "health TIMEOUT",
+    ),
+    (
+        "ready, health TIMEOUT past the heartbeat timeout, no records -> replace",
+        obs("ACTIVE", "READY", age=901, health="TIMEOUT"),
+        {"heartbeat_timeout_s": 900.0},
+        REPLACE,
+        "health TIMEOUT for 15 min",
+        {},
+        {"cause": "error"},
+    ),
+    (
+        "ready, health TIMEOUT for long but its worker heartbeats -> healthy",
+        obs("ACTIVE", "READY", age=5000, health="TIMEOUT", created=NOW - DAY),
+        {"heartbeat_timeout_s": 900.0},
+        HEALTHY,
+        "READY",
+        {"liveness": Liveness({A0.name: WorkRecord(NOW - 30, "working")})},
+    ),
+    (
+        "ready, under maintenance for long -> pending, waited for",
+        obs("ACTIVE", "READY", age=5000, health="UNHEALTHY_MAINTENANCE"),
+        {},
+        PENDING,
+        "maintenance",
+    ),
     (
         "same name without our label -> report",
         obs("ACTIVE", "READY", labels={"actfleet-fleet": "other"}),
@@ -317,6 +361,16 @@ def test_decide_table(case):
 # ----------------------------------------------------------------------------------------------------
 # Memory between passes: time in state, and the backoff of failing creates
 # ----------------------------------------------------------------------------------------------------
+
+
+def test_bad_health_starts_its_own_clock():
+    """A long-READY node turning unresponsive is judged from when its health turned, not from READY."""
+    seen_ready = {A0.name: Remembered(phase="ACTIVE/READY", since=NOW - 9 * DAY)}
+    turned = with_history({A0.name: obs("ACTIVE", "READY", health="TIMEOUT")}, seen_ready, NOW)
+    assert turned[A0.name].since == NOW
+    policy = dataclasses.replace(POLICY, heartbeat_timeout_s=900.0)
+    assert decide([A0], turned, NOW + 60, policy)[0].kind == PENDING
+    assert decide([A0], turned, NOW + 901, policy)[0].kind == REPLACE
 
 
 def test_time_in_state_counts_from_entering_the_state_not_from_creation():
@@ -708,5 +762,5 @@ def test_carrying_out_the_actions_then_deciding_again_asks_for_nothing_more(worl
 
 
 def test_kind_sets_are_consistent():
-    assert APPLY_KINDS | {DELETE_ORPHAN} == ACTING_KINDS
+    assert APPLY_KINDS | {DELETE_ORPHAN, "hold", "drain"} == ACTING_KINDS  # hold, drain: infra/rollout.py
     assert set(ACTING_KINDS) < set(KINDS)

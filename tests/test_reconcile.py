@@ -14,7 +14,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from actfleet.config import parse
+from actfleet.config import load, parse
 from actfleet.errors import ActfleetError
 from actfleet.infra.lock import LOCK_KEY, ReconcileLock
 from actfleet.infra.reconcile import REPORT_JSON_SCHEMA, managed_workers, reconcile_pass
@@ -75,8 +75,9 @@ class Recorder:
     def __init__(self, fail: str | None = None):
         self.calls, self.fail = [], fail
 
-    def __call__(self, cfg, *, replace, targets, destroy):
+    def __call__(self, cfg, *, replace, targets, destroy, holds=None):
         self.calls.append({"replace": replace, "targets": targets, "destroy": destroy})
+        self.holds = holds
         if self.fail:
             raise ActfleetError(self.fail)
 
@@ -261,8 +262,9 @@ class Provisioners:
     def __init__(self, api):
         self.api, self.calls, self.tainted = api, [], set()
 
-    def __call__(self, cfg, *, replace, targets, destroy):
+    def __call__(self, cfg, *, replace, targets, destroy, holds=None):
         self.calls.append({"replace": replace, "targets": targets, "destroy": destroy})
+        self.holds = holds
         managed, lines = set(managed_workers(cfg)), []
         for worker in cfg.fleet.workers:
             address = worker_address(worker.name)
@@ -367,9 +369,20 @@ def test_a_failed_queued_resources_reason_is_in_the_table_and_in_json(tmp_path, 
 def test_a_zone_whose_creates_keep_failing_is_retried_with_backoff_across_passes(tmp_path, fake):
     """One create per backoff step (5, 10, 20 min ...), not one per pass; the other zone is unaffected; the
     memory survives between passes and processes; the report says why and when the next attempt is."""
-    cfg = make_cfg(tmp_path, count=1).replace(
-        "fleet", workers=(*make_cfg(tmp_path, count=1).fleet.workers, parse_worker("tpu-us-central1-b-0"))
+    # One fleet.toml for the passes in this process and the CLI's: the same config is the same release
+    # (a different one would roll the workers, infra/rollout.py).
+    config = write_fleet_toml(
+        tmp_path / "fleet.toml",
+        id="rc",
+        state=tmp_path / "state",
+        bucket="rc-activations",
+        zones={A: 1},
+        fleet={"workers": [w(0), "tpu-us-central1-b-0"]},
+        job={"model": "m", "input": "i", "layers": [1], "store": str(tmp_path / "store")},
     )
+    text = config.read_text().replace('zones = { "us-central1-a" = 1 }\n', "")
+    config.write_text(text)
+    cfg = load(config)
     api = api_for(fake)
     apply = Provisioners(api)
     fake.fail_creates("us-central1-b", "PERMISSION_DENIED", "Permission 'tpu.nodes.create' denied")
@@ -397,17 +410,6 @@ def test_a_zone_whose_creates_keep_failing_is_retried_with_backoff_across_passes
     assert report.restarts["errors"] == 5 and report.restarts["by_class"] == {"permission": 1}
     # Another process (the CLI, on the real clock) sees the same memory: not due, no terraform needed.
     env = {**os.environ, "ACTFLEET_TPU_ENDPOINT": fake.url}
-    config = write_fleet_toml(
-        tmp_path / "fleet.toml",
-        id="rc",
-        state=tmp_path / "state",
-        bucket="rc-activations",
-        zones={A: 1},
-        fleet={"workers": [w(0), "tpu-us-central1-b-0"]},
-        job={"model": "m", "input": "i", "layers": [1], "store": str(tmp_path / "store")},
-    )
-    text = config.read_text().replace('zones = { "us-central1-a" = 1 }\n', "")
-    config.write_text(text)
     proc = subprocess.run(
         [ACTFLEET, "reconcile", "--config", str(config), "--json"], env=env, capture_output=True, text=True, timeout=300
     )

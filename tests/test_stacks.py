@@ -21,6 +21,7 @@ import pytest
 from actfleet.config import parse
 from actfleet.infra import synth_cache
 from actfleet.infra.qr_request import queued_resource_request
+from actfleet.infra.release_id import release_id
 from actfleet.infra.startup_script import config_url, startup_script, worker_unit
 from tests.conftest import write_fleet_toml
 
@@ -195,7 +196,12 @@ def test_queued_fleet_is_one_for_each_block_with_worker_names(stacks):
     workers = fleet["resource"]["terraform_data"]["workers"]
     assert workers["for_each"] == "${local.worker_requests}"
     assert workers["input"] == "${each.value}"
-    assert workers["triggers_replace"] == {"request_sha256": "${sha256(jsonencode(each.value.request))}"}
+    # Replaced when its release changes, unless reconcile holds it (var.holds: rolling waves).
+    from actfleet.infra.release_id import release_id
+
+    release = release_id(make_config())
+    assert workers["triggers_replace"] == '${try(var.holds[each.key], {release = "' + release + '"})}'
+    assert fleet["variable"]["holds"]["type"] == "any" and fleet["variable"]["holds"]["default"] == {}
     names = sorted(fleet["locals"]["worker_requests"])
     assert names == [f"tpu-us-central1-{z}-{i}" for z in "abc" for i in range(4)]
     assert "provider" not in fleet and "required_providers" not in fleet["terraform"]  # offline init
@@ -221,7 +227,12 @@ def test_queued_requests_are_complete_tpu_api_bodies(stacks):
             "email": "actfleet-acts@my-project.iam.gserviceaccount.com",
             "scope": ["https://www.googleapis.com/auth/cloud-platform"],
         }
-        assert node["labels"] == {"actfleet-fleet": "acts", "managed-by": "actfleet", "actfleet-worker": worker.name}
+        assert node["labels"] == {
+            "actfleet-fleet": "acts",
+            "managed-by": "actfleet",
+            "actfleet-worker": worker.name,
+            "actfleet-release": release_id(config),  # which release it runs: reconcile rolls by it
+        }
         md = node["metadata"]
         assert md["startup-script"] == startup_script() == (ROOT / "bootstrap/startup.sh").read_text()
         assert md["actfleet-unit"] == worker_unit()
@@ -247,7 +258,8 @@ def test_queued_provisioners_call_actfleet_tpu_and_destroy_uses_only_self(stacks
     assert "when" not in create and destroy["when"] == "destroy"
     where = "--project ${self.input.project} --zone ${self.input.zone} --id ${self.input.id}"
     assert create["command"] == f"{ACTFLEET} tpu create-qr {where}"
-    assert destroy["command"] == f"{ACTFLEET} tpu delete-qr {where}"
+    # --no-wait: the apply asks for the delete and goes on; the next reconcile pass confirms it.
+    assert destroy["command"] == f"{ACTFLEET} tpu delete-qr {where} --no-wait"
     assert create["environment"] == {
         "ACTFLEET_TPU_ENDPOINT": "${self.input.endpoint}",
         "ACTFLEET_TPU_REQUEST": "${jsonencode(self.input.request)}",
@@ -268,10 +280,24 @@ def test_queued_endpoint_comes_from_config_then_environment(monkeypatch):
     assert synth_cache.cache_key(config) != key  # the baked endpoint is part of the key
 
 
-def test_on_demand_fleet_asks_for_guaranteed_capacity():
+def test_a_release_is_one_per_config_and_changes_with_the_request():
+    from actfleet.infra.release_id import release_id
+
+    config = make_config()
+    assert release_id(config) == release_id(make_config())  # stable
+    assert release_id(config).startswith("r") and len(release_id(config)) == 13
+    # Every worker of the config shares it (name and zone are placeholders in the hash).
+    assert release_id(config.replace("fleet", workers=config.fleet.workers[5:])) == release_id(config)
+    assert release_id(make_config(runtime_version="v2-other")) != release_id(config)
+    assert release_id(config.replace("repo", commit="f" * 40)) != release_id(config)
+    assert release_id(make_config(spot=False)) != release_id(config)
+    assert release_id(make_config("vm")) == ""  # vm mode does not roll
+
+
+def test_on_demand_fleet_sends_no_capacity_tier():
     config = make_config(spot=False)
     request = queued_resource_request(config, config.fleet.workers[0])
-    assert "spot" not in request and request["guaranteed"] == {}
+    assert "spot" not in request and "guaranteed" not in request  # on-demand: no tier (issue 24)
 
 
 def test_queued_fleet_stack_is_valid_terraform(stacks, tmp_path):

@@ -123,9 +123,14 @@ def test_observations_are_plain_dataclasses_with_state_names(fake_tpu, api):
 
 def test_client_asks_for_integer_enums_and_the_fake_answers_them(fake_tpu, api):
     fake_tpu.create_qr_direct(ZONE_A, "tpu-us-central1-a-0", project=PROJECT)
-    api.list_queued_resources(ZONE_A)
-    [call] = fake_tpu.calls(path=r"/queuedResources$")
+    api.get_queued_resource(ZONE_A, "tpu-us-central1-a-0")  # the generated client: integer enums
+    [call] = fake_tpu.calls(path=r"/queuedResources/")
     assert "enum-encoding%3Dint" in call.query
+    # Lists are read as JSON by actfleet itself (the hot path): enums by name, the API's default, so a
+    # state newer than the installed library still arrives by name.
+    [qr] = api.list_queued_resources(ZONE_A)
+    [call] = fake_tpu.calls(path=r"/queuedResources$")
+    assert "enum-encoding" not in call.query and qr.state == "ACTIVE" and qr.state_initiator == "USER"
 
     base = f"{fake_tpu.url}/v2/projects/{PROJECT}/locations/{ZONE_A}"
     as_ints = get_json(base + "/queuedResources/tpu-us-central1-a-0?%24alt=json%3Benum-encoding%3Dint")
@@ -476,13 +481,14 @@ def test_a_failed_queued_resource_explains_itself_with_integer_enums(fake_tpu, a
         state="FAILED",
         error=("PERMISSION_DENIED", "Permission 'tpu.nodes.create' denied on 'projects/p'"),
     )
-    [qr] = api.list_queued_resources(ZONE_A)
-    assert (qr.state, qr.error_code, qr.error_message) == (
-        "FAILED",
-        "PERMISSION_DENIED",
-        "Permission 'tpu.nodes.create' denied on 'projects/p'",
-    )
-    assert all("enum-encoding%3Dint" in c.query for c in fake_tpu.calls(method="GET"))
+    # Read both ways: a GET through the generated client (integer enums), a list as JSON (names).
+    for qr in (api.get_queued_resource(ZONE_A, QR0), *api.list_queued_resources(ZONE_A)):
+        assert (qr.state, qr.error_code, qr.error_message) == (
+            "FAILED",
+            "PERMISSION_DENIED",
+            "Permission 'tpu.nodes.create' denied on 'projects/p'",
+        )
+    assert "enum-encoding%3Dint" in fake_tpu.calls(method="GET")[0].query
     # On the wire: integers, as the real API sends them to this client.
     raw = get_json(
         f"{fake_tpu.url}/v2/projects/{PROJECT}/locations/{ZONE_A}/queuedResources/{QR0}"

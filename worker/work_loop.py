@@ -250,6 +250,9 @@ class Worker:
     # Called by the drain watchdog once DRAIN_GRACE_S past the drain deadline the loop is still blocked (an
     # upload, an engine step), after it released the leases: install_sigterm makes it end the process.
     on_drain_timeout: Callable[[], None] | None = None
+    # Read the rollout's drain request between units (reconcile, infra/rollout.py); off for local/tests.
+    drain_requests: bool = True
+    drain_seen: bool = field(default=False, init=False)
     _stop_at: float | None = field(default=None, init=False)  # monotonic deadline once SIGTERM arrived
     record: q.WorkerProgress = field(init=False)
 
@@ -315,7 +318,26 @@ class Worker:
         return self._stop_at is not None and time.monotonic() >= self._stop_at
 
     def _stop_claiming(self) -> bool:
-        return self.draining.is_set() or (self.max_units is not None and self._claimed >= self.max_units)
+        return (
+            self.draining.is_set()
+            or (self.max_units is not None and self._claimed >= self.max_units)
+            or self._drain_requested()
+        )
+
+    def _drain_requested(self) -> bool:
+        """A rollout's `drain requested` object (actfleet.work_queue.drain_key), read between units: the
+        worker finishes what it holds, claims nothing more and exits (record "drained") so reconcile can
+        replace it without abandoning a unit. An unreadable store is no request."""
+        if not self.drain_requests:
+            return False
+        if not self.drain_seen:
+            try:
+                self.drain_seen = q.drain_requested(self.store, self.spec.job, self.worker_id)
+            except Exception as e:
+                log.warning("drain request unreadable: %s", e)
+            if self.drain_seen:
+                log.info("drain requested by a rollout: finishing the units held, then exiting")
+        return self.drain_seen
 
     # -- the loop -------------------------------------------------------------------------------------
 
@@ -355,7 +377,8 @@ class Worker:
                 else:
                     result.units_abandoned += 1
         result.stopped_by_signal = self.draining.is_set()
-        self._write_record("stopped" if result.stopped_by_signal else "finished")
+        state = "stopped" if result.stopped_by_signal else "finished"
+        self._write_record("drained" if self.drain_seen and not result.job_complete else state)
         return result
 
     def _next_unit(self) -> "q.NextUnit | None":

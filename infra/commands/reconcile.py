@@ -63,7 +63,8 @@ DONE_WORDS = {"create": "created", "replace": "replaced", "remove": "removed", "
 @click.option(
     "--retry-now",
     is_flag=True,
-    help="Retry failed creates this pass, ignoring their backoff (after fixing a permission or quota).",
+    help="Retry failed creates this pass, ignoring their backoff (after fixing a permission or quota), "
+    "and lift a halted release's circuit breaker.",
 )
 @click.option("-v", "--verbose", is_flag=True, help="List healthy workers too, and stream Terraform's output.")
 def reconcile(config_path, as_json, dry_run, watch_s, wait_for_lock, retry_now, verbose):

@@ -86,6 +86,7 @@ def take_snapshot(
     from actfleet.infra.decide import Policy
     from actfleet.infra.plan import plan
     from actfleet.infra.reconcile import managed_workers, observe_inputs
+    from actfleet.infra.release_id import release_id
 
     now = time.time() if now is None else now
     snap = Snapshot(fleet=cfg.fleet.id, taken_at=now)
@@ -146,10 +147,15 @@ def take_snapshot(
                 managed=inputs.managed,
                 job_complete=inputs.job_complete,
                 liveness=inputs.liveness,
+                release=release_id(cfg),
+                releases=inputs.releases,
             )
             for a in p.actions:
                 r = row(a.worker, a.zone)
                 r["health"], r["reason"] = a.kind, a.reason
+            snap.plan["rollout"] = p.rollout
+            if p.rollout.get("halted"):  # the one line an operator must see (reconcile exits 1 on it too)
+                snap.plan["errors"].append(p.rollout["halt"])
         for name, o in inputs.observed.items():
             if name in rows:
                 r = rows[name]

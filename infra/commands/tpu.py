@@ -130,15 +130,34 @@ def create_qr(project, zone, qr_id, endpoint, request_file, request_json):
     show_default=True,
     help="Delete the queued resource's node with it (without, the API refuses while it has one).",
 )
-def delete_qr(project, zone, qr_id, endpoint, force):
+@click.option(
+    "--wait/--no-wait",
+    default=True,
+    show_default=True,
+    help="Wait until it is gone; --no-wait asks for the delete and returns (reconcile confirms it later).",
+)
+def delete_qr(project, zone, qr_id, endpoint, force, wait):
     """Delete a queued resource and its node; a no-op if already gone.
 
     \b
     Waits until a GET answers NOT_FOUND: one SUSPENDING is waited for first
     (never force-deleted), one that stays FAILED or SUSPENDED after its delete
-    (a stuck delete) is deleted again.
+    (a stuck delete) is deleted again. With --no-wait (the fleet stack's
+    destroy provisioner) the delete is asked for and the command returns: one
+    SUSPENDING is left for the next reconcile pass, which sees it and deletes it.
     """
     api, path = _target(project, zone, qr_id, endpoint)
+    if not wait:
+        done = api.request_delete_queued_resource(zone, qr_id, force=force)
+        click.echo(
+            {
+                "gone": f"queued resource {path} does not exist: nothing to do",
+                "deleting": f"queued resource {path} is already being deleted",
+                "suspending": f"queued resource {path} is SUSPENDING: left for reconcile to delete once SUSPENDED",
+                "requested": f"delete of queued resource {path} requested (not waited for)",
+            }[done]
+        )
+        return
     if api.delete_queued_resource(zone, qr_id, force=force):
         click.echo(f"deleted queued resource {path}" + (" and its node" if force else ""))
     else:

@@ -197,6 +197,11 @@ class FakeSettings:
     suspend_delay: float = 0.0  # how long a preempted queued resource stays SUSPENDING before SUSPENDED
     page_size: int = 50  # the server's page size when the client asks none (or more)
     zones: tuple[str, ...] | None = None  # known zones; None = any zone exists
+    # The real API answers a stored queued resource's tpu.nodeSpec[].parent with the project NUMBER
+    # ("projects/123456789012/locations/..."), whatever the request said; "" keeps the request's parent.
+    project_number: str = ""
+    # Seconds every API answer takes (the real API's: ~0.2-0.5 s a read, more for a create): for benchmarks.
+    latency: float = 0.0
 
 
 class FakeTpuState:
@@ -268,7 +273,7 @@ class FakeTpuState:
 
     def _make_node(self, qr: _QR, state) -> None:
         for spec in qr.message.tpu.node_spec:
-            name = f"{spec.parent}/nodes/{spec.node_id}"
+            name = f"projects/{qr.project}/locations/{qr.zone}/nodes/{spec.node_id}"
             node = cloud_tpu.Node.deserialize(cloud_tpu.Node.serialize(spec.node))  # a copy
             node.name = name
             node.state = state
@@ -354,6 +359,9 @@ class FakeTpuState:
             raise ApiError(RPC_HTTP.get(failing[1], 400), failing[2], failing[1])
         message.name = name
         message.create_time = _now_ts()
+        if self.settings.project_number:
+            for spec in message.tpu.node_spec:
+                spec.parent = f"projects/{self.settings.project_number}/locations/{zone}"
         qr = _QR(message=message, state_since=0, project=project, zone=zone)
         if failing is not None:  # accepted, then FAILED explaining why (state.failed_data.error)
             qr.fail_with = (failing[1], failing[2])
@@ -473,9 +481,13 @@ class FakeTpuState:
         operations succeed, but it stays (Google's advice, recorded in axlearn: re-delete such ones)."""
         self._qr(zone, qr_id).stuck_deletes = times
 
-    def set_node_state(self, zone: str, node_id: str, state: str) -> None:
-        """Put a node in any state (REPAIRING, TERMINATED, PREEMPTED, ...), its queued resource untouched."""
-        self._node(zone, node_id).state = NodeState[state]
+    def set_node_state(self, zone: str, node_id: str, state: str, health: str | None = None) -> None:
+        """Put a node in any state (REPAIRING, TERMINATED, PREEMPTED, UNKNOWN, HIDDEN, ...), and optionally
+        health (HEALTHY, TIMEOUT, UNHEALTHY_MAINTENANCE, ...), its queued resource untouched."""
+        node = self._node(zone, node_id)
+        node.state = NodeState[state]
+        if health is not None:
+            node.health = cloud_tpu.Node.Health[health]
 
     def hide_from_lists(self, zone: str, node_id: str, lists: int = 1) -> None:
         """Leave the node out of the next `lists` complete node listings of its zone; GET still finds it."""
@@ -633,6 +645,7 @@ class _Handler(BaseHTTPRequestHandler):
             fake.state.in_flight += 1
             fake.state.max_in_flight = max(fake.state.max_in_flight, fake.state.in_flight)
             delay, fault_status = fake.state.take_faults(method, f"{url.path}?{url.query}", zone)
+            delay += fake.state.settings.latency
         try:
             if delay:
                 time.sleep(delay)
@@ -743,10 +756,10 @@ class FakeTpuServer:
             self.state.advance()
             self.state.stick_delete(zone, qr_id, times)
 
-    def set_node_state(self, zone: str, node_id: str, state: str) -> None:
+    def set_node_state(self, zone: str, node_id: str, state: str, health: str | None = None) -> None:
         with self.state.lock:
             self.state.advance()
-            self.state.set_node_state(zone, node_id, state)
+            self.state.set_node_state(zone, node_id, state, health)
 
     def hide_from_lists(self, zone: str, node_id: str, lists: int = 1) -> None:
         with self.state.lock:
@@ -881,7 +894,7 @@ class FakeTpuServer:
             elif name == "stick-delete":
                 self.stick_delete(args["zone"], args["id"], int(args.get("times", 1)))
             elif name == "node-state":
-                self.set_node_state(args["zone"], args["id"], args["state"])
+                self.set_node_state(args["zone"], args["id"], args["state"], args.get("health"))
             elif name == "hide":
                 self.hide_from_lists(args["zone"], args["id"], int(args.get("lists", 1)))
             elif name == "fail-creates":
