@@ -51,9 +51,9 @@ from actfleet.infra.decide import (
     Policy,
     Remembered,
 )
+from actfleet.infra.release_id import RELEASE_LABEL
 from actfleet.infra.tpu_states import NODE_READY, QR_ACTIVE
 
-RELEASE_LABEL = "actfleet-release"
 BOOT_FAILURE_CLASSES = frozenset({"boot", "stalled"})
 DRAINED_STATES = frozenset({"drained", "stopped", "finished"})
 
