@@ -182,3 +182,15 @@ def test_export_writes_them_beside_the_export(tmp_path):
     assert s.stats["norm_scaling_factor"] == totals.summary()["norm_scaling_factor"]
     assert json.loads((tmp_path / "out" / MANIFEST).read_text())["stats"]["count"] == totals.count
     np.testing.assert_array_equal(load_file(str(tmp_path / "out" / STATS_FILE))[f"{sx.SITES[0]}.mean"], totals.mean())
+
+
+def test_a_unit_whose_rows_were_all_skipped_sums_to_zero_at_its_width():
+    # A unit of only empty or bad rows stores no rows: its statistics are zeros of the site's width, not a
+    # reshape error that abandons the unit (extract --max-rows over a unit of one empty row hung on this).
+    from actfleet.worker.stats import SiteStats
+
+    empty = SiteStats.of_rows(np.zeros((0, 3, 4), np.float32))
+    assert (empty.count, empty.d) == (0, 12) and not empty.sum.any()
+    total = SiteStats.zeros(12)
+    total.add(empty)
+    assert total.count == 0

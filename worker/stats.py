@@ -62,7 +62,9 @@ class SiteStats:
     @staticmethod
     def of_rows(x: np.ndarray, gram: bool = False) -> "SiteStats":
         """From host rows [n, ...] (each row flattened to d, as exports flatten per-head sites), in float64."""
-        x = np.asarray(x).reshape(len(x), -1).astype(np.float64)
+        x = np.asarray(x)
+        # the width from the shape, not -1: a unit whose rows were all skipped has n = 0 and must still sum
+        x = x.reshape(len(x), int(np.prod(x.shape[1:]))).astype(np.float64)
         sq = np.einsum("nd,nd->n", x, x)
         return SiteStats(
             len(x), x.sum(0), (x * x).sum(0), float(sq.sum()), float(np.sqrt(sq).sum()), x.T @ x if gram else None

@@ -717,6 +717,15 @@ class _UnitRun:
         count = max((s.count for s in moments.values()), default=0)
         return q.ShardInfo(q.job_relative(job, key), len(data), hashlib.sha256(data).hexdigest(), count)
 
+    def _tell_abandoned(self, reason: str) -> None:
+        # This runs on the finisher thread: an event handler that refuses (extract stops at the first abandoned
+        # unit) must stop the worker through self.error, or its exception dies with the thread and the loop
+        # claims the same unit again, forever.
+        try:
+            self.w.on_event("abandoned", {"unit": self.unit, "reason": reason})
+        except Exception as e:
+            self.error = e
+
     def _finish(self) -> None:
         w, unit, stats, keeper = self.w, self.unit, self.stats, self.keeper
         try:
@@ -760,7 +769,7 @@ class _UnitRun:
             # someone else took over is never deleted.
             q.release(w.store, lease)
             log.warning("unit %d abandoned: %s", unit, e)
-            w.on_event("abandoned", {"unit": unit, "reason": str(e)})
+            self._tell_abandoned(str(e))
         except Exception as e:
             lease = keeper.stop()
             if is_fatal(e):
@@ -772,7 +781,7 @@ class _UnitRun:
                 # The store stopped answering during the commit: abandon (nothing is done unless the done
                 # record landed, and then it stays done); the loop claims again once the store answers.
                 log.warning("unit %d abandoned: store unavailable: %s: %s", unit, type(e).__name__, e)
-                w.on_event("abandoned", {"unit": unit, "reason": f"store unavailable: {e}"})
+                self._tell_abandoned(f"store unavailable: {e}")
             else:
                 self.error = e
                 return
