@@ -54,14 +54,23 @@ class AuditedStore:
             self._read.leases = {}
         return self._read.leases
 
-    def read(self, key: str):
-        data, gen = self._store.read(key)
+    def _saw(self, key: str, data: bytes) -> None:
         if f"/{q.LEASES}/" in f"/{key}":
             rec = _lease_fields(data)
             self._last_read()[key] = rec
             if rec is not None and rec["expires"] <= time.time() and self._race_s:
                 time.sleep(self._race_s)  # descheduled between reading the stale lease and acting on it
+
+    def read(self, key: str):
+        data, gen = self._store.read(key)
+        self._saw(key, data)
         return data, gen
+
+    def read_stamped(self, key: str):
+        # how read_lease reads (the store's write time judges expiry): audited like read, or no take-over is seen
+        data, gen, written = self._store.read_stamped(key)
+        self._saw(key, data)
+        return data, gen, written
 
     def _written(self, key: str, data: bytes, gen: int) -> int:
         if f"/{q.LEASES}/" not in f"/{key}":
