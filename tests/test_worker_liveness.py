@@ -193,7 +193,7 @@ def test_a_full_disk_stops_the_worker_releasing_its_unit_and_keeping_what_was_co
         finish(fut, w)
     # Not retried (retrying cannot make space): each shard tried once (with the next unit prefetched, the
     # units in flight may each have tried one).
-    assert e.value.exit_code == 74 and 1 <= full.raised <= 2 and len(set(full.keys)) == full.raised
+    assert e.value.exit_code == 74 and full.raised >= 1 and len(set(full.keys)) == full.raised  # no key twice
     assert str(e.value).startswith("disk full: storing job/shards/") and errno.errorcode[code] in str(e.value)
     assert "\n" not in str(e.value)
     assert list(store.list("job/leases/")) == []  # the unit in flight is free for a worker with space
