@@ -941,6 +941,9 @@ class WorkerProgress:
     current_unit: int | None = None
     state: str = "unknown"  # starting | working | idle | waiting | draining | finished | failed
     clock_skew: float | None = None  # read back: the worker's clock minus the store's at its last write (s)
+    # With state "failed": why the worker stopped for good, its one-line error ("disk full: ..."). It stays in
+    # the store after the process exits: reconcile replaces the worker on it, status shows it.
+    reason: str | None = None
 
 
 @dataclass
@@ -1011,6 +1014,8 @@ def read_worker_records(store: Store, job: str) -> dict[str, WorkerProgress]:
             return None
         body = wp.last_heartbeat
         wp.last_heartbeat = written
+        if not isinstance(wp.reason, str) or not wp.reason:
+            wp.reason = None  # a reason is one line of text or absent (a foreign writer's is not trusted)
         wp.clock_skew = round(body - written, 3) if isinstance(body, (int, float)) else None
         return wp
 
@@ -1095,7 +1100,7 @@ def job_progress(store: Store, job: str, now: float | None = None) -> JobProgres
     for name, rec in workers.items():
         w = per_worker.setdefault(name, WorkerProgress(name))
         w.last_heartbeat, w.current_unit, w.state = rec.last_heartbeat, rec.current_unit, rec.state
-        w.clock_skew = rec.clock_skew
+        w.clock_skew, w.reason = rec.clock_skew, rec.reason
     p.workers = dict(sorted(per_worker.items()))
     return p
 
