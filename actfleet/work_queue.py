@@ -97,6 +97,20 @@ def stats_key(job: str, unit: int, attempt: str | None = None) -> str:
     return join(job, STATS, f"{unit:06d}{'.' + attempt if attempt else ''}{STATS_SUFFIX}")
 
 
+def job_stats(job: str, key: str) -> tuple[int, str | None] | None:
+    """(unit, attempt or None) of a listed key, only if it is exactly stats_key(job, unit, attempt) (directly under
+    the job's stats/, spelled as stats_key spells it): else None, a foreign object ("000042.stats.safetensors.bak",
+    "42.stats.safetensors", a subfolder). The one parser of these names."""
+    name = key.rpartition("/")[2]
+    if not name.endswith(STATS_SUFFIX):
+        return None
+    stem, _, attempt = name[: -len(STATS_SUFFIX)].partition(".")
+    if not (stem.isascii() and stem.isdigit()) or (attempt and not ATTEMPT_RE.fullmatch(attempt)):
+        return None
+    unit = int(stem)
+    return (unit, attempt or None) if key == stats_key(job, unit, attempt or None) else None
+
+
 def worker_key(job: str, worker: str) -> str:
     return join(job, WORKERS, f"{worker}.json")
 
@@ -132,6 +146,10 @@ def done_prefix(job: str) -> str:
 
 def shards_prefix(job: str) -> str:
     return join(job, SHARDS) + "/"
+
+
+def stats_prefix(job: str) -> str:
+    return join(job, STATS) + "/"
 
 
 def workers_prefix(job: str) -> str:

@@ -594,7 +594,7 @@ def _summary(
         "restarts": fleet.restarts,
         "chaos_kills": kills,
         "crashes": fleet.failures,
-        "garbage_cleaned": len(report.cleaned),  # shards and leases that killed attempts left behind
+        "garbage_cleaned": len(report.cleaned),  # shards, statistics and leases that killed attempts left behind
         "shards_dir": str(shards_dir),
         "load_snippet": _snippet(shards_dir),
         "load_command": load_command(shards_dir),

@@ -421,8 +421,8 @@ def _follow(channel, spec: q.JobSpec, role, on_event, report) -> None:
 @click.option(
     "--clean",
     is_flag=True,
-    help="Delete garbage: shards of done units their done record does not list, leases left on done "
-    "units (safe while workers run). Foreign objects (no key the protocol writes) are reported, never deleted.",
+    help="Delete garbage: shards and statistics objects of done units their done record does not list, leases "
+    "left on done units (safe while workers run). Foreign objects (no key the protocol writes) are reported, never deleted.",
 )
 @json_option
 def verify(config_path, store_url, job, clean, as_json):
