@@ -69,7 +69,8 @@ def test_a_worker_whose_disk_is_full_stops_the_run_at_once_and_the_others_cleanl
     assert "\n" not in line
     assert line.startswith("worker local-0 stopped: disk full: storing job/shards/"), line
     assert f"log {tmp_path / 'logs' / 'local-0.log'}" in line and "(ENOSPC)" in line
-    assert "the filesystem mounted at /" in line and " free" in line
+    # The filesystem named is the store's (the first absolute path in the worker's error), not a key's tail.
+    assert f"the filesystem of {store_dir}/job/shards (mounted at /" in line and " free" in line, line
     # local-0 was started once and never again; nobody else was restarted either.
     assert sorted((n, i) for n, i, _ in started) == [("local-0", 1), ("local-1", 1), ("local-2", 1)]
     # The others were stopped cleanly: SIGTERM, they drained and exited 0 (no SIGKILL); nothing is left running.

@@ -272,3 +272,15 @@ def test_status_shows_why_a_worker_stopped(tmp_path):
     console.print(render(snap))
     text = console.export_text()
     assert f"worker w1 failed: {FULL}" in text and "worker w2 failed" not in text
+
+
+def test_a_disk_full_error_without_a_path_has_one_colon():
+    """What the worker writes to its record and its log (seen on a real full tmpfs: "in /data/store:: No space")."""
+    from actfleet.errors import disk_full_error
+
+    e = disk_full_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "storing job/shards/x in /data/store:")
+    assert str(e).startswith("disk full: storing job/shards/x in /data/store: No space left on device (ENOSPC);")
+    with_path = disk_full_error(
+        OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data/store/x.tmp"), "storing x in s:"
+    )
+    assert str(with_path).startswith("disk full: storing x in s: /data/store/x.tmp: No space left on device")

@@ -417,8 +417,10 @@ def _disk_full_line(s) -> str:
     """One line for a worker that exited 74: its own error (what it wrote, where), its log, and the
     filesystem that is full with what is left on it (from the first path in its error: the store, a cache)."""
     line = _failure_line(s)
-    where = next((m.group() for m in re.finditer(r"/[^\s:;,()'\"]+", line)), str(s.log_path or "."))
-    path = Path(where)
+    # An absolute path starts the word ("storing local/shards/x in /data/store" names /data/store, not /shards/x).
+    found = re.search(r"(?<![^\s(])/[^\s:;,()'\"]+", line)
+    where = Path(found.group() if found else str(s.log_path or "."))
+    path = where
     while not path.exists() and path != path.parent:
         path = path.parent
     mount = path.resolve()
@@ -426,8 +428,9 @@ def _disk_full_line(s) -> str:
         mount = mount.parent
     free = shutil.disk_usage(path).free
     return (
-        f"worker {s.worker.name} stopped: {line}; the filesystem mounted at {mount} has {human_bytes(free)} free; "
-        f"not restarted (every restart would meet the same disk), the other workers were stopped"
+        f"worker {s.worker.name} stopped: {line}; the filesystem of {where} (mounted at {mount}) has "
+        f"{human_bytes(free)} free; not restarted (every restart would meet the same disk), the other workers "
+        f"were stopped"
     )
 
 
