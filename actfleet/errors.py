@@ -67,6 +67,7 @@ def is_disk_full(e: BaseException) -> bool:
 def disk_full_error(e: OSError, doing: str) -> DiskFull:
     """The one-line error for a disk-full OSError: what was being done, the path, the errno's name."""
     where = f" {e.filename}" if e.filename else ""
+    doing = doing if where else doing.rstrip(":")  # "storing K in URL:" with no path after it: one colon, not two
     return DiskFull(
         f"disk full: {doing}{where}: {os.strerror(e.errno)} ({errno.errorcode.get(e.errno, e.errno)}); "
         f"free space (or raise the quota) and run it again"

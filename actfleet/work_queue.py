@@ -97,6 +97,20 @@ def stats_key(job: str, unit: int, attempt: str | None = None) -> str:
     return join(job, STATS, f"{unit:06d}{'.' + attempt if attempt else ''}{STATS_SUFFIX}")
 
 
+def job_stats(job: str, key: str) -> tuple[int, str | None] | None:
+    """(unit, attempt or None) of a listed key, only if it is exactly stats_key(job, unit, attempt) (directly under
+    the job's stats/, spelled as stats_key spells it): else None, a foreign object ("000042.stats.safetensors.bak",
+    "42.stats.safetensors", a subfolder). The one parser of these names."""
+    name = key.rpartition("/")[2]
+    if not name.endswith(STATS_SUFFIX):
+        return None
+    stem, _, attempt = name[: -len(STATS_SUFFIX)].partition(".")
+    if not (stem.isascii() and stem.isdigit()) or (attempt and not ATTEMPT_RE.fullmatch(attempt)):
+        return None
+    unit = int(stem)
+    return (unit, attempt or None) if key == stats_key(job, unit, attempt or None) else None
+
+
 def worker_key(job: str, worker: str) -> str:
     return join(job, WORKERS, f"{worker}.json")
 
@@ -132,6 +146,10 @@ def done_prefix(job: str) -> str:
 
 def shards_prefix(job: str) -> str:
     return join(job, SHARDS) + "/"
+
+
+def stats_prefix(job: str) -> str:
+    return join(job, STATS) + "/"
 
 
 def workers_prefix(job: str) -> str:
@@ -941,6 +959,9 @@ class WorkerProgress:
     current_unit: int | None = None
     state: str = "unknown"  # starting | working | idle | waiting | draining | finished | failed
     clock_skew: float | None = None  # read back: the worker's clock minus the store's at its last write (s)
+    # With state "failed": why the worker stopped for good, its one-line error ("disk full: ..."). It stays in
+    # the store after the process exits: reconcile replaces the worker on it, status shows it.
+    reason: str | None = None
 
 
 @dataclass
@@ -1011,6 +1032,8 @@ def read_worker_records(store: Store, job: str) -> dict[str, WorkerProgress]:
             return None
         body = wp.last_heartbeat
         wp.last_heartbeat = written
+        if not isinstance(wp.reason, str) or not wp.reason:
+            wp.reason = None  # a reason is one line of text or absent (a foreign writer's is not trusted)
         wp.clock_skew = round(body - written, 3) if isinstance(body, (int, float)) else None
         return wp
 
@@ -1095,7 +1118,7 @@ def job_progress(store: Store, job: str, now: float | None = None) -> JobProgres
     for name, rec in workers.items():
         w = per_worker.setdefault(name, WorkerProgress(name))
         w.last_heartbeat, w.current_unit, w.state = rec.last_heartbeat, rec.current_unit, rec.state
-        w.clock_skew = rec.clock_skew
+        w.clock_skew, w.reason = rec.clock_skew, rec.reason
     p.workers = dict(sorted(per_worker.items()))
     return p
 

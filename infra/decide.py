@@ -21,7 +21,8 @@ Kinds (what the actor does with each):
                  state actfleet does not understand, a same-named resource without this fleet's label)
   create         desired and absent: the Terraform apply creates it
   replace        broken (QR SUSPENDED/FAILED, node PREEMPTED/TERMINATED/STOPPED, node gone, provisioning past
-                 the limit with policy "replace", a READY node whose worker never started work or stalled):
+                 the limit with policy "replace", a READY node whose worker never started work, stalled,
+                 or stopped for good saying why: its record's state "failed" with a reason, e.g. a full disk):
                  the apply recreates it (-replace=)
   remove         no longer desired (taken out of the config, or the job is done and the fleet scales to
                  zero) but still managed by Terraform: the apply destroys it
@@ -82,7 +83,7 @@ APPLY_KINDS = frozenset({CREATE, REPLACE, REMOVE})  # carried out by the one ter
 # Why a worker was replaced, counted apart as SkyPilot counts recoveries from preemptions and restarts on
 # errors; and what kind of error (the first word an operator needs: fix a permission, or wait for capacity).
 PREEMPTION, ERROR, ROLLOUT = "preemption", "error", "rollout"  # ROLLOUT: moved to the new release
-ERROR_CLASSES = ("permission", "invalid-argument", "quota", "boot", "stalled", "unknown")
+ERROR_CLASSES = ("permission", "invalid-argument", "quota", "boot", "stalled", "worker-failed", "unknown")
 API_KINDS = frozenset({DELETE_ORPHAN, HOLD})  # carried out through the TPU API
 STORE_KINDS = frozenset({DRAIN})  # carried out through the job's store
 ACTING_KINDS = APPLY_KINDS | API_KINDS | STORE_KINDS
@@ -152,6 +153,7 @@ class WorkRecord:
 
     last_heartbeat: float | None
     state: str = "unknown"  # the worker's own: starting, idle, working, waiting, finished, stopped, ...
+    reason: str | None = None  # with state "failed": why it stopped for good ("disk full: ..."; the worker's own)
 
 
 @dataclass(frozen=True)
@@ -397,6 +399,9 @@ def _ready(w: Worker, o: Observed, now: float, policy: Policy, liveness: Livenes
                 error=failure("BOOT_TIMEOUT", "no worker record since the node was created", "boot"),
             )
         return Action(w.name, w.zone, PENDING, ready + ", worker not started yet")
+    failed = _failed(w, rec, o)
+    if failed is not None:
+        return failed
     if rec.state == "finished":
         return Action(w.name, w.zone, HEALTHY, ready + ", worker finished")
     if rec.state == "drained":  # it exited between units when a rollout asked: the rollout replaces it
@@ -412,6 +417,36 @@ def _ready(w: Worker, o: Observed, now: float, policy: Policy, liveness: Livenes
             error=failure("STALLED", f"last heartbeat {_minutes(age)} ago", "stalled"),
         )
     return Action(w.name, w.zone, HEALTHY, ready)
+
+
+def worker_failed(rec: WorkRecord | None, o: Observed) -> bool:
+    """The worker on this node stopped for good and said why (state "failed" with a reason, written since this
+    node was made: a past life's record under the same name says nothing about a fresh VM). Without the
+    node's creation time, only a record written since the node entered its state counts."""
+    made = o.created if o.created is not None else o.since
+    return (
+        rec is not None
+        and rec.state == "failed"
+        and bool(rec.reason)
+        and rec.last_heartbeat is not None
+        and made is not None
+        and rec.last_heartbeat >= made
+    )
+
+
+def _failed(w: Worker, rec: WorkRecord, o: Observed) -> Action | None:
+    """A worker that stopped for good (exit 74, a full disk: systemd does not restart it) is replaced: a new VM
+    has a fresh disk. Class "worker-failed": the release's circuit breaker counts it as a failed boot."""
+    if not worker_failed(rec, o):
+        return None
+    return Action(
+        w.name,
+        w.zone,
+        REPLACE,
+        f"worker failed: {rec.reason}",
+        cause=ERROR,
+        error=failure("WORKER_FAILED", rec.reason, "worker-failed"),
+    )
 
 
 def _unhealthy(w: Worker, o: Observed, now: float, policy: Policy, liveness: Liveness | None) -> Action | None:

@@ -586,7 +586,9 @@ def read_liveness(cfg: Config, job_complete: bool | None = None) -> Liveness | N
         for n, r in records.items()
         if r.clock_skew is not None and abs(r.clock_skew) > CLOCK_SKEW_BOUND_S
     }
-    return Liveness({name: WorkRecord(r.last_heartbeat, r.state) for name, r in records.items()}, clock_skew=skew)
+    return Liveness(
+        {name: WorkRecord(r.last_heartbeat, r.state, r.reason) for name, r in records.items()}, clock_skew=skew
+    )
 
 
 MEMORY_KEY = "reconcile.memory.json"

@@ -21,8 +21,9 @@ Rolling (`[rollout] max_unavailable`, a count or "N%" of the desired workers, at
 - Repairs (preemptions, failures) are decide's and are never held back: they come up on the new release.
 
 Circuit breaker (`[rollout] halt_after_failed_boots`, 0 = off): new-release workers replaced because they
-never started work (boot timeout) or stalled are failed boots; this many in a row, with no worker of the
-release seen working in between, halts the release: nothing of it is created (CREATE -> wait) and its
+never started work (boot timeout), stalled, or stopped for good saying why (a full disk) are failed boots;
+this many in a row, with no worker of the release seen working in between (a worker whose record says it
+failed is never seen working), halts the release: nothing of it is created (CREATE -> wait) and its
 broken workers are deleted without being recreated (HOLD, through the TPU API), so a release that cannot
 boot stops costing money; the old release's workers keep running. The halt lasts until the config changes
 (a new release) or `reconcile --retry-now`. Within one pass failures count before successes reset them,
@@ -50,11 +51,13 @@ from actfleet.infra.decide import (
     Observed,
     Policy,
     Remembered,
+    worker_failed,
 )
 from actfleet.infra.release_id import RELEASE_LABEL
 from actfleet.infra.tpu_states import NODE_READY, QR_ACTIVE
 
-BOOT_FAILURE_CLASSES = frozenset({"boot", "stalled"})
+# "worker-failed": its worker stopped for good saying why (a full disk): a release that fills every disk halts.
+BOOT_FAILURE_CLASSES = frozenset({"boot", "stalled", "worker-failed"})
 DRAINED_STATES = frozenset({"drained", "stopped", "finished"})
 
 
@@ -106,6 +109,8 @@ def started_work(w: Worker, o: Observed | None, liveness: Liveness | None) -> bo
     if liveness is None or not liveness.judged or liveness.error is not None:
         return True
     rec = liveness.records.get(w.name)
+    if worker_failed(rec, o):  # it started, then stopped for good: no proof that the release works
+        return False
     return rec is not None and rec.last_heartbeat is not None and (o.created is None or rec.last_heartbeat >= o.created)
 
 
@@ -273,6 +278,6 @@ def _move(w: Worker, o: Observed, release: str, how: str) -> Action:
 def _halt_line(release: str, mem: ReleaseMemory) -> str:
     names = ", ".join(mem.failed[-3:])
     return (
-        f"release {release} halted: {mem.failed_in_row} workers in a row never started work ({names}); "
+        f"release {release} halted: {mem.failed_in_row} workers in a row never started work or failed ({names}); "
         "the old release's workers keep running; fix the config or run `actfleet reconcile --retry-now`"
     )

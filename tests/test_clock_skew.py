@@ -60,9 +60,14 @@ def test_a_worker_whose_clock_runs_ahead_does_not_steal_a_live_lease(store, monk
     holder = q.next_unit(store, spec, "worker-a", 60).lease
     assert holder is not None
     skew_this_process(monkeypatch, HOUR)  # worker-b's clock is an hour ahead
+    # The store's clock held still, so the wait next_unit computes is one exact number: what is left of the
+    # holder's lease by the store's clock (judged by worker-b's clock it would be spent: the 0.05 s floor).
+    store_now = store.now()
+    monkeypatch.setattr(store, "now", lambda: store_now)
     nxt = q.next_unit(store, spec, "worker-b", 60)
     assert nxt.lease is None and not nxt.all_done
-    assert 30 < nxt.wait_seconds <= 60  # it waits for the lease's expiry by the store's clock
+    left_by_store = q.read_lease(store, "job", 0).expires - store_now
+    assert nxt.wait_seconds == pytest.approx(left_by_store)  # worker-b waits exactly that out
     skew_this_process(monkeypatch, 0)
     q.renew(store, holder, 60)  # still worker-a's
 

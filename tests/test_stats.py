@@ -73,7 +73,13 @@ def test_a_unit_redone_after_a_take_over_is_counted_once(tmp_path):
     assert len(objects) == 2  # both attempts' statistics are in the store...
     assert_totals_match(str(tmp_path / "bucket" / "job"))  # ...and unit 0 counts once
     assert q.read_done(store, "job", 0).attempt == 2
-    assert verify(store, "job").ok  # the statistics objects are no shards: verify's accounting is unchanged
+    # The dead attempt's statistics are garbage (no done record lists them), like its shards; --clean removes
+    # them and leaves the committed ones, which still sum the same.
+    dead_stats = q.stats_key("job", 0, dead.tag)
+    assert [(p.kind, p.key) for p in verify(store, "job").problems] == [("garbage", dead_stats)]
+    assert verify(store, "job", clean=True).cleaned == [dead_stats] and store.generation(dead_stats) is None
+    assert verify(store, "job").ok
+    assert_totals_match(str(tmp_path / "bucket" / "job"))
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@ Checks, from the job's records and the shards themselves:
 1. every unit 0..N-1 has its unit record and exactly one done record, covering exactly its row range and
    computed from the dataset bytes and model files job.json pins (the digests each done record carries);
 2. every shard a done record lists exists with the listed size and sha256, belongs to that unit, and no
-   shard is listed twice;
+   shard is listed twice; so does the unit's statistics object (stats/, worker/stats.py) that it lists, which
+   must also read as one;
 3. every input row is accounted for exactly once: the rows stored in a unit's shards (sample ids, or with
    context windows the `source_rows`) plus the ids it lists as skipped (with a reason) are exactly the
    unit's rows, disjoint; no (sample, position) is stored
@@ -12,11 +13,11 @@ Checks, from the job's records and the shards themselves:
 4. the job itself: rows are derived from the input files job.json pins (their rows x samples per row,
    capped by max_rows), units = ceil(rows / unit_rows), every unit record holds exactly its range, and,
    summed over units, stored + skipped = rows (job.json's own totals are checked, not trusted);
-5. foreign objects: every key under units/, leases/, done/ and shards/ that is not exactly a key the protocol
+5. foreign objects: every key under units/, leases/, done/, shards/ and stats/ that is not exactly a key the protocol
    writes for a unit of this job ("done/000001.old", "done/1", a shard in a subfolder) is reported, and never
    read as the unit's, never deleted (docs/jobs.md, "Foreign objects");
-6. garbage: the shards of done units that their done record does not list (left by attempts that lost
-   their lease or died), and leases left on done units. `--clean` deletes them, safely while workers run
+6. garbage: the shards and statistics objects of done units that their done record does not list (left by
+   attempts that lost their lease or died), and leases left on done units. `--clean` deletes them, safely while workers run
    and whatever the clocks say: a done record never changes once created, so no attempt can commit another
    shard of its unit. Shards of units not done yet, and every shard of a unit whose done record is
    unreadable, are kept, each listed with its reason; deletes are at the generation judged.
@@ -41,7 +42,7 @@ from actfleet.worker.shards import ShardFormatError, shard_rows
 @dataclass
 class Problem:
     kind: str  # missing-unit | bad-unit | not-done | bad-record | bad-job | mixed-input | mixed-model |
-    #            missing-shard | corrupt-shard | rows | foreign | garbage
+    #            missing-shard | corrupt-shard | missing-stats | corrupt-stats | rows | foreign | garbage
     message: str
     unit: int | None = None
     key: str | None = None
@@ -64,7 +65,9 @@ class VerifyReport:
     cleaned: list[str] = field(default_factory=list)
     kept: list[dict] = field(default_factory=list)  # garbage candidates --clean did not delete: key, reason
     in_progress: list[int] = field(default_factory=list)
-    foreign: list[str] = field(default_factory=list)  # keys under units/ leases/ done/ shards/ no protocol writes
+    foreign: list[str] = field(
+        default_factory=list
+    )  # keys under units/ leases/ done/ shards/ stats/ no protocol writes
 
     @property
     def ok(self) -> bool:
@@ -170,7 +173,8 @@ def verify(store: Store, job: str, *, clean: bool = False, now: float | None = N
 
     # 2 + 3. shards, checksums, row accounting (shards are read in parallel: the store may be remote)
     listed: dict[str, int] = {}
-    unreadable: set[str] = set()  # listed names that are no shard key of their unit: never read
+    listed_stats: set[str] = set()  # the statistics objects done records list (job-relative names)
+    unreadable: set[str] = set()  # listed names that are no shard (statistics) key of their unit: never read
     for unit, rec in sorted(records.items()):
         start, stop = spec.unit_range(unit)
         if (rec.start, rec.stop) != (start, stop):
@@ -203,6 +207,14 @@ def verify(store: Store, job: str, *, clean: bool = False, now: float | None = N
             if s.name in listed:
                 problem("bad-record", f"shard {s.name} is listed by units {listed[s.name]} and {unit}", unit)
             listed[s.name] = unit
+        if rec.stats is not None:
+            name = rec.stats.name
+            parsed_stats = q.job_stats(job, q.in_job(job, name)) if _plain_name(name) else None
+            if parsed_stats is None or parsed_stats[0] != unit:
+                problem("bad-record", f"unit {unit}: lists {name!r} as its statistics, no statistics name of it", unit)
+                unreadable.add(name)
+            else:
+                listed_stats.add(name)
 
     def check_unit(unit: int) -> tuple[list[Problem], int, set[int]]:
         rec = records[unit]
@@ -275,9 +287,42 @@ def verify(store: Store, job: str, *, clean: bool = False, now: float | None = N
             )
         return out, tokens, stored
 
+    def check_stats(unit: int) -> list[Problem]:
+        """The unit's statistics object, as its done record lists it: present, its size and sha256, readable."""
+        from actfleet.worker import stats as unit_stats
+
+        s = records[unit].stats
+        if s is None or s.name in unreadable:
+            return []
+        key = q.in_job(job, s.name)
+        try:
+            blob, _ = store.read(key)
+        except NotFound:
+            return [Problem("missing-stats", f"unit {unit}: statistics object {key} is missing", unit, key)]
+        digest = hashlib.sha256(blob).hexdigest()
+        if len(blob) != s.bytes or digest != s.sha256:
+            return [
+                Problem(
+                    "corrupt-stats",
+                    f"unit {unit}: statistics object {key} has {len(blob)} bytes sha256 {digest[:12]}..., "
+                    f"the done record says {s.bytes} bytes {s.sha256[:12]}...",
+                    unit,
+                    key,
+                )
+            ]
+        try:
+            unit_stats.parse(blob, key)
+        except ActfleetError as e:
+            return [Problem("corrupt-stats", f"unit {unit}: {e}", unit, key)]
+        return []
+
+    def check(unit: int) -> tuple[list[Problem], int, set[int]]:
+        found, tokens, stored = check_unit(unit)
+        return found + check_stats(unit), tokens, stored
+
     units = sorted(records)
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        for unit, (found, tokens, stored) in zip(units, pool.map(check_unit, units)):
+        for unit, (found, tokens, stored) in zip(units, pool.map(check, units)):
             rep.problems += found
             rec = records[unit]
             rep.tokens += tokens
@@ -321,6 +366,29 @@ def verify(store: Store, job: str, *, clean: bool = False, now: float | None = N
                 {
                     "key": key,
                     "reason": f"unit {unit}'s done record is unreadable or faulty: its shards are kept until it is fixed",
+                }
+            )
+        elif unit not in records:
+            rep.kept.append({"key": key, "reason": f"unit {unit} is not done: an attempt may still commit it"})
+        else:
+            candidates.append(key)
+    # The same rule for statistics objects (stats/): an attempt's own name; only the one its unit's done record
+    # lists counts (actfleet.work_queue.committed_units); a name stats_key does not spell is foreign.
+    for key in store.list(q.stats_prefix(job)):
+        if q.job_relative(job, key) in listed_stats:
+            continue
+        parsed_stats = q.job_stats(job, key)
+        unit = parsed_stats[0] if parsed_stats else None
+        if unit is None:
+            foreign(key, "not a statistics object's name")
+        elif not 0 <= unit < spec.units:
+            foreign(key, f"statistics of unit {unit}; the job has units 0-{spec.units - 1}")
+        elif unit in bad_units:
+            rep.kept.append(
+                {
+                    "key": key,
+                    "reason": f"unit {unit}'s done record is unreadable or faulty: its statistics are kept until "
+                    "it is fixed",
                 }
             )
         elif unit not in records:

@@ -348,12 +348,21 @@ class Worker:
             return result
         except BaseException as e:
             if is_fatal(e):  # reconcile and status read why this worker stopped (the command exits non-zero)
-                self._write_record("failed")
+                self.record_failure(e)
             if isinstance(e, OSError) and is_disk_full(e):
                 raise one_line(e) from None
             raise
         finally:
             self._finished.set()
+
+    def record_failure(self, e: BaseException) -> None:
+        """The lasting record of why this worker stops for good: state "failed" and, for an error every retry
+        would meet (bad input, a full disk), its one-line message as the reason. The process does not come
+        back on this machine (systemd's RestartPreventExitStatus=74), so reconcile replaces it on that
+        reason (infra/decide.py) and status shows it."""
+        with self._record_lock:
+            self.record.reason = str(one_line(e)) if isinstance(e, Exception) else None
+        self._write_record("failed")
 
     def _run(self) -> WorkResult:
         result = WorkResult()

@@ -16,14 +16,17 @@
 
 Ctrl-C stops it cleanly: every worker gets SIGTERM (it stops claiming and releases or finishes its unit),
 stragglers get SIGKILL after a grace period, and leases left behind simply expire. Exit codes: 0 verified,
-1 a worker kept failing or verify found problems, 2 bad input, 130 interrupted (run the same command again
-to resume).
+1 a worker kept failing or verify found problems, 2 bad input, 74 a worker found its disk full (it is not
+restarted: every restart would meet the same disk; the others are stopped as by Ctrl-C, and one line names
+the worker, its error, its log and the filesystem with its free space; free space and run it again to
+resume), 130 interrupted (run the same command again to resume).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -35,7 +38,7 @@ from pathlib import Path
 import click
 
 from actfleet.cli import json_option
-from actfleet.errors import ActfleetError, InputError
+from actfleet.errors import EXIT_DISK_FULL, ActfleetError, DiskFull, InputError
 from actfleet.formatting import human_bytes
 from actfleet.job_options import PREPARE, BadValue, implied_positions
 from actfleet.worker.commands.flags import as_arguments, job_options
@@ -125,7 +128,13 @@ def local(workers, chaos, seed, model, input_path, out, job, layers, sites, unit
 
     \b
     The input and window options are `actfleet prepare`'s, passed on to it: run it on your own data, e.g.
-    --input org/dataset --split train --context-size 128."""
+    --input org/dataset --split train --context-size 128.
+
+    \b
+    Exit codes: 0 verified; 1 workers kept failing or verify found problems;
+    2 bad input; 74 a worker found its disk full (not restarted; the others
+    are stopped; one line names the filesystem); 130 interrupted (run it
+    again to resume)."""
     from actfleet import work_queue as q
     from actfleet.demo.process_fleet import Chaos, ProcessFleet, local_workers, popen_logged
     from actfleet.store import open_store
@@ -183,7 +192,9 @@ def local(workers, chaos, seed, model, input_path, out, job, layers, sites, unit
         ]
         return popen_logged(argv, log_path, env=env, cwd=out_dir)
 
-    fleet = ProcessFleet(local_workers(workers), spawn, log_dir=log_dir, stop_grace_s=15.0)
+    fleet = ProcessFleet(
+        local_workers(workers), spawn, log_dir=log_dir, stop_grace_s=15.0, stop_on=frozenset({EXIT_DISK_FULL})
+    )
     monkey = Chaos(chaos, seed)
     run = _Run(started=time.monotonic(), tokens_at_start=q.job_progress(store, job).tokens)
     view = _View(as_json)
@@ -193,23 +204,7 @@ def local(workers, chaos, seed, model, input_path, out, job, layers, sites, unit
         + f"; worker logs in {log_dir}"
     )
 
-    with _sigterm_as_interrupt():
-        try:
-            with view:
-                _supervise(fleet, monkey, store, job, run, view)
-        except KeyboardInterrupt:
-            with _ignoring_sigint():
-                fleet.stop_all()
-            p = q.job_progress(store, job)
-            raise ActfleetError(
-                f"interrupted: {p.units_done}/{p.units_total} units done; workers stopped. Run "
-                f"the same command again to resume.",
-                exit_code=130,
-            ) from None
-        except BaseException:
-            with _ignoring_sigint():
-                fleet.stop_all()
-            raise
+    _drive(fleet, monkey, store, job, run, view)
     run.seconds = time.monotonic() - run.started
 
     # 5. verify and summarise
@@ -319,6 +314,30 @@ def _worker_env(out_dir: Path) -> dict:
     return env
 
 
+def _drive(fleet, monkey, store, job: str, run: "_Run", view) -> None:
+    """_supervise until the job is done; whatever else ends it (Ctrl-C, a worker's full disk, an error), every
+    worker still running is stopped first (SIGTERM: it drains; SIGKILL after the grace)."""
+    from actfleet import work_queue as q
+
+    with _sigterm_as_interrupt():
+        try:
+            with view:
+                _supervise(fleet, monkey, store, job, run, view)
+        except KeyboardInterrupt:
+            with _ignoring_sigint():
+                fleet.stop_all()
+            p = q.job_progress(store, job)
+            raise ActfleetError(
+                f"interrupted: {p.units_done}/{p.units_total} units done; workers stopped. Run "
+                f"the same command again to resume.",
+                exit_code=130,
+            ) from None
+        except BaseException:
+            with _ignoring_sigint():
+                fleet.stop_all()
+            raise
+
+
 @dataclass
 class _Run:
     started: float
@@ -330,6 +349,7 @@ class _Run:
 def _supervise(fleet, monkey, store, job, run: _Run, view) -> None:
     """Observe -> decide -> act every tick until the job is complete and every worker has been removed."""
     from actfleet import work_queue as q
+    from actfleet.demo.process_fleet import WorkerStopped
 
     last_tick = time.monotonic()
     last_status = 0.0
@@ -340,7 +360,10 @@ def _supervise(fleet, monkey, store, job, run: _Run, view) -> None:
         for name in monkey.victims(_killable(fleet, run.progress, baseline), now - last_tick):
             fleet.kill(name)
         last_tick = now
-        fleet.reconcile(job_complete=lambda: q.job_complete(store, job))
+        try:
+            fleet.reconcile(job_complete=lambda: q.job_complete(store, job))
+        except WorkerStopped as e:  # exit 74: a full disk; no restart can help (the caller stops the others)
+            raise DiskFull(_disk_full_line(e.slot)) from None
         if now - last_status >= 1.0 or not fleet.slots:
             run.progress = q.job_progress(store, job)
             last_status = now
@@ -388,6 +411,27 @@ def _give_up_on_bad_input(fleet) -> None:
     s = fleet.last_failure
     if s is not None and s.proc.returncode == 2:
         raise InputError(f"worker {s.worker.name}: {_failure_line(s)}")
+
+
+def _disk_full_line(s) -> str:
+    """One line for a worker that exited 74: its own error (what it wrote, where), its log, and the
+    filesystem that is full with what is left on it (from the first path in its error: the store, a cache)."""
+    line = _failure_line(s)
+    # An absolute path starts the word ("storing local/shards/x in /data/store" names /data/store, not /shards/x).
+    found = re.search(r"(?<![^\s(])/[^\s:;,()'\"]+", line)
+    where = Path(found.group() if found else str(s.log_path or "."))
+    path = where
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    mount = path.resolve()
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    free = shutil.disk_usage(path).free
+    return (
+        f"worker {s.worker.name} stopped: {line}; the filesystem of {where} (mounted at {mount}) has "
+        f"{human_bytes(free)} free; not restarted (every restart would meet the same disk), the other workers "
+        f"were stopped"
+    )
 
 
 def _failure_line(s) -> str:
@@ -553,7 +597,7 @@ def _summary(
         "restarts": fleet.restarts,
         "chaos_kills": kills,
         "crashes": fleet.failures,
-        "garbage_cleaned": len(report.cleaned),  # shards and leases that killed attempts left behind
+        "garbage_cleaned": len(report.cleaned),  # shards, statistics and leases that killed attempts left behind
         "shards_dir": str(shards_dir),
         "load_snippet": _snippet(shards_dir),
         "load_command": load_command(shards_dir),

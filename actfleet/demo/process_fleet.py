@@ -61,6 +61,15 @@ class Event:
 Spawn = Callable[[Worker, int, "Path | None"], subprocess.Popen]
 
 
+class WorkerStopped(Exception):
+    """A worker exited with one of the fleet's `stop_on` codes: no restart can help (a full disk), so the pass
+    that sees it decides and starts nothing; whoever drives the fleet stops the others."""
+
+    def __init__(self, slot: "Slot"):
+        super().__init__(f"worker {slot.worker.name} exited with code {slot.proc.returncode}")
+        self.slot = slot
+
+
 @dataclass
 class ProcessFleet:
     """Worker processes named by `desired`, started by `spawn(worker, incarnation, log_path)`.
@@ -79,6 +88,9 @@ class ProcessFleet:
     restarts_of: dict[str, int] = field(default_factory=dict)  # per worker name, kept after it stops
     failures: int = 0  # exits the driver did not cause (non-zero code, or a signal it did not send)
     last_failure: "Slot | None" = None  # the most recent such exit (its code and log say why)
+    # Exit codes that end the fleet instead of a restart (`actfleet local`: 74, a full disk): reconcile raises
+    # WorkerStopped before deciding, so that worker is not started again.
+    stop_on: frozenset[int] = frozenset()
 
     # -- observe -------------------------------------------------------------------------------------
 
@@ -124,6 +136,9 @@ class ProcessFleet:
         """One pass: observe -> decide -> act. `job_complete` may be a function: it is asked after observing,
         so a worker that exited because the job is done is removed, not mistaken for a preemption."""
         observed = self.observe()
+        for s in self.slots.values():
+            if s.exit_seen and s.proc.returncode in self.stop_on:
+                raise WorkerStopped(s)
         complete = job_complete() if callable(job_complete) else job_complete
         actions = decide(
             self.desired, observed, self.clock(), self.policy, job_complete=complete, managed=self.slots.keys()

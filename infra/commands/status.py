@@ -187,6 +187,7 @@ def _new_row(name: str, zone: str) -> dict[str, Any]:
         "current_unit": None,
         "work_state": None,
         "clock_skew": None,
+        "failure": None,  # the worker's own reason when its record says it stopped for good ("disk full: ...")
     }
 
 
@@ -203,6 +204,7 @@ def _add_progress(snap: Snapshot, p, row, store, job: str) -> None:
             current_unit=wp.current_unit,
             work_state=wp.state,
             clock_skew=wp.clock_skew,
+            failure=wp.reason if wp.state == "failed" else None,
         )
     if p.prepared and p.units_done:
         snap.throughput = _job_throughput(store(), job, p.tokens)
@@ -455,6 +457,8 @@ def render(snap: Snapshot):
     elif snap.job_error:
         lines.append(f"job: could not be read: {snap.job_error}")
     for r in snap.rows:
+        if r.get("failure"):
+            lines.append(f"worker {r['worker']} failed: {r['failure']}")
         if r.get("clock_skew") is not None and abs(r["clock_skew"]) > CLOCK_SKEW_BOUND_S:
             lines.append("warning: " + clock_skew_line("worker " + r["worker"], r["clock_skew"]))
     t = snap.throughput

@@ -326,7 +326,11 @@ def _work(
         return
     if channel is not None:
         channel.send("start")
-    extractor = EngineExtractor(spec)
+    try:
+        extractor = EngineExtractor(spec)  # the model into its cache: the first thing a small disk cannot hold
+    except Exception as e:
+        _record_failure(t.store, t.job, worker_id, e)
+        raise
     healthy = lambda: True  # noqa: E731
     if role is not None:
         progress = multihost.Progress(stall_seconds)
@@ -359,6 +363,20 @@ def _work(
         from actfleet.worker.work_loop import exit_now
 
         exit_now()
+
+
+def _record_failure(store: Store, job: str, worker_id: str, e: Exception) -> None:
+    """Before the work loop exists (loading the model): the same lasting `failed` record with its reason that
+    Worker.run writes, for the errors that stop the worker for good (bad input, a full disk)."""
+    from actfleet.worker.work_loop import is_fatal, one_line
+
+    if not is_fatal(e):
+        return
+    record = q.WorkerProgress(worker_id, state="failed", started_at=time.time(), reason=str(one_line(e)))
+    try:
+        q.write_worker_record(store, job, record)
+    except Exception as e2:  # best effort: the exit code and the journal still say why
+        click.echo(f"actfleet work: the worker record could not be written: {e2}", err=True)
 
 
 def _follow(channel, spec: q.JobSpec, role, on_event, report) -> None:
@@ -403,8 +421,8 @@ def _follow(channel, spec: q.JobSpec, role, on_event, report) -> None:
 @click.option(
     "--clean",
     is_flag=True,
-    help="Delete garbage: shards of done units their done record does not list, leases left on done "
-    "units (safe while workers run). Foreign objects (no key the protocol writes) are reported, never deleted.",
+    help="Delete garbage: shards and statistics objects of done units their done record does not list, leases "
+    "left on done units (safe while workers run). Foreign objects (no key the protocol writes) are reported, never deleted.",
 )
 @json_option
 def verify(config_path, store_url, job, clean, as_json):
