@@ -117,6 +117,7 @@ def gce_cfg(tmp_path, count: int):
                 "region": "us-central1",
                 "zones": {A: count},
                 "mode": "gce",
+                "accelerator_type": "v6e-4",
             },
             "repo": {"url": "https://example.com/r.git", "commit": "d" * 40},
             "storage": {"bucket": "rc-activations"},
