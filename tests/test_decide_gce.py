@@ -245,3 +245,16 @@ def test_a_create_that_met_a_stockout_backs_off(tmp_path, fake):
     second = reconcile_pass(cfg, api=api, apply=apply, clock=lambda: clock[0])
     assert [a.kind for a in second.actions] == [WAIT] and second.actions[0].next_attempt is not None
     assert len(errors) == 1  # no second insert while backing off
+
+
+def test_status_shows_compute_engines_own_status_beside_the_plan(tmp_path, fake):
+    from actfleet.infra.commands.status import take_snapshot
+
+    cfg = gce_cfg(tmp_path, 2)
+    api = ComputeApi("fake-project", fake.url, fleet_id="rc", retries=0)
+    fake.insert_direct(A, w(0), project="fake-project", labels=RC)
+    fake.insert_direct(A, w(1), project="fake-project", labels=RC)
+    fake.set_status(A, w(1), "SUSPENDED")
+    snap = take_snapshot(cfg, api=api, with_job=False)
+    rows = {r["worker"]: (r["node_state"], r["health"]) for r in snap.rows}
+    assert rows == {w(0): ("RUNNING", HEALTHY), w(1): ("SUSPENDED", REPLACE)}
