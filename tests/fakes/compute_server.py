@@ -154,7 +154,7 @@ class FakeComputeState:
         self.moving: set[tuple[str, str, str]] = set()  # instances with steps planned
         self.pending_ops: set[tuple[str, str, str]] = set()
         self.faults: list[Fault] = []
-        self.stockout: set[str] = set()
+        self.stockout: dict[str, str] = {}  # zone -> the error code its inserts end in
         self.unreachable: set[str] = set()
         self.log: list[Call] = []
         self.ids = itertools.count(1000000000000000001)
@@ -256,7 +256,7 @@ class FakeComputeState:
             error = (
                 503,
                 "SERVICE UNAVAILABLE",
-                STOCKOUT_CODE,
+                self.stockout[zone],
                 f"The zone 'projects/{project}/zones/{zone}' does not have enough resources available to fulfill "
                 "the request.  Try a different zone, or try again later.",
             )
@@ -336,7 +336,7 @@ class FakeComputeState:
                 error = (
                     503,
                     "SERVICE UNAVAILABLE",
-                    STOCKOUT_CODE,
+                    self.stockout[zone],
                     f"The zone 'projects/{project}/zones/{zone}' "
                     "does not have enough resources available to fulfill the request.",
                 )
@@ -724,8 +724,15 @@ class FakeComputeServer:
     def set_status(self, zone: str, name: str, status: str, project: str | None = None) -> None:
         self._locked(self.state.set_status, zone, name, status, project)
 
-    def set_stockout(self, zone: str, on: bool = True) -> None:
-        self._locked((self.state.stockout.add if on else self.state.stockout.discard), zone)
+    def set_stockout(self, zone: str, on: bool = True, code: str = STOCKOUT_CODE) -> None:
+        """Inserts (and starts) in `zone` end in `code`: ZONE_RESOURCE_POOL_EXHAUSTED, or the
+        ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS the real API also answers (both seen in public reports)."""
+        with self.state.lock:
+            self.state.advance()
+            if on:
+                self.state.stockout[zone] = code
+            else:
+                self.state.stockout.pop(zone, None)
 
     def set_unreachable(self, zone: str, on: bool = True) -> None:
         """The zone's list answers 503; aggregatedList answers it as an UNREACHABLE scope."""
@@ -831,7 +838,7 @@ class FakeComputeServer:
             elif name == "status":
                 self.set_status(args["zone"], args["name"], args["status"], args.get("project"))
             elif name == "stockout":
-                self.set_stockout(args["zone"], bool(args.get("on", True)))
+                self.set_stockout(args["zone"], bool(args.get("on", True)), args.get("code", STOCKOUT_CODE))
             elif name == "unreachable":
                 self.set_unreachable(args["zone"], bool(args.get("on", True)))
             elif name == "fail":
