@@ -21,7 +21,9 @@ known to be that zone (decide leaves exactly it alone, as in the TPU path), wher
 whole or marks a scope UNREACHABLE (the library documents the warning; how often the real API answers that
 way rather than failing is not documented), and because the calls overlap. bench/gce_observe.py measures both.
 
-The label filter means a same-named instance *without* this fleet's label is not listed: decide cannot
+Unconfirmed here (only a real project can): that the list filter takes the hyphenated label key as written
+(`labels.actfleet-fleet = "..."`; Google's examples use plain keys), and how the real aggregated list answers
+a zone it cannot reach. The label filter means a same-named instance *without* this fleet's label is not listed: decide cannot
 report it as "not ours" before the apply's insert fails on it with 409 alreadyExists (which the apply then
 reports). The TPU path lists everything and sees it earlier.
 
@@ -148,7 +150,10 @@ class ComputeApi:
         url = f"{self._host()}/compute/v1/projects/{self.project}/aggregated/instances"
         found: dict[str, list[Instance]] = {}
         down: dict[str, str] = {}
-        for page in self._json_pages(f"aggregated list of instances in projects/{self.project}", url):
+        # returnPartialSuccess: the REST reference's aggregatedList parameter (compute_v1 1.57's request type
+        # lacks it, the raw GET sends it): a scope that fails is then named in `unreachables`, not fatal.
+        what = f"aggregated list of instances in projects/{self.project}"
+        for page in self._json_pages(what, url, {"returnPartialSuccess": "true"}):
             for scope, scoped in (page.get("items") or {}).items():
                 if not scope.startswith("zones/"):
                     continue
@@ -295,10 +300,10 @@ class ComputeApi:
             raise gexc.from_http_response(r)
         return r.json()
 
-    def _json_pages(self, what: str, url: str):
+    def _json_pages(self, what: str, url: str, extra: dict[str, str] | None = None):
         token = ""
         while True:
-            params: dict[str, Any] = {"maxResults": self.page_size}
+            params: dict[str, Any] = {"maxResults": self.page_size, **(extra or {})}
             if self.filter:
                 params["filter"] = self.filter
             if token:

@@ -124,6 +124,7 @@ def test_aggregated_observation_matches_per_zone_in_fewer_calls(fake):
     fake.set_unreachable(B)
     view = api_for(fake, observe_via="aggregated").observe([A, B])
     assert isinstance(view[A], ZoneView) and isinstance(view[B], ZoneError) and "unreachable" in view[B].message
+    assert "returnPartialSuccess=true" in fake.calls(path="aggregated")[-1].query
 
 
 def test_another_host_is_refused_before_any_client_exists():
