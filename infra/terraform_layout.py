@@ -24,7 +24,7 @@ STACK_NAMES = (BASE, FLEET)
 # The worker resource block of the fleet stack: one for_each over {worker name: spec}, its logical id
 # WORKERS, its type by fleet mode (docs/infrastructure.md "Fleet modes").
 WORKERS = "workers"
-WORKER_RESOURCE_TYPES = {"queued": "terraform_data", "vm": "google_tpu_v2_vm"}
+WORKER_RESOURCE_TYPES = {"queued": "terraform_data", "vm": "google_tpu_v2_vm", "gce": "google_compute_instance"}
 
 
 def workers_resource(mode: str = "queued") -> str:
