@@ -56,6 +56,8 @@ $(VENV)/.cloud: pyproject.toml $(VENV)/.base
 # Everything the tests need: the cloud pins, the test tools and SAELens (a real consumer of exports).
 $(VENV)/.full: pyproject.toml $(VENV)/.cloud
 	$(PY) -m pip install -q -e '.[cloud,test,saelens]'
+	# The provider framework of the tests' google provider stand-in, without its protobuf<6 pin (pyproject.toml).
+	$(PY) -m pip install -q --no-deps tf==1.2.0
 	touch $@
 
 node_modules/.installed: package.json package-lock.json | prereqs-cloud
