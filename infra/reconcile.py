@@ -67,7 +67,7 @@ from actfleet.infra.observe import FleetView, observe_fleet, observed_from
 from actfleet.infra.plan import plan
 from actfleet.infra.release_id import release_id
 from actfleet.infra.rollout import ReleaseMemory
-from actfleet.infra.terraform_layout import FLEET, WORKERS, state_location, worker_address
+from actfleet.infra.terraform_layout import FLEET, WORKERS, held_gce_spec, state_location, worker_address
 from actfleet.infra.tpu_states import QR_ACTIVE
 
 SCHEMA_ID = "actfleet.reconcile/v1"
@@ -788,7 +788,11 @@ def fleet_state_workers(cfg: Config) -> dict[str, Any]:
         if res.get("mode") == "managed" and res.get("name") == WORKERS:
             for i in res.get("instances", []):
                 if isinstance(i.get("index_key"), str):
-                    trigger = (i.get("attributes") or {}).get("triggers_replace")
+                    attrs = i.get("attributes") or {}
+                    if res.get("type") == "google_compute_instance":
+                        out[i["index_key"]] = held_gce_spec(attrs)  # gce mode holds the spec itself
+                        continue
+                    trigger = attrs.get("triggers_replace")
                     if isinstance(trigger, dict) and set(trigger) == {"value", "type"}:
                         trigger = trigger["value"]  # a dynamic attribute is stored with its type
                     out[i["index_key"]] = trigger
