@@ -4,7 +4,7 @@ Every key is declared once in SCHEMA below with its type, default and what is al
 the option table, actfleet.job_options.TABLE). Loading checks
 every value and fails with one line naming the file, the key, the value and what is allowed, e.g.
 
-    fleet.toml: fleet.mode = "spot": must be one of "queued", "vm"
+    fleet.toml: fleet.mode = "spot": must be one of "queued", "vm", "gce"
 
 Nothing else in actfleet reads the TOML; everything else takes a `Config`.
 """
@@ -27,6 +27,7 @@ from actfleet.job_options import KEYS, JobOptions
 
 CONFIG_ENV = "ACTFLEET_CONFIG"
 TPU_ENDPOINT_ENV = "ACTFLEET_TPU_ENDPOINT"
+COMPUTE_ENDPOINT_ENV = "ACTFLEET_COMPUTE_ENDPOINT"  # the Compute Engine API, for mode = "gce"
 DEFAULT_CONFIG_NAME = "fleet.toml"
 
 WORKER_NAME_RE = re.compile(r"^tpu-(?P<region>[a-z]+-[a-z]+[0-9]+)-(?P<letter>[a-z])-(?P<index>[0-9]+)$")
@@ -64,6 +65,7 @@ class FleetConfig:
     subnetwork: str
     service_account: str
     tpu_endpoint: str
+    compute_endpoint: str = ""  # mode = "gce": the Compute Engine API endpoint ("" = Google's)
     # Off by default: workers boot from the release in the bucket and need only Google APIs, which a subnet
     # with Private Google Access reaches without an external IP (docs/infrastructure.md, "Network").
     external_ips: bool = False
@@ -88,6 +90,12 @@ class FleetConfig:
         an environment value that is neither Google's nor loopback (the config's was checked at load)."""
         env = os.environ.get(TPU_ENDPOINT_ENV, "")
         return endpoints.check_endpoint(env, f"${TPU_ENDPOINT_ENV}") if env else self.tpu_endpoint
+
+    def compute_endpoint_url(self) -> str:
+        """The Compute Engine API endpoint (mode = "gce"): ACTFLEET_COMPUTE_ENDPOINT wins over config; empty
+        means Google's. Checked like the TPU endpoint: credentials go only to Google's hosts or loopback."""
+        env = os.environ.get(COMPUTE_ENDPOINT_ENV, "")
+        return endpoints.check_endpoint(env, f"${COMPUTE_ENDPOINT_ENV}") if env else self.compute_endpoint
 
 
 @dataclass(frozen=True)
@@ -415,7 +423,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "runtime_version": Key(
             _string(r"[a-z0-9][a-z0-9.-]*", 'a TPU runtime like "v2-alpha-tpuv5-lite"'), "v2-alpha-tpuv5-lite"
         ),
-        "mode": Key(_choice("queued", "vm"), "queued"),
+        "mode": Key(_choice("queued", "vm", "gce"), "queued"),
         "spot": Key(_bool, True),
         "network": Key(_string(r"[a-zA-Z0-9/_.-]+", "a VPC network name or path"), "default"),
         "subnetwork": Key(_string(r"[a-zA-Z0-9/_.-]+", "a subnetwork name or path", empty_ok=True), ""),
@@ -423,6 +431,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
             _string(r"[a-z][a-z0-9-]{4,28}[a-z0-9]", "a service account id (6-30 of a-z, 0-9, -)", empty_ok=True), ""
         ),
         "tpu_endpoint": Key(_tpu_endpoint, ""),
+        "compute_endpoint": Key(_tpu_endpoint, ""),  # same allow-list (actfleet.endpoints)
         "external_ips": Key(_bool, False),
         "boot_image": Key(
             _string(r"[a-zA-Z0-9/_.:-]+", "a Compute Engine image, family or image path", empty_ok=True), ""
@@ -628,6 +637,7 @@ def parse(raw: dict[str, Any], source: str = "<memory>") -> Config:
         subnetwork=f["subnetwork"],
         service_account=f["service_account"] or f"actfleet-{f['id']}"[:30].rstrip("-"),
         tpu_endpoint=f["tpu_endpoint"],
+        compute_endpoint=f["compute_endpoint"],
         external_ips=f["external_ips"],
         boot_image=f["boot_image"],
     )

@@ -234,7 +234,7 @@ def test_cli_reports_bad_config_on_stderr_with_exit_2(tmp_path):
     assert r.returncode == 2, r.stderr
     assert r.stdout == ""
     lines = r.stderr.strip().splitlines()
-    assert lines == [f'actfleet: {p}: fleet.mode = "spot": must be one of "queued", "vm"']
+    assert lines == [f'actfleet: {p}: fleet.mode = "spot": must be one of "queued", "vm", "gce"']
 
 
 def test_relative_state_path_means_next_to_the_config_file(tmp_path, monkeypatch):

@@ -240,7 +240,7 @@ def test_bad_config_is_one_line_exit_2(cli, tmp_path):
     for command in ("synth", "plan", "deploy", "destroy"):
         result = cli(command, config_path=bad)
         assert result.returncode == 2, (command, result.stderr)
-        assert result.stderr.strip() == f'actfleet: {bad}: fleet.mode = "spot": must be one of "queued", "vm"'
+        assert result.stderr.strip() == f'actfleet: {bad}: fleet.mode = "spot": must be one of "queued", "vm", "gce"'
 
 
 def test_unknown_stack_is_a_usage_error(cli):
