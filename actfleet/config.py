@@ -418,7 +418,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "zones": Key(_zones, None),
         "workers": Key(_worker_names, None),
         "accelerator_type": Key(
-            _string(r"v[0-9]+[a-z]*-[0-9]+", 'an accelerator type like "v5litepod-8"'), "v5litepod-8"
+            _string(r"(v[0-9]+[a-z]*|tpu7x)-[0-9]+", 'an accelerator type like "v5litepod-8"'), "v5litepod-8"
         ),
         "runtime_version": Key(
             _string(r"[a-z0-9][a-z0-9.-]*", 'a TPU runtime like "v2-alpha-tpuv5-lite"'), "v2-alpha-tpuv5-lite"
@@ -604,8 +604,16 @@ def parse(raw: dict[str, Any], source: str = "<memory>") -> Config:
         # Any whole slice of a known type: a multi-host slice runs as one worker (worker/multihost.py: every host
         # runs the startup script, joins jax.distributed from the TPU metadata, host 0 holds the lease).
         accelerators.hosts(f["accelerator_type"])
+        if f["mode"] == "gce":  # one instance per worker: a single-host type with a known machine type
+            accelerators.machine_type(f["accelerator_type"])
     except accelerators.UnknownAccelerator as e:
         raise bad("fleet.accelerator_type", f["accelerator_type"], str(e).split(": ", 1)[1]) from None
+    if f["mode"] != "gce" and accelerators.family(f["accelerator_type"]) not in accelerators.TPU_API_FAMILIES:
+        raise bad(
+            "fleet.accelerator_type",
+            f["accelerator_type"],
+            f'the Cloud TPU API does not serve it (mode "{f["mode"]}"); use fleet.mode = "gce"',
+        )
     hb = rc["heartbeat_timeout_minutes"] * 60
     if 0 < hb < j["lease_seconds"]:
         raise bad(

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping
 from actfleet.infra.decide import Observed
 
 if TYPE_CHECKING:
+    from actfleet.config import FleetConfig
     from actfleet.infra.tpu_api import Node, QueuedResource, TpuApi, ZoneError, ZoneView
 
 
@@ -86,3 +87,15 @@ def observed_from(qr: "QueuedResource | None", node: "Node | None", zone: str) -
         error_message=qr.error_message if qr is not None else "",
         health=node.health if node is not None else "",
     )
+
+
+def fleet_api(fleet: "FleetConfig"):
+    """The client a fleet is observed (and its API deletes made) through, by fleet.mode: Compute Engine's
+    for "gce" (infra/compute_api.py, the same observe/get_node/delete_node shape), the TPU API's otherwise."""
+    if fleet.mode == "gce":
+        from actfleet.infra.compute_api import ComputeApi
+
+        return ComputeApi.from_config(fleet)
+    from actfleet.infra.tpu_api import TpuApi
+
+    return TpuApi.from_config(fleet)

@@ -63,7 +63,7 @@ from actfleet.infra.decide import (
     remember,
 )
 from actfleet.infra.lock import LockHeld, ReconcileLock, lock_location
-from actfleet.infra.observe import FleetView, observe_fleet, observed_from
+from actfleet.infra.observe import FleetView, fleet_api, observe_fleet, observed_from
 from actfleet.infra.plan import plan
 from actfleet.infra.release_id import release_id
 from actfleet.infra.rollout import ReleaseMemory
@@ -456,9 +456,7 @@ def observe_inputs(cfg: Config, api=None, *, managed: frozenset[str], read_job: 
     the job: it is then treated as unreadable (not complete, boot and heartbeat not judged) and said so."""
     zones = fleet_zones(cfg, managed)
     if api is None:
-        from actfleet.infra.tpu_api import TpuApi
-
-        api = TpuApi.from_config(cfg.fleet)
+        api = fleet_api(cfg.fleet)  # TPU API, or Compute Engine's in gce mode (infra/observe.py)
     errors: list[str] = []
     history, releases, memory_error = load_memory(cfg)
     if memory_error:

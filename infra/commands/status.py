@@ -159,8 +159,9 @@ def take_snapshot(
         for name, o in inputs.observed.items():
             if name in rows:
                 r = rows[name]
-                r["qr_state"], r["node_state"] = o.qr_state, o.node_state
                 node = inputs.view.nodes.get(name)
+                # gce mode: Compute Engine's own status word (decide reads it mapped: infra/gce_states.py)
+                r["qr_state"], r["node_state"] = o.qr_state, getattr(node, "status", "") or o.node_state
                 r["node_health"] = (node.health or None) if node else None
 
     if progress_result is not None:
