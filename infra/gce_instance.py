@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from actfleet import accelerators
 from actfleet.config import Config, Worker
+from actfleet.errors import ConfigError
 from actfleet.infra.qr_request import worker_labels
 from actfleet.infra.release_id import RELEASE_LABEL
 from actfleet.infra.startup_script import worker_metadata
@@ -33,6 +34,15 @@ SCOPES = (
 )
 
 PREEMPTION_ACTION = "STOP"
+
+
+def check(config: Config) -> None:
+    """What a gce fleet needs beyond what loading the config checks (exit 2, naming the key)."""
+    if not config.fleet.boot_image:
+        raise ConfigError(
+            f'{config.source}: fleet.boot_image = "": required when fleet.mode = "gce" (the TPU VM image the '
+            f"instances boot: Compute Engine's create-tpu-vm-instance page names it; actfleet does not guess one)"
+        )
 
 
 def machine_type(config: Config) -> str:
@@ -87,5 +97,5 @@ def release_request(config: Config, worker: Worker) -> dict:
 def compute_custom_endpoint(config: Config) -> str:
     """The Compute API base the provider calls: Terraform's google provider takes the full base path
     (default https://compute.googleapis.com/compute/v1/); actfleet's compute endpoint is the host part."""
-    endpoint = config.fleet.compute_endpoint()
+    endpoint = config.fleet.compute_endpoint_url()
     return f"{endpoint.rstrip('/')}/compute/v1/" if endpoint else ""

@@ -301,6 +301,7 @@ class FleetStack(TerraformStack):
         )
         from cdktf_cdktf_provider_google.provider import GoogleProvider
 
+        gce_instance.check(config)
         fleet = config.fleet
         endpoint = gce_instance.compute_custom_endpoint(config)
         # The provider's own endpoint override (tests point it at a loopback fake); empty means Google's.

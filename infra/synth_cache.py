@@ -83,6 +83,7 @@ def cache_key(config: Config) -> str:
         "config": _jsonable(dataclasses.asdict(dataclasses.replace(config, source=""))),
         "config_text": config_text(config),
         "endpoint": config.fleet.endpoint(),
+        "compute_endpoint": config.fleet.compute_endpoint_url(),  # gce mode's provider endpoint
         "state_dir": str(state_dir(config)),
         "actfleet": actfleet_command(),
         "packages": {name: _version(name) for name in PINNED_PACKAGES},

@@ -204,9 +204,9 @@ class GoogleStandIn(Provider):
 
             base = self.config["compute_custom_endpoint"].rstrip("/")
             host = base.removesuffix("/compute/v1")
-            opts = ClientOptions(api_endpoint=host)
-            creds = AnonymousCredentials()
-            self._clients = compute_v1.InstancesClient(transport="rest", client_options=opts, credentials=creds)
+            kw = {"transport": "rest", "client_options": ClientOptions(api_endpoint=host)}
+            kw["credentials"] = AnonymousCredentials()
+            self._clients = (compute_v1.InstancesClient(**kw), compute_v1.ZoneOperationsClient(**kw))
         return self._clients
 
 
@@ -231,11 +231,20 @@ class ComputeInstance(Resource):
         zone = zone if isinstance(zone, str) else self.provider.config.get("zone")
         return project, zone
 
-    def _wait(self, ctx, what: str, operation) -> bool:
+    def _wait(self, ctx, what: str, op, project: str, zone: str) -> bool:
+        """Wait for a zone operation with zoneOperations.wait at the configured endpoint, as the real provider
+        waits on its operations (compute_v1's own futures would poll the default endpoint), and turn an
+        error it ends in (ZONE_RESOURCE_POOL_EXHAUSTED, ...) into the diagnostic Terraform shows."""
+        ops = self.provider.clients()[1]
         try:
-            operation.result(timeout=OPERATION_TIMEOUT_S)
-        except Exception as e:  # an operation's error, or the call's: Terraform shows it as the diagnostic
+            while op.status != op.Status.DONE:
+                op = ops.wait(project=project, zone=zone, operation=op.name, timeout=OPERATION_TIMEOUT_S)
+        except Exception as e:
             ctx.diagnostics.add_error(f"Error {what}: {e}")
+            return False
+        if op.error and op.error.errors:
+            detail = "; ".join(f"{e.code}: {e.message}" for e in op.error.errors)
+            ctx.diagnostics.add_error(f"Error {what}: {detail}")
             return False
         return True
 
@@ -246,13 +255,13 @@ class ComputeInstance(Resource):
 
         project, zone = self._where(planned)
         try:
-            op = self.provider.clients().insert(
+            op = self.provider.clients()[0].insert_unary(
                 project=project, zone=zone, instance_resource=_instance(compute_v1, planned, project, zone)
             )
         except Exception as e:
             ctx.diagnostics.add_error(f"Error creating instance: {e}")
             return None
-        if not self._wait(ctx, "waiting for instance to create", op):
+        if not self._wait(ctx, "waiting for instance to create", op, project, zone):
             return None
         return self._refresh(ctx, planned | {"project": project, "zone": zone}, keep_config=True)
 
@@ -262,7 +271,7 @@ class ComputeInstance(Resource):
     def update(self, ctx: UpdateContext, current: dict, planned: dict) -> Optional[dict]:
         from google.cloud import compute_v1
 
-        client = self.provider.clients()
+        client = self.provider.clients()[0]
         project, zone = self._where(current)
         name = current["name"]
         for field in ("scheduling", "service_account", "deletion_protection"):
@@ -283,34 +292,34 @@ class ComputeInstance(Resource):
                 machine_type=f"zones/{zone}/machineTypes/{planned['machine_type']}"
             )
             steps = [
-                ("stopping instance", lambda: client.stop(project=project, zone=zone, instance=name)),
+                ("stopping instance", lambda: client.stop_unary(project=project, zone=zone, instance=name)),
                 (
                     "setting machine type",
-                    lambda: client.set_machine_type(
+                    lambda: client.set_machine_type_unary(
                         project=project, zone=zone, instance=name, instances_set_machine_type_request_resource=request
                     ),
                 ),
-                ("starting instance", lambda: client.start(project=project, zone=zone, instance=name)),
+                ("starting instance", lambda: client.start_unary(project=project, zone=zone, instance=name)),
             ]
             for what, call in steps:
-                if not self._wait(ctx, what, call()):
+                if not self._wait(ctx, what, call(), project, zone):
                     return current
         if current.get("metadata") != planned.get("metadata"):
             live = client.get(project=project, zone=zone, instance=name)
             items = [compute_v1.Items(key=k, value=v) for k, v in sorted((planned.get("metadata") or {}).items())]
             body = compute_v1.Metadata(fingerprint=live.metadata.fingerprint, items=items)
-            op = client.set_metadata(project=project, zone=zone, instance=name, metadata_resource=body)
-            if not self._wait(ctx, "updating metadata", op):
+            op = client.set_metadata_unary(project=project, zone=zone, instance=name, metadata_resource=body)
+            if not self._wait(ctx, "updating metadata", op, project, zone):
                 return current
         if current.get("labels") != planned.get("labels"):
             live = client.get(project=project, zone=zone, instance=name)
             body = compute_v1.InstancesSetLabelsRequest(
                 label_fingerprint=live.label_fingerprint, labels=planned.get("labels") or {}
             )
-            op = client.set_labels(
+            op = client.set_labels_unary(
                 project=project, zone=zone, instance=name, instances_set_labels_request_resource=body
             )
-            if not self._wait(ctx, "updating labels", op):
+            if not self._wait(ctx, "updating labels", op, project, zone):
                 return current
         return self._refresh(ctx, planned, keep_config=True)
 
@@ -319,13 +328,13 @@ class ComputeInstance(Resource):
 
         project, zone = self._where(current)
         try:
-            op = self.provider.clients().delete(project=project, zone=zone, instance=current["name"])
+            op = self.provider.clients()[0].delete_unary(project=project, zone=zone, instance=current["name"])
         except NotFound:
             return None
         except Exception as e:
             ctx.diagnostics.add_error(f"Error deleting instance: {e}")
             return None
-        self._wait(ctx, "waiting for instance to delete", op)
+        self._wait(ctx, "waiting for instance to delete", op, project, zone)
         return None
 
     def _refresh(self, ctx, state: dict, *, keep_config: bool) -> Optional[dict]:
@@ -335,7 +344,7 @@ class ComputeInstance(Resource):
 
         project, zone = self._where(state)
         try:
-            live = self.provider.clients().get(project=project, zone=zone, instance=state["name"])
+            live = self.provider.clients()[0].get(project=project, zone=zone, instance=state["name"])
         except NotFound:
             return None  # gone: Terraform drops it from state (the real provider's HandleNotFoundError)
         except Exception as e:
