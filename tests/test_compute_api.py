@@ -86,10 +86,11 @@ def test_403_is_not_retried_and_names_the_resource(fake):
     assert api.calls == 1
 
 
-def test_a_stockout_ends_the_insert_operation_in_its_error(fake):
+@pytest.mark.parametrize("code", ["ZONE_RESOURCE_POOL_EXHAUSTED", "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS"])
+def test_a_stockout_ends_the_insert_operation_in_its_error(fake, code):
     api = api_for(fake)
-    fake.set_stockout(A)
-    with pytest.raises(ActfleetError, match=r"operation .* failed: ZONE_RESOURCE_POOL_EXHAUSTED: The zone"):
+    fake.set_stockout(A, code=code)
+    with pytest.raises(ActfleetError, match=rf"operation .* failed: {code}: The zone"):
         api.insert_instance(A, spot("w-0"))
     assert api.get_instance(A, "w-0") is None
 

@@ -195,3 +195,22 @@ def test_control_endpoints_over_http(fake):
     assert fake.status_of(ZONE, "w-0") == "REPAIRING"
     post("preempt", zone=ZONE, name="w-0")
     assert fake.status_of(ZONE, "w-0") == "TERMINATED"  # STOP: the API's default action for spot
+
+
+def test_machine_type_changes_only_on_a_stopped_instance(fake):
+    instances, ops = clients(fake.url)
+    insert(instances, ops, "w-0")
+    req = compute_v1.InstancesSetMachineTypeRequest(machine_type=f"zones/{ZONE}/machineTypes/ct6e-standard-8t")
+    with pytest.raises(gexc.BadRequest, match="must be stopped"):
+        instances.set_machine_type_unary(
+            project="p", zone=ZONE, instance="w-0", instances_set_machine_type_request_resource=req
+        )
+    ops.wait(project="p", zone=ZONE, operation=instances.stop_unary(project="p", zone=ZONE, instance="w-0").name)
+    assert fake.status_of(ZONE, "w-0") == "TERMINATED"
+    op = instances.set_machine_type_unary(
+        project="p", zone=ZONE, instance="w-0", instances_set_machine_type_request_resource=req
+    )
+    ops.wait(project="p", zone=ZONE, operation=op.name)
+    ops.wait(project="p", zone=ZONE, operation=instances.start_unary(project="p", zone=ZONE, instance="w-0").name)
+    got = instances.get(project="p", zone=ZONE, instance="w-0")
+    assert got.status == "RUNNING" and got.machine_type.endswith("/machineTypes/ct6e-standard-8t")

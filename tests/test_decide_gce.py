@@ -4,10 +4,13 @@ action STOP stays TERMINATED and is replaced; one preempted with action DELETE i
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from google.cloud import compute_v1
 
 from actfleet.config import Worker, parse
+from actfleet.errors import ActfleetError
 from actfleet.infra import gce_states, tpu_states
 from actfleet.infra.compute_api import ComputeApi
 from actfleet.infra.decide import (
@@ -15,10 +18,12 @@ from actfleet.infra.decide import (
     DELETE_ORPHAN,
     ERROR,
     HEALTHY,
+    HOLD,
     PENDING,
     PREEMPTION,
     REPLACE,
     REPORT,
+    ROLLOUT,
     WAIT,
     Liveness,
     Observed,
@@ -28,6 +33,8 @@ from actfleet.infra.decide import (
 )
 from actfleet.infra.observe import fleet_api, observe_fleet
 from actfleet.infra.reconcile import reconcile_pass
+from actfleet.infra.release_id import RELEASE_LABEL
+from actfleet.infra.rollout import roll
 from tests.fakes.compute_server import FakeComputeServer
 from tests.test_reconcile import Recorder, write_state
 
@@ -182,3 +189,72 @@ def test_an_orphan_instance_is_deleted_through_the_compute_api(tmp_path, fake):
     assert [(a.worker, a.kind) for a in report.actions][-1] == (w(5), DELETE_ORPHAN)
     assert report.api_deletes["deleted"] == [w(5)] and fake.status_of(A, w(5)) is None
     assert fake.status_of(A, w(0)) == "RUNNING"
+
+
+# ------------------------------------------------------------------- rollout, halt and backoff in gce mode
+
+
+def fleet_of(n: int):
+    return [Worker.make("us-central1", "us-central1-a", i) for i in range(n)]
+
+
+def gce_named(w: Worker, status: str, release: str, age: float) -> Observed:
+    labels = {**OURS, RELEASE_LABEL: release}
+    return Observed(w.name, w.zone, None, gce_states.node_state(status), labels, since=NOW - age, created=NOW - age)
+
+
+def test_a_rollout_moves_running_instances_of_the_old_release_in_waves():
+    desired = fleet_of(4)
+    observed = {w.name: gce_named(w, "RUNNING", "rold", 3600) for w in desired}
+    actions = decide(desired, observed, NOW, POLICY)
+    rolled = roll(actions, desired, observed, NOW, POLICY, "rnew")
+    moved = [a for a in rolled.actions if a.kind == REPLACE]
+    assert len(moved) == 1 and moved[0].cause == ROLLOUT  # max_unavailable 10% of 4: at least one at a time
+
+
+def test_the_breaker_halts_a_release_whose_instances_never_start_work():
+    desired = fleet_of(3)
+    policy = Policy(fleet_id="acts", boot_timeout_s=1800, halt_after_failed_boots=3)
+    observed = {w.name: gce_named(w, "RUNNING", "rnew", 1801) for w in desired}
+    actions = decide(desired, observed, NOW, policy, liveness=Liveness({}))
+    assert {a.kind for a in actions} == {REPLACE}
+    rolled = roll(actions, desired, observed, NOW, policy, "rnew", liveness=Liveness({}))
+    assert rolled.releases["rnew"].halted_at == NOW
+    assert {a.kind for a in rolled.actions} == {HOLD}  # deleted through the Compute API, not recreated
+
+
+def test_a_create_that_met_a_stockout_backs_off(tmp_path, fake):
+    """The apply's insert ends in ZONE_RESOURCE_POOL_EXHAUSTED (the instance never appears): the next pass
+    waits out the backoff instead of creating again."""
+    cfg = gce_cfg(tmp_path, 1)
+    api = ComputeApi("fake-project", fake.url, fleet_id="rc", retries=0)
+    fake.set_stockout(A)
+    errors = []
+
+    def apply(cfg, *, replace, targets, destroy, holds=None):  # what the google provider would do
+        try:
+            api.insert_instance(A, {"name": w(0), "machineType": "ct6e-standard-4t", "labels": RC})
+        except ActfleetError as e:
+            errors.append(str(e))
+            raise
+
+    clock = [time.time()]
+    first = reconcile_pass(cfg, api=api, apply=apply, clock=lambda: clock[0])
+    assert [a.kind for a in first.actions] == [CREATE] and "ZONE_RESOURCE_POOL_EXHAUSTED" in errors[0]
+    clock[0] += 60
+    second = reconcile_pass(cfg, api=api, apply=apply, clock=lambda: clock[0])
+    assert [a.kind for a in second.actions] == [WAIT] and second.actions[0].next_attempt is not None
+    assert len(errors) == 1  # no second insert while backing off
+
+
+def test_status_shows_compute_engines_own_status_beside_the_plan(tmp_path, fake):
+    from actfleet.infra.commands.status import take_snapshot
+
+    cfg = gce_cfg(tmp_path, 2)
+    api = ComputeApi("fake-project", fake.url, fleet_id="rc", retries=0)
+    fake.insert_direct(A, w(0), project="fake-project", labels=RC)
+    fake.insert_direct(A, w(1), project="fake-project", labels=RC)
+    fake.set_status(A, w(1), "SUSPENDED")
+    snap = take_snapshot(cfg, api=api, with_job=False)
+    rows = {r["worker"]: (r["node_state"], r["health"]) for r in snap.rows}
+    assert rows == {w(0): ("RUNNING", HEALTHY), w(1): ("SUSPENDED", REPLACE)}

@@ -6,7 +6,8 @@ It models what actfleet's gce mode depends on (issue 25), and nothing else:
   Instance body is parsed with compute_v1's own protobuf types (an unknown field is a 400 here too), stored
   and returned, with the fields the service fills in (id, selfLink, zone, creationTimestamp, status,
   fingerprints, full machineType/network URLs, nic0 and its networkIP, natIP on an access config);
-- long-running zone operations: insert, delete, setLabels, setMetadata, start and stop answer an Operation
+- long-running zone operations: insert, delete, setLabels, setMetadata, setMachineType (stopped instances
+  only), start and stop answer an Operation
   (PENDING, then RUNNING, then DONE; `operations/{op}` GET and `operations/{op}/wait` POST, which blocks
   until done or two minutes, like the real one); errors land in operation.error.errors[] plus
   httpErrorStatusCode/httpErrorMessage, which google-cloud-compute's ExtendedOperation raises from;
@@ -148,11 +149,12 @@ class FakeComputeState:
 
     def clear(self) -> None:
         self.instances: dict[tuple[str, str, str], _Instance] = {}
+        self.by_zone: dict[tuple[str, str], dict[str, _Instance]] = {}  # (project, zone) -> name -> instance
         self.ops: dict[tuple[str, str, str], _Op] = {}
         self.moving: set[tuple[str, str, str]] = set()  # instances with steps planned
         self.pending_ops: set[tuple[str, str, str]] = set()
         self.faults: list[Fault] = []
-        self.stockout: set[str] = set()
+        self.stockout: dict[str, str] = {}  # zone -> the error code its inserts end in
         self.unreachable: set[str] = set()
         self.log: list[Call] = []
         self.ids = itertools.count(1000000000000000001)
@@ -172,6 +174,7 @@ class FakeComputeState:
                 at, status = inst.plan.pop(0)
                 if status is None:
                     del self.instances[key]
+                    del self.by_zone[key[:2]][key[2]]
                     break
                 self._set_status(inst, status, at)
             if not inst.plan:
@@ -245,6 +248,7 @@ class FakeComputeState:
         inst = _Instance(body, project, zone, time.monotonic())
         key = (project, zone, name)
         self.instances[key] = inst
+        self.by_zone.setdefault((project, zone), {})[name] = inst
         s = self.settings
         if zone in self.stockout:
             # Accepted, seen PROVISIONING, then gone: the operation carries the stockout.
@@ -252,7 +256,7 @@ class FakeComputeState:
             error = (
                 503,
                 "SERVICE UNAVAILABLE",
-                STOCKOUT_CODE,
+                self.stockout[zone],
                 f"The zone 'projects/{project}/zones/{zone}' does not have enough resources available to fulfill "
                 "the request.  Try a different zone, or try again later.",
             )
@@ -332,7 +336,7 @@ class FakeComputeState:
                 error = (
                     503,
                     "SERVICE UNAVAILABLE",
-                    STOCKOUT_CODE,
+                    self.stockout[zone],
                     f"The zone 'projects/{project}/zones/{zone}' "
                     "does not have enough resources available to fulfill the request.",
                 )
@@ -374,6 +378,24 @@ class FakeComputeState:
 
         return self._op(project, zone, "setMetadata", inst, self.settings.op_delay, on_done=done)
 
+    def set_machine_type(self, project: str, zone: str, name: str, raw: bytes) -> _Op:
+        """Only on a stopped instance, as the real API insists (a provider stops, sets, starts)."""
+        inst = self._get(project, zone, name)
+        req = _parse(compute.InstancesSetMachineTypeRequest, raw)
+        if inst.status != "TERMINATED":
+            raise ApiError(
+                400,
+                f"The resource 'projects/{project}/zones/{zone}/instances/{name}' is not ready: the instance must "
+                "be stopped to change its machine type",
+                "resourceNotReady",
+            )
+        machine = _expand(req.get("machineType", ""), project, f"zones/{zone}/machineTypes/")
+
+        def done():
+            inst.body["machineType"] = machine
+
+        return self._op(project, zone, "setMachineType", inst, self.settings.op_delay, on_done=done)
+
     # -------------------------------------------------------------- lists
 
     def list_zone(self, project: str, zone: str, query: dict) -> dict:
@@ -381,8 +403,8 @@ class FakeComputeState:
         if zone in self.unreachable:
             raise ApiError(503, "The service is currently unavailable (zone unreachable in the fake)", "backendError")
         match = _filter(query.get("filter", ""))
-        items = [i.body for (p, z, _), i in sorted(self.instances.items()) if p == project and z == zone]
-        items = [b for b in items if match(b)]
+        here = self.by_zone.get((project, zone), {})
+        items = [here[n].body for n in sorted(here) if match(here[n].body)]
         page, token = self._page(items, query)
         out: dict = {
             "kind": "compute#instanceList",
@@ -403,9 +425,11 @@ class FakeComputeState:
         match = _filter(query.get("filter", ""))
         down = sorted(self.unreachable)
         rows = [
-            (z, i.body)
-            for (p, z, _), i in sorted(self.instances.items())
-            if p == project and z not in self.unreachable and match(i.body)
+            (z, here[n].body)
+            for (p, z), here in sorted(self.by_zone.items())
+            if p == project and z not in self.unreachable
+            for n in sorted(here)
+            if match(here[n].body)
         ]
         page, token = self._page(rows, query)
         items: dict[str, dict] = {}
@@ -507,9 +531,9 @@ class FakeComputeState:
         self._set_status(inst, status)
 
     def _find(self, zone: str, name: str, project: str | None) -> _Instance:
-        for (p, z, n), inst in self.instances.items():
-            if z == zone and n == name and (project is None or p == project):
-                return inst
+        for (p, z), here in self.by_zone.items():
+            if z == zone and name in here and (project is None or p == project):
+                return here[name]
         raise KeyError(f"no instance {name!r} in {zone}")
 
     def insert_direct(self, zone: str, name: str, project: str = "test-project", **body: Any) -> None:
@@ -630,6 +654,8 @@ class _Handler(BaseHTTPRequestHandler):
             if rid and method == "POST" and verb in ("setLabels", "setMetadata"):
                 fn = state.set_labels if verb == "setLabels" else state.set_metadata
                 return fn(project, zone, rid, raw).body
+            if rid and method == "POST" and verb == "setMachineType":
+                return state.set_machine_type(project, zone, rid, raw).body
             if rid and method == "POST" and verb in ("stop", "start"):
                 return (state.stop if verb == "stop" else state.start)(project, zone, rid).body
         if coll == "operations" and rid:
@@ -698,8 +724,15 @@ class FakeComputeServer:
     def set_status(self, zone: str, name: str, status: str, project: str | None = None) -> None:
         self._locked(self.state.set_status, zone, name, status, project)
 
-    def set_stockout(self, zone: str, on: bool = True) -> None:
-        self._locked((self.state.stockout.add if on else self.state.stockout.discard), zone)
+    def set_stockout(self, zone: str, on: bool = True, code: str = STOCKOUT_CODE) -> None:
+        """Inserts (and starts) in `zone` end in `code`: ZONE_RESOURCE_POOL_EXHAUSTED, or the
+        ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS the real API also answers (both seen in public reports)."""
+        with self.state.lock:
+            self.state.advance()
+            if on:
+                self.state.stockout[zone] = code
+            else:
+                self.state.stockout.pop(zone, None)
 
     def set_unreachable(self, zone: str, on: bool = True) -> None:
         """The zone's list answers 503; aggregatedList answers it as an UNREACHABLE scope."""
@@ -805,7 +838,7 @@ class FakeComputeServer:
             elif name == "status":
                 self.set_status(args["zone"], args["name"], args["status"], args.get("project"))
             elif name == "stockout":
-                self.set_stockout(args["zone"], bool(args.get("on", True)))
+                self.set_stockout(args["zone"], bool(args.get("on", True)), args.get("code", STOCKOUT_CODE))
             elif name == "unreachable":
                 self.set_unreachable(args["zone"], bool(args.get("on", True)))
             elif name == "fail":
@@ -943,6 +976,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stop-delay", type=float, default=0.0, help="seconds a stopped/preempted one stays STOPPING")
     p.add_argument("--page-size", type=int, default=MAX_RESULTS, help="the server's largest page")
     p.add_argument("--zones", default="", help="comma-separated known zones (default: any zone exists)")
+    p.add_argument("--latency", type=float, default=0.0, help="seconds added to every API answer")
     a = p.parse_args(argv)
     fake = FakeComputeServer.start(
         a.host,
@@ -953,6 +987,7 @@ def main(argv: list[str] | None = None) -> None:
         stop_delay=a.stop_delay,
         page_size=a.page_size,
         zones=tuple(z for z in a.zones.split(",") if z) or None,
+        latency=a.latency,
     )
     print(fake.url, flush=True)
     try:
