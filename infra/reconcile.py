@@ -653,9 +653,22 @@ _PROVISIONER_ERROR = re.compile(r'workers\["(?P<name>[^"]+)"\] \(local-exec\): a
 _API_STATUS = re.compile(r": (?P<http>\d{3}) (?P<status>[a-z][a-z ]*): (?P<message>.*)$")
 
 
+# A provider's failure (gce mode) as Terraform prints it: the diagnostic's summary, then the resource:
+#   Error: Error waiting for instance to create: ZONE_RESOURCE_POOL_EXHAUSTED: The zone ... not have enough ...
+#
+#     with google_compute_instance.workers["NAME"],
+_PROVIDER_ERROR = re.compile(r'^Error: (?P<line>.+)\n\n\s+with [a-z0-9_]+\.workers\["(?P<name>[^"]+)"\],', re.M)
+_CODE = re.compile(r"\b(?P<code>[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+)\b")  # ZONE_RESOURCE_POOL_EXHAUSTED, QUOTA_EXCEEDED
+
+
 def worker_errors(output: str) -> dict[str, dict]:
-    """Per worker, the error its create- or destroy-time provisioner printed in a failed apply."""
+    """Per worker, the error its create- or destroy-time provisioner (or, in gce mode, the provider) printed
+    in a failed apply."""
     out = {}
+    for m in _PROVIDER_ERROR.finditer(output):
+        line = m["line"].strip()
+        code = _CODE.search(line)
+        out[m["name"]] = failure(code["code"] if code else "UNKNOWN", line)
     for m in _PROVISIONER_ERROR.finditer(output):
         line = m["line"].strip()
         api = _API_STATUS.search(line)
