@@ -657,7 +657,9 @@ _API_STATUS = re.compile(r": (?P<http>\d{3}) (?P<status>[a-z][a-z ]*): (?P<messa
 #   Error: Error waiting for instance to create: ZONE_RESOURCE_POOL_EXHAUSTED: The zone ... not have enough ...
 #
 #     with google_compute_instance.workers["NAME"],
-_PROVIDER_ERROR = re.compile(r'^Error: (?P<line>.+)\n\n\s+with [a-z0-9_]+\.workers\["(?P<name>[^"]+)"\],', re.M)
+_PROVIDER_ERROR = re.compile(
+    r'^Error: (?P<line>.+)\n\n\s+with google_compute_instance\.workers\["(?P<name>[^"]+)"\],', re.M
+)
 _CODE = re.compile(r"\b(?P<code>[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+)\b")  # ZONE_RESOURCE_POOL_EXHAUSTED, QUOTA_EXCEEDED
 
 
@@ -665,10 +667,6 @@ def worker_errors(output: str) -> dict[str, dict]:
     """Per worker, the error its create- or destroy-time provisioner (or, in gce mode, the provider) printed
     in a failed apply."""
     out = {}
-    for m in _PROVIDER_ERROR.finditer(output):
-        line = m["line"].strip()
-        code = _CODE.search(line)
-        out[m["name"]] = failure(code["code"] if code else "UNKNOWN", line)
     for m in _PROVISIONER_ERROR.finditer(output):
         line = m["line"].strip()
         api = _API_STATUS.search(line)
@@ -676,6 +674,10 @@ def worker_errors(output: str) -> dict[str, dict]:
             out[m["name"]] = failure(api["status"].strip().upper().replace(" ", "_"), api["message"].strip())
         else:
             out.setdefault(m["name"], failure("UNKNOWN", line))
+    for m in _PROVIDER_ERROR.finditer(output):
+        line = m["line"].strip()
+        code = _CODE.search(line)
+        out.setdefault(m["name"], failure(code["code"] if code else "UNKNOWN", line))
     return out
 
 

@@ -35,3 +35,14 @@ def test_an_error_naming_no_worker_is_no_worker_error():
         )
         == {}
     )
+
+
+def test_queued_mode_provisioner_errors_are_read_as_before():
+    output = (
+        'terraform_data.workers["tpu-us-central1-a-0"] (local-exec): actfleet: TPU API: queued resource x: '
+        "403 permission denied: nope\n\nError: local-exec provisioner error\n\n"
+        '  with terraform_data.workers["tpu-us-central1-a-0"],\n'
+    )
+    assert worker_errors(output) == {
+        "tpu-us-central1-a-0": {"code": "PERMISSION_DENIED", "message": "nope", "class": "permission"}
+    }
