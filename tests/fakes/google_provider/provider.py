@@ -148,6 +148,7 @@ PROVIDER_SCHEMA = Schema(
 
 # Blocks whose change the real provider cannot apply in place (ForceNew): reported as requires_replace.
 FORCE_NEW_BLOCKS = [b.type_name for b in INSTANCE_SCHEMA.block_types if getattr(b, "force_new", False)]
+FORCE_NEW_SCHEDULING = ("provisioning_model", "preemptible")
 
 
 class Servicer(tf_provider.ProviderServicer):
@@ -161,7 +162,15 @@ class Servicer(tf_provider.ProviderServicer):
             for name in FORCE_NEW_BLOCKS:
                 if prior.get(name) != proposed.get(name):
                     response.requires_replace.append(_to_attribute_path([name]))
+            # In `scheduling` only these two are ForceNew (the others update in place, stopping the VM).
+            before, after = (_first(x.get("scheduling")) for x in (prior, proposed))
+            if any(before.get(k) != after.get(k) for k in FORCE_NEW_SCHEDULING):
+                response.requires_replace.append(_to_attribute_path(["scheduling"]))
         return response
+
+
+def _first(blocks) -> dict:
+    return blocks[0] if blocks else {}
 
 
 class GoogleStandIn(Provider):
