@@ -51,8 +51,10 @@ def machine_type(config: Config) -> str:
 
 
 def scheduling(config: Config) -> dict:
-    """The `scheduling` block. Spot VMs cannot live-migrate or restart themselves: on_host_maintenance
-    TERMINATE and automatic_restart false are what Compute Engine requires of them (compute/docs/instances/spot)."""
+    """The `scheduling` block. A spot VM is not live-migrated nor restarted by Compute Engine (and a TPU spot VM
+    "must be recreated after preemption", tpu/docs/spot): on_host_maintenance TERMINATE, automatic_restart
+    false. Whether Compute Engine takes STOP as the termination action of a TPU machine type is for a real
+    project to confirm (docs/infrastructure.md)."""
     if config.fleet.spot:
         return {
             "provisioning_model": "SPOT",
