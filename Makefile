@@ -53,9 +53,11 @@ $(VENV)/.cloud: pyproject.toml $(VENV)/.base
 	$(PY) -m pip install -q -e '.[cloud]'
 	touch $@
 
-# Everything the tests need: the cloud pins, the test tools and SAELens (a real consumer of exports).
+# Everything the tests need: the cloud pins, the test tools and SAELens (a real consumer of exports), then
+# `tf`, the framework of the tests' google provider stand-in, --no-deps past its protobuf<6 pin (pyproject.toml).
 $(VENV)/.full: pyproject.toml $(VENV)/.cloud
 	$(PY) -m pip install -q -e '.[cloud,test,saelens]'
+	$(PY) -m pip install -q --no-deps tf==1.2.0
 	touch $@
 
 node_modules/.installed: package.json package-lock.json | prereqs-cloud

@@ -69,6 +69,8 @@ class FleetConfig:
     # Off by default: workers boot from the release in the bucket and need only Google APIs, which a subnet
     # with Private Google Access reaches without an external IP (docs/infrastructure.md, "Network").
     external_ips: bool = False
+    # gce mode: the boot image of the instances (an image, family or path; docs/infrastructure.md "gce").
+    boot_image: str = ""
 
     @property
     def zones(self) -> tuple[str, ...]:
@@ -431,6 +433,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "tpu_endpoint": Key(_tpu_endpoint, ""),
         "compute_endpoint": Key(_tpu_endpoint, ""),  # same allow-list (actfleet.endpoints)
         "external_ips": Key(_bool, False),
+        "boot_image": Key(
+            _string(r"[a-zA-Z0-9/_.:-]+", "a Compute Engine image, family or image path", empty_ok=True), ""
+        ),
         "max_workers": Key(_int(1, MAX_WORKERS_CEILING), DEFAULT_MAX_WORKERS),
     },
     "repo": {
@@ -642,6 +647,7 @@ def parse(raw: dict[str, Any], source: str = "<memory>") -> Config:
         tpu_endpoint=f["tpu_endpoint"],
         compute_endpoint=f["compute_endpoint"],
         external_ips=f["external_ips"],
+        boot_image=f["boot_image"],
     )
     return Config(
         fleet=fleet,

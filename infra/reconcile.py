@@ -67,7 +67,7 @@ from actfleet.infra.observe import FleetView, fleet_api, observe_fleet, observed
 from actfleet.infra.plan import plan
 from actfleet.infra.release_id import release_id
 from actfleet.infra.rollout import ReleaseMemory
-from actfleet.infra.terraform_layout import FLEET, WORKERS, state_location, worker_address
+from actfleet.infra.terraform_layout import FLEET, WORKERS, held_gce_spec, state_location, worker_address
 from actfleet.infra.tpu_states import QR_ACTIVE
 
 SCHEMA_ID = "actfleet.reconcile/v1"
@@ -655,8 +655,19 @@ _PROVISIONER_ERROR = re.compile(r'workers\["(?P<name>[^"]+)"\] \(local-exec\): a
 _API_STATUS = re.compile(r": (?P<http>\d{3}) (?P<status>[a-z][a-z ]*): (?P<message>.*)$")
 
 
+# A provider's failure (gce mode) as Terraform prints it: the diagnostic's summary, then the resource:
+#   Error: Error waiting for instance to create: ZONE_RESOURCE_POOL_EXHAUSTED: The zone ... not have enough ...
+#
+#     with google_compute_instance.workers["NAME"],
+_PROVIDER_ERROR = re.compile(
+    r'^Error: (?P<line>.+)\n\n\s+with google_compute_instance\.workers\["(?P<name>[^"]+)"\],', re.M
+)
+_CODE = re.compile(r"\b(?P<code>[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+)\b")  # ZONE_RESOURCE_POOL_EXHAUSTED, QUOTA_EXCEEDED
+
+
 def worker_errors(output: str) -> dict[str, dict]:
-    """Per worker, the error its create- or destroy-time provisioner printed in a failed apply."""
+    """Per worker, the error its create- or destroy-time provisioner (or, in gce mode, the provider) printed
+    in a failed apply."""
     out = {}
     for m in _PROVISIONER_ERROR.finditer(output):
         line = m["line"].strip()
@@ -665,6 +676,10 @@ def worker_errors(output: str) -> dict[str, dict]:
             out[m["name"]] = failure(api["status"].strip().upper().replace(" ", "_"), api["message"].strip())
         else:
             out.setdefault(m["name"], failure("UNKNOWN", line))
+    for m in _PROVIDER_ERROR.finditer(output):
+        line = m["line"].strip()
+        code = _CODE.search(line)
+        out.setdefault(m["name"], failure(code["code"] if code else "UNKNOWN", line))
     return out
 
 
@@ -788,7 +803,11 @@ def fleet_state_workers(cfg: Config) -> dict[str, Any]:
         if res.get("mode") == "managed" and res.get("name") == WORKERS:
             for i in res.get("instances", []):
                 if isinstance(i.get("index_key"), str):
-                    trigger = (i.get("attributes") or {}).get("triggers_replace")
+                    attrs = i.get("attributes") or {}
+                    if res.get("type") == "google_compute_instance":
+                        out[i["index_key"]] = held_gce_spec(attrs)  # gce mode holds the spec itself
+                        continue
+                    trigger = attrs.get("triggers_replace")
                     if isinstance(trigger, dict) and set(trigger) == {"value", "type"}:
                         trigger = trigger["value"]  # a dynamic attribute is stored with its type
                     out[i["index_key"]] = trigger

@@ -12,6 +12,8 @@ Fleet modes (docs/infrastructure.md):
 - "queued": `terraform_data.workers` with for_each over {worker name: TPU API request}; create- and
   destroy-time local-exec provisioners run `actfleet tpu create-qr / delete-qr`. No provider needed.
 - "vm": `google_tpu_v2_vm.workers` (google-beta) with for_each over the same names.
+- "gce": `google_compute_instance.workers` (plain google provider) with for_each over the same names: TPU VMs
+  as Compute Engine instances (the TPU machine type of actfleet/accelerators.py), spot with STOP on preemption.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from cdktf import (  # noqa: E402
 from constructs import Construct  # noqa: E402
 
 from actfleet.config import Config, Worker
+from actfleet.infra import gce_instance
 from actfleet.infra.bucket_access import worker_grants
 from actfleet.infra.qr_request import SCOPES, queued_resource_request, worker_labels
 from actfleet.infra.release_id import release_id
@@ -185,6 +188,8 @@ class FleetStack(TerraformStack):
         refs = {"script": "${local.startup_script}", "unit": "${local.worker_unit}"}
         if config.fleet.mode == "queued":
             self._queued(config, refs, actfleet_command)
+        elif config.fleet.mode == "gce":
+            self._gce(config, refs)
         else:
             self._vm(config, refs)
 
@@ -284,6 +289,75 @@ class FleetStack(TerraformStack):
             description=f"actfleet worker of fleet {fleet.id}",
         )
         vm.override_logical_id(WORKERS)
+
+    def _gce(self, config: Config, refs: dict[str, str]) -> None:
+        from cdktf_cdktf_provider_google.compute_instance import (
+            ComputeInstance,
+            ComputeInstanceBootDisk,
+            ComputeInstanceBootDiskInitializeParams,
+            ComputeInstanceNetworkInterface,
+            ComputeInstanceScheduling,
+            ComputeInstanceServiceAccount,
+        )
+        from cdktf_cdktf_provider_google.provider import GoogleProvider
+
+        gce_instance.check(config)
+        fleet = config.fleet
+        endpoint = gce_instance.compute_custom_endpoint(config)
+        # The provider's own endpoint override (tests point it at a loopback fake); empty means Google's.
+        GoogleProvider(
+            self, "google", project=fleet.project, region=fleet.region, compute_custom_endpoint=endpoint or None
+        )
+        workers = {}
+        for w in fleet.workers:
+            spec = tf_literal_tree(gce_instance.worker_spec(config, w))
+            spec["metadata"] |= {"startup-script": refs["script"], "actfleet-unit": refs["unit"]}
+            workers[w.name] = spec
+        TerraformLocal(self, "worker_specs", workers)
+        # Rolling replacement (infra/rollout.py), as in queued mode: reconcile passes `holds` (worker -> the spec
+        # Terraform's state holds) for every worker it does not move this pass, so those keep what they run
+        # and only the current wave (its workers -replace'd) gets the new spec. Without holds: every worker.
+        holds_doc = "worker name -> the spec (zone, machine_type, metadata, labels, disk_labels) to keep"
+        TerraformVariable(self, "holds", type="any", default={}, description=holds_doc)
+        held = TerraformLocal(
+            self, "worker_specs_held", "${{ for k, v in local.worker_specs : k => try(var.holds[k], v) }}"
+        )
+        each = TerraformIterator.from_map(held.as_any_map)
+        spot = gce_instance.scheduling(config)
+        instance = ComputeInstance(
+            self,
+            WORKERS,
+            for_each=each,
+            name=each.key,
+            zone=each.get_string("zone"),
+            machine_type=each.get_string("machine_type"),
+            description=f"actfleet worker of fleet {fleet.id}",
+            boot_disk=ComputeInstanceBootDisk(
+                auto_delete=True,
+                initialize_params=ComputeInstanceBootDiskInitializeParams(
+                    image=fleet.boot_image,
+                    # The release rides on the boot disk's labels as well, which the provider cannot change in
+                    # place (ForceNew): a new release replaces a worker, never edits a running one's metadata.
+                    labels=each.get_map("disk_labels"),
+                ),
+            ),
+            # No access_config block: no external IP (issue "1,000-worker fleet"); Private Google Access reaches
+            # the bucket. external_ips = true adds one ephemeral access config.
+            network_interface=[
+                ComputeInstanceNetworkInterface(
+                    network=fleet.network,
+                    subnetwork=fleet.subnetwork or None,
+                    access_config=[{}] if fleet.external_ips else None,
+                )
+            ],
+            scheduling=ComputeInstanceScheduling(**spot),
+            service_account=ComputeInstanceServiceAccount(
+                email=fleet.service_account_email, scopes=list(gce_instance.SCOPES)
+            ),
+            metadata=each.get_map("metadata"),
+            labels=each.get_map("labels"),
+        )
+        instance.override_logical_id(WORKERS)
 
 
 def _escaped_request(config: Config, worker: Worker, refs: dict[str, str], release: str) -> dict:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from importlib import metadata as pkg_metadata
 from pathlib import Path
 
+from actfleet import accelerators
 from actfleet.config import Config
 from actfleet.infra.startup_script import BOOTSTRAP_FILES, bootstrap_dir
 from actfleet.infra.synth_inputs import actfleet_command, config_text
@@ -40,18 +41,24 @@ PRUNE_AFTER_SECONDS = 86400
 
 _INFRA = Path(__file__).resolve().parent
 # Everything whose content changes the synthesized JSON (the bootstrap files are read as package data).
-SYNTH_SOURCES = tuple(
-    _INFRA / name
-    for name in (
-        "stacks.py",
-        "terraform_layout.py",
-        "synth_inputs.py",
-        "qr_request.py",
-        "startup_script.py",
-        "synth_cache.py",
-        "bucket_access.py",
+SYNTH_SOURCES = (
+    tuple(
+        _INFRA / name
+        for name in (
+            "stacks.py",
+            "terraform_layout.py",
+            "synth_inputs.py",
+            "qr_request.py",
+            "startup_script.py",
+            "synth_cache.py",
+            "bucket_access.py",
+            "gce_instance.py",
+            "release_id.py",
+        )
     )
-) + tuple(bootstrap_dir() / name for name in BOOTSTRAP_FILES)
+    + (Path(accelerators.__file__),)
+    + tuple(bootstrap_dir() / name for name in BOOTSTRAP_FILES)
+)
 PINNED_PACKAGES = ("cdktf", "cdktf-cdktf-provider-google", "cdktf-cdktf-provider-google-beta")
 
 
@@ -76,6 +83,7 @@ def cache_key(config: Config) -> str:
         "config": _jsonable(dataclasses.asdict(dataclasses.replace(config, source=""))),
         "config_text": config_text(config),
         "endpoint": config.fleet.endpoint(),
+        "compute_endpoint": config.fleet.compute_endpoint_url(),  # gce mode's provider endpoint
         "state_dir": str(state_dir(config)),
         "actfleet": actfleet_command(),
         "packages": {name: _version(name) for name in PINNED_PACKAGES},

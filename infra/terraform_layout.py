@@ -6,6 +6,7 @@ The one definition of each, for the code that builds the stacks (infra/stacks.py
     STACK_NAMES                                   ("base", "fleet")
     worker_address("tpu-us-central1-a-3")         'terraform_data.workers["tpu-us-central1-a-3"]'
     worker_address(name, "vm")                    'google_tpu_v2_vm.workers["..."]'
+    worker_address(name, "gce")                   'google_compute_instance.workers["..."]'
     state_location(cfg, FLEET)                    '/abs/.actfleet/state/fleet.tfstate'
                                                   or 'gs://<state.bucket>/<state.prefix>/fleet/default.tfstate'
 
@@ -28,13 +29,26 @@ WORKER_RESOURCE_TYPES = {"queued": "terraform_data", "vm": "google_tpu_v2_vm", "
 
 
 def workers_resource(mode: str = "queued") -> str:
-    """The worker resource block: terraform_data.workers (queued mode) or google_tpu_v2_vm.workers (vm)."""
+    """The worker resource block: terraform_data.workers (queued), google_tpu_v2_vm.workers (vm) or
+    google_compute_instance.workers (gce)."""
     return f"{WORKER_RESOURCE_TYPES[mode]}.{WORKERS}"
 
 
 def worker_address(name: str, mode: str = "queued") -> str:
     """One worker's address, for -replace/-target: terraform_data.workers["tpu-us-central1-a-3"]."""
     return f'{workers_resource(mode)}["{name}"]'
+
+
+def held_gce_spec(attributes: dict) -> dict | None:
+    """A gce worker's spec as its state holds it (the stack's `worker_specs` shape, infra/gce_instance.py), the
+    value a rollout holds it at; None when the state lacks a part (then nothing is held: it gets the new spec)."""
+    try:
+        disk = attributes["boot_disk"][0]["initialize_params"][0]
+        spec = {k: attributes[k] for k in ("zone", "machine_type", "metadata", "labels")}
+        spec["disk_labels"] = disk["labels"]
+    except (KeyError, IndexError, TypeError):
+        return None
+    return spec if all(v is not None for v in spec.values()) else None
 
 
 # -- state ---------------------------------------------------------------------------------------------

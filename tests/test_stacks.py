@@ -30,6 +30,10 @@ ACTFLEET = "/opt/actfleet-test/bin/actfleet"
 CONFIG_TEXT = '# the operator\'s fleet.toml, uploaded for the workers\n[fleet]\nid = "acts"\n'
 
 
+# gce mode needs a boot image and a TPU type Compute Engine has machine types for (actfleet/accelerators.py).
+GCE = {"boot_image": "projects/example-images/global/images/family/example-tpu-vm", "accelerator_type": "v6e-4"}
+
+
 def make_config(mode="queued", **fleet):
     raw = {
         "fleet": {
@@ -57,9 +61,9 @@ def synth_app(config, outdir: Path, state_dir: Path) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def stacks(tmp_path_factory):
     out = {}
-    for mode in ("queued", "vm"):
+    for mode in ("queued", "vm", "gce"):
         d = tmp_path_factory.mktemp(mode)
-        out[mode] = synth_app(make_config(mode), d / "out", d / "state")
+        out[mode] = synth_app(make_config(mode, **GCE if mode == "gce" else {}), d / "out", d / "state")
         out[mode]["state_dir"] = d / "state"
         out[mode]["outdir"] = d / "out"
     d = tmp_path_factory.mktemp("gcs")
@@ -354,6 +358,89 @@ def test_vm_fleet_uses_google_tpu_v2_vm_with_spot_metadata_account_labels(stacks
     assert spec["metadata"]["startup-script"] == "${local.startup_script}"
     assert decoded(fleet["locals"]["startup_script"]) == startup_script()
     assert spec["metadata"]["actfleet-worker"] == "tpu-us-central1-b-2"
+
+
+# ---------------------------------------------------------------------------------------------------
+# fleet, every mode; gce mode
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["queued", "vm", "gce"])
+def test_every_mode_is_one_for_each_block_over_the_worker_names_at_its_layout_address(stacks, mode):
+    from actfleet.infra.terraform_layout import WORKER_RESOURCE_TYPES, WORKERS
+
+    fleet = stacks[mode]["fleet"]
+    assert list(fleet["resource"]) == [WORKER_RESOURCE_TYPES[mode]]
+    assert list(fleet["resource"][WORKER_RESOURCE_TYPES[mode]]) == [WORKERS]
+    block = fleet["resource"][WORKER_RESOURCE_TYPES[mode]][WORKERS]
+    local = block["for_each"].removeprefix("${local.").removesuffix("}")
+    source = {"worker_specs_held": "worker_specs"}.get(local, local)  # gce: the held view of worker_specs
+    assert sorted(fleet["locals"][source]) == [f"tpu-us-central1-{z}-{i}" for z in "abc" for i in range(4)]
+    assert decoded(fleet["locals"]["startup_script"]) == startup_script()
+
+
+def test_gce_fleet_is_compute_instances_spot_stopped_without_external_ip_and_with_the_release(stacks):
+    from actfleet.infra.gce_instance import SCOPES
+    from actfleet.infra.release_id import RELEASE_LABEL
+
+    fleet = stacks["gce"]["fleet"]
+    assert list(fleet["provider"]) == ["google"]  # plain google: no google-beta, no local-exec
+    vm = fleet["resource"]["google_compute_instance"]["workers"]
+    assert vm["for_each"] == "${local.worker_specs_held}" and "provisioner" not in vm
+    assert fleet["locals"]["worker_specs_held"] == "${{ for k, v in local.worker_specs : k => try(var.holds[k], v) }}"
+    assert vm["scheduling"] == {
+        "provisioning_model": "SPOT",
+        "preemptible": True,
+        "automatic_restart": False,
+        "on_host_maintenance": "TERMINATE",
+        "instance_termination_action": "STOP",
+    }
+    assert vm["network_interface"] == [{"network": "default"}]  # no access_config: no external IP
+    assert vm["service_account"] == {
+        "email": "actfleet-acts@my-project.iam.gserviceaccount.com",
+        "scopes": list(SCOPES),
+    }
+    assert "cloud-platform" not in json.dumps(vm["service_account"])
+    assert vm["boot_disk"]["initialize_params"]["image"] == GCE["boot_image"]
+    assert vm["boot_disk"]["initialize_params"]["labels"] == "${each.value.disk_labels}"
+    assert (vm["machine_type"], vm["metadata"], vm["labels"]) == (
+        "${each.value.machine_type}",
+        "${each.value.metadata}",
+        "${each.value.labels}",
+    )
+    spec = fleet["locals"]["worker_specs"]["tpu-us-central1-b-2"]
+    release = release_id(make_config("gce", **GCE))
+    assert release.startswith("r") and spec["labels"][RELEASE_LABEL] == spec["disk_labels"][RELEASE_LABEL] == release
+    assert spec["labels"]["actfleet-worker"] == "tpu-us-central1-b-2" and spec["zone"] == "us-central1-b"
+    assert spec["metadata"]["startup-script"] == "${local.startup_script}"
+    assert spec["metadata"]["actfleet-worker"] == "tpu-us-central1-b-2"
+    assert spec["machine_type"] == "ct6e-standard-4t"
+
+
+def test_gce_release_changes_with_what_a_worker_is_created_with():
+    base = release_id(make_config("gce", **GCE))
+    assert release_id(make_config("gce", **GCE)) == base
+    assert release_id(make_config("gce", **GCE | {"boot_image": "projects/p/global/images/other"})) != base
+    assert release_id(make_config("gce", **GCE, spot=False)) != base
+    assert release_id(make_config("queued")) != base
+
+
+def test_gce_fleet_stack_is_valid_for_the_google_provider_schema(stacks, tmp_path):
+    """terraform validate against the provider stand-in's schema (the real google_compute_instance names,
+    types and nesting: tests/fakes/google_provider), found through a filesystem mirror."""
+    if not shutil.which("terraform"):
+        pytest.skip("terraform not installed")
+    from tests.fakes.google_provider.install import install
+
+    stack_dir = tmp_path / "fleet"
+    shutil.copytree(stacks["gce"]["outdir"] / "stacks" / "fleet", stack_dir)
+    env = os.environ | {"CHECKPOINT_DISABLE": "1", "TF_CLI_CONFIG_FILE": str(install(tmp_path / "tf"))}
+    for argv in (
+        ["terraform", "init", "-backend=false", "-input=false", "-no-color"],
+        ["terraform", "validate", "-no-color"],
+    ):
+        result = subprocess.run(argv, cwd=stack_dir, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
 
 
 # ---------------------------------------------------------------------------------------------------
