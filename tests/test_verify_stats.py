@@ -8,6 +8,7 @@ google-cloud-storage against the fake server for names a filesystem cannot hold.
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -172,3 +173,22 @@ def test_gcs_foreign_statistics_names_are_reported_not_read_or_deleted(tmp_path,
     assert sorted(rep.foreign) == sorted(names) and rep.cleaned == [dead]
     assert all(bucket.get_blob(f"prefix/{k}") is not None for k in names)
     assert store.generation(dead) is None
+
+
+@pytest.mark.parametrize("what", ["another unit's statistics", "a shard of its own"])
+def test_actfleet_stats_refuses_a_record_listing_no_statistics_name_of_its_unit_and_never_reads_it(tmp_path, what):
+    from actfleet.errors import InputError
+    from actfleet.worker.stats import job_totals
+
+    store, spec, _ = run_job(tmp_path)
+    data, gen = store.read(q.done_key("job", 1))
+    rec = json.loads(data)
+    other = json.loads(store.read(q.done_key("job", 2))[0])["stats"]["name"]
+    name = other if what.startswith("another") else rec["shards"][0]["name"]
+    blob, _ = store.read(q.in_job("job", name))  # the record's size and sha256 match what it now names
+    rec["stats"].update(name=name, bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+    store.replace(q.done_key("job", 1), json.dumps(rec).encode(), gen)
+    spy = ReadSpy(store)
+    with pytest.raises(InputError, match="unit 1's done record lists .*, not its statistics"):
+        job_totals(spy, "job", spec.units, where="job")
+    assert q.in_job("job", name) not in spy.reads

@@ -239,6 +239,9 @@ def job_totals(store, job: str, units: int, *, where: str, sites=None) -> JobTot
     totals: dict[str, SiteStats] = {}
     for rec in records:  # one at a time: memory stays one unit's statistics (a Gram matrix each) + totals
         key = q.in_job(job, rec.stats.name)
+        named = q.job_stats(job, key)
+        if named is None or named[0] != rec.unit:  # never read an object the record cannot name (as verify)
+            raise InputError(f"{where}: unit {rec.unit}'s done record lists {rec.stats.name!r}, not its statistics")
         try:
             blob, _ = store.read(key)
         except NotFound:
