@@ -105,7 +105,7 @@ def test_systemd_does_not_restart_a_worker_whose_disk_is_full():
     s = unit_file(UNIT)["Service"]
     assert s["Restart"] == ["on-failure"]  # everything else still restarts
     (prevent,) = s["RestartPreventExitStatus"]
-    assert str(EXIT_DISK_FULL) in prevent.split()
+    assert str(EXIT_DISK_FULL) in prevent.split() and "2" in prevent.split()  # full disk, bad input
     # (tests/test_worker_unit.py runs the real systemd-analyze over the unit: an unknown key fails it)
 
 

@@ -358,7 +358,7 @@ class Worker:
     def record_failure(self, e: BaseException) -> None:
         """The lasting record of why this worker stops for good: state "failed" and, for an error every retry
         would meet (bad input, a full disk), its one-line message as the reason. The process does not come
-        back on this machine (systemd's RestartPreventExitStatus=74), so reconcile replaces it on that
+        back on this machine (systemd's RestartPreventExitStatus=2 74), so reconcile replaces it on that
         reason (infra/decide.py) and status shows it."""
         with self._record_lock:
             self.record.reason = str(one_line(e)) if isinstance(e, Exception) else None
