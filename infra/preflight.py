@@ -159,6 +159,8 @@ def zone_limit(info: dict, zone: str) -> int | None:
 
 def _quota(zone: str):
     def probe(config: Config, api: Api) -> tuple[str, str]:
+        if config.fleet.mode == "gce":  # Compute Engine's TPU quotas are not the TPU API's quota ids below
+            return SKIP, f"gce mode: Compute Engine's TPU quota in {zone} is not checked (see its Quotas page)"
         qid = quota_id(config)
         if qid is None:
             return SKIP, f"no per-zone quota id known for {config.fleet.accelerator_type}: not checked"
@@ -192,6 +194,10 @@ def probe_act_as(config: Config, api: Api) -> tuple[str, str]:
 
 def probe_runtime(config: Config, api: Api) -> tuple[str, str]:
     fleet = config.fleet
+    if fleet.mode == "gce":  # an instance boots fleet.boot_image: no TPU runtime version is sent
+        if not fleet.boot_image:
+            return FAIL, "gce mode boots fleet.boot_image, which is not set (runtime_version is not used)"
+        return SKIP, f"gce mode boots {fleet.boot_image}: runtime_version is not used, the image is not checked"
     fits = accelerators.runtimes(fleet.accelerator_type)
     if fleet.runtime_version in fits:
         return OK, f"{fleet.runtime_version} fits {fleet.accelerator_type}"
@@ -236,7 +242,11 @@ def checks(config: Config) -> list[Check]:
         Check(
             "runtime",
             probe_runtime,
-            lambda c: f'set fleet.runtime_version = "{accelerators.runtimes(fleet.accelerator_type)[0]}" in fleet.toml',
+            lambda c: (
+                "set fleet.boot_image to a TPU VM image for Compute Engine in fleet.toml (docs/infrastructure.md)"
+                if fleet.mode == "gce"
+                else f'set fleet.runtime_version = "{accelerators.runtimes(fleet.accelerator_type)[0]}" in fleet.toml'
+            ),
         )
     )
     return out

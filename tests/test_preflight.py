@@ -131,3 +131,13 @@ def test_the_command_exits_1_naming_the_failures(apis, tmp_path):
     assert r.returncode == 1
     assert r.stderr.strip() == "actfleet: preflight: 1 check(s) failed: network"
     assert "FAIL  network" in r.stdout and "fix: gcloud compute networks create default" in r.stdout
+
+
+def test_gce_mode_checks_the_boot_image_not_a_runtime_and_not_the_tpu_apis_quota(apis):
+    bare = config(mode="gce", accelerator_type="v6e-8")
+    got = outcomes(apis, bare)
+    assert got["runtime"].status == pf.FAIL and "fleet.boot_image" in got["runtime"].detail
+    assert any("set fleet.boot_image" in line for line in pf.lines(list(got.values())))
+    assert {got[f"quota {z}"].status for z in ("us-central1-a", "us-central1-b")} == {pf.SKIP}
+    imaged = outcomes(apis, config(mode="gce", accelerator_type="v6e-8", boot_image="projects/p/global/images/i"))
+    assert imaged["runtime"].status == pf.SKIP and "projects/p/global/images/i" in imaged["runtime"].detail
