@@ -17,6 +17,7 @@ import subprocess
 import sys
 import venv
 import zipfile
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -60,15 +61,77 @@ def installed(tmp_path_factory):
     env_dir = tmp / "venv"
     venv.create(env_dir, with_pip=True)
     bin_dir = env_dir / "bin"
-    # The cloud extra (cdktf + bindings) but not the test extra: a user's install, not ours.
-    _run(
-        [str(bin_dir / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check", f"{wheel}[cloud]"],
-        cwd=tmp,
-        timeout=1800,
+    pip = [str(bin_dir / "python"), "-m", "pip", "--disable-pip-version-check"]
+    # The cloud extra (cdktf + bindings) but not the test extra: a user's install, not ours. pip resolves it
+    # from the index as it would for a user; the wheel and every pin this test venv lacks at that version are
+    # installed for real (--no-deps: the resolution is already made); the rest are this venv's own copies of
+    # the same versions, linked in. Installing all of it again, byte-compiling the provider bindings
+    # included, was 170 of this module's 210 CPU s (measured).
+    report = tmp / "resolved.json"
+    _run([*pip, "install", "-q", "--dry-run", "--report", str(report), f"{wheel}[cloud]"], cwd=tmp, timeout=1800)
+    resolved = {i["metadata"]["name"]: i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
+    assert resolved.pop("actfleet", None), resolved
+    linkable = {n: v for n, v in resolved.items() if _installed_version(n) == v}
+    pins = [f"{n}=={v}" for n, v in resolved.items() if n not in linkable]
+    _run([*pip, "install", "-q", "--no-deps", "--no-compile", str(wheel), *pins], cwd=tmp, timeout=1800)
+    site = Path(
+        _run(
+            [str(bin_dir / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], cwd=tmp
+        ).stdout.strip()
     )
+    _link_distributions(linkable, site)
+    _run([*pip, "check"], cwd=tmp)  # the mix is one consistent install: every requirement met at its version
     work = tmp / "elsewhere"
     work.mkdir()
     return bin_dir, work, wheel
+
+
+def _installed_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _link_distributions(names, site: Path) -> None:
+    """Symlink the files of this venv's distributions `names` into `site`, and nothing of any other
+    distribution: a directory is linked whole where no other distribution has a file under it and `site`
+    does not hold it yet, else it is made and its entries are linked one by one. Linking after pip's installs
+    means pip never writes through a link into this venv."""
+
+    def key(d) -> tuple[str, str]:
+        return re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower(), str(d.locate_file(""))
+
+    wanted = {key(metadata.distribution(n)) for n in names}  # the copy imports use, where a name is twice
+    mine: dict[Path, Path] = {}  # path relative to a site dir -> the file
+    blocked: set[str] = set()  # directories (relative, "/"-separated) holding a file of another distribution
+    for d in metadata.distributions():
+        root = Path(d.locate_file(""))
+        # RECORD's paths as strings (PackagePath objects for the test venv's ~10^5 files cost tens of seconds).
+        paths = [line.rsplit(",", 2)[0] for line in (d.read_text("RECORD") or "").splitlines() if line]
+        paths = [f for f in paths if not f.startswith("../")]  # console scripts, data: not needed elsewhere
+        if key(d) in wanted:
+            mine.update((Path(f), root / f) for f in paths)
+        else:
+            for f in paths:
+                i = f.find("/")
+                while i > 0:
+                    blocked.add(f[:i])
+                    i = f.find("/", i + 1)
+    blocked_paths = {Path(b) for b in blocked}
+    linked: set[Path] = set()
+    for rel, src in mine.items():
+        if any(p in linked for p in rel.parents):
+            continue  # under a directory linked whole: never write through a link
+        for i in range(1, len(rel.parts) + 1):
+            top, dest = Path(*rel.parts[:i]), site.joinpath(*rel.parts[:i])
+            if i < len(rel.parts) and (top in blocked_paths or dest.exists()):
+                dest.mkdir(exist_ok=True)  # shared (a namespace package, or pip just wrote into it)
+                continue
+            if not dest.exists() and not dest.is_symlink():
+                dest.symlink_to(src.parents[len(rel.parts) - i - 1] if i < len(rel.parts) else src)
+                linked.add(top)
+            break
 
 
 def _env(bin_dir: Path, work: Path) -> dict:
@@ -103,11 +166,13 @@ def test_installed_package_does_not_see_the_checkout(installed):
     bin_dir, work, _ = installed
     code = (
         "import importlib.util, actfleet, actfleet.infra, actfleet.worker;"
-        "print(importlib.util.find_spec('infra'), importlib.util.find_spec('worker'), actfleet.infra.__file__)"
+        "print(importlib.util.find_spec('infra'), importlib.util.find_spec('worker'), actfleet.infra.__file__,"
+        "importlib.util.find_spec('pytest'), importlib.util.find_spec('torch'))"
     )
     out = _run([str(bin_dir / "python"), "-c", code], cwd=work, env=_env(bin_dir, work)).stdout.split()
     assert out[:2] == ["None", "None"]  # no generic top-level packages installed
     assert not out[2].startswith(str(REPO))  # imported from site-packages, not this checkout
+    assert out[3:] == ["None", "None"]  # nothing of the test extras: the user's install, not this test venv
 
 
 def test_synth_from_the_wheel(installed):

@@ -19,11 +19,12 @@ import hashlib
 import json
 import mmap
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Callable
 
-import ml_dtypes
 import numpy as np
 
 from actfleet.errors import InputError
@@ -36,20 +37,59 @@ FORMAT_VERSION = "1"
 INDEX_TENSORS = ("sample_ids", "token_ids", "positions")
 SOURCE_TENSORS = ("source_rows", "source_positions")  # context windows only (actfleet.worker.preparer)
 
-_DTYPES = {
-    "F64": np.dtype(np.float64),
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "I64": np.dtype(np.int64),
-    "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16),
-    "I8": np.dtype(np.int8),
-    "U8": np.dtype(np.uint8),
-    "BOOL": np.dtype(np.bool_),
-}
-_CODES = {v: k for k, v in _DTYPES.items()}
-STORE_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
+
+@cache
+def _bfloat16() -> np.dtype:
+    import ml_dtypes  # about a CPU second (it registers its numpy casts): see _DtypeTable
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+class _DtypeTable(Mapping):
+    """name -> numpy dtype, whose bfloat16 entry (None in `table`) is resolved on first use: importing ml_dtypes
+    costs about a CPU second, which what never meets a bfloat16 tensor (`actfleet verify`, reading the index
+    tensors) need not pay."""
+
+    def __init__(self, table: dict[str, np.dtype | None]):
+        self._table = table
+
+    def __getitem__(self, key: str) -> np.dtype:
+        dtype = self._table[key]
+        return _bfloat16() if dtype is None else dtype
+
+    def __contains__(self, key) -> bool:
+        return key in self._table
+
+    def __iter__(self):
+        return iter(self._table)
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+
+_DTYPES = _DtypeTable(
+    {
+        "F64": np.dtype(np.float64),
+        "F32": np.dtype(np.float32),
+        "F16": np.dtype(np.float16),
+        "BF16": None,
+        "I64": np.dtype(np.int64),
+        "I32": np.dtype(np.int32),
+        "I16": np.dtype(np.int16),
+        "I8": np.dtype(np.int8),
+        "U8": np.dtype(np.uint8),
+        "BOOL": np.dtype(np.bool_),
+    }
+)
+STORE_DTYPES = _DtypeTable({"bfloat16": None, "float32": np.dtype(np.float32)})
+
+
+def _code(dtype: np.dtype) -> str | None:
+    """The safetensors code of a numpy dtype, None if it has none (an array of bfloat16 means ml_dtypes is loaded)."""
+    for code, known in _DTYPES._table.items():
+        if known is not None and dtype == known:
+            return code
+    return "BF16" if dtype.name == "bfloat16" and dtype == _bfloat16() else None
 
 
 class ShardFormatError(InputError, ValueError):
@@ -95,7 +135,7 @@ def safetensors_bytes(
         if not pieces:
             raise ValueError(f"tensor {name!r}: no pieces")
         first = pieces[0]
-        if first.dtype not in _CODES:
+        if _code(first.dtype) is None:
             raise TypeError(f"tensor {name!r}: dtype {first.dtype} cannot be stored in safetensors here")
         if isinstance(value, Pieces):
             if any(a.dtype != first.dtype or a.ndim == 0 or a.shape[1:] != first.shape[1:] for a in pieces):
@@ -104,7 +144,7 @@ def safetensors_bytes(
         else:
             shape = list(first.shape)
         size = sum(a.nbytes for a in pieces)
-        header[name] = {"dtype": _CODES[first.dtype], "shape": shape, "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": _code(first.dtype), "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
         parts += [a.reshape(-1).view(np.uint8) for a in pieces if a.size]
         if digests:
