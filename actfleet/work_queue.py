@@ -1030,8 +1030,9 @@ def read_worker_records(
             wp = parse(data, key, at)
             return None if wp is None else (key, at, wp)
 
-        for key, at, wp in _read_many(store, todo, parse_keyed, stamped=True):
-            known[key] = (at, wp)
+        for key, _, wp in _read_many(store, todo, parse_keyed, stamped=True):
+            # Kept under the listed time: one rewritten since the listing is read again next time.
+            known[key] = (written[key], wp)
         # The records are the ones kept in `known`: callers read them, never change them.
         return {wp.worker: wp for k in written if k in known and isinstance((wp := known[k][1]).worker, str)}
     records = _read_many(store, store.list(workers_prefix(job)), parse, stamped=True)

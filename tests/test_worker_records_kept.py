@@ -4,8 +4,11 @@ one that changed, appeared or vanished is seen as it is now."""
 
 from __future__ import annotations
 
+import pytest
+
 from actfleet import work_queue as q
 from actfleet.store import open_store
+from tests.fakes.gcs_server import fake_gcs  # noqa: F401  (fixture)
 
 
 def counting(store):
@@ -20,8 +23,15 @@ def counting(store):
     return reads
 
 
-def test_only_records_written_since_the_last_read_are_read_again(tmp_path):
-    store = open_store(str(tmp_path / "store"))
+@pytest.fixture(params=["local", "gcs"])
+def store(request, tmp_path):
+    if request.param == "gcs":
+        request.getfixturevalue("fake_gcs")
+        return open_store("gs://kept-records/jobs")
+    return open_store(str(tmp_path / "store"))
+
+
+def test_only_records_written_since_the_last_read_are_read_again(store):
     for i in range(6):
         q.write_worker_record(store, "j", q.WorkerProgress(f"w-{i}", state="working"))
     reads, known = counting(store), {}
