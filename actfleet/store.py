@@ -474,12 +474,16 @@ class GcsStore(Store):
         if prefix.endswith("/") or (not prefix and self.prefix):
             full += "/"
         cut = len(self.prefix) + 1 if self.prefix else 0
-        # Only the two fields, parsed by datetime.fromisoformat: Blob.updated goes through strptime, ~50 µs
-        # an object, half a second for 10,000 worker records (a reconcile pass lists them every time).
+        # Only the two fields, read from each page's JSON (no Blob objects, whose `updated` goes through
+        # strptime): ~0.1 ms an object otherwise, a second for 10,000 worker records, listed every pass.
         blobs = self.client.list_blobs(
             self.bucket_name, prefix=full or None, retry=_gcs_retry(), fields="items(name,updated),nextPageToken"
         )
-        return dict(sorted((b.name[cut:], _rfc3339(b._properties["updated"])) for b in blobs))
+        out = {}
+        for page in blobs.pages:
+            for item in (page.raw_page or {}).get("items", ()):
+                out[item["name"][cut:]] = _rfc3339(item["updated"])
+        return dict(sorted(out.items()))
 
     def _name(self, key: str) -> str:
         return join(self.prefix, _check_key(key))
