@@ -36,6 +36,7 @@ conditional, or of deterministic content).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import email.utils
 import fcntl
 import hashlib
@@ -390,6 +391,13 @@ class LocalStore(Store):
 # ----------------------------------------------------------------------------------------------------
 
 
+def _rfc3339(text: str) -> float:
+    """GCS's '2026-12-03T17:35:11.123Z' (or with µs/ns digits) -> epoch seconds."""
+    head, _, frac = text.rstrip("Z").partition(".")
+    t = datetime.datetime.fromisoformat(f"{head}.{frac[:6].ljust(6, '0')}")  # as Blob.updated: µs kept
+    return t.replace(tzinfo=datetime.timezone.utc).timestamp()
+
+
 def _gcs_retry():
     """Jittered exponential backoff on 429/5xx/connection errors (google-api-core's policy)."""
     from google.cloud.storage.retry import DEFAULT_RETRY
@@ -466,8 +474,16 @@ class GcsStore(Store):
         if prefix.endswith("/") or (not prefix and self.prefix):
             full += "/"
         cut = len(self.prefix) + 1 if self.prefix else 0
-        blobs = self.client.list_blobs(self.bucket_name, prefix=full or None, retry=_gcs_retry())
-        return dict(sorted((b.name[cut:], b.updated.timestamp()) for b in blobs))
+        # Only the two fields, read from each page's JSON (no Blob objects, whose `updated` goes through
+        # strptime): ~0.1 ms an object otherwise, a second for 10,000 worker records, listed every pass.
+        blobs = self.client.list_blobs(
+            self.bucket_name, prefix=full or None, retry=_gcs_retry(), fields="items(name,updated),nextPageToken"
+        )
+        out = {}
+        for page in blobs.pages:
+            for item in (page.raw_page or {}).get("items", ()):
+                out[item["name"][cut:]] = _rfc3339(item["updated"])
+        return dict(sorted(out.items()))
 
     def _name(self, key: str) -> str:
         return join(self.prefix, _check_key(key))

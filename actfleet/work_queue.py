@@ -1017,12 +1017,18 @@ def write_worker_record(store: Store, job: str, wp: WorkerProgress) -> None:
     store.put(worker_key(job, wp.worker), _dump(asdict(wp)))
 
 
-def read_worker_records(store: Store, job: str) -> dict[str, WorkerProgress]:
+def read_worker_records(
+    store: Store, job: str, known: dict[str, tuple[float, WorkerProgress]] | None = None
+) -> dict[str, WorkerProgress]:
     """Every worker's own record (read in parallel). A listing that fails raises; a record removed or torn
     since the listing is skipped (status and reconcile read the rest).
 
     `last_heartbeat` is the store's time of the record's write, never the time the worker's clock put in
-    it; `clock_skew` is the worker's clock minus the store's at that write."""
+    it; `clock_skew` is the worker's clock minus the store's at that write.
+
+    `known` (key -> (written, record), kept by the caller between calls, updated here): a record whose
+    listed write time is the one known is not read again. 10,000 reads a pass are tens of seconds; a
+    listing is a page per 1,000 records."""
 
     def parse(data: bytes, key: str, written: float) -> WorkerProgress | None:
         try:
@@ -1037,6 +1043,21 @@ def read_worker_records(store: Store, job: str) -> dict[str, WorkerProgress]:
         wp.clock_skew = round(body - written, 3) if isinstance(body, (int, float)) else None
         return wp
 
+    if known is not None:
+        written = store.list_written(workers_prefix(job))
+        todo = [k for k, t in written.items() if k not in known or known[k][0] != t]
+        for k in [k for k in known if k not in written] + todo:
+            known.pop(k, None)  # gone, or to be read again (one that cannot be read now is not remembered)
+
+        def parse_keyed(data: bytes, key: str, at: float):
+            wp = parse(data, key, at)
+            return None if wp is None else (key, at, wp)
+
+        for key, _, wp in _read_many(store, todo, parse_keyed, stamped=True):
+            # Kept under the listed time: one rewritten since the listing is read again next time.
+            known[key] = (written[key], wp)
+        # The records are the ones kept in `known`: callers read them, never change them.
+        return {wp.worker: wp for k in written if k in known and isinstance((wp := known[k][1]).worker, str)}
     records = _read_many(store, store.list(workers_prefix(job)), parse, stamped=True)
     return {r.worker: r for r in records if r is not None and isinstance(r.worker, str)}
 

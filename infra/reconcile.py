@@ -555,6 +555,11 @@ def _liveness_rules_on(cfg: Config) -> bool:
     return bool(cfg.reconcile.boot_timeout_minutes or cfg.reconcile.heartbeat_timeout_minutes)
 
 
+# Worker records as last read, per (store, job): a record whose write time has not changed is not read again
+# (`reconcile --watch`, and passes in one process; a pass in a fresh process reads every record once).
+_RECORDS: dict[tuple[str, str], dict] = {}
+
+
 def read_liveness(cfg: Config, job_complete: bool | None = None) -> Liveness | None:
     """The job's worker records, as the boot and heartbeat rules read them (the same records `actfleet
     status` shows: actfleet.work_queue.read_worker_records): each heartbeat is the store's time of the
@@ -573,7 +578,7 @@ def read_liveness(cfg: Config, job_complete: bool | None = None) -> Liveness | N
             return Liveness(judged=False)  # not prepared: workers have nothing to do yet
         if job_complete if job_complete is not None else complete_(store, cfg.job.name):
             return Liveness(judged=False)  # complete: workers have nothing left to do
-        records = read_worker_records(store, cfg.job.name)
+        records = read_worker_records(store, cfg.job.name, _RECORDS.setdefault((store.url, cfg.job.name), {}))
     except Exception as e:  # an unreadable store never replaces anything: it is reported
         return Liveness(
             judged=False,

@@ -228,6 +228,8 @@ class FakeGcs:
                         prefixes.add(n[: cut + len(delimiter)])
                         continue
                 items.append(self.objects[(bucket, n)])
+                if not delimiter and len(items) > page_size:
+                    break  # a page is enough (prefixes, with a delimiter, are collected to the end)
         out: dict = {"kind": "storage#objects"}
         if len(items) > page_size:
             items = items[:page_size]

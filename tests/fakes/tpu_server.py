@@ -20,6 +20,8 @@ It models what actfleet depends on, and nothing else:
 - fault injection per zone / method / path regex: an HTTP status for the next N calls (or forever), or a
   delay before answering;
 - a call log (method, path, zone, resource id, status, time).
+- scale: resources indexed by zone and name, each one's JSON cached until it changes, lifecycle steps taken
+  from a heap of due times; no call costs in proportion to the fleet (tests/test_tpu_fake_scale.py counts).
 
 Bodies are parsed and written with the client library's own protobuf types, so a field the real API does
 not know is a 400 here too.
@@ -40,12 +42,14 @@ from another process (terraform provisioners, a person) through the control endp
 from __future__ import annotations
 
 import argparse
+import heapq
 import itertools
 import json
 import re
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator
@@ -162,6 +166,7 @@ class _QR:
     state: Any = None  # mirrors message.state.state: proto-plus reads are too slow for advance() at scale
     fail_with: tuple[str, str] | None = None  # (code, message): FAILED instead of PROVISIONING when accepted
     stuck_deletes: int = 0  # deletes still to be accepted without effect (the QR stays as it was)
+    owner: Any = None  # the FakeTpuState holding it: told of every state change (to schedule the next)
 
     @property
     def id(self) -> str:
@@ -176,6 +181,8 @@ class _QR:
             )
         self.state = state
         self.state_since = now
+        if self.owner is not None:
+            self.owner._state_changed(self)
 
 
 @dataclass
@@ -187,6 +194,64 @@ class _Op:
     verb: str
     on_done: Any = None  # callable run once when the operation completes (the actual delete)
     finished: bool = False
+
+
+class _Index(dict):
+    """full name -> resource, also bucketed by parent ("projects/p/locations/z") with each bucket's names
+    kept sorted on demand, so a zone's list pages never scan (or sort) the other zones' resources.
+
+    Every way the fake (or a test) changes the dict goes through here: set, del, pop, clear."""
+
+    def __init__(self, on_add=None, on_remove=None):
+        super().__init__()
+        self.buckets: dict[str, dict[str, Any]] = {}
+        self._sorted: dict[str, list[str]] = {}
+        self._on_add, self._on_remove = on_add, on_remove
+
+    @staticmethod
+    def parent_of(name: str) -> str:
+        return name.rsplit("/", 2)[0]
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        if name in self:
+            self._unindex(name)
+        super().__setitem__(name, value)
+        parent = self.parent_of(name)
+        self.buckets.setdefault(parent, {})[name] = value
+        self._sorted.pop(parent, None)
+        if self._on_add:
+            self._on_add(name, value)
+
+    def _unindex(self, name: str) -> None:
+        parent = self.parent_of(name)
+        value = self.buckets[parent].pop(name)
+        self._sorted.pop(parent, None)
+        if self._on_remove:
+            self._on_remove(name, value)
+
+    def __delitem__(self, name: str) -> None:
+        super().__delitem__(name)  # KeyError first, as a dict's
+        self._unindex(name)
+
+    def pop(self, name: str, *default: Any) -> Any:
+        if name not in self:
+            return super().pop(name, *default)
+        value = super().pop(name)
+        self._unindex(name)
+        return value
+
+    def clear(self) -> None:
+        for name in list(self):
+            del self[name]
+
+    def sorted_names(self, parent: str) -> list[str]:
+        names = self._sorted.get(parent)
+        if names is None:
+            names = self._sorted[parent] = sorted(self.buckets.get(parent, ()))
+        return names
+
+    def parents_in(self, zone: str) -> list[str]:
+        return [p for p in self.buckets if p.endswith(f"/locations/{zone}")]
 
 
 @dataclass
@@ -215,10 +280,21 @@ class FakeTpuState:
 
     def clear(self) -> None:
         """Forget everything but the settings (the caller holds the lock, or nobody else has the state)."""
-        self.qrs: dict[str, _QR] = {}  # full name -> QR
-        self.nodes: dict[str, cloud_tpu.Node] = {}  # full name -> node
+        # Indexed so that no call costs in proportion to the whole fleet (tests/test_tpu_fake_scale.py):
+        # by parent (a zone's lists), QRs' next transitions by due time (advance), nodes by their QR.
+        self.due: list[tuple[float, int, str]] = []  # a heap: (when, tie-break, QR full name) to step
+        self._due_ids = itertools.count()
+        self.qr_nodes: dict[str, set[str]] = {}  # QR full name -> its nodes' full names
+        self.qrs: dict[str, _QR] = _Index(self._qr_added, self._qr_removed)  # full name -> QR
+        self.nodes: dict[str, cloud_tpu.Node] = _Index(self._node_added, self._node_removed)  # full name -> node
         self.ops: dict[str, _Op] = {}
-        self.pending_ops: list[_Op] = []  # operations not done yet
+        self.pending_ops: list[tuple[float, int, _Op]] = []  # a heap of operations not done yet
+        # Each resource's JSON as last encoded, (full name, int enums) -> (the object, its dict); dropped
+        # whenever the resource changes, so a converged fleet is listed without encoding anything again.
+        self.json_cache: dict[tuple[str, bool], tuple[Any, dict]] = {}
+        # What calls cost, for the scale regression test: "scanned" resources looked at by list pages and
+        # lifecycle steps, "encoded" resources turned into JSON.
+        self.counters: Counter = Counter()
         self.stockout: set[str] = set()
         self.failing_creates: dict[str, tuple[str, str, str]] = {}  # zone -> (how, code, message)
         self.hidden: dict[str, int] = {}  # node full name -> node lists still to leave it out of
@@ -232,44 +308,115 @@ class FakeTpuState:
     # -------------------------------------------------------------- the lifecycle clock
 
     def advance(self) -> None:
-        """Move every queued resource and operation along by the time that has passed."""
+        """Move queued resources and operations along by the time that has passed. Lazy, and exact: only
+        what is due is touched (a heap of due times), and a transition is dated when it was due, not when
+        a call noticed it."""
         now = time.monotonic()
         s = self.settings
-        for qr in list(self.qrs.values()):
-            if qr.state in _SETTLED:
-                continue
-            # A loop, because with zero delays a QR passes several states in one step.
-            while True:
-                st, age = qr.state, now - qr.state_since
-                if st == QRState.ACCEPTED and age >= s.accept_delay and qr.fail_with is not None:
-                    qr.set_state(QRState.FAILED, now, Initiator.SERVICE, qr.fail_with)
-                elif st == QRState.SUSPENDING and age >= s.suspend_delay:
-                    qr.set_state(QRState.SUSPENDED, now, Initiator.SERVICE)
-                elif st == QRState.ACCEPTED and age >= s.accept_delay:
-                    if qr.zone in self.stockout:
-                        qr.set_state(QRState.WAITING_FOR_RESOURCES, now)
-                    else:
-                        qr.set_state(QRState.PROVISIONING, now)
-                        self._make_node(qr, NodeState.CREATING)
-                elif st == QRState.WAITING_FOR_RESOURCES and qr.zone not in self.stockout:
-                    qr.set_state(QRState.PROVISIONING, now)
-                    self._make_node(qr, NodeState.CREATING)
-                elif st == QRState.PROVISIONING and age >= s.provision_delay:
-                    qr.set_state(QRState.ACTIVE, now)
-                    for node in self._nodes_of(qr):
-                        node.state = NodeState.READY
-                        node.health = cloud_tpu.Node.Health.HEALTHY
-                else:
-                    break
-        running = []
-        for op in self.pending_ops:
-            if now < op.done_at:
-                running.append(op)
-                continue
+        while self.due and self.due[0][0] <= now:
+            _, _, name = heapq.heappop(self.due)
+            self.counters["scanned"] += 1
+            qr = self.qrs.get(name)
+            if qr is not None:
+                self._step(qr, now, s)
+        while self.pending_ops and self.pending_ops[0][0] <= now:
+            _, _, op = heapq.heappop(self.pending_ops)
             op.finished = True
             if op.on_done:
                 op.on_done()
-        self.pending_ops = running
+
+    def _schedule(self, qr: _QR, at: float | None = None) -> None:
+        """Put the QR's next time-driven transition on the heap (a stale entry costs one no-op step)."""
+        s = self.settings
+        if at is None:
+            at = {
+                QRState.ACCEPTED: s.accept_delay,
+                QRState.SUSPENDING: s.suspend_delay,
+                QRState.PROVISIONING: s.provision_delay,
+            }.get(qr.state)
+            if at is None:
+                return  # settled, or WAITING_FOR_RESOURCES (scheduled when its zone's stockout ends)
+            at += qr.state_since
+        heapq.heappush(self.due, (at, next(self._due_ids), qr.message.name))
+
+    def reschedule_all(self) -> None:
+        """After the delays or a stockout changed: every unsettled QR's due time again (rare: O(fleet))."""
+        now = time.monotonic()
+        for qr in self.qrs.values():
+            if qr.state == QRState.WAITING_FOR_RESOURCES and qr.zone not in self.stockout:
+                self._schedule(qr, now)
+            elif qr.state not in _SETTLED:
+                self._schedule(qr)
+
+    def _step(self, qr: _QR, now: float, s: "FakeSettings") -> None:
+        # A loop, because with zero delays a QR passes several states in one step.
+        while True:
+            st, since = qr.state, qr.state_since
+            age = now - since
+            if st == QRState.ACCEPTED and age >= s.accept_delay and qr.fail_with is not None:
+                qr.set_state(QRState.FAILED, since + s.accept_delay, Initiator.SERVICE, qr.fail_with)
+            elif st == QRState.SUSPENDING and age >= s.suspend_delay:
+                qr.set_state(QRState.SUSPENDED, since + s.suspend_delay, Initiator.SERVICE)
+            elif st == QRState.ACCEPTED and age >= s.accept_delay:
+                if qr.zone in self.stockout:
+                    qr.set_state(QRState.WAITING_FOR_RESOURCES, since + s.accept_delay)
+                else:
+                    qr.set_state(QRState.PROVISIONING, since + s.accept_delay)
+                    self._make_node(qr, NodeState.CREATING)
+            elif st == QRState.WAITING_FOR_RESOURCES and qr.zone not in self.stockout:
+                qr.set_state(QRState.PROVISIONING, now)  # when the stockout ended is not recorded: now
+                self._make_node(qr, NodeState.CREATING)
+            elif st == QRState.PROVISIONING and age >= s.provision_delay:
+                qr.set_state(QRState.ACTIVE, since + s.provision_delay)
+                for node in self._nodes_of(qr):
+                    node.state = NodeState.READY
+                    node.health = cloud_tpu.Node.Health.HEALTHY
+                    self.node_changed(node.name)
+            else:
+                break
+
+    # -------------------------------------------------------------- the indexes' upkeep
+
+    def _state_changed(self, qr: _QR) -> None:
+        self.json_cache.pop((qr.message.name, False), None)
+        self.json_cache.pop((qr.message.name, True), None)
+        if qr.message.name in self.qrs:
+            self._schedule(qr)
+
+    def _qr_added(self, name: str, qr: _QR) -> None:
+        qr.owner = self
+        self._schedule(qr)
+
+    def _qr_removed(self, name: str, qr: _QR) -> None:
+        self.json_cache.pop((name, False), None)
+        self.json_cache.pop((name, True), None)
+
+    def _node_added(self, name: str, node) -> None:
+        if node.queued_resource:
+            self.qr_nodes.setdefault(node.queued_resource, set()).add(name)
+        self.node_changed(name)
+
+    def _node_removed(self, name: str, node) -> None:
+        owned = self.qr_nodes.get(node.queued_resource)
+        if owned is not None:
+            owned.discard(name)
+            if not owned:
+                del self.qr_nodes[node.queued_resource]
+        self.node_changed(name)
+
+    def node_changed(self, name: str) -> None:
+        """Drop a node's cached JSON: every change to a node's fields must call this."""
+        self.json_cache.pop((name, False), None)
+        self.json_cache.pop((name, True), None)
+
+    def _json(self, kind, name: str, obj, int_enums: bool) -> dict:
+        hit = self.json_cache.get((name, int_enums))
+        if hit is not None and hit[0] is obj:
+            return hit[1]
+        self.counters["encoded"] += 1
+        out = _to_dict(kind, obj.message if kind is cloud_tpu.QueuedResource else obj, int_enums)
+        self.json_cache[(name, int_enums)] = (obj, out)
+        return out
 
     def _make_node(self, qr: _QR, state) -> None:
         for spec in qr.message.tpu.node_spec:
@@ -286,7 +433,7 @@ class FakeTpuState:
             self.nodes[name] = node
 
     def _nodes_of(self, qr: _QR) -> list[cloud_tpu.Node]:
-        return [n for n in self.nodes.values() if n.queued_resource == qr.message.name]
+        return [self.nodes[n] for n in sorted(self.qr_nodes.get(qr.message.name, ()))]
 
     # -------------------------------------------------------------- API operations
 
@@ -296,24 +443,25 @@ class FakeTpuState:
         self._check_zone(project, zone)
         parent = f"projects/{project}/locations/{zone}"
         if collection == "queuedResources":
-            items = [q.message for n, q in sorted(self.qrs.items()) if n.startswith(parent + "/")]
-            kind = cloud_tpu.QueuedResource
+            index, kind = self.qrs, cloud_tpu.QueuedResource
+            names = index.sorted_names(parent)
         else:
-            # A node can be left out of a listing while a GET still finds it (eventual consistency).
-            items = [
-                n
-                for name, n in sorted(self.nodes.items())
-                if name.startswith(parent + "/") and not self.hidden.get(name)
-            ]
-            kind = cloud_tpu.Node
+            index, kind = self.nodes, cloud_tpu.Node
+            names = index.sorted_names(parent)
+            hidden = [n for n in self.hidden if n.startswith(parent + "/")]
+            if hidden:
+                # A node can be left out of a listing while a GET still finds it (eventual consistency).
+                self.counters["scanned"] += len(names)
+                names = [n for n in names if not self.hidden.get(n)]
         size = min(page_size, self.settings.page_size) if page_size > 0 else self.settings.page_size
         try:
             start = int(page_token or "0")
         except ValueError:
             raise ApiError(400, f"Invalid page token {page_token!r}")
-        page = items[start : start + size]
-        out = {collection: [_to_dict(kind, m, int_enums) for m in page]}
-        if start + size < len(items):
+        page = names[start : start + size]
+        self.counters["scanned"] += len(page)
+        out = {collection: [self._json(kind, n, index[n], int_enums) for n in page]}
+        if start + size < len(names):
             out["nextPageToken"] = str(start + size)
         elif collection == "nodes":  # the listing is complete: one fewer to hide from
             for name in [n for n in self.hidden if n.startswith(parent + "/")]:
@@ -401,6 +549,7 @@ class FakeTpuState:
         if node is None:
             raise ApiError(404, f"Resource '{name}' was not found")
         node.state = NodeState.DELETING
+        self.node_changed(name)
 
         def finish():
             self.nodes.pop(name, None)
@@ -423,7 +572,7 @@ class FakeTpuState:
             name=name, done_at=time.monotonic() + delay, response=response, target=target, verb=verb, on_done=on_done
         )
         self.ops[name] = op
-        self.pending_ops.append(op)
+        heapq.heappush(self.pending_ops, (op.done_at, next(self._due_ids), op))
         self.advance()
         return op
 
@@ -444,35 +593,36 @@ class FakeTpuState:
     def preempt(self, zone: str, qr_or_node_id: str) -> None:
         """A spot preemption: the node goes PREEMPTED and its queued resource SUSPENDING, then SUSPENDED
         `suspend_delay` seconds later (at once with the default 0)."""
-        nodes = [
-            n
-            for n in self.nodes.values()
-            if _zone_of(n.name) == zone
-            and (n.name.endswith("/" + qr_or_node_id) or n.queued_resource.endswith("/" + qr_or_node_id))
-        ]
+        nodes = {}
+        for parent in self.nodes.parents_in(zone) + self.qrs.parents_in(zone):
+            node = self.nodes.get(f"{parent}/nodes/{qr_or_node_id}")
+            if node is not None:
+                nodes[node.name] = node
+            for name in self.qr_nodes.get(f"{parent}/queuedResources/{qr_or_node_id}", ()):
+                nodes[name] = self.nodes[name]
+        nodes = [nodes[n] for n in sorted(nodes)]
         if not nodes:
             raise KeyError(f"no node {qr_or_node_id!r} in zone {zone}")
         now = time.monotonic()
         for node in nodes:
             node.state = NodeState.PREEMPTED
             node.health = cloud_tpu.Node.Health.HEALTH_UNSPECIFIED
+            self.node_changed(node.name)
             if node.queued_resource in self.qrs:
                 self.qrs[node.queued_resource].set_state(QRState.SUSPENDING, now, Initiator.SERVICE)
         self.advance()
 
     def _qr(self, zone: str, qr_id: str, project: str | None = None) -> _QR:
-        for qr in self.qrs.values():
-            if qr.zone == zone and qr.id == qr_id and (project is None or qr.project == project):
+        for parent in self.qrs.parents_in(zone):
+            qr = self.qrs.get(f"{parent}/queuedResources/{qr_id}")
+            if qr is not None and (project is None or qr.project == project):
                 return qr
         raise KeyError(f"no queued resource {qr_id!r} in zone {zone}")
 
     def _node(self, zone: str, node_id: str, project: str | None = None) -> cloud_tpu.Node:
-        for name, node in self.nodes.items():
-            if (
-                _zone_of(name) == zone
-                and name.endswith("/nodes/" + node_id)
-                and (project is None or name.startswith(f"projects/{project}/"))
-            ):
+        for parent in self.nodes.parents_in(zone):
+            node = self.nodes.get(f"{parent}/nodes/{node_id}")
+            if node is not None and (project is None or parent.startswith(f"projects/{project}/")):
                 return node
         raise KeyError(f"no node {node_id!r} in zone {zone}")
 
@@ -488,6 +638,7 @@ class FakeTpuState:
         node.state = NodeState[state]
         if health is not None:
             node.health = cloud_tpu.Node.Health[health]
+        self.node_changed(node.name)
 
     def hide_from_lists(self, zone: str, node_id: str, lists: int = 1) -> None:
         """Leave the node out of the next `lists` complete node listings of its zone; GET still finds it."""
@@ -554,22 +705,21 @@ class FakeTpuState:
             if node_state == NodeState.READY:
                 for n in self._nodes_of(qr):
                     n.health = cloud_tpu.Node.Health.HEALTHY
+                    self.node_changed(n.name)
 
     def delete_direct(self, zone: str, qr_or_node_id: str, project: str | None = None) -> bool:
         """Make a queued resource and its node (or a lone node) vanish, as if deleted elsewhere."""
         found = False
-        for name, qr in list(self.qrs.items()):
-            if qr.zone == zone and qr.id == qr_or_node_id and (project is None or qr.project == project):
+        for parent in self.qrs.parents_in(zone):
+            qr = self.qrs.get(f"{parent}/queuedResources/{qr_or_node_id}")
+            if qr is not None and (project is None or qr.project == project):
                 for node in self._nodes_of(qr):
                     self.nodes.pop(node.name, None)
-                del self.qrs[name]
+                del self.qrs[qr.message.name]
                 found = True
-        for name in list(self.nodes):
-            if (
-                _zone_of(name) == zone
-                and name.endswith("/nodes/" + qr_or_node_id)
-                and (project is None or name.startswith(f"projects/{project}/"))
-            ):
+        for parent in self.nodes.parents_in(zone):
+            name = f"{parent}/nodes/{qr_or_node_id}"
+            if name in self.nodes and (project is None or name.startswith(f"projects/{project}/")):
                 del self.nodes[name]
                 found = True
         return found
@@ -694,7 +844,7 @@ class _Handler(BaseHTTPRequestHandler):
         raise ApiError(404, f"{method} {self.path.split('?')[0]} is not modelled by the fake TPU API")
 
     def _send(self, status: int, body: Any) -> None:
-        data = json.dumps(body, indent=1).encode()
+        data = json.dumps(body, separators=(",", ":")).encode()  # compact: 10,000 workers list in MBs
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=UTF-8")
         self.send_header("Content-Length", str(len(data)))
@@ -776,6 +926,7 @@ class FakeTpuServer:
         with self.state.lock:
             self.state.advance()
             (self.state.stockout.add if on else self.state.stockout.discard)(zone)
+            self.state.reschedule_all()  # QRs WAITING_FOR_RESOURCES there provision now
 
     def fail(
         self,
@@ -805,6 +956,7 @@ class FakeTpuServer:
                 if not hasattr(self.state.settings, k):
                     raise KeyError(f"unknown fake setting {k!r}")
                 setattr(self.state.settings, k, tuple(v) if k == "zones" and v is not None else v)
+            self.state.reschedule_all()  # new delays: new due times
 
     def create_qr_direct(self, zone: str, qr_id: str, **kw: Any) -> None:
         with self.state.lock:
@@ -854,10 +1006,10 @@ class FakeTpuServer:
         """The state name of a queued resource as the fake holds it now (None if absent)."""
         with self.state.lock:
             self.state.advance()
-            for qr in self.state.qrs.values():
-                if qr.zone == zone and qr.id == qr_id and (project is None or qr.project == project):
-                    return qr.state.name
-        return None
+            try:
+                return self.state._qr(zone, qr_id, project).state.name
+            except KeyError:
+                return None
 
     def snapshot(self) -> dict:
         with self.state.lock:
@@ -939,10 +1091,6 @@ def _now_ts() -> timestamp_pb2.Timestamp:
     ts = timestamp_pb2.Timestamp()
     ts.GetCurrentTime()
     return ts
-
-
-def _zone_of(name: str) -> str:
-    return name.split("/")[3]
 
 
 def _one_line(e: BaseException) -> str:
