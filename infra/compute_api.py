@@ -320,6 +320,8 @@ class ComputeApi:
         from google.api_core import exceptions as gexc
         from google.auth import exceptions as auth_exc
 
+        from actfleet.infra.api_errors import retryable_statuses
+
         def attempt() -> T:
             with self._count_lock:
                 self._calls += 1
@@ -333,14 +335,7 @@ class ComputeApi:
                 if conflict_ok:
                     return _EXISTS  # type: ignore[return-value]
                 raise ActfleetError(_error_line(what, e)) from None
-            except (
-                gexc.TooManyRequests,
-                gexc.InternalServerError,
-                gexc.BadGateway,
-                gexc.ServiceUnavailable,
-                gexc.GatewayTimeout,
-                gexc.DeadlineExceeded,
-            ) as e:
+            except retryable_statuses() as e:
                 raise _Transient(_error_line(what, e)) from None
             except gexc.GoogleAPICallError as e:
                 raise ActfleetError(_error_line(what, e)) from None

@@ -432,6 +432,8 @@ class TpuApi:
         from google.api_core import exceptions as gexc
         from google.auth import exceptions as auth_exc
 
+        from actfleet.infra.api_errors import retryable_statuses
+
         def attempt() -> T:
             with self._count_lock:
                 self._calls += 1
@@ -445,14 +447,7 @@ class TpuApi:
                 if conflict_ok:
                     raise _AlreadyExists() from None
                 raise ActfleetError(_api_error_line(what, e)) from None
-            except (
-                gexc.TooManyRequests,
-                gexc.InternalServerError,
-                gexc.BadGateway,
-                gexc.ServiceUnavailable,
-                gexc.GatewayTimeout,
-                gexc.DeadlineExceeded,
-            ) as e:
+            except retryable_statuses() as e:
                 raise _Transient(_api_error_line(what, e)) from None
             except gexc.GoogleAPICallError as e:
                 raise ActfleetError(_api_error_line(what, e)) from None
