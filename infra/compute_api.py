@@ -52,7 +52,6 @@ from actfleet.formatting import one_line
 from actfleet.infra.decide import FLEET_LABEL
 from actfleet.infra.gce_states import node_state
 from actfleet.infra.tpu_api import ZoneError, ZoneView
-from actfleet.retry import retry
 
 if TYPE_CHECKING:
     from actfleet.config import FleetConfig
@@ -316,49 +315,25 @@ class ComputeApi:
 
     def _call(self, what: str, fn: Callable[[], T], *, missing_ok: bool = False, conflict_ok: bool = False) -> T:
         """One API request with retries on 429, 5xx, timeouts and dropped connections."""
-        import requests
-        from google.api_core import exceptions as gexc
-        from google.auth import exceptions as auth_exc
+        from actfleet.infra.api_errors import call
 
-        from actfleet.infra.api_errors import retryable_statuses
-
-        def attempt() -> T:
+        def count() -> None:
             with self._count_lock:
                 self._calls += 1
-            try:
-                return fn()
-            except gexc.NotFound as e:
-                if missing_ok:
-                    return None  # type: ignore[return-value]
-                raise ActfleetError(_error_line(what, e)) from None
-            except gexc.Conflict as e:
-                if conflict_ok:
-                    return _EXISTS  # type: ignore[return-value]
-                raise ActfleetError(_error_line(what, e)) from None
-            except retryable_statuses() as e:
-                raise _Transient(_error_line(what, e)) from None
-            except gexc.GoogleAPICallError as e:
-                raise ActfleetError(_error_line(what, e)) from None
-            except (requests.exceptions.ConnectionError, requests.exceptions.Timeout, auth_exc.TransportError) as e:
-                raise _Transient(
-                    f"{API}: {what}: cannot reach {self.endpoint or 'compute.googleapis.com'}: {one_line(e)}"
-                ) from None
-            except auth_exc.RefreshError as e:
-                raise ActfleetError(
-                    f"{API}: {what}: the credentials could not be refreshed: {one_line(e)} "
-                    "(run `gcloud auth application-default login`)"
-                ) from None
 
-        try:
-            return retry(
-                attempt,
-                attempts=self.retries + 1,
-                base=self.initial_backoff,
-                cap=self.max_backoff,
-                retryable=(_Transient,),
-            )
-        except _Transient as e:
-            raise ActfleetError(f"{e} (gave up after {self.retries + 1} attempts)") from None
+        return call(
+            fn,
+            api=API,
+            host=self.endpoint or "compute.googleapis.com",
+            what=what,
+            error_line=_error_line,
+            count=count,
+            attempts=self.retries + 1,
+            base=self.initial_backoff,
+            cap=self.max_backoff,
+            missing_ok=missing_ok,
+            on_conflict=lambda: _EXISTS if conflict_ok else None,
+        )
 
     def _wait(self, zone: str, op, what: str) -> None:
         """Wait for a zone operation with operations.wait (answered when done, or within ~2 minutes), then
@@ -384,10 +359,6 @@ class ComputeApi:
                 f"{API}: {what}: operation {name} failed: {first.code}: {one_line(first.message)}"
                 + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
             )
-
-
-class _Transient(Exception):
-    """A request failed in a way another try may not (429, 5xx, timeout, dropped connection)."""
 
 
 _EXISTS = object()  # an insert answered 409 alreadyExists

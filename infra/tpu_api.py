@@ -27,7 +27,7 @@ from actfleet.endpoints import check_endpoint
 from actfleet.errors import ActfleetError, InputError, PrerequisiteError
 from actfleet.formatting import one_line
 from actfleet.infra.tpu_states import QR_BROKEN, QR_DELETING, QR_SUSPENDING
-from actfleet.retry import backoff, retry
+from actfleet.retry import backoff
 
 if TYPE_CHECKING:
     from actfleet.config import FleetConfig
@@ -428,49 +428,25 @@ class TpuApi:
     def _call(self, what: str, fn: Callable[[], T], *, missing_ok: bool = False, conflict_ok: bool = False) -> T:
         """Run one API request with retries (actfleet.retry: 429, 5xx, timeouts and dropped connections).
         `what` names the resource for error messages."""
-        import requests
-        from google.api_core import exceptions as gexc
-        from google.auth import exceptions as auth_exc
+        from actfleet.infra.api_errors import call
 
-        from actfleet.infra.api_errors import retryable_statuses
-
-        def attempt() -> T:
+        def count() -> None:
             with self._count_lock:
                 self._calls += 1
-            try:
-                return fn()
-            except gexc.NotFound as e:
-                if missing_ok:
-                    return None  # type: ignore[return-value]
-                raise ActfleetError(_api_error_line(what, e)) from None
-            except gexc.Conflict as e:
-                if conflict_ok:
-                    raise _AlreadyExists() from None
-                raise ActfleetError(_api_error_line(what, e)) from None
-            except retryable_statuses() as e:
-                raise _Transient(_api_error_line(what, e)) from None
-            except gexc.GoogleAPICallError as e:
-                raise ActfleetError(_api_error_line(what, e)) from None
-            except (requests.exceptions.ConnectionError, requests.exceptions.Timeout, auth_exc.TransportError) as e:
-                raise _Transient(
-                    f"TPU API: {what}: cannot reach {self.endpoint or 'tpu.googleapis.com'}: {one_line(e)}"
-                ) from None
-            except auth_exc.RefreshError as e:
-                raise ActfleetError(
-                    f"TPU API: {what}: the credentials could not be refreshed: {one_line(e)} "
-                    "(run `gcloud auth application-default login`)"
-                ) from None
 
-        try:
-            return retry(
-                attempt,
-                attempts=self.retries + 1,
-                base=self.initial_backoff,
-                cap=self.max_backoff,
-                retryable=(_Transient,),
-            )
-        except _Transient as e:
-            raise ActfleetError(f"{e} (gave up after {self.retries + 1} attempts)") from None
+        return call(
+            fn,
+            api="TPU API",
+            host=self.endpoint or "tpu.googleapis.com",
+            what=what,
+            error_line=_api_error_line,
+            count=count,
+            attempts=self.retries + 1,
+            base=self.initial_backoff,
+            cap=self.max_backoff,
+            missing_ok=missing_ok,
+            on_conflict=_already_exists if conflict_ok else None,
+        )
 
     def _wait(self, operation, what: str) -> None:
         """Poll a long-running operation until it is done; raise its error, if it ended in one."""
@@ -521,12 +497,12 @@ class TpuApi:
             )
 
 
-class _Transient(Exception):
-    """A request failed in a way another try may not (429, 5xx, timeout, dropped connection): its message."""
-
-
 class _AlreadyExists(Exception):
     pass
+
+
+def _already_exists():
+    raise _AlreadyExists()
 
 
 # ----------------------------------------------------------------------------------------------------
